@@ -1,0 +1,7 @@
+"""Authentication backends: who the client is (not where its mail lives)."""
+
+from __future__ import annotations
+
+from pop3d.auth.base import Authenticator, Principal
+
+__all__ = ["Authenticator", "Principal"]

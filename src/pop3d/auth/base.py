@@ -1,0 +1,46 @@
+"""What an authentication backend promises.
+
+After Twisted's checker/realm split: an :class:`Authenticator` verifies a secret and says
+*who* the client is; the mail store decides *where* that user's mail is.
+
+``None`` always means "no" (wrong password, unknown user: indistinguishable to the caller,
+and equally slow, since an unknown user gets a dummy verification).  An exception means
+the backend itself is broken and is answered ``-ERR [SYS/TEMP]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An authenticated (or looked-up) user."""
+
+    #: The canonical user name, as the backend spells it.
+    username: str
+    #: Extra fields of the user's record (home, quota, ...); opaque to the protocol core.
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+
+class Authenticator(Protocol):
+    """A source of users and their secrets (passwd-file, SQL, ...)."""
+
+    async def verify_password(self, username: str, password: bytes) -> Principal | None:
+        """Return the user when ``password`` is theirs, else ``None`` after the same work."""
+        ...
+
+    async def lookup(self, username: str) -> Principal | None:
+        """Return the user without checking a secret (LMTP RCPT, SASL EXTERNAL)."""
+        ...
+
+    async def secret_for(self, username: str, scheme: str) -> bytes | None:
+        """Return the stored secret in ``scheme`` (``PLAIN``, ``CRAM-MD5``, ``SCRAM-SHA-256``).
+
+        Used by challenge-response mechanisms (APOP, CRAM-MD5, SCRAM) that need more
+        than a verify.  ``None`` when the user is unknown or their stored password cannot
+        produce that scheme.
+        """
+        ...

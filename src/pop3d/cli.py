@@ -1,0 +1,37 @@
+"""The ``pop3d`` command line: ``serve``, ``deliver``, ``user``, ``mailbox``, ``bench``.
+
+``build_parser()`` is separate from ``main()`` so tests drive the CLI in-process:
+``main(["deliver", "--config", path, "alice", msg]) == 0``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from pop3d import __version__
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the parser of every subcommand."""
+    parser = argparse.ArgumentParser(prog="pop3d", description="A POP3 server.")
+    parser.add_argument("--version", action="version", version=f"pop3d {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    from pop3d import serve  # noqa: PLC0415 (each subcommand loads only what it needs)
+
+    serve.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    status: int = args.run(args)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,62 @@
+"""Every limit and timeout of pop3d, each with the reason or the RFC text behind it.
+
+Nothing else in the package hard-codes a number that bounds memory, time or input.
+"""
+
+from __future__ import annotations
+
+#: RFC 2449 §4: "The maximum length of a command line, including the keyword, arguments
+#: and CRLF, is 255 octets."  (We accept the CRLF in that count, as the RFC says.)
+MAX_COMMAND_LINE = 255
+
+#: RFC 2449 §4: "Each argument may be up to 40 characters long."  SASL initial responses
+#: (RFC 5034 §4) are exempt: they are bounded by the line limit below instead.
+MAX_ARGUMENT = 40
+
+#: RFC 5034 §4: an AUTH continuation line "MUST NOT exceed 255 octets" is *not* said;
+#: it says clients "SHOULD" keep lines under the limit but servers must accept SASL
+#: responses "at least" as long as the mechanism needs.  SCRAM and PLAIN responses for
+#: 255-char user names fit in 2 KiB of base64.
+MAX_SASL_LINE = 2048
+
+#: Consecutive malformed or refused commands before we close the connection: enough for
+#: a confused client to recover, few enough to stop a scanner (Dovecot closes after 20
+#: bad commands, too).
+MAX_BAD_COMMANDS = 20
+
+#: Failed authentication attempts on one connection before it is closed.
+MAX_AUTH_ATTEMPTS = 3
+
+#: RFC 1939 §3: "the autologout timer MUST be of at least 10 minutes' duration".
+DEFAULT_IDLE_TIMEOUT = 600.0
+
+#: Delay before answering a failed PASS/APOP/AUTH, as Dovecot's auth_failure_delay.
+DEFAULT_AUTH_FAILURE_DELAY = 2.0
+
+#: Cap of the per-address doubling of the failure delay (Dovecot's auth penalty caps at 15 s).
+MAX_AUTH_FAILURE_DELAY = 15.0
+
+#: Size of the chunks a message is read and sent in: large enough that RETR does few
+#: system calls, small enough that thousands of concurrent RETRs stay in bounded memory.
+READ_CHUNK = 256 * 1024
+
+#: Transport high-water mark: the driver waits for the socket to drain past this.
+WRITE_HIGH_WATER = 512 * 1024
+
+#: Received bytes held unparsed (pipelined commands not yet answered).  A client may
+#: pipeline as much as it likes (RFC 2449 §6.6), but we stop reading past this until the
+#: backlog is answered, so a flood costs bounded memory.
+MAX_PENDING_INPUT = 64 * 1024
+
+#: Upper bound of a message number.  RFC 1939 numbers are positive decimals; anything
+#: longer than this many digits cannot name a message in any real maildrop.
+MAX_NUMBER_DIGITS = 10
+
+#: RFC 1939 §7: a unique-id is "up to 70 characters" in 0x21-0x7E.
+MAX_UIDL = 70
+
+#: Time allowed for a TLS handshake (STLS or implicit TLS) before the connection is closed.
+TLS_HANDSHAKE_TIMEOUT = 30.0
+
+#: Time given to open sessions to finish after SIGTERM before they are cut.
+SHUTDOWN_GRACE = 5.0

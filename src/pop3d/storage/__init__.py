@@ -1,0 +1,7 @@
+"""Mail storage backends: where a user's mail lives and how it is read, locked and changed."""
+
+from __future__ import annotations
+
+from pop3d.storage.base import Deliverer, MailStore, Maildrop, MessageInfo
+
+__all__ = ["Deliverer", "MailStore", "Maildrop", "MessageInfo"]

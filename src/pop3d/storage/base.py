@@ -1,0 +1,94 @@
+"""What a storage backend promises.
+
+The rules every backend keeps (tests/storage/contract.py checks them for each):
+
+* :meth:`MailStore.open` takes the maildrop's exclusive lock, which dies with the process
+  holding it, and snapshots the listing.  The listing never changes for the session:
+  mail delivered later is not in it, and :meth:`Maildrop.commit` never touches it.
+* Sizes are *wire* sizes: the message as sent, with CRLF line ends, before byte-stuffing,
+  with a final CRLF added if the stored message lacks one (RFC 1939 §11).
+* UIDs are 1-70 characters in 0x21-0x7E and stable for the life of the message, across
+  sessions and restarts (RFC 1939 §7).
+* Nothing is deleted, renamed or otherwise changed except by :meth:`Maildrop.commit`,
+  called only in the UPDATE state.  :meth:`Maildrop.close` releases the lock and changes
+  nothing.  A crash at any moment loses no message that was not asked to be deleted.
+* Backends never see message numbers; the protocol core owns them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, AsyncIterator, Collection, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from pop3d.auth.base import Principal
+
+
+@dataclass(frozen=True, slots=True)
+class MessageInfo:
+    """One message of a maildrop, as the session sees it."""
+
+    #: 1-70 characters in 0x21-0x7E, stable across sessions (RFC 1939 §7).
+    uid: str
+    #: Octets as sent: CRLF line ends, before byte-stuffing, final CRLF included.
+    size: int
+
+
+class Maildrop(Protocol):
+    """An open, locked maildrop: one session's view of one user's mail."""
+
+    def listing(self) -> Sequence[MessageInfo]:
+        """Return the messages as they were when the maildrop was opened."""
+        ...
+
+    def read(self, uid: str) -> AsyncIterator[bytes]:
+        """Yield the message in bounded chunks, CRLF-normalised, ending with CRLF.
+
+        The concatenated chunks are exactly ``size`` octets long.
+
+        Raises:
+            MessageVanished: the message disappeared under the session.
+            TemporaryBackendError: it could not be read.
+        """
+        ...
+
+    async def commit(self, deleted: Collection[str]) -> None:
+        """Remove the messages ``deleted`` (UPDATE state only), then release nothing.
+
+        Each removal is atomic; a message already gone counts as removed.
+
+        Raises:
+            TemporaryBackendError: some messages could not be removed (those that could
+                were; none that was not asked for was touched).
+        """
+        ...
+
+    async def close(self) -> None:
+        """Release the lock.  Changes nothing.  Safe to call twice."""
+        ...
+
+
+class MailStore(Protocol):
+    """The set of all users' maildrops."""
+
+    async def open(self, principal: Principal) -> Maildrop:
+        """Lock and open the user's maildrop.
+
+        Raises:
+            MaildropLocked: another session holds it.
+            TemporaryBackendError: it is missing, unreadable, or the user name is unsafe.
+        """
+        ...
+
+
+class Deliverer(Protocol):
+    """Something that puts new mail into maildrops (LDA, LMTP)."""
+
+    async def deliver(self, principal: Principal, message: AsyncIterable[bytes]) -> None:
+        """Store one message atomically: after a failure nothing of it is visible.
+
+        Raises:
+            QuotaExceeded: the user's quota would be exceeded.
+            TemporaryBackendError: disk full, lock timeout, I/O error.
+        """
+        ...

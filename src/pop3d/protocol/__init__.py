@@ -1,0 +1,35 @@
+"""The sans-I/O POP3 protocol core: bytes in, bytes and events out.
+
+Nothing in this package touches a socket, a file, a clock or an event loop.
+"""
+
+from __future__ import annotations
+
+from pop3d.protocol.events import (
+    ApopAuthenticate,
+    Closed,
+    Event,
+    NeedData,
+    OpenMaildrop,
+    PasswordAuthenticate,
+    SendMessage,
+    StartTls,
+    Update,
+)
+from pop3d.protocol.pop3 import Pop3Connection, Pop3Settings
+from pop3d.protocol.replies import RespCode
+
+__all__ = [
+    "ApopAuthenticate",
+    "Closed",
+    "Event",
+    "NeedData",
+    "OpenMaildrop",
+    "PasswordAuthenticate",
+    "Pop3Connection",
+    "Pop3Settings",
+    "RespCode",
+    "SendMessage",
+    "StartTls",
+    "Update",
+]

@@ -1,0 +1,297 @@
+"""POP3 commands as frozen dataclasses, and the strict parser that makes them.
+
+Rules (RFC 1939 §3, RFC 2449 §4, popa3d ``pop_get_int``):
+
+* A keyword is 3-4 ASCII letters, case-insensitive, followed by arguments each separated
+  by exactly one space.  Arguments are printable ASCII (0x21-0x7E) and at most 40
+  characters (RFC 2449), except where noted below.
+* ``PASS`` takes the rest of the line (RFC 1939 allows spaces in passwords) and so does
+  the initial response of ``AUTH``; both are bounded by the line limit only.
+* Message numbers are ASCII digits only, at most :data:`limits.MAX_NUMBER_DIGITS` of them:
+  ``int()`` would also take ``+1``, `` 1 ``, ``1_0`` and non-ASCII digits.
+* After ``UTF8`` (RFC 6856) the user name and password may be UTF-8; they must decode.
+* The parser never echoes input: a :class:`ParseError` carries our own reason text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pop3d import limits
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """``USER name``."""
+
+    name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pass:
+    """``PASS string`` (the password is kept as bytes and never logged)."""
+
+    password: bytes
+
+    def __repr__(self) -> str:
+        return "Pass(password=<hidden>)"
+
+
+@dataclass(frozen=True, slots=True)
+class Apop:
+    """``APOP name digest``."""
+
+    name: str
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """``AUTH [mechanism [initial-response]]`` (RFC 5034)."""
+
+    mechanism: str | None
+    initial_response: bytes | None
+
+    def __repr__(self) -> str:
+        return f"Auth(mechanism={self.mechanism!r}, initial_response=<hidden>)"
+
+
+@dataclass(frozen=True, slots=True)
+class Quit:
+    """``QUIT``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stat:
+    """``STAT``."""
+
+
+@dataclass(frozen=True, slots=True)
+class List:
+    """``LIST [msg]``."""
+
+    msg: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Retr:
+    """``RETR msg``."""
+
+    msg: int
+
+
+@dataclass(frozen=True, slots=True)
+class Dele:
+    """``DELE msg``."""
+
+    msg: int
+
+
+@dataclass(frozen=True, slots=True)
+class Noop:
+    """``NOOP``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Rset:
+    """``RSET``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Top:
+    """``TOP msg n``."""
+
+    msg: int
+    lines: int
+
+
+@dataclass(frozen=True, slots=True)
+class Uidl:
+    """``UIDL [msg]``."""
+
+    msg: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Capa:
+    """``CAPA`` (RFC 2449)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Stls:
+    """``STLS`` (RFC 2595)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Utf8:
+    """``UTF8`` (RFC 6856)."""
+
+
+Command = (
+    User | Pass | Apop | Auth | Quit | Stat | List | Retr | Dele | Noop | Rset | Top | Uidl
+    | Capa | Stls | Utf8
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ParseError:
+    """A line that is not a valid command; ``reason`` is our text for the ``-ERR``."""
+
+    reason: str
+    #: True when the keyword itself is unknown (as opposed to bad arguments).
+    unknown: bool = False
+
+
+_PRINTABLE = frozenset(range(0x21, 0x7F))
+
+
+def _number(arg: bytes) -> int | None:
+    if not arg or len(arg) > limits.MAX_NUMBER_DIGITS or not arg.isdigit():
+        return None  # bytes.isdigit() is ASCII-only: no '+', '_', spaces or other scripts
+    return int(arg)
+
+
+def _text(arg: bytes, utf8: bool) -> str | None:
+    """Decode a name argument: printable ASCII, or valid UTF-8 after the UTF8 command."""
+    if all(b in _PRINTABLE for b in arg):
+        return arg.decode("ascii")
+    if not utf8:
+        return None
+    try:
+        text = arg.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return text if text.isprintable() and " " not in text else None
+
+
+def _split(rest: bytes, count: int) -> list[bytes] | None:
+    """Split ``rest`` into exactly ``count`` single-space separated printable arguments."""
+    args = rest.split(b" ") if rest else []
+    if len(args) != count:
+        return None
+    for a in args:
+        if not a or len(a) > limits.MAX_ARGUMENT or not all(b in _PRINTABLE for b in a):
+            return None
+    return args
+
+
+def _no_args(cmd: Command, rest: bytes | None) -> Command | ParseError:
+    return cmd if rest is None else ParseError("this command takes no argument")
+
+
+def _optional_number(rest: bytes | None, make: type[List | Uidl]) -> Command | ParseError:
+    if rest is None:
+        return make(None)
+    n = _number(rest)
+    return make(n) if n is not None else ParseError("invalid message number")
+
+
+def _one_number(rest: bytes | None, make: type[Retr | Dele]) -> Command | ParseError:
+    n = _number(rest) if rest is not None else None
+    return make(n) if n is not None else ParseError("a message number is required")
+
+
+def _parse_user(rest: bytes | None, utf8: bool) -> Command | ParseError:
+    # User names may be longer than RFC 2449's 40 characters (mail addresses often are);
+    # the line limit bounds them.
+    name = _text(rest, utf8) if rest else None
+    return User(name) if name else ParseError("USER needs a user name")
+
+
+def _parse_pass(rest: bytes | None, utf8: bool) -> Command | ParseError:
+    if not rest:
+        return ParseError("PASS needs a password")
+    if b"\x00" in rest or (not utf8 and any(b > 0x7E or b < 0x20 for b in rest)):
+        return ParseError("invalid characters in password")
+    return Pass(rest)
+
+
+def _parse_apop(rest: bytes | None, utf8: bool) -> Command | ParseError:
+    parts = rest.split(b" ") if rest else []
+    if len(parts) != 2:
+        return ParseError("APOP needs a user name and a digest")
+    name = _text(parts[0], utf8)
+    digest = parts[1]
+    if not name or len(digest) != 32 or not all(c in b"0123456789abcdef" for c in digest):
+        return ParseError("APOP needs a user name and a 32-digit hex digest")
+    return Apop(name, digest.decode("ascii"))
+
+
+def _parse_auth(rest: bytes | None) -> Command | ParseError:
+    if rest is None:
+        return Auth(None, None)
+    mech, _, initial = rest.partition(b" ")
+    if (
+        not mech
+        or len(mech) > limits.MAX_ARGUMENT
+        or not all(b in _PRINTABLE for b in mech)
+        or (initial and not all(b in _PRINTABLE for b in initial))
+        or rest.endswith(b" ")
+    ):
+        return ParseError("invalid AUTH arguments")
+    return Auth(mech.decode("ascii").upper(), initial or None)
+
+
+def _parse_top(rest: bytes | None) -> Command | ParseError:
+    args = _split(rest, 2) if rest else None
+    if args is None:
+        return ParseError("TOP needs a message number and a line count")
+    msg, lines = _number(args[0]), _number(args[1])
+    if msg is None or lines is None:
+        return ParseError("invalid number in TOP")
+    return Top(msg, lines)
+
+
+def parse(line: bytes, *, utf8: bool = False) -> Command | ParseError:
+    """Parse one command line (without its CRLF).
+
+    Args:
+        line: the line as received.
+        utf8: whether the client has enabled UTF-8 with the ``UTF8`` command.
+
+    Returns:
+        The command, or a :class:`ParseError` whose reason is safe to send.
+
+    """
+    keyword, sep, rest_or_empty = line.partition(b" ")
+    if not 3 <= len(keyword) <= 4 or not keyword.isalpha() or not keyword.isascii():
+        return ParseError("unknown command", unknown=True)
+    rest: bytes | None = rest_or_empty if sep else None
+    if rest is not None and not rest:
+        return ParseError("trailing space after command")  # "CMD " with nothing after
+    if b"\x00" in line:
+        return ParseError("NUL in command")
+    match keyword.upper():
+        case b"USER":
+            return _parse_user(rest, utf8)
+        case b"PASS":
+            return _parse_pass(rest, utf8)
+        case b"APOP":
+            return _parse_apop(rest, utf8)
+        case b"AUTH":
+            return _parse_auth(rest)
+        case b"QUIT":
+            return _no_args(Quit(), rest)
+        case b"STAT":
+            return _no_args(Stat(), rest)
+        case b"LIST":
+            return _optional_number(rest, List)
+        case b"RETR":
+            return _one_number(rest, Retr)
+        case b"DELE":
+            return _one_number(rest, Dele)
+        case b"NOOP":
+            return _no_args(Noop(), rest)
+        case b"RSET":
+            return _no_args(Rset(), rest)
+        case b"TOP":
+            return _parse_top(rest)
+        case b"UIDL":
+            return _optional_number(rest, Uidl)
+        case b"CAPA":
+            return _no_args(Capa(), rest)
+        case b"STLS":
+            return _no_args(Stls(), rest)
+        case b"UTF8":
+            return _no_args(Utf8(), rest)
+    return ParseError("unknown command", unknown=True)

@@ -1,0 +1,96 @@
+"""Events the core hands to its driver (:meth:`Pop3Connection.next_event`).
+
+Each event other than :class:`NeedData` and :class:`Closed` is a request: the core pauses
+until the driver performs it and reports back through the method named in the event's
+docstring.  Events are plain frozen data and never carry a password in their ``repr``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from pop3d.auth.base import Principal
+
+
+@dataclass(frozen=True, slots=True)
+class NeedData:
+    """Everything received has been answered: flush ``data_to_send()`` and read more."""
+
+
+@dataclass(frozen=True, slots=True)
+class PasswordAuthenticate:
+    """Verify ``password`` for ``username`` (USER/PASS, SASL PLAIN and LOGIN).
+
+    Report with ``auth_succeeded(principal)`` or ``auth_failed()``.
+    """
+
+    username: str
+    password: bytes = field(repr=False)
+    #: The mechanism used (``USER``, ``PLAIN``, ``LOGIN``), for the log.
+    mechanism: str = "USER"
+
+
+@dataclass(frozen=True, slots=True)
+class ApopAuthenticate:
+    """Check an APOP digest: MD5 of ``timestamp`` + the user's PLAIN secret.
+
+    Report with ``auth_succeeded(principal)`` or ``auth_failed()``.
+    """
+
+    username: str
+    timestamp: bytes
+    digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class OpenMaildrop:
+    """Lock and open the maildrop of ``principal``.
+
+    Report with ``maildrop_opened(listing)`` or ``maildrop_failed(code)``.
+    """
+
+    principal: Principal
+
+
+@dataclass(frozen=True, slots=True)
+class SendMessage:
+    """Stream the message ``uid`` (RETR, or TOP when ``body_lines`` is not None).
+
+    Feed chunks to ``message_data(chunk)`` until it returns False or the message ends,
+    then call ``message_end()``; on a read error call ``message_failed(...)``.
+    """
+
+    uid: str
+    body_lines: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class StartTls:
+    """``+OK`` to STLS is queued: flush it, start TLS, then call ``tls_established()``."""
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """Enter UPDATE: remove ``deleted`` (uids), then ``update_done()`` / ``update_failed()``."""
+
+    deleted: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """The session is over: flush ``data_to_send()``, close the maildrop (no UPDATE), hang up."""
+
+    #: Why: ``quit``, ``eof``, ``too many errors``, ``auth failures``, ``read error``, ...
+    reason: str
+
+
+Event = (
+    NeedData
+    | PasswordAuthenticate
+    | ApopAuthenticate
+    | OpenMaildrop
+    | SendMessage
+    | StartTls
+    | Update
+    | Closed
+)

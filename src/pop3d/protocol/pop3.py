@@ -1,0 +1,444 @@
+"""The POP3 session state machine (RFC 1939, 2449, 2595, 6856), sans I/O.
+
+The driver feeds received bytes with :meth:`Pop3Connection.receive_data` (``b""`` means the
+peer closed), asks :meth:`Pop3Connection.next_event` what to do, and sends what
+:meth:`Pop3Connection.data_to_send` returns.  The core answers by itself everything it can
+from its own state (CAPA, STAT, LIST, UIDL, DELE, RSET, NOOP, every error) and pauses with
+a request event only where the outside world is needed: checking a password, opening the
+maildrop, streaming a message, starting TLS, applying deletions.
+
+Rules this file keeps:
+
+* Message numbers, sizes and the deleted set live here, fixed when the maildrop opens;
+  backends never see message numbers.  Deletions are only handed out in :class:`Update`,
+  which is only produced by QUIT in TRANSACTION.  Every other ending is :class:`Closed`,
+  and a closed session never updates.
+* Commands are answered strictly in order, one at a time (pipelining is just more lines
+  in the buffer).  A command not in its state's row of :data:`states.COMMANDS` is an error.
+* Every ``-ERR`` text is ours; no client byte and no exception text reaches the wire.
+* After :data:`limits.MAX_BAD_COMMANDS` consecutive errors, or
+  :data:`limits.MAX_AUTH_ATTEMPTS` failed logins, the connection is closed.
+* STLS: the ``+OK`` is the last plaintext byte; anything received after the STLS line is
+  discarded, never answered (the STARTTLS command-injection class of bugs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pop3d import limits
+from pop3d.auth.base import Principal
+from pop3d.errors import LocalProtocolError
+from pop3d.protocol import commands as c
+from pop3d.protocol.events import (
+    ApopAuthenticate,
+    Closed,
+    Event,
+    NeedData,
+    OpenMaildrop,
+    PasswordAuthenticate,
+    SendMessage,
+    StartTls,
+    Update,
+)
+from pop3d.protocol.lines import OVERLONG, LineBuffer
+from pop3d.protocol.replies import DotStuffer, RespCode, TopFilter, err, multiline, ok
+from pop3d.protocol.states import COMMANDS, State
+from pop3d.storage.base import MessageInfo
+
+_NEED_DATA = NeedData()
+
+
+@dataclass(frozen=True, slots=True)
+class Pop3Settings:
+    """Everything a session needs to know about its server and its connection."""
+
+    #: Text of the greeting after ``+OK``.
+    greeting: str = "POP3 server ready"
+    #: RFC 1939 §7 APOP timestamp (``<pid.clock@host>``); None disables APOP.
+    apop_timestamp: bytes | None = None
+    #: Value of the IMPLEMENTATION capability.
+    implementation: str = "pop3d"
+    #: STLS can be offered (a TLS context exists and this is a cleartext connection).
+    tls_available: bool = False
+    #: The connection is already encrypted (implicit TLS, POP3S).
+    tls_active: bool = False
+    #: The peer may send a password in the clear (it is in secure_networks, or
+    #: plaintext_without_tls is set); TLS always allows it.
+    plaintext_allowed: bool = True
+    #: SASL mechanisms offered when passwords may be sent (PLAIN, LOGIN, ...).
+    sasl_mechanisms: tuple[str, ...] = ()
+    max_bad_commands: int = limits.MAX_BAD_COMMANDS
+    max_auth_attempts: int = limits.MAX_AUTH_ATTEMPTS
+
+
+class Pop3Connection:
+    """One POP3 session, from greeting to close, with no I/O of its own."""
+
+    def __init__(self, settings: Pop3Settings) -> None:
+        self.settings = settings
+        self.state = State.AUTHORIZATION
+        self.tls_active = settings.tls_active
+        self._lines = LineBuffer()
+        self._out: list[bytes] = []
+        self._eof = False
+        self._pending: Event | None = None
+        self._queued: Event | None = None
+        self._close_reason = ""
+        self._bad_commands = 0
+        self._auth_failures = 0
+        self._utf8 = False
+        self._user: str | None = None
+        self.principal: Principal | None = None
+        self._listing: tuple[MessageInfo, ...] = ()
+        self._deleted: set[int] = set()
+        self._live_count = 0
+        self._live_size = 0
+        # The message being streamed.
+        self._stuffer: DotStuffer | None = None
+        self._top: TopFilter | None = None
+        self._status_line = b""
+        # Statistics for the session log line.
+        self.messages_sent = 0
+        self.octets_sent = 0
+        self.deleted_count = 0
+        text = settings.greeting
+        if settings.apop_timestamp is not None:
+            text += " " + settings.apop_timestamp.decode("ascii")
+        self._out.append(ok(text))
+
+    # ---------------------------------------------------------------- the three verbs
+
+    def receive_data(self, data: bytes) -> None:
+        """Add received bytes; ``b""`` means the peer closed its side."""
+        if not data:
+            self._eof = True
+        elif self.state is not State.CLOSED:
+            self._lines.feed(data)
+
+    def data_to_send(self) -> bytes:
+        """Return (and forget) the bytes the core has queued for the peer."""
+        out = self._out
+        if not out:
+            return b""
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        return data
+
+    def next_event(self) -> Event:
+        """Return what the driver must do next.
+
+        Raises:
+            LocalProtocolError: the previous request event was not answered yet.
+
+        """
+        if self._pending is not None:
+            raise LocalProtocolError(f"{type(self._pending).__name__} was not answered")
+        if self._queued is not None:
+            queued, self._queued = self._queued, None
+            self._pending = queued
+            return queued
+        while self.state is not State.CLOSED:
+            line = self._lines.next_line(limits.MAX_COMMAND_LINE)
+            if line is None:
+                if self._eof:
+                    self._close("eof")
+                    break
+                return _NEED_DATA
+            if line is OVERLONG:
+                self._bad("line too long")
+                continue
+            event = self._dispatch(line)
+            if event is not None:
+                self._pending = event
+                return event
+        return Closed(self._close_reason)
+
+    @property
+    def buffered(self) -> int:
+        """Octets received but not yet answered (the driver stops reading past a bound)."""
+        return len(self._lines)
+
+    # ---------------------------------------------------------------- driver reports
+
+    def auth_succeeded(self, principal: Principal) -> None:
+        """The credentials of the pending authentication event are good."""
+        self._answer((PasswordAuthenticate, ApopAuthenticate))
+        self.principal = principal
+        self._queued = OpenMaildrop(principal)
+
+    def auth_failed(self, code: RespCode | None = RespCode.AUTH) -> None:
+        """The credentials were refused (``code`` AUTH), or auth is down (``SYS_TEMP``)."""
+        self._answer((PasswordAuthenticate, ApopAuthenticate))
+        self._user = None
+        if code is RespCode.SYS_TEMP:
+            self._out.append(err("authentication temporarily unavailable", code))
+            return
+        self._auth_failures += 1
+        self._out.append(err("invalid password", code))
+        if self._auth_failures >= self.settings.max_auth_attempts:
+            self._close("auth failures")
+
+    def maildrop_opened(self, listing: Sequence[MessageInfo]) -> None:
+        """The maildrop is locked and open; ``listing`` is fixed for the session."""
+        self._answer((OpenMaildrop,))
+        self._listing = tuple(listing)
+        self._live_count = len(self._listing)
+        self._live_size = sum(m.size for m in self._listing)
+        self.state = State.TRANSACTION
+        assert self.principal is not None
+        self._out.append(
+            ok(f"{self.principal.username}'s maildrop has {self._summary()}")
+        )
+
+    def maildrop_failed(self, code: RespCode) -> None:
+        """The maildrop could not be opened: locked (``IN_USE``) or broken (``SYS_TEMP``)."""
+        self._answer((OpenMaildrop,))
+        self.principal = None
+        self._user = None
+        if code is RespCode.IN_USE:
+            self._out.append(err("maildrop already locked", code))
+        else:
+            self._out.append(err("unable to lock maildrop", code))
+
+    def message_data(self, chunk: bytes) -> bool:
+        """Add the next chunk of the message being sent; False means "stop, I have enough"."""
+        self._answer_check(SendMessage)
+        assert self._stuffer is not None
+        if self._status_line:
+            self._out.append(self._status_line)
+            self._status_line = b""
+        if self._top is not None:
+            chunk = self._top.feed(chunk)
+            self.octets_sent += len(chunk)
+            self._out.append(self._stuffer.feed(chunk))
+            return not self._top.done
+        self.octets_sent += len(chunk)
+        self._out.append(self._stuffer.feed(chunk))
+        return True
+
+    def message_end(self) -> None:
+        """The message (or all of it that TOP wanted) has been fed."""
+        self._answer((SendMessage,))
+        assert self._stuffer is not None
+        if self._status_line:
+            self._out.append(self._status_line)
+        self._out.append(self._stuffer.end())
+        self._stuffer = self._top = None
+        self._status_line = b""
+        self.messages_sent += 1
+
+    def message_failed(self, *, vanished: bool) -> None:
+        """The message could not be read (``vanished``: another program removed it)."""
+        self._answer((SendMessage,))
+        started = not self._status_line
+        self._stuffer = self._top = None
+        self._status_line = b""
+        if started:
+            # Part of a multi-line reply is out: the client cannot be resynchronised.
+            self._close("read error")
+        elif vanished:
+            self._out.append(err("message was removed by another session"))
+        else:
+            self._out.append(err("cannot read message", RespCode.SYS_TEMP))
+
+    def tls_established(self) -> None:
+        """The TLS handshake after STLS succeeded; the session starts over (RFC 2595 §4)."""
+        self._answer((StartTls,))
+        self.tls_active = True
+        self._user = None
+
+    def update_done(self) -> None:
+        """UPDATE removed every message marked deleted."""
+        self._answer((Update,))
+        left = self._live_count
+        self._out.append(ok(f"{self.settings.implementation} signing off ({left} left)"))
+        self._close("quit")
+
+    def update_failed(self) -> None:
+        """UPDATE could not remove some deleted messages (RFC 1939 §6)."""
+        self._answer((Update,))
+        self._out.append(err("some deleted messages not removed", RespCode.SYS_TEMP))
+        self._close("update failed")
+
+    # ---------------------------------------------------------------- internals
+
+    def _answer(self, kinds: tuple[type, ...]) -> None:
+        if not isinstance(self._pending, kinds):
+            raise LocalProtocolError("report does not match the pending event")
+        self._pending = None
+
+    def _answer_check(self, kind: type) -> None:
+        if not isinstance(self._pending, kind):
+            raise LocalProtocolError("report does not match the pending event")
+
+    def _close(self, reason: str) -> None:
+        self.state = State.CLOSED
+        self._close_reason = reason
+        self._lines.clear()
+
+    def _bad(self, reason: str, code: RespCode | None = None) -> None:
+        self._out.append(err(reason, code))
+        self._bad_commands += 1
+        if self._bad_commands >= self.settings.max_bad_commands:
+            self._out.append(err("too many bad commands, closing"))
+            self._close("too many errors")
+
+    def _summary(self) -> str:
+        n = self._live_count
+        return f"{n} message{'' if n == 1 else 's'} ({self._live_size} octets)"
+
+    def _plaintext_ok(self) -> bool:
+        return self.tls_active or self.settings.plaintext_allowed
+
+    def _dispatch(self, line: bytes) -> Event | None:
+        cmd = c.parse(line, utf8=self._utf8)
+        if isinstance(cmd, c.ParseError):
+            self._bad(cmd.reason)
+            return None
+        if type(cmd) not in COMMANDS[self.state]:
+            self._bad("command not valid in this state")
+            return None
+        before = len(self._out)
+        event = self._handle(cmd)
+        # A command that produced a -ERR of its own counts against the error budget.
+        if len(self._out) > before and self._out[-1].startswith(b"-ERR"):
+            self._bad_commands += 1
+            if self._bad_commands >= self.settings.max_bad_commands:
+                self._out.append(err("too many bad commands, closing"))
+                self._close("too many errors")
+        else:
+            self._bad_commands = 0
+        return event
+
+    def _handle(self, cmd: c.Command) -> Event | None:
+        match cmd:
+            case c.Capa():
+                self._out.append(multiline(ok("Capability list follows"), self._capabilities()))
+            case c.Quit():
+                if self.state is State.TRANSACTION:
+                    self.state = State.UPDATE
+                    deleted = tuple(self._listing[i].uid for i in sorted(self._deleted))
+                    self.deleted_count = len(deleted)
+                    return Update(deleted)
+                self._out.append(ok(f"{self.settings.implementation} signing off"))
+                self._close("quit")
+            case c.User(name):
+                if not self._plaintext_ok():
+                    self._refuse_plaintext()
+                else:
+                    self._user = name
+                    self._out.append(ok("send PASS"))
+            case c.Pass(password):
+                if not self._plaintext_ok():
+                    self._refuse_plaintext()
+                elif self._user is None:
+                    self._out.append(err("send USER first"))
+                else:
+                    return PasswordAuthenticate(self._user, password)
+            case c.Apop(name, digest):
+                if self.settings.apop_timestamp is None:
+                    self._out.append(err("APOP is not enabled"))
+                else:
+                    return ApopAuthenticate(name, self.settings.apop_timestamp, digest)
+            case c.Auth():
+                self._out.append(err("no SASL mechanisms are offered"))
+            case c.Stls():
+                return self._stls()
+            case c.Utf8():
+                self._utf8 = True
+                self._out.append(ok("UTF8 enabled"))
+            case c.Noop():
+                self._out.append(ok())
+            case c.Stat():
+                self._out.append(ok(f"{self._live_count} {self._live_size}"))
+            case c.List(None):
+                lines = [
+                    b"%d %d" % (i + 1, m.size)
+                    for i, m in enumerate(self._listing)
+                    if i not in self._deleted
+                ]
+                self._out.append(multiline(ok(self._summary()), lines))
+            case c.List(n):
+                if (info := self._message(n)) is not None:
+                    self._out.append(ok(f"{n} {info.size}"))
+            case c.Uidl(None):
+                lines = [
+                    b"%d %s" % (i + 1, m.uid.encode())
+                    for i, m in enumerate(self._listing)
+                    if i not in self._deleted
+                ]
+                self._out.append(multiline(ok("unique-id listing follows"), lines))
+            case c.Uidl(n):
+                if (info := self._message(n)) is not None:
+                    self._out.append(ok(f"{n} {info.uid}"))
+            case c.Retr(n):
+                if (info := self._message(n)) is not None:
+                    return self._send(info, ok(f"{info.size} octets"), None)
+            case c.Top(n, lines_wanted):
+                if (info := self._message(n)) is not None:
+                    return self._send(info, ok("top of message follows"), lines_wanted)
+            case c.Dele(n):
+                if (info := self._message(n)) is not None:
+                    self._deleted.add(n - 1)
+                    self._live_count -= 1
+                    self._live_size -= info.size
+                    self._out.append(ok(f"message {n} deleted"))
+            case c.Rset():
+                self._deleted.clear()
+                self._live_count = len(self._listing)
+                self._live_size = sum(m.size for m in self._listing)
+                self._out.append(ok(f"maildrop has {self._summary()}"))
+        return None
+
+    def _message(self, n: int | None) -> MessageInfo | None:
+        """Return message ``n`` (1-based) or queue the ``-ERR`` saying why not."""
+        assert n is not None
+        if not 1 <= n <= len(self._listing):
+            self._out.append(err("no such message"))
+            return None
+        if n - 1 in self._deleted:
+            self._out.append(err("message is deleted"))
+            return None
+        return self._listing[n - 1]
+
+    def _send(self, info: MessageInfo, status: bytes, body_lines: int | None) -> SendMessage:
+        self._stuffer = DotStuffer()
+        self._top = TopFilter(body_lines) if body_lines is not None else None
+        # The +OK goes out with the first chunk, so that a message that cannot be
+        # opened still gets a clean -ERR.
+        self._status_line = status
+        return SendMessage(info.uid, body_lines)
+
+    def _refuse_plaintext(self) -> None:
+        self._out.append(
+            err("plaintext authentication disallowed on non-secure connections", RespCode.AUTH)
+        )
+
+    def _stls(self) -> Event | None:
+        if self.tls_active:
+            self._out.append(err("TLS is already active"))
+            return None
+        if not self.settings.tls_available:
+            self._out.append(err("STLS is not available"))
+            return None
+        self._out.append(ok("Begin TLS negotiation now"))
+        # Whatever followed the STLS line arrived in the clear and must not be answered
+        # inside TLS (CVE-2021-38371 class, "STARTTLS injection").
+        self._lines.clear()
+        return StartTls()
+
+    def _capabilities(self) -> list[bytes]:
+        caps = [b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
+        if self.state is State.AUTHORIZATION:
+            if self._plaintext_ok():
+                caps.append(b"USER")
+                if self.settings.sasl_mechanisms:
+                    caps.append(b"SASL " + " ".join(self.settings.sasl_mechanisms).encode())
+            if self.settings.tls_available and not self.tls_active:
+                caps.append(b"STLS")
+            caps.append(b"UTF8 USER")
+        caps.append(b"EXPIRE NEVER")
+        caps.append(b"IMPLEMENTATION " + self.settings.implementation.encode())
+        return caps

@@ -1,0 +1,125 @@
+"""Building replies: status lines with RFC 2449/3206 response codes, and multi-line bodies.
+
+Rules:
+
+* A status line is ``+OK`` or ``-ERR``, an optional ``[CODE]``, our text, CRLF.  The
+  text is always ours: nothing the client sent is echoed.
+* A multi-line body is byte-stuffed (RFC 1939 §3: every line that begins with ``.``
+  gets another ``.``; the very first line of a message included) and ends with ``.CRLF``.
+* Message bodies arrive from storage as CRLF-normalised chunks of any size; stuffing keeps
+  its line-start state across chunks and works on whole buffers, so RETR does no
+  per-line Python work (popa3d ``pop_reply_multiline``; Twisted's ``transformChunk``
+  loses the state at chunk boundaries).
+"""
+
+from __future__ import annotations
+
+import enum
+
+CRLF = b"\r\n"
+TERMINATOR = b".\r\n"
+
+
+class RespCode(enum.Enum):
+    """Extended response codes (RFC 2449 §8, RFC 3206)."""
+
+    #: The maildrop is locked by another session.
+    IN_USE = "IN-USE"
+    #: The user logged in too recently.
+    LOGIN_DELAY = "LOGIN-DELAY"
+    #: A temporary system problem; retrying later may succeed.
+    SYS_TEMP = "SYS/TEMP"
+    #: A permanent system problem.
+    SYS_PERM = "SYS/PERM"
+    #: The credentials were refused (RFC 3206).
+    AUTH = "AUTH"
+    #: UTF-8 is required for this user (RFC 6856).
+    UTF8 = "UTF8"
+
+
+def ok(text: str = "") -> bytes:
+    """Return a ``+OK`` status line."""
+    return b"+OK " + text.encode() + CRLF if text else b"+OK" + CRLF
+
+
+def err(text: str, code: RespCode | None = None) -> bytes:
+    """Return a ``-ERR`` status line, with ``[CODE]`` when given."""
+    prefix = b"-ERR [" + code.value.encode() + b"] " if code else b"-ERR "
+    return prefix + text.encode() + CRLF
+
+
+def multiline(status: bytes, lines: list[bytes]) -> bytes:
+    """Return a complete multi-line reply whose ``lines`` need no stuffing (listings)."""
+    return status + b"".join(line + CRLF for line in lines) + TERMINATOR
+
+
+class DotStuffer:
+    """Byte-stuffs a CRLF-normalised stream given in chunks of any size."""
+
+    __slots__ = ("_at_line_start",)
+
+    def __init__(self) -> None:
+        self._at_line_start = True
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Return ``chunk`` stuffed, remembering whether it ended at a line start."""
+        if not chunk:
+            return chunk
+        # Every LF ends a line (input is CRLF-normalised), so "\n." is a line start.
+        out = chunk.replace(b"\n.", b"\n..")
+        if self._at_line_start and chunk[0] == 0x2E:
+            out = b"." + out
+        self._at_line_start = chunk[-1] == 0x0A
+        return out
+
+    def end(self) -> bytes:
+        """Return the terminator (with a line end first if the stream lacked one)."""
+        return TERMINATOR if self._at_line_start else CRLF + TERMINATOR
+
+
+class TopFilter:
+    """Passes a message's header, the blank line after it, and ``lines`` body lines.
+
+    Works across chunk boundaries without holding a line in memory (a line may be of any
+    length).  Only TOP uses it; RETR skips it.
+    """
+
+    __slots__ = ("_done", "_in_header", "_line_len", "_lines_left")
+
+    def __init__(self, lines: int) -> None:
+        self._in_header = True
+        self._lines_left = lines
+        #: Octets of the current, unfinished line seen so far.
+        self._line_len = 0
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        """True once everything TOP wants has passed."""
+        return self._done
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Return the part of ``chunk`` that belongs in the TOP response."""
+        if self._done:
+            return b""
+        pos = 0
+        n = len(chunk)
+        while pos < n:
+            if not self._in_header and self._lines_left == 0:
+                self._done = True
+                return chunk[:pos]
+            nl = chunk.find(b"\n", pos)
+            if nl < 0:
+                self._line_len += n - pos
+                return chunk
+            length = self._line_len + nl + 1 - pos
+            self._line_len = 0
+            pos = nl + 1
+            if self._in_header:
+                if length == 2:  # the empty line "\r\n" that ends the header
+                    self._in_header = False
+            else:
+                self._lines_left -= 1
+        if not self._in_header and self._lines_left == 0:
+            self._done = True
+        return chunk

@@ -1,0 +1,534 @@
+"""Dovecot passwd-file backend: users from ``user:password[:uid:gid:gecos:home:shell:extra]``.
+
+The format (Dovecot's passwd-file, compatible with /etc/passwd):
+
+* one user a line; empty lines and lines starting with ``#`` are ignored;
+* the password is ``{SCHEME}data`` or a bare crypt(3) string (see :mod:`.schemes`); an
+  empty password never matches, unless the ``nopassword`` extra field is set (Dovecot:
+  "If you want to allow all passwords, use an empty password and this field");
+* extra fields are space-separated ``key=value`` (a bare ``key`` means ``key=``, as in
+  Dovecot); they may contain ``:``.  They become :attr:`Principal.attributes`, with the
+  ``userdb_`` prefix stripped (a ``userdb_x`` beats a plain ``x``), plus ``uid``, ``gid``
+  and ``home`` from their columns when set.  ``nologin`` refuses the login even with the
+  right password;
+* user names match exactly (case-sensitive, as Dovecot's default); the first line of a
+  name wins, as in Dovecot.
+
+Rules of this module:
+
+* A malformed line is skipped with a warning naming the file and line number, never the
+  line itself (it holds a password).  Nothing here logs a password or a hash.
+* The file is re-read when ``(st_mtime_ns, st_size, st_ino)`` changes, checked at most once
+  per ``check_interval``.  A file that vanishes or cannot be read keeps the last good table
+  (and logs an error once); a missing file at start-up is a :class:`ConfigError`.
+* Unknown user and wrong password are the same ``None`` after the same work: an unknown
+  user's password is verified against a real stored hash of the file's most common scheme
+  (:func:`.schemes.dummy_verify`) and the result discarded.
+* Slow schemes (crypt, bcrypt, argon2, PBKDF2, SCRAM) run in a small thread pool of our
+  own, at most ``2 * workers`` submitted at once (the rest wait in asyncio, where a client
+  that leaves costs nothing); fast ones (PLAIN, SHA*) run inline, since a thread hop would
+  cost more than the hash.
+* :func:`update_user` and :func:`list_users` are the administration side (``pop3d user``):
+  the file is rewritten atomically (temporary file, fsync, rename), every other line kept
+  byte for byte.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import secrets
+import stat
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+from pop3d.auth import schemes
+from pop3d.auth.base import Principal
+from pop3d.errors import ConfigError, TemporaryBackendError
+
+__all__ = [
+    "PasswdFileAuthenticator",
+    "UserInfo",
+    "list_users",
+    "parse_passwd_file",
+    "update_user",
+    "valid_username",
+]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+#: Longest user name we look up: far above any real mailbox name, and it keeps a hostile
+#: name from costing more than a dictionary miss.
+MAX_USERNAME = 255
+
+#: Default interval between two ``stat()`` checks of the file (seconds).
+DEFAULT_CHECK_INTERVAL = 1.0
+
+#: Characters that never occur in a user name we accept: field and line separators,
+#: path separators (the name becomes a folder through ``%u``), and the comment mark.
+_FORBIDDEN = frozenset(":/\\")
+
+
+def valid_username(name: str) -> bool:
+    """Whether ``name`` can be a user name (else it never matches and cannot be added).
+
+    1-255 printable characters; no ``:``, ``/``, backslash, white space or control
+    characters; not starting with ``#`` or ``.`` (``%u`` makes it a folder name).
+    """
+    return (
+        0 < len(name) <= MAX_USERNAME
+        and name.isprintable()
+        and not any(c in _FORBIDDEN or c.isspace() for c in name)
+        and not name.startswith(("#", "."))
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    """One parsed line of the file."""
+
+    username: str
+    #: The stored password (``{SCHEME}data``); ``""`` for none.  Kept out of ``repr``.
+    password: str = field(repr=False)
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def nopassword(self) -> bool:
+        """Any password is accepted (empty password field plus ``nopassword``)."""
+        return not self.password and "nopassword" in self.attributes
+
+    @property
+    def nologin(self) -> bool:
+        """The user may not log in, whatever the password (Dovecot's ``nologin``)."""
+        return "nologin" in self.attributes
+
+    def principal(self) -> Principal:
+        """The :class:`Principal` for this user."""
+        return Principal(self.username, self.attributes)
+
+
+def _parse_line(line: str) -> UserRecord | None:
+    fields = line.split(":")
+    if len(fields) < 2 or not valid_username(fields[0]):
+        return None
+    username, password = fields[0], fields[1]
+    attributes: dict[str, str] = {}
+    for key, index in (("uid", 2), ("gid", 3), ("home", 5)):
+        if len(fields) > index and fields[index]:
+            attributes[key] = fields[index]
+    if len(fields) > 7:  # extra fields may hold ':'
+        userdb: dict[str, str] = {}
+        for item in ":".join(fields[7:]).split():
+            key, _, value = item.partition("=")
+            if not key:
+                return None
+            if key.startswith("userdb_") and len(key) > len("userdb_"):
+                userdb[key.removeprefix("userdb_")] = value
+            else:
+                attributes[key] = value
+        attributes.update(userdb)
+    return UserRecord(username, password, attributes)
+
+
+@dataclass(frozen=True, slots=True)
+class _Table:
+    users: Mapping[str, UserRecord]
+    #: (st_mtime_ns, st_size, st_ino) of what was read.
+    signature: tuple[int, int, int]
+    #: A stored hash of the most common scheme, for dummy verifications.
+    representative: str | None
+
+
+def parse_passwd_file(data: bytes, source: str = "passwd-file") -> dict[str, UserRecord]:
+    """Parse a passwd-file's content; malformed lines are skipped with a warning.
+
+    Args:
+        data: the file's octets (UTF-8).
+        source: how log messages name the file.
+
+    Returns:
+        The users by name (the first line of a name wins).
+
+    """
+    users: dict[str, UserRecord] = {}
+    for number, raw in enumerate(data.split(b"\n"), start=1):
+        raw_line = raw.removesuffix(b"\r")
+        if not raw_line.strip() or raw_line.startswith(b"#"):
+            continue
+        try:
+            record = _parse_line(raw_line.decode("utf-8"))
+        except UnicodeDecodeError:
+            record = None
+        if record is None:
+            log.warning("%s line %d: malformed entry skipped", source, number)
+            continue
+        if record.username in users:
+            log.warning(
+                "%s line %d: user %s exists more than once; the first entry wins",
+                source, number, record.username,
+            )
+            continue
+        if record.password and not schemes.is_supported(record.password):
+            log.warning(
+                "%s line %d: user %s: unsupported or malformed {%s} password; "
+                "logins will fail", source, number, record.username,
+                schemes.scheme_of(record.password),
+            )
+        users[record.username] = record
+    return users
+
+
+def _representative(users: Mapping[str, UserRecord]) -> str | None:
+    counts = Counter(
+        schemes.scheme_of(u.password)
+        for u in users.values()
+        if u.password and schemes.is_supported(u.password)
+    )
+    if not counts:
+        return None
+    common = counts.most_common(1)[0][0]
+    return next(
+        u.password for u in users.values()
+        if u.password and schemes.scheme_of(u.password) == common
+        and schemes.is_supported(u.password)
+    )
+
+
+def _read_table(path: Path) -> _Table:
+    """Read and parse ``path``.  Raises OSError."""
+    with path.open("rb") as f:
+        st = os.fstat(f.fileno())
+        data = f.read()
+    users = parse_passwd_file(data, str(path))
+    return _Table(users, (st.st_mtime_ns, st.st_size, st.st_ino), _representative(users))
+
+
+class PasswdFileAuthenticator:
+    """An :class:`~pop3d.auth.base.Authenticator` over a Dovecot passwd-file."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        check_interval: float = DEFAULT_CHECK_INTERVAL,
+        workers: int | None = None,
+        scram_salt_key: bytes | None = None,
+    ) -> None:
+        """Load ``path`` now.
+
+        Args:
+            path: the passwd-file.
+            check_interval: seconds between two checks for a changed file (0: every lookup).
+            workers: threads verifying slow hashes (default: one per core).
+            scram_salt_key: secret that per-user SCRAM salts of PLAIN passwords are derived
+                from (:func:`.schemes.scram_salt`); random per process when ``None``.
+
+        Raises:
+            ConfigError: the file cannot be read at start-up.
+
+        """
+        self.path = path
+        self._interval = check_interval
+        self._workers = workers or os.cpu_count() or 1
+        self._salt_key = scram_salt_key or secrets.token_bytes(32)
+        try:
+            self._table = _read_table(path)
+        except OSError as exc:
+            raise ConfigError(f"[auth] passwd_file {path}: {exc.strerror}") from None
+        log.info("%s: %d users", path, len(self._table.users))
+        self._next_check = time.monotonic() + check_interval
+        self._last_error: str | None = None
+        self._reload: asyncio.Future[None] | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._limit: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+
+    # ----------------------------------------------------------------- Authenticator
+
+    async def verify_password(self, username: str, password: bytes) -> Principal | None:
+        """Return the user when ``password`` is theirs, else ``None`` after the same work.
+
+        Raises:
+            TemporaryBackendError: the verification could not run.
+
+        """
+        record = await self._record(username)
+        if record is not None and record.nopassword:
+            return None if record.nologin else record.principal()
+        if record is None or not record.password:
+            rep = self._table.representative
+            # Without a representative hash, dummy_verify uses ARGON2ID: slow.
+            await self._run(rep is None or schemes.is_slow(rep),
+                            schemes.dummy_verify, password, rep)
+            return None
+        ok = await self._run(schemes.is_slow(record.password),
+                             schemes.verify, record.password, password)
+        return record.principal() if ok and not record.nologin else None
+
+    async def lookup(self, username: str) -> Principal | None:
+        """Return the user without checking a secret (LMTP RCPT, SASL EXTERNAL)."""
+        record = await self._record(username)
+        return None if record is None else record.principal()
+
+    async def secret_for(self, username: str, scheme: str) -> bytes | None:
+        """Return the user's secret for a challenge-response mechanism.
+
+        ``PLAIN``: the clear-text password (APOP).  ``CRAM-MD5``: the 32-octet HMAC-MD5
+        context.  ``SCRAM-SHA-256``: :meth:`.schemes.ScramSecret.encode`'s form
+        (``iter,salt,storedkey,serverkey``, base64), decode with
+        :meth:`.schemes.ScramSecret.decode`; for PLAIN storage the salt is stable per user.
+        ``None``: unknown user, ``nologin``, or no such secret can be had from the storage.
+        """
+        record = await self._record(username)
+        if record is None or record.nologin or not record.password:
+            return None
+        stored = record.password
+        match scheme.upper():
+            case "PLAIN":
+                return schemes.plain_secret(stored)
+            case "CRAM-MD5":
+                return schemes.cram_md5_secret(stored)
+            case "SCRAM-SHA-256":
+                salt = schemes.scram_salt(self._salt_key, record.username)
+                secret = await self._run(
+                    schemes.plain_secret(stored) is not None,
+                    lambda: schemes.scram_sha256_secret(stored, salt=salt),
+                )
+                return None if secret is None else secret.encode()
+            case _:
+                return None
+
+    # ----------------------------------------------------------------- extras
+
+    @property
+    def scram_salt_key(self) -> bytes:
+        """The key of stable SCRAM salts (a SASL layer fakes unknown users' salts with it)."""
+        return self._salt_key
+
+    def close(self) -> None:
+        """Stop the verification threads (waits for running verifications)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    # ----------------------------------------------------------------- internals
+
+    async def _record(self, username: str) -> UserRecord | None:
+        await self._refresh()
+        if not valid_username(username):
+            return None
+        return self._table.users.get(username)
+
+    async def _refresh(self) -> None:
+        """Re-read the file when it changed (at most once per interval)."""
+        if self._reload is None:
+            now = time.monotonic()
+            if now < self._next_check:
+                return
+            self._next_check = now + self._interval
+            try:
+                st = self.path.stat()
+            except OSError as exc:
+                self._fail(exc)
+                return
+            if (st.st_mtime_ns, st.st_size, st.st_ino) == self._table.signature:
+                return
+            loop = asyncio.get_running_loop()
+            reload = loop.run_in_executor(None, self._load)
+            self._reload = reload
+            reload.add_done_callback(self._reload_done)
+        # shield: a cancelled login must not cancel the reload others wait for.
+        try:
+            await asyncio.shield(self._reload)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise TemporaryBackendError("passwd-file reload failed") from exc
+
+    def _reload_done(self, fut: asyncio.Future[None]) -> None:
+        if self._reload is fut:
+            self._reload = None
+
+    def _load(self) -> None:
+        """Runs in a thread: read and swap in the table (or keep the old one)."""
+        try:
+            table = _read_table(self.path)
+        except OSError as exc:
+            self._fail(exc)
+            return
+        self._table = table
+        self._last_error = None
+        log.info("%s: reloaded, %d users", self.path, len(table.users))
+
+    def _fail(self, exc: OSError) -> None:
+        message = f"{self.path}: {exc.strerror}; keeping the last good user table"
+        if message != self._last_error:
+            self._last_error = message
+            log.error("%s", message)
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        loop = asyncio.get_running_loop()
+        if self._limit is None or self._limit[0] is not loop:
+            self._limit = (loop, asyncio.Semaphore(2 * self._workers))
+        return self._limit[1]
+
+    async def _run(self, slow: bool, func: Callable[..., _T], *args: object) -> _T:
+        """Run ``func(*args)`` inline when fast, else in the pool, bounded."""
+        try:
+            if not slow:
+                return func(*args)
+            async with self._semaphore():
+                if self._executor is None:
+                    self._executor = ThreadPoolExecutor(
+                        self._workers, thread_name_prefix="pop3d-auth"
+                    )
+                loop = asyncio.get_running_loop()
+                return await loop.run_in_executor(self._executor, func, *args)
+        except (MemoryError, RuntimeError, OSError) as exc:
+            # The hash library or the pool failed: not the client's fault, not a "no".
+            raise TemporaryBackendError("password verification failed") from exc
+
+
+# --------------------------------------------------------------------------- administration
+
+
+@dataclass(frozen=True, slots=True)
+class UserInfo:
+    """A user as ``pop3d user list`` shows it: no password, only its scheme."""
+
+    username: str
+    #: Scheme of the stored password (``ARGON2ID``, ``CRYPT``...), ``""`` when empty.
+    scheme: str
+    attributes: Mapping[str, str]
+
+
+def list_users(path: Path) -> list[UserInfo]:
+    """The users of the file at ``path``, in file order.
+
+    Raises:
+        OSError: the file cannot be read.
+
+    """
+    users = parse_passwd_file(path.read_bytes(), str(path))
+    return [
+        UserInfo(u.username, schemes.scheme_of(u.password) if u.password else "", u.attributes)
+        for u in users.values()
+    ]
+
+
+def _open_locked(path: Path, create: bool) -> int | None:
+    """Open and flock ``path``, retrying if it was replaced meanwhile; ``None``: absent."""
+    flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_CREAT if create else 0)
+    while True:
+        try:
+            fd = os.open(path, flags, 0o600)
+        except FileNotFoundError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            same = path.stat().st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _rewrite(path: Path, fd: int, data: bytes) -> None:
+    """Replace ``path`` by ``data`` atomically, keeping mode (and owner when allowed)."""
+    st = os.fstat(fd)
+    tmp_fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(tmp_fd, "wb") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fchmod(tmp.fileno(), stat.S_IMODE(st.st_mode))
+            with contextlib.suppress(PermissionError):
+                os.fchown(tmp.fileno(), st.st_uid, st.st_gid)
+            os.fsync(tmp.fileno())
+        Path(tmp_name).replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            Path(tmp_name).unlink()
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def update_user(
+    path: Path, username: str, stored: str | None, *, extra: Mapping[str, str] | None = None,
+) -> bool:
+    """Set (or, with ``stored=None``, delete) a user's password in the file at ``path``.
+
+    An existing user keeps the rest of its line (uid, home, extra fields); a new user is
+    appended as ``username:stored`` (plus ``extra`` as extra fields).  Deleting removes
+    every line of that name.  All other lines, comments included, are kept byte for byte.
+    The file is created (mode 0600) when adding to a missing one.  Concurrent callers are
+    serialised with ``flock``.
+
+    Args:
+        path: the passwd-file.
+        username: the user (see :func:`valid_username`).
+        stored: a stored password from :func:`.schemes.hash_password`, or ``None``.
+        extra: extra fields (``key=value``) for a new user; ignored for an existing one.
+
+    Returns:
+        Whether the user existed before.
+
+    Raises:
+        ValueError: invalid user name, stored password or extra field.
+        OSError: the file cannot be read or written.
+
+    """
+    if not valid_username(username):
+        raise ValueError("invalid user name")
+    if stored is not None and (":" in stored or not stored.isprintable()):
+        raise ValueError("a stored password cannot hold ':' or control characters")
+    fields = [f"{k}={v}" if v else k for k, v in (extra or {}).items()]
+    if any(not f.isprintable() or " " in f or f.startswith("=") for f in fields):
+        raise ValueError("invalid extra field")
+    fd = _open_locked(path, create=stored is not None)
+    if fd is None:
+        return False
+    try:
+        with os.fdopen(os.dup(fd), "rb") as f:
+            lines = f.read().splitlines(keepends=True)
+        key = username.encode("utf-8") + b":"
+        out: list[bytes] = []
+        found = False
+        for line in lines:
+            if not line.startswith(key):
+                out.append(line)
+            elif stored is None:
+                found = True
+            elif found:
+                out.append(line)  # a shadowed duplicate: left as it was
+            else:
+                found = True
+                body = line.rstrip(b"\r\n")
+                parts = body.split(b":", 2)
+                parts[1] = stored.encode("utf-8")
+                out.append(b":".join(parts) + line[len(body) :])
+        if stored is not None and not found:
+            if out and not out[-1].endswith(b"\n"):
+                out[-1] += b"\n"
+            tail = (":" * 6 + " ".join(fields)) if fields else ""
+            out.append(f"{username}:{stored}{tail}\n".encode())
+        if stored is not None or found:
+            _rewrite(path, fd, b"".join(out))
+        return found
+    finally:
+        os.close(fd)

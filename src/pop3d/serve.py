@@ -1,0 +1,215 @@
+"""``pop3d serve``: run the server in the foreground until SIGTERM/SIGINT.
+
+With ``--config`` it serves that configuration; without, the embedded default
+(:mod:`pop3d.demo`).  ``[server] workers`` > 1 (or ``"auto"``: one per core) binds the
+sockets once, then forks that many worker processes that share them; the maildrop lock is
+a ``flock`` and so holds across workers.  SIGHUP reloads TLS certificates.  Exit status is
+0 after a clean stop, 78 (EX_CONFIG) for a bad configuration, 71 (EX_OSERR) when a
+socket cannot be bound.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from pop3d import config as config_mod
+from pop3d import demo, logsetup
+from pop3d.config import Config
+from pop3d.errors import ConfigError
+from pop3d.server.listener import ServerContext, bind_all, start_listeners
+from pop3d.server.tls import TlsContexts
+from pop3d.session import Backends, FailureDelays
+
+log = logging.getLogger("pop3d.server")
+
+EX_CONFIG = 78
+EX_OSERR = 71
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``serve``."""
+    p = sub.add_parser("serve", help="run the POP3 server in the foreground")
+    p.add_argument("--config", type=Path, help="TOML config (default: the embedded demo)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("POP3D_DATA", "pop3d-data")),
+        help="data folder of the embedded default (default: ./pop3d-data)",
+    )
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    p.set_defaults(run=run)
+
+
+def load_config(args: argparse.Namespace) -> Config:
+    """Return the config named by ``--config``, or the embedded default (creating its data)."""
+    if args.config is not None:
+        return config_mod.load(args.config)
+    data = args.data.resolve()
+    if demo.ensure_demo_data(data):
+        log.info("created demo data in %s", data)
+    return demo.default_config(data)
+
+
+def build_store(cfg: Config) -> Any:
+    """Return the mail store of ``[storage]`` (Maildir or mbox)."""
+    if cfg.storage.mbox is not None:
+        from pop3d.storage.mbox import MboxStore  # noqa: PLC0415
+
+        return MboxStore.from_config(cfg.storage)
+    from pop3d.storage.maildir import MaildirStore  # noqa: PLC0415
+
+    return MaildirStore.from_config(cfg.storage)
+
+
+def build_authenticator(cfg: Config) -> Any:
+    """Return the authenticator of ``[auth]``."""
+    from pop3d.auth.passwd_file import PasswdFileAuthenticator  # noqa: PLC0415
+
+    if cfg.auth.passwd_file is None:
+        raise ConfigError("[auth] passwd_file is required")
+    if not cfg.auth.passwd_file.is_file():
+        raise ConfigError(f"[auth] passwd_file {cfg.auth.passwd_file} does not exist")
+    return PasswdFileAuthenticator(cfg.auth.passwd_file)
+
+
+def _install_uvloop() -> None:
+    try:
+        import uvloop  # noqa: PLC0415
+    except ImportError:
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+async def serve_forever(
+    cfg: Config,
+    sockets: list[tuple[socket.socket, bool]],
+    *,
+    ready: asyncio.Future[ServerContext] | None = None,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Serve on ``sockets`` until ``stop`` is set or SIGTERM/SIGINT arrives."""
+    loop = asyncio.get_running_loop()
+    tls = TlsContexts(cfg.tls) if cfg.tls is not None else None
+    backends = Backends(
+        authenticator=build_authenticator(cfg),
+        store=build_store(cfg),
+        delays=FailureDelays(cfg.auth.failure_delay, cfg.auth.max_failure_delay),
+    )
+    ctx = ServerContext(cfg, backends, tls)
+    stop = stop or asyncio.Event()
+    signals = False
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        if tls is not None:
+            loop.add_signal_handler(signal.SIGHUP, tls.reload)
+        signals = True
+    servers = await start_listeners(ctx, sockets)
+    lmtp_servers: list[Any] = []
+    if cfg.lmtp.listen:
+        from pop3d.lmtp import start_lmtp  # noqa: PLC0415
+
+        lmtp_servers = await start_lmtp(cfg, backends.authenticator, backends.store)
+    if ready is not None:
+        ready.set_result(ctx)
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping")
+        for server in [*servers, *lmtp_servers]:
+            server.close()
+        await ctx.shutdown()
+        for server in servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 1)
+        if signals:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+
+def _worker(cfg: Config, sockets: list[tuple[socket.socket, bool]]) -> int:
+    _install_uvloop()
+    try:
+        asyncio.run(serve_forever(cfg, sockets))
+    except ConfigError as exc:
+        log.error("%s", exc)  # noqa: TRY400
+        return EX_CONFIG
+    return 0
+
+
+def _supervise(cfg: Config, sockets: list[tuple[socket.socket, bool]], workers: int) -> int:
+    """Fork ``workers`` processes sharing ``sockets``; forward signals; reap them."""
+    pids: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # child
+            status = 1
+            try:
+                status = _worker(cfg, sockets)
+            finally:
+                os._exit(status)
+        pids.append(pid)
+    log.info("started %d workers: %s", workers, " ".join(map(str, pids)))
+
+    def forward(sig: int, _frame: object) -> None:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, forward)
+    status = 0
+    for pid in pids:
+        while True:
+            try:
+                _, code = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        if os.waitstatus_to_exitcode(code) not in (0, -signal.SIGTERM, -signal.SIGINT):
+            status = 1
+    return status
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``pop3d serve``."""
+    logsetup.setup(args.log_level)
+    try:
+        cfg = load_config(args)
+        build_authenticator(cfg)  # fail fast on a missing passwd-file
+        if cfg.tls is not None:
+            TlsContexts(cfg.tls)  # and on unreadable certificates
+    except ConfigError as exc:
+        log.error("configuration: %s", exc)  # noqa: TRY400
+        return EX_CONFIG
+    except OSError as exc:
+        log.error("configuration: %s", exc)  # noqa: TRY400
+        return EX_CONFIG
+    workers = cfg.server.workers or (os.cpu_count() or 1)
+    try:
+        sockets = bind_all(cfg, reuse_port=False)
+    except OSError as exc:
+        log.error("cannot listen: %s", exc)  # noqa: TRY400
+        return EX_OSERR
+    if args.config is None:
+        addr = cfg.server.listen[0]
+        print(  # noqa: T201 (the demo's instructions are for the person at the terminal)
+            f"pop3d demo server on {addr}: user {demo.DEMO_USER}, password {demo.DEMO_PASSWORD}\n"
+            f"  read the first message:  curl pop3://{demo.DEMO_USER}:{demo.DEMO_PASSWORD}"
+            f"@{addr}/1\n"
+            f"  list the mailbox:        curl pop3://{demo.DEMO_USER}:{demo.DEMO_PASSWORD}@{addr}/",
+            file=sys.stderr,
+            flush=True,
+        )
+    if workers > 1:
+        return _supervise(cfg, sockets, workers)
+    return _worker(cfg, sockets)

@@ -1,0 +1,3 @@
+"""The asyncio transport: listeners, one protocol object per client, TLS contexts."""
+
+from __future__ import annotations

@@ -1,0 +1,366 @@
+"""One client connection: read, feed the core, perform its events, write.
+
+Rules:
+
+* Commands the core answers by itself (STAT, LIST, UIDL, DELE, NOOP, CAPA, errors) are
+  answered synchronously inside ``data_received``: no task, no await.  A task exists only
+  while a request that needs a backend (auth, open, RETR/TOP, STLS, UPDATE) is performed,
+  so an idle connection costs a protocol object, a transport and a core, nothing more.
+* RETR/TOP stream chunk by chunk and wait for the socket to drain past the high-water
+  mark: a slow client holds a bounded amount of memory, whatever the message size.
+* The idle timer closes the connection WITHOUT UPDATE.  So do EOF, errors, shutdown, and
+  every other ending except QUIT in TRANSACTION.  The maildrop is always closed (lock
+  released) at the end, and ``close()`` never deletes.
+* After STLS, bytes that arrive before the TLS handshake completes are discarded.
+* No exception text ever reaches the wire; unexpected errors are logged here and the
+  connection is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from typing import TYPE_CHECKING
+
+from pop3d import limits
+from pop3d.errors import LocalProtocolError, MessageVanished
+from pop3d.protocol import (
+    ApopAuthenticate,
+    Closed,
+    NeedData,
+    OpenMaildrop,
+    PasswordAuthenticate,
+    Pop3Connection,
+    SendMessage,
+    StartTls,
+    Update,
+)
+from pop3d.protocol.events import Event
+from pop3d.protocol.replies import RespCode, err
+
+if TYPE_CHECKING:
+    from pop3d.server.listener import ServerContext
+    from pop3d.storage.base import Maildrop
+
+log = logging.getLogger("pop3d.session")
+
+
+class Pop3Protocol(asyncio.Protocol):
+    """asyncio protocol driving one :class:`Pop3Connection`."""
+
+    def __init__(self, server: ServerContext, *, implicit_tls: bool) -> None:
+        self.server = server
+        self.implicit_tls = implicit_tls
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.core: Pop3Connection | None = None
+        self.peer = "?"
+        self.address = "?"
+        self.maildrop: Maildrop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._drained: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._reading_paused = False
+        self._discard_input = False
+        self._closing = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._last_active = 0.0
+        self._started = time.monotonic()
+        self._result = ""
+        self.username = ""
+
+    # ------------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Admit the client, send the greeting, start the idle timer."""
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.address = str(peer[0]) if peer else "local"
+        self.peer = f"{self.address}:{peer[1]}" if peer else "local"
+        refusal = self.server.admit(self)
+        if refusal is not None:
+            log.warning("refused %s: %s", self.peer, refusal)
+            transport.write(err(refusal, RespCode.SYS_TEMP))
+            self._result = "refused"
+            self._closing = True
+            transport.close()
+            return
+        transport.set_write_buffer_limits(high=limits.WRITE_HIGH_WATER)
+        self.core = Pop3Connection(self.server.settings_for(self.address, self.implicit_tls))
+        self._last_active = self.loop.time()
+        self._arm_timer(self.server.idle_timeout)
+        self._run()
+
+    def data_received(self, data: bytes) -> None:
+        """Feed the core; answer at once unless a request is running."""
+        if self._discard_input or self._closing or self.core is None:
+            return
+        self._last_active = self.loop.time()
+        self.core.receive_data(data)
+        if self._task is None:
+            self._run()
+        elif self.core.buffered > limits.MAX_PENDING_INPUT and self.transport is not None:
+            self.transport.pause_reading()
+            self._reading_paused = True
+
+    def eof_received(self) -> bool:
+        """The peer half-closed: finish the lines already received, then close."""
+        if self.core is not None and not self._closing:
+            self.core.receive_data(b"")
+            if self._task is None:
+                self._run()
+        return True  # keep the write side open for the replies still owed
+
+    def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002
+        """Release everything; an UPDATE in progress is let finish."""
+        if not self._result:
+            self._result = "disconnected"
+        self._finish()
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+        if self._task is not None and not self._task.done() and not self._in_update():
+            self._task.cancel()
+
+    def pause_writing(self) -> None:
+        """The socket buffer is past its high-water mark."""
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        """The socket buffer drained."""
+        self._write_paused = False
+        self._last_active = self.loop.time()
+        if self._drained is not None and not self._drained.done():
+            self._drained.set_result(None)
+
+    # ------------------------------------------------------------------ the core loop
+
+    def _run(self) -> None:
+        """Handle events until the core needs data or a backend; never blocks."""
+        core = self.core
+        assert core is not None
+        assert self.transport is not None
+        while True:
+            try:
+                event = core.next_event()
+            except LocalProtocolError:
+                log.exception("internal error with %s", self.peer)
+                self._abort("internal error")
+                return
+            if isinstance(event, NeedData):
+                self._flush()
+                if self._reading_paused:
+                    self._reading_paused = False
+                    self.transport.resume_reading()
+                return
+            if isinstance(event, Closed):
+                self._flush()
+                self._result = self._result or event.reason
+                self._closing = True
+                self.transport.close()
+                self._finish()
+                return
+            self._flush()
+            self._task = self.loop.create_task(self._perform(event))
+            return
+
+    async def _perform(self, event: Event) -> None:
+        core = self.core
+        assert core is not None
+        try:
+            match event:
+                case PasswordAuthenticate() | ApopAuthenticate():
+                    result = await self.server.backends.authenticate(event, self.address)
+                    if isinstance(result, RespCode):
+                        log.info("auth failed for %s from %s", event.username, self.peer)
+                        core.auth_failed(result)
+                    else:
+                        self.username = result.username
+                        core.auth_succeeded(result)
+                case OpenMaildrop(principal):
+                    opened = await self.server.backends.open(principal)
+                    if isinstance(opened, RespCode):
+                        core.maildrop_failed(opened)
+                    else:
+                        self.maildrop = opened
+                        core.maildrop_opened(opened.listing())
+                case SendMessage(uid):
+                    await self._send_message(core, uid)
+                case StartTls():
+                    await self._start_tls(core)
+                case Update(deleted):
+                    assert self.maildrop is not None
+                    if await self.server.backends.update(self.maildrop, deleted):
+                        core.update_done()
+                    else:
+                        core.update_failed()
+                case _:
+                    raise LocalProtocolError(f"unexpected event {event!r}")  # noqa: TRY301
+        except asyncio.CancelledError:
+            return
+        except Exception:
+            log.exception("internal error with %s", self.peer)
+            self._abort("internal error")
+            return
+        finally:
+            self._task = None
+        self._last_active = self.loop.time()
+        if not self._closing:
+            self._run()
+
+    async def _send_message(self, core: Pop3Connection, uid: str) -> None:
+        assert self.maildrop is not None
+        assert self.transport is not None
+        chunks = self.maildrop.read(uid)
+        try:
+            async for chunk in chunks:
+                more = core.message_data(chunk)
+                self.transport.write(core.data_to_send())
+                if self._write_paused:
+                    await self._drain()
+                if self._closing:
+                    return
+                if not more:
+                    break
+        except MessageVanished:
+            core.message_failed(vanished=True)
+            return
+        except LocalProtocolError:
+            raise
+        except Exception:
+            log.warning("cannot read message %s for %s", uid, self.username, exc_info=True)
+            core.message_failed(vanished=False)
+            return
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:  # close the file now, not when the generator is collected
+                await aclose()
+        core.message_end()
+
+    async def _drain(self) -> None:
+        self._drained = self.loop.create_future()
+        try:
+            await self._drained
+        finally:
+            self._drained = None
+
+    async def _start_tls(self, core: Pop3Connection) -> None:
+        transport = self.transport
+        assert transport is not None
+        context = self.server.tls_context()
+        if context is None:  # the core only emits StartTls when TLS is available
+            raise LocalProtocolError("STLS without a TLS context")
+        self._discard_input = True
+        try:
+            new = await self.loop.start_tls(
+                transport,
+                self,
+                context,
+                server_side=True,
+                ssl_handshake_timeout=limits.TLS_HANDSHAKE_TIMEOUT,
+            )
+        except (OSError, ssl.SSLError, ConnectionError, TimeoutError):
+            log.info("TLS handshake failed with %s", self.peer)
+            self._result = "tls failed"
+            self._closing = True
+            transport.abort()
+            self._finish()
+            return
+        if new is None:
+            self._abort("tls failed")
+            return
+        self.transport = new
+        self._discard_input = False
+        core.tls_established()
+
+    # ------------------------------------------------------------------ endings
+
+    def _flush(self) -> None:
+        assert self.core is not None
+        assert self.transport is not None
+        data = self.core.data_to_send()
+        if data:
+            self.transport.write(data)
+
+    def _in_update(self) -> bool:
+        from pop3d.protocol.states import State  # noqa: PLC0415
+
+        return self.core is not None and self.core.state is State.UPDATE
+
+    def _abort(self, reason: str) -> None:
+        """Close at once, without UPDATE."""
+        self._result = self._result or reason
+        self._closing = True
+        if self.transport is not None:
+            self.transport.close()
+        self._finish()
+
+    def shutdown(self) -> None:
+        """Server is stopping: close without UPDATE (a running UPDATE is let finish)."""
+        if self._closing or self._in_update():
+            return
+        if self.transport is not None:
+            self.transport.write(err("server shutting down", RespCode.SYS_TEMP))
+        self._abort("shutdown")
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    def _arm_timer(self, delay: float) -> None:
+        self._timer = self.loop.call_later(delay, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._closing:
+            return
+        timeout = self.server.idle_timeout
+        idle = self.loop.time() - self._last_active
+        if idle < timeout:
+            self._arm_timer(timeout - idle)
+            return
+        if self._in_update():  # never cut an UPDATE in the middle
+            self._arm_timer(timeout)
+            return
+        log.info("idle timeout for %s", self.peer)
+        if self.transport is not None:
+            self.transport.write(err("autologout: idle for too long"))
+        self._abort("idle timeout")
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    def _finish(self) -> None:
+        """Once per connection: stop the timer, release the maildrop, log the session."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.core is None:
+            return
+        core, self.core = self.core, None
+        self._closing = True
+        self.server.release(self)
+        maildrop, self.maildrop = self.maildrop, None
+        if maildrop is not None:
+            self.server.spawn(_close_maildrop(maildrop, self._task))
+        log.info(
+            "session peer=%s user=%s result=%s retr=%d octets=%d deleted=%d secs=%.3f",
+            self.peer,
+            self.username or "-",
+            self._result,
+            core.messages_sent,
+            core.octets_sent,
+            core.deleted_count if self._result == "quit" else 0,
+            time.monotonic() - self._started,
+        )
+
+
+async def _close_maildrop(maildrop: Maildrop, task: asyncio.Task[None] | None) -> None:
+    """Release the lock once any running request (an UPDATE, say) is over."""
+    if task is not None and not task.done():
+        with contextlib.suppress(BaseException):
+            await asyncio.wait([task])
+    try:
+        await maildrop.close()
+    except Exception:
+        log.exception("closing a maildrop failed")

@@ -1,0 +1,172 @@
+"""Listening sockets, the connection table and its caps, graceful stop.
+
+A :class:`ServerContext` is what every connection shares: backends, TLS contexts, the
+per-connection settings, and the counts behind the connection limits.  ``run_server``
+binds every configured address, serves until stopped, then closes open sessions without
+UPDATE (a session already in UPDATE is given :data:`limits.SHUTDOWN_GRACE` to finish).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Coroutine
+from typing import Any
+
+from pop3d import __version__, limits
+from pop3d.config import Config, ListenAddress
+from pop3d.protocol import Pop3Settings
+from pop3d.server.connection import Pop3Protocol
+from pop3d.server.tls import TlsContexts
+from pop3d.session import Backends
+
+log = logging.getLogger("pop3d.server")
+
+
+class ServerContext:
+    """State shared by all connections of one server process."""
+
+    def __init__(self, config: Config, backends: Backends, tls: TlsContexts | None) -> None:
+        self.config = config
+        self.backends = backends
+        self.tls = tls
+        self.idle_timeout = config.server.idle_timeout
+        self.connections: set[Pop3Protocol] = set()
+        self.per_address: dict[str, int] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._secure = config.auth.secure_networks
+        self._secure_cache: dict[str, bool] = {}
+
+    def admit(self, conn: Pop3Protocol) -> str | None:
+        """Count a new connection in; return the refusal text when over a limit."""
+        cfg = self.config.server
+        if len(self.connections) >= cfg.max_connections:
+            return "too many connections"
+        if self.per_address.get(conn.address, 0) >= cfg.max_connections_per_ip:
+            return "too many connections from your address"
+        self.connections.add(conn)
+        self.per_address[conn.address] = self.per_address.get(conn.address, 0) + 1
+        return None
+
+    def release(self, conn: Pop3Protocol) -> None:
+        """Count a finished connection out."""
+        if conn in self.connections:
+            self.connections.discard(conn)
+            left = self.per_address.get(conn.address, 1) - 1
+            if left:
+                self.per_address[conn.address] = left
+            else:
+                self.per_address.pop(conn.address, None)
+
+    def is_secure(self, address: str) -> bool:
+        """Whether ``address`` is in ``secure_networks`` (cached per address)."""
+        known = self._secure_cache.get(address)
+        if known is None:
+            try:
+                ip = ipaddress.ip_address(address)
+            except ValueError:
+                known = False
+            else:
+                if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+                    ip = ip.ipv4_mapped
+                known = any(ip in net for net in self._secure)
+            if len(self._secure_cache) > 10_000:
+                self._secure_cache.clear()
+            self._secure_cache[address] = known
+        return known
+
+    def settings_for(self, address: str, implicit_tls: bool) -> Pop3Settings:
+        """Return the core's settings for a new connection from ``address``."""
+        auth = self.config.auth
+        timestamp = None
+        if auth.apop:
+            # RFC 1939 §7: unique per greeting: pid, clock and randomness.
+            timestamp = (
+                f"<{os.getpid()}.{time.time_ns()}.{secrets.token_hex(4)}"
+                f"@{self.config.server.hostname}>"
+            ).encode()
+        return Pop3Settings(
+            greeting=self.config.server.greeting,
+            apop_timestamp=timestamp,
+            implementation=f"pop3d {__version__}",
+            tls_available=self.tls is not None and not implicit_tls,
+            tls_active=implicit_tls,
+            plaintext_allowed=auth.plaintext_without_tls or self.is_secure(address),
+        )
+
+    def tls_context(self) -> Any:
+        """Return the current server SSLContext (None without [tls])."""
+        return None if self.tls is None else self.tls.context
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run ``coro`` in the background, keeping a reference until it ends."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def shutdown(self) -> None:
+        """Close every open session without UPDATE; wait for lock releases."""
+        for conn in list(self.connections):
+            conn.shutdown()
+        deadline = time.monotonic() + limits.SHUTDOWN_GRACE
+        while (self.connections or self._tasks) and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)  # a poll bounded by the grace period
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+
+
+def _bind(address: ListenAddress, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((address.host, address.port))
+    sock.setblocking(False)  # noqa: FBT003
+    return sock
+
+
+def bind_all(config: Config, *, reuse_port: bool = False) -> list[tuple[socket.socket, bool]]:
+    """Bind every listen address; return (socket, implicit_tls) pairs.
+
+    Binding happens before workers fork so that a port in use fails the start at once.
+    """
+    out = [(_bind(a, reuse_port), False) for a in config.server.listen]
+    out += [(_bind(a, reuse_port), True) for a in config.server.tls_listen]
+    return out
+
+
+async def start_listeners(
+    ctx: ServerContext, sockets: list[tuple[socket.socket, bool]]
+) -> list[asyncio.Server]:
+    """Start serving POP3 (and POP3S) on already-bound sockets."""
+    loop = asyncio.get_running_loop()
+    servers = []
+    for sock, implicit_tls in sockets:
+        ssl_ctx = ctx.tls_context() if implicit_tls else None
+        if implicit_tls and ssl_ctx is None:
+            msg = "tls_listen needs a [tls] section"
+            raise RuntimeError(msg)
+
+        def factory(*, tls: bool = implicit_tls) -> Pop3Protocol:
+            return Pop3Protocol(ctx, implicit_tls=tls)
+
+        server = await loop.create_server(
+            factory,
+            sock=sock,
+            ssl=ssl_ctx,
+            ssl_handshake_timeout=limits.TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
+            backlog=1024,
+        )
+        servers.append(server)
+        name = sock.getsockname()
+        log.info("listening on %s:%s%s", name[0], name[1], " (TLS)" if implicit_tls else "")
+    return servers

@@ -92,3 +92,28 @@ class Deliverer(Protocol):
             TemporaryBackendError: disk full, lock timeout, I/O error.
         """
         ...
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxStats:
+    """A maildrop's totals, read without taking its lock (``pop3d mailbox stat``)."""
+
+    #: Number of messages.
+    count: int
+    #: Sum of the messages' wire sizes (as :attr:`MessageInfo.size`).
+    size: int
+    #: Modification time (seconds since the epoch) of the oldest message; ``None`` if empty.
+    oldest: float | None
+
+
+class MailboxInspector(Protocol):
+    """A store that can report a maildrop's totals without locking it."""
+
+    async def stat(self, principal: Principal) -> MailboxStats:
+        """Count the user's messages and their wire sizes; never takes the lock.
+
+        Raises:
+            TemporaryBackendError: the maildrop is missing or unreadable, or the name unsafe.
+
+        """
+        ...

@@ -1,0 +1,131 @@
+r"""Where a user's mail lives: the ``%u/%n/%d`` path template, and who may become a path.
+
+Rules of this file:
+
+* A user name becomes part of a file system path only after :func:`check_username` has
+  accepted it.  It refuses anything that could leave the mail root or name something
+  other than the user's own folder: the empty name, ``/``, ``\``, NUL, any control or
+  other non-printable character, ``.`` and ``..`` (as the whole name or as its local or
+  domain part), a leading ``.`` in either part, and names longer than a path component
+  may be.  Refusal is :class:`UnsafeUserName`, a :class:`TemporaryBackendError`, so a
+  hostile name gets ``-ERR [SYS/TEMP]`` and never a path.
+* Escapes are Dovecot's: ``%u`` the whole user name, ``%n`` the local part (before the
+  first ``@``; the whole name when there is none), ``%d`` the domain (after the first
+  ``@``), ``%%`` a literal ``%``.  Any other ``%`` sequence is a configuration error.
+* An escape that expands to nothing (``%d`` for a user without a domain) is refused
+  rather than collapsing the path: with ``mail/%d/%n`` the user ``alice`` would otherwise
+  land at ``mail/alice``, a parent of ``mail/alice/<anyone>`` for the user ``<anyone>@alice``.
+* A relative result is resolved against ``base`` (the config file's folder).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pop3d.errors import ConfigError, TemporaryBackendError
+
+#: Longest user name accepted, in UTF-8 octets: one path component (NAME_MAX on Linux,
+#: ext4, XFS and btrfs alike).
+MAX_USERNAME_OCTETS = 255
+
+_ESCAPES = frozenset("und%")
+
+
+class UnsafeUserName(TemporaryBackendError):
+    """The user name cannot safely be part of a path (it could escape the mail root)."""
+
+
+def split_username(username: str) -> tuple[str, str]:
+    """Split ``local@domain`` at the first ``@``, as Dovecot does; domain is ``""`` if none."""
+    local, _, domain = username.partition("@")
+    return local, domain
+
+
+def check_username(username: str) -> None:
+    r"""Refuse a user name that could escape the mail root once put into a path.
+
+    Raises:
+        UnsafeUserName: the name is empty, too long, holds ``/``, ``\``, a control or
+            non-printable character, or is (or has a local or domain part that is)
+            ``.`` or ``..`` or starts with ``.``.
+
+    """
+    if not username:
+        raise UnsafeUserName("empty user name")
+    if len(username.encode("utf-8", "surrogatepass")) > MAX_USERNAME_OCTETS:
+        raise UnsafeUserName("user name too long")
+    # isprintable() is False for every control (Cc), format (Cf), separator other than
+    # the ASCII space, surrogate and unassigned code point, NUL included.
+    if "/" in username or "\\" in username or not username.isprintable():
+        raise UnsafeUserName("user name holds a path separator or non-printable character")
+    local, domain = split_username(username)
+    parts = (username, local, domain) if "@" in username else (username,)
+    for part in parts:
+        if part in {"", ".", ".."} or part.startswith("."):
+            raise UnsafeUserName("user name is, or has a part that is, empty or dot-led")
+
+
+def check_template(template: str) -> None:
+    """Refuse a template with an unknown ``%`` escape (for validation at config load).
+
+    Raises:
+        ConfigError: an escape other than ``%u``, ``%n``, ``%d``, ``%%``, or a trailing ``%``.
+
+    """
+    if not template:
+        raise ConfigError("[storage] template is empty")
+    i = 0
+    while i < len(template):
+        if template[i] == "%":
+            if i + 1 >= len(template) or template[i + 1] not in _ESCAPES:
+                raise ConfigError(
+                    f"[storage] template {template!r}: unknown escape at offset {i}"
+                    " (use %u, %n, %d or %%)"
+                )
+            i += 2
+        else:
+            i += 1
+
+
+def expand(template: str, username: str) -> str:
+    """Expand ``%u``, ``%n``, ``%d`` and ``%%`` in ``template`` for ``username``.
+
+    Raises:
+        UnsafeUserName: see :func:`check_username`; also when an escape used by the
+            template expands to nothing.
+        ConfigError: the template has an unknown escape.
+
+    """
+    check_template(template)
+    check_username(username)
+    local, domain = split_username(username)
+    values = {"u": username, "n": local, "d": domain, "%": "%"}
+    out: list[str] = []
+    i = 0
+    while i < len(template):
+        ch = template[i]
+        if ch != "%":
+            out.append(ch)
+            i += 1
+            continue
+        value = values[template[i + 1]]
+        if not value:
+            raise UnsafeUserName("the template needs a domain and the user name has none")
+        out.append(value)
+        i += 2
+    return "".join(out)
+
+
+def mail_path(template: str, username: str, base: Path) -> Path:
+    """Return the path of ``username``'s mail: ``template`` expanded, resolved against ``base``.
+
+    The path is not checked for existence; ``~`` is not expanded (the template is used as
+    written, so no environment variable or home directory can redirect it).
+
+    Raises:
+        UnsafeUserName: the name could escape the mail root (see :func:`check_username`).
+        ConfigError: the template has an unknown escape.
+
+    """
+    path = Path(expand(template, username))
+    return path if path.is_absolute() else base / path

@@ -378,8 +378,10 @@ def _verify_pbkdf2(data: bytes, password: bytes) -> bool:
         expected = bytes.fromhex(parts[4])
     except ValueError:
         return False
+    if not expected:
+        return False
     mine = hashlib.pbkdf2_hmac("sha1", password, parts[2].encode("ascii"), rounds, len(expected))
-    return len(expected) > 0 and hmac.compare_digest(mine, expected)
+    return hmac.compare_digest(mine, expected)
 
 
 def _verify_cram(data: bytes, password: bytes) -> bool:

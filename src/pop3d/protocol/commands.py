@@ -2,9 +2,9 @@
 
 Rules (RFC 1939 §3, RFC 2449 §4, popa3d ``pop_get_int``):
 
-* A keyword is 3-4 ASCII letters, case-insensitive, followed by arguments each separated
-  by exactly one space.  Arguments are printable ASCII (0x21-0x7E) and at most 40
-  characters (RFC 2449), except where noted below.
+* A keyword is 3-4 ASCII letters or digits (``UTF8``), case-insensitive, followed by
+  arguments each separated by exactly one space.  Arguments are printable ASCII
+  (0x21-0x7E) and at most 40 characters (RFC 2449), except where noted below.
 * ``PASS`` takes the rest of the line (RFC 1939 allows spaces in passwords) and so does
   the initial response of ``AUTH``; both are bounded by the line limit only.
 * Message numbers are ASCII digits only, at most :data:`limits.MAX_NUMBER_DIGITS` of them:
@@ -254,7 +254,7 @@ def parse(line: bytes, *, utf8: bool = False) -> Command | ParseError:
 
     """
     keyword, sep, rest_or_empty = line.partition(b" ")
-    if not 3 <= len(keyword) <= 4 or not keyword.isalpha() or not keyword.isascii():
+    if not 3 <= len(keyword) <= 4 or not keyword.isalnum() or not keyword.isascii():
         return ParseError("unknown command", unknown=True)
     rest: bytes | None = rest_or_empty if sep else None
     if rest is not None and not rest:

@@ -1,0 +1,126 @@
+"""The %u/%n/%d path template, and which user names may become paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pop3d.errors import ConfigError, TemporaryBackendError
+from pop3d.storage.template import (
+    UnsafeUserName,
+    check_template,
+    check_username,
+    expand,
+    mail_path,
+)
+
+BASE = Path("/srv/pop3d")
+
+
+@pytest.mark.parametrize(
+    ("template", "username", "expected"),
+    [
+        ("mail/%u/Maildir", "alice", "mail/alice/Maildir"),
+        ("mail/%u/Maildir", "alice@example.org", "mail/alice@example.org/Maildir"),
+        ("mail/%d/%n", "alice@example.org", "mail/example.org/alice"),
+        ("mail/%n", "alice", "mail/alice"),
+        ("100%%/%u", "bob", "100%/bob"),
+        ("%n@%d", "a@b@c", "a@b@c"),
+        ("mail/%u", "Ünïcødé", "mail/Ünïcødé"),
+        ("mail/%u", "with space", "mail/with space"),
+        ("mail/%u", "dots.in.name", "mail/dots.in.name"),
+    ],
+)
+def test_escapes_expand_as_dovecot_does(template: str, username: str, expected: str) -> None:
+    """%u is the name, %n the part before the first @, %d the part after it, %% a percent."""
+    assert expand(template, username) == expected
+
+
+def test_relative_paths_resolve_against_base() -> None:
+    """A relative template is resolved against the config file's folder."""
+    assert mail_path("mail/%u/Maildir", "alice", BASE) == BASE / "mail/alice/Maildir"
+
+
+def test_absolute_paths_ignore_base() -> None:
+    """An absolute template is used as written."""
+    assert mail_path("/var/vmail/%d/%n", "a@b.org", BASE) == Path("/var/vmail/b.org/a")
+
+
+def test_tilde_is_not_expanded() -> None:
+    """No home directory can redirect a template: ~ is an ordinary character."""
+    assert mail_path("~/%u", "alice", BASE) == BASE / "~/alice"
+
+
+@pytest.mark.parametrize(
+    "username",
+    [
+        "",
+        ".",
+        "..",
+        "../etc",
+        "a/../../b",
+        "/abs",
+        "a\\b",
+        "nul\x00",
+        "tab\tname",
+        "new\nline",
+        "cr\rname",
+        "del\x7f",
+        "c1\x85ctl",
+        "zero\u200bwidth",
+        "bidi\u202eoverride",
+        "nbsp\u00a0name",
+        ".hidden",
+        "alice@..",
+        "alice@.",
+        "..@example.org",
+        ".@example.org",
+        "alice@.example.org",
+        ".alice@example.org",
+        "@example.org",
+        "alice@",
+        "x" * 256,
+        "é" * 128,
+    ],
+)
+def test_unsafe_names_never_become_paths(username: str) -> None:
+    """Names that could escape the mail root raise UnsafeUserName (a TemporaryBackendError)."""
+    with pytest.raises(UnsafeUserName):
+        check_username(username)
+    with pytest.raises(TemporaryBackendError):
+        mail_path("mail/%u/Maildir", username, BASE)
+
+
+def test_unsafe_name_is_a_temporary_backend_error() -> None:
+    """The refusal is answered -ERR [SYS/TEMP]: UnsafeUserName subclasses TemporaryBackendError."""
+    assert issubclass(UnsafeUserName, TemporaryBackendError)
+
+
+def test_longest_allowed_name() -> None:
+    """A name of 255 UTF-8 octets (one path component) is accepted."""
+    check_username("x" * 255)
+
+
+def test_empty_expansion_is_refused() -> None:
+    """%d of a name without a domain is refused rather than collapsing the path."""
+    with pytest.raises(UnsafeUserName):
+        mail_path("mail/%d/%n", "alice", BASE)
+    assert mail_path("mail/%n", "alice", BASE) == BASE / "mail/alice"
+
+
+@pytest.mark.parametrize("template", ["mail/%x", "mail/%", "%U/x", "", "mail/%h"])
+def test_unknown_escapes_are_config_errors(template: str) -> None:
+    """A template with an unknown or trailing % (or empty) is a ConfigError."""
+    with pytest.raises(ConfigError):
+        check_template(template)
+    with pytest.raises(ConfigError):
+        mail_path(template, "alice", BASE)
+
+
+def test_expanded_path_stays_under_the_root() -> None:
+    """Every accepted name lands strictly inside the template's folder."""
+    for name in ["alice", "a.b", "a..b", "a@b", "a@b.c", "a-b_c+d", "x" * 255]:
+        path = mail_path("mail/%u/Maildir", name, BASE)
+        assert path.parent.parent == BASE / "mail"
+        assert ".." not in path.parts

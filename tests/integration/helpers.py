@@ -1,0 +1,95 @@
+"""A raw POP3 line client for tests that must control every byte sent."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from types import TracebackType
+from typing import Self
+
+#: Seconds any single wait for the server may take before the test fails.
+WAIT = 10.0
+
+
+class RawClient:
+    """A blocking socket with POP3 line helpers; every read is bounded by ``timeout``."""
+
+    def __init__(self, host: str, port: int, timeout: float = WAIT) -> None:
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.buf = b""
+        self.greeting = self.line()
+
+    def close(self) -> None:
+        """Close the socket."""
+        self.sock.close()
+
+    def abort(self) -> None:
+        """Close with a TCP reset (SO_LINGER 0): the rudest way a client can vanish."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def send(self, data: bytes) -> None:
+        """Send raw bytes."""
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        chunk = self.sock.recv(1 << 16)
+        if not chunk:
+            return False
+        self.buf += chunk
+        return True
+
+    def line(self) -> bytes:
+        """Return the next line with its CRLF (b"" at EOF)."""
+        while b"\r\n" not in self.buf:
+            if not self._fill():
+                rest, self.buf = self.buf, b""
+                return rest
+        line, _, self.buf = self.buf.partition(b"\r\n")
+        return line + b"\r\n"
+
+    def multiline(self) -> list[bytes]:
+        """Return the lines of a multi-line body after its status line, un-stuffed."""
+        out: list[bytes] = []
+        while True:
+            line = self.line()
+            if not line:
+                raise ConnectionError("EOF inside a multi-line response")
+            if line == b".\r\n":
+                return out
+            out.append(line[1:-2] if line.startswith(b".") else line[:-2])
+
+    def cmd(self, command: bytes) -> bytes:
+        """Send one command line (CRLF added) and return the status line."""
+        self.send(command + b"\r\n")
+        return self.line()
+
+    def login(self, user: bytes, password: bytes) -> bytes:
+        """USER + PASS; return the PASS status line (asserting USER's +OK)."""
+        assert self.cmd(b"USER " + user).startswith(b"+OK")
+        return self.cmd(b"PASS " + password)
+
+    def wait_eof(self, timeout: float = WAIT) -> bytes:
+        """Read until the server closes; return what it sent meanwhile."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sock.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                if not self._fill():
+                    break
+            except ConnectionResetError:
+                break
+        rest, self.buf = self.buf, b""
+        return rest

@@ -840,8 +840,9 @@ class MaildirMaildrop:
 def _commit_sync(root: Path, targets: Sequence[_Entry]) -> None:
     """Unlink each target; gone counts as removed; collect and report other failures.
 
-    A target renamed by another program (same key, same inode) is unlinked under its
-    new name; a different file with the same key is left alone.
+    A target renamed by another program (same key, and the same inode, size and mtime:
+    a rename keeps all three) is unlinked under its new name; a different file with the
+    same key is left alone.
     """
     failed = 0
     moved: dict[str, _Entry] | None = None
@@ -858,7 +859,9 @@ def _commit_sync(root: Path, targets: Sequence[_Entry]) -> None:
             if moved is None:
                 moved = _renamed_map(root)  # once: many may be gone (another deleter)
             other = moved.get(e.key)
-            if other is not None and other.ino == e.ino:
+            if other is not None and (other.ino, other.file_size, other.mtime_ns) == (
+                e.ino, e.file_size, e.mtime_ns
+            ):
                 (root / other.folder / other.name).unlink()
         except FileNotFoundError:
             pass

@@ -817,3 +817,31 @@ def test_read_wire_matches_helper(h: MaildirHarness) -> None:
         await md.close()
 
     run(go())
+
+
+def test_cancelled_open_does_not_leak_the_lock(h: MaildirHarness) -> None:
+    """A login cancelled while a big Maildir is scanned in a thread leaves it unlocked."""
+    h.create("alice")
+    cur = h.root("alice") / "cur"
+    for i in range(3000):
+        (cur / f"{1_700_000_000 + i}.M{i}P1.{'h' * 40}:2,").write_bytes(b"x\n")
+
+    async def go() -> None:
+        task = asyncio.create_task(h.store.open(user()))
+        await asyncio.sleep(0)  # let it reach the thread
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        deadline = time.monotonic() + 10
+        while True:  # the thread finishes on its own; its late callback releases the lock
+            try:
+                md = await h.store.open(user())
+            except MaildropLocked:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.01)
+                continue
+            assert len(md.listing()) == 3000
+            await md.close()
+            return
+
+    run(go())

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 from pop3d.protocol.events import (
     ApopAuthenticate,
+    AuthRefused,
     Closed,
     Event,
     NeedData,
     OpenMaildrop,
     PasswordAuthenticate,
+    SaslOutcome,
+    SaslSecret,
     SendMessage,
     StartTls,
     Update,
@@ -21,6 +24,7 @@ from pop3d.protocol.replies import RespCode
 
 __all__ = [
     "ApopAuthenticate",
+    "AuthRefused",
     "Closed",
     "Event",
     "NeedData",
@@ -29,6 +33,8 @@ __all__ = [
     "Pop3Connection",
     "Pop3Settings",
     "RespCode",
+    "SaslOutcome",
+    "SaslSecret",
     "SendMessage",
     "StartTls",
     "Update",

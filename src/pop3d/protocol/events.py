@@ -43,6 +43,47 @@ class ApopAuthenticate:
 
 
 @dataclass(frozen=True, slots=True)
+class SaslSecret:
+    """Look up the stored secret of ``username`` in ``scheme`` (``CRAM-MD5``, ``SCRAM-SHA-256``).
+
+    Report with ``sasl_secret(secret)`` (``None``: unknown user, or the stored password
+    cannot give that scheme), or ``auth_failed(RespCode.SYS_TEMP)`` if the backend is down.
+    For SCRAM the driver should hand an unknown user a fake secret with a stable salt
+    instead of ``None`` (RFC 5802 §5.1), so that the challenge does not reveal who exists.
+    """
+
+    username: str
+    scheme: str
+
+
+@dataclass(frozen=True, slots=True)
+class SaslOutcome:
+    """A SASL mechanism has decided who the client is (CRAM-MD5, SCRAM, EXTERNAL, refusals).
+
+    ``success``: look the user up and report ``auth_succeeded(principal)``, or
+    ``auth_failed()`` if there is no such user.  Otherwise wait the failure delay, log
+    ``reason`` and report ``auth_failed()``.
+    """
+
+    username: str
+    mechanism: str
+    success: bool
+    #: Why it failed, for the log only.
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRefused:
+    """Information, not a request (no report): the core refused to authenticate by itself.
+
+    Sent where nothing was checked, e.g. a password offered on a cleartext connection from
+    outside the secure networks; the driver logs it with the peer address.
+    """
+
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class OpenMaildrop:
     """Lock and open the maildrop of ``principal``.
 
@@ -88,6 +129,9 @@ Event = (
     NeedData
     | PasswordAuthenticate
     | ApopAuthenticate
+    | SaslSecret
+    | SaslOutcome
+    | AuthRefused
     | OpenMaildrop
     | SendMessage
     | StartTls

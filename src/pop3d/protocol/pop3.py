@@ -20,6 +20,11 @@ Rules this file keeps:
   :data:`limits.MAX_AUTH_ATTEMPTS` failed logins, the connection is closed.
 * STLS: the ``+OK`` is the last plaintext byte; anything received after the STLS line is
   discarded, never answered (the STARTTLS command-injection class of bugs).
+* AUTH (RFC 5034): while an exchange runs, lines are SASL responses (base64, ``*``
+  cancels, at most :data:`limits.MAX_SASL_LINE` octets), not commands.  The mechanisms
+  themselves are step machines in :mod:`.sasl`; the core only frames them.  A mechanism
+  that carries a password (PLAIN, LOGIN) is refused, unread, wherever USER/PASS would be.
+  Challenges and nonces come from the settings, never from a clock or RNG of our own.
 """
 
 from __future__ import annotations
@@ -31,13 +36,17 @@ from pop3d import limits
 from pop3d.auth.base import Principal
 from pop3d.errors import LocalProtocolError
 from pop3d.protocol import commands as c
+from pop3d.protocol import sasl
 from pop3d.protocol.events import (
     ApopAuthenticate,
+    AuthRefused,
     Closed,
     Event,
     NeedData,
     OpenMaildrop,
     PasswordAuthenticate,
+    SaslOutcome,
+    SaslSecret,
     SendMessage,
     StartTls,
     Update,
@@ -67,8 +76,18 @@ class Pop3Settings:
     #: The peer may send a password in the clear (it is in secure_networks, or
     #: plaintext_without_tls is set); TLS always allows it.
     plaintext_allowed: bool = True
-    #: SASL mechanisms offered when passwords may be sent (PLAIN, LOGIN, ...).
+    #: SASL mechanisms enabled by the configuration, in CAPA order.  Each is offered only
+    #: where it can work: PLAIN/LOGIN where plaintext is allowed, CRAM-MD5/SCRAM-SHA-256
+    #: when ``sasl_nonce`` is set, EXTERNAL with a verified client certificate.
     sasl_mechanisms: tuple[str, ...] = ()
+    #: Unique per connection, printable, no comma: the driver's randomness for CRAM-MD5
+    #: challenges and SCRAM server nonces (later exchanges append a counter).  Empty:
+    #: those mechanisms are not offered.
+    sasl_nonce: str = ""
+    #: Host name in the CRAM-MD5 challenge (RFC 2195 ``<unique@host>``).
+    hostname: str = "localhost"
+    #: User name of the verified TLS client certificate (implicit TLS); enables EXTERNAL.
+    client_identity: str | None = None
     max_bad_commands: int = limits.MAX_BAD_COMMANDS
     max_auth_attempts: int = limits.MAX_AUTH_ATTEMPTS
 
@@ -90,6 +109,10 @@ class Pop3Connection:
         self._auth_failures = 0
         self._utf8 = False
         self._user: str | None = None
+        self._client_identity = settings.client_identity
+        #: The SASL exchange in progress (its lines are not commands).
+        self._sasl: sasl.Mechanism | None = None
+        self._sasl_count = 0
         self.principal: Principal | None = None
         self._listing: tuple[MessageInfo, ...] = ()
         self._deleted: set[int] = set()
@@ -140,16 +163,22 @@ class Pop3Connection:
             self._pending = queued
             return queued
         while self.state is not State.CLOSED:
-            line = self._lines.next_line(limits.MAX_COMMAND_LINE)
+            in_sasl = self._sasl is not None
+            line = self._lines.next_line(
+                limits.MAX_SASL_LINE if in_sasl else limits.MAX_COMMAND_LINE
+            )
             if line is None:
                 if self._eof:
                     self._close("eof")
                     break
                 return _NEED_DATA
             if line is OVERLONG:
+                self._sasl = None
                 self._bad("line too long")
                 continue
-            event = self._dispatch(line)
+            event = self._sasl_line(line) if in_sasl else self._dispatch(line)
+            if isinstance(event, AuthRefused):
+                return event  # information only: nothing to wait for
             if event is not None:
                 self._pending = event
                 return event
@@ -164,21 +193,34 @@ class Pop3Connection:
 
     def auth_succeeded(self, principal: Principal) -> None:
         """The credentials of the pending authentication event are good."""
-        self._answer((PasswordAuthenticate, ApopAuthenticate))
+        self._answer((PasswordAuthenticate, ApopAuthenticate, SaslOutcome))
         self.principal = principal
         self._queued = OpenMaildrop(principal)
 
     def auth_failed(self, code: RespCode | None = RespCode.AUTH) -> None:
         """The credentials were refused (``code`` AUTH), or auth is down (``SYS_TEMP``)."""
-        self._answer((PasswordAuthenticate, ApopAuthenticate))
+        pending = self._pending
+        self._answer((PasswordAuthenticate, ApopAuthenticate, SaslOutcome, SaslSecret))
         self._user = None
+        self._sasl = None
         if code is RespCode.SYS_TEMP:
             self._out.append(err("authentication temporarily unavailable", code))
             return
         self._auth_failures += 1
-        self._out.append(err("invalid password", code))
+        by_password = isinstance(pending, ApopAuthenticate) or (
+            isinstance(pending, PasswordAuthenticate) and pending.mechanism == "USER"
+        )
+        self._out.append(err("invalid password" if by_password else "authentication failed", code))
         if self._auth_failures >= self.settings.max_auth_attempts:
             self._close("auth failures")
+
+    def sasl_secret(self, secret: bytes | None) -> None:
+        """The secret a :class:`SaslSecret` asked for (``None``: there is none)."""
+        self._answer((SaslSecret,))
+        assert self._sasl is not None
+        event = self._sasl_step(self._sasl.secret(secret))
+        if event is not None:
+            self._queued = event
 
     def maildrop_opened(self, listing: Sequence[MessageInfo]) -> None:
         """The maildrop is locked and open; ``listing`` is fixed for the session."""
@@ -243,11 +285,18 @@ class Pop3Connection:
         else:
             self._out.append(err("cannot read message", RespCode.SYS_TEMP))
 
-    def tls_established(self) -> None:
-        """The TLS handshake after STLS succeeded; the session starts over (RFC 2595 §4)."""
+    def tls_established(self, client_identity: str | None = None) -> None:
+        """The TLS handshake after STLS succeeded; the session starts over (RFC 2595 §4).
+
+        Args:
+            client_identity: the user name of the client's verified certificate, if it
+                presented one (enables SASL EXTERNAL).
+
+        """
         self._answer((StartTls,))
         self.tls_active = True
         self._user = None
+        self._client_identity = client_identity
 
     def update_done(self) -> None:
         """UPDATE removed every message marked deleted."""
@@ -302,7 +351,11 @@ class Pop3Connection:
             return None
         before = len(self._out)
         event = self._handle(cmd)
-        # A command that produced a -ERR of its own counts against the error budget.
+        self._count_errors(before)
+        return event
+
+    def _count_errors(self, before: int) -> None:
+        """A command that produced a -ERR of its own counts against the error budget."""
         if len(self._out) > before and self._out[-1].startswith(b"-ERR"):
             self._bad_commands += 1
             if self._bad_commands >= self.settings.max_bad_commands:
@@ -310,7 +363,6 @@ class Pop3Connection:
                 self._close("too many errors")
         else:
             self._bad_commands = 0
-        return event
 
     def _handle(self, cmd: c.Command) -> Event | None:
         match cmd:
@@ -326,14 +378,13 @@ class Pop3Connection:
                 self._close("quit")
             case c.User(name):
                 if not self._plaintext_ok():
-                    self._refuse_plaintext()
-                else:
-                    self._user = name
-                    self._out.append(ok("send PASS"))
+                    return self._refuse_plaintext("USER")
+                self._user = name
+                self._out.append(ok("send PASS"))
             case c.Pass(password):
                 if not self._plaintext_ok():
-                    self._refuse_plaintext()
-                elif self._user is None:
+                    return self._refuse_plaintext("PASS")
+                if self._user is None:
                     self._out.append(err("send USER first"))
                 else:
                     return PasswordAuthenticate(self._user, password)
@@ -342,8 +393,8 @@ class Pop3Connection:
                     self._out.append(err("APOP is not enabled"))
                 else:
                     return ApopAuthenticate(name, self.settings.apop_timestamp, digest)
-            case c.Auth():
-                self._out.append(err("no SASL mechanisms are offered"))
+            case c.Auth(mechanism, initial):
+                return self._auth(mechanism, initial)
             case c.Stls():
                 return self._stls()
             case c.Utf8():
@@ -411,10 +462,107 @@ class Pop3Connection:
         self._status_line = status
         return SendMessage(info.uid, body_lines)
 
-    def _refuse_plaintext(self) -> None:
+    def _refuse_plaintext(self, what: str) -> AuthRefused:
         self._out.append(
             err("plaintext authentication disallowed on non-secure connections", RespCode.AUTH)
         )
+        return AuthRefused(f"{what} without TLS from outside secure_networks")
+
+    # ---------------------------------------------------------------- SASL (RFC 5034)
+
+    def _mechanisms(self) -> list[str]:
+        """The SASL mechanisms usable on this connection now, in configured order."""
+        usable = []
+        for name in self.settings.sasl_mechanisms:
+            if name in ("PLAIN", "LOGIN"):
+                ok_here = self._plaintext_ok()
+            elif name in ("CRAM-MD5", "SCRAM-SHA-256"):
+                ok_here = bool(self.settings.sasl_nonce)
+            elif name == "EXTERNAL":
+                ok_here = self._client_identity is not None
+            else:
+                ok_here = False
+            if ok_here:
+                usable.append(name)
+        return usable
+
+    def _auth(self, mechanism: str | None, initial: bytes | None) -> Event | None:
+        usable = self._mechanisms()
+        if mechanism is None:
+            # Not in RFC 5034, but what RFC 1734-era clients (Outlook) send, as Dovecot does.
+            self._out.append(multiline(ok(), [m.encode() for m in usable]))
+            return None
+        if mechanism not in usable:
+            if mechanism in ("PLAIN", "LOGIN") and mechanism in self.settings.sasl_mechanisms:
+                return self._refuse_plaintext("AUTH " + mechanism)  # the response is not read
+            self._out.append(err("unsupported authentication mechanism"))
+            return None
+        data = None
+        if initial is not None:
+            data = sasl.decode_response(initial)
+            if data is None:
+                self._out.append(err("invalid base64 in initial response"))
+                return None
+        self._sasl = mech = self._new_mechanism(mechanism)
+        return self._sasl_step(mech.start(data))
+
+    def _new_mechanism(self, name: str) -> sasl.Mechanism:
+        # The first exchange uses the driver's nonce as given (so the RFC examples run
+        # through the core byte for byte); later ones on the connection append a counter.
+        self._sasl_count += 1
+        unique = self.settings.sasl_nonce
+        if self._sasl_count > 1:
+            unique += f".{self._sasl_count}"
+        match name:
+            case "PLAIN":
+                return sasl.Plain()
+            case "LOGIN":
+                return sasl.Login()
+            case "CRAM-MD5":
+                return sasl.CramMd5(f"<{unique}@{self.settings.hostname}>".encode())
+            case "SCRAM-SHA-256":
+                return sasl.ScramSha256(unique)
+            case "EXTERNAL":
+                assert self._client_identity is not None
+                return sasl.External(self._client_identity)
+        raise LocalProtocolError(f"no mechanism {name}")
+
+    def _sasl_line(self, line: bytes) -> Event | None:
+        """One client line inside an exchange: ``*``, or a base64 response."""
+        assert self._sasl is not None
+        before = len(self._out)
+        if line == b"*":
+            self._sasl = None
+            self._out.append(err("authentication cancelled"))
+            event = None
+        elif (data := sasl.decode_response(line)) is None:
+            self._sasl = None
+            self._out.append(err("invalid base64 in SASL response"))
+            event = None
+        else:
+            event = self._sasl_step(self._sasl.step(data))
+        self._count_errors(before)
+        return event
+
+    def _sasl_step(self, step: sasl.Step) -> Event | None:
+        """Perform what the mechanism asked for; the exchange ends unless it is waiting."""
+        mech = self._sasl
+        assert mech is not None
+        match step:
+            case sasl.Challenge(data):
+                self._out.append(sasl.encode_challenge(data))
+                return None
+            case sasl.NeedSecret(username, scheme):
+                return SaslSecret(username, scheme)
+        self._sasl = None
+        match step:
+            case sasl.CheckPassword(username, password):
+                return PasswordAuthenticate(username, password, mech.name)
+            case sasl.Outcome(username, success, reason):
+                return SaslOutcome(username, mech.name, success, reason)
+            case sasl.Failed(reason):
+                self._out.append(err(reason))
+        return None
 
     def _stls(self) -> Event | None:
         if self.tls_active:
@@ -434,8 +582,8 @@ class Pop3Connection:
         if self.state is State.AUTHORIZATION:
             if self._plaintext_ok():
                 caps.append(b"USER")
-                if self.settings.sasl_mechanisms:
-                    caps.append(b"SASL " + " ".join(self.settings.sasl_mechanisms).encode())
+            if mechanisms := self._mechanisms():
+                caps.append(b"SASL " + " ".join(mechanisms).encode())
             if self.settings.tls_available and not self.tls_active:
                 caps.append(b"STLS")
             caps.append(b"UTF8 USER")

@@ -1,0 +1,1272 @@
+"""mbox: serve, lock, expunge and append traditional Unix mailboxes (``/var/mail/%u``).
+
+Rules of this file:
+
+* **Format** (mboxrd, read the way qpopper and Dovecot read it).  A message starts with
+  a ``From `` line (the "From_ line": ``From sender asctime-date``) at the start of the
+  file or right after an empty line, and ends before the empty line that precedes the
+  next From_ line (or at the end of the file, where one final empty line is dropped).
+  A From_ line must also look like one (a ``hh:mm`` time in it), so a body line
+  ``From here on...`` after an empty line in a badly quoted (mboxo) file does not cut
+  a message in two.  The From_ line and the separating empty line are not part of the
+  message.  Bytes before the first From_ line (not an mbox, or damage) are never listed
+  and are kept, unchanged, by every rewrite.
+* **Quoting.**  On read, a line that starts with one or more ``>`` followed by ``From ``
+  loses one ``>``; on append, a line that starts with zero or more ``>`` and ``From ``
+  gains one.  The two are exact inverses (however long the run of ``>``, however the
+  line is cut across chunks), so what is appended comes back byte for byte on the wire.
+  Files written by Postfix ``local`` or procmail (mboxo: only ``From `` is quoted) read
+  the same way; a body line that was ``>From `` *before* such an MDA stored it comes
+  back as ``From `` -- the loss is in mboxo itself.
+* **Wire form**: after unquoting, :mod:`pop3d.storage.wire` (bare LF -> CRLF, final CRLF
+  added).  Sizes are computed by the same code that reads, on the same bytes, so LIST
+  and RETR agree to the octet.  Appended mail is stored with LF line ends (CRLF input
+  becomes LF), as every mbox writer does.
+* **UIDL**: the message's ``X-UIDL:`` header when it is 1-70 characters in 0x21-0x7E and
+  no other message of the file carries the same one (a sender can forge the header, so a
+  clash falls back for all holders: a client may fetch twice, but never skips a message);
+  otherwise the BLAKE2b (128-bit, hex) of the From_ line and the message as stored.
+  Neither depends on the message's offset, and the rewrite copies both byte for byte, so
+  UIDLs survive other messages' deletion.  Identical messages (From_ line included, so
+  delivered in the same second) get ``.2``, ``.3``... in file order.
+* **Locks.**  Two kinds:
+
+  - the *session lock* (one POP3 session per maildrop): ``flock`` on ``.<name>.pop3d``
+    next to the mbox.  A BSD lock belongs to the open file description, so two sessions
+    conflict even in one process, and it dies with its holder (kill -9 included).  It is
+    not the mbox lock: MDAs keep delivering while a session is open.
+  - the *mbox lock*, taken briefly to scan, append and rewrite, and respected by MTAs and
+    mail readers: first the dotlock ``<mbox>.lock`` (created with ``O_EXCL``, holding
+    ``pid:host``, refreshed while held; one older than :data:`STALE_DOTLOCK_AGE` or whose
+    process on this host is dead is stale and broken, as procmail and Dovecot do), then
+    a write (or read) ``fcntl`` lock on the whole file -- an open-file-description lock
+    (``F_OFD_SETLK``) where the kernel has it, which conflicts with classic ``fcntl``/
+    ``lockf`` locks of other processes but is not silently dropped when another thread
+    of ours closes the file.  Both are retried until :data:`LOCK_TIMEOUT`; a timeout is
+    a :class:`TemporaryBackendError` (deliver exits 75, LMTP answers 451).  Dotlock
+    first, then open, then ``fcntl``: the order of Postfix ``local`` and procmail.
+* **Sessions see a snapshot.**  :meth:`MboxStore.open` scans under the mbox lock and
+  keeps its file descriptor: messages appended later lie beyond the scanned end and are
+  neither listed nor touched.  Before a message is sent its From_ line is checked at its
+  offset, so a file rewritten in place by another program is reported, not misread.
+* **Commit (UPDATE) rewrites by copy and rename**, the choice of stdlib ``mailbox`` and
+  mutt-style writers, over in-place compaction (qpopper, Dovecot): under the mbox lock
+  the file is scanned again (so mail appended during the session is found and kept, and
+  a rewrite by another program is noticed), every message whose UID was not deleted is
+  copied byte for byte, with the preamble, into a temporary file in the same folder,
+  which is fsynced, given the mbox's mode and owner, and renamed over the mbox (checked
+  first to still be the locked inode); then the folder is fsynced.  A kill -9 or a full
+  disk at any point before the rename leaves the old mbox untouched (the temporary file
+  is removed now or by the next commit); after it, the new one is complete.  Nothing is
+  ever lost or duplicated.  In-place compaction needs a journal and a recovery step
+  that other programs know nothing about, and a crash in the middle would leave an mbox
+  that procmail appends to before we could repair it.  The cost of the rename: free
+  space for a copy of the kept mail, and a writer that opened the file *before* taking
+  the dotlock and locks only with ``fcntl`` could append to the old inode (Postfix,
+  procmail and Dovecot take the dotlock before opening, or re-check the inode).
+* **Append (delivery)**: the message is first spooled (already converted to mbox form)
+  into an unlinked temporary file in the mbox's folder, outside any lock; then, under the
+  mbox lock, a From_ line, the spooled body and the separating empty line are appended
+  (an empty line is first added if the file does not end with one), and the file fsynced.
+  Any failure (disk full, file size limit, quota) truncates the file back to its
+  previous length: no partial message is ever left.
+* **Quota** is counted in wire octets like the Maildir store's
+  (:mod:`pop3d.storage.quota`); checking it costs a scan of the mbox under the lock.
+* **Blocking I/O** (scans, copies, fsyncs, lock waits) runs in the default executor,
+  each locked step as one call that takes and releases its locks, so a cancelled caller
+  never leaves a lock behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import re
+import secrets
+import socket
+import stat as st
+import struct
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TypeVar
+
+from pop3d import limits
+from pop3d.auth.base import Principal
+from pop3d.config import StorageConfig
+from pop3d.errors import (
+    LocalProtocolError,
+    MaildropLocked,
+    MessageVanished,
+    QuotaExceeded,
+    TemporaryBackendError,
+)
+from pop3d.storage.base import MailboxStats, MessageInfo
+from pop3d.storage.quota import quota_for
+from pop3d.storage.template import check_template, mail_path
+from pop3d.storage.wire import CrlfNormaliser, WireCounter
+
+__all__ = ["MboxMaildrop", "MboxStore"]
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
+
+#: Seconds to wait for the mbox lock (dotlock and ``fcntl``) before a temporary failure.
+#: Postfix ``local`` retries for 20 s (deliver_lock_attempts x deliver_lock_delay);
+#: an LMTP client waits minutes for the DATA reply, a POP3 client for QUIT less.
+LOCK_TIMEOUT = 30.0
+
+#: Age (seconds since last change) after which someone else's dotlock is stale: Postfix's
+#: ``stale_lock_time`` is 500, procmail's ``LOCKTIMEOUT`` 1024, Dovecot's 120 (it
+#: refreshes its own).  We refresh ours every :data:`DOTLOCK_REFRESH` seconds.
+STALE_DOTLOCK_AGE = 300.0
+
+#: How often a held dotlock's mtime is renewed during a long scan or copy.
+DOTLOCK_REFRESH = 30.0
+
+#: Pause between two attempts to take a busy lock.
+LOCK_RETRY = 0.05
+
+#: Octets read per system call while scanning or copying an mbox.
+SCAN_CHUNK = 1 << 20
+
+#: Longest From_ line recognised (Postfix writes sender addresses of up to ~1000 octets).
+MAX_FROM_LINE = 4096
+
+#: Header octets searched for X-UIDL (and Return-Path when appending).
+MAX_HEADER_HASH = 64 * 1024
+
+#: Below this many octets a message is read inline; above, chunk reads go to a thread.
+_INLINE_READ = 64 * 1024
+
+_SEPARATOR = b"\nFrom "
+#: What makes a From_ line a separator (beside the empty line before it): a time.
+_FROM_LINE = re.compile(rb"From [^\n]*[0-9]:[0-9][0-9]")
+_FROM_DATE = re.compile(
+    rb"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun) +(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)"
+    rb" +([0-9]{1,2}) +([0-9]{1,2}):([0-9]{2})(?::([0-9]{2}))?(?: +[A-Za-z+-][A-Za-z0-9]*)?"
+    rb" +([0-9]{4})"
+)
+_MONTHS = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun",
+           b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec")  # fmt: skip
+_X_UIDL = re.compile(rb"(?im)^X-UIDL:[ \t]*([\x21-\x7e]{1,70})[ \t]*\r?$")
+_RETURN_PATH = re.compile(rb"(?im)^Return-Path:[ \t]*<([^<>\s]*)>")
+_LONE_CRLF = re.compile(rb"(?<!\r)\r\n")
+_HEADER_END = re.compile(rb"\n\r?\n")
+_FROM = b"From "
+
+
+# ----------------------------------------------------------------------------- quoting
+
+
+class _Requoter:
+    """Adds (``unquote=False``) or removes one ``>`` on lines matching ``>*From ``.
+
+    Removing applies to ``>+From `` only, so the two directions are exact inverses.
+    Complete lines are rewritten with one regular expression per chunk; only the head
+    of a line cut by a chunk boundary goes through the small state machine below, whose
+    state is two integers (however many ``>`` the line starts with).
+    """
+
+    __slots__ = ("_bol", "_gts", "_matched", "_pattern", "_repl", "_unquote")
+
+    def __init__(self, *, unquote: bool) -> None:
+        self._unquote = unquote
+        self._pattern = re.compile(rb"(?m)^>(>*From )" if unquote else rb"(?m)^(>*From )")
+        self._repl = rb"\1" if unquote else rb">\1"
+        self._bol = True  # the next byte starts a line
+        self._gts = -1  # >= 0: in an undecided line head: '>' seen so far...
+        self._matched = 0  # ...then this many octets of "From "
+
+    def _head(self, is_from: bool) -> bytes:
+        gts, matched = self._gts, self._matched
+        self._gts, self._matched = -1, 0
+        if not is_from:
+            return b">" * gts + _FROM[:matched]
+        if self._unquote:
+            return b">" * max(gts - 1, 0) + _FROM
+        return b">" * (gts + 1) + _FROM
+
+    def feed(self, data: bytes) -> bytes:
+        """Return ``data`` requoted, given everything fed before."""
+        out: list[bytes] = []
+        i, n = 0, len(data)
+        while i < n:
+            if self._bol or self._gts >= 0:
+                self._bol = False
+                self._gts = max(self._gts, 0)
+                while i < n and self._matched == 0 and data[i] == 0x3E:  # '>'
+                    self._gts += 1
+                    i += 1
+                while i < n and self._matched < 5 and data[i] == _FROM[self._matched]:
+                    self._matched += 1
+                    i += 1
+                if self._matched == 5:
+                    out.append(self._head(is_from=True))
+                elif i == n:
+                    break  # still undecided: wait for more
+                else:
+                    out.append(self._head(is_from=False))
+            first = data.find(b"\n", i)
+            if first < 0:
+                out.append(data[i:])
+                break
+            last = data.rfind(b"\n")
+            out.append(data[i : first + 1])
+            if last > first:
+                out.append(self._pattern.sub(self._repl, data[first + 1 : last + 1]))
+            i = last + 1
+            self._bol = True
+        return b"".join(out)
+
+    def finish(self) -> bytes:
+        """Return what an undecided line head held back."""
+        if self._gts >= 0:
+            return self._head(is_from=False)
+        return b""
+
+
+class _MboxWriter:
+    """Turns a message (CRLF or LF, any chunking) into mboxrd body form (LF, quoted).
+
+    A CRLF becomes LF unless a CR precedes it (CR CR LF stays: as LF it would read
+    back one CR short), and a message that ends in a CR without LF gets CRLF rather than
+    LF; so the wire form of what is stored is exactly the wire form of what came in.
+    """
+
+    __slots__ = ("_held_cr", "_last", "_quote", "size", "wire")
+
+    def __init__(self) -> None:
+        self._quote = _Requoter(unquote=False)
+        self._held_cr = False
+        self._last = b""  # last octet converted (before quoting, which never ends a line)
+        #: Octets of mbox form produced so far.
+        self.size = 0
+        #: Wire size of the message (fed by the caller with the original chunks).
+        self.wire = WireCounter()
+
+    def _to_lf(self, data: bytes) -> bytes:
+        if self._held_cr:
+            data = b"\r" + data
+            self._held_cr = False
+        if data.endswith(b"\r"):
+            data = data[:-1]
+            self._held_cr = True
+        if self._last == b"\r" and data.startswith(b"\r\n"):
+            out = b"\r\n" + _LONE_CRLF.sub(b"\n", data[2:])
+        else:
+            out = _LONE_CRLF.sub(b"\n", data)
+        if out:
+            self._last = out[-1:]
+        return out
+
+    def feed(self, data: bytes) -> bytes:
+        """Return the mbox form of the next chunk."""
+        return self._emit(self._quote.feed(self._to_lf(data)))
+
+    def finish(self) -> bytes:
+        """Return the held-back tail and a final line end if the message lacks one."""
+        tail = b""
+        if self._held_cr:
+            self._held_cr = False
+            tail = b"\r"
+            self._last = b"\r"
+        if self.size + len(tail) and self._last != b"\n":
+            tail += b"\r\n" if self._last == b"\r" else b"\n"
+        return self._emit(self._quote.feed(tail) + self._quote.finish())
+
+    def _emit(self, out: bytes) -> bytes:
+        self.size += len(out)
+        return out
+
+
+# ----------------------------------------------------------------------------- scanning
+
+
+@dataclass(slots=True)
+class _Message:
+    """Where one message lies in the file, and what the session knows of it."""
+
+    start: int  #: offset of the From_ line
+    body: int  #: offset of the first octet of the message
+    end: int  #: offset after its last octet (the separating empty line excluded)
+    stop: int  #: offset of the next From_ line (or of the end of the file)
+    from_line: bytes
+    size: int  #: wire size
+    digest: str
+    xuidl: str | None
+    date: float | None
+    uid: str = ""
+
+
+class _Builder:
+    """Collects one message's size, header block and identity while it is scanned."""
+
+    __slots__ = (
+        "body",
+        "counter",
+        "digest",
+        "from_line",
+        "header",
+        "header_done",
+        "requote",
+        "start",
+    )
+
+    def __init__(self, start: int, from_line: bytes, body: int) -> None:
+        self.start = start
+        self.from_line = from_line
+        self.body = body
+        self.requote = _Requoter(unquote=True)
+        self.counter = WireCounter()
+        self.header = bytearray()
+        self.header_done = False
+        self.digest = hashlib.blake2b(from_line, digest_size=16)
+
+    def feed(self, data: bytes) -> None:
+        if not self.header_done:
+            self.header += data[: MAX_HEADER_HASH + 2 - len(self.header)]
+            self.header_done = (
+                len(self.header) > MAX_HEADER_HASH
+                or self.header.startswith((b"\n", b"\r\n"))
+                or _HEADER_END.search(self.header) is not None
+            )
+        self.digest.update(data)
+        self.counter.feed(self.requote.feed(data))
+
+    def finish(self, end: int, stop: int) -> _Message:
+        self.counter.feed(self.requote.finish())
+        header = bytes(self.header)
+        found = _HEADER_END.search(header)
+        if header.startswith((b"\n", b"\r\n")):
+            header = b""
+        elif found is not None:
+            header = header[: found.start() + 1]
+        header = header[:MAX_HEADER_HASH]
+        size = self.counter.wire_size
+        xuidl = _X_UIDL.search(header)
+        return _Message(
+            start=self.start,
+            body=self.body,
+            end=end,
+            stop=stop,
+            from_line=self.from_line,
+            size=size,
+            digest=self.digest.hexdigest(),
+            xuidl=xuidl.group(1).decode("ascii") if xuidl else None,
+            date=_from_date(self.from_line),
+        )
+
+
+def _from_date(from_line: bytes) -> float | None:
+    """The delivery time an asctime date in a From_ line says (local time), if any."""
+    m = _FROM_DATE.search(from_line)
+    if m is None:
+        return None
+    mon, day, hour, minute, sec, year = m.groups()
+    try:
+        fields = (int(year), _MONTHS.index(mon) + 1, int(day), int(hour), int(minute))
+        return time.mktime((*fields, int(sec or 0), 0, 0, -1))
+    except (OverflowError, ValueError):
+        return None
+
+
+@dataclass(slots=True)
+class _Scan:
+    """An mbox as found by :func:`_scan`."""
+
+    preamble: int  #: octets before the first From_ line
+    messages: list[_Message]
+    size: int  #: octets scanned
+
+
+class _Scanner:
+    """Finds the messages of an mbox in one pass of bounded reads (see the module head)."""
+
+    def __init__(self, fd: int, limit: int, tick: Callable[[], None] | None) -> None:
+        self.fd = fd
+        self.limit = limit
+        self.tick = tick
+        self.buf = b""
+        self.off = 0  # file offset of buf[0]
+        self.ctx = b"\n\n"  # the two octets before buf[0]
+        self.eof = False
+        self.cur: _Builder | None = None
+        self.preamble: int | None = None
+        self.messages: list[_Message] = []
+
+    def fill(self) -> None:
+        pos = self.off + len(self.buf)
+        want = min(SCAN_CHUNK, self.limit - pos)
+        chunk = os.pread(self.fd, want, pos) if want > 0 else b""
+        if not chunk:
+            self.eof = True
+            return
+        self.buf += chunk
+        if self.tick is not None:
+            self.tick()
+
+    def advance(self, n: int, *, feed: bool = True) -> None:
+        if n <= 0:
+            return
+        data = self.buf[:n]
+        if feed and self.cur is not None:
+            self.cur.feed(data)
+        self.ctx = (self.ctx + data[-2:])[-2:]
+        self.buf = self.buf[n:]
+        self.off += n
+
+    def blank_before(self, j: int) -> int:
+        """Length of the empty line that ends at buf[j] (an LF), or 0 if it is not empty."""
+        before = self.buf[max(0, j - 2) : j]
+        if len(before) < 2:
+            before = (self.ctx + before)[-2:]
+        if before.endswith(b"\n"):
+            return 1
+        if before == b"\n\r":
+            return 2
+        return 0
+
+    def separator(self, p: int, blank: int, eol: int) -> None:
+        """A From_ line at buf[p:eol+1], after an empty line of ``blank`` octets."""
+        self.advance(p - blank)
+        end = self.off
+        self.advance(blank, feed=False)
+        self.close_current(end)
+        start = self.off
+        from_line = self.buf[: eol - p + 1]
+        self.advance(len(from_line), feed=False)
+        self.cur = _Builder(start, from_line, self.off)
+
+    def close_current(self, end: int) -> None:
+        if self.cur is None:
+            if self.preamble is None:
+                self.preamble = self.off
+        else:
+            self.messages.append(self.cur.finish(end, self.off))
+        self.cur = None
+
+    def run(self) -> _Scan:
+        self.fill()
+        while not self.eof and len(self.buf) < MAX_FROM_LINE:
+            self.fill()
+        if self.buf.startswith(_FROM):
+            eol = self.buf.find(b"\n", 0, MAX_FROM_LINE)
+            if eol >= 0 and _FROM_LINE.match(self.buf, 0, eol + 1):
+                self.separator(0, 0, eol)
+        search = 0
+        while True:
+            j = self.buf.find(_SEPARATOR, search)
+            if j < 0:
+                if self.eof:
+                    break
+                keep = min(len(self.buf), len(_SEPARATOR) + 1)
+                self.advance(len(self.buf) - keep)
+                search = 0
+                self.fill()
+                continue
+            p = j + 1
+            eol = self.buf.find(b"\n", p, p + MAX_FROM_LINE)
+            if eol < 0 and not self.eof and len(self.buf) < p + MAX_FROM_LINE:
+                self.fill()
+                continue
+            blank = self.blank_before(j)
+            if blank and eol >= 0 and _FROM_LINE.match(self.buf, p, eol + 1):
+                self.separator(p, blank, eol)
+                search = 0
+            else:
+                search = p
+        # The end: one final empty line belongs to the format, not to the last message.
+        tail = (self.ctx + self.buf)[-3:]
+        strip = 1 if tail.endswith(b"\n\n") else 2 if tail.endswith(b"\n\r\n") else 0
+        strip = min(strip, len(self.buf)) if self.cur is not None else 0
+        self.advance(len(self.buf) - strip)
+        end = self.off
+        self.advance(strip, feed=False)
+        self.close_current(end)
+        preamble = self.preamble if self.preamble is not None else self.off
+        return _Scan(preamble, self.messages, self.off)
+
+
+def _assign_uids(messages: Sequence[_Message]) -> None:
+    """Give each message its UIDL (see the module head), unique within the file."""
+    xuidls = Counter(m.xuidl for m in messages if m.xuidl)
+    seen: Counter[str] = Counter()
+    for m in messages:
+        uid = m.xuidl if m.xuidl and xuidls[m.xuidl] == 1 else m.digest
+        seen[uid] += 1
+        if seen[uid] > 1:
+            uid = f"{m.digest}.{seen[uid]}"
+        m.uid = uid
+
+
+def _scan(fd: int, limit: int | None = None, tick: Callable[[], None] | None = None) -> _Scan:
+    """Scan the mbox open at ``fd`` (its first ``limit`` octets)."""
+    if limit is None:
+        limit = os.fstat(fd).st_size
+    scan = _Scanner(fd, limit, tick).run()
+    _assign_uids(scan.messages)
+    return scan
+
+
+# ----------------------------------------------------------------------------- locking
+
+_process_locks: dict[str, threading.Lock] = {}
+_process_locks_guard = threading.Lock()
+
+
+def _process_lock(path: Path) -> threading.Lock:
+    """The lock that serialises this process's own threads on one mbox."""
+    key = os.path.abspath(path)  # noqa: PTH100 (no symlink resolution wanted)
+    with _process_locks_guard:
+        return _process_locks.setdefault(key, threading.Lock())
+
+
+def _host() -> str:
+    return socket.gethostname() or "localhost"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, not ours to signal
+    return True
+
+
+def _dotlock_stale(lock: Path, stale_age: float) -> os.stat_result | None:
+    """Return the stat of a stale dotlock (to break it), ``None`` if it is alive or gone."""
+    try:
+        s = lock.lstat()
+        if time.time() - s.st_mtime > stale_age:
+            return s
+        text = lock.read_bytes()[:256].decode("ascii", "replace").strip()
+    except FileNotFoundError:
+        return None
+    pid, _, host = text.partition(":")
+    if pid.isdigit() and host == _host() and not _pid_alive(int(pid)):
+        return s
+    return None
+
+
+class _MboxLock:
+    """The dotlock plus the ``fcntl`` lock of one mbox, held by one thread for one step."""
+
+    def __init__(self, path: Path, *, exclusive: bool, timeout: float, stale_age: float) -> None:
+        self.path = path
+        self.exclusive = exclusive
+        self.timeout = timeout
+        self.stale_age = stale_age
+        self.dotlock = path.with_name(path.name + ".lock")
+        self.fd = -1
+        self._dot_ino: int | None = None
+        self._plock = _process_lock(path)
+        self._plocked = False
+        self._refreshed = 0.0
+
+    def acquire(self, *, create: bool, mode: int = 0o600) -> bool:
+        """Lock the mbox and open it (read-write if exclusive).  False: there is no mbox.
+
+        Raises:
+            TemporaryBackendError: a lock was not obtained in time, or an I/O error.
+
+        """
+        deadline = time.monotonic() + self.timeout
+        if not self._plock.acquire(timeout=self.timeout):
+            raise TemporaryBackendError("timed out waiting for the mbox lock")
+        self._plocked = True
+        try:
+            if not create and not self.path.exists():
+                self.release()
+                return False
+            self._take_dotlock(deadline)
+            while True:
+                flags = (os.O_RDWR if self.exclusive else os.O_RDONLY) | os.O_NOFOLLOW
+                flags |= os.O_CLOEXEC | (os.O_CREAT if create else 0)
+                try:
+                    fd = os.open(self.path, flags, mode)
+                except FileNotFoundError:
+                    self.release()
+                    return False
+                self.fd = fd
+                _check_regular(fd)
+                self._take_fcntl(deadline)
+                try:
+                    same = self.path.lstat().st_ino == os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    same = False
+                if same:
+                    return True
+                # Replaced (renamed over) while we waited: lock the new one.
+                os.close(fd)
+                self.fd = -1
+        except OSError as exc:
+            self.release()
+            if exc.errno == errno.ELOOP:
+                raise TemporaryBackendError("the mbox is a symbolic link") from None
+            raise TemporaryBackendError(f"cannot lock the mbox: {exc.strerror}") from None
+        except BaseException:
+            self.release()
+            raise
+
+    def _take_dotlock(self, deadline: float) -> None:
+        content = f"{os.getpid()}:{_host()}\n".encode()
+        while True:
+            try:
+                fd = os.open(
+                    self.dotlock,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o644,
+                )
+            except FileExistsError:
+                stale = _dotlock_stale(self.dotlock, self.stale_age)
+                if stale is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        again = self.dotlock.lstat()
+                        if (again.st_ino, again.st_mtime_ns) == (stale.st_ino, stale.st_mtime_ns):
+                            log.warning("%s: breaking a stale dotlock", self.dotlock)
+                            self.dotlock.unlink()
+                    continue
+                if time.monotonic() >= deadline:
+                    raise TemporaryBackendError("timed out waiting for the mbox dotlock") from None
+                time.sleep(LOCK_RETRY)
+                continue
+            try:
+                os.write(fd, content)
+                self._dot_ino = os.fstat(fd).st_ino
+            finally:
+                os.close(fd)
+            self._refreshed = time.monotonic()
+            return
+
+    def _take_fcntl(self, deadline: float) -> None:
+        kind = fcntl.F_WRLCK if self.exclusive else fcntl.F_RDLCK
+        ofd = getattr(fcntl, "F_OFD_SETLK", None)
+        while True:
+            try:
+                if ofd is not None:
+                    # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD).
+                    fcntl.fcntl(self.fd, ofd, struct.pack("@hhqqi4x", kind, os.SEEK_SET, 0, 0, 0))
+                else:  # pragma: no cover (non-Linux)
+                    op = fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH
+                    fcntl.lockf(self.fd, op | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() >= deadline:
+                    raise TemporaryBackendError("timed out waiting for the mbox lock") from None
+                time.sleep(LOCK_RETRY)
+                continue
+            return
+
+    def refresh(self) -> None:
+        """Renew the dotlock's mtime if it is due, so nobody takes it for stale."""
+        now = time.monotonic()
+        if self._dot_ino is not None and now - self._refreshed >= DOTLOCK_REFRESH:
+            self._refreshed = now
+            with contextlib.suppress(OSError):
+                os.utime(self.dotlock)
+
+    def release(self) -> None:
+        """Release whatever is held (safe to call twice)."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)  # drops the fcntl lock
+        if self._dot_ino is not None:
+            ino, self._dot_ino = self._dot_ino, None
+            with contextlib.suppress(OSError):
+                if self.dotlock.lstat().st_ino == ino:  # still ours, not broken and retaken
+                    self.dotlock.unlink()
+        if self._plocked:
+            self._plocked = False
+            self._plock.release()
+
+
+def _check_exists(path: Path) -> None:
+    try:
+        if st.S_ISREG(path.lstat().st_mode):
+            return
+    except FileNotFoundError:
+        raise TemporaryBackendError("the mbox does not exist") from None
+    except OSError as exc:
+        raise _os_error("cannot find the mbox", exc) from None
+    raise TemporaryBackendError("the mbox is not a regular file")
+
+
+def _check_regular(fd: int) -> None:
+    if not st.S_ISREG(os.fstat(fd).st_mode):
+        raise TemporaryBackendError("the mbox is not a regular file")
+
+
+def _reopen(path: Path, locked: int) -> int:
+    """Open ``path`` read-only again: a new open file description of the locked inode.
+
+    (A ``dup`` would share the locked description and keep the ``fcntl`` lock alive.)
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if os.fstat(fd).st_ino != os.fstat(locked).st_ino:
+        os.close(fd)
+        raise TemporaryBackendError("the mbox was replaced while it was scanned")
+    return fd
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
+    """Write all of ``data`` at ``offset``; return the offset after it."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+    return offset
+
+
+def _session_lock(path: Path) -> IO[bytes]:
+    """Take the POP3 session lock of the mbox at ``path`` (see the module head).
+
+    Raises:
+        MaildropLocked: another session holds it.
+        TemporaryBackendError: the lock file cannot be created.
+
+    """
+    lock_path = path.with_name(f".{path.name}.pop3d")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise TemporaryBackendError(f"cannot open the session lock: {exc.strerror}") from None
+    handle = os.fdopen(fd, "r+b", buffering=0)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise MaildropLocked("maildrop already locked") from None
+    except OSError as exc:
+        handle.close()
+        raise TemporaryBackendError(f"cannot lock the maildrop: {exc.strerror}") from None
+    return handle
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+async def _in_thread(
+    func: Callable[[], _T], late: Callable[[asyncio.Future[_T]], None] | None = None
+) -> _T:
+    """Run ``func`` in the default executor; if the caller is cancelled it still finishes.
+
+    ``late`` is then called with its future, to undo what it left (a session lock).
+    """
+    future = asyncio.get_running_loop().run_in_executor(None, func)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+
+        def _finished(done: asyncio.Future[_T]) -> None:
+            if not done.cancelled():
+                done.exception()
+            if late is not None:
+                late(done)
+
+        future.add_done_callback(_finished)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _copy(
+    src: int, dst: int, *, start: int, length: int, out: int, tick: Callable[[], None]
+) -> None:
+    """Copy ``length`` octets at ``start`` of ``src`` to offset ``out`` of ``dst``."""
+    while length > 0:
+        n = min(length, 16 * SCAN_CHUNK)
+        try:
+            done = os.copy_file_range(src, dst, n, start, out)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            data = os.pread(src, min(n, SCAN_CHUNK), start)
+            done = os.pwrite(dst, data, out) if data else 0
+        if done <= 0:
+            raise TemporaryBackendError("the mbox shrank while it was copied")
+        start += done
+        out += done
+        length -= done
+        tick()
+
+
+def _from_line(sender: str | None) -> bytes:
+    """``From sender asctime-date``: the envelope line an appended message starts with."""
+    text = (sender or "").strip().strip("<>")
+    safe = "".join(c for c in text if "!" <= c <= "~") or "MAILER-DAEMON"
+    return f"From {safe} {time.asctime()}\n".encode("ascii")
+
+
+def _os_error(what: str, exc: OSError) -> TemporaryBackendError:
+    return TemporaryBackendError(f"{what}: {exc.strerror or exc}")
+
+
+# ----------------------------------------------------------------------------- store
+
+
+class MboxStore:
+    """Users' mbox files found by a path template.
+
+    A ``MailStore``, a ``Deliverer`` and a ``MailboxInspector`` (storage/base.py).
+
+    Args:
+        template: the ``%u``/``%n``/``%d`` template of a user's mbox file
+            (:mod:`pop3d.storage.template`), e.g. ``/var/mail/%u``.
+        base: folder a relative template is resolved against.
+        quota: default quota in wire octets (``None``: unlimited); a user's record may
+            override it (:mod:`pop3d.storage.quota`).
+        lock_timeout: seconds to wait for the mbox lock.
+        stale_dotlock_age: age after which another program's dotlock is broken.
+        chunk_size: raw octets read per chunk by :meth:`MboxMaildrop.read`.
+
+    Raises:
+        ConfigError: the template has an unknown escape.
+
+    """
+
+    def __init__(
+        self,
+        template: str,
+        base: Path = Path(),
+        *,
+        quota: int | None = None,
+        lock_timeout: float = LOCK_TIMEOUT,
+        stale_dotlock_age: float = STALE_DOTLOCK_AGE,
+        chunk_size: int = limits.READ_CHUNK,
+    ) -> None:
+        check_template(template)
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be positive")
+        self.template = template
+        self.base = base
+        self.quota = quota
+        self.lock_timeout = lock_timeout
+        self.stale_dotlock_age = stale_dotlock_age
+        self.chunk_size = chunk_size
+
+    @classmethod
+    def from_config(cls, config: StorageConfig) -> MboxStore:
+        """Build the store of a ``[storage]`` section with an ``mbox`` template."""
+        if config.mbox is None:
+            raise ValueError("[storage] has no mbox template")
+        return cls(config.mbox, config.base, quota=config.quota)
+
+    def path_for(self, username: str) -> Path:
+        """Return the user's mbox path.
+
+        Raises:
+            UnsafeUserName: the name could escape the mail root.
+
+        """
+        path = mail_path(self.template, username, self.base)
+        if path.name.endswith(".lock"):
+            # It would be another user's dotlock in a shared spool (/var/mail/bob.lock).
+            raise TemporaryBackendError("an mbox name may not end in .lock")
+        return path
+
+    def lock_for(self, path: Path, *, exclusive: bool) -> _MboxLock:
+        """The mbox lock of ``path`` with this store's timeouts (not yet taken)."""
+        return _MboxLock(
+            path,
+            exclusive=exclusive,
+            timeout=self.lock_timeout,
+            stale_age=self.stale_dotlock_age,
+        )
+
+    # -------------------------------------------------------------- MailStore
+
+    async def open(self, principal: Principal) -> MboxMaildrop:
+        """Take the session lock, scan the mbox under its lock, and snapshot the listing.
+
+        A missing mbox file is an error, never an empty mailbox (as for Maildir: a wrong
+        template must not look like an empty mailbox).  Delivery creates the file, and
+        an expunge of every message leaves it empty, not removed.
+
+        Raises:
+            MaildropLocked: another session (any process on this host) holds it.
+            TemporaryBackendError: the mbox is missing or unreadable, its lock not
+                obtained in time, or the user name is unsafe.
+
+        """
+        path = self.path_for(principal.username)
+        _check_exists(path)
+        session = _session_lock(path)
+
+        def snapshot() -> MboxMaildrop:
+            lock = self.lock_for(path, exclusive=False)
+            try:
+                if not lock.acquire(create=False):
+                    raise TemporaryBackendError("the mbox does not exist")
+                found = _scan(lock.fd, tick=lock.refresh)
+                fd = _reopen(path, lock.fd)
+            except OSError as exc:
+                raise _os_error("cannot read the mbox", exc) from None
+            finally:
+                lock.release()
+            if found.preamble:
+                log.warning("%s: %d octets before the first From_ line", path, found.preamble)
+            return MboxMaildrop(path, self, session, fd, found.messages)
+
+        def late(done: asyncio.Future[MboxMaildrop]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                session.close()
+            else:
+                done.result().release()
+
+        try:
+            return await _in_thread(snapshot, late)
+        except asyncio.CancelledError:
+            raise
+        except BaseException:
+            session.close()
+            raise
+
+    # -------------------------------------------------------------- MailboxInspector
+
+    async def stat(self, principal: Principal) -> MailboxStats:
+        """Count the user's messages and wire octets (under the mbox lock, briefly).
+
+        ``oldest`` is the date of the oldest From_ line.
+
+        Raises:
+            TemporaryBackendError: the mbox is missing or unreadable, or the name unsafe.
+
+        """
+        path = self.path_for(principal.username)
+        _check_exists(path)
+
+        def count() -> MailboxStats:
+            lock = self.lock_for(path, exclusive=False)
+            try:
+                if not lock.acquire(create=False):
+                    raise TemporaryBackendError("the mbox does not exist")
+                scan = _scan(lock.fd, tick=lock.refresh)
+            except OSError as exc:
+                raise _os_error("cannot read the mbox", exc) from None
+            finally:
+                lock.release()
+            dates = [m.date for m in scan.messages if m.date is not None]
+            return MailboxStats(
+                count=len(scan.messages),
+                size=sum(m.size for m in scan.messages),
+                oldest=min(dates, default=None),
+            )
+
+        return await _in_thread(count)
+
+    # -------------------------------------------------------------- Deliverer
+
+    async def deliver(
+        self,
+        principal: Principal,
+        message: AsyncIterable[bytes],
+        *,
+        sender: str | None = None,
+    ) -> None:
+        """Append one message (mboxrd), creating the folder and the mbox if needed.
+
+        Args:
+            principal: the recipient.
+            message: the message, in chunks of any size, CRLF or LF line ends.
+            sender: the envelope sender for the From_ line; by default the address of a
+                ``Return-Path:`` header at the top of the message, else ``MAILER-DAEMON``.
+
+        Raises:
+            QuotaExceeded: the user's wire size plus this message would exceed the quota.
+            TemporaryBackendError: any I/O error (ENOSPC, EFBIG, EDQUOT...), a lock
+                timeout, or an unsafe user name; nothing of the message is left behind.
+
+        """
+        path = self.path_for(principal.username)
+        limit = quota_for(principal.attributes, self.quota)
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            spool = tempfile.TemporaryFile(  # noqa: SIM115 (closed in the finally below)
+                dir=path.parent, prefix=f".{path.name}.spool.", buffering=0
+            )
+        except OSError as exc:
+            raise _os_error("cannot spool the message", exc) from None
+        try:
+            writer = _MboxWriter()
+            head = bytearray()
+            head_done = False
+            async for chunk in message:
+                if not head_done:
+                    head += chunk[: MAX_HEADER_HASH - len(head)]
+                    head_done = len(head) >= MAX_HEADER_HASH or bool(
+                        head.startswith((b"\n", b"\r\n")) or _HEADER_END.search(head)
+                    )
+                writer.wire.feed(chunk)
+                _write_all(spool.fileno(), writer.feed(chunk))
+            _write_all(spool.fileno(), writer.finish())
+            if sender is None:
+                found = _RETURN_PATH.match(bytes(head))
+                sender = found.group(1).decode("ascii", "replace") if found else None
+            from_line = _from_line(sender)
+            wire = writer.wire.wire_size
+            length = writer.size
+            owner = _owner(principal)
+            job = _Append(path, spool.fileno(), length, from_line, wire, limit, owner)
+            await _in_thread(lambda: self._append(job))
+        except OSError as exc:
+            raise _os_error("delivery failed", exc) from None
+        finally:
+            spool.close()
+
+    def _append(self, job: _Append) -> None:
+        """Under the mbox lock: check the quota, append, fsync; on failure truncate back."""
+        path, owner, limit = job.path, job.owner, job.limit
+        lock = self.lock_for(path, exclusive=True)
+        created = not path.exists()
+        lock.acquire(create=True)
+        try:
+            fd = lock.fd
+            size = os.fstat(fd).st_size
+            if created and owner is not None and os.geteuid() == 0:
+                with contextlib.suppress(OSError):
+                    os.fchown(fd, *owner)
+            if limit is not None:
+                used = sum(m.size for m in _scan(fd, size, lock.refresh).messages)
+                if used + job.wire > limit:
+                    raise QuotaExceeded("message exceeds the mailbox quota")
+            tail = os.pread(fd, 2, size - 2) if size >= 2 else os.pread(fd, 1, 0)
+            if size == 0 or tail.endswith(b"\n\n"):
+                lead = b""
+            else:
+                lead = b"\n" if tail.endswith(b"\n") else b"\n\n"
+            try:
+                out = _pwrite_all(fd, lead + job.from_line, size)
+                _copy(job.spool, fd, start=0, length=job.length, out=out, tick=lock.refresh)
+                _pwrite_all(fd, b"\n", out + job.length)
+                os.fsync(fd)
+            except BaseException:
+                try:
+                    os.ftruncate(fd, size)
+                    os.fsync(fd)
+                except OSError:
+                    log.exception("%s: could not truncate a failed delivery", path)
+                raise
+            if created:
+                _fsync_dir(path.parent)
+        except OSError as exc:
+            raise _os_error("delivery failed", exc) from None
+        finally:
+            lock.release()
+
+
+def _rewrite(lock: _MboxLock, deleted: frozenset[str]) -> None:
+    """Remove the messages ``deleted`` by copy and rename (see the module head)."""
+    path = lock.path
+    if not lock.acquire(create=False):
+        return  # no mbox: nothing to delete
+    tmp: Path | None = None
+    try:
+        fd = lock.fd
+        for stale in path.parent.glob(f".{glob_escape(path.name)}.pop3d-rewrite.*"):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+        scan = _scan(fd, tick=lock.refresh)
+        keep = [m for m in scan.messages if m.uid not in deleted]
+        if len(keep) == len(scan.messages):
+            return
+        runs: list[tuple[int, int]] = [(0, scan.preamble)] if scan.preamble else []
+        for m in keep:
+            if runs and runs[-1][0] + runs[-1][1] == m.start:
+                runs[-1] = (runs[-1][0], runs[-1][1] + m.stop - m.start)
+            else:
+                runs.append((m.start, m.stop - m.start))
+        tail = os.fstat(fd).st_size - scan.size  # cannot grow under our lock; be exact
+        if tail > 0:
+            runs.append((scan.size, tail))
+        tmp = path.with_name(f".{path.name}.pop3d-rewrite.{os.getpid()}.{secrets.token_hex(4)}")
+        out_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            out = 0
+            for start, length in runs:
+                _copy(fd, out_fd, start=start, length=length, out=out, tick=lock.refresh)
+                out += length
+            s = os.fstat(fd)
+            os.fchmod(out_fd, st.S_IMODE(s.st_mode))
+            with contextlib.suppress(PermissionError):
+                os.fchown(out_fd, s.st_uid, s.st_gid)
+            os.fsync(out_fd)
+        finally:
+            os.close(out_fd)
+        if path.lstat().st_ino != os.fstat(fd).st_ino:
+            raise TemporaryBackendError("the mbox was replaced during the rewrite")
+        tmp.replace(path)
+        tmp = None
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        raise _os_error("cannot rewrite the mbox", exc) from None
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        lock.release()
+
+
+def glob_escape(name: str) -> str:
+    """``name`` with the glob metacharacters made literal."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+@dataclass(frozen=True, slots=True)
+class _Append:
+    """One spooled message waiting to be appended."""
+
+    path: Path
+    spool: int  #: descriptor of the spool file (mbox form, without From_ line)
+    length: int  #: octets in the spool
+    from_line: bytes
+    wire: int  #: wire size of the message (for the quota)
+    limit: int | None  #: quota in wire octets
+    owner: tuple[int, int] | None  #: uid/gid for a new mbox
+
+
+def _owner(principal: Principal) -> tuple[int, int] | None:
+    """The uid/gid a new mbox should belong to, from the user record's columns."""
+    uid, gid = principal.attributes.get("uid", ""), principal.attributes.get("gid", "")
+    if uid.isdigit() and gid.isdigit():
+        return int(uid), int(gid)
+    return None
+
+
+# ----------------------------------------------------------------------------- maildrop
+
+
+class MboxMaildrop:
+    """One session's view of an mbox (a ``Maildrop``): the messages found at open."""
+
+    def __init__(
+        self,
+        path: Path,
+        store: MboxStore,
+        session: IO[bytes],
+        fd: int,
+        messages: list[_Message],
+    ) -> None:
+        self.path = path
+        self._store = store
+        self._session: IO[bytes] | None = session
+        self._fd = fd
+        self._by_uid = {m.uid: m for m in messages}
+        self._listing = tuple(MessageInfo(m.uid, m.size) for m in messages)
+        self._commit: asyncio.Future[None] | None = None
+
+    def listing(self) -> Sequence[MessageInfo]:
+        """Return the messages as they were at open, in file order."""
+        return self._listing
+
+    def read(self, uid: str) -> AsyncIterator[bytes]:
+        """Stream message ``uid`` in its wire form; exactly its listed size in total.
+
+        Raises:
+            KeyError: ``uid`` is not in the listing.
+            MessageVanished: the mbox was rewritten by another program and the message
+                is no longer where it was.
+            TemporaryBackendError: it cannot be read.
+
+        """
+        self._check_open()
+        return self._stream(self._by_uid[uid])
+
+    async def _stream(self, m: _Message) -> AsyncIterator[bytes]:
+        fd = self._fd
+        chunk = self._store.chunk_size
+        inline = m.end - m.body <= _INLINE_READ
+        try:
+            if os.pread(fd, len(m.from_line), m.start) != m.from_line:
+                raise MessageVanished("the mbox was changed by another program")
+        except OSError as exc:
+            raise _os_error("cannot read the mbox", exc) from None
+        unquote = _Requoter(unquote=True)
+        crlf = CrlfNormaliser()
+        remaining = m.size
+        pos = m.body
+        while pos < m.end:
+            n = min(chunk, m.end - pos)
+            try:
+                if inline:
+                    data = os.pread(fd, n, pos)
+                else:
+                    data = await asyncio.to_thread(os.pread, fd, n, pos)
+            except OSError as exc:
+                raise _os_error("cannot read the mbox", exc) from None
+            if not data:
+                raise TemporaryBackendError("the mbox shrank while a message was sent")
+            pos += len(data)
+            out = crlf.feed(unquote.feed(data))
+            remaining -= len(out)
+            if remaining < 0:
+                raise TemporaryBackendError("the message changed while it was sent")
+            if out:
+                yield out
+        out = crlf.feed(unquote.finish()) + crlf.finish()
+        remaining -= len(out)
+        if remaining != 0:
+            raise TemporaryBackendError("the message changed while it was sent")
+        if out:
+            yield out
+
+    async def commit(self, deleted: Collection[str]) -> None:
+        """Remove the messages ``deleted`` (UIDs of the listing; others are ignored).
+
+        Raises:
+            TemporaryBackendError: the rewrite failed (lock timeout, disk full...); the
+                mbox is then exactly as it was.
+
+        """
+        self._check_open()
+        targets = frozenset(uid for uid in deleted if uid in self._by_uid)
+        if not targets:
+            return
+        lock = self._store.lock_for(self.path, exclusive=True)
+        self._commit = asyncio.get_running_loop().run_in_executor(None, _rewrite, lock, targets)
+        await asyncio.shield(self._commit)
+
+    async def close(self) -> None:
+        """Release the session lock (after a commit still running).  Changes nothing."""
+        if self._commit is not None and not self._commit.done():
+            self._commit.add_done_callback(lambda _: self.release())
+            return
+        self.release()
+
+    def release(self) -> None:
+        """Release the session lock synchronously (cleanup paths without a loop)."""
+        session, self._session = self._session, None
+        if session is not None:
+            session.close()
+        if self._fd >= 0:
+            fd, self._fd = self._fd, -1
+            os.close(fd)
+
+    def _check_open(self) -> None:
+        if self._session is None:
+            raise LocalProtocolError("maildrop used after close()")

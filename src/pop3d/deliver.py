@@ -1,0 +1,198 @@
+"""``pop3d deliver``: a local delivery agent (like ``dovecot-lda``) for Postfix and Exim.
+
+``pop3d deliver [--config FILE] [-f SENDER] USER [MESSAGE_FILE]`` reads one RFC 5322
+message from MESSAGE_FILE (or standard input) and delivers it into USER's maildrop --
+Maildir or mbox, as ``[storage]`` says -- through the same store ``pop3d serve`` reads.
+
+Rules of this file:
+
+* The exit status is a sysexits(3) code, which MTAs turn into deliver / retry / bounce:
+  0 delivered; 67 (EX_NOUSER) the user is not in the passwd-file (the MTA bounces);
+  75 (EX_TEMPFAIL) anything that may go away -- disk full, lock timeout, an unreadable
+  user record, a broken backend, a bug of ours (the MTA retries: mail is never bounced
+  because of us); over quota 75 or 77 (EX_NOPERM, a bounce) per ``[storage] quota_exit``;
+  64 (EX_USAGE) bad arguments; 66 (EX_NOINPUT) MESSAGE_FILE cannot be opened; 78
+  (EX_CONFIG) the configuration cannot be loaded.
+* The message is streamed in :data:`pop3d.limits.READ_CHUNK` pieces: its size does not
+  change our memory use.  A leading mbox ``From `` envelope line (as ``procmail`` and
+  some ``mailbox_command`` setups pass) is not part of the message: it is dropped, and
+  its sender is the envelope sender unless ``-f`` gives one (dovecot-lda does the same).
+* One line goes to standard error on failure (the MTA puts it in the bounce or the log);
+  it names the reason, never the message content.
+* Without ``--config`` the embedded default of ``pop3d serve`` is used (``--data``, or
+  ``$POP3D_DATA``, or ``./pop3d-data``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any, NoReturn
+
+from pop3d import limits
+from pop3d.errors import ConfigError, QuotaExceeded, TemporaryBackendError
+
+log = logging.getLogger("pop3d.deliver")
+
+EX_OK = 0
+EX_USAGE = 64
+EX_NOINPUT = 66
+EX_NOUSER = 67
+EX_TEMPFAIL = 75
+EX_NOPERM = 77
+EX_CONFIG = 78
+
+#: Longest leading ``From `` envelope line we look for (Postfix caps addresses near 1000).
+_MAX_ENVELOPE_LINE = 4096
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``deliver`` on the ``pop3d`` sub-command parsers."""
+    p = sub.add_parser(
+        "deliver",
+        help="deliver one message from a file or stdin (an LDA for Postfix/Exim)",
+        description="Deliver one message into USER's maildrop; exit with a sysexits code.",
+    )
+    p.add_argument("--config", type=Path, help="TOML config (default: the embedded demo)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("POP3D_DATA", "pop3d-data")),
+        help="data folder of the embedded default (default: ./pop3d-data)",
+    )
+    p.add_argument("-f", "--from", dest="sender", help="envelope sender (mbox From_ line)")
+    p.add_argument("user", help="recipient: a user of the passwd-file")
+    p.add_argument("message", nargs="?", type=Path, help="message file (default: stdin)")
+    p.set_defaults(run=run)
+
+    def usage_error(message: str) -> NoReturn:
+        p.print_usage(sys.stderr)
+        print(f"pop3d deliver: {message}", file=sys.stderr)  # noqa: T201
+        sys.exit(EX_USAGE)
+
+    # sysexits' EX_USAGE for the MTA, not argparse's 2.
+    p.error = usage_error
+
+
+def _fail(status: int, reason: str) -> int:
+    print(f"pop3d deliver: {reason}", file=sys.stderr)  # noqa: T201 (the MTA reads stderr)
+    return status
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``pop3d deliver``; return its sysexits status."""
+    from pop3d import serve  # noqa: PLC0415 (config loading and store building are shared)
+
+    try:
+        cfg = serve.load_config(args)
+        authenticator = serve.build_authenticator(cfg)
+        store = serve.build_store(cfg)
+    except (ConfigError, OSError) as exc:
+        return _fail(EX_CONFIG, f"configuration: {exc}")
+    try:
+        source = open_message(args.message)
+    except OSError as exc:
+        return _fail(EX_NOINPUT, f"cannot read the message: {exc.strerror}")
+    try:
+        return asyncio.run(
+            deliver(
+                authenticator,
+                store,
+                args.user,
+                source,
+                sender=args.sender,
+                quota_exit=cfg.storage.quota_exit,
+            )
+        )
+    finally:
+        if args.message is not None:
+            os.close(source)
+
+
+def open_message(path: Path | None) -> int:
+    """Return a readable file descriptor of the message: ``path``, or standard input."""
+    if path is None:
+        return sys.stdin.fileno()
+    return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+
+async def deliver(
+    authenticator: Any,
+    store: Any,
+    username: str,
+    fd: int,
+    *,
+    sender: str | None = None,
+    quota_exit: int = EX_TEMPFAIL,
+) -> int:
+    """Deliver the message readable at ``fd`` to ``username``; return a sysexits status.
+
+    Args:
+        authenticator: an ``Authenticator`` to look the user up in.
+        store: a ``Deliverer`` (an :class:`~pop3d.storage.mbox.MboxStore` also gets the
+            envelope sender).
+        username: the recipient.
+        fd: where the message is read from, in :data:`~pop3d.limits.READ_CHUNK` pieces.
+        sender: the envelope sender, if known.
+        quota_exit: the status for a delivery over quota (75 or 77).
+
+    """
+    try:
+        principal = await authenticator.lookup(username)
+    except Exception as exc:
+        log.exception("user lookup failed")
+        return _fail(EX_TEMPFAIL, f"user lookup failed: {type(exc).__name__}")
+    if principal is None:
+        return _fail(EX_NOUSER, "no such user")
+    from pop3d.storage.mbox import MboxStore  # noqa: PLC0415
+
+    try:
+        first, sender = _envelope(fd, sender)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            data = first
+            while data:
+                yield data
+                data = _read(fd)
+
+        if isinstance(store, MboxStore):
+            await store.deliver(principal, chunks(), sender=sender)
+        else:
+            await store.deliver(principal, chunks())
+    except QuotaExceeded:
+        return _fail(quota_exit, "mailbox is over quota")
+    except TemporaryBackendError as exc:
+        return _fail(EX_TEMPFAIL, f"temporary failure: {exc}")
+    except OSError as exc:
+        return _fail(EX_TEMPFAIL, f"temporary failure: {exc.strerror}")
+    except Exception as exc:  # a bug: retried by the MTA, never bounced
+        log.exception("delivery failed")
+        return _fail(EX_TEMPFAIL, f"internal error: {type(exc).__name__}")
+    return EX_OK
+
+
+def _envelope(fd: int, sender: str | None) -> tuple[bytes, str | None]:
+    """Read the first piece; drop a leading ``From `` envelope line, taking its sender."""
+    first = _read(fd)
+    if not first.startswith(b"From "):
+        return first, sender
+    while b"\n" not in first and len(first) < _MAX_ENVELOPE_LINE:
+        more = _read(fd)
+        if not more:
+            break
+        first += more
+    line, _, first = first.partition(b"\n")
+    if sender is None:
+        parts = line.split()
+        sender = parts[1].decode("utf-8", "replace") if len(parts) > 1 else None
+    return first or _read(fd), sender
+
+
+def _read(fd: int) -> bytes:
+    """The next piece of the message (the read blocks: this process does nothing else)."""
+    return os.read(fd, limits.READ_CHUNK)

@@ -1,0 +1,344 @@
+"""The LMTP listener (RFC 2033): Postfix/Exim hand mail to pop3d's maildrops over it.
+
+Built on aiosmtpd's :class:`aiosmtpd.lmtp.LMTP` (greeting, LHLO, MAIL, RCPT, RSET,
+NOOP, QUIT, the 30-bit-clean command parser), with DATA replaced.
+
+Rules of this file:
+
+* **One reply per accepted recipient after DATA** (RFC 2033 §4.2), in RCPT order, each
+  sent as soon as that delivery is done.  aiosmtpd's own DATA sends one reply for the
+  whole transaction (aiosmtpd issue #517), which an LMTP client reads as the answer for
+  the first recipient only and then waits for the rest: our DATA never does that.
+* **RCPT** ``local@domain`` is the passwd-file user of that exact name if there is one,
+  else the user ``local`` (SPEC); a bare ``local`` is the user ``local``.  Unknown:
+  ``550 5.1.1``.  A failing user lookup: ``451 4.3.0`` (the client retries).  More than
+  :data:`MAX_RECIPIENTS` in one transaction: ``452 4.5.3``.
+* **DATA streams**: the message goes, dot-unstuffed, into an unlinked spool file, in
+  buffered writes, never into memory whole.  Lines of any length are accepted (the
+  mailbox is not an SMTP relay; Dovecot's LMTP accepts them too).
+* **Size**: past ``[lmtp] max_message_size`` the rest is read and dropped, and every
+  recipient gets ``552 5.3.4``.  ``SIZE`` is advertised and ``MAIL ... SIZE=`` over it is
+  refused at once.
+* **Per-recipient results**: stored ``250 2.0.0``; over quota ``552 5.2.2``; permanent
+  storage error ``554 5.3.0``; anything else (disk full, lock timeout, a bug)
+  ``451 4.3.0`` -- a failure of ours is retried, never bounced.  If the spool itself
+  cannot be written, every recipient gets ``451 4.3.0``.
+* **Headers added** per recipient, as Dovecot's LMTP does: ``Return-Path: <sender>``
+  then ``Delivered-To: rcpt``, in front of the message as received.
+* **Replies never carry exception text**; failures are logged with the recipient.
+* ``LHLO`` advertises ``PIPELINING`` and ``ENHANCEDSTATUSCODES``, which RFC 2033 §5
+  requires of every LMTP server; aiosmtpd reads pipelined commands in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import stat
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import IO, Any
+
+from aiosmtpd.lmtp import LMTP
+
+from pop3d import limits
+from pop3d.auth.base import Authenticator, Principal
+from pop3d.config import Config, parse_address
+from pop3d.errors import PermanentBackendError, QuotaExceeded
+from pop3d.storage.base import Deliverer
+
+__all__ = ["MAX_RECIPIENTS", "LmtpHandler", "LmtpServerProtocol", "start_lmtp"]
+
+log = logging.getLogger("pop3d.lmtp")
+
+#: Recipients accepted in one transaction (RFC 5321 §4.5.3.1.8 asks for at least 100;
+#: Postfix sends at most lmtp_destination_recipient_limit = 50 by default).
+MAX_RECIPIENTS = 1000
+
+#: Seconds an LMTP client may stay silent before the connection is closed (RFC 5321
+#: §4.5.3.2.7 suggests 5 minutes for the server).
+LMTP_TIMEOUT = 300.0
+
+#: Spool writes are batched into pieces of this size.
+_SPOOL_BUFFER = limits.READ_CHUNK
+
+
+class LmtpHandler:
+    """aiosmtpd handler hooks: recipient lookup and LHLO extensions.
+
+    Args:
+        authenticator: where recipients are looked up (``lookup``).
+        deliverer: where messages are stored.
+
+    """
+
+    def __init__(self, authenticator: Authenticator, deliverer: Deliverer) -> None:
+        self.authenticator = authenticator
+        self.deliverer = deliverer
+
+    async def handle_EHLO(  # noqa: N802 (aiosmtpd's hook name)
+        self, _server: Any, session: Any, _envelope: Any, hostname: str, responses: list[str]
+    ) -> list[str]:
+        """Add PIPELINING and ENHANCEDSTATUSCODES to the LHLO reply (RFC 2033 §5)."""
+        session.host_name = hostname
+        return [*responses[:-1], "250-PIPELINING", "250-ENHANCEDSTATUSCODES", responses[-1]]
+
+    async def handle_MAIL(  # noqa: N802
+        self, _server: Any, _session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        """Accept the sender (``<>`` included)."""
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        envelope.principals = []
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(  # noqa: N802
+        self, _server: Any, _session: Any, envelope: Any, address: str, options: list[str]
+    ) -> str:
+        """Look the recipient up: ``550 5.1.1`` if unknown, ``451 4.3.0`` if lookup fails."""
+        principals: list[Principal] = getattr(envelope, "principals", [])
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            return "452 4.5.3 Too many recipients"
+        try:
+            principal = await self.find_user(address)
+        except Exception:
+            log.exception("user lookup failed for <%s>", address)
+            return f"451 4.3.0 <{address}> Temporary user lookup failure"
+        if principal is None:
+            return f"550 5.1.1 <{address}> User doesn't exist"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(options)
+        principals.append(principal)
+        envelope.principals = principals
+        return "250 2.1.5 Ok"
+
+    async def find_user(self, address: str) -> Principal | None:
+        """The user ``local@domain`` if it exists, else ``local``; ``None`` if neither."""
+        found: Principal | None = await self.authenticator.lookup(address)
+        if found is None and "@" in address:
+            local = address.rpartition("@")[0]
+            if local:
+                found = await self.authenticator.lookup(local)
+        return found
+
+
+class LmtpServerProtocol(LMTP):
+    """aiosmtpd's LMTP with a streaming DATA that replies once per recipient."""
+
+    event_handler: LmtpHandler
+
+    async def smtp_DATA(self, arg: str) -> None:  # noqa: N802 (aiosmtpd's verb method)
+        """Receive the message into a spool, then deliver and reply for each recipient."""
+        if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
+            return
+        envelope = self.envelope
+        assert envelope is not None
+        if not envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
+        spool = _Spool(self.data_size_limit)
+        try:
+            if not await self._receive(spool):
+                return  # the connection was lost during DATA
+            await self._deliver_all(envelope, spool)
+        finally:
+            spool.close()
+            self._set_post_data_state()  # type: ignore[no-untyped-call]
+
+    async def _receive(self, spool: _Spool) -> bool:
+        """Read DATA up to the lone dot into ``spool``; False if the client went away."""
+        reader = self._reader
+        at_line_start = True
+        while self.transport is not None:
+            try:
+                line: bytes = await reader.readuntil(b"\r\n")
+            except asyncio.LimitOverrunError as exc:
+                # A long line: take what was examined (never half of a CRLF) and go on.
+                line = await reader.read(exc.consumed)
+            except asyncio.IncompleteReadError:
+                return False
+            if at_line_start:
+                if line == b".\r\n":
+                    spool.finish()
+                    return True
+                if line.startswith(b"."):
+                    line = line[1:]
+            at_line_start = line.endswith(b"\r\n")
+            spool.write(line)
+        return False
+
+    async def _deliver_all(self, envelope: Any, spool: _Spool) -> None:
+        principals: list[Principal] = getattr(envelope, "principals", [])
+        sender = envelope.mail_from or ""
+        if sender == "<>":
+            sender = ""
+        for rcpt, principal in zip(envelope.rcpt_tos, principals, strict=True):
+            if spool.too_big:
+                await self.push(f"552 5.3.4 <{rcpt}> Message too big")
+                continue
+            if spool.failed:
+                await self.push(f"451 4.3.0 <{rcpt}> Temporary failure")
+                continue
+            head = f"Return-Path: <{sender}>\r\nDelivered-To: {rcpt}\r\n".encode()
+            try:
+                await self.event_handler.deliverer.deliver(principal, spool.stream(head))
+            except QuotaExceeded:
+                log.info("<%s>: over quota", rcpt)
+                await self.push(f"552 5.2.2 <{rcpt}> Mailbox is full")
+            except PermanentBackendError:
+                log.exception("<%s>: permanent delivery failure", rcpt)
+                await self.push(f"554 5.3.0 <{rcpt}> Delivery failed")
+            except Exception:
+                log.exception("<%s>: delivery failed", rcpt)
+                await self.push(f"451 4.3.0 <{rcpt}> Temporary failure")
+            else:
+                log.info("<%s>: delivered %d octets", rcpt, spool.size + len(head))
+                await self.push(f"250 2.0.0 <{rcpt}> Saved")
+
+
+class _Spool:
+    """An unlinked temporary file holding one message, written in batches."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self.size = 0
+        self.too_big = False
+        self.failed = False
+        self._buffer = bytearray()
+        self._file: IO[bytes] | None = None
+        try:
+            self._file = tempfile.TemporaryFile(prefix="pop3d-lmtp.")  # noqa: SIM115
+        except OSError:
+            log.exception("cannot create the LMTP spool file")
+            self.failed = True
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.limit and self.size > self.limit:
+            self.too_big = True
+        if self.too_big or self.failed:
+            self._buffer.clear()
+            return
+        self._buffer += data
+        if len(self._buffer) >= _SPOOL_BUFFER:
+            self._flush()
+
+    def finish(self) -> None:
+        if not (self.too_big or self.failed):
+            self._flush()
+
+    def _flush(self) -> None:
+        assert self._file is not None
+        try:
+            self._file.write(self._buffer)
+            self._file.flush()
+        except OSError:
+            log.exception("cannot write the LMTP spool file")
+            self.failed = True
+        self._buffer.clear()
+
+    async def stream(self, head: bytes) -> AsyncIterator[bytes]:
+        """``head`` then the spooled message, in bounded chunks."""
+        assert self._file is not None
+        yield head
+        fd = self._file.fileno()
+        offset = 0
+        while True:
+            data = await asyncio.to_thread(os.pread, fd, limits.READ_CHUNK, offset)
+            if not data:
+                return
+            offset += len(data)
+            yield data
+
+    def close(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+
+
+def protocol_factory(
+    config: Config, handler: LmtpHandler, loop: asyncio.AbstractEventLoop
+) -> Callable[[], LmtpServerProtocol]:
+    """Return a factory of LMTP protocol instances for ``loop.create_server``."""
+    size_limit = config.lmtp.max_message_size or None
+
+    def factory() -> LmtpServerProtocol:
+        return LmtpServerProtocol(
+            handler,
+            data_size_limit=size_limit,
+            enable_SMTPUTF8=True,
+            hostname=config.lmtp.hostname,
+            ident="pop3d LMTP",
+            timeout=LMTP_TIMEOUT,
+            loop=loop,
+        )
+
+    return factory
+
+
+async def start_lmtp(
+    config: Config, authenticator: Authenticator, deliverer: Deliverer
+) -> list[asyncio.Server]:
+    """Listen for LMTP on every ``[lmtp] listen`` address; return the started servers.
+
+    ``host:port`` listens on TCP (port 0 picks a free port: read it from
+    ``server.sockets[0].getsockname()``); ``unix:PATH`` on a UNIX socket (mode 0666, as
+    Dovecot's LMTP socket: LMTP grants nothing but delivery; a stale socket file left by
+    a dead server is replaced, any other file is an error).  Stop with ``server.close()``
+    and ``await server.wait_closed()``; a UNIX socket file is removed by the caller (or
+    replaced at the next start).
+
+    Raises:
+        OSError: an address cannot be bound (the servers already started are closed).
+
+    """
+    loop = asyncio.get_running_loop()
+    factory = protocol_factory(config, LmtpHandler(authenticator, deliverer), loop)
+    servers: list[asyncio.Server] = []
+    try:
+        for address in config.lmtp.listen:
+            if address.startswith("unix:"):
+                path = Path(address.removeprefix("unix:"))
+                _remove_stale_socket(path)
+                server = await loop.create_unix_server(factory, str(path))
+                os.chmod(path, 0o666)  # noqa: PTH101, S103 (delivery only, as Dovecot's)
+            else:
+                where = parse_address(address, "[lmtp] listen")
+                server = await loop.create_server(factory, where.host, where.port)
+            servers.append(server)
+            log.info("LMTP listening on %s", address)
+    except BaseException:
+        for server in servers:
+            server.close()
+        raise
+    return servers
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove a UNIX socket file nobody listens on; refuse to replace anything else."""
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FileExistsError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except ConnectionRefusedError:
+        path.unlink()
+        return
+    except OSError:
+        return
+    finally:
+        probe.close()
+    raise OSError(f"{path}: another server is listening")

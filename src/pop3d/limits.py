@@ -36,6 +36,15 @@ DEFAULT_AUTH_FAILURE_DELAY = 2.0
 #: Cap of the per-address doubling of the failure delay (Dovecot's auth penalty caps at 15 s).
 MAX_AUTH_FAILURE_DELAY = 15.0
 
+#: An address's failed logins are forgotten after this long without another one, so an
+#: office behind one NAT address is not penalised forever (Dovecot's AUTH_PENALTY_TIMEOUT
+#: is an hour, too).
+AUTH_PENALTY_EXPIRY = 3600.0
+
+#: Addresses whose failures are remembered at once; past this the table is cleared, so a
+#: distributed attack costs bounded memory (it then only meets the base delay).
+MAX_PENALTY_ADDRESSES = 100_000
+
 #: Size of the chunks a message is read and sent in: large enough that RETR does few
 #: system calls, small enough that thousands of concurrent RETRs stay in bounded memory.
 READ_CHUNK = 256 * 1024

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from pop3d import limits
 from pop3d.auth import schemes
 from pop3d.auth.base import Authenticator, Principal
 from pop3d.errors import MaildropLocked, PermanentBackendError
-from pop3d.protocol.events import ApopAuthenticate, PasswordAuthenticate
+from pop3d.protocol.events import ApopAuthenticate, PasswordAuthenticate, SaslOutcome
 from pop3d.protocol.replies import RespCode
 from pop3d.storage.base import Maildrop, MailStore, MessageInfo
 
@@ -32,16 +36,27 @@ class FailureDelays:
 
     base: float
     cap: float
-    #: Recent consecutive failures per address.
-    failures: dict[str, int] = field(default_factory=dict)
+    #: Failures of an address are forgotten after this long without a new one.
+    forget_after: float = limits.AUTH_PENALTY_EXPIRY
+    #: The clock (monotonic seconds); tests pass their own.
+    clock: Callable[[], float] = time.monotonic
+    #: Recent consecutive failures per address, and when the last one happened.
+    failures: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     def delay_for(self, address: str) -> float:
         """Record a failure from ``address`` and return how long to wait before answering."""
-        n = self.failures.get(address, 0)
-        if len(self.failures) > 100_000:  # bounded memory under a distributed attack
+        now = self.clock()
+        n, last = self.failures.get(address, (0, now))
+        if now - last > self.forget_after:
+            n = 0
+        if len(self.failures) > limits.MAX_PENALTY_ADDRESSES:  # bounded memory
             self.failures.clear()
-        self.failures[address] = n + 1
-        return min(self.base * (2**n), self.cap) if self.base > 0 else 0.0
+        self.failures[address] = (n + 1, now)
+        if self.base <= 0:
+            return 0.0
+        # Cap the exponent before computing: 2**n for a long-running attacker would
+        # overflow a float long after the delay has reached its cap.
+        return min(self.base * 2.0 ** min(n, 64), self.cap)
 
     def succeeded(self, address: str) -> None:
         """Forget the failures of ``address`` after a good login."""
@@ -55,6 +70,9 @@ class Backends:
     authenticator: Authenticator
     store: MailStore
     delays: FailureDelays
+    #: Key of the fake SCRAM salts handed out for unknown users, when the authenticator
+    #: has none of its own (``scram_salt_key``): random, but stable for the process.
+    _fake_salt_key: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
 
     async def authenticate(
         self, event: PasswordAuthenticate | ApopAuthenticate, address: str
@@ -74,10 +92,51 @@ class Backends:
             log.exception("authentication backend failed")
             return RespCode.SYS_TEMP
         if principal is None:
-            await asyncio.sleep(self.delays.delay_for(address))
-            return RespCode.AUTH
+            return await self.failed(address)
         self.delays.succeeded(address)
         return principal
+
+    async def failed(self, address: str) -> RespCode:
+        """Wait the failure delay of ``address``; return the code to refuse with."""
+        await asyncio.sleep(self.delays.delay_for(address))
+        return RespCode.AUTH
+
+    async def sasl_secret(self, username: str, scheme: str) -> bytes | RespCode | None:
+        """Return the stored secret a SASL mechanism needs, or ``SYS_TEMP`` if auth is down.
+
+        For SCRAM an unknown user gets a fake secret with a stable per-user salt instead
+        of ``None`` (RFC 5802 §5.1), so the server-first message does not reveal who
+        exists; its random keys can match no proof.
+        """
+        try:
+            secret = await self.authenticator.secret_for(username, scheme)
+        except Exception:
+            log.exception("authentication backend failed")
+            return RespCode.SYS_TEMP
+        if secret is None and scheme == "SCRAM-SHA-256":
+            key = getattr(self.authenticator, "scram_salt_key", None)
+            salt = schemes.scram_salt(key if isinstance(key, bytes) else self._fake_salt_key,
+                                      username)
+            fake = schemes.ScramSecret(schemes.SCRAM_ITERATIONS, salt, os.urandom(32),
+                                       os.urandom(32))
+            return fake.encode()
+        return secret
+
+    async def sasl_outcome(self, event: SaslOutcome, address: str) -> Principal | RespCode:
+        """Finish a SASL exchange the mechanism has judged: look the user up, or refuse.
+
+        A refusal (the mechanism's, or an unknown user) returns after the failure delay.
+        """
+        if event.success:
+            try:
+                principal = await self.authenticator.lookup(event.username)
+            except Exception:
+                log.exception("authentication backend failed")
+                return RespCode.SYS_TEMP
+            if principal is not None:
+                self.delays.succeeded(address)
+                return principal
+        return await self.failed(address)
 
     async def _apop(self, event: ApopAuthenticate) -> Principal | None:
         secret = await self.authenticator.secret_for(event.username, "PLAIN")

@@ -11,7 +11,16 @@ Rules:
 * The idle timer closes the connection WITHOUT UPDATE.  So do EOF, errors, shutdown, and
   every other ending except QUIT in TRANSACTION.  The maildrop is always closed (lock
   released) at the end, and ``close()`` never deletes.
-* After STLS, bytes that arrive before the TLS handshake completes are discarded.
+* After STLS, plaintext that followed the STLS line is discarded by the core.  Once
+  ``start_tls`` owns the socket, later plaintext cannot reach us (it is fed to the TLS
+  layer and fails the handshake).  Application data that arrives *with* the client's
+  last handshake message (GnuTLS clients such as mpop send CAPA in the same flight) is
+  delivered here before ``start_tls`` returns: it is encrypted, so it is kept and
+  answered after ``tls_established``.
+* Every refusal is logged with the peer address (connection limits, plaintext policy,
+  failed logins); no secret is ever logged, only user names and mechanism names.
+* A verified client certificate (implicit TLS or after STLS) is reported to the core as
+  its user name, which enables SASL EXTERNAL for that connection only.
 * No exception text ever reaches the wire; unexpected errors are logged here and the
   connection is closed.
 """
@@ -29,19 +38,24 @@ from pop3d import limits
 from pop3d.errors import LocalProtocolError, MessageVanished
 from pop3d.protocol import (
     ApopAuthenticate,
+    AuthRefused,
     Closed,
     NeedData,
     OpenMaildrop,
     PasswordAuthenticate,
     Pop3Connection,
+    SaslOutcome,
+    SaslSecret,
     SendMessage,
     StartTls,
     Update,
 )
 from pop3d.protocol.events import Event
 from pop3d.protocol.replies import RespCode, err
+from pop3d.server.tls import certificate_identity
 
 if TYPE_CHECKING:
+    from pop3d.auth.base import Principal
     from pop3d.server.listener import ServerContext
     from pop3d.storage.base import Maildrop
 
@@ -64,7 +78,6 @@ class Pop3Protocol(asyncio.Protocol):
         self._drained: asyncio.Future[None] | None = None
         self._write_paused = False
         self._reading_paused = False
-        self._discard_input = False
         self._closing = False
         self._timer: asyncio.TimerHandle | None = None
         self._last_active = 0.0
@@ -90,14 +103,17 @@ class Pop3Protocol(asyncio.Protocol):
             transport.close()
             return
         transport.set_write_buffer_limits(high=limits.WRITE_HIGH_WATER)
-        self.core = Pop3Connection(self.server.settings_for(self.address, self.implicit_tls))
+        identity = self._client_identity(transport) if self.implicit_tls else None
+        self.core = Pop3Connection(
+            self.server.settings_for(self.address, self.implicit_tls, identity)
+        )
         self._last_active = self.loop.time()
         self._arm_timer(self.server.idle_timeout)
         self._run()
 
     def data_received(self, data: bytes) -> None:
         """Feed the core; answer at once unless a request is running."""
-        if self._discard_input or self._closing or self.core is None:
+        if self._closing or self.core is None:
             return
         self._last_active = self.loop.time()
         self.core.receive_data(data)
@@ -113,7 +129,9 @@ class Pop3Protocol(asyncio.Protocol):
             self.core.receive_data(b"")
             if self._task is None:
                 self._run()
-        return True  # keep the write side open for the replies still owed
+        # Keep the write side open for the replies still owed.  A TLS transport cannot
+        # half-close (asyncio closes it anyway, and warns if we ask otherwise).
+        return self.transport is None or self.transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002
         """Release everything; an UPDATE in progress is let finish."""
@@ -156,6 +174,9 @@ class Pop3Protocol(asyncio.Protocol):
                     self._reading_paused = False
                     self.transport.resume_reading()
                 return
+            if isinstance(event, AuthRefused):  # information only: log it and go on
+                log.warning("refused %s from %s", event.reason, self.peer)
+                continue
             if isinstance(event, Closed):
                 self._flush()
                 self._result = self._result or event.reason
@@ -174,12 +195,17 @@ class Pop3Protocol(asyncio.Protocol):
             match event:
                 case PasswordAuthenticate() | ApopAuthenticate():
                     result = await self.server.backends.authenticate(event, self.address)
-                    if isinstance(result, RespCode):
-                        log.info("auth failed for %s from %s", event.username, self.peer)
-                        core.auth_failed(result)
+                    mechanism = getattr(event, "mechanism", "APOP")
+                    self._auth_result(core, result, event.username, mechanism, "")
+                case SaslSecret(username, scheme):
+                    secret = await self.server.backends.sasl_secret(username, scheme)
+                    if isinstance(secret, RespCode):
+                        core.auth_failed(secret)
                     else:
-                        self.username = result.username
-                        core.auth_succeeded(result)
+                        core.sasl_secret(secret)
+                case SaslOutcome(username, mechanism, _, reason):
+                    result = await self.server.backends.sasl_outcome(event, self.address)
+                    self._auth_result(core, result, username, mechanism, reason)
                 case OpenMaildrop(principal):
                     opened = await self.server.backends.open(principal)
                     if isinstance(opened, RespCode):
@@ -210,6 +236,34 @@ class Pop3Protocol(asyncio.Protocol):
         self._last_active = self.loop.time()
         if not self._closing:
             self._run()
+
+    def _auth_result(
+        self,
+        core: Pop3Connection,
+        result: Principal | RespCode,
+        username: str,
+        mechanism: str,
+        reason: str,
+    ) -> None:
+        if isinstance(result, RespCode):
+            why = f" ({reason})" if reason else ""
+            if result is RespCode.SYS_TEMP:
+                why = " (backend unavailable)"
+            log.warning(
+                "auth failed for %r via %s from %s%s", username, mechanism, self.peer, why
+            )
+            core.auth_failed(result)
+        else:
+            log.info("auth ok for %s via %s from %s", result.username, mechanism, self.peer)
+            self.username = result.username
+            core.auth_succeeded(result)
+
+    def _client_identity(self, transport: asyncio.BaseTransport) -> str | None:
+        """The user of the peer's verified certificate, where a client CA is configured."""
+        tls = self.server.tls
+        if tls is None or tls.config.client_ca is None:
+            return None
+        return certificate_identity(transport.get_extra_info("peercert"))
 
     async def _send_message(self, core: Pop3Connection, uid: str) -> None:
         assert self.maildrop is not None
@@ -253,7 +307,6 @@ class Pop3Protocol(asyncio.Protocol):
         context = self.server.tls_context()
         if context is None:  # the core only emits StartTls when TLS is available
             raise LocalProtocolError("STLS without a TLS context")
-        self._discard_input = True
         try:
             new = await self.loop.start_tls(
                 transport,
@@ -273,8 +326,7 @@ class Pop3Protocol(asyncio.Protocol):
             self._abort("tls failed")
             return
         self.transport = new
-        self._discard_input = False
-        core.tls_established()
+        core.tls_established(self._client_identity(new))
 
     # ------------------------------------------------------------------ endings
 

@@ -80,8 +80,13 @@ class ServerContext:
             self._secure_cache[address] = known
         return known
 
-    def settings_for(self, address: str, implicit_tls: bool) -> Pop3Settings:
-        """Return the core's settings for a new connection from ``address``."""
+    def settings_for(
+        self, address: str, implicit_tls: bool, client_identity: str | None = None
+    ) -> Pop3Settings:
+        """Return the core's settings for a new connection from ``address``.
+
+        ``client_identity`` is the user of a verified client certificate (implicit TLS).
+        """
         auth = self.config.auth
         timestamp = None
         if auth.apop:
@@ -97,6 +102,11 @@ class ServerContext:
             tls_available=self.tls is not None and not implicit_tls,
             tls_active=implicit_tls,
             plaintext_allowed=auth.plaintext_without_tls or self.is_secure(address),
+            sasl_mechanisms=auth.mechanisms,
+            # CRAM-MD5 challenges and SCRAM nonces: unique per connection and unguessable.
+            sasl_nonce=f"{os.getpid()}.{time.time_ns()}.{secrets.token_urlsafe(12)}",
+            hostname=self.config.server.hostname,
+            client_identity=client_identity,
         )
 
     def tls_context(self) -> Any:

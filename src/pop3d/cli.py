@@ -19,10 +19,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pop3d {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    from pop3d import deliver, serve  # noqa: PLC0415 (each subcommand loads only what it needs)
+    from pop3d import (  # noqa: PLC0415 (each subcommand loads only what it needs)
+        deliver,
+        serve,
+        useradmin,
+    )
 
     serve.add_parser(sub)
     deliver.add_parser(sub)
+    useradmin.add_parser(sub)
+    from pop3d import bench  # noqa: PLC0415 (each subcommand loads only what it needs)
+
+    bench.add_parser(sub)
     return parser
 
 

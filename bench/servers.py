@@ -1,0 +1,235 @@
+"""Start, watch and stop the servers under test; every one listens on 127.0.0.1 only.
+
+Each server is pinned with ``taskset`` to the server CPUs.  Only processes this module
+started are stopped, by PID: pop3d by the PID of the process it spawned, Dovecot by the
+master PID from its pid file (the master takes its children down with it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+
+def wait_greeting(port: int, timeout: float) -> bool:
+    """Wait until a POP3 greeting comes from 127.0.0.1:port (bounded by ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+                if s.recv(512).startswith(b"+OK"):
+                    return True
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie is as good as gone
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(") ", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, ()))
+    return out
+
+
+def memory_kib(pid: int) -> tuple[int, int, int]:
+    """(VmRSS, Pss, process count) in KiB summed over ``pid`` and its descendants."""
+    rss = pss = n = 0
+    for p in descendants(pid):
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    rss += int(line.split()[1])
+                    n += 1
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+        except OSError:
+            continue
+    return rss, pss, n
+
+
+def cpu_seconds(pid: int) -> float:
+    """User+system CPU seconds of ``pid`` and its live descendants (plus reaped children)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for p in descendants(pid):
+        try:
+            f = Path(f"/proc/{p}/stat").read_text().rsplit(") ", 1)[1].split()
+        except OSError:
+            continue
+        total += int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    return total / tick
+
+
+class Server:
+    """A server under test: ``start()``, ``pid`` (the root of its process tree), ``stop()``."""
+
+    name = "server"
+
+    def __init__(self, work: Path, port: int, cpus: str) -> None:
+        self.work = work
+        self.port = port
+        self.cpus = cpus
+        self.pid: int | None = None
+        self.error = ""
+
+    def start(self) -> bool:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def _kill(self, pid: int, timeout: float = 15.0) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+class Pop3d(Server):
+    """``pop3d serve`` from this checkout, one worker, failure delay 0."""
+
+    name = "pop3d"
+
+    def __init__(self, work: Path, port: int, cpus: str, workers: int = 1) -> None:
+        super().__init__(work, port, cpus)
+        self.workers = workers
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> bool:
+        cfg = self.work / "pop3d.toml"
+        cfg.write_text(
+            "[server]\n"
+            f'listen = ["127.0.0.1:{self.port}"]\n'
+            f"workers = {self.workers}\n"
+            "idle_timeout = 600\n"
+            "max_connections = 30000\n"
+            "max_connections_per_ip = 30000\n"
+            "[auth]\n"
+            'passwd_file = "users"\n'
+            "failure_delay = 0\n"
+            "[storage]\n"
+            'maildir = "mail/%u/Maildir"\n',
+            encoding="utf-8",
+        )
+        log = (self.work / "pop3d.log").open("wb")
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", self.cpus, sys.executable, "-m", "pop3d", "serve",
+             "--config", str(cfg)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.work,
+        )
+        log.close()
+        self.pid = self.proc.pid
+        if wait_greeting(self.port, 20):
+            return True
+        tail = (self.work / "pop3d.log").read_text(errors="replace")[-600:]
+        self.error = f"pop3d serve did not answer on port {self.port}: {tail.strip()}"
+        self.stop()
+        return False
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self._kill(self.proc.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        self.proc = None
+
+
+class Dovecot(Server):
+    """Dovecot 2.3 from the distribution, config from ``bench/dovecot.conf``."""
+
+    name = "dovecot"
+
+    def start(self) -> bool:
+        binary = shutil.which("dovecot") or "/usr/sbin/dovecot"
+        if not Path(binary).exists():
+            self.error = "dovecot is not installed (scripts/setup.sh installs it)"
+            return False
+        for sub in ("run", "state"):
+            (self.work / sub).mkdir(parents=True, exist_ok=True)
+        conf = (BENCH / "dovecot.conf").read_text(encoding="utf-8")
+        conf = conf.replace("@ROOT@", str(self.work)).replace("@PORT@", str(self.port))
+        path = self.work / "dovecot.conf"
+        path.write_text(conf, encoding="utf-8")
+        subprocess.run(["chown", "-R", "dovecot:dovecot", str(self.work / "mail")], check=True)
+        # Dovecot daemonizes and its children keep stdout/stderr: give them a file, not a pipe.
+        with (self.work / "dovecot.start.log").open("w+") as out:
+            subprocess.run(["taskset", "-c", self.cpus, binary, "-c", str(path)],
+                           stdin=subprocess.DEVNULL, stdout=out, stderr=out, check=False)
+            out.seek(0)
+            started = out.read()
+        pidfile = self.work / "run" / "master.pid"
+        deadline = time.monotonic() + 10
+        while not pidfile.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if pidfile.exists():
+            self.pid = int(pidfile.read_text().split()[0])
+        if self.pid is not None and wait_greeting(self.port, 20):
+            return True
+        log = self.work / "dovecot.log"
+        tail = log.read_text(errors="replace")[-600:] if log.exists() else ""
+        self.error = f"dovecot did not start: {started.strip()} {tail.strip()}"
+        self.stop()
+        return False
+
+    def stop(self) -> None:
+        if self.pid is None:
+            return
+        # Children outlive a master killed mid-way (and keep the listening socket): note
+        # them first, then stop the stragglers among them by PID.
+        tree = descendants(self.pid)
+        self._kill(self.pid)
+        for pid in tree[1:]:
+            if _alive(pid) and "dovecot" in _cmdline(pid):
+                self._kill(pid, timeout=2)
+        self.pid = None

@@ -1,0 +1,280 @@
+r"""A small POP3 client built for load, not for convenience.
+
+It is an :class:`asyncio.Protocol` (no StreamReader layers) that keeps one outstanding
+command at a time, like Thunderbird or fetchmail without PIPELINING.  Multi-line bodies are
+never accumulated: each received chunk is checked on the fly, so a 20 MiB RETR costs a
+fixed amount of memory and two passes over bytes that are still in the CPU cache:
+
+* ``bytes.count(b"\r\n.")`` counts the stuffed lines (RFC 1939 §3: every line that begins
+  with ``.`` gets one more ``.``), which gives the size of the message once un-stuffed;
+* ``zlib.crc32`` over the body exactly as it came on the wire (still stuffed), which the
+  manifest knows in advance (:func:`pop3d.bench.manifest.wire_entry`).
+
+The end of a multi-line response is found in O(1) per chunk: the client never pipelines, so
+the server sends nothing after ``CRLF.CRLF`` and the terminator can only be at the end of
+the data received so far.  A server that ends early, or forgets to stuff a line, is caught
+by the size check against LIST and by the checksum.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from dataclasses import dataclass
+from typing import Self
+
+#: Longest status line accepted (RFC 2449 §4: 512 octets for a response line, with margin).
+MAX_STATUS_LINE = 4096
+
+_TERMINATOR = b"\r\n.\r\n"
+_STUFF = b"\r\n."
+
+
+class ProtocolFailure(Exception):
+    """The server broke the protocol or closed the connection unexpectedly."""
+
+
+class NegativeReply(Exception):
+    """The server answered ``-ERR`` where ``+OK`` was expected."""
+
+
+@dataclass(slots=True)
+class Body:
+    """What the client learned about one multi-line body without keeping it."""
+
+    #: The status line (without CRLF).
+    status: bytes
+    #: Octets of the body as sent, still stuffed, without the terminating ``.CRLF``.
+    wire_octets: int
+    #: Octets once un-stuffed: what LIST/STAT must have announced (RFC 1939 §11).
+    octets: int
+    #: CRC-32 of the body as sent (still stuffed).
+    crc: int
+    #: The body itself, only when the caller asked to keep it (small listings).
+    data: bytes | None = None
+
+
+class Pop3Client(asyncio.Protocol):
+    """One POP3 connection.  Use :meth:`connect`, then :meth:`command` / :meth:`multi`."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self._waiter: asyncio.Future[bytes | Body] | None = None
+        self._closed: BaseException | None = None
+        # multi-line state
+        self._multi = False
+        self._keep = False
+        self._in_body = False
+        self._status = b""
+        self._tail = b""
+        self._hold = b""
+        self._dots = 0
+        self._wire = 0
+        self._crc = 0
+        self._parts: list[bytes] = []
+        #: Octets received on this connection (wire bytes, all responses).
+        self.bytes_in = 0
+
+    # --- public API -------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls, host: str, port: int, loop: asyncio.AbstractEventLoop | None = None
+    ) -> tuple[Pop3Client, bytes]:
+        """Open a connection and read the greeting; return the client and the greeting."""
+        loop = loop or asyncio.get_running_loop()
+        _, client = await loop.create_connection(lambda: cls(loop), host, port)
+        greeting = await client.reply()
+        if not greeting.startswith(b"+OK"):
+            client.abort()
+            raise NegativeReply(f"greeting: {greeting[:80]!r}")
+        return client, greeting
+
+    async def command(self, line: bytes) -> bytes:
+        """Send ``line`` (with CRLF) and return the single-line reply (without CRLF)."""
+        self._send(line)
+        return await self.reply()
+
+    async def ok(self, line: bytes) -> bytes:
+        """Like :meth:`command`, but raise :class:`NegativeReply` unless the reply is +OK."""
+        self._send(line)
+        reply = await self.reply()
+        if not reply.startswith(b"+OK"):
+            raise NegativeReply(f"{line.split(b' ', 1)[0].strip().decode('ascii', 'replace')}"
+                                f": {reply[:80]!r}")
+        return reply
+
+    async def multi(self, line: bytes, keep: bool = False) -> Body:
+        """Send ``line`` and read a multi-line reply; ``keep`` keeps the body's bytes.
+
+        Raises:
+            NegativeReply: the server answered ``-ERR``.
+            ProtocolFailure: the connection closed or the reply is malformed.
+
+        """
+        self._send(line)
+        fut: asyncio.Future[bytes | Body] = self._loop.create_future()
+        self._waiter = fut
+        self._multi = True
+        self._keep = keep
+        self._in_body = False
+        self._try()
+        result = await fut
+        if isinstance(result, bytes):
+            raise NegativeReply(f"{line.split(b' ', 1)[0].strip().decode('ascii', 'replace')}"
+                                f": {result[:80]!r}")
+        return result
+
+    async def quit(self) -> None:
+        """Send QUIT, wait for the reply, close."""
+        try:
+            await self.ok(b"QUIT\r\n")
+        finally:
+            self.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        """Drop the connection when the block failed; a clean exit leaves it as it is."""
+        if kind is not None:
+            self.abort()
+
+    def close(self) -> None:
+        """Close the transport (after what was written is flushed)."""
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once."""
+        if self._transport is not None:
+            self._transport.abort()
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _send(self, line: bytes) -> None:
+        if self._closed is not None or self._transport is None:
+            raise ProtocolFailure("connection closed")
+        self._transport.write(line)
+
+    def reply(self) -> asyncio.Future[bytes]:
+        """Wait for the next single-line reply (without CRLF)."""
+        fut: asyncio.Future[bytes] = self._loop.create_future()
+        self._waiter = fut  # type: ignore[assignment]
+        self._multi = False
+        self._try()
+        return fut
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep the transport."""
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """Fail the pending reply, if any."""
+        self._closed = exc or ProtocolFailure("connection closed by server")
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ProtocolFailure("connection closed by server"))
+
+    def data_received(self, data: bytes) -> None:
+        """Buffer a status line, or check a body chunk on the fly."""
+        self.bytes_in += len(data)
+        if self._in_body:
+            self._feed_body(data)
+            return
+        self._buf += data
+        if self._waiter is not None:
+            self._try()
+        elif len(self._buf) > MAX_STATUS_LINE:
+            self._fail("unsolicited data from server")
+
+    def _fail(self, why: str) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ProtocolFailure(why))
+        self.abort()
+
+    def _try(self) -> None:
+        buf = self._buf
+        i = buf.find(b"\r\n")
+        if i < 0:
+            if len(buf) > MAX_STATUS_LINE:
+                self._fail("status line too long")
+            elif self._closed is not None:
+                self._fail("connection closed by server")
+            return
+        status = bytes(buf[:i])
+        if not self._multi or not status.startswith(b"+OK"):
+            del buf[: i + 2]
+            waiter, self._waiter = self._waiter, None
+            if waiter is not None:
+                waiter.set_result(status)
+            return
+        # The status line's CRLF opens the stream the terminator search looks at.
+        rest = bytes(buf[i + 2 :])
+        buf.clear()
+        self._status = status
+        self._in_body = True
+        self._tail = b"\r\n"
+        self._hold = b""
+        self._dots = 0
+        self._wire = 0
+        self._crc = 0
+        self._parts = []
+        if rest:
+            self._feed_body(rest)
+        elif self._closed is not None:
+            self._fail("connection closed by server")
+
+    def _feed_body(self, data: bytes) -> None:
+        n = len(data)
+        tail = self._tail
+        # Stuffed lines: "\r\n." inside this chunk, plus one that straddles the boundary.
+        self._dots += (tail[-2:] + data[:2]).count(_STUFF) + data.count(_STUFF)
+        # CRC of everything but the last 3 octets seen (they may be the ".\r\n" terminator).
+        hold = self._hold
+        if n >= 3:
+            if hold:
+                self._crc = zlib.crc32(hold, self._crc)
+                if self._keep:
+                    self._parts.append(hold)
+            with memoryview(data) as view:
+                self._crc = zlib.crc32(view[: n - 3], self._crc)
+            if self._keep:
+                self._parts.append(data[: n - 3])
+            self._hold = data[n - 3 :]
+        else:
+            both = hold + data
+            cut = max(0, len(both) - 3)
+            if cut:
+                self._crc = zlib.crc32(both[:cut], self._crc)
+                if self._keep:
+                    self._parts.append(both[:cut])
+            self._hold = both[cut:]
+        self._wire += n
+        self._tail = data[-5:] if n >= 5 else (tail + data)[-5:]
+        if not self._tail.endswith(_TERMINATOR):
+            return
+        # Done: the stream "\r\n" + body + ".\r\n" ended; its last "\r\n." is the terminator.
+        self._in_body = False
+        wire = self._wire - 3
+        body = Body(
+            status=self._status,
+            wire_octets=wire,
+            octets=wire - (self._dots - 1),
+            crc=self._crc,
+            data=b"".join(self._parts) if self._keep else None,
+        )
+        self._parts = []
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(body)
+
+
+def unstuff(wire: bytes) -> bytes:
+    """Undo RFC 1939 byte-stuffing of a multi-line body (for callers that kept the bytes)."""
+    body = (b"\r\n" + wire).replace(_STUFF, b"\r\n")
+    return body[2:]

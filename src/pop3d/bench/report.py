@@ -1,0 +1,133 @@
+"""Turn the children's results into one summary (a dict, also the ``--json`` output) and a table.
+
+Rates are over the run phase (after setup), MB are 10^6 octets of message data (what LIST
+counts), latencies are in milliseconds, percentiles by nearest rank.
+"""
+
+from __future__ import annotations
+
+import math
+from array import array
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pop3d.bench.loadgen import Options
+
+#: Load generator utilisation (of the cores it may run on) above which it may be the bottleneck.
+BUSY = 0.9
+
+
+def percentile(sorted_values: list[float], p: float) -> float:
+    """Nearest-rank percentile of an already sorted list (0 for an empty one)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(1, math.ceil(p / 100 * len(sorted_values)))
+    return sorted_values[min(rank, len(sorted_values)) - 1]
+
+
+def _latency(raw: list[bytes]) -> dict[str, float] | None:
+    values: array[float] = array("d")
+    for chunk in raw:
+        values.frombytes(chunk)
+    if not values:
+        return None
+    ordered = sorted(values)
+    return {
+        "count": len(ordered),
+        "p50_ms": percentile(ordered, 50) * 1e3,
+        "p90_ms": percentile(ordered, 90) * 1e3,
+        "p99_ms": percentile(ordered, 99) * 1e3,
+        "max_ms": ordered[-1] * 1e3,
+    }
+
+
+def summarize(opts: Options, results: list[dict[str, Any]], *, setup_time: float,
+              cpu_parent: float, cores: int) -> dict[str, Any]:
+    """Add up the children's results into the summary dict."""
+    from pop3d.bench.loadgen import merge_errors  # noqa: PLC0415 (import cycle)
+
+    ok = [r for r in results if "fatal" not in r]
+
+    def total(key: str) -> int:
+        return sum(int(r.get(key, 0)) for r in ok)
+
+    elapsed = max((float(r["elapsed"]) for r in ok), default=0.0)
+    per_s = 1 / elapsed if elapsed > 0 else 0.0
+    sessions, octets = total("sessions"), total("octets")
+    cpu_total = cpu_parent + sum(r.get("cpu_user", 0.0) + r.get("cpu_system", 0.0)
+                                 for r in results)
+    cpu_run = sum(float(r.get("cpu_run", 0.0)) for r in ok)
+    busy = cpu_run / (elapsed * cores) if elapsed > 0 and cores else 0.0
+    missing = opts.procs - len(ok)
+    return {
+        "scenario": opts.scenario,
+        "server": f"{opts.host}:{opts.port}",
+        "procs": opts.procs,
+        "concurrency": opts.concurrency,
+        "loop": ok[0]["loop"] if ok else None,
+        "setup_s": setup_time,
+        "elapsed_s": elapsed,
+        "sessions": sessions,
+        "failures": total("failures") + missing,
+        "sessions_per_s": sessions * per_s,
+        "latency": _latency([r["latencies"] for r in ok]),
+        "messages": total("messages"),
+        "messages_per_s": total("messages") * per_s,
+        "octets": octets,
+        "mb_per_s": octets * per_s / 1e6,
+        "verified": total("verified"),
+        "verify_failures": total("verify_failures"),
+        "idle": ({"requested": opts.idle_conns, "held": total("held")}
+                 if opts.scenario == "idle" else None),
+        "probe": _latency([r["probe"] for r in ok]),
+        "errors": merge_errors(results),
+        "loadgen_cpu": {
+            "total_s": cpu_total,
+            "run_s": cpu_run,
+            "cores": cores,
+            "utilization": busy,
+            "bottleneck": busy > BUSY,
+        },
+    }
+
+
+def _ms(lat: dict[str, float] | None) -> str:
+    if lat is None:
+        return "-"
+    return (f"p50 {lat['p50_ms']:.2f}  p90 {lat['p90_ms']:.2f}  p99 {lat['p99_ms']:.2f}  "
+            f"max {lat['max_ms']:.2f} ms  (n={lat['count']})")
+
+
+def table(summary: dict[str, Any]) -> str:
+    """The human summary of one run."""
+    s = summary
+    load = (f"{s['procs']} process(es) x {s['concurrency']} sessions in parallel, "
+            f"{s['loop']} loop, {s['elapsed_s']:.1f} s (setup {s['setup_s']:.1f} s)")
+    sessions = f"{s['sessions']} ok, {s['failures']} failed, {s['sessions_per_s']:,.0f}/s"
+    rows: list[tuple[str, str]] = [
+        ("scenario", f"{s['scenario']} against {s['server']}"),
+        ("load", load),
+        ("sessions", sessions),
+        ("session latency", _ms(s["latency"])),
+    ]
+    if s["messages"]:
+        msgs = (f"{s['messages']} ({s['messages_per_s']:,.0f}/s), "
+                f"{s['octets'] / 1e6:,.1f} MB ({s['mb_per_s']:,.1f} MB/s)")
+        rows.append(("messages", msgs))
+    if s["idle"] is not None:
+        idle = f"{s['idle']['held']} of {s['idle']['requested']} connections held"
+        rows.append(("idle", idle))
+    if s["probe"] is not None:
+        rows.append(("NOOP probe", _ms(s["probe"])))
+    verdict = "OK" if not s["verify_failures"] else "FAILED"
+    checked = (f"{verdict}: {s['verified']} messages checked against the manifest, "
+               f"{s['verify_failures']} failures")
+    rows.append(("verification", checked))
+    cpu = s["loadgen_cpu"]
+    note = "  << load generator may be the bottleneck" if cpu["bottleneck"] else ""
+    use = (f"{cpu['run_s']:.2f} s in the run = {cpu['utilization']:.0%} of "
+           f"{cpu['cores']} core(s){note}")
+    rows.append(("load generator CPU", use))
+    rows.extend((f"error x{n}", text) for text, n in list(s["errors"].items())[:10])
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)

@@ -135,11 +135,11 @@ def parse_size(value: object, where: str) -> int:
 def parse_address(text: object, where: str) -> ListenAddress:
     """Parse ``127.0.0.1:110`` or ``[::1]:110``."""
     if not isinstance(text, str):
-        raise ConfigError(f"{where}: expected \"host:port\", got {text!r}")
+        raise ConfigError(f'{where}: expected "host:port", got {text!r}')
     host, sep, port = text.rpartition(":")
     host = host.removeprefix("[").removesuffix("]")
     if not sep or not host or not port.isascii() or not port.isdigit() or int(port) > 65535:
-        raise ConfigError(f"{where}: expected \"host:port\", got {text!r}")
+        raise ConfigError(f'{where}: expected "host:port", got {text!r}')
     return ListenAddress(host, int(port))
 
 
@@ -191,7 +191,7 @@ def _server(data: Mapping[str, Any]) -> ServerConfig:
     elif isinstance(workers_raw, int) and workers_raw >= 1:
         workers = workers_raw
     else:
-        raise ConfigError("[server] workers must be a positive number or \"auto\"")
+        raise ConfigError('[server] workers must be a positive number or "auto"')
     cfg = ServerConfig(
         listen=listen,
         tls_listen=tls_listen,
@@ -316,6 +316,7 @@ def load(path: Path) -> Config:
 
     Raises:
         ConfigError: the file is missing, not TOML, or not a valid pop3d config.
+
     """
     try:
         with path.open("rb") as f:

@@ -157,7 +157,16 @@ class Pop3Protocol(asyncio.Protocol):
     # ------------------------------------------------------------------ the core loop
 
     def _run(self) -> None:
-        """Handle events until the core needs data or a backend; never blocks."""
+        """Answer what the core can answer; start a task only for a backend request."""
+        event = self._advance()
+        if event is not None:
+            self._task = self.loop.create_task(self._perform(event))
+
+    def _advance(self) -> Event | None:
+        """Handle events until the core needs data, closes, or needs a backend.
+
+        Returns the backend request to perform, or None.  Never blocks.
+        """
         core = self.core
         assert core is not None
         assert self.transport is not None
@@ -167,13 +176,13 @@ class Pop3Protocol(asyncio.Protocol):
             except LocalProtocolError:
                 log.exception("internal error with %s", self.peer)
                 self._abort("internal error")
-                return
+                return None
             if isinstance(event, NeedData):
                 self._flush()
                 if self._reading_paused:
                     self._reading_paused = False
                     self.transport.resume_reading()
-                return
+                return None
             if isinstance(event, AuthRefused):  # information only: log it and go on
                 log.warning("refused %s from %s", event.reason, self.peer)
                 continue
@@ -183,48 +192,24 @@ class Pop3Protocol(asyncio.Protocol):
                 self._closing = True
                 self.transport.close()
                 self._finish()
-                return
+                return None
             self._flush()
-            self._task = self.loop.create_task(self._perform(event))
-            return
+            return event
 
-    async def _perform(self, event: Event) -> None:
+    async def _perform(self, event: Event | None) -> None:
+        """Perform backend requests one after another in one task, then answer inline again.
+
+        A login is authenticate + open maildrop: one task, not two.
+        """
         core = self.core
         assert core is not None
         try:
-            match event:
-                case PasswordAuthenticate() | ApopAuthenticate():
-                    result = await self.server.backends.authenticate(event, self.address)
-                    mechanism = getattr(event, "mechanism", "APOP")
-                    self._auth_result(core, result, event.username, mechanism, "")
-                case SaslSecret(username, scheme):
-                    secret = await self.server.backends.sasl_secret(username, scheme)
-                    if isinstance(secret, RespCode):
-                        core.auth_failed(secret)
-                    else:
-                        core.sasl_secret(secret)
-                case SaslOutcome(username, mechanism, _, reason):
-                    result = await self.server.backends.sasl_outcome(event, self.address)
-                    self._auth_result(core, result, username, mechanism, reason)
-                case OpenMaildrop(principal):
-                    opened = await self.server.backends.open(principal)
-                    if isinstance(opened, RespCode):
-                        core.maildrop_failed(opened)
-                    else:
-                        self.maildrop = opened
-                        core.maildrop_opened(opened.listing())
-                case SendMessage(uid):
-                    await self._send_message(core, uid)
-                case StartTls():
-                    await self._start_tls(core)
-                case Update(deleted):
-                    assert self.maildrop is not None
-                    if await self.server.backends.update(self.maildrop, deleted):
-                        core.update_done()
-                    else:
-                        core.update_failed()
-                case _:
-                    raise LocalProtocolError(f"unexpected event {event!r}")  # noqa: TRY301
+            while event is not None:
+                await self._perform_one(core, event)
+                self._last_active = self.loop.time()
+                if self._closing:
+                    return
+                event = self._advance()
         except asyncio.CancelledError:
             return
         except Exception:
@@ -233,9 +218,41 @@ class Pop3Protocol(asyncio.Protocol):
             return
         finally:
             self._task = None
-        self._last_active = self.loop.time()
-        if not self._closing:
-            self._run()
+
+    async def _perform_one(self, core: Pop3Connection, event: Event) -> None:
+        match event:
+            case PasswordAuthenticate() | ApopAuthenticate():
+                result = await self.server.backends.authenticate(event, self.address)
+                mechanism = getattr(event, "mechanism", "APOP")
+                self._auth_result(core, result, event.username, mechanism, "")
+            case SaslSecret(username, scheme):
+                secret = await self.server.backends.sasl_secret(username, scheme)
+                if isinstance(secret, RespCode):
+                    core.auth_failed(secret)
+                else:
+                    core.sasl_secret(secret)
+            case SaslOutcome(username, mechanism, _, reason):
+                result = await self.server.backends.sasl_outcome(event, self.address)
+                self._auth_result(core, result, username, mechanism, reason)
+            case OpenMaildrop(principal):
+                opened = await self.server.backends.open(principal)
+                if isinstance(opened, RespCode):
+                    core.maildrop_failed(opened)
+                else:
+                    self.maildrop = opened
+                    core.maildrop_opened(opened.listing())
+            case SendMessage(uid):
+                await self._send_message(core, uid)
+            case StartTls():
+                await self._start_tls(core)
+            case Update(deleted):
+                assert self.maildrop is not None
+                if await self.server.backends.update(self.maildrop, deleted):
+                    core.update_done()
+                else:
+                    core.update_failed()
+            case _:
+                raise LocalProtocolError(f"unexpected event {event!r}")
 
     def _auth_result(
         self,

@@ -38,7 +38,7 @@ class ServerConfig:
     tls_listen: tuple[ListenAddress, ...] = ()
     idle_timeout: float = limits.DEFAULT_IDLE_TIMEOUT
     #: Worker processes sharing the listening sockets; 0 means one per core ("auto").
-    workers: int = 1
+    workers: int = 0
     max_connections: int = 20000
     max_connections_per_ip: int = 1000
     #: Text of the greeting after ``+OK``.
@@ -185,7 +185,7 @@ def _server(data: Mapping[str, Any]) -> ServerConfig:
     idle = float(sec.get("idle_timeout", (int, float), d.idle_timeout))
     if idle <= 0:
         raise ConfigError("[server] idle_timeout must be positive")
-    workers_raw = sec.get("workers", (int, str), 1)
+    workers_raw = sec.get("workers", (int, str), "auto")
     if workers_raw == "auto":
         workers = 0
     elif isinstance(workers_raw, int) and workers_raw >= 1:

@@ -18,6 +18,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +100,11 @@ async def serve_forever(
     """Serve on ``sockets`` until ``stop`` is set or SIGTERM/SIGINT arrives."""
     loop = asyncio.get_running_loop()
     tls = TlsContexts(cfg.tls) if cfg.tls is not None else None
+    authenticator = build_authenticator(cfg)
+    store = build_store(cfg)
     backends = Backends(
-        authenticator=build_authenticator(cfg),
-        store=build_store(cfg),
+        authenticator=authenticator,
+        store=store,
         delays=FailureDelays(cfg.auth.failure_delay, cfg.auth.max_failure_delay),
     )
     ctx = ServerContext(cfg, backends, tls)
@@ -118,7 +121,7 @@ async def serve_forever(
     if cfg.lmtp.listen:
         from pop3d.lmtp import start_lmtp  # noqa: PLC0415
 
-        lmtp_servers = await start_lmtp(cfg, backends.authenticator, backends.store)
+        lmtp_servers = await start_lmtp(cfg, authenticator, store)
     if ready is not None:
         ready.set_result(ctx)
     try:
@@ -134,6 +137,9 @@ async def serve_forever(
         if signals:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+        close = getattr(authenticator, "close", None)
+        if close is not None:  # stop the hashing thread pool
+            close()
 
 
 def _worker(cfg: Config, sockets: list[tuple[socket.socket, bool]]) -> int:
@@ -146,37 +152,69 @@ def _worker(cfg: Config, sockets: list[tuple[socket.socket, bool]]) -> int:
     return 0
 
 
+def _fork_worker(cfg: Config, sockets: list[tuple[socket.socket, bool]]) -> int:
+    pid = os.fork()
+    if pid == 0:  # child: restore default signal handling, serve, never return
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
+        status = 1
+        try:
+            status = _worker(cfg, sockets)
+        finally:
+            os._exit(status)
+    return pid
+
+
 def _supervise(cfg: Config, sockets: list[tuple[socket.socket, bool]], workers: int) -> int:
-    """Fork ``workers`` processes sharing ``sockets``; forward signals; reap them."""
-    pids: list[int] = []
-    for _ in range(workers):
-        pid = os.fork()
-        if pid == 0:  # child
-            status = 1
-            try:
-                status = _worker(cfg, sockets)
-            finally:
-                os._exit(status)
-        pids.append(pid)
-    log.info("started %d workers: %s", workers, " ".join(map(str, pids)))
+    """Fork ``workers`` processes sharing ``sockets``; forward signals; replace crashed ones.
+
+    A worker that dies while the server is not stopping (a crash, an OOM kill) is
+    replaced, at most once a second so that a worker failing at start cannot spin.
+    """
+    stopping = False
+    pids: set[int] = set()
 
     def forward(sig: int, _frame: object) -> None:
-        for pid in pids:
+        nonlocal stopping
+        if sig in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in list(pids):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, sig)
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
+    for _ in range(workers):
+        pids.add(_fork_worker(cfg, sockets))
+    log.info("started %d workers: %s", workers, " ".join(map(str, sorted(pids))))
     status = 0
-    for pid in pids:
-        while True:
-            try:
-                _, code = os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
-        if os.waitstatus_to_exitcode(code) not in (0, -signal.SIGTERM, -signal.SIGINT):
-            status = 1
+    last_respawn = 0.0
+    while pids:
+        try:
+            pid, code = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        if pid not in pids:
+            continue
+        pids.discard(pid)
+        exit_code = os.waitstatus_to_exitcode(code)
+        if stopping:
+            if exit_code not in (0, -signal.SIGTERM, -signal.SIGINT):
+                status = 1
+            continue
+        if exit_code == EX_CONFIG:
+            log.error("worker %d exited: configuration error", pid)
+            forward(signal.SIGTERM, None)
+            status = EX_CONFIG
+            continue
+        log.error("worker %d died (status %d); starting a new one", pid, exit_code)
+        wait = last_respawn + 1.0 - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        last_respawn = time.monotonic()
+        pids.add(_fork_worker(cfg, sockets))
     return status
 
 

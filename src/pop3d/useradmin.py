@@ -1,0 +1,300 @@
+"""``pop3d user ...`` and ``pop3d mailbox stat``: the operator's side of users and mail.
+
+* ``pop3d user add NAME`` / ``pop3d user passwd NAME`` read the password from a no-echo
+  prompt (twice, on a terminal) or, with ``--password-stdin``, from the first line of
+  standard input -- never from an argument, where ``ps`` and shell history would show it.
+  It is hashed with ``[auth] default_scheme`` (ARGON2ID unless configured).
+* ``pop3d user del NAME`` removes the user's line; their mail is left where it is.
+* ``pop3d user list`` prints each user with the scheme of their stored password (never
+  the hash) and their quota field, if any.
+* Every change rewrites the passwd-file atomically (temporary file, fsync, rename; other
+  lines byte for byte) through :func:`pop3d.auth.passwd_file.update_user`, so a running
+  server never reads half a file; it picks the change up by itself.
+* ``pop3d mailbox stat USER`` prints the message count, total size (wire octets, as
+  STAT reports), the oldest message's date, and quota use against the user's limit.
+  It reads without the maildrop's session lock: it works while the user is logged in.
+
+Exit status: 0 done; 1 the user already exists (add) or the passwords differ; 67
+(EX_NOUSER) no such user; 75 (EX_TEMPFAIL) the maildrop cannot be read; 78 (EX_CONFIG)
+the configuration is unusable (no passwd-file, unknown scheme); 74 (EX_IOERR) the
+passwd-file cannot be written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from pop3d.errors import ConfigError, TemporaryBackendError
+
+EX_FAIL = 1
+EX_NOUSER = 67
+EX_IOERR = 74
+EX_TEMPFAIL = 75
+EX_CONFIG = 78
+
+
+def add_parser(sub: Any) -> None:
+    """Register ``user`` (add, passwd, del, list) and ``mailbox`` (stat)."""
+    user = sub.add_parser("user", help="add, change, delete or list passwd-file users")
+    user_sub = user.add_subparsers(dest="user_command", required=True, metavar="ACTION")
+    for name, text in (
+        ("add", "add a user (password from a prompt or --password-stdin)"),
+        ("passwd", "change a user's password"),
+    ):
+        p = user_sub.add_parser(name, help=text)
+        _common(p)
+        p.add_argument("name", help="the user name")
+        p.add_argument(
+            "--password-stdin",
+            action="store_true",
+            help="read the password from the first line of standard input",
+        )
+        p.set_defaults(run=run_add if name == "add" else run_passwd)
+    p = user_sub.add_parser("del", help="delete a user (their mail is kept)")
+    _common(p)
+    p.add_argument("name", help="the user name")
+    p.set_defaults(run=run_del)
+    p = user_sub.add_parser("list", help="list the users and their password schemes")
+    _common(p)
+    p.set_defaults(run=run_list)
+
+    mailbox = sub.add_parser("mailbox", help="inspect maildrops")
+    mailbox_sub = mailbox.add_subparsers(dest="mailbox_command", required=True, metavar="ACTION")
+    p = mailbox_sub.add_parser("stat", help="count, size, oldest message and quota of a user")
+    _common(p)
+    p.add_argument("name", help="the user name")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=run_stat)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="TOML config (default: the embedded demo)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=Path(os.environ.get("POP3D_DATA", "pop3d-data")),
+        help="data folder of the embedded default (default: ./pop3d-data)",
+    )
+
+
+def _say(text: str, stream: TextIO | None = None) -> None:
+    print(text, file=stream or sys.stdout)
+
+
+def _fail(status: int, text: str) -> int:
+    _say(f"pop3d: {text}", sys.stderr)
+    return status
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from pop3d import serve  # noqa: PLC0415
+
+    return serve.load_config(args)
+
+
+def _passwd_file(cfg: Any) -> Path:
+    if cfg.auth.passwd_file is None:
+        raise ConfigError("[auth] passwd_file is not set")
+    path: Path = cfg.auth.passwd_file
+    return path
+
+
+def read_password(from_stdin: bool) -> bytes | None:
+    """The new password: stdin's first line, or a no-echo prompt asked twice.
+
+    Returns ``None`` when the two prompted entries differ.
+
+    Raises:
+        ValueError: the password is empty.
+
+    """
+    if from_stdin:
+        line = sys.stdin.buffer.readline()
+        password = line.removesuffix(b"\n").removesuffix(b"\r")
+    else:
+        first = getpass.getpass("New password: ")
+        if getpass.getpass("Retype new password: ") != first:
+            return None
+        password = first.encode("utf-8")
+    if not password:
+        raise ValueError("empty password")
+    return password
+
+
+def _set_password(args: argparse.Namespace, *, adding: bool) -> int:
+    from pop3d.auth import schemes  # noqa: PLC0415
+    from pop3d.auth.passwd_file import list_users, update_user, valid_username  # noqa: PLC0415
+
+    try:
+        cfg = _config(args)
+        path = _passwd_file(cfg)
+    except ConfigError as exc:
+        return _fail(EX_CONFIG, f"configuration: {exc}")
+    if not valid_username(args.name):
+        return _fail(EX_FAIL, "invalid user name")
+    try:
+        known = {u.username for u in list_users(path)} if path.exists() else set()
+    except OSError as exc:
+        return _fail(EX_IOERR, f"cannot read {path}: {exc.strerror}")
+    if adding and args.name in known:
+        return _fail(EX_FAIL, f"user {args.name} already exists")
+    if not adding and args.name not in known:
+        return _fail(EX_NOUSER, f"no such user {args.name}")
+    try:
+        password = read_password(args.password_stdin)
+    except ValueError:
+        return _fail(EX_FAIL, "the password may not be empty")
+    if password is None:
+        return _fail(EX_FAIL, "the passwords do not match")
+    try:
+        stored = schemes.hash_password(cfg.auth.default_scheme, password)
+    except ValueError:
+        return _fail(EX_CONFIG, f"[auth] default_scheme {cfg.auth.default_scheme} cannot hash")
+    try:
+        update_user(path, args.name, stored)
+    except OSError as exc:
+        return _fail(EX_IOERR, f"cannot write {path}: {exc.strerror}")
+    _say(f"{'added' if adding else 'changed the password of'} {args.name}")
+    return 0
+
+
+def run_add(args: argparse.Namespace) -> int:
+    """``pop3d user add NAME``."""
+    return _set_password(args, adding=True)
+
+
+def run_passwd(args: argparse.Namespace) -> int:
+    """``pop3d user passwd NAME``."""
+    return _set_password(args, adding=False)
+
+
+def run_del(args: argparse.Namespace) -> int:
+    """``pop3d user del NAME``."""
+    from pop3d.auth.passwd_file import update_user  # noqa: PLC0415
+
+    try:
+        path = _passwd_file(_config(args))
+    except ConfigError as exc:
+        return _fail(EX_CONFIG, f"configuration: {exc}")
+    try:
+        found = path.exists() and update_user(path, args.name, None)
+    except ValueError:
+        found = False
+    except OSError as exc:
+        return _fail(EX_IOERR, f"cannot write {path}: {exc.strerror}")
+    if not found:
+        return _fail(EX_NOUSER, f"no such user {args.name}")
+    _say(f"deleted {args.name} (their mail is kept)")
+    return 0
+
+
+def run_list(args: argparse.Namespace) -> int:
+    """``pop3d user list``: one user a line, with password scheme and quota field."""
+    from pop3d.auth.passwd_file import list_users  # noqa: PLC0415
+    from pop3d.storage.quota import QUOTA_FIELDS  # noqa: PLC0415
+
+    try:
+        path = _passwd_file(_config(args))
+        users = list_users(path)
+    except ConfigError as exc:
+        return _fail(EX_CONFIG, f"configuration: {exc}")
+    except OSError as exc:
+        return _fail(EX_IOERR, f"cannot read {path}: {exc.strerror}")
+    for u in users:
+        quota = next((f"{k}={u.attributes[k]}" for k in QUOTA_FIELDS if k in u.attributes), "")
+        _say(f"{u.username}\t{u.scheme or '-'}\t{quota}".rstrip())
+    return 0
+
+
+def run_stat(args: argparse.Namespace) -> int:
+    """``pop3d mailbox stat USER``."""
+    from pop3d import serve  # noqa: PLC0415
+    from pop3d.storage.quota import quota_for  # noqa: PLC0415
+
+    try:
+        cfg = _config(args)
+        authenticator = serve.build_authenticator(cfg)
+        store = serve.build_store(cfg)
+    except (ConfigError, OSError) as exc:
+        return _fail(EX_CONFIG, f"configuration: {exc}")
+
+    async def look() -> int:
+        principal = await authenticator.lookup(args.name)
+        if principal is None:
+            return _fail(EX_NOUSER, f"no such user {args.name}")
+        try:
+            limit = quota_for(principal.attributes, cfg.storage.quota)
+        except TemporaryBackendError:
+            return _fail(EX_TEMPFAIL, "the user's quota field cannot be read")
+        try:
+            path = store.path_for(principal.username)
+        except TemporaryBackendError:
+            return _fail(EX_TEMPFAIL, "the user name cannot name a maildrop")
+        try:
+            stats = await store.stat(principal)
+        except TemporaryBackendError as exc:
+            if not await asyncio.to_thread(os.path.lexists, path):
+                count, size, oldest, note = 0, 0, None, "no maildrop yet"
+            else:
+                return _fail(EX_TEMPFAIL, f"cannot read the maildrop: {exc}")
+        else:
+            count, size, oldest, note = stats.count, stats.size, stats.oldest, ""
+        _report(args, count=count, size=size, oldest=oldest, limit=limit, note=note)
+        return 0
+
+    try:
+        return asyncio.run(look())
+    finally:
+        close = getattr(authenticator, "close", None)
+        if close is not None:
+            close()
+
+
+def _report(
+    args: argparse.Namespace,
+    *,
+    count: int,
+    size: int,
+    oldest: float | None,
+    limit: int | None,
+    note: str,
+) -> None:
+    when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(oldest)) if oldest else None
+    if args.json:
+        _say(
+            json.dumps(
+                {
+                    "user": args.name,
+                    "messages": count,
+                    "size": size,
+                    "oldest": oldest,
+                    "quota_used": size,
+                    "quota_limit": limit,
+                }
+            )
+        )
+        return
+    _say(f"user:     {args.name}" + (f"  ({note})" if note else ""))
+    _say(f"messages: {count}")
+    _say(f"size:     {size} octets ({_human(size)})")
+    _say(f"oldest:   {when or '-'}")
+    if limit is None:
+        _say(f"quota:    {_human(size)} used, unlimited")
+    else:
+        _say(f"quota:    {_human(size)} of {_human(limit)} ({100 * size / limit:.1f}%)")
+
+
+def _human(octets: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if octets < 1024 or unit == "GiB":
+            return f"{octets:.0f} {unit}" if unit == "B" else f"{octets:.1f} {unit}"
+        octets /= 1024
+    return f"{octets:.1f} TiB"  # pragma: no cover

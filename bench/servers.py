@@ -233,3 +233,51 @@ class Dovecot(Server):
             if _alive(pid) and "dovecot" in _cmdline(pid):
                 self._kill(pid, timeout=2)
         self.pid = None
+
+
+def parse_cpus(spec: str) -> set[int]:
+    """``0``, ``0,2`` or ``0-3`` as a set of CPU numbers."""
+    out: set[int] = set()
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
+
+
+class Twisted(Server):
+    """Twisted's POP3 server (twisted.mail) over the same Maildirs, from bench/.venv."""
+
+    name = "twisted"
+
+    def __init__(self, work: Path, port: int, cpus: str) -> None:
+        super().__init__(work, port, cpus)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> bool:
+        py = BENCH / ".venv" / "bin" / "python"
+        if not py.exists():
+            self.error = "bench/.venv is missing (make bench-venv installs twisted there)"
+            return False
+        log = (self.work / "twisted.log").open("wb")
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", self.cpus, str(py), str(BENCH / "twisted_pop3.py"),
+             "--port", str(self.port), "--users", str(self.work / "users"),
+             "--mail", str(self.work / "mail")],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.work,
+        )
+        log.close()
+        self.pid = self.proc.pid
+        if wait_greeting(self.port, 20):
+            return True
+        tail = (self.work / "twisted.log").read_text(errors="replace")[-600:]
+        self.error = f"twisted did not answer: {tail.strip()}"
+        self.stop()
+        return False
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self._kill(self.proc.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        self.proc = None

@@ -1,0 +1,387 @@
+"""``make bench``: pop3d against Dovecot (and Twisted), same data, same load generator, one run.
+
+Creates the data (bench/mkdata.py), starts each server pinned to the server CPUs, runs every
+scenario with ``pop3d bench`` pinned to the load generator CPUs, verifies every byte against
+the manifest, and prints one table with the ratio pop3d/Dovecot.  Results also go to
+``bench/results/`` (JSON and the table).  Every server listens on 127.0.0.1 only, every run
+is bounded in time, and only processes started here are stopped, by PID.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import loopback
+import mkdata
+import servers
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+BENCH_VENV = ROOT / "bench" / ".venv"
+SCENARIOS = ("login", "fetch", "retr-large", "idle", "storm")
+STORM_PASSWORD = "storm-secret"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Sizes of one run (full or --quick)."""
+
+    duration: float
+    login_users: int
+    fetch_users: int
+    large_users: int
+    idle_conns: int
+    storm_users: int
+    large_size: int
+    loopback_s: float
+
+
+FULL = Plan(duration=10, login_users=1000, fetch_users=64, large_users=4, idle_conns=10000,
+            storm_users=50, large_size=20 << 20, loopback_s=3)
+QUICK = Plan(duration=3, login_users=200, fetch_users=32, large_users=4, idle_conns=500,
+             storm_users=20, large_size=20 << 20, loopback_s=1)
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def raise_nofile(want: int = 65536) -> None:
+    """Let this process and the servers it starts hold 10,000+ connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, want), max(hard, want)))
+        return
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def slow_hash() -> tuple[str, str]:
+    """A ``{ARGON2ID}`` (else ``{SHA512-CRYPT}``) hash of the storm password, by doveadm."""
+    for scheme in ("ARGON2ID", "SHA512-CRYPT"):
+        res = subprocess.run(["doveadm", "pw", "-s", scheme, "-p", STORM_PASSWORD],
+                             capture_output=True, text=True, check=False, timeout=30)
+        if res.returncode == 0 and res.stdout.startswith("{"):
+            return scheme, res.stdout.strip()
+    raise SystemExit("bench: doveadm pw failed; is dovecot-core installed?")
+
+
+def loadgen_python() -> tuple[str, dict[str, str]]:
+    """The interpreter for the load generator: bench/.venv (uvloop) if made, else this one."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    py = BENCH_VENV / "bin" / "python"
+    return (str(py) if py.exists() else sys.executable), env
+
+
+class Runner:
+    """One benchmark run over several servers."""
+
+    def __init__(self, args: argparse.Namespace, plan: Plan, work: Path) -> None:
+        self.args = args
+        self.plan = plan
+        self.work = work
+        self.py, self.env = loadgen_python()
+        self.ncpu = len(servers.parse_cpus(args.loadgen_cpus))
+
+    def bench_cmd(self, server_dir: Path, port: int, scenario: str, **opt: Any) -> list[str]:
+        cmd = ["taskset", "-c", self.args.loadgen_cpus, self.py, "-m", "pop3d.bench", scenario,
+               "-p", str(port), "--manifest", str(server_dir / "manifest.json"), "--json",
+               "-j", str(opt.pop("procs", self.ncpu))]
+        if self.args.progress:
+            cmd.append("--progress")
+        for key, value in opt.items():
+            cmd += [f"--{key.replace('_', '-')}", str(value)]
+        return cmd
+
+    def loadgen(self, cmd: list[str], timeout: float) -> dict[str, Any]:
+        res = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, env=self.env,
+                             timeout=timeout, check=False)
+        try:
+            out: dict[str, Any] = json.loads(res.stdout)
+        except json.JSONDecodeError:
+            return {"error": f"load generator exit {res.returncode}"}
+        return out
+
+    def scenario_opts(self, scenario: str) -> dict[str, Any]:
+        p = self.plan
+        d = p.duration
+        if scenario == "login":
+            return {"users": "login%d", "user_count": p.login_users, "password": "pw-%u",
+                    "concurrency": 32, "duration": d}
+        if scenario == "fetch":
+            return {"users": "fetch%d", "user_count": p.fetch_users, "password": "pw-%u",
+                    "concurrency": 16, "duration": d}
+        if scenario == "retr-large":
+            return {"users": "large%d", "user_count": p.large_users, "password": "pw-%u",
+                    "concurrency": 2, "duration": d, "repeat": 4, "procs": 1}
+        if scenario == "idle":
+            return {"users": "idle%d", "user_count": p.idle_conns + 1, "password": "pw-%u",
+                    "concurrency": 64, "duration": d, "idle_conns": p.idle_conns,
+                    "ramp_timeout": 600}
+        return {"users": "storm%d", "user_count": p.storm_users + 1, "password": STORM_PASSWORD,
+                "concurrency": 8, "duration": d}
+
+    def warm_up(self, server_dir: Path, port: int) -> None:
+        """One pass over every mailbox but the idle ones, so Dovecot's indexes exist."""
+        for scenario in ("login", "fetch", "retr-large", "storm"):
+            if scenario not in self.args.scenarios:
+                continue
+            opt = self.scenario_opts(scenario)
+            opt.pop("duration")
+            opt["count"] = opt["user_count"]
+            opt["timeout"] = 300
+            if scenario == "retr-large":
+                opt["repeat"] = 1
+            if scenario == "storm":
+                opt["probe_user"] = "storm1"  # the probe takes no part in a warm-up
+            self.loadgen(self.bench_cmd(server_dir, port, scenario, **opt), timeout=400)
+
+    def run_idle(self, server: servers.Server, server_dir: Path, opt: dict[str, Any],
+                 ) -> dict[str, Any]:
+        assert server.pid is not None
+        before = servers.memory_kib(server.pid)
+        ready = self.work / f"idle-ready-{server.name}"
+        cmd = self.bench_cmd(server_dir, server.port, "idle", ready_file=ready, **opt)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, env=self.env)
+        deadline = time.monotonic() + opt["ramp_timeout"] + 60
+        while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        time.sleep(0.5)
+        held_mem = servers.memory_kib(server.pid)
+        try:
+            out_b, _ = proc.communicate(timeout=opt["duration"] + 120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out_b, _ = proc.communicate()
+        try:
+            out: dict[str, Any] = json.loads(out_b)
+        except json.JSONDecodeError:
+            out = {"error": f"load generator exit {proc.returncode}"}
+        held = (out.get("idle") or {}).get("held", 0)
+        out["server_memory"] = {
+            "before_rss_kib": before[0], "held_rss_kib": held_mem[0],
+            "before_pss_kib": before[1], "held_pss_kib": held_mem[1],
+            "processes": held_mem[2],
+            "rss_per_conn_kib": (held_mem[0] - before[0]) / held if held else None,
+            "pss_per_conn_kib": (held_mem[1] - before[1]) / held if held else None,
+        }
+        return out
+
+    def run_server(self, server: servers.Server, server_dir: Path) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        log(f"{server.name}: starting on 127.0.0.1:{server.port} (CPUs {self.args.server_cpus})")
+        if not server.start():
+            log(f"{server.name}: not measured: {server.error}")
+            return {"error": server.error}
+        try:
+            log(f"{server.name}: warm-up pass over the mailboxes")
+            self.warm_up(server_dir, server.port)
+            for scenario in self.args.scenarios:
+                log(f"{server.name}: {scenario}")
+                opt = self.scenario_opts(scenario)
+                assert server.pid is not None
+                cpu0 = servers.cpu_seconds(server.pid)
+                if scenario == "idle":
+                    out = self.run_idle(server, server_dir, opt)
+                else:
+                    cmd = self.bench_cmd(server_dir, server.port, scenario, **opt)
+                    out = self.loadgen(cmd, timeout=opt["duration"] + 300)
+                out["server_cpu_s"] = servers.cpu_seconds(server.pid) - cpu0
+                results[scenario] = out
+                if out.get("verify_failures"):
+                    log(f"{server.name}: {scenario}: {out['verify_failures']} VERIFY FAILURES")
+        finally:
+            server.stop()
+        return results
+
+
+def log(text: str) -> None:
+    sys.stderr.write(f"bench: {text}\n")
+    sys.stderr.flush()
+
+
+def _fmt(v: float | None, digits: int = 0) -> str:
+    if v is None:
+        return "-"
+    return f"{v:,.{digits}f}"
+
+
+def rows_of(results: dict[str, Any], names: list[str], ceiling: float
+            ) -> list[tuple[str, str, list[float | None], int]]:
+    """(scenario, metric, value per server, digits) rows of the table."""
+
+    def get(server: str, scenario: str, *path: str) -> float | None:
+        node: Any = results.get(server, {}).get(scenario)
+        for key in path:
+            if not isinstance(node, dict):
+                return None
+            node = node.get(key)
+        return float(node) if isinstance(node, (int, float)) else None
+
+    rows: list[tuple[str, str, list[float | None], int]] = []
+
+    def add(scenario: str, metric: str, path: tuple[str, ...], digits: int = 0) -> None:
+        rows.append((scenario, metric, [get(n, scenario, *path) for n in names], digits))
+
+    add("login", "sessions/s", ("sessions_per_s",))
+    add("login", "latency p50 ms", ("latency", "p50_ms"), 2)
+    add("login", "latency p99 ms", ("latency", "p99_ms"), 2)
+    add("fetch", "messages/s", ("messages_per_s",))
+    add("fetch", "MB/s", ("mb_per_s",), 1)
+    add("retr-large", "MB/s", ("mb_per_s",))
+    rows.append(("retr-large", "loopback ceiling MB/s", [ceiling] * len(names), 0))
+    add("idle", "connections held", ("idle", "held"))
+    add("idle", "RSS KiB/conn", ("server_memory", "rss_per_conn_kib"), 1)
+    add("idle", "PSS KiB/conn", ("server_memory", "pss_per_conn_kib"), 1)
+    add("idle", "NOOP p50 ms", ("probe", "p50_ms"), 2)
+    add("idle", "NOOP p99 ms", ("probe", "p99_ms"), 2)
+    add("storm", "sessions/s", ("sessions_per_s",), 1)
+    add("storm", "NOOP p50 ms", ("probe", "p50_ms"), 2)
+    add("storm", "NOOP p99 ms", ("probe", "p99_ms"), 2)
+    for scenario in SCENARIOS:
+        add(scenario, "verified msgs", ("verified",))
+        add(scenario, "verify failures", ("verify_failures",))
+        add(scenario, "failed sessions", ("failures",))
+        add(scenario, "loadgen CPU %", ("loadgen_cpu", "utilization"), 0)
+    return rows
+
+
+def table(results: dict[str, Any], names: list[str], ceiling: float,
+          scenarios: list[str]) -> str:
+    header = ["scenario", "metric", *names]
+    with_ratio = "pop3d" in names and "dovecot" in names
+    if with_ratio:
+        header.insert(4, "pop3d/dovecot")
+    lines = []
+    for scenario, metric, values, digits in rows_of(results, names, ceiling):
+        if scenario not in scenarios or all(v is None for v in values):
+            continue
+        scale = 100 if metric == "loadgen CPU %" else 1
+        shown = [None if v is None else v * scale for v in values]
+        cells = [scenario, metric, *(_fmt(v, digits) for v in shown)]
+        if with_ratio:
+            a, b = shown[names.index("pop3d")], shown[names.index("dovecot")]
+            cells.insert(4, f"{a / b:.2f}" if a is not None and b else "-")
+        lines.append(cells)
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    out.append("  ".join("-" * w for w in widths))
+    for cells in lines:
+        left = [cells[0].ljust(widths[0]), cells[1].ljust(widths[1])]
+        right = [c.rjust(w) for c, w in zip(cells[2:], widths[2:], strict=True)]
+        out.append("  ".join(left + right))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small run, about a minute")
+    ap.add_argument("--servers", default="pop3d,dovecot",
+                    help="comma list of pop3d, dovecot, twisted (pop3d,dovecot)")
+    ap.add_argument("--scenarios", default=",".join(SCENARIOS))
+    ap.add_argument("--duration", type=float, help="seconds per scenario")
+    ap.add_argument("--idle", type=int, help="idle connections to hold (10000; quick: 500)")
+    ap.add_argument("--server-cpus", default="0")
+    ap.add_argument("--loadgen-cpus", default="1")
+    ap.add_argument("--workers", type=int, default=1, help="pop3d worker processes (1)")
+    ap.add_argument("--progress", action="store_true", help="show the load generator's line")
+    ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    args = ap.parse_args(argv)
+    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = set(args.scenarios) - set(SCENARIOS)
+    if unknown:
+        ap.error(f"unknown scenario(s) {sorted(unknown)}")
+    names = [s for s in args.servers.split(",") if s]
+    plan = QUICK if args.quick else FULL
+    if args.duration or args.idle:
+        plan = Plan(**{**plan.__dict__,
+                       "duration": args.duration or plan.duration,
+                       "idle_conns": args.idle or plan.idle_conns})
+    raise_nofile()
+    work = Path(tempfile.mkdtemp(prefix="pop3d-bench-", dir="/tmp"))
+    work.chmod(0o755)  # Dovecot's mail processes run as the dovecot user
+    started = time.time()
+    try:
+        scheme, hashed = slow_hash()
+        log(f"data: {plan.login_users} login, {plan.fetch_users} fetch (100 x 4 KiB), "
+            f"{plan.large_users} large ({plan.large_size >> 20} MiB), {plan.idle_conns} idle, "
+            f"{plan.storm_users} storm users ({scheme}) in {work}")
+        mkdata.build(work / "data", login_users=plan.login_users,
+                     fetch_users=plan.fetch_users, large_users=plan.large_users,
+                     idle_users=plan.idle_conns, storm_users=plan.storm_users,
+                     storm_hash=hashed, large_size=plan.large_size)
+        ceiling = loopback.measure(plan.loopback_s, args.server_cpus, args.loadgen_cpus)
+        log(f"raw loopback ceiling {ceiling:,.0f} MB/s")
+        runner = Runner(args, plan, work)
+        results: dict[str, Any] = {}
+        for name in names:
+            sdir = work / name
+            sdir.mkdir()
+            # each server gets its own tree (hard links: same bytes, separate directories)
+            subprocess.run(["cp", "-al", str(work / "data" / "mail"), str(sdir / "mail")],
+                           check=True)
+            for f in ("users", "manifest.json"):
+                shutil.copy(work / "data" / f, sdir / f)
+            server = make_server(name, sdir, args)
+            results[name] = runner.run_server(server, sdir)
+        text = table(results, names, ceiling, args.scenarios)
+        machine = (f"{os.cpu_count()} CPUs ({_cpu_model()}), server on CPU {args.server_cpus}, "
+                   f"load generator on CPU {args.loadgen_cpus} "
+                   f"({'uvloop venv' if runner.py != sys.executable else 'asyncio'}), "
+                   f"{'quick' if args.quick else 'full'} run, {plan.duration:g} s per scenario")
+        print(f"\n{machine}\n\n{text}")
+        RESULTS.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
+        (RESULTS / f"{stamp}.json").write_text(json.dumps(
+            {"machine": machine, "plan": plan.__dict__, "loopback_mb_s": ceiling,
+             "results": results}, indent=2), encoding="utf-8")
+        (RESULTS / "latest.txt").write_text(f"{machine}\n\n{text}\n", encoding="utf-8")
+        bad = any(isinstance(r, dict) and r.get("verify_failures")
+                  for s in results.values() for r in s.values())
+        return 1 if bad else 0
+    finally:
+        if args.keep:
+            log(f"work folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def make_server(name: str, sdir: Path, args: argparse.Namespace) -> servers.Server:
+    port = free_port()
+    if name == "pop3d":
+        return servers.Pop3d(sdir, port, args.server_cpus, workers=args.workers)
+    if name == "dovecot":
+        return servers.Dovecot(sdir, port, args.server_cpus)
+    if name == "twisted":
+        return servers.Twisted(sdir, port, args.server_cpus)
+    raise SystemExit(f"bench: unknown server {name}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -34,6 +35,7 @@ log = logging.getLogger("pop3d.server")
 
 EX_CONFIG = 78
 EX_OSERR = 71
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def add_parser(sub: Any) -> None:
@@ -152,11 +154,27 @@ def _worker(cfg: Config, sockets: list[tuple[socket.socket, bool]]) -> int:
     return 0
 
 
+def _die_with_parent() -> None:
+    """Have the kernel SIGKILL this worker when the supervisor dies.
+
+    ``kill -9`` of the server's PID then ends every process of it at once, exactly as
+    for a single-process server: no orphan keeps a port or a maildrop lock.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: orphans stop at their next SIGTERM
+        return
+    if os.getppid() == 1:  # the supervisor died before prctl took effect
+        os._exit(1)
+
+
 def _fork_worker(cfg: Config, sockets: list[tuple[socket.socket, bool]]) -> int:
     pid = os.fork()
     if pid == 0:  # child: restore default signal handling, serve, never return
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_DFL)
+        _die_with_parent()
         status = 1
         try:
             status = _worker(cfg, sockets)

@@ -8,6 +8,7 @@ Rules of this file:
 
 * The exit status is a sysexits(3) code, which MTAs turn into deliver / retry / bounce:
   0 delivered; 67 (EX_NOUSER) the user is not in the passwd-file (the MTA bounces);
+  USER may be ``local@domain`` (that user if it exists, else ``local``, as for LMTP);
   75 (EX_TEMPFAIL) anything that may go away -- disk full, lock timeout, an unreadable
   user record, a broken backend, a bug of ours (the MTA retries: mail is never bounced
   because of us); over quota 75 or 77 (EX_NOPERM, a bounce) per ``[storage] quota_exit``;
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from pop3d import limits
+from pop3d.auth.base import Authenticator, Principal
 from pop3d.errors import ConfigError, QuotaExceeded, TemporaryBackendError
 
 log = logging.getLogger("pop3d.deliver")
@@ -143,7 +145,7 @@ async def deliver(
 
     """
     try:
-        principal = await authenticator.lookup(username)
+        principal = await find_user(authenticator, username)
     except Exception as exc:
         log.exception("user lookup failed")
         return _fail(EX_TEMPFAIL, f"user lookup failed: {type(exc).__name__}")
@@ -174,6 +176,20 @@ async def deliver(
         log.exception("delivery failed")
         return _fail(EX_TEMPFAIL, f"internal error: {type(exc).__name__}")
     return EX_OK
+
+
+async def find_user(authenticator: Authenticator, address: str) -> Principal | None:
+    """The user ``local@domain`` if it exists, else the user ``local``; ``None`` if neither.
+
+    The rule of the SPEC for LMTP recipients, which ``deliver`` shares so that a Postfix
+    pipe transport may pass ``${recipient}`` or ``${user}`` alike.
+    """
+    found: Principal | None = await authenticator.lookup(address)
+    if found is None and "@" in address:
+        local = address.rpartition("@")[0]
+        if local:
+            found = await authenticator.lookup(local)
+    return found
 
 
 def _envelope(fd: int, sender: str | None) -> tuple[bytes, str | None]:

@@ -48,6 +48,7 @@ from aiosmtpd.lmtp import LMTP
 from pop3d import limits
 from pop3d.auth.base import Authenticator, Principal
 from pop3d.config import Config, parse_address
+from pop3d.deliver import find_user
 from pop3d.errors import PermanentBackendError, QuotaExceeded
 from pop3d.storage.base import Deliverer
 
@@ -118,12 +119,7 @@ class LmtpHandler:
 
     async def find_user(self, address: str) -> Principal | None:
         """The user ``local@domain`` if it exists, else ``local``; ``None`` if neither."""
-        found: Principal | None = await self.authenticator.lookup(address)
-        if found is None and "@" in address:
-            local = address.rpartition("@")[0]
-            if local:
-                found = await self.authenticator.lookup(local)
-        return found
+        return await find_user(self.authenticator, address)
 
 
 class LmtpServerProtocol(LMTP):

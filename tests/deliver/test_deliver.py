@@ -154,6 +154,13 @@ def test_delivery_during_an_open_session_is_unseen_and_kept(site: Site) -> None:
 # ---------------------------------------------------------------------------- exit codes
 
 
+def test_local_at_domain_falls_back_to_local(site: Site, message_file: Path) -> None:
+    """USER local@domain is that user if it exists, else the user local (as for LMTP)."""
+    assert site.deliver("alice@example.com", str(message_file)) == 0
+    assert site.messages() == [to_wire(MESSAGE)]
+    assert site.deliver("nobody@example.com", str(message_file)) == 67
+
+
 def test_unknown_user_is_67(site: Site, message_file: Path) -> None:
     """A user not in the passwd-file exits 67 (EX_NOUSER): the MTA bounces."""
     assert site.deliver("nobody", str(message_file)) == 67
@@ -161,7 +168,9 @@ def test_unknown_user_is_67(site: Site, message_file: Path) -> None:
     assert site.files() == []
 
 
-@pytest.mark.parametrize("name", ["../alice", "alice/../../x", "..", "a/b", "/etc/passwd", ""])
+@pytest.mark.parametrize(
+    "name", ["../alice", "alice/../../x", "..", "a/b", "/etc/passwd", "", "..@x", "../alice@x"]
+)
 def test_path_like_user_names_never_leave_the_mail_root(
     site: Site, message_file: Path, name: str
 ) -> None:

@@ -1,0 +1,78 @@
+"""Several worker processes: shared sockets, a supervisor that replaces and reaps them."""
+
+from __future__ import annotations
+
+import os
+import poplib
+import signal
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pop3d.testing import Pop3ServeProcess
+
+
+def _children(pid: int) -> set[int]:
+    """PIDs whose parent is ``pid`` (from /proc)."""
+    kids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # the command may contain spaces: the fields after the last ")" are fixed
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.add(int(entry.name))
+    return kids
+
+
+def _wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return cond()
+
+
+def _login_ok(proc: Pop3ServeProcess) -> bool:
+    client = poplib.POP3(proc.host, proc.port, timeout=5)
+    try:
+        client.user("alice")
+        return client.pass_("secret").startswith(b"+OK")
+    finally:
+        client.quit()
+
+
+def test_crashed_worker_is_replaced(serve: Callable[..., Pop3ServeProcess]) -> None:
+    """A worker killed under the server is replaced and the server keeps serving."""
+    proc = serve(workers=2)
+    assert _wait_until(lambda: len(_children(proc.pid)) == 2)
+    victim = min(_children(proc.pid))
+    os.kill(victim, signal.SIGKILL)
+    assert _wait_until(lambda: len(_children(proc.pid) - {victim}) == 2)
+    for _ in range(6):
+        assert _login_ok(proc)
+    assert proc.stop() == 0
+    assert "died" in proc.log_text()
+
+
+def test_kill_9_of_supervisor_ends_every_worker(serve: Callable[..., Pop3ServeProcess]) -> None:
+    """kill -9 of the server's PID leaves no worker holding the port or a lock."""
+    proc = serve(workers=2)
+    assert _wait_until(lambda: len(_children(proc.pid)) == 2)
+    workers = _children(proc.pid)
+    proc.kill()
+    assert _wait_until(lambda: not any(Path(f"/proc/{w}").exists() for w in workers))
+    with socket.socket() as s:
+        s.settimeout(2)
+        assert s.connect_ex((proc.host, proc.port)) != 0
+
+
+def test_sigterm_with_workers_exits_zero(serve: Callable[..., Pop3ServeProcess]) -> None:
+    """SIGTERM stops every worker and the server exits 0."""
+    proc = serve(workers=2)
+    assert _login_ok(proc)
+    assert proc.stop(signal.SIGTERM) == 0

@@ -1,0 +1,259 @@
+"""Mail is sacred: only QUIT in TRANSACTION deletes, and nothing ever loses a kept message.
+
+Every ending other than QUIT (a dropped connection, the idle timer, SIGTERM, kill -9)
+must leave the Maildir as it was; a kill -9 in the middle of UPDATE may leave some of the
+messages marked for deletion, but never removes or damages one that was not marked.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from pop3d.testing import Pop3ServeProcess, Pop3TestServer
+
+from .helpers import WAIT, RawClient
+from .messages import wire
+
+pytestmark = pytest.mark.timeout(90)
+
+MESSAGES = [b"Subject: m%d\n\nbody of message %d\n" % (i, i) for i in range(1, 6)]
+
+
+def fill(srv: Pop3TestServer | Pop3ServeProcess, user: str = "alice") -> None:
+    for data in MESSAGES:
+        srv.add_message(user, data)
+
+
+def login_when_free(srv: Pop3TestServer | Pop3ServeProcess) -> RawClient:
+    """Log alice in, retrying while the previous session still holds the lock (bounded)."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        client = RawClient(srv.host, srv.port)
+        reply = client.login(b"alice", b"secret")
+        if reply.startswith(b"+OK"):
+            return client
+        client.close()
+        assert b"[IN-USE]" in reply, reply
+        assert time.monotonic() < deadline, "the maildrop lock was never released"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_drop_after_dele_deletes_nothing(pop3_server: Pop3TestServer, how: str) -> None:
+    """A client that vanishes after DELE (FIN or RST) deletes nothing: no QUIT, no UPDATE."""
+    fill(pop3_server)
+    client = RawClient(pop3_server.host, pop3_server.port)
+    assert client.login(b"alice", b"secret").startswith(b"+OK")
+    for n in (1, 2, 5):
+        assert client.cmd(b"DELE %d" % n).startswith(b"+OK")
+    if how == "reset":
+        client.abort()
+    else:
+        client.close()
+    again = login_when_free(pop3_server)  # the old session is over and its lock released
+    with again:
+        assert again.cmd(b"STAT") == b"+OK 5 %d\r\n" % sum(len(wire(m)) for m in MESSAGES)
+    assert pop3_server.messages("alice") == MESSAGES
+
+
+@pytest.mark.parametrize("state", ["authorization", "transaction"])
+def test_idle_timeout_closes_without_update(
+    pop3_server_factory: object, state: str
+) -> None:
+    """The inactivity timer closes the connection without UPDATE: DELE, go idle, nothing lost."""
+    assert callable(pop3_server_factory)
+    srv = pop3_server_factory(idle_timeout=1)
+    assert isinstance(srv, Pop3TestServer)
+    fill(srv)
+    with RawClient(srv.host, srv.port) as client:
+        if state == "transaction":
+            assert client.login(b"alice", b"secret").startswith(b"+OK")
+            assert client.cmd(b"DELE 1").startswith(b"+OK")
+        start = time.monotonic()
+        tail = client.wait_eof(timeout=WAIT)
+        elapsed = time.monotonic() - start
+    assert tail.startswith(b"-ERR"), tail
+    assert 0.8 <= elapsed < WAIT
+    login_when_free(srv).close()
+    assert srv.messages("alice") == MESSAGES
+
+
+def test_activity_resets_idle_timer(pop3_server_factory: object) -> None:
+    """Commands keep a session alive past the idle timeout (the timer is for inactivity)."""
+    assert callable(pop3_server_factory)
+    srv = pop3_server_factory(idle_timeout=1)
+    assert isinstance(srv, Pop3TestServer)
+    fill(srv)
+    with RawClient(srv.host, srv.port) as client:
+        assert client.login(b"alice", b"secret").startswith(b"+OK")
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end:
+            assert client.cmd(b"NOOP") == b"+OK\r\n"
+            time.sleep(0.3)  # client think time, well under the 1 s timeout
+        assert client.cmd(b"DELE 1").startswith(b"+OK")
+        assert client.cmd(b"QUIT").startswith(b"+OK")
+    assert srv.messages("alice") == MESSAGES[1:]
+
+
+def test_sigterm_exits_zero_and_closes_sessions_without_update(
+    serve: object,
+) -> None:
+    """SIGTERM: exit status 0 within seconds; open sessions are closed and nothing is deleted."""
+    assert callable(serve)
+    proc = serve()
+    assert isinstance(proc, Pop3ServeProcess)
+    fill(proc)
+    fill(proc, "bob")
+    trans = RawClient(proc.host, proc.port)
+    assert trans.login(b"alice", b"secret").startswith(b"+OK")
+    assert trans.cmd(b"DELE 1").startswith(b"+OK")
+    auth = RawClient(proc.host, proc.port)
+    assert auth.cmd(b"USER bob").startswith(b"+OK")
+    start = time.monotonic()
+    status = proc.stop(signal.SIGTERM, timeout=15)
+    elapsed = time.monotonic() - start
+    assert status == 0, proc.log_text()
+    assert elapsed < 6.0
+    for client in (trans, auth):
+        with client:
+            rest = client.wait_eof(timeout=5)
+            assert rest in (b"", b"-ERR [SYS/TEMP] server shutting down\r\n"), rest
+    assert proc.messages("alice") == MESSAGES
+    assert proc.messages("bob") == MESSAGES
+    assert "Traceback" not in proc.log_text()
+
+
+def test_delivery_during_session_is_invisible_and_survives(pop3_server: Pop3TestServer) -> None:
+    """A message delivered mid-session is not seen by it, and its UPDATE does not delete it."""
+    pop3_server.add_message("alice", MESSAGES[0])
+    pop3_server.add_message("alice", MESSAGES[1])
+    with RawClient(pop3_server.host, pop3_server.port) as client:
+        assert client.login(b"alice", b"secret").startswith(b"+OK")
+        late = pop3_server.add_message("alice", MESSAGES[2])
+        sizes = [len(wire(m)) for m in MESSAGES[:2]]
+        assert client.cmd(b"STAT") == b"+OK 2 %d\r\n" % sum(sizes)
+        assert client.cmd(b"LIST").startswith(b"+OK")
+        assert client.multiline() == [b"1 %d" % sizes[0], b"2 %d" % sizes[1]]
+        assert client.cmd(b"UIDL").startswith(b"+OK")
+        assert len(client.multiline()) == 2
+        assert client.cmd(b"RETR 3").startswith(b"-ERR")
+        assert client.cmd(b"DELE 3").startswith(b"-ERR")
+        assert client.cmd(b"DELE 1").startswith(b"+OK")
+        assert client.cmd(b"DELE 2").startswith(b"+OK")
+        assert client.cmd(b"QUIT").startswith(b"+OK")
+        assert client.wait_eof() == b""
+    assert late.exists()
+    assert pop3_server.messages("alice") == [MESSAGES[2]]
+
+
+def test_second_session_gets_in_use(pop3_server: Pop3TestServer) -> None:
+    """One session per maildrop: the second login gets -ERR [IN-USE]; after QUIT it works."""
+    fill(pop3_server)
+    first = RawClient(pop3_server.host, pop3_server.port)
+    assert first.login(b"alice", b"secret").startswith(b"+OK")
+    with RawClient(pop3_server.host, pop3_server.port) as second:
+        assert second.login(b"alice", b"secret") == b"-ERR [IN-USE] maildrop already locked\r\n"
+        # bob's maildrop is another lock
+        with RawClient(pop3_server.host, pop3_server.port) as bob:
+            assert bob.login(b"bob", b"hunter2").startswith(b"+OK")
+        assert first.cmd(b"QUIT").startswith(b"+OK")
+        first.close()
+    login_when_free(pop3_server).close()
+
+
+def test_lock_holds_across_processes_and_dies_with_kill9(serve: object) -> None:
+    """The maildrop lock holds across server processes and dies with a kill -9'd holder."""
+    assert callable(serve)
+    one = serve()
+    assert isinstance(one, Pop3ServeProcess)
+    fill(one)
+    holder = RawClient(one.host, one.port)
+    assert holder.login(b"alice", b"secret").startswith(b"+OK")
+    assert holder.cmd(b"DELE 1").startswith(b"+OK")
+    two = serve(root=one.root)
+    assert isinstance(two, Pop3ServeProcess)
+    with RawClient(two.host, two.port) as other:
+        assert other.login(b"alice", b"secret").startswith(b"-ERR [IN-USE]")
+    one.kill()
+    with holder:
+        holder.wait_eof()
+    with RawClient(two.host, two.port) as other:
+        assert other.login(b"alice", b"secret").startswith(b"+OK")
+        assert other.cmd(b"STAT").startswith(b"+OK 5 ")
+    assert two.messages("alice") == MESSAGES
+
+
+# ------------------------------------------------------------------ kill -9 during UPDATE
+
+BIG = 3000
+KEEP_EVERY = 50
+
+
+def big_message(i: int) -> bytes:
+    return b"Subject: message %d\n\n%s\n" % (i, b"line of message %d\n" % i * 5)
+
+
+def maildir_files(root: Path) -> dict[str, bytes]:
+    """Message files by their key (the name before ``:``) -> contents."""
+    out: dict[str, bytes] = {}
+    for sub in ("new", "cur"):
+        for entry in os.scandir(root / sub):
+            if entry.name.startswith("."):
+                continue
+            out[entry.name.split(":", 1)[0]] = Path(entry.path).read_bytes()
+    return out
+
+
+def count_messages(root: Path) -> int:
+    return sum(len(os.listdir(root / sub)) for sub in ("new", "cur"))  # noqa: PTH208 (fast)
+
+
+@pytest.mark.parametrize("kill_at", ["first-unlink", "half", "quit-sent"])
+def test_kill9_during_update_loses_no_kept_message(
+    serve: object, tmp_path: Path, kill_at: str
+) -> None:
+    """kill -9 while UPDATE unlinks: every undeleted message survives intact, the lock dies."""
+    assert callable(serve)
+    proc = serve(root=tmp_path / "srv")
+    assert isinstance(proc, Pop3ServeProcess)
+    originals: dict[str, bytes] = {}
+    for i in range(BIG):
+        path = proc.add_message("alice", big_message(i))
+        originals[path.name] = big_message(i)
+    root = proc.maildir("alice")
+    kept = {name for i, name in enumerate(originals) if i % KEEP_EVERY == 0}
+    client = RawClient(proc.host, proc.port)
+    assert client.login(b"alice", b"secret").startswith(b"+OK")
+    # Pipelined DELEs (RFC 2449 PIPELINING), then read all the replies.
+    client.send(b"".join(b"DELE %d\r\n" % (i + 1) for i in range(BIG) if i % KEEP_EVERY))
+    for _ in range(BIG - len(kept)):
+        assert client.line().startswith(b"+OK")
+    client.send(b"QUIT\r\n")
+    target = {"first-unlink": BIG - 1, "half": BIG // 2, "quit-sent": BIG}[kill_at]
+    deadline = time.monotonic() + WAIT
+    while count_messages(root) > target and time.monotonic() < deadline:
+        pass  # spin: UPDATE takes milliseconds, and we must catch it in the act
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.kill()  # reap
+    client.close()
+    left = maildir_files(root)
+    # Every kept message is there, byte for byte; every file left is an intact original.
+    assert kept <= left.keys()
+    for key, data in left.items():
+        assert data == originals[key], key
+    assert list((root / "tmp").iterdir()) == []
+    # The lock died with the server: a new one serves the same Maildir at once.
+    again = serve(root=tmp_path / "srv")
+    assert isinstance(again, Pop3ServeProcess)
+    with RawClient(again.host, again.port) as client2:
+        reply = client2.login(b"alice", b"secret")
+        assert reply.startswith(b"+OK alice's maildrop has %d messages" % len(left)), reply
+        assert client2.cmd(b"QUIT").startswith(b"+OK")
+    if kill_at == "half":
+        # Not a guarantee of the server, but a check that the test caught UPDATE mid-way.
+        assert len(kept) < len(left) < BIG, "UPDATE was not interrupted; make it longer"

@@ -82,7 +82,12 @@ class RawClient:
         return self.cmd(b"PASS " + password)
 
     def wait_eof(self, timeout: float = WAIT) -> bytes:
-        """Read until the server closes; return what it sent meanwhile."""
+        """Read until the server closes; return what it sent meanwhile.
+
+        Raises:
+            TimeoutError: the server did not close within ``timeout``.
+
+        """
         deadline = time.monotonic() + timeout
         while True:
             self.sock.settimeout(max(0.01, deadline - time.monotonic()))

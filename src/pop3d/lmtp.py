@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import socket
@@ -52,7 +53,7 @@ from pop3d.deliver import find_user
 from pop3d.errors import PermanentBackendError, QuotaExceeded
 from pop3d.storage.base import Deliverer
 
-__all__ = ["MAX_RECIPIENTS", "LmtpHandler", "LmtpServerProtocol", "start_lmtp"]
+__all__ = ["MAX_RECIPIENTS", "LmtpHandler", "LmtpServerProtocol", "bind_lmtp", "start_lmtp"]
 
 log = logging.getLogger("pop3d.lmtp")
 
@@ -63,6 +64,9 @@ MAX_RECIPIENTS = 1000
 #: Seconds an LMTP client may stay silent before the connection is closed (RFC 5321
 #: §4.5.3.2.7 suggests 5 minutes for the server).
 LMTP_TIMEOUT = 300.0
+
+#: Listen backlog of the LMTP sockets (an MTA opens few, long-lived connections).
+_BACKLOG = 128
 
 #: Spool writes are batched into pieces of this size.
 _SPOOL_BUFFER = limits.READ_CHUNK
@@ -281,17 +285,54 @@ def protocol_factory(
     return factory
 
 
-async def start_lmtp(
-    config: Config, authenticator: Authenticator, deliverer: Deliverer
-) -> list[asyncio.Server]:
-    """Listen for LMTP on every ``[lmtp] listen`` address; return the started servers.
+def bind_lmtp(config: Config) -> list[socket.socket]:
+    """Bind and listen on every ``[lmtp] listen`` address, before workers fork.
 
-    ``host:port`` listens on TCP (port 0 picks a free port: read it from
-    ``server.sockets[0].getsockname()``); ``unix:PATH`` on a UNIX socket (mode 0666, as
-    Dovecot's LMTP socket: LMTP grants nothing but delivery; a stale socket file left by
-    a dead server is replaced, any other file is an error).  Stop with ``server.close()``
-    and ``await server.wait_closed()``; a UNIX socket file is removed by the caller (or
-    replaced at the next start).
+    Pass the result to :func:`start_lmtp` in each worker (``sockets=``): the workers then
+    share the listening sockets, as they share the POP3 ones.  A UNIX socket file gets
+    mode 0666 (LMTP grants nothing but delivery, as Dovecot's socket); a stale one left by
+    a dead server is replaced, anything else at that path is an error.
+
+    Raises:
+        OSError: an address cannot be bound (the sockets already bound are closed).
+
+    """
+    out: list[socket.socket] = []
+    try:
+        for address in config.lmtp.listen:
+            if address.startswith("unix:"):
+                out.append(_bind_unix(Path(address.removeprefix("unix:"))))
+            else:
+                out.append(_bind_tcp(address))
+    except BaseException:
+        for sock in out:
+            sock.close()
+        raise
+    return out
+
+
+async def start_lmtp(
+    config: Config,
+    authenticator: Authenticator,
+    deliverer: Deliverer,
+    *,
+    sockets: list[socket.socket] | None = None,
+) -> list[asyncio.Server]:
+    """Serve LMTP on every ``[lmtp] listen`` address; return the started servers.
+
+    Args:
+        config: the configuration (``[lmtp]``: addresses, size limit, host name).
+        authenticator: where recipients are looked up.
+        deliverer: the store messages go into.
+        sockets: sockets from :func:`bind_lmtp`, bound before the workers forked.  Without
+            them each call binds by itself: ``host:port`` with ``SO_REUSEPORT`` (so that
+            several worker processes may each do so; the kernel spreads connections),
+            ``unix:PATH`` via :func:`bind_lmtp`, except that a path another live process
+            already listens on is skipped with a warning (a sibling worker got it first).
+
+    ``host:port`` with port 0 picks a free port: read it from
+    ``server.sockets[0].getsockname()``.  Stop with ``server.close()`` and ``await
+    server.wait_closed()``; a UNIX socket file is left for the next start to replace.
 
     Raises:
         OSError: an address cannot be bound (the servers already started are closed).
@@ -301,16 +342,31 @@ async def start_lmtp(
     factory = protocol_factory(config, LmtpHandler(authenticator, deliverer), loop)
     servers: list[asyncio.Server] = []
     try:
+        if sockets is not None:
+            for sock in sockets:
+                if sock.family == socket.AF_UNIX:
+                    servers.append(await loop.create_unix_server(factory, sock=sock))
+                else:
+                    servers.append(await loop.create_server(factory, sock=sock))
+            return servers
         for address in config.lmtp.listen:
             if address.startswith("unix:"):
                 path = Path(address.removeprefix("unix:"))
-                _remove_stale_socket(path)
-                server = await loop.create_unix_server(factory, str(path))
-                os.chmod(path, 0o666)  # noqa: PTH101, S103 (delivery only, as Dovecot's)
+                try:
+                    sock = _bind_unix(path)
+                except OSError as exc:
+                    if isinstance(exc, FileExistsError) or not _remove_stale_socket(path):
+                        raise
+                    log.warning("LMTP: %s is already served by another process", path)
+                    continue
+                servers.append(await loop.create_unix_server(factory, sock=sock))
             else:
                 where = parse_address(address, "[lmtp] listen")
-                server = await loop.create_server(factory, where.host, where.port)
-            servers.append(server)
+                servers.append(
+                    await loop.create_server(
+                        factory, where.host, where.port, reuse_port=True, backlog=_BACKLOG
+                    )
+                )
             log.info("LMTP listening on %s", address)
     except BaseException:
         for server in servers:
@@ -319,22 +375,53 @@ async def start_lmtp(
     return servers
 
 
-def _remove_stale_socket(path: Path) -> None:
-    """Remove a UNIX socket file nobody listens on; refuse to replace anything else."""
+def _bind_unix(path: Path) -> socket.socket:
+    if _remove_stale_socket(path):
+        raise OSError(errno.EADDRINUSE, f"{path}: another server is listening")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o666)  # noqa: PTH101, S103 (delivery only, as Dovecot's)
+        sock.listen(_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _bind_tcp(address: str) -> socket.socket:
+    where = parse_address(address, "[lmtp] listen")
+    family = socket.AF_INET6 if ":" in where.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((where.host, where.port))
+        sock.listen(_BACKLOG)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _remove_stale_socket(path: Path) -> bool:
+    """Remove a UNIX socket file nobody listens on.  True: a live server listens there.
+
+    Raises:
+        FileExistsError: something other than a socket is at ``path``.
+
+    """
     try:
         mode = path.lstat().st_mode
     except FileNotFoundError:
-        return
+        return False
     if not stat.S_ISSOCK(mode):
         raise FileExistsError(f"{path} exists and is not a socket")
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.connect(str(path))
-    except ConnectionRefusedError:
-        path.unlink()
-        return
-    except OSError:
-        return
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)
+        return False
     finally:
         probe.close()
-    raise OSError(f"{path}: another server is listening")
+    return True

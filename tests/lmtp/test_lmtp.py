@@ -23,7 +23,7 @@ from pop3d.auth.base import Principal
 from pop3d.auth.passwd_file import PasswdFileAuthenticator
 from pop3d.config import Config, LmtpConfig
 from pop3d.errors import TemporaryBackendError
-from pop3d.lmtp import start_lmtp
+from pop3d.lmtp import bind_lmtp, start_lmtp
 from pop3d.storage.maildir import MaildirStore
 from pop3d.storage.mbox import MboxStore
 from pop3d.storage.wire import to_wire
@@ -41,8 +41,15 @@ MESSAGE = b"From: bob@example.org\r\nSubject: hello\r\n\r\nline one\r\n.leading 
 class LmtpThread:
     """start_lmtp in a thread with its own loop; ``stop()`` closes it and joins."""
 
-    def __init__(self, config: Config, authenticator: Any, deliverer: Any) -> None:
+    def __init__(
+        self,
+        config: Config,
+        authenticator: Any,
+        deliverer: Any,
+        sockets: list[socket.socket] | None = None,
+    ) -> None:
         self.config = config
+        self.sockets = sockets
         self.authenticator = authenticator
         self.deliverer = deliverer
         self.ready = threading.Event()
@@ -62,7 +69,9 @@ class LmtpThread:
     async def _main(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
-        servers = await start_lmtp(self.config, self.authenticator, self.deliverer)
+        servers = await start_lmtp(
+            self.config, self.authenticator, self.deliverer, sockets=self.sockets
+        )
         self.sockname = servers[0].sockets[0].getsockname()
         self.ready.set()
         try:
@@ -262,6 +271,59 @@ def test_unix_socket_listener(tmp_path: Path) -> None:
         e.auth.close()
     [msg] = e.messages("alice")
     assert b"\r\n\r\nover a socket\r\n" in msg
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_prebound_sockets_serve(tmp_path: Path, transport: str) -> None:
+    """Sockets bound by bind_lmtp() before a fork are served by start_lmtp(sockets=...)."""
+    listen = f"unix:{tmp_path / 'l.sock'}" if transport == "unix" else "127.0.0.1:0"
+    e = Env(tmp_path, "mbox", listen, 1 << 20)
+    sockets = bind_lmtp(e.config)
+    e.server.sockets = sockets
+    e.server.start()
+    try:
+        client = Raw(e.server.sockname)
+        client.send(b"LHLO t\r\nMAIL FROM:<a@b>\r\nRCPT TO:<alice>\r\nDATA\r\nS: x\r\n\r\n.\r\n")
+        assert [client.reply()[0][:3] for _ in range(5)] == [b"250"] * 3 + [b"354", b"250"]
+        client.close()
+    finally:
+        e.server.stop()
+        e.auth.close()
+        for sock in sockets:
+            sock.close()
+    assert len(e.messages("alice")) == 1
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_sibling_workers_binding_the_same_address(tmp_path: Path, transport: str) -> None:
+    """Two start_lmtp on one address (worker processes) share a TCP port (SO_REUSEPORT);
+    for a UNIX path the second one skips it, and neither fails."""
+    listen = f"unix:{tmp_path / 'l.sock'}" if transport == "unix" else "127.0.0.1:0"
+    e = Env(tmp_path, "mbox", listen, 1 << 20)
+    e.server.start()
+    same = listen if transport == "unix" else f"127.0.0.1:{e.server.sockname[1]}"
+    sibling = LmtpThread(Config(lmtp=LmtpConfig(listen=(same,))), e.auth, e.store)
+    try:
+        if transport == "unix":
+            with pytest.raises(IndexError):  # it started no server, so has no address
+                sibling.start()
+        else:
+            sibling.start()
+            assert sibling.sockname == e.server.sockname
+            sibling.stop()
+        with smtplib.LMTP(*_target(e.server.sockname)) as client:
+            client.sendmail("a@b", ["alice"], b"S: x\r\n\r\n")
+    finally:
+        e.server.stop()
+        e.auth.close()
+    assert len(e.messages("alice")) == 1
+
+
+def _target(sockname: Any) -> tuple[str, int]:
+    """smtplib.LMTP's (host, port) for a socket name; a path is a UNIX socket."""
+    if isinstance(sockname, str):
+        return sockname, 0
+    return sockname[0], sockname[1]
 
 
 def test_stale_unix_socket_is_replaced(tmp_path: Path) -> None:

@@ -42,7 +42,9 @@ def pop3_server_factory(tmp_path: Path) -> Iterator[ServerFactory]:
     def factory(**kwargs: object) -> Pop3TestServer:
         users = kwargs.pop("users", USERS)
         assert isinstance(users, dict)
-        srv = Pop3TestServer(tmp_path / f"pop3d-{len(started)}", users=users, **kwargs)
+        srv = Pop3TestServer(
+            tmp_path / f"pop3d-{len(started)}", users=users, **kwargs  # type: ignore[arg-type]
+        )
         started.append(srv)
         return srv.start()
 

@@ -5,8 +5,17 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from collections.abc import Callable
 from types import TracebackType
 from typing import Self
+
+from pop3d.testing import Pop3ServeProcess, Pop3TestServer
+
+#: The ``pop3_server_factory`` fixture: start an in-process server with config overrides.
+ServerFactory = Callable[..., Pop3TestServer]
+
+#: The ``serve`` fixture: start a ``pop3d serve`` subprocess.
+ServeFactory = Callable[..., Pop3ServeProcess]
 
 #: Seconds any single wait for the server may take before the test fails.
 WAIT = 10.0
@@ -70,6 +79,20 @@ class RawClient:
             if line == b".\r\n":
                 return out
             out.append(line[1:-2] if line.startswith(b".") else line[:-2])
+
+    def raw_multiline(self) -> bytes:
+        """Return a multi-line body exactly as sent (stuffed), with its ``.CRLF`` terminator."""
+        while True:
+            if self.buf.startswith(b".\r\n"):
+                cut = 3
+            else:
+                end = self.buf.find(b"\r\n.\r\n")
+                cut = end + 5 if end >= 0 else 0
+            if cut:
+                body, self.buf = self.buf[:cut], self.buf[cut:]
+                return body
+            if not self._fill():
+                raise ConnectionError("EOF inside a multi-line response")
 
     def cmd(self, command: bytes) -> bytes:
         """Send one command line (CRLF added) and return the status line."""

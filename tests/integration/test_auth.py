@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from pop3d.testing import Pop3ServeProcess, Pop3TestServer
+from pop3d.testing import Pop3TestServer
 
-from .helpers import WAIT, RawClient
+from .helpers import WAIT, RawClient, ServeFactory, ServerFactory
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -35,11 +35,9 @@ def test_unknown_user_and_wrong_password_get_identical_replies(
     assert wrong_password[1] == b"-ERR [AUTH] invalid password\r\n"
 
 
-def test_apop_unknown_user_and_wrong_digest_identical(pop3_server_factory: object) -> None:
+def test_apop_unknown_user_and_wrong_digest_identical(pop3_server_factory: ServerFactory) -> None:
     """With APOP on, a wrong digest and an unknown user get the same -ERR."""
-    assert callable(pop3_server_factory)
     srv = pop3_server_factory(apop=True)
-    assert isinstance(srv, Pop3TestServer)
     replies = []
     for user in (b"alice", b"mallory"):
         with RawClient(srv.host, srv.port) as client:
@@ -61,11 +59,9 @@ def test_three_failed_logins_close_the_connection(pop3_server: Pop3TestServer) -
     assert farewell == b"" or re.fullmatch(rb"-ERR [^\r\n]*\r\n", farewell), farewell
 
 
-def test_failure_delay_blocks_no_other_session(pop3_server_factory: object) -> None:
+def test_failure_delay_blocks_no_other_session(pop3_server_factory: ServerFactory) -> None:
     """A failed PASS is answered after the delay; meanwhile another session is served at once."""
-    assert callable(pop3_server_factory)
     srv = pop3_server_factory(failure_delay=0.5)
-    assert isinstance(srv, Pop3TestServer)
     with RawClient(srv.host, srv.port) as bob, RawClient(srv.host, srv.port) as alice:
         assert bob.login(b"bob", b"hunter2").startswith(b"+OK")
         assert alice.cmd(b"USER alice").startswith(b"+OK")
@@ -80,11 +76,9 @@ def test_failure_delay_blocks_no_other_session(pop3_server_factory: object) -> N
     assert alice_answered < WAIT
 
 
-def test_good_login_is_not_delayed(pop3_server_factory: object) -> None:
+def test_good_login_is_not_delayed(pop3_server_factory: ServerFactory) -> None:
     """The failure delay applies only to failures: a right password is answered at once."""
-    assert callable(pop3_server_factory)
     srv = pop3_server_factory(failure_delay=2)
-    assert isinstance(srv, Pop3TestServer)
     with RawClient(srv.host, srv.port) as client:
         start = time.monotonic()
         assert client.login(b"alice", b"secret").startswith(b"+OK")
@@ -115,11 +109,9 @@ PASSWORD = "Zebra-Quartz-91731"
 WRONG = "Wrong-Xylophone-5521"
 
 
-def test_no_password_in_log(serve: object) -> None:
+def test_no_password_in_log(serve: ServeFactory) -> None:
     """Neither a right nor a wrong password (plain or base64) ever appears in the log."""
-    assert callable(serve)
     proc = serve(users={"alice": PASSWORD}, extra_args=["--log-level", "DEBUG"])
-    assert isinstance(proc, Pop3ServeProcess)
     proc.add_message("alice", b"Subject: x\n\nbody\n")
     with RawClient(proc.host, proc.port) as client:
         assert client.login(b"alice", WRONG.encode()).startswith(b"-ERR")

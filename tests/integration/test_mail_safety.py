@@ -16,7 +16,7 @@ import pytest
 
 from pop3d.testing import Pop3ServeProcess, Pop3TestServer
 
-from .helpers import WAIT, RawClient
+from .helpers import WAIT, RawClient, ServeFactory, ServerFactory
 from .messages import wire
 
 pytestmark = pytest.mark.timeout(90)
@@ -63,12 +63,10 @@ def test_drop_after_dele_deletes_nothing(pop3_server: Pop3TestServer, how: str) 
 
 @pytest.mark.parametrize("state", ["authorization", "transaction"])
 def test_idle_timeout_closes_without_update(
-    pop3_server_factory: object, state: str
+    pop3_server_factory: ServerFactory, state: str
 ) -> None:
     """The inactivity timer closes the connection without UPDATE: DELE, go idle, nothing lost."""
-    assert callable(pop3_server_factory)
     srv = pop3_server_factory(idle_timeout=1)
-    assert isinstance(srv, Pop3TestServer)
     fill(srv)
     with RawClient(srv.host, srv.port) as client:
         if state == "transaction":
@@ -83,11 +81,9 @@ def test_idle_timeout_closes_without_update(
     assert srv.messages("alice") == MESSAGES
 
 
-def test_activity_resets_idle_timer(pop3_server_factory: object) -> None:
+def test_activity_resets_idle_timer(pop3_server_factory: ServerFactory) -> None:
     """Commands keep a session alive past the idle timeout (the timer is for inactivity)."""
-    assert callable(pop3_server_factory)
     srv = pop3_server_factory(idle_timeout=1)
-    assert isinstance(srv, Pop3TestServer)
     fill(srv)
     with RawClient(srv.host, srv.port) as client:
         assert client.login(b"alice", b"secret").startswith(b"+OK")
@@ -101,12 +97,10 @@ def test_activity_resets_idle_timer(pop3_server_factory: object) -> None:
 
 
 def test_sigterm_exits_zero_and_closes_sessions_without_update(
-    serve: object,
+    serve: ServeFactory,
 ) -> None:
     """SIGTERM: exit status 0 within seconds; open sessions are closed and nothing is deleted."""
-    assert callable(serve)
     proc = serve()
-    assert isinstance(proc, Pop3ServeProcess)
     fill(proc)
     fill(proc, "bob")
     trans = RawClient(proc.host, proc.port)
@@ -166,17 +160,14 @@ def test_second_session_gets_in_use(pop3_server: Pop3TestServer) -> None:
     login_when_free(pop3_server).close()
 
 
-def test_lock_holds_across_processes_and_dies_with_kill9(serve: object) -> None:
+def test_lock_holds_across_processes_and_dies_with_kill9(serve: ServeFactory) -> None:
     """The maildrop lock holds across server processes and dies with a kill -9'd holder."""
-    assert callable(serve)
     one = serve()
-    assert isinstance(one, Pop3ServeProcess)
     fill(one)
     holder = RawClient(one.host, one.port)
     assert holder.login(b"alice", b"secret").startswith(b"+OK")
     assert holder.cmd(b"DELE 1").startswith(b"+OK")
     two = serve(root=one.root)
-    assert isinstance(two, Pop3ServeProcess)
     with RawClient(two.host, two.port) as other:
         assert other.login(b"alice", b"secret").startswith(b"-ERR [IN-USE]")
     one.kill()
@@ -215,12 +206,10 @@ def count_messages(root: Path) -> int:
 
 @pytest.mark.parametrize("kill_at", ["first-unlink", "half", "quit-sent"])
 def test_kill9_during_update_loses_no_kept_message(
-    serve: object, tmp_path: Path, kill_at: str
+    serve: ServeFactory, tmp_path: Path, kill_at: str
 ) -> None:
     """kill -9 while UPDATE unlinks: every undeleted message survives intact, the lock dies."""
-    assert callable(serve)
     proc = serve(root=tmp_path / "srv")
-    assert isinstance(proc, Pop3ServeProcess)
     originals: dict[str, bytes] = {}
     for i in range(BIG):
         path = proc.add_message("alice", big_message(i))
@@ -249,7 +238,6 @@ def test_kill9_during_update_loses_no_kept_message(
     assert list((root / "tmp").iterdir()) == []
     # The lock died with the server: a new one serves the same Maildir at once.
     again = serve(root=tmp_path / "srv")
-    assert isinstance(again, Pop3ServeProcess)
     with RawClient(again.host, again.port) as client2:
         reply = client2.login(b"alice", b"secret")
         assert reply.startswith(b"+OK alice's maildrop has %d messages" % len(left)), reply

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from pop3d.testing import Pop3ServeProcess, Pop3TestServer
+from pop3d.testing import Pop3TestServer
 
-from .helpers import RawClient
+from .helpers import RawClient, ServeFactory
 from .messages import TRICKY, lines, wire
 
 pytestmark = pytest.mark.timeout(90)
@@ -199,11 +199,9 @@ def vm_hwm(pid: int) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")
-def test_one_gib_message_streams_in_bounded_memory(serve: object) -> None:
+def test_one_gib_message_streams_in_bounded_memory(serve: ServeFactory) -> None:
     """RETR of a 1 GiB message sends exactly its octets while the server's RSS stays small."""
-    assert callable(serve)
     proc = serve()
-    assert isinstance(proc, Pop3ServeProcess)
     head = b"Subject: big\n\n"
     tail = b"\n.dot line\nend"
     path = proc.add_message("alice", head)

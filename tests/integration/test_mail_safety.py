@@ -8,7 +8,9 @@ messages marked for deletion, but never removes or damages one that was not mark
 from __future__ import annotations
 
 import os
+import shutil
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -245,3 +247,86 @@ def test_kill9_during_update_loses_no_kept_message(
     if kill_at == "half":
         # Not a guarantee of the server, but a check that the test caught UPDATE mid-way.
         assert len(kept) < len(left) < BIG, "UPDATE was not interrupted; make it longer"
+
+
+def test_stalled_reader_is_cut_by_idle_timer(pop3_server_factory: ServerFactory) -> None:
+    """A client that stops reading mid-RETR is closed by the idle timer; nothing is deleted."""
+    srv = pop3_server_factory(idle_timeout=1)
+    big = b"Subject: big\n\n" + (b"y" * 1023 + b"\n") * 32 * 1024
+    srv.add_message("alice", big)
+    srv.add_message("alice", MESSAGES[0])
+    with RawClient(srv.host, srv.port) as client:
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        assert client.login(b"alice", b"secret").startswith(b"+OK")
+        assert client.cmd(b"DELE 2").startswith(b"+OK")
+        client.send(b"RETR 1\r\n")  # ... and never read the 32 MiB answer
+        # The server must give up on its own: the lock comes free without our help.
+        start = time.monotonic()
+        login_when_free(srv).close()
+        assert time.monotonic() - start < WAIT
+    assert srv.messages("alice") == [big, MESSAGES[0]]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_stop_signal_during_stalled_retr(serve: ServeFactory, sig: int) -> None:
+    """SIGTERM/SIGINT while a RETR is stuck on a non-reading client still exits 0 promptly."""
+    proc = serve()
+    big = b"Subject: big\n\n" + (b"z" * 1023 + b"\n") * 32 * 1024
+    proc.add_message("alice", big)
+    proc.add_message("alice", MESSAGES[0])
+    with RawClient(proc.host, proc.port) as client:
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        assert client.login(b"alice", b"secret").startswith(b"+OK")
+        assert client.cmd(b"DELE 2").startswith(b"+OK")
+        client.send(b"RETR 1\r\n")
+        assert client.line().startswith(b"+OK")  # the transfer has begun
+        start = time.monotonic()
+        assert proc.stop(sig, timeout=15) == 0, proc.log_text()
+        assert time.monotonic() - start < 7.0
+    assert proc.messages("alice") == [big, MESSAGES[0]]
+    assert "Traceback" not in proc.log_text()
+
+
+def test_uidl_stable_across_restart(serve: ServeFactory, tmp_path: Path) -> None:
+    """UIDLs stay the same across server restarts (and the new/ to cur/ move at login)."""
+    first = serve(root=tmp_path / "srv")
+    fill(first)
+
+    def uidls(proc: Pop3ServeProcess) -> list[bytes]:
+        with RawClient(proc.host, proc.port) as client:
+            assert client.login(b"alice", b"secret").startswith(b"+OK")
+            assert client.cmd(b"UIDL").startswith(b"+OK")
+            listing = client.multiline()
+            assert client.cmd(b"QUIT").startswith(b"+OK")
+            return listing
+
+    before = uidls(first)
+    assert first.stop() == 0
+    second = serve(root=tmp_path / "srv")
+    assert uidls(second) == before
+    assert len(set(before)) == len(MESSAGES)
+
+
+def test_message_removed_by_another_program(pop3_server: Pop3TestServer) -> None:
+    """A message file removed under the session gets -ERR for it; the rest is served."""
+    fill(pop3_server)
+    with RawClient(pop3_server.host, pop3_server.port) as client:
+        assert client.login(b"alice", b"secret").startswith(b"+OK")
+        victim = pop3_server.message_paths("alice")[1]
+        victim.unlink()
+        assert client.cmd(b"RETR 2").startswith(b"-ERR")
+        assert client.cmd(b"RETR 3").startswith(b"+OK")
+        assert client.multiline() == MESSAGES[2].rstrip(b"\n").split(b"\n")
+        assert client.cmd(b"DELE 2").startswith(b"+OK")
+        assert client.cmd(b"DELE 1").startswith(b"+OK")
+        assert client.cmd(b"QUIT").startswith(b"+OK")
+    assert pop3_server.messages("alice") == MESSAGES[2:]
+
+
+def test_missing_maildir_is_sys_temp_not_empty(pop3_server: Pop3TestServer) -> None:
+    """A user whose Maildir is missing gets -ERR [SYS/TEMP] at login, never an empty mailbox."""
+    shutil.rmtree(pop3_server.maildir("bob"))
+    with RawClient(pop3_server.host, pop3_server.port) as client:
+        reply = client.login(b"bob", b"hunter2")
+        assert reply.startswith(b"-ERR [SYS/TEMP]"), reply
+    assert not (pop3_server.root / "mail" / "bob" / "Maildir" / "cur").exists()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import socket
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 
 from pop3d.testing import Pop3TestServer
 
-from .helpers import RawClient, ServeFactory
+from .helpers import RawClient, ServeFactory, ServerFactory
 from .messages import TRICKY, lines, wire
 
 pytestmark = pytest.mark.timeout(90)
@@ -246,3 +247,83 @@ def test_one_gib_message_streams_in_bounded_memory(serve: ServeFactory) -> None:
     finally:
         for leftover in proc.maildir("alice").glob("*/*"):
             leftover.unlink()  # the 1 GiB file, wherever the server moved it
+
+
+@pytest.mark.parametrize("with_quit", [True, False], ids=["QUIT", "no-QUIT"])
+def test_half_close_finishes_received_commands(
+    pop3_server: Pop3TestServer, with_quit: bool
+) -> None:
+    """Commands sent before the client's EOF are all answered; UPDATE runs only if QUIT came."""
+    for data in TRICKY.values():
+        pop3_server.add_message("alice", data)
+    script = b"USER alice\r\nPASS secret\r\nDELE 1\r\nSTAT\r\n"
+    if with_quit:
+        script += b"QUIT\r\n"
+    with RawClient(pop3_server.host, pop3_server.port) as client:
+        client.send(script)
+        client.sock.shutdown(socket.SHUT_WR)
+        replies = client.wait_eof().split(b"\r\n")
+    assert [r[:3] for r in replies[:-1]] == [b"+OK"] * (5 if with_quit else 4), replies
+    expected = list(TRICKY.values())[1:] if with_quit else list(TRICKY.values())
+    # "+OK ... signing off" is sent after UPDATE, so the Maildir is final by now.
+    assert pop3_server.messages("alice") == expected
+
+
+def test_pipelined_flood_all_answered(pop3_server: Pop3TestServer) -> None:
+    """50,000 pipelined NOOPs, written while replies are read: every one answered, in order."""
+    n = 50_000
+    with RawClient(pop3_server.host, pop3_server.port) as client:
+        assert client.login(b"alice", b"secret").startswith(b"+OK")
+        errors: list[BaseException] = []
+
+        def writer() -> None:
+            try:
+                client.send(b"NOOP\r\n" * n + b"STAT\r\n")
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        try:
+            for _ in range(n):
+                assert client.line() == b"+OK\r\n"
+            assert client.line() == b"+OK 0 0\r\n"
+        finally:
+            thread.join(timeout=30)
+        assert errors == []
+
+
+def test_connection_cap_refuses_politely(pop3_server_factory: ServerFactory) -> None:
+    """Past max_connections a client gets -ERR [SYS/TEMP] and a close; a slot then frees."""
+    srv = pop3_server_factory(max_connections=2)
+    first = RawClient(srv.host, srv.port)
+    second = RawClient(srv.host, srv.port)
+    with first, second:
+        assert first.greeting.startswith(b"+OK")
+        with RawClient(srv.host, srv.port) as third:
+            assert third.greeting.startswith(b"-ERR [SYS/TEMP]")
+            assert third.wait_eof() == b""
+        assert first.cmd(b"QUIT").startswith(b"+OK")
+    deadline = time.monotonic() + 10
+    while True:
+        with RawClient(srv.host, srv.port) as again:
+            if again.greeting.startswith(b"+OK"):
+                break
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_many_concurrent_sessions(pop3_server: Pop3TestServer) -> None:
+    """200 clients connected at once are all greeted and served."""
+    pop3_server.add_message("alice", TRICKY["plain"])
+    clients = []
+    try:
+        for _ in range(200):
+            clients.append(RawClient(pop3_server.host, pop3_server.port))  # noqa: PERF401
+        for client in clients:
+            assert client.greeting.startswith(b"+OK")
+            assert client.cmd(b"CAPA").startswith(b"+OK")
+            client.multiline()
+    finally:
+        for client in clients:
+            client.close()

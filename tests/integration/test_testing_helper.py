@@ -1,0 +1,84 @@
+"""pop3d.testing, the helper we publish for other people's test suites, does what it says."""
+
+from __future__ import annotations
+
+import poplib
+import textwrap
+import threading
+from pathlib import Path
+
+import pytest
+
+import pop3d.testing
+from pop3d.errors import ConfigError
+from pop3d.testing import Pop3ServeProcess, Pop3TestServer
+
+from .helpers import RawClient
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def test_docstring_example_runs(tmp_path: Path) -> None:
+    """The module docstring's example test, run as written, passes."""
+    doc = pop3d.testing.__doc__
+    assert doc is not None
+    block = doc.split("Example (pytest)::", 1)[1].split("The subprocess variant", 1)[0]
+    code = textwrap.dedent(block)
+    namespace: dict[str, object] = {}
+    exec(compile(code, "pop3d.testing example", "exec"), namespace)
+    test = namespace["test_fetch_deletes"]
+    assert callable(test)
+    test(tmp_path)
+
+
+def test_stop_closes_sessions_without_update_and_leaves_no_thread(tmp_path: Path) -> None:
+    """stop() ends open sessions without UPDATE, joins its thread, and can be called twice."""
+    before = threading.active_count()
+    srv = Pop3TestServer(tmp_path, users={"alice": "secret"}).start()
+    srv.add_message("alice", b"Subject: a\n\nkeep me\n")
+    with RawClient(srv.host, srv.port) as client:
+        assert client.login(b"alice", b"secret").startswith(b"+OK")
+        assert client.cmd(b"DELE 1").startswith(b"+OK")
+        srv.stop()
+        client.wait_eof()
+    srv.stop()
+    assert srv.messages("alice") == [b"Subject: a\n\nkeep me\n"]
+    assert threading.active_count() == before
+
+
+def test_messages_in_delivery_order_after_login(tmp_path: Path) -> None:
+    """messages() lists new/ and cur/ in delivery order, also after the server moved them."""
+    with Pop3TestServer(tmp_path, users={"alice": "secret"}) as srv:
+        sent = [b"Subject: %d\n\n%d\n" % (i, i) for i in range(12)]
+        for data in sent:
+            srv.add_message("alice", data)
+        client = poplib.POP3(srv.host, srv.port, timeout=10)
+        client.user("alice")
+        client.pass_("secret")
+        client.quit()
+        assert not list((srv.maildir("alice") / "new").iterdir())
+        assert srv.messages("alice") == sent
+
+
+def test_overrides_are_checked(tmp_path: Path) -> None:
+    """An unknown override is a TypeError; an invalid value is the config's own error."""
+    with pytest.raises(TypeError, match="idle_timout"):
+        Pop3TestServer(tmp_path, idle_timout=2)
+    with pytest.raises(ConfigError, match="idle_timeout"):
+        Pop3TestServer(tmp_path, idle_timeout=0)
+
+
+def test_hashed_passwords_are_stored_as_given(tmp_path: Path) -> None:
+    """A password with a {SCHEME} prefix is written as is; others become {PLAIN}."""
+    Pop3TestServer(tmp_path, users={"a": "{SHA256}abc=", "b": "pw"})
+    assert (tmp_path / "users").read_text() == "a:{SHA256}abc=\nb:{PLAIN}pw\n"
+
+
+def test_serve_process_start_failure_shows_log(tmp_path: Path) -> None:
+    """A subprocess that cannot start raises with the server's log, and is not left running."""
+    proc = Pop3ServeProcess(tmp_path, users={"alice": "secret"}, greeting=12)
+    with pytest.raises(RuntimeError, match="exited with status 78") as info:
+        proc.start()
+    assert "greeting" in str(info.value)
+    assert proc.process is not None
+    assert proc.process.returncode == 78

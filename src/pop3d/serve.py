@@ -84,6 +84,14 @@ def build_authenticator(cfg: Config) -> Any:
     return PasswdFileAuthenticator(cfg.auth.passwd_file)
 
 
+def _bind_lmtp(cfg: Config) -> list[socket.socket]:
+    if not cfg.lmtp.listen:
+        return []
+    from pop3d.lmtp import bind_lmtp  # noqa: PLC0415
+
+    return bind_lmtp(cfg)
+
+
 def _install_uvloop() -> None:
     try:
         import uvloop  # noqa: PLC0415
@@ -98,8 +106,13 @@ async def serve_forever(
     *,
     ready: asyncio.Future[ServerContext] | None = None,
     stop: asyncio.Event | None = None,
+    lmtp_sockets: list[socket.socket] | None = None,
 ) -> None:
-    """Serve on ``sockets`` until ``stop`` is set or SIGTERM/SIGINT arrives."""
+    """Serve on ``sockets`` until ``stop`` is set or SIGTERM/SIGINT arrives.
+
+    ``lmtp_sockets`` are the ``[lmtp]`` sockets bound before workers forked; without
+    them, LMTP addresses are bound here (one process).
+    """
     loop = asyncio.get_running_loop()
     tls = TlsContexts(cfg.tls) if cfg.tls is not None else None
     authenticator = build_authenticator(cfg)
@@ -123,7 +136,7 @@ async def serve_forever(
     if cfg.lmtp.listen:
         from pop3d.lmtp import start_lmtp  # noqa: PLC0415
 
-        lmtp_servers = await start_lmtp(cfg, authenticator, store)
+        lmtp_servers = await start_lmtp(cfg, authenticator, store, sockets=lmtp_sockets)
     if ready is not None:
         ready.set_result(ctx)
     try:
@@ -133,7 +146,7 @@ async def serve_forever(
         for server in [*servers, *lmtp_servers]:
             server.close()
         await ctx.shutdown()
-        for server in servers:
+        for server in [*servers, *lmtp_servers]:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1)
         if signals:
@@ -144,10 +157,12 @@ async def serve_forever(
             close()
 
 
-def _worker(cfg: Config, sockets: list[tuple[socket.socket, bool]]) -> int:
+def _worker(
+    cfg: Config, sockets: list[tuple[socket.socket, bool]], lmtp: list[socket.socket]
+) -> int:
     _install_uvloop()
     try:
-        asyncio.run(serve_forever(cfg, sockets))
+        asyncio.run(serve_forever(cfg, sockets, lmtp_sockets=lmtp))
     except ConfigError as exc:
         log.error("%s", exc)  # noqa: TRY400
         return EX_CONFIG
@@ -169,7 +184,9 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _fork_worker(cfg: Config, sockets: list[tuple[socket.socket, bool]]) -> int:
+def _fork_worker(
+    cfg: Config, sockets: list[tuple[socket.socket, bool]], lmtp: list[socket.socket]
+) -> int:
     pid = os.fork()
     if pid == 0:  # child: restore default signal handling, serve, never return
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -177,13 +194,18 @@ def _fork_worker(cfg: Config, sockets: list[tuple[socket.socket, bool]]) -> int:
         _die_with_parent()
         status = 1
         try:
-            status = _worker(cfg, sockets)
+            status = _worker(cfg, sockets, lmtp)
         finally:
             os._exit(status)
     return pid
 
 
-def _supervise(cfg: Config, sockets: list[tuple[socket.socket, bool]], workers: int) -> int:
+def _supervise(
+    cfg: Config,
+    sockets: list[tuple[socket.socket, bool]],
+    lmtp: list[socket.socket],
+    workers: int,
+) -> int:
     """Fork ``workers`` processes sharing ``sockets``; forward signals; replace crashed ones.
 
     A worker that dies while the server is not stopping (a crash, an OOM kill) is
@@ -203,7 +225,7 @@ def _supervise(cfg: Config, sockets: list[tuple[socket.socket, bool]], workers: 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     for _ in range(workers):
-        pids.add(_fork_worker(cfg, sockets))
+        pids.add(_fork_worker(cfg, sockets, lmtp))
     log.info("started %d workers: %s", workers, " ".join(map(str, sorted(pids))))
     status = 0
     last_respawn = 0.0
@@ -232,7 +254,7 @@ def _supervise(cfg: Config, sockets: list[tuple[socket.socket, bool]], workers: 
         if wait > 0:
             time.sleep(wait)
         last_respawn = time.monotonic()
-        pids.add(_fork_worker(cfg, sockets))
+        pids.add(_fork_worker(cfg, sockets, lmtp))
     return status
 
 
@@ -253,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
     workers = cfg.server.workers or (os.cpu_count() or 1)
     try:
         sockets = bind_all(cfg, reuse_port=False)
+        lmtp = _bind_lmtp(cfg)
     except OSError as exc:
         log.error("cannot listen: %s", exc)  # noqa: TRY400
         return EX_OSERR
@@ -267,5 +290,5 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
     if workers > 1:
-        return _supervise(cfg, sockets, workers)
-    return _worker(cfg, sockets)
+        return _supervise(cfg, sockets, lmtp, workers)
+    return _worker(cfg, sockets, lmtp)

@@ -76,3 +76,12 @@ def test_sigterm_with_workers_exits_zero(serve: Callable[..., Pop3ServeProcess])
     proc = serve(workers=2)
     assert _login_ok(proc)
     assert proc.stop(signal.SIGTERM) == 0
+
+
+def test_relogin_right_after_quit_is_never_locked(
+    serve: Callable[..., Pop3ServeProcess],
+) -> None:
+    """The lock is released before the sign-off: an immediate new session is not IN-USE."""
+    proc = serve(workers=2)
+    for _ in range(40):  # back to back, spread over both workers by the kernel
+        assert _login_ok(proc)

@@ -246,8 +246,13 @@ class Pop3Protocol(asyncio.Protocol):
             case StartTls():
                 await self._start_tls(core)
             case Update(deleted):
-                assert self.maildrop is not None
-                if await self.server.backends.update(self.maildrop, deleted):
+                maildrop, self.maildrop = self.maildrop, None
+                assert maildrop is not None
+                done = await self.server.backends.update(maildrop, deleted)
+                # Release the lock before the sign-off goes out: a client that logs in
+                # again the moment it reads "+OK" must not find its maildrop still locked.
+                await _close_maildrop(maildrop, None)
+                if done:
                     core.update_done()
                 else:
                     core.update_failed()

@@ -179,12 +179,22 @@ def _name_sizes(name: str) -> tuple[int | None, int | None]:
     return sizes.get("S"), sizes.get("W")
 
 
-def _delivery_order(e: _Entry) -> tuple[int, str, str]:
-    """Delivery order: the leading seconds of the name (all programs start with them)."""
-    head = e.name.partition(".")[0]
+_MICROSECONDS = re.compile(r"M(\d{1,6})(?!\d)")
+
+
+def _delivery_order(e: _Entry) -> tuple[int, int, str, str]:
+    """Delivery order: the leading seconds of the name, then its ``M<usec>``, then the name.
+
+    All programs start names with the seconds; Dovecot, Postfix and pop3d put the
+    microseconds after an ``M``, compared as a number (as text, "M89012" would sort after
+    "M123456" within the same second).
+    """
+    head, _, rest = e.name.partition(".")
+    usec_match = _MICROSECONDS.search(rest.partition(".")[0])
+    usec = int(usec_match.group(1)) if usec_match else -1
     if head.isascii() and head.isdigit() and len(head) <= _MAX_SECONDS_DIGITS:
-        return int(head), e.name, e.folder
-    return e.mtime_ns // 1_000_000_000, e.name, e.folder
+        return int(head), usec, e.name, e.folder
+    return e.mtime_ns // 1_000_000_000, usec, e.name, e.folder
 
 
 # ---------------------------------------------------------------------------- scanning

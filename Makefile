@@ -1,0 +1,24 @@
+# Benchmarks (issue 5).  `make bench` runs pop3d against Dovecot (and Twisted when
+# bench/.venv exists) and prints the table; `make bench-quick` is the one-minute version.
+PY ?= .venv/bin/python
+BENCH_ARGS ?=
+
+.PHONY: bench bench-quick bench-venv bench-dovecot
+
+bench: bench-dovecot
+	$(PY) bench/run.py $(BENCH_SERVERS) $(BENCH_ARGS)
+
+bench-quick: bench-dovecot
+	$(PY) bench/run.py --quick $(BENCH_SERVERS) $(BENCH_ARGS)
+
+# the load generator's uvloop and the Twisted peer live in their own venv, so that
+# pop3d's own environment stays as its users have it
+bench-venv:
+	test -x bench/.venv/bin/python || python3 -m venv bench/.venv
+	bench/.venv/bin/python -m pip install -q uvloop twisted argon2-cffi
+
+bench-dovecot:
+	@command -v dovecot >/dev/null || bash scripts/setup.sh
+
+comma := ,
+BENCH_SERVERS = $(if $(wildcard bench/.venv/bin/twistd),--servers=pop3d$(comma)dovecot$(comma)twisted)

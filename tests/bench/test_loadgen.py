@@ -1,0 +1,166 @@
+"""The load generator itself: its checks must pass on correct data and fail on a wrong byte.
+
+A tiny POP3 responder in a thread plays the server; ``mode`` makes it misbehave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Self
+
+import pytest
+
+from pop3d.bench import loadgen
+from pop3d.bench.client import Pop3Client
+from pop3d.bench.manifest import Manifest, stuff, to_wire, wire_entry
+from pop3d.cli import main
+
+MESSAGES = [
+    b"Subject: one\n\nhello\n.\n..two dots\n.leading\nend\n",
+    b".first line starts with a dot\n\nbody\n",
+    b"Subject: three\n\n" + b"x" * 70_000 + b"\n.\n" + b"y" * 5000 + b"\n",
+]
+USERS = [f"u{i}" for i in range(1, 5)]
+
+
+class FakePop3:
+    """A minimal POP3 server; ``mode`` is "ok", "flip" (one wrong byte) or "nostuff"."""
+
+    def __init__(self, mode: str = "ok") -> None:
+        self.mode = mode
+        self.wire = [to_wire(m) for m in MESSAGES]
+        self.port = 0
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Self:
+        self._thread.start()
+        assert self._ready.wait(5)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(
+            asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+        server.close()
+        self._loop.run_until_complete(server.wait_closed())
+        self._loop.close()
+
+    def _body(self, n: int) -> bytes:
+        wire = self.wire[n]
+        if self.mode == "nostuff":
+            return wire
+        body = bytearray(stuff(wire))
+        if self.mode == "flip":
+            body[len(body) // 2] ^= 0x01
+        return bytes(body)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"+OK fake ready\r\n")
+        sizes = [len(w) for w in self.wire]
+        while line := await reader.readline():
+            verb, _, arg = line.strip().partition(b" ")
+            verb = verb.upper()
+            if verb == b"STAT":
+                writer.write(b"+OK %d %d\r\n" % (len(sizes), sum(sizes)))
+            elif verb == b"LIST":
+                rows = b"".join(b"%d %d\r\n" % (i, s) for i, s in enumerate(sizes, 1))
+                writer.write(b"+OK\r\n" + rows + b".\r\n")
+            elif verb == b"UIDL":
+                rows = b"".join(b"%d uid-%d\r\n" % (i, i) for i in range(1, len(sizes) + 1))
+                writer.write(b"+OK\r\n" + rows + b".\r\n")
+            elif verb == b"RETR":
+                writer.write(b"+OK\r\n" + self._body(int(arg) - 1) + b".\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"+OK bye\r\n")
+                await writer.drain()
+                break
+            else:  # USER, PASS, NOOP
+                writer.write(b"+OK\r\n")
+            await writer.drain()
+        writer.close()
+
+
+@pytest.fixture
+def manifest(tmp_path: Path) -> Path:
+    m = Manifest({"box": Counter(wire_entry(x) for x in MESSAGES)}, dict.fromkeys(USERS, "box"))
+    path = tmp_path / "manifest.json"
+    m.dump(path)
+    return path
+
+
+@pytest.fixture
+def fake() -> Iterator[FakePop3]:
+    with FakePop3() as srv:
+        yield srv
+
+
+def _bench(port: int, manifest: Path, *extra: str) -> int:
+    return main(["bench", "fetch", "-p", str(port), "-u", ",".join(USERS), "-c", "2",
+                 "--count", "4", "-j", "1", "--manifest", str(manifest), "--no-progress",
+                 "--json", *extra])
+
+
+def test_body_checks_hold_for_every_chunking() -> None:
+    """Size and CRC computed on the fly do not depend on where the chunks split."""
+    wire = to_wire(MESSAGES[0]) + to_wire(MESSAGES[1])
+    stream = b"+OK\r\n" + stuff(wire) + b".\r\n"
+
+    class Transport(asyncio.Transport):
+        def write(self, data: bytes | bytearray | memoryview) -> None:
+            pass
+
+    async def feed(step: int) -> tuple[int, int]:
+        client = Pop3Client(asyncio.get_running_loop())
+        client.connection_made(Transport())
+        pending = asyncio.ensure_future(client.multi(b"RETR 1\r\n"))
+        await asyncio.sleep(0)
+        for i in range(0, len(stream), step):
+            client.data_received(stream[i : i + step])
+        body = await pending
+        return body.octets, body.crc
+
+    for step in (1, 2, 3, 4, 5, 7, 64, len(stream)):
+        assert asyncio.run(feed(step)) == (len(wire), zlib.crc32(stuff(wire)))
+
+
+def test_fetch_verifies_every_message(fake: FakePop3, manifest: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    """Against a correct server every message is checked and the run succeeds."""
+    assert _bench(fake.port, manifest) == 0
+    out = capsys.readouterr().out
+    assert '"verified": 12' in out
+    assert '"verify_failures": 0' in out
+
+
+@pytest.mark.parametrize("mode", ["flip", "nostuff"])
+def test_wrong_bytes_fail_the_run(mode: str, manifest: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """One flipped byte, or a line left unstuffed, is a verification failure."""
+    with FakePop3(mode) as srv:
+        assert _bench(srv.port, manifest) == 1
+    out = capsys.readouterr().out
+    assert '"verify_failures": 4' in out
+
+
+def test_idle_holds_and_probes(fake: FakePop3) -> None:
+    """idle holds its connections for the run and times NOOPs on the probe session."""
+    opts = loadgen.Options(host="127.0.0.1", port=fake.port, users=tuple(USERS),
+                           password="x", scenario="idle", idle_conns=3, duration=0.3)
+    summary = loadgen.run(opts)
+    assert summary["idle"] == {"requested": 3, "held": 3}
+    assert summary["probe"]["count"] > 5
+    assert summary["failures"] == 0

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,8 @@ from pop3d.testing import wait_for_port
 pytestmark = pytest.mark.timeout(60)
 
 DEMO_PORT = 1110
+#: pop3d serve's exit status when it cannot bind.
+EX_OSERR = 71
 
 
 def port_busy(port: int) -> bool:
@@ -49,6 +52,14 @@ def test_embedded_default_serves_demo_mail(tmp_path: Path) -> None:
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=tmp_path,
         )
     try:
+        # Our own process must be the one listening (not another suite's demo on 1110).
+        deadline = time.monotonic() + 15
+        while f"listening on 127.0.0.1:{DEMO_PORT}" not in log_path.read_text():
+            if proc.poll() == EX_OSERR:
+                pytest.skip(f"127.0.0.1:{DEMO_PORT} was taken while the demo started")
+            assert proc.poll() is None, log_path.read_text()
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.02)
         wait_for_port("127.0.0.1", DEMO_PORT, 15, process=proc)
         printed = log_path.read_text()
         assert f"curl pop3://demo:demo@127.0.0.1:{DEMO_PORT}/1" in printed

@@ -105,6 +105,13 @@ MAILDIR_TEMPLATE = "mail/%u/Maildir"
 
 _names = itertools.count(1)
 
+#: ``pop3d serve``'s exit status when it cannot bind a listening socket.
+_EX_OSERR = 71
+
+
+class _PortTaken(Exception):
+    """The chosen port was taken before the server could bind it."""
+
 
 def free_port(host: str = LOOPBACK) -> int:
     """Return a TCP port on ``host`` that was free a moment ago (bind to port 0, close).
@@ -447,6 +454,7 @@ class Pop3ServeProcess(_Mailboxes):
     ) -> None:
         super().__init__(root, users, overrides, sections)
         self.host = LOOPBACK
+        self._fixed_port = port is not None
         self.port = port or free_port()
         self._sections["server"]["listen"] = [f"{LOOPBACK}:{self.port}"]
         self.config_path = self.root / "pop3d.toml"
@@ -473,7 +481,11 @@ class Pop3ServeProcess(_Mailboxes):
                 *self._extra_args]
 
     def start(self) -> Self:
-        """Start the process and wait until its port greets.
+        """Start the process and wait until it listens and its port greets.
+
+        The port from :func:`free_port` may be taken by someone else before the server
+        binds it; the server then exits with 71 (EX_OSERR) and is started again on
+        another port (unless ``port`` was given).
 
         Raises:
             RuntimeError: the process exited (its log is in the message).
@@ -482,6 +494,22 @@ class Pop3ServeProcess(_Mailboxes):
         """
         if self.process is not None:
             raise RuntimeError("already started")
+        for attempt in range(3):
+            try:
+                self._start_once()
+            except _PortTaken:
+                if self._fixed_port or attempt == 2:
+                    raise RuntimeError(
+                        f"port {self.port} is in use\n--- pop3d log ---\n{self.log_text()}"
+                    ) from None
+                self.port = free_port()
+                self._sections["server"]["listen"] = [f"{LOOPBACK}:{self.port}"]
+                self.process = None
+                continue
+            return self
+        raise AssertionError("unreachable")
+
+    def _start_once(self) -> None:
         self.write_config()
         with self.log_path.open("ab") as log:
             self.process = subprocess.Popen(  # noqa: S603 (our own interpreter and module)
@@ -492,11 +520,32 @@ class Pop3ServeProcess(_Mailboxes):
                 cwd=self.root,
             )
         try:
+            self._wait_bound()
             wait_for_port(self.host, self.port, self._start_timeout, process=self.process)
+        except _PortTaken:
+            self.kill()
+            raise
         except (RuntimeError, TimeoutError) as exc:
             self.kill()
             raise type(exc)(f"{exc}\n--- pop3d log ---\n{self.log_text()}") from None
-        return self
+
+    def _wait_bound(self) -> None:
+        """Wait for *our* process to bind: another program could own a port that greets.
+
+        The server logs ``listening on HOST:PORT`` once bound.
+        """
+        assert self.process is not None
+        bound = f"listening on {self.host}:{self.port}"
+        deadline = time.monotonic() + self._start_timeout
+        while bound not in self.log_text():
+            status = self.process.poll()
+            if status == _EX_OSERR:
+                raise _PortTaken
+            if status is not None:
+                raise RuntimeError(f"the server exited with status {status}")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"the server did not listen within {self._start_timeout} s")
+            time.sleep(0.02)
 
     def log_text(self) -> str:
         """Return what the server has logged so far."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import poplib
+import socket
 import textwrap
 import threading
 from pathlib import Path
@@ -82,3 +83,27 @@ def test_serve_process_start_failure_shows_log(tmp_path: Path) -> None:
     assert "greeting" in str(info.value)
     assert proc.process is not None
     assert proc.process.returncode == 78
+
+
+def test_serve_process_moves_off_a_taken_port(tmp_path: Path) -> None:
+    """If its free port is taken before the server binds, it starts on another one."""
+    proc = Pop3ServeProcess(tmp_path, users={"alice": "secret"})
+    taken = proc.port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        with proc:
+            assert proc.port != taken
+            with RawClient(proc.host, proc.port) as client:
+                assert client.login(b"alice", b"secret").startswith(b"+OK")
+
+
+def test_serve_process_fixed_busy_port_fails_clearly(tmp_path: Path) -> None:
+    """An explicitly requested port that is busy is an error naming the port."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        proc = Pop3ServeProcess(tmp_path, users={"alice": "secret"}, port=port)
+        with pytest.raises(RuntimeError, match=f"port {port} is in use"):
+            proc.start()

@@ -34,16 +34,26 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the sandboxed Dovecot runs as root"),
 ]
 
-NAMES = list(TRICKY)
-NO_FINAL_NEWLINE = {n for n, d in TRICKY.items() if not d.endswith(b"\n")}
+#: The shared tricky messages plus a few only this comparison needs.
+PARITY: dict[str, bytes] = {
+    **TRICKY,
+    "headers-only": b"Subject: headers only\nFrom: a@example.org\n",
+    "lone-cr": b"Subject: lone CR\n\nbefore\rafter\n",
+    "crlf-no-final": b"Subject: crlf\r\n\r\nno final CRLF",
+    "long-line": b"Subject: long\n\n" + b"x" * 5000 + b"\n." + b"y" * 3000 + b"\n",
+    "empty-lines-dots": b"\n\n.\n\n..\n",
+    "empty-file": b"",
+}
+NAMES = list(PARITY)
+NO_FINAL_NEWLINE = {n for n, d in PARITY.items() if d and not d.endswith(b"\n")}
 
 
 def transcript() -> list[bytes]:
     """The commands both servers get, in one pipelined write."""
     cmds = [b"USER alice", b"PASS secret", b"STAT", b"LIST"]
-    for n in range(1, len(TRICKY) + 1):
+    for n in range(1, len(PARITY) + 1):
         cmds += [b"LIST %d" % n, b"RETR %d" % n, b"TOP %d 0" % n, b"TOP %d 2" % n]
-    cmds += [b"RETR %d" % (len(TRICKY) + 1), b"DELE 1", b"RETR 1", b"RSET", b"NOOP", b"QUIT"]
+    cmds += [b"RETR %d" % (len(PARITY) + 1), b"DELE 1", b"RETR 1", b"RSET", b"NOOP", b"QUIT"]
     return cmds
 
 
@@ -68,7 +78,7 @@ def run_transcript(host: str, port: int) -> list[tuple[bytes, bytes, bytes]]:
 def dovecot_transcript() -> Iterator[list[tuple[bytes, bytes, bytes]]]:
     with Dovecot({"alice": "secret"}) as dc:
         base = int(time.time()) - 1000
-        for i, data in enumerate(TRICKY.values()):
+        for i, data in enumerate(PARITY.values()):
             dc.add_message("alice", f"{base + i}.M{i}P1.test", data)
         dc.start()
         yield run_transcript(dc.host, dc.port)
@@ -76,7 +86,7 @@ def dovecot_transcript() -> Iterator[list[tuple[bytes, bytes, bytes]]]:
 
 @pytest.fixture
 def pop3d_transcript(pop3_server: Pop3TestServer) -> list[tuple[bytes, bytes, bytes]]:
-    for data in TRICKY.values():
+    for data in PARITY.values():
         pop3_server.add_message("alice", data)
     return run_transcript(pop3_server.host, pop3_server.port)
 

@@ -8,6 +8,8 @@ differences are asserted as such:
 * a message without a final newline: both send a closing CRLF, but Dovecot's LIST/RETR
   octet count leaves it out, so its count disagrees with what it sends; pop3d counts it
   (RFC 1939 §11: the size is what is sent, before stuffing);
+* an empty message file: Dovecot sends one empty line (not counted in its size 0);
+  pop3d sends no line at all, which is what the size 0 says;
 * a message whose first line is ``.``: Dovecot does not stuff it and so desynchronises
   its clients; pop3d stuffs every line, the first included.
 """
@@ -104,6 +106,10 @@ def test_same_bytes_as_dovecot(
         assert d_status[:3] == p_status[:3], (cmd, d_status, p_status)
         verb = cmd.split()[0]
         if verb in (b"RETR", b"TOP") and p_status.startswith(b"+OK"):
+            if NAMES[int(cmd.split()[1]) - 1] == "empty-file":
+                # Dovecot sends an empty line it does not count; pop3d sends no line.
+                assert (d_body, p_body) == (b"\r\n.\r\n", b".\r\n"), cmd
+                continue
             assert p_body == d_body, cmd
         if verb == b"RETR" and p_status.startswith(b"+OK"):
             name = NAMES[int(cmd.split()[1]) - 1]

@@ -15,6 +15,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -328,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                        "duration": args.duration or plan.duration,
                        "idle_conns": args.idle or plan.idle_conns})
     raise_nofile()
+    # SIGTERM (a timeout, a Ctrl-C'd make) unwinds like an exception, so servers get stopped
+    signal.signal(signal.SIGTERM, _terminate)
     work = Path(tempfile.mkdtemp(prefix="pop3d-bench-", dir="/tmp"))
     work.chmod(0o755)  # Dovecot's mail processes run as the dovecot user
     started = time.time()
@@ -374,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
             log(f"work folder kept: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _cpu_model() -> str:

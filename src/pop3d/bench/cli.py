@@ -68,6 +68,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--count", type=int, help="run this many sessions instead of a duration")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="upper bound of a --count run, seconds (300)")
+    p.add_argument("--session-timeout", type=float, default=60.0,
+                   help="seconds one session may take before it counts as failed (60)")
     p.add_argument("-j", "--procs", type=int, default=_cores(),
                    help=f"load generator processes (cores available: {_cores()})")
     p.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto",
@@ -121,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         count=args.count, procs=procs, manifest=args.manifest, probe=args.probe,
         probe_user=args.probe_user, probe_interval=args.probe_interval,
         idle_conns=args.idle_conns, ramp_timeout=args.ramp_timeout, timeout=args.timeout,
-        auth=args.auth, loop=args.loop, repeat=max(1, args.repeat), progress=progress,
+        auth=args.auth, session_timeout=args.session_timeout, loop=args.loop,
+        repeat=max(1, args.repeat), progress=progress,
         ready_file=args.ready_file,
     )
     pool = opts.pool()

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 from dataclasses import dataclass
-from typing import Self
+from typing import Self, cast
 
 #: Longest status line accepted (RFC 2449 §4: 512 octets for a response line, with margin).
 MAX_STATUS_LINE = 4096
@@ -168,9 +168,8 @@ class Pop3Client(asyncio.Protocol):
         return fut
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Keep the transport."""
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        """Keep the transport (uvloop's is not an asyncio.Transport subclass, but acts as one)."""
+        self._transport = cast("asyncio.Transport", transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         """Fail the pending reply, if any."""

@@ -66,6 +66,8 @@ class Options:
     #: Upper bound of a ``count`` run.
     timeout: float = 300.0
     auth: str = "user"
+    #: Upper bound of one session (a hung server must not stall a ``count`` run).
+    session_timeout: float = 60.0
     loop: str = "auto"
     repeat: int = 1
     progress: bool = False
@@ -157,7 +159,8 @@ class _Child:
             i += 1
             t0 = clock()
             try:
-                await session(self.ctx, user)
+                async with asyncio.timeout(self.opts.session_timeout):
+                    await session(self.ctx, user)
             except Exception as exc:
                 stats.error(exc)
                 # A refused connection must not turn into a busy loop.
@@ -172,7 +175,8 @@ class _Child:
         async def one(user: str) -> None:
             async with sem:
                 try:
-                    client, _, _ = await open_session(self.ctx, user)
+                    async with asyncio.timeout(self.opts.session_timeout):
+                        client, _, _ = await open_session(self.ctx, user)
                 except Exception as exc:
                     self.stats.error(exc)
                 else:

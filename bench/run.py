@@ -211,6 +211,8 @@ class Runner:
                     cmd = self.bench_cmd(server_dir, server.port, scenario, **opt)
                     out = self.loadgen(cmd, timeout=opt["duration"] + 300)
                 out["server_cpu_s"] = servers.cpu_seconds(server.pid) - cpu0
+                if out.get("elapsed_s"):
+                    out["server_cpu_util"] = out["server_cpu_s"] / out["elapsed_s"]
                 results[scenario] = out
                 if out.get("verify_failures"):
                     log(f"{server.name}: {scenario}: {out['verify_failures']} VERIFY FAILURES")
@@ -268,11 +270,12 @@ def rows_of(results: dict[str, Any], names: list[str], ceiling: float
         add(scenario, "verify failures", ("verify_failures",))
         add(scenario, "failed sessions", ("failures",))
         add(scenario, "loadgen CPU %", ("loadgen_cpu", "utilization"), 0)
+        add(scenario, "server CPU %", ("server_cpu_util",), 0)
     return rows
 
 
 _NO_RATIO = {"loopback ceiling MB/s", "connections held", "verified msgs", "verify failures",
-             "failed sessions", "loadgen CPU %"}
+             "failed sessions", "loadgen CPU %", "server CPU %"}
 
 
 def table(results: dict[str, Any], names: list[str], ceiling: float,
@@ -285,7 +288,7 @@ def table(results: dict[str, Any], names: list[str], ceiling: float,
     for scenario, metric, values, digits in rows_of(results, names, ceiling):
         if scenario not in scenarios or all(v is None for v in values):
             continue
-        scale = 100 if metric == "loadgen CPU %" else 1
+        scale = 100 if metric.endswith("CPU %") else 1
         shown = [None if v is None else v * scale for v in values]
         cells = [scenario, metric, *(_fmt(v, digits) for v in shown)]
         if with_ratio:

@@ -49,6 +49,10 @@ MAX_PENALTY_ADDRESSES = 100_000
 #: system calls, small enough that thousands of concurrent RETRs stay in bounded memory.
 READ_CHUNK = 256 * 1024
 
+#: A message's bytes are passed to the socket once this much is queued: a small message
+#: then leaves in one write with its status line and terminator.
+WRITE_COALESCE = 64 * 1024
+
 #: Transport high-water mark: the driver waits for the socket to drain past this.
 WRITE_HIGH_WATER = 512 * 1024
 

@@ -185,6 +185,11 @@ class Pop3Connection:
         return Closed(self._close_reason)
 
     @property
+    def pending_output(self) -> int:
+        """Octets queued for the peer and not yet taken by :meth:`data_to_send`."""
+        return sum(map(len, self._out))
+
+    @property
     def buffered(self) -> int:
         """Octets received but not yet answered (the driver stops reading past a bound)."""
         return len(self._lines)

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from pop3d.storage.base import Deliverer, MailStore, Maildrop, MessageInfo
+from pop3d.storage.base import Deliverer, Maildrop, MailStore, MessageInfo
 
 __all__ = ["Deliverer", "MailStore", "Maildrop", "MessageInfo"]

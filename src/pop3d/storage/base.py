@@ -49,6 +49,7 @@ class Maildrop(Protocol):
         Raises:
             MessageVanished: the message disappeared under the session.
             TemporaryBackendError: it could not be read.
+
         """
         ...
 
@@ -60,6 +61,7 @@ class Maildrop(Protocol):
         Raises:
             TemporaryBackendError: some messages could not be removed (those that could
                 were; none that was not asked for was touched).
+
         """
         ...
 
@@ -77,6 +79,7 @@ class MailStore(Protocol):
         Raises:
             MaildropLocked: another session holds it.
             TemporaryBackendError: it is missing, unreadable, or the user name is unsafe.
+
         """
         ...
 
@@ -90,6 +93,7 @@ class Deliverer(Protocol):
         Raises:
             QuotaExceeded: the user's quota would be exceeded.
             TemporaryBackendError: disk full, lock timeout, I/O error.
+
         """
         ...
 

@@ -199,8 +199,36 @@ class Pop3Protocol(asyncio.Protocol):
                 self.transport.close()
                 self._finish()
                 return None
+            if isinstance(event, SendMessage) and self._send_inline(core, event.uid):
+                continue
             self._flush()
             return event
+
+    def _send_inline(self, core: Pop3Connection, uid: str) -> bool:
+        """RETR/TOP of a small message without a task: True if it was answered here.
+
+        Storage that can read a small message at once offers ``read_inline`` (an
+        optional part of the Maildrop interface); others are streamed by a task.
+        """
+        read_inline = getattr(self.maildrop, "read_inline", None)
+        if read_inline is None:
+            return False
+        try:
+            data = read_inline(uid)
+        except MessageVanished:
+            core.message_failed(vanished=True)
+            return True
+        except LocalProtocolError:
+            raise
+        except Exception:
+            log.warning("cannot read message %s for %s", uid, self.username, exc_info=True)
+            core.message_failed(vanished=False)
+            return True
+        if data is None:
+            return False
+        core.message_data(data)
+        core.message_end()
+        return True
 
     async def _perform(self, event: Event | None) -> None:
         """Perform backend requests one after another in one task, then answer inline again.

@@ -814,6 +814,27 @@ class MaildirMaildrop:
         self._check_open()
         return _MessageReader(self.root, self._by_uid[uid], self._chunk_size)
 
+    def read_inline(self, uid: str) -> bytes | None:
+        """Return message ``uid`` whole, read now, if it is small enough; else ``None``.
+
+        The fast path of RETR/TOP for the common small message: one open and one read on
+        the event loop, no task and no iterator.  Same checks and errors as :meth:`read`.
+        """
+        self._check_open()
+        entry = self._by_uid[uid]
+        if entry.file_size > _INLINE_READ_BYTES:
+            return None
+        # One read of file_size + 1 octets sees the whole file and its end at once.
+        reader = _MessageReader(self.root, entry, entry.file_size + 1)
+        try:
+            reader.open()
+            parts = [reader.step()]
+            while not reader.done:
+                parts.append(reader.step())
+        finally:
+            reader.close()
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
     async def commit(self, deleted: Collection[str]) -> None:
         """Unlink the messages ``deleted`` (UIDs of the listing; others are ignored).
 
@@ -909,13 +930,13 @@ class _MessageReader:
         try:
             if not self._started:
                 self._started = True
-                self._open()
+                self.open()
             out = b""
             while not out and not self._done:
                 if self._entry.file_size <= _INLINE_READ_BYTES:
-                    out = self._step()
+                    out = self.step()
                 else:
-                    self._inflight = asyncio.get_running_loop().run_in_executor(None, self._step)
+                    self._inflight = asyncio.get_running_loop().run_in_executor(None, self.step)
                     out = await asyncio.shield(self._inflight)
                     self._inflight = None
         except BaseException:
@@ -924,13 +945,14 @@ class _MessageReader:
             if pending is not None and not pending.done():
                 pending.add_done_callback(self._close_late)
             else:
-                self._close()
+                self.close()
             raise
         if not out:
             raise StopAsyncIteration
         return out
 
-    def _open(self) -> None:
+    def open(self) -> None:
+        """Open the listed file (or its renamed self); check it is still the same."""
         e = self._entry
         try:
             self._fd, s = _open_regular(self._root / e.folder / e.name)
@@ -958,8 +980,13 @@ class _MessageReader:
         if wire != e.wire:
             raise TemporaryBackendError("message changed since the maildrop was opened")
 
-    def _step(self) -> bytes:
-        """Read and normalise the next chunk; b"" with ``_done`` set at the end."""
+    @property
+    def done(self) -> bool:
+        """True once the whole message has been returned (or reading failed)."""
+        return self._done
+
+    def step(self) -> bytes:
+        """Read and normalise the next chunk; b"" with ``done`` set at the end."""
         try:
             data = os.read(self._fd, self._chunk_size)
         except OSError as exc:
@@ -969,16 +996,21 @@ class _MessageReader:
         else:
             out = self._normaliser.finish()
             self._done = True
+        if not self._done and len(data) < self._chunk_size and self._remaining == len(out):
+            # A short read that completes the listed size: the end, without another read.
+            out += self._normaliser.finish()
+            self._done = True
         if len(out) > self._remaining:
             raise TemporaryBackendError("message grew while being sent")
         self._remaining -= len(out)
         if self._done:
-            self._close()
+            self.close()
             if self._remaining:
                 raise TemporaryBackendError("message shrank while being sent")
         return out
 
-    def _close(self) -> None:
+    def close(self) -> None:
+        """Release the file; idempotent."""
         self._done = True
         if self._fd >= 0:
             fd, self._fd = self._fd, -1
@@ -987,7 +1019,7 @@ class _MessageReader:
     def _close_late(self, done: asyncio.Future[bytes]) -> None:
         if not done.cancelled():
             done.exception()  # retrieved: the reader was abandoned
-        self._close()
+        self.close()
 
     async def aclose(self) -> None:
         """Stop early (TOP, a dropped client) and release the file."""
@@ -996,8 +1028,8 @@ class _MessageReader:
         if pending is not None and not pending.done():
             pending.add_done_callback(self._close_late)
             return
-        self._close()
+        self.close()
 
     def __del__(self) -> None:
         if self._inflight is None or self._inflight.done():
-            self._close()
+            self.close()

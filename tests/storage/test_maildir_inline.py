@@ -1,0 +1,78 @@
+"""The RETR fast path: ``MaildirMaildrop.read_inline`` gives exactly what ``read`` streams."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pop3d.errors import MessageVanished, TemporaryBackendError
+from pop3d.storage import maildir
+from pop3d.storage.maildir import MaildirMaildrop
+
+from .contract import read_all, run, user
+from .test_maildir import MaildirHarness
+
+SHAPES = [
+    b"",
+    b".",
+    b".\n",
+    b"a\r\nb\r\n",
+    b"bare\nlf\n",
+    b"mixed\r\nends\nhere",
+    b"lone\rcr\r",
+    b"\x00\xff 8-bit\n",
+    b"x" * 70_000,  # over the inline limit: streamed instead
+]
+
+
+def _open(h: MaildirHarness) -> MaildirMaildrop:
+    return run(h.make_store().open(user()))
+
+
+@pytest.mark.parametrize("body", SHAPES)
+def test_read_inline_equals_read(tmp_path: Path, body: bytes) -> None:
+    """Inline reads are byte-identical to streamed reads, and only for small messages."""
+    h = MaildirHarness(tmp_path)
+    h.put("alice", body)
+    drop = _open(h)
+    try:
+        [info] = drop.listing()
+        inline = drop.read_inline(info.uid)
+        streamed = run(read_all(drop, info.uid))
+        assert len(streamed) == info.size
+        if len(body) > maildir._INLINE_READ_BYTES:
+            assert inline is None
+        else:
+            assert inline == streamed
+    finally:
+        run(drop.close())
+
+
+def test_read_inline_vanished(tmp_path: Path) -> None:
+    """A message removed by another program is MessageVanished on the fast path too."""
+    h = MaildirHarness(tmp_path)
+    h.put("alice", b"Subject: x\n\nbody\n")
+    drop = _open(h)
+    try:
+        [info] = drop.listing()
+        h.vanish("alice", info.uid)
+        with pytest.raises(MessageVanished):
+            drop.read_inline(info.uid)
+    finally:
+        run(drop.close())
+
+
+def test_read_inline_refuses_a_changed_file(tmp_path: Path) -> None:
+    """A file rewritten with another wire size is refused before any octet is sent."""
+    h = MaildirHarness(tmp_path)
+    h.put("alice", b"Subject: x\n\nbody\n")
+    drop = _open(h)
+    try:
+        [info] = drop.listing()
+        [path] = h.files("alice")
+        path.write_bytes(b"Subject: x\n\nbody that is longer now\n")
+        with pytest.raises(TemporaryBackendError):
+            drop.read_inline(info.uid)
+    finally:
+        run(drop.close())

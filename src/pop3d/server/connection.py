@@ -33,7 +33,7 @@ import logging
 import socket
 import ssl
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from pop3d import limits
 from pop3d.errors import LocalProtocolError, MessageVanished
@@ -88,10 +88,10 @@ class Pop3Protocol(asyncio.Protocol):
 
     # ------------------------------------------------------------------ asyncio callbacks
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+    def connection_made(self, base_transport: asyncio.BaseTransport) -> None:
         """Admit the client, send the greeting, start the idle timer."""
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods
+        self.transport = transport = cast("asyncio.Transport", base_transport)
         peer = transport.get_extra_info("peername")
         self.address = str(peer[0]) if peer else "local"
         self.peer = f"{self.address}:{peer[1]}" if peer else "local"
@@ -108,7 +108,8 @@ class Pop3Protocol(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # Replies are request-sized writes: Nagle would hold a multi-line reply's
             # last segment for the peer's delayed ACK (40 ms per RETR).
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         identity = self._client_identity(transport) if self.implicit_tls else None
         self.core = Pop3Connection(
             self.server.settings_for(self.address, self.implicit_tls, identity)

@@ -16,7 +16,7 @@ from typing import Self
 import pytest
 
 from pop3d.bench import loadgen
-from pop3d.bench.client import Pop3Client
+from pop3d.bench.client import Pop3Client, count_stuffed
 from pop3d.bench.manifest import Manifest, stuff, to_wire, wire_entry
 from pop3d.cli import main
 
@@ -164,3 +164,13 @@ def test_idle_holds_and_probes(fake: FakePop3) -> None:
     assert summary["idle"] == {"requested": 3, "held": 3}
     assert summary["probe"]["count"] > 5
     assert summary["failures"] == 0
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b".", b"\r\n.", b"a\r\n.b\r\n..\r\n", b"x." * 40 + b"\r\n." * 20 + b".\r\n.",
+     b"\r\n.\r\n." + b"no dots here\r\n" * 30, b".\r\n" * 50],
+)
+def test_count_stuffed_matches_bytes_count(data: bytes) -> None:
+    """The dot counter's shortcuts agree with a plain count of CRLF-dot."""
+    assert count_stuffed(data) == data.count(b"\r\n.")

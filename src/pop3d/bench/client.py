@@ -232,7 +232,7 @@ class Pop3Client(asyncio.Protocol):
         n = len(data)
         tail = self._tail
         # Stuffed lines: "\r\n." inside this chunk, plus one that straddles the boundary.
-        self._dots += (tail[-2:] + data[:2]).count(_STUFF) + data.count(_STUFF)
+        self._dots += (tail[-2:] + data[:2]).count(_STUFF) + count_stuffed(data)
         # CRC of everything but the last 3 octets seen (they may be the ".\r\n" terminator).
         hold = self._hold
         if n >= 3:
@@ -271,6 +271,30 @@ class Pop3Client(asyncio.Protocol):
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(body)
+
+
+#: Dots looked at one by one before counting the rest of a chunk in one pass.
+_DOTS_ONE_BY_ONE = 8
+
+
+def count_stuffed(data: bytes) -> int:
+    """Count ``CRLF.`` in ``data``: fast where dots are rare (attachments, base64).
+
+    ``bytes.count`` of a 3-octet pattern runs near 1 GB/s over CRLF text, while finding a
+    single ``.`` is memchr: look at the first few dots directly, and count from there on
+    only when there are many.
+    """
+    n = 0
+    seen = 0
+    i = data.find(b".")
+    while i >= 0:
+        if seen == _DOTS_ONE_BY_ONE:
+            return n + data.count(_STUFF, max(0, i - 2))
+        if i >= 2 and data[i - 2] == 13 and data[i - 1] == 10:  # CR LF
+            n += 1
+        seen += 1
+        i = data.find(b".", i + 1)
+    return n
 
 
 def unstuff(wire: bytes) -> bytes:

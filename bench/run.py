@@ -16,7 +16,6 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,13 +53,6 @@ FULL = Plan(duration=10, login_users=1000, fetch_users=64, large_users=4, idle_c
             storm_users=50, large_size=20 << 20, loopback_s=3)
 QUICK = Plan(duration=3, login_users=200, fetch_users=32, large_users=4, idle_conns=500,
              storm_users=20, large_size=20 << 20, loopback_s=1)
-
-
-def free_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def raise_nofile(want: int = 65536) -> None:
@@ -154,6 +146,30 @@ class Runner:
                 opt["probe_user"] = "storm1"  # the probe takes no part in a warm-up
             self.loadgen(self.bench_cmd(server_dir, port, scenario, **opt), timeout=400)
 
+    def generator_ceiling(self) -> dict[str, Any]:
+        """retr-large against bench/canned.py: what the load generator can take in, checked."""
+        data = self.work / "data"
+        message = next((data / "mail" / "large1" / "Maildir" / "new").iterdir())
+        port = servers.free_port()
+        d = self.plan.duration
+        proc = subprocess.Popen(
+            ["taskset", "-c", self.args.server_cpus, sys.executable,
+             str(ROOT / "bench" / "canned.py"), "--port", str(port), "--message", str(message),
+             "--seconds", str(d + 60)],
+            stdin=subprocess.DEVNULL, env=self.env)
+        try:
+            if not servers.wait_greeting(port, 20):
+                return {"error": "canned server did not start"}
+            opt = self.scenario_opts("retr-large")
+            return self.loadgen(self.bench_cmd(data, port, "retr-large", **opt), timeout=d + 60)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
     def run_idle(self, server: servers.Server, server_dir: Path, opt: dict[str, Any],
                  ) -> dict[str, Any]:
         assert server.pid is not None
@@ -232,8 +248,8 @@ def _fmt(v: float | None, digits: int = 0) -> str:
     return f"{v:,.{digits}f}"
 
 
-def rows_of(results: dict[str, Any], names: list[str], ceiling: float
-            ) -> list[tuple[str, str, list[float | None], int]]:
+def rows_of(results: dict[str, Any], names: list[str], ceiling: float,
+            gen_rate: float | None) -> list[tuple[str, str, list[float | None], int]]:
     """(scenario, metric, value per server, digits) rows of the table."""
 
     def get(server: str, scenario: str, *path: str) -> float | None:
@@ -256,6 +272,7 @@ def rows_of(results: dict[str, Any], names: list[str], ceiling: float
     add("fetch", "MB/s", ("mb_per_s",), 1)
     add("retr-large", "MB/s", ("mb_per_s",))
     rows.append(("retr-large", "loopback ceiling MB/s", [ceiling] * len(names), 0))
+    rows.append(("retr-large", "generator ceiling MB/s", [gen_rate] * len(names), 0))
     add("idle", "connections held", ("idle", "held"))
     add("idle", "RSS KiB/conn", ("server_memory", "rss_per_conn_kib"), 1)
     add("idle", "PSS KiB/conn", ("server_memory", "pss_per_conn_kib"), 1)
@@ -270,22 +287,26 @@ def rows_of(results: dict[str, Any], names: list[str], ceiling: float
         add(scenario, "verify failures", ("verify_failures",))
         add(scenario, "failed sessions", ("failures",))
         add(scenario, "loadgen CPU %", ("loadgen_cpu", "utilization"), 0)
-        add(scenario, "server CPU %", ("server_cpu_util",), 0)
+        if scenario != "idle":  # its CPU time includes the ramp, its run is a wait
+            add(scenario, "server CPU %", ("server_cpu_util",), 0)
     return rows
 
 
-_NO_RATIO = {"loopback ceiling MB/s", "connections held", "verified msgs", "verify failures",
-             "failed sessions", "loadgen CPU %", "server CPU %"}
+_NO_RATIO = {
+    "loopback ceiling MB/s", "generator ceiling MB/s", "connections held", "verified msgs",
+    "verify failures", "failed sessions", "loadgen CPU %", "server CPU %",
+}
 
 
 def table(results: dict[str, Any], names: list[str], ceiling: float,
-          scenarios: list[str]) -> str:
+          scenarios: list[str], generator: dict[str, Any]) -> str:
     header = ["scenario", "metric", *names]
     with_ratio = "pop3d" in names and "dovecot" in names
     if with_ratio:
         header.insert(4, "pop3d/dovecot")
     lines = []
-    for scenario, metric, values, digits in rows_of(results, names, ceiling):
+    gen_rate = generator.get("mb_per_s")
+    for scenario, metric, values, digits in rows_of(results, names, ceiling, gen_rate):
         if scenario not in scenarios or all(v is None for v in values):
             continue
         scale = 100 if metric.endswith("CPU %") else 1
@@ -350,6 +371,12 @@ def main(argv: list[str] | None = None) -> int:
         log(f"raw loopback ceiling {ceiling:,.0f} MB/s")
         runner = Runner(args, plan, work)
         results: dict[str, Any] = {}
+        generator: dict[str, Any] = {}
+        if "retr-large" in args.scenarios:
+            generator = runner.generator_ceiling()
+            log(f"load generator ceiling (retr-large from a canned server): "
+                f"{generator.get('mb_per_s', 0):,.0f} MB/s at "
+                f"{generator.get('loadgen_cpu', {}).get('utilization', 0):.0%} of its CPU")
         for name in names:
             sdir = work / name
             sdir.mkdir()
@@ -360,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copy(work / "data" / f, sdir / f)
             server = make_server(name, sdir, args)
             results[name] = runner.run_server(server, sdir)
-        text = table(results, names, ceiling, args.scenarios)
+        text = table(results, names, ceiling, args.scenarios, generator)
         machine = (f"{os.cpu_count()} CPUs ({_cpu_model()}), server on CPU {args.server_cpus}, "
                    f"load generator on CPU {args.loadgen_cpus} "
                    f"({'uvloop venv' if runner.py != sys.executable else 'asyncio'}), "
@@ -370,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
         (RESULTS / f"{stamp}.json").write_text(json.dumps(
             {"machine": machine, "plan": plan.__dict__, "loopback_mb_s": ceiling,
-             "results": results}, indent=2), encoding="utf-8")
+             "generator_ceiling": generator, "results": results}, indent=2), encoding="utf-8")
         (RESULTS / "latest.txt").write_text(f"{machine}\n\n{text}\n", encoding="utf-8")
         bad = any(isinstance(r, dict) and r.get("verify_failures")
                   for s in results.values() for r in s.values())
@@ -395,7 +422,7 @@ def _cpu_model() -> str:
 
 
 def make_server(name: str, sdir: Path, args: argparse.Namespace) -> servers.Server:
-    port = free_port()
+    port = servers.free_port()
     if name == "pop3d":
         return servers.Pop3d(sdir, port, args.server_cpus, workers=args.workers)
     if name == "dovecot":

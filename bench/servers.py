@@ -21,6 +21,13 @@ ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def wait_greeting(port: int, timeout: float) -> bool:
     """Wait until a POP3 greeting comes from 127.0.0.1:port (bounded by ``timeout``)."""
     deadline = time.monotonic() + timeout

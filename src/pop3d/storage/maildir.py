@@ -30,10 +30,11 @@ Rules of this file:
   :meth:`MaildirMaildrop.commit`.  A maildrop without ``cur/`` and ``new/`` is an error
   (``-ERR [SYS/TEMP]`` at login), never an empty mailbox, and :meth:`MaildirStore.open`
   does not create it; :meth:`MaildirStore.deliver` does, as an LDA would.
-* **Lock**: ``flock(LOCK_EX | LOCK_NB)`` on ``pop3d.lock`` in the Maildir.  A BSD lock
-  belongs to the open file description, so two sessions conflict even in one process,
-  workers in different processes conflict, and the lock dies with its holder (kill -9
-  included).  It is local to the host (NFS is a cluster lock's job, see SPEC).
+* **Lock** (:mod:`pop3d.storage.locking`): ``flock(LOCK_EX | LOCK_NB)`` on ``pop3d.lock``
+  in the Maildir.  A BSD lock belongs to the open file description, so two sessions
+  conflict even in one process, workers in different processes conflict, and the lock
+  dies with its holder (kill -9 included).  It is local to the host (NFS is a cluster
+  lock's job, see SPEC).
 * **Read** streams chunks of about ``chunk_size`` raw octets.  Before the first chunk the
   file is ``fstat``-ed: if it is not the file that was listed and its wire size changed,
   :class:`TemporaryBackendError` is raised before anything is sent.  A file changed
@@ -61,7 +62,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import hashlib
 import itertools
 import os
@@ -70,22 +70,23 @@ import socket
 import stat as st
 import time
 import zlib
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO
 
 from pop3d import limits
 from pop3d.auth.base import Principal
 from pop3d.config import StorageConfig
 from pop3d.errors import (
     LocalProtocolError,
-    MaildropLocked,
     MessageVanished,
     QuotaExceeded,
     TemporaryBackendError,
 )
 from pop3d.storage.base import MailboxStats, MessageInfo
+from pop3d.storage.blocking import fsync_dir, in_thread, write_all
+from pop3d.storage.locking import session_lock
 from pop3d.storage.quota import quota_for
 from pop3d.storage.template import check_template, mail_path
 from pop3d.storage.wire import CrlfNormaliser, WireCounter
@@ -134,8 +135,6 @@ _MAX_SECONDS_DIGITS = 12
 _INDEX_LINE = re.compile(r"([0-9]+) ([0-9]+) ([0-9]+) ([0-9]+) ([^\n]+)\n")
 _delivery_counter = itertools.count(1)
 _tmp_counter = itertools.count(1)
-
-_T = TypeVar("_T")
 
 
 # ---------------------------------------------------------------------------- names
@@ -468,9 +467,7 @@ def _write_index(root: Path, index: dict[str, _IndexRecord]) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o600)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
         finally:
             os.close(fd)
         tmp.replace(root / INDEX_NAME)
@@ -491,59 +488,7 @@ def _renamed_map(root: Path) -> dict[str, _Entry]:
     return found
 
 
-# ---------------------------------------------------------------------------- lock
-
-
-def _lock(root: Path) -> IO[bytes]:
-    """Take the maildrop's lock; the returned file holds it until closed.
-
-    Raises:
-        MaildropLocked: another open file description holds it.
-        TemporaryBackendError: the lock file cannot be created or locked.
-
-    """
-    try:
-        fd = os.open(root / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
-    except OSError as exc:
-        raise TemporaryBackendError(f"cannot create the lock file: {exc.strerror}") from None
-    # A file object closes the descriptor (and so releases the lock) even if a session
-    # object is dropped without close(); a bare int would hold the lock until exit.
-    handle = os.fdopen(fd, "rb", buffering=0)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise MaildropLocked("maildrop already locked") from None
-    except OSError as exc:
-        handle.close()
-        raise TemporaryBackendError(f"cannot lock the maildrop: {exc.strerror}") from None
-    return handle
-
-
 # ---------------------------------------------------------------------------- store
-
-
-async def _in_thread(
-    func: Callable[[], _T], late: Callable[[asyncio.Future[_T]], None] | None = None
-) -> _T:
-    """Run ``func`` in the default executor.
-
-    A thread cannot be stopped: if the caller is cancelled, ``func`` still runs to the
-    end, and ``late`` is then called with its future to undo what it left (a lock).
-    """
-    future = asyncio.get_running_loop().run_in_executor(None, func)
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        def _finished(done: asyncio.Future[_T]) -> None:
-            if not done.cancelled():
-                done.exception()  # retrieved: a late failure is nobody's to report
-            if late is not None:
-                late(done)
-
-        future.add_done_callback(_finished)
-        raise
 
 
 def _safe_hostname() -> str:
@@ -619,8 +564,8 @@ class MaildirStore:
         root = self.path_for(principal.username)
         cur_size, new_size = _check_maildir(root)
         if max(cur_size, new_size) > _INLINE_SCAN_DIR_SIZE:
-            return await _in_thread(lambda: self._open_sync(root), _release_late)
-        lock = _lock(root)
+            return await in_thread(lambda: self._open_sync(root), _release_late)
+        lock = session_lock(root / LOCK_NAME)
         try:
             _move_new_to_cur(root)
             scanned = _scan(root)
@@ -629,7 +574,7 @@ class MaildirStore:
             if sum(e.file_size for e in misses) <= _INLINE_MEASURE_BYTES:
                 entries = _finish_listing(root, scanned, index, misses)
             else:
-                entries = await _in_thread(
+                entries = await in_thread(
                     lambda: _finish_listing(root, scanned, index, misses), lambda _: lock.close()
                 )
         except asyncio.CancelledError:
@@ -642,7 +587,7 @@ class MaildirStore:
 
     def _open_sync(self, root: Path) -> MaildirMaildrop:
         """:meth:`open` all in one thread, for big Maildirs."""
-        lock = _lock(root)
+        lock = session_lock(root / LOCK_NAME)
         try:
             _move_new_to_cur(root)
             scanned, index = _scan(root), _load_index(root)
@@ -663,7 +608,7 @@ class MaildirStore:
         """
         root = self.path_for(principal.username)
         _check_maildir(root)
-        return await _in_thread(lambda: self._stat_sync(root))
+        return await in_thread(lambda: self._stat_sync(root))
 
     @staticmethod
     def _stat_sync(root: Path) -> MailboxStats:
@@ -714,9 +659,7 @@ class MaildirStore:
                 counter.feed(chunk)
                 # Writes land in the page cache: cheap enough inline; the fsync below is
                 # where the disk is waited for.
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view) :]
+                write_all(fd, chunk)
         except BaseException as exc:
             os.close(fd)
             _unlink_quietly(tmp)
@@ -731,7 +674,7 @@ class MaildirStore:
         # Once the data is complete the delivery finishes even if the caller is cancelled
         # (the thread cannot be stopped): at worst the sender retries and the user gets a
         # duplicate, never a half message.
-        await _in_thread(lambda: _finish_delivery(fd, tmp, final))
+        await in_thread(lambda: _finish_delivery(fd, tmp, final))
 
 
 def _finish_delivery(fd: int, tmp: Path, final: Path) -> None:
@@ -751,7 +694,7 @@ def _finish_delivery(fd: int, tmp: Path, final: Path) -> None:
         _unlink_quietly(tmp)
         raise TemporaryBackendError(f"delivery failed: {exc.strerror}") from None
     try:
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except OSError as exc:
         # The message is complete and visible; only its durability is in doubt.  Saying
         # "failed" would make the sender retry and duplicate it, so this is not an error.
@@ -763,15 +706,6 @@ def _unlink_quietly(path: Path) -> None:
         path.unlink()
     except OSError:
         pass
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename into ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _release_late(done: asyncio.Future[MaildirMaildrop]) -> None:

@@ -31,10 +31,11 @@ Rules of this file:
   delivered in the same second) get ``.2``, ``.3``... in file order.
 * **Locks.**  Two kinds:
 
-  - the *session lock* (one POP3 session per maildrop): ``flock`` on ``.<name>.pop3d``
-    next to the mbox.  A BSD lock belongs to the open file description, so two sessions
-    conflict even in one process, and it dies with its holder (kill -9 included).  It is
-    not the mbox lock: MDAs keep delivering while a session is open.
+  - the *session lock* (one POP3 session per maildrop, :mod:`pop3d.storage.locking`):
+    ``flock`` on ``.<name>.pop3d`` next to the mbox.  A BSD lock belongs to the open
+    file description, so two sessions conflict even in one process, and it dies with its
+    holder (kill -9 included).  It is not the mbox lock: MDAs keep delivering while a
+    session is open.
   - the *mbox lock*, taken briefly to scan, append and rewrite, and respected by MTAs and
     mail readers: first the dotlock ``<mbox>.lock`` (created with ``O_EXCL``, holding
     ``pid:host``, refreshed while held; one older than :data:`STALE_DOTLOCK_AGE` or whose
@@ -98,19 +99,20 @@ from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import IO
 
 from pop3d import limits
 from pop3d.auth.base import Principal
 from pop3d.config import StorageConfig
 from pop3d.errors import (
     LocalProtocolError,
-    MaildropLocked,
     MessageVanished,
     QuotaExceeded,
     TemporaryBackendError,
 )
 from pop3d.storage.base import MailboxStats, MessageInfo
+from pop3d.storage.blocking import fsync_dir, in_thread, write_all
+from pop3d.storage.locking import session_lock
 from pop3d.storage.quota import quota_for
 from pop3d.storage.template import check_template, mail_path
 from pop3d.storage.wire import CrlfNormaliser, WireCounter
@@ -118,8 +120,6 @@ from pop3d.storage.wire import CrlfNormaliser, WireCounter
 __all__ = ["MboxMaildrop", "MboxStore"]
 
 log = logging.getLogger(__name__)
-
-_T = TypeVar("_T")
 
 #: Seconds to wait for the mbox lock (dotlock and ``fcntl``) before a temporary failure.
 #: Postfix ``local`` retries for 20 s (deliver_lock_attempts x deliver_lock_delay);
@@ -722,12 +722,6 @@ def _reopen(path: Path, locked: int) -> int:
     return fd
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
     """Write all of ``data`` at ``offset``; return the offset after it."""
     view = memoryview(data)
@@ -737,62 +731,7 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
     return offset
 
 
-def _session_lock(path: Path) -> IO[bytes]:
-    """Take the POP3 session lock of the mbox at ``path`` (see the module head).
-
-    Raises:
-        MaildropLocked: another session holds it.
-        TemporaryBackendError: the lock file cannot be created.
-
-    """
-    lock_path = path.with_name(f".{path.name}.pop3d")
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise TemporaryBackendError(f"cannot open the session lock: {exc.strerror}") from None
-    handle = os.fdopen(fd, "r+b", buffering=0)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise MaildropLocked("maildrop already locked") from None
-    except OSError as exc:
-        handle.close()
-        raise TemporaryBackendError(f"cannot lock the maildrop: {exc.strerror}") from None
-    return handle
-
-
 # ----------------------------------------------------------------------------- helpers
-
-
-async def _in_thread(
-    func: Callable[[], _T], late: Callable[[asyncio.Future[_T]], None] | None = None
-) -> _T:
-    """Run ``func`` in the default executor; if the caller is cancelled it still finishes.
-
-    ``late`` is then called with its future, to undo what it left (a session lock).
-    """
-    future = asyncio.get_running_loop().run_in_executor(None, func)
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-
-        def _finished(done: asyncio.Future[_T]) -> None:
-            if not done.cancelled():
-                done.exception()
-            if late is not None:
-                late(done)
-
-        future.add_done_callback(_finished)
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _copy(
@@ -916,7 +855,7 @@ class MboxStore:
         """
         path = self.path_for(principal.username)
         _check_exists(path)
-        session = _session_lock(path)
+        session = session_lock(path.with_name(f".{path.name}.pop3d"))
 
         def snapshot() -> MboxMaildrop:
             lock = self.lock_for(path, exclusive=False)
@@ -940,7 +879,7 @@ class MboxStore:
                 done.result().release()
 
         try:
-            return await _in_thread(snapshot, late)
+            return await in_thread(snapshot, late)
         except asyncio.CancelledError:
             raise
         except BaseException:
@@ -978,7 +917,7 @@ class MboxStore:
                 oldest=min(dates, default=None),
             )
 
-        return await _in_thread(count)
+        return await in_thread(count)
 
     # -------------------------------------------------------------- Deliverer
 
@@ -1023,8 +962,8 @@ class MboxStore:
                         head.startswith((b"\n", b"\r\n")) or _HEADER_END.search(head)
                     )
                 writer.wire.feed(chunk)
-                _write_all(spool.fileno(), writer.feed(chunk))
-            _write_all(spool.fileno(), writer.finish())
+                write_all(spool.fileno(), writer.feed(chunk))
+            write_all(spool.fileno(), writer.finish())
             if sender is None:
                 found = _RETURN_PATH.match(bytes(head))
                 sender = found.group(1).decode("ascii", "replace") if found else None
@@ -1033,7 +972,7 @@ class MboxStore:
             length = writer.size
             owner = _owner(principal)
             job = _Append(path, spool.fileno(), length, from_line, wire, limit, owner)
-            await _in_thread(lambda: self._append(job))
+            await in_thread(lambda: self._append(job))
         except OSError as exc:
             raise _os_error("delivery failed", exc) from None
         finally:
@@ -1073,7 +1012,7 @@ class MboxStore:
                     log.exception("%s: could not truncate a failed delivery", path)
                 raise
             if created:
-                _fsync_dir(path.parent)
+                fsync_dir(path.parent)
         except OSError as exc:
             raise _os_error("delivery failed", exc) from None
         finally:
@@ -1122,7 +1061,7 @@ def _rewrite(lock: _MboxLock, deleted: frozenset[str]) -> None:
             raise TemporaryBackendError("the mbox was replaced during the rewrite")
         tmp.replace(path)
         tmp = None
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as exc:
         raise _os_error("cannot rewrite the mbox", exc) from None
     finally:

@@ -1,0 +1,62 @@
+"""Blocking file work of the on-disk stores (Maildir, mbox), and how it leaves the loop.
+
+Rules of this file:
+
+* :func:`in_thread` is the one way a store runs a blocking step in the default executor.
+  A thread cannot be stopped: a cancelled caller gets its ``CancelledError`` at once,
+  the step still runs to the end, and a ``late`` callback then undoes what it left (a
+  lock, an open maildrop).  Its late failure is retrieved, never reported as "never
+  retrieved".
+* The system-call loops (:func:`write_all`, :func:`fsync_dir`) raise ``OSError`` as it
+  comes; each store maps it to its own :class:`TemporaryBackendError` text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+__all__ = ["fsync_dir", "in_thread", "write_all"]
+
+_T = TypeVar("_T")
+
+
+async def in_thread(
+    func: Callable[[], _T], late: Callable[[asyncio.Future[_T]], None] | None = None
+) -> _T:
+    """Run ``func`` in the default executor; if the caller is cancelled it still finishes.
+
+    ``late`` is then called with its future, to undo what it left (a session lock).
+    """
+    future = asyncio.get_running_loop().run_in_executor(None, func)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+
+        def _finished(done: asyncio.Future[_T]) -> None:
+            if not done.cancelled():
+                done.exception()  # retrieved: a late failure is nobody's to report
+            if late is not None:
+                late(done)
+
+        future.add_done_callback(_finished)
+        raise
+
+
+def write_all(fd: int, data: bytes) -> None:
+    """Write all of ``data`` at the current offset of ``fd`` (short writes continued)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a rename or a creation in the folder ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

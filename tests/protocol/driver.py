@@ -12,12 +12,15 @@ from dataclasses import dataclass, field
 from pop3d.auth.base import Principal
 from pop3d.protocol import (
     ApopAuthenticate,
+    AuthRefused,
     Closed,
     NeedData,
     OpenMaildrop,
     PasswordAuthenticate,
     Pop3Connection,
     Pop3Settings,
+    SaslOutcome,
+    SaslSecret,
     SendMessage,
     StartTls,
     Update,
@@ -34,9 +37,17 @@ def wire(message: bytes) -> bytes:
 
 @dataclass
 class FakeDriver:
-    """Performs the core's requests against in-memory users and messages."""
+    """Performs the core's requests against in-memory users and messages.
+
+    ``users`` maps a user to their password; ``accounts`` are users without one (who can
+    still log in by SASL: SCRAM from ``secrets``, EXTERNAL).  Every event the core
+    produced is recorded in ``asked``.
+    """
 
     users: dict[str, bytes] = field(default_factory=lambda: {"alice": b"secret"})
+    accounts: set[str] = field(default_factory=set)
+    secrets: dict[tuple[str, str], bytes] = field(default_factory=dict)
+    asked: list[object] = field(default_factory=list)
     messages: list[tuple[str, bytes]] = field(default_factory=list)
     locked: bool = False
     chunk: int = 7
@@ -53,6 +64,7 @@ class FakeDriver:
         out = [conn.data_to_send()]
         while True:
             event = conn.next_event()
+            self.asked.append(event)
             match event:
                 case NeedData():
                     break
@@ -66,6 +78,15 @@ class FakeDriver:
                         conn.auth_failed()
                 case ApopAuthenticate():
                     conn.auth_failed()
+                case SaslSecret(username, scheme):
+                    conn.sasl_secret(self.secrets.get((username, scheme)))
+                case SaslOutcome(username, _, success):
+                    if success and (username in self.users or username in self.accounts):
+                        conn.auth_succeeded(Principal(username))
+                    else:
+                        conn.auth_failed()
+                case AuthRefused():
+                    pass  # information only: nothing to report
                 case OpenMaildrop():
                     if self.locked:
                         conn.maildrop_failed(RespCode.IN_USE)

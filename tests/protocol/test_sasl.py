@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
-from pop3d.auth.base import Principal
 from pop3d.auth.schemes import ScramSecret, cram_md5_context
 from pop3d.protocol import (
     AuthRefused,
-    Closed,
     NeedData,
-    OpenMaildrop,
     PasswordAuthenticate,
     Pop3Connection,
     Pop3Settings,
@@ -24,6 +21,7 @@ from pop3d.protocol import (
 )
 from pop3d.protocol.replies import RespCode
 from pop3d.protocol.states import State
+from tests.protocol.driver import FakeDriver
 
 
 def b64(data: bytes) -> bytes:
@@ -200,53 +198,14 @@ def test_decode_response() -> None:
 # --------------------------------------------------------------------------- the core
 
 
-@dataclass
-class SaslDriver:
-    """Answers the core's auth requests from in-memory users; records what it was asked."""
-
-    passwords: dict[str, bytes] = field(default_factory=lambda: {"tim": b"tanstaaftanstaaf"})
-    secrets: dict[tuple[str, str], bytes] = field(
-        default_factory=lambda: {
-            ("tim", "CRAM-MD5"): CRAM_SECRET,
-            ("user", "SCRAM-SHA-256"): SCRAM_SECRET,
-        }
-    )
-    users: set[str] = field(default_factory=lambda: {"tim", "user", "alice"})
-    asked: list[object] = field(default_factory=list)
-    closed: str | None = None
-
-    def run(self, conn: Pop3Connection) -> bytes:
-        out = [conn.data_to_send()]
-        while True:
-            event = conn.next_event()
-            self.asked.append(event)
-            match event:
-                case NeedData():
-                    break
-                case Closed(reason):
-                    self.closed = reason
-                    break
-                case PasswordAuthenticate(username, password):
-                    if self.passwords.get(username) == password:
-                        conn.auth_succeeded(Principal(username))
-                    else:
-                        conn.auth_failed()
-                case SaslSecret(username, scheme):
-                    conn.sasl_secret(self.secrets.get((username, scheme)))
-                case SaslOutcome(username, _, success):
-                    if success and username in self.users:
-                        conn.auth_succeeded(Principal(username))
-                    else:
-                        conn.auth_failed()
-                case OpenMaildrop():
-                    conn.maildrop_opened([])
-                case StartTls():
-                    conn.tls_established()
-                case AuthRefused():
-                    pass
-            out.append(conn.data_to_send())
-        out.append(conn.data_to_send())
-        return b"".join(out)
+def sasl_driver(**fields: Any) -> FakeDriver:
+    """A driver with the RFC examples' users: tim (PLAIN, CRAM-MD5), user (SCRAM), alice."""
+    defaults: dict[str, Any] = {
+        "users": {"tim": b"tanstaaftanstaaf"},
+        "secrets": {("tim", "CRAM-MD5"): CRAM_SECRET, ("user", "SCRAM-SHA-256"): SCRAM_SECRET},
+        "accounts": {"user", "alice"},
+    }
+    return FakeDriver(**(defaults | fields))
 
 
 GREETING = b"+OK POP3 server ready\r\n"
@@ -254,12 +213,12 @@ ALL = ("PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256", "EXTERNAL")
 
 
 def session(
-    lines: list[bytes], driver: SaslDriver | None = None, **settings: object
-) -> tuple[bytes, SaslDriver, Pop3Connection]:
+    lines: list[bytes], driver: FakeDriver | None = None, **settings: object
+) -> tuple[bytes, FakeDriver, Pop3Connection]:
     """Run ``lines`` whole and byte at a time (the two must agree); return the first run."""
     results = []
     for split in (False, True):
-        d = driver or SaslDriver()
+        d = driver or sasl_driver()
         conn = Pop3Connection(Pop3Settings(sasl_mechanisms=ALL, **settings))  # type: ignore[arg-type]
         data = b"".join(lines)
         out = [d.run(conn)]
@@ -333,7 +292,7 @@ def test_auth_scram_rfc7677_through_core() -> None:
 
 def test_auth_scram_wrong_password() -> None:
     """A wrong SCRAM proof is -ERR [AUTH] and no server signature is sent."""
-    driver = SaslDriver(
+    driver = sasl_driver(
         secrets={("user", "SCRAM-SHA-256"): ScramSecret.derive(b"x", b"salt", 4096).encode()}
     )
     out, d, _ = session(
@@ -401,9 +360,9 @@ def test_plaintext_mechanisms_refused_unread() -> None:
 
 def tls_session(
     identity: str | None, plaintext_allowed: bool = False
-) -> tuple[Pop3Connection, SaslDriver]:
+) -> tuple[Pop3Connection, FakeDriver]:
     """A connection that has done STLS; the driver reported ``identity`` as the cert's user."""
-    driver = SaslDriver()
+    driver = sasl_driver()
     conn = Pop3Connection(
         Pop3Settings(sasl_mechanisms=ALL, tls_available=True, plaintext_allowed=plaintext_allowed)
     )
@@ -464,7 +423,7 @@ def test_sasl_line_limit() -> None:
 def test_long_sasl_response_within_limit() -> None:
     """Responses longer than a command line but within MAX_SASL_LINE are accepted."""
     user = "u" * 200
-    driver = SaslDriver(passwords={user: b"p" * 900}, users={user})
+    driver = sasl_driver(users={user: b"p" * 900}, accounts=set())
     msg = b64(b"\x00" + user.encode() + b"\x00" + b"p" * 900)
     assert len(msg) > 255
     out, _, _ = session([b"AUTH PLAIN\r\n", msg + b"\r\n"], driver)

@@ -256,14 +256,12 @@ class Pop3Connection:
         if self._status_line:
             self._out.append(self._status_line)
             self._status_line = b""
-        if self._top is not None:
-            chunk = self._top.feed(chunk)
-            self.octets_sent += len(chunk)
-            self._out.append(self._stuffer.feed(chunk))
-            return not self._top.done
+        top = self._top
+        if top is not None:
+            chunk = top.feed(chunk)
         self.octets_sent += len(chunk)
         self._out.append(self._stuffer.feed(chunk))
-        return True
+        return top is None or not top.done
 
     def message_end(self) -> None:
         """The message (or all of it that TOP wanted) has been fed."""
@@ -334,6 +332,10 @@ class Pop3Connection:
 
     def _bad(self, reason: str, code: RespCode | None = None) -> None:
         self._out.append(err(reason, code))
+        self._count_bad()
+
+    def _count_bad(self) -> None:
+        """One more consecutive error; the budget spent closes the connection."""
         self._bad_commands += 1
         if self._bad_commands >= self.settings.max_bad_commands:
             self._out.append(err("too many bad commands, closing"))
@@ -362,10 +364,7 @@ class Pop3Connection:
     def _count_errors(self, before: int) -> None:
         """A command that produced a -ERR of its own counts against the error budget."""
         if len(self._out) > before and self._out[-1].startswith(b"-ERR"):
-            self._bad_commands += 1
-            if self._bad_commands >= self.settings.max_bad_commands:
-                self._out.append(err("too many bad commands, closing"))
-                self._close("too many errors")
+            self._count_bad()
         else:
             self._bad_commands = 0
 

@@ -55,18 +55,14 @@ _MAX_ENVELOPE_LINE = 4096
 
 def add_parser(sub: Any) -> None:
     """Register ``deliver`` on the ``pop3d`` sub-command parsers."""
+    from pop3d import serve  # noqa: PLC0415 (--config and --data are read as serve reads them)
+
     p = sub.add_parser(
         "deliver",
         help="deliver one message from a file or stdin (an LDA for Postfix/Exim)",
         description="Deliver one message into USER's maildrop; exit with a sysexits code.",
     )
-    p.add_argument("--config", type=Path, help="TOML config (default: the embedded demo)")
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=Path(os.environ.get("POP3D_DATA", "pop3d-data")),
-        help="data folder of the embedded default (default: ./pop3d-data)",
-    )
+    serve.add_config_arguments(p)
     p.add_argument("-f", "--from", dest="sender", help="envelope sender (mbox From_ line)")
     p.add_argument("user", help="recipient: a user of the passwd-file")
     p.add_argument("message", nargs="?", type=Path, help="message file (default: stdin)")

@@ -41,6 +41,13 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 def add_parser(sub: Any) -> None:
     """Register ``serve``."""
     p = sub.add_parser("serve", help="run the POP3 server in the foreground")
+    add_config_arguments(p)
+    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    p.set_defaults(run=run)
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and ``--data``, which :func:`load_config` reads."""
     p.add_argument("--config", type=Path, help="TOML config (default: the embedded demo)")
     p.add_argument(
         "--data",
@@ -48,8 +55,6 @@ def add_parser(sub: Any) -> None:
         default=Path(os.environ.get("POP3D_DATA", "pop3d-data")),
         help="data folder of the embedded default (default: ./pop3d-data)",
     )
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
-    p.set_defaults(run=run)
 
 
 def load_config(args: argparse.Namespace) -> Config:

@@ -76,13 +76,9 @@ def add_parser(sub: Any) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="TOML config (default: the embedded demo)")
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=Path(os.environ.get("POP3D_DATA", "pop3d-data")),
-        help="data folder of the embedded default (default: ./pop3d-data)",
-    )
+    from pop3d import serve  # noqa: PLC0415
+
+    serve.add_config_arguments(p)
 
 
 def _say(text: str, stream: TextIO | None = None) -> None:

@@ -1,9 +1,10 @@
 """Listening sockets, the connection table and its caps, graceful stop.
 
 A :class:`ServerContext` is what every connection shares: backends, TLS contexts, the
-per-connection settings, and the counts behind the connection limits.  ``run_server``
-binds every configured address, serves until stopped, then closes open sessions without
-UPDATE (a session already in UPDATE is given :data:`limits.SHUTDOWN_GRACE` to finish).
+per-connection settings, and the counts behind the connection limits.  :func:`bind_all`
+binds every configured address (before workers fork), :func:`start_listeners` serves on
+them, and :meth:`ServerContext.shutdown` closes open sessions without UPDATE (a session
+already in UPDATE is given :data:`limits.SHUTDOWN_GRACE` to finish).
 """
 
 from __future__ import annotations

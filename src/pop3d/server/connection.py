@@ -33,6 +33,7 @@ import logging
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from pop3d import limits
@@ -53,6 +54,7 @@ from pop3d.protocol import (
 )
 from pop3d.protocol.events import Event
 from pop3d.protocol.replies import RespCode, err
+from pop3d.protocol.states import State
 from pop3d.server.tls import certificate_identity
 
 if TYPE_CHECKING:
@@ -75,6 +77,8 @@ class Pop3Protocol(asyncio.Protocol):
         self.peer = "?"
         self.address = "?"
         self.maildrop: Maildrop | None = None
+        #: The maildrop's optional fast path for small messages (see _send_inline).
+        self._read_inline: Callable[[str], bytes | None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._drained: asyncio.Future[None] | None = None
         self._write_paused = False
@@ -211,19 +215,15 @@ class Pop3Protocol(asyncio.Protocol):
         Storage that can read a small message at once offers ``read_inline`` (an
         optional part of the Maildrop interface); others are streamed by a task.
         """
-        read_inline = getattr(self.maildrop, "read_inline", None)
+        read_inline = self._read_inline
         if read_inline is None:
             return False
         try:
             data = read_inline(uid)
-        except MessageVanished:
-            core.message_failed(vanished=True)
-            return True
         except LocalProtocolError:
             raise
-        except Exception:
-            log.warning("cannot read message %s for %s", uid, self.username, exc_info=True)
-            core.message_failed(vanished=False)
+        except Exception as exc:
+            self._read_failed(core, uid, exc)
             return True
         if data is None:
             return False
@@ -275,6 +275,7 @@ class Pop3Protocol(asyncio.Protocol):
                     core.maildrop_failed(opened)
                 else:
                     self.maildrop = opened
+                    self._read_inline = getattr(opened, "read_inline", None)
                     core.maildrop_opened(opened.listing())
             case SendMessage(uid):
                 await self._send_message(core, uid)
@@ -339,20 +340,24 @@ class Pop3Protocol(asyncio.Protocol):
                     return
                 if not more:
                     break
-        except MessageVanished:
-            core.message_failed(vanished=True)
-            return
         except LocalProtocolError:
             raise
-        except Exception:
-            log.warning("cannot read message %s for %s", uid, self.username, exc_info=True)
-            core.message_failed(vanished=False)
+        except Exception as exc:
+            self._read_failed(core, uid, exc)
             return
         finally:
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:  # close the file now, not when the generator is collected
                 await aclose()
         core.message_end()
+
+    def _read_failed(self, core: Pop3Connection, uid: str, exc: Exception) -> None:
+        """Report a message that could not be read: vanished, or broken (logged)."""
+        if isinstance(exc, MessageVanished):
+            core.message_failed(vanished=True)
+            return
+        log.warning("cannot read message %s for %s", uid, self.username, exc_info=exc)
+        core.message_failed(vanished=False)
 
     async def _drain(self) -> None:
         self._drained = self.loop.create_future()
@@ -398,8 +403,6 @@ class Pop3Protocol(asyncio.Protocol):
             self.transport.write(data)
 
     def _in_update(self) -> bool:
-        from pop3d.protocol.states import State  # noqa: PLC0415
-
         return self.core is not None and self.core.state is State.UPDATE
 
     def _abort(self, reason: str) -> None:
@@ -414,11 +417,7 @@ class Pop3Protocol(asyncio.Protocol):
         """Server is stopping: close without UPDATE (a running UPDATE is let finish)."""
         if self._closing or self._in_update():
             return
-        if self.transport is not None:
-            self.transport.write(err("server shutting down", RespCode.SYS_TEMP))
-        self._abort("shutdown")
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
+        self._hang_up("shutdown", err("server shutting down", RespCode.SYS_TEMP))
 
     def _arm_timer(self, delay: float) -> None:
         self._timer = self.loop.call_later(delay, self._on_timer)
@@ -436,9 +435,13 @@ class Pop3Protocol(asyncio.Protocol):
             self._arm_timer(timeout)
             return
         log.info("idle timeout for %s", self.peer)
+        self._hang_up("idle timeout", err("autologout: idle for too long"))
+
+    def _hang_up(self, reason: str, farewell: bytes) -> None:
+        """Say ``farewell``, close without UPDATE, and stop any running request."""
         if self.transport is not None:
-            self.transport.write(err("autologout: idle for too long"))
-        self._abort("idle timeout")
+            self.transport.write(farewell)
+        self._abort(reason)
         if self._task is not None and not self._task.done():
             self._task.cancel()
 

@@ -28,6 +28,9 @@ from pop3d.session import Backends
 
 log = logging.getLogger("pop3d.server")
 
+#: The IMPLEMENTATION capability (RFC 2449 §6.9).
+_IMPLEMENTATION = f"pop3d {__version__}"
+
 
 class ServerContext:
     """State shared by all connections of one server process."""
@@ -99,7 +102,7 @@ class ServerContext:
         return Pop3Settings(
             greeting=self.config.server.greeting,
             apop_timestamp=timestamp,
-            implementation=f"pop3d {__version__}",
+            implementation=_IMPLEMENTATION,
             tls_available=self.tls is not None and not implicit_tls,
             tls_active=implicit_tls,
             plaintext_allowed=auth.plaintext_without_tls or self.is_secure(address),

@@ -76,3 +76,29 @@ def test_read_inline_refuses_a_changed_file(tmp_path: Path) -> None:
             drop.read_inline(info.uid)
     finally:
         run(drop.close())
+
+
+@pytest.mark.parametrize("mode", ["nowait", "disk", "unsupported"])
+def test_big_message_read_paths_agree(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """A big message reads the same from the page cache inline, or from disk in a thread."""
+    body = b"".join(b"%d line\n.dotted\r\n" % i for i in range(20_000))
+    if mode == "disk":  # every non-blocking read says it would block
+
+        def would_block(*_args: object) -> int:
+            raise BlockingIOError
+
+        monkeypatch.setattr(maildir.os, "preadv", would_block)
+    elif mode == "unsupported":
+        monkeypatch.setattr(maildir, "_NOWAIT", False)
+    h = MaildirHarness(tmp_path)
+    h.put("alice", body)
+    drop = _open(h)
+    try:
+        [info] = drop.listing()
+        data = run(read_all(drop, info.uid))
+    finally:
+        run(drop.close())
+    assert len(data) == info.size
+    assert data == body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")

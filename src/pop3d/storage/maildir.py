@@ -123,6 +123,8 @@ _INLINE_MEASURE_BYTES = 1024 * 1024
 #: Messages up to this size are read inline (one page-cache read is cheaper than the
 #: ~0.1 ms thread hop); bigger ones are read chunk by chunk in a thread.
 _INLINE_READ_BYTES = 64 * 1024
+#: Whether ``preadv(..., RWF_NOWAIT)`` works here; cleared at the first refusal.
+_NOWAIT = hasattr(os, "RWF_NOWAIT")
 #: Commits deleting more messages than this run in a thread.
 _INLINE_COMMIT = 64
 #: Chunk size used to measure a file's wire size (memory only, nothing is kept).
@@ -854,6 +856,9 @@ class _MessageReader:
         self._started = False
         self._done = False
         self._inflight: asyncio.Future[bytes] | None = None
+        #: Where the next read starts (pread: no shared file position to go wrong).
+        self._offset = 0
+        self._buffer: bytearray | None = None
 
     def __aiter__(self) -> _MessageReader:
         return self
@@ -865,11 +870,15 @@ class _MessageReader:
             if not self._started:
                 self._started = True
                 self.open()
-            out = b""
+            out: bytes | None = b""
             while not out and not self._done:
                 if self._entry.file_size <= _INLINE_READ_BYTES:
                     out = self.step()
-                else:
+                    continue
+                # Page-cached data is read right here (a thread hop costs more than the
+                # read); only a read that would wait for the disk goes to a thread.
+                out = self.step_nowait()
+                if out is None:
                     self._inflight = asyncio.get_running_loop().run_in_executor(None, self.step)
                     out = await asyncio.shield(self._inflight)
                     self._inflight = None
@@ -908,7 +917,6 @@ class _MessageReader:
         # Not the file that was listed: send it only if its wire size is still right.
         try:
             wire = _measure_fd(self._fd).wire_size
-            os.lseek(self._fd, 0, os.SEEK_SET)
         except OSError as exc:
             raise TemporaryBackendError(f"message unreadable: {exc.strerror}") from None
         if wire != e.wire:
@@ -919,12 +927,43 @@ class _MessageReader:
         """True once the whole message has been returned (or reading failed)."""
         return self._done
 
+    def _read_nowait(self) -> bytes | None:
+        """The next chunk if the page cache has it (RWF_NOWAIT), else ``None``."""
+        global _NOWAIT  # noqa: PLW0603 (learned once per process)
+        if not _NOWAIT:
+            return None
+        if self._buffer is None:
+            self._buffer = bytearray(self._chunk_size)
+        try:
+            n = os.preadv(self._fd, [self._buffer], self._offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                _NOWAIT = False  # file system or kernel without RWF_NOWAIT
+                return None
+            raise
+        return bytes(memoryview(self._buffer)[:n])
+
     def step(self) -> bytes:
         """Read and normalise the next chunk; b"" with ``done`` set at the end."""
         try:
-            data = os.read(self._fd, self._chunk_size)
+            data = os.pread(self._fd, self._chunk_size, self._offset)
         except OSError as exc:
             raise TemporaryBackendError(f"message unreadable: {exc.strerror}") from None
+        return self._consume(data)
+
+    def step_nowait(self) -> bytes | None:
+        """:meth:`step`, or ``None`` (changing nothing) if it would wait for the disk."""
+        try:
+            data = self._read_nowait()
+        except OSError as exc:
+            raise TemporaryBackendError(f"message unreadable: {exc.strerror}") from None
+        return None if data is None else self._consume(data)
+
+    def _consume(self, data: bytes) -> bytes:
+        """Account for and normalise ``data``, the octets read at the current offset."""
+        self._offset += len(data)
         if data:
             out = self._normaliser.feed(data)
         else:

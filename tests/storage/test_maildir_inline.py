@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -89,7 +90,7 @@ def test_big_message_read_paths_agree(
         def would_block(*_args: object) -> int:
             raise BlockingIOError
 
-        monkeypatch.setattr(maildir.os, "preadv", would_block)
+        monkeypatch.setattr(os, "preadv", would_block)
     elif mode == "unsupported":
         monkeypatch.setattr(maildir, "_NOWAIT", False)
     h = MaildirHarness(tmp_path)

@@ -123,6 +123,9 @@ _INLINE_MEASURE_BYTES = 1024 * 1024
 #: Messages up to this size are read inline (one page-cache read is cheaper than the
 #: ~0.1 ms thread hop); bigger ones are read chunk by chunk in a thread.
 _INLINE_READ_BYTES = 64 * 1024
+#: User names whose Maildir path is remembered (a path costs a template expansion,
+#: a name check and Path objects on every login otherwise).
+_PATH_CACHE = 100_000
 #: Whether ``preadv(..., RWF_NOWAIT)`` works here; cleared at the first refusal.
 _NOWAIT = hasattr(os, "RWF_NOWAIT")
 #: Commits deleting more messages than this run in a thread.
@@ -224,63 +227,75 @@ _IndexRecord = tuple[int, int, int, int]  # inode, file size, mtime_ns, wire siz
 def _check_maildir(root: Path) -> tuple[int, int]:
     """Check that ``root`` is a Maildir; return the ``st_size`` of ``cur/`` and ``new/``.
 
+    Whether the folders can be read is found out by reading them (:func:`_scan`): an
+    ``access()`` here would be two more system calls on every login for the same answer.
+
     Raises:
-        TemporaryBackendError: ``cur/`` or ``new/`` is missing, not a folder, or unreadable.
+        TemporaryBackendError: ``cur/`` or ``new/`` is missing or not a folder.
 
     """
     sizes = []
+    base = os.fspath(root)
     for folder in ("cur", "new"):
         try:
-            s = (root / folder).stat()
+            s = os.stat(f"{base}/{folder}")  # noqa: PTH116 (login hot path: no Path objects)
         except OSError as exc:
             raise TemporaryBackendError(
                 f"maildrop unavailable: {folder}/: {exc.strerror}"
             ) from None
         if not st.S_ISDIR(s.st_mode):
             raise TemporaryBackendError(f"maildrop unavailable: {folder}/ is not a folder")
-        if not os.access(root / folder, os.R_OK | os.X_OK):
-            raise TemporaryBackendError(f"maildrop unavailable: {folder}/ is not readable")
         sizes.append(s.st_size)
     return sizes[0], sizes[1]
 
 
-def _move_new_to_cur(root: Path) -> None:
+def _move_new_to_cur(root: Path) -> bool:
     """Move each message of ``new/`` to ``cur/`` with an empty info, as Dovecot does.
 
     Never replaces an existing name; a message that cannot be moved stays in ``new/`` and
-    is served from there.
+    is served from there.  Returns whether anything (a message left behind, or a file
+    of any other kind) is still in ``new/``, so that the listing reads it again only then.
     """
-    new, cur = root / "new", root / "cur"
+    new, cur = f"{os.fspath(root)}/new", f"{os.fspath(root)}/cur"
+    left = False
     try:
         with os.scandir(new) as it:
-            names = [
-                e.name
-                for e in it
-                if not e.name.startswith(".") and e.is_file(follow_symlinks=False)
-            ]
+            names = []
+            for e in it:
+                if not e.name.startswith(".") and e.is_file(follow_symlinks=False):
+                    names.append(e.name)
+                else:
+                    left = True
     except OSError as exc:
         raise TemporaryBackendError(f"maildrop unreadable: new/: {exc.strerror}") from None
     for name in names:
         target = name if split_name(name)[1] else name + ":2,"
         try:
-            if os.path.lexists(cur / target):
+            if os.path.lexists(f"{cur}/{target}"):
+                left = True
                 continue
-            (new / name).rename(cur / target)
+            os.rename(f"{new}/{name}", f"{cur}/{target}")  # noqa: PTH104 (hot path, as above)
         except OSError:
-            continue
+            left = True
+    return left
 
 
-def _scan(root: Path) -> list[_Entry]:
-    """List the regular, non-hidden files of ``cur/`` and ``new/``, in delivery order.
+#: What to list after the new/ -> cur/ move: new/ too only if something stayed there.
+_FOLDERS = {False: ("cur",), True: ("cur", "new")}
+
+
+def _scan(root: Path, folders: tuple[str, ...] = ("cur", "new")) -> list[_Entry]:
+    """List the regular, non-hidden files of ``folders``, in delivery order.
 
     Raises:
         TemporaryBackendError: a folder cannot be read.
 
     """
     entries: list[_Entry] = []
-    for folder in ("cur", "new"):
+    base = os.fspath(root)
+    for folder in folders:
         try:
-            with os.scandir(root / folder) as it:
+            with os.scandir(f"{base}/{folder}") as it:
                 for entry in it:
                     name = entry.name
                     if name.startswith("."):
@@ -532,6 +547,7 @@ class MaildirStore:
             raise ValueError("chunk_size must be positive")
         self.template = template
         self.base = base
+        self._paths: dict[str, Path] = {}
         self.quota = quota
         self.chunk_size = chunk_size
         self.hostname = hostname if hostname is not None else _safe_hostname()
@@ -544,13 +560,19 @@ class MaildirStore:
         return cls(config.maildir, config.base, quota=config.quota)
 
     def path_for(self, username: str) -> Path:
-        """Return the user's Maildir path.
+        """Return the user's Maildir path (remembered: the template never changes).
 
         Raises:
             UnsafeUserName: the name could escape the mail root.
 
         """
-        return mail_path(self.template, username, self.base)
+        path = self._paths.get(username)
+        if path is None:
+            path = mail_path(self.template, username, self.base)
+            if len(self._paths) >= _PATH_CACHE:
+                self._paths.clear()
+            self._paths[username] = path
+        return path
 
     # -------------------------------------------------------------- MailStore
 
@@ -569,8 +591,7 @@ class MaildirStore:
             return await in_thread(lambda: self._open_sync(root), _release_late)
         lock = session_lock(root / LOCK_NAME)
         try:
-            _move_new_to_cur(root)
-            scanned = _scan(root)
+            scanned = _scan(root, _FOLDERS[_move_new_to_cur(root)])
             index = _load_index(root)
             misses = _apply_index(scanned, index)
             if sum(e.file_size for e in misses) <= _INLINE_MEASURE_BYTES:
@@ -591,8 +612,8 @@ class MaildirStore:
         """:meth:`open` all in one thread, for big Maildirs."""
         lock = session_lock(root / LOCK_NAME)
         try:
-            _move_new_to_cur(root)
-            scanned, index = _scan(root), _load_index(root)
+            scanned = _scan(root, _FOLDERS[_move_new_to_cur(root)])
+            index = _load_index(root)
             entries = _finish_listing(root, scanned, index, _apply_index(scanned, index))
         except BaseException:
             lock.close()

@@ -89,6 +89,7 @@ class Pop3Protocol(asyncio.Protocol):
         self._started = time.monotonic()
         self._result = ""
         self.username = ""
+        self._mechanism = "-"
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -312,8 +313,9 @@ class Pop3Protocol(asyncio.Protocol):
             )
             core.auth_failed(result)
         else:
-            log.info("auth ok for %s via %s from %s", result.username, mechanism, self.peer)
+            # The session line at the end says who logged in and how: one line a session.
             self.username = result.username
+            self._mechanism = mechanism
             core.auth_succeeded(result)
 
     def _client_identity(self, transport: asyncio.BaseTransport) -> str | None:
@@ -459,9 +461,10 @@ class Pop3Protocol(asyncio.Protocol):
         if maildrop is not None:
             self.server.spawn(_close_maildrop(maildrop, self._task))
         log.info(
-            "session peer=%s user=%s result=%s retr=%d octets=%d deleted=%d secs=%.3f",
+            "session peer=%s user=%s via=%s result=%s retr=%d octets=%d deleted=%d secs=%.3f",
             self.peer,
             self.username or "-",
+            self._mechanism,
             self._result,
             core.messages_sent,
             core.octets_sent,

@@ -142,7 +142,39 @@ class Server:
                 os.kill(pid, signal.SIGKILL)
 
 
-class Pop3d(Server):
+class _ProcessServer(Server):
+    """A server that is one foreground process pinned with taskset, logging to a file."""
+
+    def __init__(self, work: Path, port: int, cpus: str) -> None:
+        super().__init__(work, port, cpus)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def _spawn(self, command: list[str], log_name: str) -> bool:
+        """Start ``command`` on our CPUs; True once the port greets."""
+        log = (self.work / log_name).open("wb")
+        self.proc = subprocess.Popen(
+            ["taskset", "-c", self.cpus, *command],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.work,
+        )
+        log.close()
+        self.pid = self.proc.pid
+        if wait_greeting(self.port, 20):
+            return True
+        tail = (self.work / log_name).read_text(errors="replace")[-600:]
+        self.error = f"{self.name} did not answer on port {self.port}: {tail.strip()}"
+        self.stop()
+        return False
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self._kill(self.proc.pid)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
+        self.proc = None
+
+
+class Pop3d(_ProcessServer):
     """``pop3d serve`` from this checkout, one worker, failure delay 0."""
 
     name = "pop3d"
@@ -150,7 +182,6 @@ class Pop3d(Server):
     def __init__(self, work: Path, port: int, cpus: str, workers: int = 1) -> None:
         super().__init__(work, port, cpus)
         self.workers = workers
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> bool:
         cfg = self.work / "pop3d.toml"
@@ -168,28 +199,9 @@ class Pop3d(Server):
             'maildir = "mail/%u/Maildir"\n',
             encoding="utf-8",
         )
-        log = (self.work / "pop3d.log").open("wb")
-        self.proc = subprocess.Popen(
-            ["taskset", "-c", self.cpus, sys.executable, "-m", "pop3d", "serve",
-             "--config", str(cfg)],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.work,
+        return self._spawn(
+            [sys.executable, "-m", "pop3d", "serve", "--config", str(cfg)], "pop3d.log"
         )
-        log.close()
-        self.pid = self.proc.pid
-        if wait_greeting(self.port, 20):
-            return True
-        tail = (self.work / "pop3d.log").read_text(errors="replace")[-600:]
-        self.error = f"pop3d serve did not answer on port {self.port}: {tail.strip()}"
-        self.stop()
-        return False
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        self._kill(self.proc.pid)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=5)
-        self.proc = None
 
 
 class Dovecot(Server):
@@ -251,40 +263,18 @@ def parse_cpus(spec: str) -> set[int]:
     return out
 
 
-class Twisted(Server):
+class Twisted(_ProcessServer):
     """Twisted's POP3 server (twisted.mail) over the same Maildirs, from bench/.venv."""
 
     name = "twisted"
-
-    def __init__(self, work: Path, port: int, cpus: str) -> None:
-        super().__init__(work, port, cpus)
-        self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> bool:
         py = BENCH / ".venv" / "bin" / "python"
         if not py.exists():
             self.error = "bench/.venv is missing (make bench-venv installs twisted there)"
             return False
-        log = (self.work / "twisted.log").open("wb")
-        self.proc = subprocess.Popen(
-            ["taskset", "-c", self.cpus, str(py), str(BENCH / "twisted_pop3.py"),
-             "--port", str(self.port), "--users", str(self.work / "users"),
-             "--mail", str(self.work / "mail")],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.work,
+        return self._spawn(
+            [str(py), str(BENCH / "twisted_pop3.py"), "--port", str(self.port),
+             "--users", str(self.work / "users"), "--mail", str(self.work / "mail")],
+            "twisted.log",
         )
-        log.close()
-        self.pid = self.proc.pid
-        if wait_greeting(self.port, 20):
-            return True
-        tail = (self.work / "twisted.log").read_text(errors="replace")[-600:]
-        self.error = f"twisted did not answer: {tail.strip()}"
-        self.stop()
-        return False
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        self._kill(self.proc.pid)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=5)
-        self.proc = None

@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -87,6 +88,19 @@ def build_authenticator(cfg: Config) -> Any:
     if not cfg.auth.passwd_file.is_file():
         raise ConfigError(f"[auth] passwd_file {cfg.auth.passwd_file} does not exist")
     return PasswdFileAuthenticator(cfg.auth.passwd_file)
+
+
+def _raise_file_limit() -> None:
+    """Raise the soft limit of open files to the hard limit.
+
+    Each session holds two descriptors (its socket and its maildrop lock); the usual soft
+    limit of 1,024 would refuse logins past ~500 sessions a process.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.debug("open files limit raised from %d to %d", soft, hard)
 
 
 def _bind_lmtp(cfg: Config) -> list[socket.socket]:
@@ -266,6 +280,7 @@ def _supervise(
 def run(args: argparse.Namespace) -> int:
     """Run ``pop3d serve``."""
     logsetup.setup(args.log_level)
+    _raise_file_limit()
     try:
         cfg = load_config(args)
         build_authenticator(cfg)  # fail fast on a missing passwd-file

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import os
 import poplib
+import resource
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from pop3d.testing import Pop3ServeProcess
+from pop3d.testing import Pop3ServeProcess, wait_for_port
 
 
 def _children(pid: int) -> set[int]:
@@ -85,3 +87,28 @@ def test_relogin_right_after_quit_is_never_locked(
     proc = serve(workers=2)
     for _ in range(40):  # back to back, spread over both workers by the kernel
         assert _login_ok(proc)
+
+
+def test_serve_raises_its_open_files_limit(tmp_path: Path) -> None:
+    """A soft limit of 1,024 descriptors is raised to the hard limit (2 per session)."""
+    proc = Pop3ServeProcess(tmp_path / "srv", {"alice": "secret"}, workers=1)
+    proc.write_config()
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert hard > 1024, "this test needs a hard limit above 1024"
+
+    def lower_soft_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+
+    with (tmp_path / "log").open("wb") as log:
+        server = subprocess.Popen(
+            proc.command(), stdout=log, stderr=log, cwd=proc.root,
+            preexec_fn=lower_soft_limit,  # noqa: PLW1509 (no threads run in the child yet)
+        )
+    try:
+        wait_for_port(proc.host, proc.port, 15, process=server)
+        limits = Path(f"/proc/{server.pid}/limits").read_text()
+        [line] = [ln for ln in limits.splitlines() if ln.startswith("Max open files")]
+        assert line.split()[3] == str(hard)
+    finally:
+        server.terminate()
+        assert server.wait(10) == 0

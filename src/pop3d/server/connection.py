@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -109,12 +108,6 @@ class Pop3Protocol(asyncio.Protocol):
             transport.close()
             return
         transport.set_write_buffer_limits(high=limits.WRITE_HIGH_WATER)
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # Replies are request-sized writes: Nagle would hold a multi-line reply's
-            # last segment for the peer's delayed ACK (40 ms per RETR).
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         identity = self._client_identity(transport) if self.implicit_tls else None
         self.core = Pop3Connection(
             self.server.settings_for(self.address, self.implicit_tls, identity)

@@ -10,6 +10,7 @@ already in UPDATE is given :data:`limits.SHUTDOWN_GRACE` to finish).
 from __future__ import annotations
 
 import asyncio
+import base64
 import ipaddress
 import logging
 import os
@@ -32,6 +33,26 @@ log = logging.getLogger("pop3d.server")
 _IMPLEMENTATION = f"pop3d {__version__}"
 
 
+class _RandomTokens:
+    """Unpredictable tokens (APOP timestamps, SASL nonces), from the OS's CSPRNG.
+
+    One ``getrandom`` call serves hundreds of connections instead of one each; the
+    tokens are as unpredictable as ``secrets``' (they are slices of its output).
+    """
+
+    _REFILL = 4096
+
+    def __init__(self) -> None:
+        self._pool = b""
+
+    def token(self, nbytes: int) -> str:
+        """Return ``nbytes`` random octets as URL-safe text (no comma, no space)."""
+        if len(self._pool) < nbytes:
+            self._pool = secrets.token_bytes(self._REFILL)
+        chunk, self._pool = self._pool[:nbytes], self._pool[nbytes:]
+        return base64.urlsafe_b64encode(chunk).rstrip(b"=").decode("ascii")
+
+
 class ServerContext:
     """State shared by all connections of one server process."""
 
@@ -44,6 +65,9 @@ class ServerContext:
         self.per_address: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._secure = config.auth.secure_networks
+        #: Made after the fork: each worker has its own pid and its own randomness.
+        self._pid = os.getpid()
+        self._random = _RandomTokens()
         self._secure_cache: dict[str, bool] = {}
 
     def admit(self, conn: Pop3Protocol) -> str | None:
@@ -96,7 +120,7 @@ class ServerContext:
         if auth.apop:
             # RFC 1939 §7: unique per greeting: pid, clock and randomness.
             timestamp = (
-                f"<{os.getpid()}.{time.time_ns()}.{secrets.token_hex(4)}"
+                f"<{self._pid}.{time.time_ns()}.{self._random.token(4)}"
                 f"@{self.config.server.hostname}>"
             ).encode()
         return Pop3Settings(
@@ -108,7 +132,7 @@ class ServerContext:
             plaintext_allowed=auth.plaintext_without_tls or self.is_secure(address),
             sasl_mechanisms=auth.mechanisms,
             # CRAM-MD5 challenges and SCRAM nonces: unique per connection and unguessable.
-            sasl_nonce=f"{os.getpid()}.{time.time_ns()}.{secrets.token_urlsafe(12)}",
+            sasl_nonce=f"{self._pid}.{time.time_ns()}.{self._random.token(12)}",
             hostname=self.config.server.hostname,
             client_identity=client_identity,
         )
@@ -137,7 +161,9 @@ class ServerContext:
 
 def _bind(address: ListenAddress, reuse_port: bool) -> socket.socket:
     family = socket.AF_INET6 if ":" in address.host else socket.AF_INET
-    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say they are TCP
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on accepted sockets that say they
+    # are TCP (uvloop sets it always).  Without it Nagle held the last segment of every
+    # multi-line reply for the client's delayed ACK: 40 ms per RETR.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:

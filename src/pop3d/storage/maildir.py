@@ -442,7 +442,10 @@ def _load_index(root: Path) -> dict[str, _IndexRecord]:
     try:
         if s.st_size > _MAX_INDEX_BYTES:
             return {}
-        data = b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
+        # One read of one octet more than fstat said sees the whole file and its end.
+        data = os.read(fd, s.st_size + 1)
+        if len(data) > s.st_size:  # it grew since: read the rest the slow way
+            data += b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
     except OSError:
         return {}
     finally:

@@ -123,9 +123,6 @@ _INLINE_MEASURE_BYTES = 1024 * 1024
 #: Messages up to this size are read inline (one page-cache read is cheaper than the
 #: ~0.1 ms thread hop); bigger ones are read chunk by chunk in a thread.
 _INLINE_READ_BYTES = 64 * 1024
-#: User names whose Maildir path is remembered (a path costs a template expansion,
-#: a name check and Path objects on every login otherwise).
-_PATH_CACHE = 100_000
 #: Whether ``preadv(..., RWF_NOWAIT)`` works here; cleared at the first refusal.
 _NOWAIT = hasattr(os, "RWF_NOWAIT")
 #: Commits deleting more messages than this run in a thread.
@@ -550,7 +547,6 @@ class MaildirStore:
             raise ValueError("chunk_size must be positive")
         self.template = template
         self.base = base
-        self._paths: dict[str, Path] = {}
         self.quota = quota
         self.chunk_size = chunk_size
         self.hostname = hostname if hostname is not None else _safe_hostname()
@@ -563,19 +559,13 @@ class MaildirStore:
         return cls(config.maildir, config.base, quota=config.quota)
 
     def path_for(self, username: str) -> Path:
-        """Return the user's Maildir path (remembered: the template never changes).
+        """Return the user's Maildir path.
 
         Raises:
             UnsafeUserName: the name could escape the mail root.
 
         """
-        path = self._paths.get(username)
-        if path is None:
-            path = mail_path(self.template, username, self.base)
-            if len(self._paths) >= _PATH_CACHE:
-                self._paths.clear()
-            self._paths[username] = path
-        return path
+        return mail_path(self.template, username, self.base)
 
     # -------------------------------------------------------------- MailStore
 

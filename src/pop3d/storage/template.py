@@ -20,6 +20,7 @@ Rules of this file:
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from pop3d.errors import ConfigError, TemporaryBackendError
@@ -116,11 +117,14 @@ def expand(template: str, username: str) -> str:
     return "".join(out)
 
 
+@functools.lru_cache(maxsize=65536)
 def mail_path(template: str, username: str, base: Path) -> Path:
     """Return the path of ``username``'s mail: ``template`` expanded, resolved against ``base``.
 
     The path is not checked for existence; ``~`` is not expanded (the template is used as
-    written, so no environment variable or home directory can redirect it).
+    written, so no environment variable or home directory can redirect it).  Results are
+    remembered (a login would otherwise pay a template expansion, a name check and Path
+    objects each time); refusals are not.
 
     Raises:
         UnsafeUserName: the name could escape the mail root (see :func:`check_username`).

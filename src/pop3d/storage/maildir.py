@@ -61,6 +61,7 @@ Rules of this file:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import hashlib
 import itertools
@@ -123,6 +124,8 @@ _INLINE_MEASURE_BYTES = 1024 * 1024
 #: Messages up to this size are read inline (one page-cache read is cheaper than the
 #: ~0.1 ms thread hop); bigger ones are read chunk by chunk in a thread.
 _INLINE_READ_BYTES = 64 * 1024
+#: Maildirs whose last listing a process remembers (see _ListingCache).
+_LISTING_CACHE = 10_000
 #: Whether ``preadv(..., RWF_NOWAIT)`` works here; cleared at the first refusal.
 _NOWAIT = hasattr(os, "RWF_NOWAIT")
 #: Commits deleting more messages than this run in a thread.
@@ -221,8 +224,8 @@ class _Entry:
 _IndexRecord = tuple[int, int, int, int]  # inode, file size, mtime_ns, wire size
 
 
-def _check_maildir(root: Path) -> tuple[int, int]:
-    """Check that ``root`` is a Maildir; return the ``st_size`` of ``cur/`` and ``new/``.
+def _check_maildir(root: Path) -> tuple[os.stat_result, os.stat_result]:
+    """Check that ``root`` is a Maildir; return the ``stat`` of ``cur/`` and ``new/``.
 
     Whether the folders can be read is found out by reading them (:func:`_scan`): an
     ``access()`` here would be two more system calls on every login for the same answer.
@@ -231,7 +234,7 @@ def _check_maildir(root: Path) -> tuple[int, int]:
         TemporaryBackendError: ``cur/`` or ``new/`` is missing or not a folder.
 
     """
-    sizes = []
+    stats = []
     base = os.fspath(root)
     for folder in ("cur", "new"):
         try:
@@ -242,8 +245,8 @@ def _check_maildir(root: Path) -> tuple[int, int]:
             ) from None
         if not st.S_ISDIR(s.st_mode):
             raise TemporaryBackendError(f"maildrop unavailable: {folder}/ is not a folder")
-        sizes.append(s.st_size)
-    return sizes[0], sizes[1]
+        stats.append(s)
+    return stats[0], stats[1]
 
 
 def _move_new_to_cur(root: Path) -> bool:
@@ -514,6 +517,52 @@ def _safe_hostname() -> str:
     return host.replace("/", "\\057").replace(":", "\\072").replace(",", "\\054")
 
 
+class _ListingCache:
+    """The last listing of each Maildir in this process, valid while its folders stay.
+
+    Any message added, removed or renamed in ``cur/`` or ``new/`` changes that folder's
+    mtime, so an unchanged (inode, mtime) of both means an unchanged listing, and a login
+    skips both directory scans, the ``lstat`` of every message and the index read.  As
+    for the size index, a listing is remembered only when both folders are older than
+    :data:`_RACY_SECONDS` (a change within the file system's timestamp granularity of the
+    scan could otherwise go unseen).  A message rewritten in place under the same name
+    keeps its old size here; RETR still checks the file (``same_file``) and refuses one
+    whose wire size changed.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[Path, tuple[tuple[int, int, int, int], tuple[_Entry, ...]]] = {}
+
+    @staticmethod
+    def _key(cur: os.stat_result, new: os.stat_result) -> tuple[int, int, int, int]:
+        return cur.st_ino, cur.st_mtime_ns, new.st_ino, new.st_mtime_ns
+
+    def recall(
+        self, root: Path, cur: os.stat_result, new: os.stat_result
+    ) -> list[_Entry] | None:
+        """Return a fresh copy of the remembered listing if the folders are unchanged."""
+        known = self._known.get(root)
+        if known is None or known[0] != self._key(cur, new):
+            return None
+        return [dataclasses.replace(e) for e in known[1]]  # sessions may rename entries
+
+    def remember(self, root: Path, entries: list[_Entry]) -> None:
+        """Remember ``entries`` as the listing of ``root``, if its folders are not racy."""
+        base = os.fspath(root)
+        try:
+            cur = os.stat(f"{base}/cur")  # noqa: PTH116 (as in _check_maildir)
+            new = os.stat(f"{base}/new")  # noqa: PTH116
+        except OSError:
+            return
+        racy_after = time.time_ns() - _RACY_SECONDS * 1_000_000_000
+        if max(cur.st_mtime_ns, new.st_mtime_ns) >= racy_after:
+            self._known.pop(root, None)
+            return
+        if len(self._known) >= _LISTING_CACHE:
+            self._known.clear()
+        self._known[root] = (self._key(cur, new), tuple(dataclasses.replace(e) for e in entries))
+
+
 class MaildirStore:
     """Users' Maildirs found by a path template.
 
@@ -547,6 +596,7 @@ class MaildirStore:
             raise ValueError("chunk_size must be positive")
         self.template = template
         self.base = base
+        self._listings = _ListingCache()
         self.quota = quota
         self.chunk_size = chunk_size
         self.hostname = hostname if hostname is not None else _safe_hostname()
@@ -579,10 +629,13 @@ class MaildirStore:
 
         """
         root = self.path_for(principal.username)
-        cur_size, new_size = _check_maildir(root)
-        if max(cur_size, new_size) > _INLINE_SCAN_DIR_SIZE:
+        cur, new = _check_maildir(root)
+        if max(cur.st_size, new.st_size) > _INLINE_SCAN_DIR_SIZE:
             return await in_thread(lambda: self._open_sync(root), _release_late)
         lock = session_lock(root / LOCK_NAME)
+        listed = self._listings.recall(root, cur, new)
+        if listed is not None:
+            return MaildirMaildrop(root, listed, lock, self.chunk_size)
         try:
             scanned = _scan(root, _FOLDERS[_move_new_to_cur(root)])
             index = _load_index(root)
@@ -593,6 +646,7 @@ class MaildirStore:
                 entries = await in_thread(
                     lambda: _finish_listing(root, scanned, index, misses), lambda _: lock.close()
                 )
+            self._listings.remember(root, entries)
         except asyncio.CancelledError:
             # Only the thread above can be cancelled; its late callback releases the lock.
             raise

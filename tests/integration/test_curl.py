@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Callable
 
 import pytest
 
+from pop3d.auth.schemes import hash_password
 from pop3d.testing import Pop3TestServer
 
 from .messages import TRICKY, wire
@@ -80,3 +82,19 @@ def test_curl_wrong_password_fails(loaded: Pop3TestServer) -> None:
     )
     assert done.returncode == 67
     assert done.stdout == b""
+
+
+@pytest.mark.parametrize("scheme", ["ARGON2ID", "SHA512-CRYPT"])
+def test_curl_logs_in_users_with_hashed_passwords(
+    pop3_server_factory: Callable[..., Pop3TestServer], scheme: str
+) -> None:
+    """With the default mechanisms curl logs in a user whose password is a one-way hash.
+
+    curl picks CRAM-MD5 or SCRAM whenever CAPA offers them and never falls back, and a
+    hashed password cannot answer them: so they are not offered by default.
+    """
+    srv = pop3_server_factory(users={"zoe": hash_password(scheme, b"hashed pw")})
+    srv.add_message("zoe", b"Subject: hi\r\n\r\nhello\r\n")
+    assert curl(f"pop3://zoe:hashed%20pw@{srv.host}:{srv.port}/1") == (
+        b"Subject: hi\r\n\r\nhello\r\n"
+    )

@@ -31,6 +31,9 @@ USERS = {
 
 Factory = Callable[..., Pop3TestServer]
 
+#: Every mechanism pop3d has (the default offers only PLAIN, LOGIN and EXTERNAL).
+ALL_MECHANISMS = ["PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256", "EXTERNAL"]
+
 
 @pytest.fixture
 def pki(tmp_path: Path) -> Pki:
@@ -44,6 +47,7 @@ def server(pop3_server_factory: Factory, pki: Pki) -> Pop3TestServer:
         users=USERS,
         sections={"tls": pki.tls_section(client_ca=str(pki.ca_file))},
         tls_listen=["127.0.0.1:0"],
+        mechanisms=ALL_MECHANISMS,
     )
     for user in USERS:
         srv.add_message(user, MESSAGE)

@@ -260,7 +260,11 @@ def test_cleartext_outside_secure_networks_cannot_authenticate(
 ) -> None:
     """Outside secure_networks, cleartext USER/PASS and AUTH PLAIN/LOGIN are refused unread."""
     caplog.set_level(logging.INFO, logger="pop3d")
-    srv = pop3_server_factory(sections={"tls": pki.tls_section()}, secure_networks=[])
+    srv = pop3_server_factory(
+        sections={"tls": pki.tls_section()},
+        secure_networks=[],
+        mechanisms=["PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256"],
+    )
     refusal = b"-ERR [AUTH] plaintext authentication disallowed on non-secure connections\r\n"
     with RawClient(srv.host, srv.port) as client:
         client.send(b"CAPA\r\n")

@@ -20,7 +20,7 @@ from pop3d.auth.base import Authenticator, Principal
 from pop3d.errors import MaildropLocked, PermanentBackendError
 from pop3d.protocol.events import ApopAuthenticate, PasswordAuthenticate, SaslOutcome
 from pop3d.protocol.replies import RespCode
-from pop3d.storage.base import Maildrop, MailStore, MessageInfo
+from pop3d.storage.base import Maildrop, MailStore
 
 log = logging.getLogger("pop3d.session")
 
@@ -170,8 +170,3 @@ class Backends:
             log.exception("UPDATE failed")
             return False
         return True
-
-    @staticmethod
-    def listing(maildrop: Maildrop) -> tuple[MessageInfo, ...]:
-        """Return the maildrop's fixed listing."""
-        return tuple(maildrop.listing())

@@ -130,3 +130,34 @@ def test_line_buffer_bounds_and_order(chunks: list[bytes], limit: int) -> None:
     assert [g for g in got if g is not OVERLONG] == [e for e in expected if e is not OVERLONG]
     for g in got:
         assert g is OVERLONG or len(g) < limit  # type: ignore[arg-type]
+
+
+def _stuffed_by_lines(data: bytes) -> bytes:
+    """The RFC 1939 rule, one line at a time: the reference for :class:`DotStuffer`."""
+    lines = data.split(b"\n")
+    return b"\n".join(b"." + ln if ln.startswith(b".") else ln for ln in lines)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.sampled_from([b".", b"\r\n", b"\n", b"x", b"..", b"abc def", b"." * 9]),
+             max_size=1500),
+    st.integers(1, 5000),
+)
+def test_stuffing_matches_the_line_rule_sparse_or_dense(tokens: list[bytes], step: int) -> None:
+    """Dense dots (the regex path) and sparse dots (the find walk) stuff alike, per the rule."""
+    data = b"".join(tokens)
+    stuffer = DotStuffer()
+    out = b"".join(stuffer.feed(data[i : i + step]) for i in range(0, len(data), step))
+    assert out == _stuffed_by_lines(data)
+
+
+def test_sparse_dots_in_a_big_chunk_are_stuffed() -> None:
+    """A megabyte of attachment-like lines with a few dot lines, in one chunk and split."""
+    line = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=" * 2 + b"\r\n"
+    data = b"".join(line if i % 997 else b"." + line for i in range(15_000))
+    for step in (len(data), 1 << 16, 4093):
+        stuffer = DotStuffer()
+        out = b"".join(stuffer.feed(data[i : i + step]) for i in range(0, len(data), step))
+        assert out == _stuffed_by_lines(data)
+        assert out.count(b"\n..") == data.count(b"\n.")

@@ -22,6 +22,11 @@ CRLF = b"\r\n"
 #: (1.7 vs 0.5 GB/s measured on text with 1 % dot lines; 3.0 vs 1.1 GB/s with none):
 #: replace checks every LF as a candidate match, the regex engine scans for the pair.
 _LINE_START_DOT = re.compile(rb"\n\.")
+#: Where dots are rarer than one per this many octets, :func:`_stuff` walks from dot to
+#: dot with ``bytes.find`` (memchr: 30+ GB/s) instead of the regex (2.7 GB/s, it looks at
+#: every LF).  A step of that walk costs about as much Python time as the regex spends
+#: on 256 octets, so a chunk never costs more than twice the regex alone.
+_SPARSE_DOTS = 256
 TERMINATOR = b".\r\n"
 
 
@@ -58,6 +63,33 @@ def multiline(status: bytes, lines: list[bytes]) -> bytes:
     return status + b"".join(line + CRLF for line in lines) + TERMINATOR
 
 
+def _stuff(chunk: bytes, *, first: bool) -> bytes:
+    """Return ``chunk`` with a dot added before every dot that starts a line.
+
+    Every LF ends a line (input is CRLF-normalised), so a dot after an LF starts one;
+    ``first`` says whether the chunk itself starts at a line start.  Dots are found with
+    ``bytes.find`` and the pieces between them joined once (mail is mostly attachments
+    and prose, where dots are sparse); a chunk dense with dots goes to the regex.
+    """
+    find = chunk.find
+    cuts = [0] if first and chunk[0] == 0x2E else []
+    budget = 8 + len(chunk) // _SPARSE_DOTS
+    pos = find(b".", 1)
+    while pos >= 0:
+        if chunk[pos - 1] == 0x0A:
+            cuts.append(pos)
+        budget -= 1
+        if budget < 0:
+            out = _LINE_START_DOT.sub(b"\n..", chunk)
+            return b"." + out if cuts and cuts[0] == 0 else out
+        pos = find(b".", pos + 1)
+    if not cuts:
+        return chunk
+    view = memoryview(chunk)
+    ends = [*cuts[1:], len(chunk)]
+    return b".".join([view[:cuts[0]], *(view[a:b] for a, b in zip(cuts, ends, strict=True))])
+
+
 class DotStuffer:
     """Byte-stuffs a CRLF-normalised stream given in chunks of any size."""
 
@@ -70,10 +102,7 @@ class DotStuffer:
         """Return ``chunk`` stuffed, remembering whether it ended at a line start."""
         if not chunk:
             return chunk
-        # Every LF ends a line (input is CRLF-normalised), so "\n." is a line start.
-        out = _LINE_START_DOT.sub(b"\n..", chunk)
-        if self._at_line_start and chunk[0] == 0x2E:
-            out = b"." + out
+        out = _stuff(chunk, first=self._at_line_start)
         self._at_line_start = chunk[-1] == 0x0A
         return out
 

@@ -28,6 +28,7 @@ from pop3d import config as config_mod
 from pop3d import demo, logsetup
 from pop3d.config import Config
 from pop3d.errors import ConfigError
+from pop3d.server.allocator import keep_chunk_buffers_in_heap
 from pop3d.server.listener import ServerContext, bind_all, start_listeners
 from pop3d.server.tls import TlsContexts
 from pop3d.session import Backends, FailureDelays
@@ -180,6 +181,7 @@ def _worker(
     cfg: Config, sockets: list[tuple[socket.socket, bool]], lmtp: list[socket.socket]
 ) -> int:
     _install_uvloop()
+    keep_chunk_buffers_in_heap()
     try:
         asyncio.run(serve_forever(cfg, sockets, lmtp_sockets=lmtp))
     except ConfigError as exc:

@@ -67,10 +67,18 @@ log = logging.getLogger("pop3d.session")
 class Pop3Protocol(asyncio.Protocol):
     """asyncio protocol driving one :class:`Pop3Connection`."""
 
-    def __init__(self, server: ServerContext, *, implicit_tls: bool) -> None:
+    def __init__(
+        self,
+        server: ServerContext,
+        *,
+        implicit_tls: bool,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.server = server
         self.implicit_tls = implicit_tls
-        self.loop = asyncio.get_running_loop()
+        # The listener passes its loop: get_running_loop() costs a getpid() system call
+        # (CPython's fork check), once per connection on the login path.
+        self.loop = loop if loop is not None else asyncio.get_running_loop()
         self.transport: asyncio.Transport | None = None
         self.core: Pop3Connection | None = None
         self.peer = "?"

@@ -198,7 +198,7 @@ async def start_listeners(
             raise RuntimeError(msg)
 
         def factory(*, tls: bool = implicit_tls) -> Pop3Protocol:
-            return Pop3Protocol(ctx, implicit_tls=tls)
+            return Pop3Protocol(ctx, implicit_tls=tls, loop=loop)
 
         server = await loop.create_server(
             factory,

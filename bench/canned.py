@@ -1,20 +1,32 @@
-"""A canned POP3 server: every reply precomputed, RETR is one ``sendall``.
+"""Canned POP3 servers: every reply precomputed, for the ceilings of the benchmark.
 
-It serves one message (a file) to any user and password, so that retr-large run against it
-shows what the load generator itself can take in, checks included: if a real server comes
-near this figure, the generator, not the server, is what is measured.  127.0.0.1 only;
-stops after ``--seconds``.
+``--message FILE``: serves that one message to any user and password, RETR being one
+``sendall``, so that retr-large run against it shows what the load generator itself can
+take in, checks included: if a real server comes near this figure, the generator, not the
+server, is what is measured.
+
+``--login MANIFEST``: answers login sessions (greeting, USER, PASS, STAT from the
+manifest, QUIT) from an asyncio protocol on uvloop, with no password check, no storage
+and no logging: the most sessions/s a Python server on this event loop can serve on the
+CPU it is pinned to, and what the load generator can drive.  A real Python server cannot
+pass it; the ratio to it says how much of a login is the server's own work.
+
+127.0.0.1 only; stops after ``--seconds``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import socket
 import threading
 import time
+from collections import Counter
 from pathlib import Path
+from typing import cast
 
-from pop3d.bench.manifest import stuff, to_wire
+from pop3d.bench.manifest import Manifest, stuff, to_wire
 
 
 def serve(conn: socket.socket, retr: bytes, size: int) -> None:
@@ -35,12 +47,76 @@ def serve(conn: socket.socket, retr: bytes, size: int) -> None:
                 conn.sendall(b"+OK\r\n")
 
 
+class LoginProtocol(asyncio.Protocol):
+    """One login session: every reply a constant but STAT's, looked up by user."""
+
+    def __init__(self, stats: dict[bytes, bytes]) -> None:
+        self.stats = stats
+        self.buf = b""
+        self.user = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports have asyncio.Transport's methods but are not its subclasses
+        self.transport = t = cast("asyncio.Transport", transport)
+        t.write(b"+OK canned\r\n")
+
+    def data_received(self, data: bytes) -> None:
+        t = self.transport
+        assert t is not None
+        self.buf += data
+        while b"\n" in self.buf:
+            line, _, self.buf = self.buf.partition(b"\n")
+            verb, _, arg = line.rstrip(b"\r").partition(b" ")
+            verb = verb.upper()
+            if verb == b"USER":
+                self.user = arg
+                t.write(b"+OK\r\n")
+            elif verb == b"STAT":
+                t.write(self.stats.get(self.user, b"+OK 0 0\r\n"))
+            elif verb == b"QUIT":
+                t.write(b"+OK bye\r\n")
+                t.close()
+                return
+            else:
+                t.write(b"+OK\r\n")
+
+
+def serve_logins(port: int, manifest: Path, seconds: float) -> None:
+    """Run the canned login server for ``seconds``."""
+    known = Manifest.load(manifest)
+    stats = {}
+    for user in known.users:
+        box = known.expected(user) or Counter()
+        size = sum(s * k for (s, _), k in box.items())
+        stats[user.encode()] = b"+OK %d %d\r\n" % (box.total(), size)
+
+    async def run() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(
+            lambda: LoginProtocol(stats), "127.0.0.1", port, backlog=1024
+        )
+        async with server:
+            await asyncio.sleep(seconds)
+
+    with contextlib.suppress(ImportError):
+        import uvloop  # noqa: PLC0415
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    asyncio.run(run())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--message", type=Path, required=True)
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--message", type=Path, help="serve this message (retr-large)")
+    what.add_argument("--login", type=Path, metavar="MANIFEST", help="serve login sessions")
     ap.add_argument("--seconds", type=float, default=120)
     a = ap.parse_args()
+    if a.login is not None:
+        serve_logins(a.port, a.login, a.seconds)
+        return
     wire = to_wire(a.message.read_bytes())
     retr = b"+OK\r\n" + stuff(wire) + b".\r\n"
     end = time.monotonic() + a.seconds

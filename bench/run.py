@@ -146,22 +146,20 @@ class Runner:
                 opt["probe_user"] = "storm1"  # the probe takes no part in a warm-up
             self.loadgen(self.bench_cmd(server_dir, port, scenario, **opt), timeout=400)
 
-    def generator_ceiling(self) -> dict[str, Any]:
-        """retr-large against bench/canned.py: what the load generator can take in, checked."""
-        data = self.work / "data"
-        message = next((data / "mail" / "large1" / "Maildir" / "new").iterdir())
+    def _canned(self, canned_args: list[str], scenario: str, data: Path) -> dict[str, Any]:
+        """Run ``scenario`` against bench/canned.py started with ``canned_args``."""
         port = servers.free_port()
         d = self.plan.duration
         proc = subprocess.Popen(
             ["taskset", "-c", self.args.server_cpus, sys.executable,
-             str(ROOT / "bench" / "canned.py"), "--port", str(port), "--message", str(message),
+             str(ROOT / "bench" / "canned.py"), "--port", str(port), *canned_args,
              "--seconds", str(d + 60)],
             stdin=subprocess.DEVNULL, env=self.env)
         try:
             if not servers.wait_greeting(port, 20):
                 return {"error": "canned server did not start"}
-            opt = self.scenario_opts("retr-large")
-            return self.loadgen(self.bench_cmd(data, port, "retr-large", **opt), timeout=d + 60)
+            opt = self.scenario_opts(scenario)
+            return self.loadgen(self.bench_cmd(data, port, scenario, **opt), timeout=d + 60)
         finally:
             proc.terminate()
             try:
@@ -169,6 +167,18 @@ class Runner:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+    def generator_ceiling(self) -> dict[str, Any]:
+        """retr-large against bench/canned.py: what the load generator can take in, checked."""
+        data = self.work / "data"
+        message = next((data / "mail" / "large1" / "Maildir" / "new").iterdir())
+        return self._canned(["--message", str(message)], "retr-large", data)
+
+    def login_ceiling(self) -> dict[str, Any]:
+        """login against bench/canned.py: the most a Python server on uvloop can do, pinned
+        as the servers are (no password check, no storage), and what the generator drives."""
+        data = self.work / "data"
+        return self._canned(["--login", str(data / "manifest.json")], "login", data)
 
     def run_idle(self, server: servers.Server, server_dir: Path, opt: dict[str, Any],
                  ) -> dict[str, Any]:
@@ -249,7 +259,8 @@ def _fmt(v: float | None, digits: int = 0) -> str:
 
 
 def rows_of(results: dict[str, Any], names: list[str], ceiling: float,
-            gen_rate: float | None) -> list[tuple[str, str, list[float | None], int]]:
+            gen_rate: float | None, login_rate: float | None = None,
+            ) -> list[tuple[str, str, list[float | None], int]]:
     """(scenario, metric, value per server, digits) rows of the table."""
 
     def get(server: str, scenario: str, *path: str) -> float | None:
@@ -266,6 +277,7 @@ def rows_of(results: dict[str, Any], names: list[str], ceiling: float,
         rows.append((scenario, metric, [get(n, scenario, *path) for n in names], digits))
 
     add("login", "sessions/s", ("sessions_per_s",))
+    rows.append(("login", "canned-server ceiling", [login_rate] * len(names), 0))
     add("login", "latency p50 ms", ("latency", "p50_ms"), 2)
     add("login", "latency p99 ms", ("latency", "p99_ms"), 2)
     add("fetch", "messages/s", ("messages_per_s",))
@@ -293,20 +305,27 @@ def rows_of(results: dict[str, Any], names: list[str], ceiling: float,
 
 
 _NO_RATIO = {
-    "loopback ceiling MB/s", "generator ceiling MB/s", "connections held", "verified msgs",
+    "canned-server ceiling", "loopback ceiling MB/s", "generator ceiling MB/s",
+    "connections held", "verified msgs",
     "verify failures", "failed sessions", "loadgen CPU %", "server CPU %",
 }
 
 
 def table(results: dict[str, Any], names: list[str], ceiling: float,
-          scenarios: list[str], generator: dict[str, Any]) -> str:
+          scenarios: list[str], generator: dict[str, Any],
+          login_ceiling: dict[str, Any] | None = None) -> str:
     header = ["scenario", "metric", *names]
     with_ratio = "pop3d" in names and "dovecot" in names
     if with_ratio:
         header.insert(4, "pop3d/dovecot")
+    with_twisted = "pop3d" in names and "twisted" in names
+    if with_twisted:
+        header.append("pop3d/twisted")
     lines = []
     gen_rate = generator.get("mb_per_s")
-    for scenario, metric, values, digits in rows_of(results, names, ceiling, gen_rate):
+    login_rate = (login_ceiling or {}).get("sessions_per_s")
+    for scenario, metric, values, digits in rows_of(results, names, ceiling, gen_rate,
+                                                    login_rate):
         if scenario not in scenarios or all(v is None for v in values):
             continue
         scale = 100 if metric.endswith("CPU %") else 1
@@ -316,6 +335,10 @@ def table(results: dict[str, Any], names: list[str], ceiling: float,
             a, b = shown[names.index("pop3d")], shown[names.index("dovecot")]
             ratio = a is not None and b and metric not in _NO_RATIO
             cells.insert(4, f"{a / b:.2f}" if ratio else "-")
+        if with_twisted:
+            a, b = shown[names.index("pop3d")], shown[names.index("twisted")]
+            ratio = a is not None and b and metric not in _NO_RATIO
+            cells.append(f"{a / b:.2f}" if ratio else "-")
         lines.append(cells)
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
@@ -377,6 +400,12 @@ def main(argv: list[str] | None = None) -> int:
             log(f"load generator ceiling (retr-large from a canned server): "
                 f"{generator.get('mb_per_s', 0):,.0f} MB/s at "
                 f"{generator.get('loadgen_cpu', {}).get('utilization', 0):.0%} of its CPU")
+        login_ceiling: dict[str, Any] = {}
+        if "login" in args.scenarios:
+            login_ceiling = runner.login_ceiling()
+            log(f"login ceiling (a canned uvloop server): "
+                f"{login_ceiling.get('sessions_per_s', 0):,.0f} sessions/s, load generator at "
+                f"{login_ceiling.get('loadgen_cpu', {}).get('utilization', 0):.0%} of its CPU")
         for name in names:
             sdir = work / name
             sdir.mkdir()
@@ -387,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copy(work / "data" / f, sdir / f)
             server = make_server(name, sdir, args)
             results[name] = runner.run_server(server, sdir)
-        text = table(results, names, ceiling, args.scenarios, generator)
+        text = table(results, names, ceiling, args.scenarios, generator, login_ceiling)
         machine = (f"{os.cpu_count()} CPUs ({_cpu_model()}), server on CPU {args.server_cpus}, "
                    f"load generator on CPU {args.loadgen_cpus} "
                    f"({'uvloop venv' if runner.py != sys.executable else 'asyncio'}), "
@@ -397,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
         (RESULTS / f"{stamp}.json").write_text(json.dumps(
             {"machine": machine, "plan": plan.__dict__, "loopback_mb_s": ceiling,
-             "generator_ceiling": generator, "results": results}, indent=2), encoding="utf-8")
+             "generator_ceiling": generator, "login_ceiling": login_ceiling,
+             "results": results}, indent=2), encoding="utf-8")
         (RESULTS / "latest.txt").write_text(f"{machine}\n\n{text}\n", encoding="utf-8")
         bad = any(isinstance(r, dict) and r.get("verify_failures")
                   for s in results.values() for r in s.values())

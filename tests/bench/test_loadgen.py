@@ -174,3 +174,28 @@ def test_idle_holds_and_probes(fake: FakePop3) -> None:
 def test_count_stuffed_matches_bytes_count(data: bytes) -> None:
     """The dot counter's shortcuts agree with a plain count of CRLF-dot."""
     assert count_stuffed(data) == data.count(b"\r\n.")
+
+
+def test_canned_login_server_passes_the_login_checks(manifest: Path, tmp_path: Path) -> None:
+    """bench/canned.py --login (the login ceiling of make bench) answers STAT per manifest."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from pop3d.testing import free_port, wait_for_port  # noqa: PLC0415
+
+    port = free_port()
+    canned = Path(__file__).parents[2] / "bench" / "canned.py"
+    proc = subprocess.Popen([sys.executable, str(canned), "--port", str(port),
+                             "--login", str(manifest), "--seconds", "30"])
+    try:
+        wait_for_port("127.0.0.1", port)
+        opts = loadgen.Options(host="127.0.0.1", port=port, users=tuple(USERS), password="x",
+                               scenario="login", count=40, duration=10,
+                               manifest=manifest)
+        summary = loadgen.run(opts)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+    assert summary["sessions"] == 40
+    assert summary["failures"] == 0
+    assert summary["verify_failures"] == 0

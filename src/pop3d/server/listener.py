@@ -53,6 +53,10 @@ class _RandomTokens:
         return base64.urlsafe_b64encode(chunk).rstrip(b"=").decode("ascii")
 
 
+#: SASL mechanisms whose challenge carries a per-connection nonce.
+_NONCE_MECHANISMS = frozenset({"CRAM-MD5", "SCRAM-SHA-256"})
+
+
 class ServerContext:
     """State shared by all connections of one server process."""
 
@@ -69,6 +73,9 @@ class ServerContext:
         self._pid = os.getpid()
         self._random = _RandomTokens()
         self._secure_cache: dict[str, bool] = {}
+        #: CRAM-MD5 and SCRAM need a nonce unique to each connection.
+        self._nonce_needed = any(m in _NONCE_MECHANISMS for m in config.auth.mechanisms)
+        self._shared_settings: dict[tuple[bool, bool], Pop3Settings] = {}
 
     def admit(self, conn: Pop3Protocol) -> str | None:
         """Count a new connection in; return the refusal text when over a limit."""
@@ -114,8 +121,18 @@ class ServerContext:
         """Return the core's settings for a new connection from ``address``.
 
         ``client_identity`` is the user of a verified client certificate (implicit TLS).
+        Settings with nothing unique in them (no APOP timestamp, no SASL nonce, no client
+        certificate: the default configuration) are made once and shared.
         """
         auth = self.config.auth
+        plaintext = auth.plaintext_without_tls or self.is_secure(address)
+        unique = auth.apop or self._nonce_needed or client_identity is not None
+        if not unique:
+            key = (plaintext, implicit_tls)
+            shared = self._shared_settings.get(key)
+            if shared is None:
+                shared = self._shared_settings[key] = self._settings(plaintext, implicit_tls)
+            return shared
         timestamp = None
         if auth.apop:
             # RFC 1939 §7: unique per greeting: pid, clock and randomness.
@@ -123,16 +140,33 @@ class ServerContext:
                 f"<{self._pid}.{time.time_ns()}.{self._random.token(4)}"
                 f"@{self.config.server.hostname}>"
             ).encode()
+        return self._settings(
+            plaintext,
+            implicit_tls,
+            apop_timestamp=timestamp,
+            # CRAM-MD5 challenges and SCRAM nonces: unique per connection and unguessable.
+            sasl_nonce=f"{self._pid}.{time.time_ns()}.{self._random.token(12)}",
+            client_identity=client_identity,
+        )
+
+    def _settings(
+        self,
+        plaintext: bool,
+        implicit_tls: bool,
+        *,
+        apop_timestamp: bytes | None = None,
+        sasl_nonce: str = "",
+        client_identity: str | None = None,
+    ) -> Pop3Settings:
         return Pop3Settings(
             greeting=self.config.server.greeting,
-            apop_timestamp=timestamp,
+            apop_timestamp=apop_timestamp,
             implementation=_IMPLEMENTATION,
             tls_available=self.tls is not None and not implicit_tls,
             tls_active=implicit_tls,
-            plaintext_allowed=auth.plaintext_without_tls or self.is_secure(address),
-            sasl_mechanisms=auth.mechanisms,
-            # CRAM-MD5 challenges and SCRAM nonces: unique per connection and unguessable.
-            sasl_nonce=f"{self._pid}.{time.time_ns()}.{self._random.token(12)}",
+            plaintext_allowed=plaintext,
+            sasl_mechanisms=self.config.auth.mechanisms,
+            sasl_nonce=sasl_nonce,
             hostname=self.config.server.hostname,
             client_identity=client_identity,
         )

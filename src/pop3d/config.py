@@ -11,7 +11,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pop3d import limits
 from pop3d.errors import ConfigError
@@ -98,6 +98,10 @@ class StorageConfig:
     quota: int | None = None
     #: sysexits code ``pop3d deliver`` returns over quota: 75 (retry) or 77 (bounce).
     quota_exit: int = 75
+    #: Where session locks live (:mod:`pop3d.storage.locking`): a lock table file,
+    #: ``"per-mailbox"`` for one lock file per maildrop, or ``None`` for the default
+    #: (``.pop3d-locks`` in the template's static folder).
+    lock_table: Path | Literal["per-mailbox"] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,17 +270,25 @@ def _storage(data: Mapping[str, Any], base: Path) -> StorageConfig:
     mbox = sec.get("mbox", str, None)
     quota = sec.get("quota", (int, str), None)
     quota_exit = sec.get("quota_exit", int, 75)
+    lock_table = sec.get("lock_table", str, None)
     sec.done()
     if (maildir is None) == (mbox is None):
         raise ConfigError("[storage] needs exactly one of maildir and mbox")
     if quota_exit not in (75, 77):
         raise ConfigError("[storage] quota_exit must be 75 (retry) or 77 (bounce)")
+    if lock_table is not None and (not lock_table.strip() or lock_table.endswith("/")):
+        raise ConfigError('[storage] lock_table must be a file path or "per-mailbox"')
     return StorageConfig(
         maildir=maildir,
         mbox=mbox,
         base=base,
         quota=None if quota is None else parse_size(quota, "[storage] quota"),
         quota_exit=quota_exit,
+        lock_table=(
+            None if lock_table is None
+            else "per-mailbox" if lock_table == "per-mailbox"
+            else _path(base, lock_table)
+        ),
     )
 
 

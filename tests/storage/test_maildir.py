@@ -24,6 +24,8 @@ from pop3d.config import StorageConfig
 from pop3d.errors import MaildropLocked, TemporaryBackendError
 from pop3d.storage import maildir
 from pop3d.storage.base import MailStore
+from pop3d.storage.lock_table import LockTable
+from pop3d.storage.locking import PER_MAILBOX_LOCKS, TABLE_NAME, SessionLocks
 from pop3d.storage.maildir import (
     INDEX_NAME,
     LOCK_NAME,
@@ -41,20 +43,27 @@ OLD = 1_600_000_000  # an mtime far from "now": not racy, so the index records i
 
 
 class MaildirHarness(Harness):
-    """Writes messages into ``new/`` as an MTA would, one second apart in their names."""
+    """Writes messages into ``new/`` as an MTA would, one second apart in their names.
 
-    def __init__(self, base: Path) -> None:
+    Stores take their session locks from ``locks`` (default: the lock table).
+    """
+
+    def __init__(self, base: Path, locks: SessionLocks | None = None) -> None:
         self.base = base
+        self.locks = locks
         self._seq = itertools.count()
 
     def make_store(
         self, *, chunk_size: int | None = None, quota: int | None = None
     ) -> MaildirStore:
         if chunk_size is None:
-            return MaildirStore(TEMPLATE, self.base, quota=quota, hostname="test")
+            return MaildirStore(
+                TEMPLATE, self.base, quota=quota, hostname="test", session_locks=self.locks
+            )
         return MaildirStore(
-            TEMPLATE, self.base, quota=quota, chunk_size=chunk_size, hostname="test"
-        )
+            TEMPLATE, self.base, quota=quota, chunk_size=chunk_size, hostname="test",
+            session_locks=self.locks,
+        )  # fmt: skip
 
     def root(self, username: str) -> Path:
         return self.base / "mail" / username / "Maildir"
@@ -86,11 +95,19 @@ class MaildirHarness(Harness):
 
 
 class TestMaildirContract(StoreContract):
-    """The storage contract, on Maildir."""
+    """The storage contract, on Maildir (session locks in the lock table, the default)."""
 
     @pytest.fixture
     def harness(self, tmp_path: Path) -> Harness:
         return MaildirHarness(tmp_path)
+
+
+class TestMaildirContractPerMailbox(TestMaildirContract):
+    """The storage contract, on Maildir with a lock file per Maildir (``pop3d.lock``)."""
+
+    @pytest.fixture
+    def harness(self, tmp_path: Path) -> Harness:
+        return MaildirHarness(tmp_path, PER_MAILBOX_LOCKS)
 
 
 @pytest.fixture
@@ -452,16 +469,22 @@ LOCK_HOLDER = textwrap.dedent(
     import asyncio, sys, time
     from pathlib import Path
     from pop3d.auth.base import Principal
+    from pop3d.config import StorageConfig
     from pop3d.storage.maildir import MaildirStore
 
     async def main():
-        md = await MaildirStore("mail/%u/Maildir", Path(sys.argv[1])).open(Principal("alice"))
+        base, mode = sys.argv[1].split(":")
+        locks = "per-mailbox" if mode == "per-mailbox" else None
+        config = StorageConfig(maildir="mail/%u/Maildir", base=Path(base), lock_table=locks)
+        md = await MaildirStore.from_config(config).open(Principal("alice"))
         print("locked", flush=True)
         time.sleep(60)
 
     asyncio.run(main())
     """
 )
+
+MODES = {"table": None, "per-mailbox": PER_MAILBOX_LOCKS}
 
 
 @pytest.fixture
@@ -485,12 +508,14 @@ def spawn(tmp_path: Path) -> Iterator[Callable[[str, str], subprocess.Popen[str]
         proc.stdout.close()
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_lock_holds_across_processes_and_dies_with_kill_9(
-    h: MaildirHarness, spawn: Callable[[str, str], subprocess.Popen[str]]
+    tmp_path: Path, spawn: Callable[[str, str], subprocess.Popen[str]], mode: str
 ) -> None:
     """Another process's session locks us out; SIGKILL of it releases the lock."""
+    h = MaildirHarness(tmp_path, MODES[mode])
     write(h, "cur", "1700000000.M1P1.host:2,", b"x\n")
-    holder = spawn(LOCK_HOLDER, str(h.base))
+    holder = spawn(LOCK_HOLDER, f"{h.base}:{mode}")
     assert holder.stdout is not None
     assert holder.stdout.readline() == "locked\n"
     with pytest.raises(MaildropLocked):
@@ -501,24 +526,44 @@ def test_lock_holds_across_processes_and_dies_with_kill_9(
 
 
 def test_two_stores_in_one_process_conflict(h: MaildirHarness) -> None:
-    """The lock belongs to the open file: two stores in one process still exclude each other."""
+    """The lock belongs to the open file: two stores in one process still exclude each other.
+
+    Also when each has its own open file description of the table.
+    """
     h.create("alice")
+    table = h.base / "mail" / TABLE_NAME
 
     async def go() -> None:
-        md = await MaildirStore(TEMPLATE, h.base).open(user())
-        with pytest.raises(MaildropLocked):
-            await MaildirStore(TEMPLATE, h.base).open(user())
-        await md.close()
+        for one, two in [
+            (MaildirStore(TEMPLATE, h.base), MaildirStore(TEMPLATE, h.base)),
+            (MaildirStore(TEMPLATE, h.base, session_locks=LockTable(table)),
+             MaildirStore(TEMPLATE, h.base, session_locks=LockTable(table))),
+            (MaildirStore(TEMPLATE, h.base, session_locks=PER_MAILBOX_LOCKS),
+             MaildirStore(TEMPLATE, h.base, session_locks=PER_MAILBOX_LOCKS)),
+        ]:  # fmt: skip
+            md = await one.open(user())
+            with pytest.raises(MaildropLocked):
+                await two.open(user())
+            await md.close()
 
     run(go())
 
 
-def test_lock_file_is_not_a_message(h: MaildirHarness) -> None:
-    """The lock and index files live beside cur/ and new/, never in them."""
+@pytest.mark.parametrize("mode", MODES)
+def test_lock_file_is_not_a_message(tmp_path: Path, mode: str) -> None:
+    """The lock and index files live beside cur/ and new/, never in them.
+
+    With the lock table there is no lock file in the Maildir at all: the table lives
+    beside the users' folders.
+    """
+    h = MaildirHarness(tmp_path, MODES[mode])
     write(h, "cur", "1700000000.M1P1.host:2,", b"x\n")
     run(listing_of(h.store))
+    lock_file = [LOCK_NAME] if mode == "per-mailbox" else []
     assert sorted(p.name for p in h.root("alice").iterdir()) == sorted(
-        ["cur", "new", "tmp", LOCK_NAME, INDEX_NAME])
+        ["cur", "new", "tmp", INDEX_NAME, *lock_file])
+    assert sorted(p.name for p in (tmp_path / "mail").iterdir()) == sorted(
+        ["alice", *([] if lock_file else [TABLE_NAME])])
 
 
 # ---------------------------------------------------------------------------- read

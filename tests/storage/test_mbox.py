@@ -28,6 +28,7 @@ from hypothesis import strategies as hs
 from pop3d.config import StorageConfig
 from pop3d.errors import MaildropLocked, MessageVanished, TemporaryBackendError
 from pop3d.storage import mbox
+from pop3d.storage.locking import PER_MAILBOX_LOCKS, TABLE_NAME, SessionLocks
 from pop3d.storage.mbox import MboxStore
 from pop3d.storage.wire import to_wire
 
@@ -56,15 +57,22 @@ def parse(data: bytes) -> list[bytes]:
 
 
 class MboxHarness(Harness):
-    """mbox files under ``base/mbox/``, appended to as Postfix ``local`` does."""
+    """mbox files under ``base/mbox/``, appended to as Postfix ``local`` does.
 
-    def __init__(self, base: Path) -> None:
+    Stores take their session locks from ``locks`` (default: the lock table).
+    """
+
+    def __init__(self, base: Path, locks: SessionLocks | None = None) -> None:
         self.base = base
+        self.locks = locks
 
     def make_store(self, *, chunk_size: int | None = None, quota: int | None = None) -> MboxStore:
         if chunk_size is None:
-            return MboxStore(TEMPLATE, self.base, quota=quota, lock_timeout=5)
-        return MboxStore(TEMPLATE, self.base, quota=quota, lock_timeout=5, chunk_size=chunk_size)
+            return MboxStore(
+                TEMPLATE, self.base, quota=quota, lock_timeout=5, session_locks=self.locks
+            )
+        return MboxStore(TEMPLATE, self.base, quota=quota, lock_timeout=5, chunk_size=chunk_size,
+                         session_locks=self.locks)  # fmt: skip
 
     @property
     def store(self) -> MboxStore:
@@ -98,7 +106,7 @@ class MboxHarness(Harness):
 
 
 class TestMboxContract(StoreContract):
-    """The storage contract, on mbox."""
+    """The storage contract, on mbox (session locks in the lock table, the default)."""
 
     @pytest.fixture
     def harness(self, tmp_path: Path) -> Harness:
@@ -107,6 +115,14 @@ class TestMboxContract(StoreContract):
     #: An mbox stores CRLF as LF, as Dovecot and Postfix do (and ends the last line);
     #: what must be exact is what RETR sends, which the contract checks.
     delivered_as = b"Subject: x\n\n.dot\nbare\n\x00\xffend\n"
+
+
+class TestMboxContractPerMailbox(TestMboxContract):
+    """The storage contract, on mbox with a session lock file per mbox (``.<name>.pop3d``)."""
+
+    @pytest.fixture
+    def harness(self, tmp_path: Path) -> Harness:
+        return MboxHarness(tmp_path, PER_MAILBOX_LOCKS)
 
 
 @pytest.fixture
@@ -408,16 +424,22 @@ def test_dotlock_of_a_dead_process_is_broken_at_once(h: MboxHarness) -> None:
     assert h.stored("alice") == [b"first\n", b"second\n"]
 
 
-def test_session_lock_dies_with_its_holder(h: MboxHarness) -> None:
+@pytest.mark.parametrize("mode", ["table", "per-mailbox"])
+def test_session_lock_dies_with_its_holder(tmp_path: Path, mode: str) -> None:
     """A session in a process killed with SIGKILL does not lock the maildrop out."""
+    h = MboxHarness(tmp_path, PER_MAILBOX_LOCKS if mode == "per-mailbox" else None)
     h.put("alice", b"x\n")
+    locks = "per-mailbox" if mode == "per-mailbox" else None
     code = textwrap.dedent(f"""
         import asyncio, sys, time
         from pathlib import Path
         from pop3d.auth.base import Principal
+        from pop3d.config import StorageConfig
         from pop3d.storage.mbox import MboxStore
         async def main():
-            md = await MboxStore("mbox/%u", Path({str(h.base)!r})).open(Principal("alice"))
+            config = StorageConfig(mbox="mbox/%u", base=Path({str(h.base)!r}),
+                                   lock_table={locks!r})
+            md = await MboxStore.from_config(config).open(Principal("alice"))
             print("open", flush=True)
             time.sleep(60)
         asyncio.run(main())
@@ -470,8 +492,13 @@ def test_mail_appended_by_another_program_during_the_session_survives(h: MboxHar
     assert h.stored("alice") == [b"late\n"]
 
 
-def test_rewrite_keeps_mode_and_leaves_no_temporary_files(h: MboxHarness) -> None:
-    """The rewritten mbox keeps its permissions; only the mbox and the session lock remain."""
+@pytest.mark.parametrize("mode", ["table", "per-mailbox"])
+def test_rewrite_keeps_mode_and_leaves_no_temporary_files(tmp_path: Path, mode: str) -> None:
+    """The rewritten mbox keeps its permissions; only the mbox and the session lock remain.
+
+    The session lock is the lock table (one for every mbox of the folder), or a lock file.
+    """
+    h = MboxHarness(tmp_path, PER_MAILBOX_LOCKS if mode == "per-mailbox" else None)
     for i in range(3):
         h.put("alice", b"m%d\n" % i)
     h.path("alice").chmod(0o640)
@@ -483,7 +510,8 @@ def test_rewrite_keeps_mode_and_leaves_no_temporary_files(h: MboxHarness) -> Non
 
     run(go())
     assert h.path("alice").stat().st_mode & 0o777 == 0o640
-    assert sorted(p.name for p in h.path("alice").parent.iterdir()) == [".alice.pop3d", "alice"]
+    lock = ".alice.pop3d" if mode == "per-mailbox" else TABLE_NAME
+    assert sorted(p.name for p in h.path("alice").parent.iterdir()) == [lock, "alice"]
 
 
 def test_in_place_rewrite_by_another_program_is_caught(h: MboxHarness) -> None:

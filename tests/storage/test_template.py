@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from pop3d.errors import ConfigError, TemporaryBackendError
+from pop3d.storage.locking import TABLE_NAME, default_table_path
 from pop3d.storage.template import (
     UnsafeUserName,
     check_template,
@@ -124,3 +125,19 @@ def test_expanded_path_stays_under_the_root() -> None:
         path = mail_path("mail/%u/Maildir", name, BASE)
         assert path.parent.parent == BASE / "mail"
         assert ".." not in path.parts
+
+
+@pytest.mark.parametrize("template", ["mail/%u/Maildir", "/var/mail/%u", "mail/%d/%n", "m/x%u"])
+@pytest.mark.parametrize(
+    "username", [TABLE_NAME, f"{TABLE_NAME}@example.org", f"alice@{TABLE_NAME}"]
+)
+def test_no_user_name_lands_on_the_lock_table(template: str, username: str) -> None:
+    """The default lock table (``.pop3d-locks`` beside the users' folders) is no one's mail.
+
+    Its name starts with a dot, and no name (nor its local or domain part) may.
+    """
+    assert default_table_path(template, BASE) is not None
+    with pytest.raises(UnsafeUserName):
+        mail_path(template, username, BASE)
+    for name in ["pop3d-locks@example.org", "alice@pop3d-locks", "a@b"]:
+        assert mail_path(template, name, BASE) != default_table_path(template, BASE)

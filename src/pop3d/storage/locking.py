@@ -2,15 +2,34 @@
 
 Rules of this file:
 
-* The lock is ``flock(LOCK_EX | LOCK_NB)`` on a lock file the store names (``pop3d.lock``
-  in a Maildir, ``.<name>.pop3d`` beside an mbox).  A BSD lock belongs to the open file
-  description, so two sessions conflict even in one process, workers in different
-  processes conflict, and the lock dies with its holder (kill -9 included).  It is local
-  to the host.
-* The lock file is opened with ``O_NOFOLLOW``: a symlink planted in its place is refused,
-  never followed.
+* A store names each maildrop's lock by a *lock path* (``pop3d.lock`` in a Maildir,
+  ``.<name>.pop3d`` beside an mbox) and takes it through its :class:`SessionLocks`,
+  chosen by ``[storage] lock_table`` (:func:`session_locks_for`):
+
+  - a **lock table** (:mod:`pop3d.storage.lock_table`, the default where the platform
+    has open-file-description locks): the lock is one byte of one table file shared
+    by every pop3d process, found from the lock path's folder and name; the lock path
+    itself is never created.  A process holds one descriptor for all its sessions.
+  - **per-mailbox** lock files (``lock_table = "per-mailbox"``, templates without a
+    static folder, platforms without OFD locks): ``flock(LOCK_EX | LOCK_NB)`` on the
+    lock path itself, created if needed, opened with ``O_NOFOLLOW`` (a symlink planted
+    in its place is refused, never followed).  One descriptor per session.
+
+* Both are locks of an open file description: two sessions conflict even in one
+  process, workers in different processes conflict, and the lock dies with its holder
+  (kill -9 included).  Both are local to the host.
 * A busy lock is :class:`MaildropLocked` (``-ERR [IN-USE]``) at once, never waited for:
   the other session may last for minutes.
+* The default table is ``.pop3d-locks`` in the *static folder* of the storage template:
+  the folder part of the text before its first ``%u``/``%n``/``%d``, resolved against the
+  config's base (``mail/%u/Maildir`` -> ``<base>/mail/.pop3d-locks``, ``/var/mail/%u``
+  -> ``/var/mail/.pop3d-locks``).  A user name never expands to that name: the first
+  variable's path component starts with the variable (whose values never start with
+  ``.``, :mod:`pop3d.storage.template`) or with the static text before it; if that text
+  could begin ``.pop3d-locks`` (``mail/.%u``), or the template has no static folder
+  (``%u/Maildir``), per-mailbox files are used instead.
+* All pop3d processes serving the same mail must use the same kind of lock and the same
+  table: a per-mailbox lock file and a table byte do not see each other.
 """
 
 from __future__ import annotations
@@ -18,15 +37,55 @@ from __future__ import annotations
 import fcntl
 import os
 from pathlib import Path
-from typing import IO
+from typing import IO, Final, Literal, Protocol
 
 from pop3d.errors import MaildropLocked, TemporaryBackendError
+from pop3d.storage import lock_table
 
-__all__ = ["session_lock"]
+__all__ = [
+    "PER_MAILBOX",
+    "TABLE_NAME",
+    "PerMailboxLocks",
+    "SessionLock",
+    "SessionLocks",
+    "default_table_path",
+    "session_lock",
+    "session_locks_for",
+]
+
+#: The ``[storage] lock_table`` value that asks for per-mailbox lock files.
+PER_MAILBOX: Final = "per-mailbox"
+#: File name of the default lock table, in the static folder of the template.
+TABLE_NAME: Final = ".pop3d-locks"
+
+LockTableSetting = Path | Literal["per-mailbox"] | None
+
+
+class SessionLock(Protocol):
+    """A held session lock."""
+
+    def close(self) -> None:
+        """Release it; idempotent."""
+
+
+class SessionLocks(Protocol):
+    """How a store takes its session locks."""
+
+    def acquire(self, lock_path: Path) -> SessionLock:
+        """Take the session lock named ``lock_path``; held until closed (or collected).
+
+        Raises:
+            MaildropLocked: another session holds it.
+            TemporaryBackendError: it cannot be taken for another reason.
+
+        """
+        ...
 
 
 def session_lock(lock_path: Path) -> IO[bytes]:
-    """Take the session lock on ``lock_path`` (created if needed); held until closed.
+    """Take the per-mailbox session lock on the file ``lock_path`` (created if needed).
+
+    Held until the returned file is closed (or garbage-collected).
 
     Raises:
         MaildropLocked: another open file description holds it.
@@ -49,3 +108,64 @@ def session_lock(lock_path: Path) -> IO[bytes]:
         handle.close()
         raise TemporaryBackendError(f"cannot lock the maildrop: {exc.strerror}") from None
     return handle
+
+
+class PerMailboxLocks:
+    """Session locks as ``flock`` on one lock file per maildrop (:func:`session_lock`)."""
+
+    def acquire(self, lock_path: Path) -> IO[bytes]:
+        """Take the lock on the file ``lock_path``; see :func:`session_lock`."""
+        return session_lock(lock_path)
+
+    def __repr__(self) -> str:
+        return "<PerMailboxLocks>"
+
+
+#: The one per-mailbox strategy (it has no state).
+PER_MAILBOX_LOCKS: Final = PerMailboxLocks()
+
+
+def default_table_path(template: str, base: Path) -> Path | None:
+    """Return the default lock table of a storage template, or ``None`` for per-mailbox.
+
+    See the module head: ``.pop3d-locks`` in the template's static folder, resolved
+    against ``base``; ``None`` when the template has no static folder, or when the text
+    between that folder and the first variable could spell ``.pop3d-locks``.
+    """
+    static: list[str] = []
+    i = 0
+    while i < len(template):
+        ch = template[i]
+        if ch == "%":
+            if template[i + 1 : i + 2] != "%":
+                break  # the first variable (check_template refused unknown escapes)
+            i += 2
+            static.append("%")
+            continue
+        static.append(ch)
+        i += 1
+    prefix = "".join(static)
+    slash = prefix.rfind("/")
+    if slash < 0:
+        return None  # "%u/Maildir": no folder shared by every user
+    head = prefix[slash + 1 :]
+    if head and TABLE_NAME.startswith(head):
+        return None  # "mail/.%u": the user "pop3d-locks" would land on the table
+    return base / (prefix[:slash] or "/") / TABLE_NAME
+
+
+def session_locks_for(
+    template: str, base: Path, setting: LockTableSetting = None
+) -> SessionLocks:
+    """Return the session locks for a store of ``template`` (``[storage] lock_table``).
+
+    ``setting`` is a table path (already resolved against the config's base),
+    :data:`PER_MAILBOX`, or ``None`` for the default (:func:`default_table_path`).
+    Without OFD locks on this platform, always per-mailbox files.
+    """
+    if setting == PER_MAILBOX or not lock_table.AVAILABLE:
+        return PER_MAILBOX_LOCKS
+    path = default_table_path(template, base) if setting is None else setting
+    if path is None:
+        return PER_MAILBOX_LOCKS
+    return lock_table.shared_table(path)

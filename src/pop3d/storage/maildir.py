@@ -30,8 +30,11 @@ Rules of this file:
   :meth:`MaildirMaildrop.commit`.  A maildrop without ``cur/`` and ``new/`` is an error
   (``-ERR [SYS/TEMP]`` at login), never an empty mailbox, and :meth:`MaildirStore.open`
   does not create it; :meth:`MaildirStore.deliver` does, as an LDA would.
-* **Lock** (:mod:`pop3d.storage.locking`): ``flock(LOCK_EX | LOCK_NB)`` on ``pop3d.lock``
-  in the Maildir.  A BSD lock belongs to the open file description, so two sessions
+* **Lock** (:mod:`pop3d.storage.locking`): the session lock named ``pop3d.lock`` in the
+  Maildir, taken through the store's ``SessionLocks``: by default one byte of the shared
+  lock table (:mod:`pop3d.storage.lock_table`; no file is created in the Maildir), or
+  with ``lock_table = "per-mailbox"`` ``flock(LOCK_EX | LOCK_NB)`` on the file
+  ``pop3d.lock`` itself.  Either belongs to an open file description, so two sessions
   conflict even in one process, workers in different processes conflict, and the lock
   dies with its holder (kill -9 included).  It is local to the host (NFS is a cluster
   lock's job, see SPEC).
@@ -74,7 +77,6 @@ import zlib
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from pop3d import limits
 from pop3d.auth.base import Principal
@@ -87,7 +89,7 @@ from pop3d.errors import (
 )
 from pop3d.storage.base import MailboxStats, MessageInfo
 from pop3d.storage.blocking import fsync_dir, in_thread, write_all
-from pop3d.storage.locking import session_lock
+from pop3d.storage.locking import SessionLock, SessionLocks, session_locks_for
 from pop3d.storage.quota import quota_for
 from pop3d.storage.template import check_template, mail_path
 from pop3d.storage.wire import CrlfNormaliser, WireCounter
@@ -102,7 +104,7 @@ __all__ = [
     "uid_for_key",
 ]
 
-#: The lock file inside the Maildir.
+#: The session lock's name inside the Maildir (a file only with per-mailbox locks).
 LOCK_NAME = "pop3d.lock"
 #: The size index inside the Maildir.
 INDEX_NAME = "pop3d-sizes"
@@ -576,6 +578,9 @@ class MaildirStore:
             override it (:mod:`pop3d.storage.quota`).
         chunk_size: raw octets read per chunk by :meth:`MaildirMaildrop.read`.
         hostname: host part of delivered file names (default: this host's name).
+        session_locks: how sessions lock a Maildir (:mod:`pop3d.storage.locking`);
+            default: the lock table of the template's static folder, as
+            ``[storage] lock_table`` unset.
 
     Raises:
         ConfigError: the template has an unknown escape.
@@ -590,6 +595,7 @@ class MaildirStore:
         quota: int | None = None,
         chunk_size: int = limits.READ_CHUNK,
         hostname: str | None = None,
+        session_locks: SessionLocks | None = None,
     ) -> None:
         check_template(template)
         if chunk_size < 1:
@@ -600,13 +606,18 @@ class MaildirStore:
         self.quota = quota
         self.chunk_size = chunk_size
         self.hostname = hostname if hostname is not None else _safe_hostname()
+        #: How sessions lock a Maildir.
+        self.session_locks: SessionLocks = (
+            session_locks if session_locks is not None else session_locks_for(template, base)
+        )
 
     @classmethod
     def from_config(cls, config: StorageConfig) -> MaildirStore:
         """Build the store of a ``[storage]`` section with a ``maildir`` template."""
         if config.maildir is None:
             raise ValueError("[storage] has no maildir template")
-        return cls(config.maildir, config.base, quota=config.quota)
+        locks = session_locks_for(config.maildir, config.base, config.lock_table)
+        return cls(config.maildir, config.base, quota=config.quota, session_locks=locks)
 
     def path_for(self, username: str) -> Path:
         """Return the user's Maildir path.
@@ -632,7 +643,7 @@ class MaildirStore:
         cur, new = _check_maildir(root)
         if max(cur.st_size, new.st_size) > _INLINE_SCAN_DIR_SIZE:
             return await in_thread(lambda: self._open_sync(root), _release_late)
-        lock = session_lock(root / LOCK_NAME)
+        lock = self.session_locks.acquire(root / LOCK_NAME)
         listed = self._listings.recall(root, cur, new)
         if listed is not None:
             return MaildirMaildrop(root, listed, lock, self.chunk_size)
@@ -657,7 +668,7 @@ class MaildirStore:
 
     def _open_sync(self, root: Path) -> MaildirMaildrop:
         """:meth:`open` all in one thread, for big Maildirs."""
-        lock = session_lock(root / LOCK_NAME)
+        lock = self.session_locks.acquire(root / LOCK_NAME)
         try:
             scanned = _scan(root, _FOLDERS[_move_new_to_cur(root)])
             index = _load_index(root)
@@ -790,12 +801,14 @@ def _release_late(done: asyncio.Future[MaildirMaildrop]) -> None:
 class MaildirMaildrop:
     """One session's locked view of a Maildir (a ``Maildrop``)."""
 
-    def __init__(self, root: Path, entries: list[_Entry], lock: IO[bytes], chunk_size: int) -> None:
+    def __init__(
+        self, root: Path, entries: list[_Entry], lock: SessionLock, chunk_size: int
+    ) -> None:
         self.root = root
         self._entries = entries
         self._by_uid = {e.uid: e for e in entries}
         self._listing = tuple(MessageInfo(e.uid, e.wire) for e in entries)
-        self._lock: IO[bytes] | None = lock
+        self._lock: SessionLock | None = lock
         self._chunk_size = chunk_size
         self._commit: asyncio.Future[None] | None = None
 

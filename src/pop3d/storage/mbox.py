@@ -31,11 +31,14 @@ Rules of this file:
   delivered in the same second) get ``.2``, ``.3``... in file order.
 * **Locks.**  Two kinds:
 
-  - the *session lock* (one POP3 session per maildrop, :mod:`pop3d.storage.locking`):
-    ``flock`` on ``.<name>.pop3d`` next to the mbox.  A BSD lock belongs to the open
-    file description, so two sessions conflict even in one process, and it dies with its
-    holder (kill -9 included).  It is not the mbox lock: MDAs keep delivering while a
-    session is open.
+  - the *session lock* (one POP3 session per maildrop, :mod:`pop3d.storage.locking`),
+    named ``.<name>.pop3d`` next to the mbox and taken through the store's
+    ``SessionLocks``: by default one byte of the shared lock table
+    (:mod:`pop3d.storage.lock_table`; no file is created), or with ``lock_table =
+    "per-mailbox"`` ``flock`` on the file ``.<name>.pop3d`` itself.  Either belongs to an
+    open file description, so two sessions conflict even in one process, and it dies
+    with its holder (kill -9 included).  It is not the mbox lock: MDAs keep delivering
+    while a session is open.
   - the *mbox lock*, taken briefly to scan, append and rewrite, and respected by MTAs and
     mail readers: first the dotlock ``<mbox>.lock`` (created with ``O_EXCL``, holding
     ``pid:host``, refreshed while held; one older than :data:`STALE_DOTLOCK_AGE` or whose
@@ -99,7 +102,6 @@ from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 from pop3d import limits
 from pop3d.auth.base import Principal
@@ -112,7 +114,7 @@ from pop3d.errors import (
 )
 from pop3d.storage.base import MailboxStats, MessageInfo
 from pop3d.storage.blocking import fsync_dir, in_thread, write_all
-from pop3d.storage.locking import session_lock
+from pop3d.storage.locking import SessionLock, SessionLocks, session_locks_for
 from pop3d.storage.quota import quota_for
 from pop3d.storage.template import check_template, mail_path
 from pop3d.storage.wire import CrlfNormaliser, WireCounter
@@ -783,6 +785,9 @@ class MboxStore:
         lock_timeout: seconds to wait for the mbox lock.
         stale_dotlock_age: age after which another program's dotlock is broken.
         chunk_size: raw octets read per chunk by :meth:`MboxMaildrop.read`.
+        session_locks: how sessions lock an mbox (:mod:`pop3d.storage.locking`);
+            default: the lock table of the template's static folder, as
+            ``[storage] lock_table`` unset.
 
     Raises:
         ConfigError: the template has an unknown escape.
@@ -798,6 +803,7 @@ class MboxStore:
         lock_timeout: float = LOCK_TIMEOUT,
         stale_dotlock_age: float = STALE_DOTLOCK_AGE,
         chunk_size: int = limits.READ_CHUNK,
+        session_locks: SessionLocks | None = None,
     ) -> None:
         check_template(template)
         if chunk_size < 1:
@@ -808,13 +814,18 @@ class MboxStore:
         self.lock_timeout = lock_timeout
         self.stale_dotlock_age = stale_dotlock_age
         self.chunk_size = chunk_size
+        #: How sessions lock an mbox.
+        self.session_locks: SessionLocks = (
+            session_locks if session_locks is not None else session_locks_for(template, base)
+        )
 
     @classmethod
     def from_config(cls, config: StorageConfig) -> MboxStore:
         """Build the store of a ``[storage]`` section with an ``mbox`` template."""
         if config.mbox is None:
             raise ValueError("[storage] has no mbox template")
-        return cls(config.mbox, config.base, quota=config.quota)
+        locks = session_locks_for(config.mbox, config.base, config.lock_table)
+        return cls(config.mbox, config.base, quota=config.quota, session_locks=locks)
 
     def path_for(self, username: str) -> Path:
         """Return the user's mbox path.
@@ -855,7 +866,7 @@ class MboxStore:
         """
         path = self.path_for(principal.username)
         _check_exists(path)
-        session = session_lock(path.with_name(f".{path.name}.pop3d"))
+        session = self.session_locks.acquire(path.with_name(f".{path.name}.pop3d"))
 
         def snapshot() -> MboxMaildrop:
             lock = self.lock_for(path, exclusive=False)
@@ -1107,13 +1118,13 @@ class MboxMaildrop:
         self,
         path: Path,
         store: MboxStore,
-        session: IO[bytes],
+        session: SessionLock,
         fd: int,
         messages: list[_Message],
     ) -> None:
         self.path = path
         self._store = store
-        self._session: IO[bytes] | None = session
+        self._session: SessionLock | None = session
         self._fd = fd
         self._by_uid = {m.uid: m for m in messages}
         self._listing = tuple(MessageInfo(m.uid, m.size) for m in messages)

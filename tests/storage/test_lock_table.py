@@ -1,0 +1,514 @@
+"""The lock table (storage/lock_table.py) and the choice of session locks (storage/locking.py).
+
+Conflicts are checked between real processes and real open file descriptions; the only
+stand-in is the platform flag of the fallback test.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import gc
+import os
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import textwrap
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from pop3d.config import from_mapping
+from pop3d.errors import ConfigError, MaildropLocked, TemporaryBackendError
+from pop3d.storage import lock_table, locking
+from pop3d.storage.lock_table import LockTable, TableLock, offset_of, shared_table
+from pop3d.storage.locking import (
+    PER_MAILBOX_LOCKS,
+    TABLE_NAME,
+    PerMailboxLocks,
+    default_table_path,
+    session_locks_for,
+)
+from pop3d.storage.maildir import MaildirStore
+from pop3d.storage.mbox import MboxStore
+
+pytestmark = pytest.mark.skipif(
+    not lock_table.AVAILABLE, reason="no open-file-description locks on this platform"
+)
+
+#: ``struct flock`` as the kernel reads it on 64-bit Linux.
+FLOCK = struct.Struct("@hhqqi4x")
+
+HOLDER = textwrap.dedent(
+    """
+    import sys
+    from pathlib import Path
+    from pop3d.errors import MaildropLocked
+    from pop3d.storage.lock_table import LockTable
+    table = LockTable(Path(sys.argv[1]))
+    try:
+        held = table.lock(int(sys.argv[2]))
+    except MaildropLocked:
+        print("refused", flush=True)
+        sys.exit(0)
+    print("locked", flush=True)
+    sys.stdin.read()  # until the test closes our stdin (or kills us)
+    held.close()
+    """
+)
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[[Path, int], subprocess.Popen[str]]]:
+    """Start lock-holding processes; the answer ("locked"/"refused") is read before return."""
+    procs: list[subprocess.Popen[str]] = []
+
+    def start(path: Path, offset: int) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HOLDER, str(path), str(offset)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for pipe in (proc.stdin, proc.stdout):
+            if pipe is not None:
+                pipe.close()
+
+
+def answer(proc: subprocess.Popen[str]) -> str:
+    assert proc.stdout is not None
+    return proc.stdout.readline().strip()
+
+
+def open_fds() -> int:
+    return len(list(Path("/proc/self/fd").iterdir()))
+
+
+def lock_seen_by_another_description(path: Path, offset: int) -> tuple[int, int, int]:
+    """F_OFD_GETLK from a new open file description: (type, start, len) of the lock met."""
+    fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        probe = FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0)
+        kind, _, start, length, _ = FLOCK.unpack(fcntl.fcntl(fd, fcntl.F_OFD_GETLK, probe))
+    finally:
+        os.close(fd)
+    return kind, start, length
+
+
+# ---------------------------------------------------------------------------- the table
+
+
+def test_struct_flock_reaches_the_kernel_as_packed(tmp_path: Path) -> None:
+    """The lock is exactly 1 byte at the offset asked for, seen from another description."""
+    table = LockTable(tmp_path / "t")
+    offset = (1 << 62) - 1 - 4096  # near the top: the 64-bit fields are not truncated
+    held = table.lock(offset)
+    assert FLOCK.size == 32
+    assert lock_seen_by_another_description(table.path, offset) == (fcntl.F_WRLCK, offset, 1)
+    assert lock_seen_by_another_description(table.path, offset + 1)[0] == fcntl.F_UNLCK
+    assert lock_seen_by_another_description(table.path, offset - 1)[0] == fcntl.F_UNLCK
+    held.close()
+    assert lock_seen_by_another_description(table.path, offset)[0] == fcntl.F_UNLCK
+
+
+def test_second_lock_in_one_process_is_refused(tmp_path: Path) -> None:
+    """One description does not conflict with itself: the table's own set refuses."""
+    table = LockTable(tmp_path / "t")
+    held = table.lock(42)
+    with pytest.raises(MaildropLocked):
+        table.lock(42)
+    other = table.lock(43)  # another maildrop
+    held.close()
+    table.lock(42).close()
+    other.close()
+    assert table.held == 0
+
+
+def test_two_tables_of_one_file_in_one_process_conflict(tmp_path: Path) -> None:
+    """Two descriptions of the same table file exclude each other, even in one process."""
+    one, two = LockTable(tmp_path / "t"), LockTable(tmp_path / "t")
+    held = one.lock(7)
+    with pytest.raises(MaildropLocked):
+        two.lock(7)
+    held.close()
+    two.lock(7).close()
+
+
+def test_another_process_is_refused_and_gets_it_after_release(
+    tmp_path: Path, spawn: Callable[[Path, int], subprocess.Popen[str]]
+) -> None:
+    """A byte held here is refused to another process, which may take other bytes."""
+    table = LockTable(tmp_path / "t")
+    held = table.lock(1000)
+    assert answer(spawn(table.path, 1000)) == "refused"
+    neighbour = spawn(table.path, 1001)
+    assert answer(neighbour) == "locked"
+    with pytest.raises(MaildropLocked):
+        table.lock(1001)
+    held.close()
+    assert answer(spawn(table.path, 1000)) == "locked"
+
+
+def test_kill_9_of_the_holder_frees_its_locks(
+    tmp_path: Path, spawn: Callable[[Path, int], subprocess.Popen[str]]
+) -> None:
+    """The lock dies with the process that held it: SIGKILL, and the byte is free."""
+    table = LockTable(tmp_path / "t")
+    holder = spawn(table.path, 5)
+    assert answer(holder) == "locked"
+    with pytest.raises(MaildropLocked):
+        table.lock(5)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    table.lock(5).close()
+
+
+def test_release_on_close_is_idempotent(tmp_path: Path) -> None:
+    """close() releases once; a second close() changes nothing (not a later owner's lock)."""
+    table = LockTable(tmp_path / "t")
+    first = table.lock(9)
+    first.close()
+    second = table.lock(9)
+    first.close()
+    assert first.closed
+    assert not second.closed
+    with pytest.raises(MaildropLocked):
+        LockTable(table.path).lock(9)
+    second.close()
+
+
+def test_a_dropped_handle_releases_its_lock(tmp_path: Path) -> None:
+    """A handle garbage-collected without close() releases, as a dropped lock file does."""
+    table = LockTable(tmp_path / "t")
+    table.lock(11)  # dropped at once
+    table.lock(11).close()
+
+    held = table.lock(12)
+    cycle: list[object] = [held]
+    cycle.append(cycle)  # only the cycle collector can free it
+    del held, cycle
+    gc.collect()
+    LockTable(table.path).lock(12).close()
+    assert table.held == 0
+
+
+def test_one_winner_among_threads(tmp_path: Path) -> None:
+    """Threads racing for one maildrop: exactly one gets it."""
+    table = LockTable(tmp_path / "t")
+    barrier = threading.Barrier(8)
+    won: list[TableLock] = []
+    lost: list[int] = []
+
+    def contend() -> None:
+        barrier.wait()
+        try:
+            won.append(table.lock(77))
+        except MaildropLocked:
+            lost.append(1)
+
+    threads = [threading.Thread(target=contend) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert (len(won), len(lost)) == (1, 7)
+    won[0].close()
+
+
+def test_tables_of_two_files_are_independent(tmp_path: Path) -> None:
+    """The same byte in two table files is two different locks."""
+    one, two = LockTable(tmp_path / "a"), LockTable(tmp_path / "b")
+    a, b = one.lock(3), two.lock(3)
+    a.close()
+    b.close()
+
+
+def test_one_descriptor_for_every_lock(tmp_path: Path) -> None:
+    """1,000 locks of one table hold one descriptor (opened at the first lock)."""
+    table = LockTable(tmp_path / "t")
+    before = open_fds()
+    held = [table.lock(i * 2) for i in range(1000)]
+    assert open_fds() == before + 1
+    for h in held:
+        h.close()
+    assert open_fds() == before + 1  # kept open for the next lock
+    table.close()
+    assert open_fds() == before
+
+
+def test_table_file_is_private_and_only_it_is_created(tmp_path: Path) -> None:
+    """The file is created 0600 at the first lock; a missing folder is not created."""
+    missing = LockTable(tmp_path / "nope" / "t")
+    with pytest.raises(TemporaryBackendError):
+        missing.lock(1)
+    assert not (tmp_path / "nope").exists()
+    (tmp_path / "nope").mkdir()
+    missing.lock(1).close()  # a failure is not remembered
+    assert stat.S_IMODE((tmp_path / "nope" / "t").stat().st_mode) == 0o600
+
+
+def test_symlink_or_fifo_in_place_of_the_table_is_refused(tmp_path: Path) -> None:
+    """The table is opened without following a link, and must be a regular file."""
+    (tmp_path / "link").symlink_to(tmp_path / "target")
+    with pytest.raises(TemporaryBackendError):
+        LockTable(tmp_path / "link").lock(1)
+    assert not (tmp_path / "target").exists()
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(TemporaryBackendError):
+        LockTable(tmp_path / "fifo").lock(1)
+
+
+def test_offsets_are_bounded(tmp_path: Path) -> None:
+    table = LockTable(tmp_path / "t")
+    for bad in (-1, 1 << 62):
+        with pytest.raises(ValueError, match="range"):
+            table.lock(bad)
+
+
+# ---------------------------------------------------------------------------- fork
+
+
+def _in_child(body: Callable[[], bytes]) -> tuple[int, int, int]:
+    """Fork; run ``body`` in the child, which reports its bytes and then waits for a go.
+
+    Returns (pid, report fd, go fd).  The child exits with os._exit, whatever happens.
+    """
+    report_r, report_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover (the child's coverage is not collected)
+        try:
+            os.close(report_r)
+            os.close(go_w)
+            try:
+                out = body()
+            except BaseException as exc:
+                out = f"error {exc!r}".encode()
+            os.write(report_w, out)
+            os.read(go_r, 1)
+        finally:
+            os._exit(0)
+    os.close(report_w)
+    os.close(go_r)
+    return pid, report_r, go_w
+
+
+def test_forked_child_opens_its_own_descriptor(tmp_path: Path) -> None:
+    """After fork the child has its own description: parent and child exclude each other.
+
+    The child's inherited handle releases nothing of the parent's; the child's own lock
+    holds against the parent until the child ends.
+    """
+    table = LockTable(tmp_path / "t")
+    parents = table.lock(1)
+    kept: list[TableLock] = []
+
+    def child() -> bytes:
+        try:
+            table.lock(1)
+        except MaildropLocked:
+            refused = b"refused"
+        else:
+            refused = b"TAKEN"
+        parents.close()  # inherited: must not unlock the parent's byte
+        kept.append(table.lock(2))  # held until the child exits
+        return refused + b" " + str(table.held).encode()
+
+    pid, report, go = _in_child(child)
+    try:
+        assert os.read(report, 100) == b"refused 1"
+        # The parent's lock survived the child's close of its inherited handle...
+        with pytest.raises(MaildropLocked):
+            LockTable(table.path).lock(1)
+        assert lock_seen_by_another_description(table.path, 1)[0] == fcntl.F_WRLCK
+        # ...and the child's lock holds against the parent's own description.
+        with pytest.raises(MaildropLocked):
+            table.lock(2)
+    finally:
+        os.write(go, b"x")
+        os.close(go)
+        os.close(report)
+        os.waitpid(pid, 0)
+    table.lock(2).close()  # the child is gone, and its lock with it
+    parents.close()
+
+
+def test_forked_child_does_not_keep_the_parents_locks_alive(
+    tmp_path: Path, spawn: Callable[[Path, int], subprocess.Popen[str]]
+) -> None:
+    """The child closes the inherited descriptor: the parent's locks end with the parent."""
+    code = textwrap.dedent(
+        """
+        import os, sys
+        from pathlib import Path
+        from pop3d.storage.lock_table import LockTable
+        table = LockTable(Path(sys.argv[1]))
+        held = table.lock(3)
+        if os.fork() == 0:  # the child outlives the parent, until stdin closes
+            sys.stdin.read()
+            os._exit(0)
+        print("locked", flush=True)
+        sys.stdin.read()
+        """
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path / "t")],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert answer(parent) == "locked"
+        assert answer(spawn(tmp_path / "t", 3)) == "refused"
+        parent.kill()
+        parent.wait()
+        assert answer(spawn(tmp_path / "t", 3)) == "locked"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait()
+        assert parent.stdin is not None
+        assert parent.stdout is not None
+        parent.stdin.close()
+        parent.stdout.close()  # and the orphaned child, reading the same stdin, ends
+
+
+# ---------------------------------------------------------------------------- offsets
+
+
+def test_offset_is_the_folders_identity_and_the_name(tmp_path: Path) -> None:
+    """Every path to a folder gives its byte; another name or folder gives another."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "a")
+    offset = offset_of(tmp_path / "a" / "pop3d.lock")
+    assert offset_of(tmp_path / "link" / "pop3d.lock") == offset
+    assert offset_of(tmp_path / "a" / ".." / "a" / "pop3d.lock") == offset
+    assert offset_of(tmp_path / "a" / ".x.pop3d") != offset
+    assert offset_of(tmp_path / "b" / "pop3d.lock") != offset
+    assert 0 <= offset < 1 << 62
+    with pytest.raises(TemporaryBackendError):
+        offset_of(tmp_path / "missing" / "pop3d.lock")
+
+
+def test_offset_is_the_same_in_every_process(tmp_path: Path) -> None:
+    """A stable hash, not hash(): another interpreter computes the same byte."""
+    (tmp_path / "a").mkdir()
+    code = "import sys; from pathlib import Path; from pop3d.storage.lock_table import offset_of;"
+    code += "print(offset_of(Path(sys.argv[1])))"
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "a" / "pop3d.lock")],
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONHASHSEED": "123"},
+    )  # fmt: skip
+    assert int(out.stdout) == offset_of(tmp_path / "a" / "pop3d.lock")
+
+
+# ---------------------------------------------------------------------------- the choice
+
+
+@pytest.mark.parametrize(
+    ("template", "expected"),
+    [
+        ("mail/%u/Maildir", "/base/mail/.pop3d-locks"),
+        ("/var/mail/%u", "/var/mail/.pop3d-locks"),
+        ("/var/vmail/%d/%n/Maildir", "/var/vmail/.pop3d-locks"),
+        ("mail/x%u", "/base/mail/.pop3d-locks"),
+        ("mail/%%/%u", "/base/mail/%/.pop3d-locks"),
+        ("%u/Maildir", None),  # no folder shared by the users
+        ("%d/%n", None),
+        ("mail/.%u", None),  # the user "pop3d-locks" would be the table
+        ("mail/.pop3d-%u", None),
+    ],
+)
+def test_default_table_is_in_the_templates_static_folder(
+    template: str, expected: str | None
+) -> None:
+    got = default_table_path(template, Path("/base"))
+    assert (None if got is None else str(got)) == expected
+
+
+def test_per_mailbox_files_when_asked_or_without_a_static_folder(tmp_path: Path) -> None:
+    assert session_locks_for("mail/%u", tmp_path, "per-mailbox") is PER_MAILBOX_LOCKS
+    assert session_locks_for("%u/Maildir", tmp_path) is PER_MAILBOX_LOCKS
+    table = session_locks_for("mail/%u", tmp_path)
+    assert isinstance(table, LockTable)
+    assert table.path == tmp_path / "mail" / TABLE_NAME
+    explicit = session_locks_for("mail/%u", tmp_path, tmp_path / "locks")
+    assert isinstance(explicit, LockTable)
+    assert explicit.path == tmp_path / "locks"
+
+
+def test_platforms_without_ofd_locks_use_per_mailbox_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(lock_table, "AVAILABLE", False)
+    assert session_locks_for("mail/%u", tmp_path) is PER_MAILBOX_LOCKS
+    assert session_locks_for("mail/%u", tmp_path, tmp_path / "locks") is PER_MAILBOX_LOCKS
+
+
+def test_per_mailbox_lock_files_still_work(
+    tmp_path: Path, spawn: Callable[[Path, int], subprocess.Popen[str]]
+) -> None:
+    """The fallback: flock on the lock path itself, refused twice, freed by close."""
+    locks = PerMailboxLocks()
+    held = locks.acquire(tmp_path / "pop3d.lock")
+    assert (tmp_path / "pop3d.lock").is_file()
+    with pytest.raises(MaildropLocked):
+        locks.acquire(tmp_path / "pop3d.lock")
+    code = (
+        "import fcntl, sys; f = open(sys.argv[1], 'rb'); "
+        "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    )
+    other = subprocess.run([sys.executable, "-c", code, str(tmp_path / "pop3d.lock")],
+                           capture_output=True, check=False)  # fmt: skip
+    assert other.returncode != 0  # BlockingIOError in the other process
+    held.close()
+    locks.acquire(tmp_path / "pop3d.lock").close()
+
+
+def test_stores_of_one_table_share_one_descriptor(tmp_path: Path) -> None:
+    """Every store of a process naming one table file uses the same table object."""
+    one, two = MaildirStore("mail/%u/Maildir", tmp_path), MaildirStore("mail/%u", tmp_path)
+    assert one.session_locks is two.session_locks
+    assert one.session_locks is shared_table(tmp_path / "mail" / TABLE_NAME)
+    mbox = MboxStore("mbox/%u", tmp_path)
+    assert isinstance(mbox.session_locks, LockTable)
+    assert mbox.session_locks.path == tmp_path / "mbox" / TABLE_NAME
+
+
+# ---------------------------------------------------------------------------- config
+
+
+def _storage(tmp_path: Path, **keys: object) -> MaildirStore:
+    cfg = from_mapping({"storage": {"maildir": "mail/%u/Maildir", **keys}}, tmp_path)
+    return MaildirStore.from_config(cfg.storage)
+
+
+def test_config_lock_table(tmp_path: Path) -> None:
+    """``[storage] lock_table``: unset (the default), a path (config-relative), or per-mailbox."""
+    default = _storage(tmp_path).session_locks
+    assert isinstance(default, LockTable)
+    assert default.path == tmp_path / "mail" / TABLE_NAME
+    relative = _storage(tmp_path, lock_table="run/locks").session_locks
+    assert isinstance(relative, LockTable)
+    assert relative.path == tmp_path / "run" / "locks"
+    absolute = _storage(tmp_path, lock_table="/run/pop3d/locks").session_locks
+    assert isinstance(absolute, LockTable)
+    assert absolute.path == Path("/run/pop3d/locks")
+    assert _storage(tmp_path, lock_table="per-mailbox").session_locks is PER_MAILBOX_LOCKS
+    cfg = from_mapping({"storage": {"mbox": "/var/mail/%u", "lock_table": "per-mailbox"}},
+                       tmp_path)  # fmt: skip
+    assert MboxStore.from_config(cfg.storage).session_locks is locking.PER_MAILBOX_LOCKS
+
+
+@pytest.mark.parametrize("value", ["", "  ", "locks/", 7, True])
+def test_config_lock_table_must_be_a_file_or_per_mailbox(tmp_path: Path, value: object) -> None:
+    with pytest.raises(ConfigError):
+        from_mapping({"storage": {"maildir": "m/%u", "lock_table": value}}, tmp_path)

@@ -162,14 +162,24 @@ def test_second_session_gets_in_use(pop3_server: Pop3TestServer) -> None:
     login_when_free(pop3_server).close()
 
 
-def test_lock_holds_across_processes_and_dies_with_kill9(serve: ServeFactory) -> None:
-    """The maildrop lock holds across server processes and dies with a kill -9'd holder."""
-    one = serve()
+@pytest.mark.parametrize("lock_table", ["default", "per-mailbox"])
+def test_lock_holds_across_processes_and_dies_with_kill9(
+    serve: ServeFactory, lock_table: str
+) -> None:
+    """The maildrop lock holds across server processes and dies with a kill -9'd holder.
+
+    By default both servers lock in the shared lock table (``mail/.pop3d-locks``); with
+    ``lock_table = "per-mailbox"`` in each Maildir's ``pop3d.lock``.
+    """
+    storage = {} if lock_table == "default" else {"storage": {"lock_table": lock_table}}
+    one = serve(sections=storage)
     fill(one)
     holder = RawClient(one.host, one.port)
     assert holder.login(b"alice", b"secret").startswith(b"+OK")
     assert holder.cmd(b"DELE 1").startswith(b"+OK")
-    two = serve(root=one.root)
+    assert (one.root / "mail" / ".pop3d-locks").exists() == (lock_table == "default")
+    assert (one.maildir("alice") / "pop3d.lock").exists() == (lock_table == "per-mailbox")
+    two = serve(root=one.root, sections=storage)
     with RawClient(two.host, two.port) as other:
         assert other.login(b"alice", b"secret").startswith(b"-ERR [IN-USE]")
     one.kill()

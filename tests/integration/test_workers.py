@@ -12,7 +12,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from pop3d.testing import Pop3ServeProcess, wait_for_port
+
+from .helpers import RawClient
 
 
 def _children(pid: int) -> set[int]:
@@ -89,8 +93,63 @@ def test_relogin_right_after_quit_is_never_locked(
         assert _login_ok(proc)
 
 
+def _fd_targets(pid: int) -> list[str]:
+    """What each descriptor of process ``pid`` names (``socket:[inode]``, a path...)."""
+    out = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            out.append(str(fd.readlink()))
+        except OSError:  # closed meanwhile
+            continue
+    return out
+
+
+def _worker_of(proc: Pop3ServeProcess, client: RawClient) -> int:
+    """The worker process holding the server side of ``client``'s connection."""
+    client_port = client.sock.getsockname()[1]
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = fields[1], fields[2]
+        if (int(local.rsplit(":", 1)[1], 16), int(remote.rsplit(":", 1)[1], 16)) == (
+            proc.port, client_port
+        ):
+            inode = fields[9]
+    assert inode is not None, "the server side of the connection was not found"
+    [worker] = [w for w in _children(proc.pid) if f"socket:[{inode}]" in _fd_targets(w)]
+    return worker
+
+
+def test_a_session_locks_the_maildrop_on_every_worker(
+    serve: Callable[..., Pop3ServeProcess],
+) -> None:
+    """Each worker locks through its own descriptor of the one lock table: a session held
+    by one worker gets [IN-USE] on the other, and the maildrop is free once it ends."""
+    proc = serve(workers=2)
+    assert _wait_until(lambda: len(_children(proc.pid)) == 2)
+    holder = RawClient(proc.host, proc.port)
+    assert holder.login(b"alice", b"secret").startswith(b"+OK")
+    held_by = _worker_of(proc, holder)
+    for _ in range(200):  # the kernel decides which worker accepts
+        other = RawClient(proc.host, proc.port)
+        if _worker_of(proc, other) != held_by:
+            break
+        other.close()
+    else:
+        pytest.fail("every connection went to the same worker")
+    with holder, other:
+        assert other.login(b"alice", b"secret").startswith(b"-ERR [IN-USE]")
+        assert holder.cmd(b"QUIT").startswith(b"+OK")
+        assert other.login(b"alice", b"secret").startswith(b"+OK")
+        table = str(proc.root / "mail" / ".pop3d-locks")
+        for worker in _children(proc.pid):
+            assert _fd_targets(worker).count(table) == 1
+        assert table not in _fd_targets(proc.pid)  # the supervisor never locks
+        assert other.cmd(b"QUIT").startswith(b"+OK")
+
+
 def test_serve_raises_its_open_files_limit(tmp_path: Path) -> None:
-    """A soft limit of 1,024 descriptors is raised to the hard limit (2 per session)."""
+    """A soft limit of 1,024 descriptors is raised to the hard limit (about 1 per session)."""
     proc = Pop3ServeProcess(tmp_path / "srv", {"alice": "secret"}, workers=1)
     proc.write_config()
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]

@@ -277,29 +277,46 @@ def test_offsets_are_bounded(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- fork
 
 
-def _in_child(body: Callable[[], bytes]) -> tuple[int, int, int]:
-    """Fork; run ``body`` in the child, which reports its bytes and then waits for a go.
-
-    Returns (pid, report fd, go fd).  The child exits with os._exit, whatever happens.
+#: Forks (in a fresh interpreter of its own, not in the test runner) and prints what the
+#: parent and the child each see.
+FORKER = textwrap.dedent(
     """
+    import os, sys
+    from pathlib import Path
+    from pop3d.errors import MaildropLocked
+    from pop3d.storage.lock_table import LockTable
+
+    def attempt(table, offset):
+        try:
+            return table.lock(offset)
+        except MaildropLocked:
+            return None
+
+    table = LockTable(Path(sys.argv[1]))
+    parents = table.lock(1)
     report_r, report_w = os.pipe()
     go_r, go_w = os.pipe()
     pid = os.fork()
-    if pid == 0:  # pragma: no cover (the child's coverage is not collected)
+    if pid == 0:
         try:
-            os.close(report_r)
-            os.close(go_w)
-            try:
-                out = body()
-            except BaseException as exc:
-                out = f"error {exc!r}".encode()
-            os.write(report_w, out)
+            refused = attempt(table, 1) is None
+            parents.close()  # inherited: must not unlock the parent's byte
+            kept = table.lock(2)  # held until the child exits
+            os.write(report_w, b"child: refused %s, holds %d" % (str(refused).encode(), table.held))
             os.read(go_r, 1)
         finally:
             os._exit(0)
-    os.close(report_w)
-    os.close(go_r)
-    return pid, report_r, go_w
+    print(os.read(report_r, 100).decode())
+    # The parent's lock survived the child's close of its inherited handle...
+    other = LockTable(table.path)
+    print("parent: byte 1 refused to another description:", attempt(other, 1) is None)
+    # ...and the child's own lock holds against the parent's description.
+    print("parent: byte 2 refused to the parent:", attempt(table, 2) is None)
+    os.write(go_w, b"x")
+    os.waitpid(pid, 0)
+    print("parent: byte 2 after the child exited:", attempt(table, 2) is not None)
+    """
+)
 
 
 def test_forked_child_opens_its_own_descriptor(tmp_path: Path) -> None:
@@ -308,38 +325,16 @@ def test_forked_child_opens_its_own_descriptor(tmp_path: Path) -> None:
     The child's inherited handle releases nothing of the parent's; the child's own lock
     holds against the parent until the child ends.
     """
-    table = LockTable(tmp_path / "t")
-    parents = table.lock(1)
-    kept: list[TableLock] = []
-
-    def child() -> bytes:
-        try:
-            table.lock(1)
-        except MaildropLocked:
-            refused = b"refused"
-        else:
-            refused = b"TAKEN"
-        parents.close()  # inherited: must not unlock the parent's byte
-        kept.append(table.lock(2))  # held until the child exits
-        return refused + b" " + str(table.held).encode()
-
-    pid, report, go = _in_child(child)
-    try:
-        assert os.read(report, 100) == b"refused 1"
-        # The parent's lock survived the child's close of its inherited handle...
-        with pytest.raises(MaildropLocked):
-            LockTable(table.path).lock(1)
-        assert lock_seen_by_another_description(table.path, 1)[0] == fcntl.F_WRLCK
-        # ...and the child's lock holds against the parent's own description.
-        with pytest.raises(MaildropLocked):
-            table.lock(2)
-    finally:
-        os.write(go, b"x")
-        os.close(go)
-        os.close(report)
-        os.waitpid(pid, 0)
-    table.lock(2).close()  # the child is gone, and its lock with it
-    parents.close()
+    out = subprocess.run(
+        [sys.executable, "-c", FORKER, str(tmp_path / "t")],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert out.stdout.splitlines() == [
+        "child: refused True, holds 1",
+        "parent: byte 1 refused to another description: True",
+        "parent: byte 2 refused to the parent: True",
+        "parent: byte 2 after the child exited: True",
+    ]
 
 
 def test_forked_child_does_not_keep_the_parents_locks_alive(

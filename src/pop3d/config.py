@@ -98,7 +98,7 @@ class StorageConfig:
     quota: int | None = None
     #: sysexits code ``pop3d deliver`` returns over quota: 75 (retry) or 77 (bounce).
     quota_exit: int = 75
-    #: Where session locks live (:mod:`pop3d.storage.locking`): a lock table file,
+    #: Where session locks live (:mod:`pop3d.storage.locking`): a lock table folder,
     #: ``"per-mailbox"`` for one lock file per maildrop, or ``None`` for the default
     #: (``.pop3d-locks`` in the template's static folder).
     lock_table: Path | Literal["per-mailbox"] | None = None
@@ -276,8 +276,8 @@ def _storage(data: Mapping[str, Any], base: Path) -> StorageConfig:
         raise ConfigError("[storage] needs exactly one of maildir and mbox")
     if quota_exit not in (75, 77):
         raise ConfigError("[storage] quota_exit must be 75 (retry) or 77 (bounce)")
-    if lock_table is not None and (not lock_table.strip() or lock_table.endswith("/")):
-        raise ConfigError('[storage] lock_table must be a file path or "per-mailbox"')
+    if lock_table is not None and not lock_table.strip():
+        raise ConfigError('[storage] lock_table must be a folder path or "per-mailbox"')
     return StorageConfig(
         maildir=maildir,
         mbox=mbox,

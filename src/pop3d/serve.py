@@ -3,7 +3,8 @@
 With ``--config`` it serves that configuration; without, the embedded default
 (:mod:`pop3d.demo`).  ``[server] workers`` > 1 (or ``"auto"``: one per core) binds the
 sockets once, then forks that many worker processes that share them; the maildrop lock is
-a ``flock`` and so holds across workers.  SIGHUP reloads TLS certificates.  Exit status is
+a lock of an open file description (:mod:`pop3d.storage.locking`) and so holds across
+workers.  SIGHUP reloads TLS certificates.  Exit status is
 0 after a clean stop, 78 (EX_CONFIG) for a bad configuration, 71 (EX_OSERR) when a
 socket cannot be bound.
 """
@@ -94,8 +95,9 @@ def build_authenticator(cfg: Config) -> Any:
 def _raise_file_limit() -> None:
     """Raise the soft limit of open files to the hard limit.
 
-    Each session holds two descriptors (its socket and its maildrop lock); the usual soft
-    limit of 1,024 would refuse logins past ~500 sessions a process.
+    Each session holds its socket (and, with per-mailbox lock files or an mbox, one or
+    two more); the usual soft limit of 1,024 would refuse logins past ~1,000 sessions a
+    process.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:

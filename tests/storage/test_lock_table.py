@@ -24,7 +24,7 @@ import pytest
 from pop3d.config import from_mapping
 from pop3d.errors import ConfigError, MaildropLocked, TemporaryBackendError
 from pop3d.storage import lock_table, locking
-from pop3d.storage.lock_table import LockTable, TableLock, offset_of, shared_table
+from pop3d.storage.lock_table import SHARDS, LockTable, TableLock, offset_of, shared_table
 from pop3d.storage.locking import (
     PER_MAILBOX_LOCKS,
     TABLE_NAME,
@@ -113,11 +113,12 @@ def test_struct_flock_reaches_the_kernel_as_packed(tmp_path: Path) -> None:
     offset = (1 << 62) - 1 - 4096  # near the top: the 64-bit fields are not truncated
     held = table.lock(offset)
     assert FLOCK.size == 32
-    assert lock_seen_by_another_description(table.path, offset) == (fcntl.F_WRLCK, offset, 1)
-    assert lock_seen_by_another_description(table.path, offset + 1)[0] == fcntl.F_UNLCK
-    assert lock_seen_by_another_description(table.path, offset - 1)[0] == fcntl.F_UNLCK
+    file = table.file_of(offset)
+    assert lock_seen_by_another_description(file, offset) == (fcntl.F_WRLCK, offset, 1)
+    assert lock_seen_by_another_description(file, offset + 1)[0] == fcntl.F_UNLCK
+    assert lock_seen_by_another_description(file, offset - 1)[0] == fcntl.F_UNLCK
     held.close()
-    assert lock_seen_by_another_description(table.path, offset)[0] == fcntl.F_UNLCK
+    assert lock_seen_by_another_description(file, offset)[0] == fcntl.F_UNLCK
 
 
 def test_second_lock_in_one_process_is_refused(tmp_path: Path) -> None:
@@ -232,39 +233,66 @@ def test_tables_of_two_files_are_independent(tmp_path: Path) -> None:
     b.close()
 
 
-def test_one_descriptor_for_every_lock(tmp_path: Path) -> None:
-    """1,000 locks of one table hold one descriptor (opened at the first lock)."""
+def test_one_descriptor_per_file_for_every_lock(tmp_path: Path) -> None:
+    """1,000 locks of one table hold one descriptor per file they fall in, at most SHARDS."""
     table = LockTable(tmp_path / "t")
     before = open_fds()
-    held = [table.lock(i * 2) for i in range(1000)]
+    held = [table.lock(i * SHARDS) for i in range(1000)]  # all in file 00
     assert open_fds() == before + 1
+    held += [table.lock(i * 2 + 1) for i in range(1000)]  # the odd files
+    assert open_fds() == before + 1 + SHARDS // 2
     for h in held:
         h.close()
-    assert open_fds() == before + 1  # kept open for the next lock
+    assert open_fds() == before + 1 + SHARDS // 2  # kept open for the next lock
     table.close()
     assert open_fds() == before
 
 
-def test_table_file_is_private_and_only_it_is_created(tmp_path: Path) -> None:
-    """The file is created 0600 at the first lock; a missing folder is not created."""
+def test_locks_spread_over_the_files(tmp_path: Path) -> None:
+    """Byte n lives in file n % SHARDS: each file's kernel lock list stays short."""
+    table = LockTable(tmp_path / "t")
+    held = [table.lock(i) for i in range(SHARDS * 3)]
+    for i in (0, 1, SHARDS - 1, SHARDS, 2 * SHARDS + 5):
+        assert table.file_of(i) == tmp_path / "t" / f"{i % SHARDS:02x}"
+        assert lock_seen_by_another_description(table.file_of(i), i)[0] == fcntl.F_WRLCK
+        other = (i + 1) % SHARDS
+        assert lock_seen_by_another_description(table.path / f"{other:02x}", i)[0] == (
+            fcntl.F_UNLCK
+        )
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [
+        f"{i:02x}" for i in range(SHARDS)
+    ]
+    for h in held:
+        h.close()
+
+
+def test_table_is_private_and_only_it_is_created(tmp_path: Path) -> None:
+    """The folder (0700) and its files (0600) appear at the first lock; a parent never."""
     missing = LockTable(tmp_path / "nope" / "t")
     with pytest.raises(TemporaryBackendError):
         missing.lock(1)
     assert not (tmp_path / "nope").exists()
     (tmp_path / "nope").mkdir()
     missing.lock(1).close()  # a failure is not remembered
-    assert stat.S_IMODE((tmp_path / "nope" / "t").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "nope" / "t").stat().st_mode) == 0o700
+    assert stat.S_IMODE(missing.file_of(1).stat().st_mode) == 0o600
+    assert [p.name for p in (tmp_path / "nope" / "t").iterdir()] == ["01"]
 
 
-def test_symlink_or_fifo_in_place_of_the_table_is_refused(tmp_path: Path) -> None:
-    """The table is opened without following a link, and must be a regular file."""
-    (tmp_path / "link").symlink_to(tmp_path / "target")
+def test_symlink_or_fifo_in_place_of_a_table_file_is_refused(tmp_path: Path) -> None:
+    """A table file is opened without following a link, and must be a regular file."""
+    table = LockTable(tmp_path / "t")
+    table.path.mkdir()
+    table.file_of(1).symlink_to(tmp_path / "target")
     with pytest.raises(TemporaryBackendError):
-        LockTable(tmp_path / "link").lock(1)
+        table.lock(1)
     assert not (tmp_path / "target").exists()
-    os.mkfifo(tmp_path / "fifo")
+    os.mkfifo(table.file_of(2))
     with pytest.raises(TemporaryBackendError):
-        LockTable(tmp_path / "fifo").lock(1)
+        table.lock(2)
+    (tmp_path / "plain").write_bytes(b"")
+    with pytest.raises(TemporaryBackendError):  # a file where the folder should be
+        LockTable(tmp_path / "plain").lock(3)
 
 
 def test_offsets_are_bounded(tmp_path: Path) -> None:
@@ -503,7 +531,7 @@ def test_config_lock_table(tmp_path: Path) -> None:
     assert MboxStore.from_config(cfg.storage).session_locks is locking.PER_MAILBOX_LOCKS
 
 
-@pytest.mark.parametrize("value", ["", "  ", "locks/", 7, True])
-def test_config_lock_table_must_be_a_file_or_per_mailbox(tmp_path: Path, value: object) -> None:
+@pytest.mark.parametrize("value", ["", "  ", 7, True])
+def test_config_lock_table_must_be_a_path_or_per_mailbox(tmp_path: Path, value: object) -> None:
     with pytest.raises(ConfigError):
         from_mapping({"storage": {"maildir": "m/%u", "lock_table": value}}, tmp_path)

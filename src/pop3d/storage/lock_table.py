@@ -1,9 +1,10 @@
-"""The lock table: all session locks of a process as bytes of one shared file.
+"""The lock table: all session locks of a host as bytes of a few shared files.
 
 A POP3 session holds its maildrop's session lock for its whole TRANSACTION state; with
 one lock file per maildrop each session costs a second descriptor beside its socket.
-Here every session lock is one byte of one *table file* shared by all pop3d processes
-of the host, so a process holds one descriptor for all its sessions' locks.
+Here every session lock is one byte of one of :data:`SHARDS` *table files* (``00`` to
+``3f`` in the table folder) shared by all pop3d processes of the host, so a process
+holds at most :data:`SHARDS` descriptors for all its sessions' locks, however many.
 
 Rules of this file:
 
@@ -11,7 +12,8 @@ Rules of this file:
   (``fcntl(F_OFD_SETLK)``, write lock, 1 byte) on the table file.  OFD locks of
   different open file descriptions conflict (whatever process holds them), and an OFD
   lock dies with the last descriptor of its description: a killed process (kill -9
-  included) releases all its locks.  It is local to the host.
+  included) releases all its locks.  It is local to the host.  The byte's file is
+  ``offset % SHARDS`` (see **Cost**).
 * **The byte** of a maildrop is :func:`offset_of` its ``lock_path`` (the path the store
   would use for a per-mailbox lock file): the BLAKE2b-64 hash of ``lock_path.parent``'s
   ``(st_dev, st_ino)`` and ``lock_path.name``, masked to 62 bits.  The folder's identity,
@@ -27,12 +29,13 @@ Rules of this file:
   already in it with :class:`MaildropLocked`.  The set is changed only together with
   the kernel lock (unlock first, then forget), so a second session of this process
   never sees a byte as free while this process still holds it.
-* **One descriptor per process, opened after fork.**  The table file is opened lazily
-  (``O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC``, mode 0600; only the file is created,
-  never its folder), at the first lock of the process that uses it.  A forked child
+* **One descriptor per file and process, opened after fork.**  The table folder is
+  created (mode 0700) if missing, never its parent; each file is opened lazily
+  (``O_RDWR | O_CREAT | O_NOFOLLOW | O_CLOEXEC``, mode 0600) at the first lock of the
+  process that falls in it.  A forked child
   must not share its parent's open file description (their locks would not conflict),
   so an at-fork hook gives every table in the child a fresh state: the inherited
-  descriptor is closed (an OFD lock stays held while any descriptor of its description
+  descriptors are closed (an OFD lock stays held while any descriptor of its description
   is open, so this releases nothing of the parent's, and a child that outlives its
   parent does not keep the parent's locks alive), the set of held bytes is emptied,
   and the pid that the next open records is the child's.  Handles inherited by the
@@ -44,11 +47,12 @@ Rules of this file:
   garbage-collected, as the file object of a per-mailbox lock closes its descriptor.
 * **Cost.**  A lock and an unlock are one ``fcntl`` each, plus one ``stat`` of the folder
   to compute the byte: 3 system calls, where a lock file costs 5 (open, 2 fstat, flock,
-  close), and no descriptor.  But the kernel keeps one list of the locks of an inode and
-  every ``F_OFD_SETLK`` walks it (under the inode's spinlock), so a lock and unlock cost
-  more the more sessions hold bytes of the table, all processes together.  Measured on
-  the 2-vCPU development VM: 8 us with none held, 17 us with 1,000, 100 us with 5,000,
-  280 us with 9,000 (a lock file: 6 us whatever the number).
+  close), and no descriptor per session.  The kernel keeps one list of the locks of an
+  inode and every ``F_OFD_SETLK`` walks it (under the inode's spinlock), so on a single
+  file a lock and unlock cost more the more sessions hold bytes of it, all processes
+  together (measured on the 2-vCPU development VM: 8 us with none held, 100 us with
+  5,000, 280 us with 9,000).  Spreading the bytes over :data:`SHARDS` files divides
+  those lists: see docs/performance.md for the figures with shards.
 * **Where it works.**  ``struct flock`` is packed for 64-bit Linux (``x86_64``,
   ``aarch64``: two shorts, padding, two 64-bit offsets, the pid, padding; 32 octets).
   Elsewhere :data:`AVAILABLE` is false and stores use per-mailbox lock files
@@ -61,6 +65,7 @@ Rules of this file:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -91,6 +96,8 @@ AVAILABLE = (
 _OFFSET_MASK = (1 << 62) - 1
 _OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _BUSY = frozenset({errno.EAGAIN, errno.EACCES})
+#: Files of a table.  Part of the on-disk format: every pop3d sharing a table must agree.
+SHARDS = 64
 
 #: This process's pid, renewed in a forked child by :func:`_after_fork_in_child`.
 _pid = os.getpid()
@@ -158,16 +165,21 @@ class LockTable:
     def __init__(self, path: Path) -> None:
         if not AVAILABLE:
             raise OSError(errno.ENOSYS, "no open-file-description locks here")
-        #: The table file (created at the first lock if missing; its folder never is).
+        #: The table folder (created at the first lock if missing; its parent never is).
         self.path = path
         # Reentrant: a handle dropped inside the guarded code (a garbage collection may
         # run at any allocation) releases its lock from that same thread.
         self._guard = threading.RLock()
-        self._fd = -1
-        #: The process that opened ``_fd`` (0: not opened in this process).
+        #: Descriptor of each file of the table, -1 where not opened yet.
+        self._fds = [-1] * SHARDS
+        #: The process that opened ``_fds`` (0: none opened in this process).
         self._fd_pid = 0
         self._held: set[int] = set()
         _tables.add(self)
+
+    def file_of(self, offset: int) -> Path:
+        """The file of the table that holds byte ``offset``."""
+        return self.path / f"{offset % SHARDS:02x}"
 
     def acquire(self, lock_path: Path) -> TableLock:
         """Take the session lock of the maildrop whose per-mailbox lock file is ``lock_path``.
@@ -191,7 +203,11 @@ class LockTable:
         if not 0 <= offset <= _OFFSET_MASK:
             raise ValueError("offset out of range")
         with self._guard:
-            fd = self._fd if self._fd_pid == _pid else self._open()
+            if self._fd_pid != _pid:
+                self._forget_inherited()
+            fd = self._fds[offset % SHARDS]
+            if fd < 0:
+                fd = self._open(offset % SHARDS)
             if offset in self._held:
                 raise MaildropLocked("maildrop already locked")
             try:
@@ -216,7 +232,9 @@ class LockTable:
                 return
             try:
                 fcntl.fcntl(
-                    self._fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0)
+                    self._fds[offset % SHARDS],
+                    _F_OFD_SETLK,
+                    _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0),
                 )
             except OSError:
                 # Only a kernel out of memory splitting a lock range fails here; the byte
@@ -230,16 +248,21 @@ class LockTable:
         """How many bytes this process holds in the table."""
         return len(self._held) if self._fd_pid == _pid else 0
 
-    def _open(self) -> int:
-        """Open the table file for this process (the guard is held).
+    def _open(self, shard: int) -> int:
+        """Open file ``shard`` of the table for this process (the guard is held).
 
         Raises:
             TemporaryBackendError: it cannot be opened, or is not a regular file.
 
         """
-        self._forget_inherited()
+        path = self.path / f"{shard:02x}"
         try:
-            fd = os.open(self.path, _OPEN_FLAGS, 0o600)
+            try:
+                fd = os.open(path, _OPEN_FLAGS, 0o600)
+            except FileNotFoundError:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(self.path, 0o700)  # noqa: PTH102 (a str-free hot path)
+                fd = os.open(path, _OPEN_FLAGS, 0o600)
         except OSError as exc:
             raise TemporaryBackendError(
                 f"cannot open the session lock table: {exc.strerror}"
@@ -254,18 +277,18 @@ class LockTable:
         if not st.S_ISREG(mode):
             os.close(fd)
             raise TemporaryBackendError("the session lock table is not a regular file")
-        self._fd, self._fd_pid = fd, _pid
+        self._fds[shard] = fd
+        self._fd_pid = _pid
         return fd
 
     def _forget_inherited(self) -> None:
-        """Drop what this process did not open itself: a parent's descriptor and bytes."""
-        if self._fd >= 0 and self._fd_pid != _pid:
-            try:
-                os.close(self._fd)  # the parent keeps its description, and so its locks
-            except OSError:
-                pass
-            self._fd = -1
+        """Drop what this process did not open itself: a parent's descriptors and bytes."""
         if self._fd_pid != _pid:
+            for fd in self._fds:
+                if fd >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(fd)  # the parent keeps its description, and its locks
+            self._fds = [-1] * SHARDS
             self._fd_pid = 0
             self._held = set()
 
@@ -275,21 +298,24 @@ class LockTable:
         self._forget_inherited()
 
     def close(self) -> None:
-        """Close the descriptor, releasing every lock of this process in the table.
+        """Close the descriptors, releasing every lock of this process in the table.
 
         For tests and shutdown; stores never call it (a dropped table closes itself).
         """
         with self._guard:
-            if self._fd >= 0 and self._fd_pid == _pid:
-                os.close(self._fd)
-                self._fd = -1
-                self._fd_pid = 0
+            if self._fd_pid == _pid:
+                self._close_all()
                 self._held = set()
 
+    def _close_all(self) -> None:
+        fds, self._fds, self._fd_pid = self._fds, [-1] * SHARDS, 0
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
+
     def __del__(self) -> None:
-        if self._fd >= 0 and self._fd_pid == _pid:
-            os.close(self._fd)
-            self._fd = -1
+        if self._fd_pid == _pid:
+            self._close_all()
 
     def __repr__(self) -> str:
         return f"<LockTable {os.fspath(self.path)!r} held={self.held}>"

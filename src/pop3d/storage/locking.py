@@ -7,9 +7,10 @@ Rules of this file:
   chosen by ``[storage] lock_table`` (:func:`session_locks_for`):
 
   - a **lock table** (:mod:`pop3d.storage.lock_table`, the default where the platform
-    has open-file-description locks): the lock is one byte of one table file shared
-    by every pop3d process, found from the lock path's folder and name; the lock path
-    itself is never created.  A process holds one descriptor for all its sessions.
+    has open-file-description locks): the lock is one byte of the table (a folder of
+    :data:`~pop3d.storage.lock_table.SHARDS` files) shared by every pop3d process,
+    found from the lock path's folder and name; the lock path itself is never created.
+    A process holds one descriptor per table file for all its sessions.
   - **per-mailbox** lock files (``lock_table = "per-mailbox"``, templates without a
     static folder, platforms without OFD locks): ``flock(LOCK_EX | LOCK_NB)`` on the
     lock path itself, created if needed, opened with ``O_NOFOLLOW`` (a symlink planted
@@ -55,7 +56,7 @@ __all__ = [
 
 #: The ``[storage] lock_table`` value that asks for per-mailbox lock files.
 PER_MAILBOX: Final = "per-mailbox"
-#: File name of the default lock table, in the static folder of the template.
+#: Folder name of the default lock table, in the static folder of the template.
 TABLE_NAME: Final = ".pop3d-locks"
 
 LockTableSetting = Path | Literal["per-mailbox"] | None

@@ -7,6 +7,8 @@ mail-fetching code; using it here is how we know it works.  ``free_port`` and
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -21,6 +23,36 @@ USERS = {"alice": "secret", "bob": "hunter2"}
 
 ServerFactory = Callable[..., Pop3TestServer]
 ServeFactory = Callable[..., Pop3ServeProcess]
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Give each run its own ``--basetemp`` unless one was asked for.
+
+    pytest's numbered ``pytest-N`` folders are pruned by a generator that leaves an
+    ``os.scandir`` iterator open (``_pytest.pathlib.find_prefixed``, pytest 9.2); the
+    ResourceWarning surfaces at exit and, with warnings as errors, fails a run that
+    passed.  A fresh folder per run skips that machinery, and concurrent runs never
+    share one.
+    """
+    if config.option.basetemp is None:
+        config.option.basetemp = tempfile.mkdtemp(prefix="pop3d-tests-")
+        config.stash[_OWN_BASETEMP] = True
+
+
+#: Set on runs whose --basetemp this conftest made; _PASSED once the session passed.
+_OWN_BASETEMP = pytest.StashKey[bool]()
+_PASSED = pytest.StashKey[bool]()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[_PASSED] = exitstatus == 0
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Remove the run's own folder when every test passed (kept to look at otherwise)."""
+    if config.stash.get(_OWN_BASETEMP, False) and config.stash.get(_PASSED, False):
+        shutil.rmtree(config.option.basetemp, ignore_errors=True)
 
 
 @pytest.fixture

@@ -205,10 +205,13 @@ def maildir_files(root: Path) -> dict[str, bytes]:
     """Message files by their key (the name before ``:``) -> contents."""
     out: dict[str, bytes] = {}
     for sub in ("new", "cur"):
-        for entry in os.scandir(root / sub):
-            if entry.name.startswith("."):
-                continue
-            out[entry.name.split(":", 1)[0]] = Path(entry.path).read_bytes()
+        # Closed even when a read fails (a message the server is moving): an iterator
+        # left open is a ResourceWarning at a random later test.
+        with os.scandir(root / sub) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                out[entry.name.split(":", 1)[0]] = Path(entry.path).read_bytes()
     return out
 
 

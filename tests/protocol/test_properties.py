@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pop3d.protocol import Pop3Connection, Pop3Settings
+from pop3d.protocol import Pop3Connection, Pop3Settings, replies
 from pop3d.protocol.lines import OVERLONG, LineBuffer
 from pop3d.protocol.replies import DotStuffer, TopFilter
 from pop3d.protocol.states import State
@@ -145,11 +147,17 @@ def _stuffed_by_lines(data: bytes) -> bytes:
     st.integers(1, 5000),
 )
 def test_stuffing_matches_the_line_rule_sparse_or_dense(tokens: list[bytes], step: int) -> None:
-    """Dense dots (the regex path) and sparse dots (the find walk) stuff alike, per the rule."""
+    """Dense dots (the regex path) and sparse dots (the find walk) stuff alike, per the rule.
+
+    The walk runs on chunks of 64 KiB and more; here it is made to run on every chunk
+    too, so that hypothesis's small examples reach both paths.
+    """
     data = b"".join(tokens)
-    stuffer = DotStuffer()
-    out = b"".join(stuffer.feed(data[i : i + step]) for i in range(0, len(data), step))
-    assert out == _stuffed_by_lines(data)
+    for walk_min in (replies._WALK_MIN, 1):
+        with patch.object(replies, "_WALK_MIN", walk_min):
+            stuffer = DotStuffer()
+            out = b"".join(stuffer.feed(data[i : i + step]) for i in range(0, len(data), step))
+        assert out == _stuffed_by_lines(data)
 
 
 def test_sparse_dots_in_a_big_chunk_are_stuffed() -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pop3d import limits
 from pop3d.auth import schemes
 from pop3d.auth.base import Authenticator, Principal
-from pop3d.errors import MaildropLocked, PermanentBackendError
+from pop3d.errors import MaildropLocked, PermanentBackendError, TemporaryBackendError
 from pop3d.protocol.events import ApopAuthenticate, PasswordAuthenticate, SaslOutcome
 from pop3d.protocol.replies import RespCode
 from pop3d.storage.base import Maildrop, MailStore
@@ -154,9 +154,14 @@ class Backends:
             return await self.store.open(principal)
         except MaildropLocked:
             return RespCode.IN_USE
-        except PermanentBackendError:
-            log.warning("maildrop of %s cannot be opened", principal.username, exc_info=True)
+        except PermanentBackendError as exc:
+            # Expected failures say what went wrong in one line; anything else keeps
+            # its traceback.
+            log.warning("maildrop of %s cannot be opened: %s", principal.username, exc)
             return RespCode.SYS_PERM
+        except TemporaryBackendError as exc:
+            log.warning("maildrop of %s cannot be opened: %s", principal.username, exc)
+            return RespCode.SYS_TEMP
         except Exception:
             log.warning("maildrop of %s cannot be opened", principal.username, exc_info=True)
             return RespCode.SYS_TEMP

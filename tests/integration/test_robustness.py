@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 import socket
 import threading
 import time
@@ -327,3 +328,19 @@ def test_many_concurrent_sessions(pop3_server: Pop3TestServer) -> None:
     finally:
         for client in clients:
             client.close()
+
+
+def test_missing_maildrop_is_one_log_line_and_sys_temp(
+    pop3_server: Pop3TestServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A maildrop that cannot be opened (gone, a broken lock table) is -ERR [SYS/TEMP]
+    for the client and one warning naming the cause in the log, not a traceback."""
+    shutil.rmtree(pop3_server.maildir("alice"))
+    with caplog.at_level(logging.WARNING, logger="pop3d"):
+        client = RawClient(pop3_server.host, pop3_server.port)
+        with client:
+            assert client.login(b"alice", b"secret").startswith(b"-ERR [SYS/TEMP]")
+    lines = [r.getMessage() for r in caplog.records if "cannot be opened" in r.getMessage()]
+    assert len(lines) == 1
+    assert lines[0].startswith("maildrop of alice cannot be opened: ")
+    no_tracebacks(caplog)

@@ -265,18 +265,18 @@ class LockTable:
                 fd = os.open(path, _OPEN_FLAGS, 0o600)
         except OSError as exc:
             raise TemporaryBackendError(
-                f"cannot open the session lock table: {exc.strerror}"
+                f"cannot open the session lock table {os.fspath(path)}: {exc.strerror}"
             ) from None
         try:
             mode = os.fstat(fd).st_mode
         except OSError as exc:
             os.close(fd)
             raise TemporaryBackendError(
-                f"cannot open the session lock table: {exc.strerror}"
+                f"cannot open the session lock table {os.fspath(path)}: {exc.strerror}"
             ) from None
         if not st.S_ISREG(mode):
             os.close(fd)
-            raise TemporaryBackendError("the session lock table is not a regular file")
+            raise TemporaryBackendError(f"session lock table {os.fspath(path)}: not a regular file")
         self._fds[shard] = fd
         self._fd_pid = _pid
         return fd

@@ -272,7 +272,10 @@ def _supervise(
             forward(signal.SIGTERM, None)
             status = EX_CONFIG
             continue
-        log.error("worker %d died (status %d); starting a new one", pid, exit_code)
+        if exit_code == 0:  # stopped on its own (a SIGTERM sent to the worker alone)
+            log.warning("worker %d stopped without the supervisor; starting a new one", pid)
+        else:
+            log.error("worker %d died (status %d); starting a new one", pid, exit_code)
         wait = last_respawn + 1.0 - time.monotonic()
         if wait > 0:
             time.sleep(wait)

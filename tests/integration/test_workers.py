@@ -173,3 +173,20 @@ def test_serve_raises_its_open_files_limit(tmp_path: Path) -> None:
     finally:
         server.terminate()
         assert server.wait(10) == 0
+
+
+def test_worker_stopped_alone_is_replaced_without_an_error(
+    serve: Callable[..., Pop3ServeProcess],
+) -> None:
+    """SIGTERM to one worker (not the server) stops it cleanly; the supervisor replaces it
+    and says so as a warning, not as a crash."""
+    proc = serve(workers=2)
+    assert _wait_until(lambda: len(_children(proc.pid)) == 2)
+    victim = min(_children(proc.pid))
+    os.kill(victim, signal.SIGTERM)
+    assert _wait_until(lambda: len(_children(proc.pid) - {victim}) == 2)
+    assert _login_ok(proc)
+    assert proc.stop() == 0
+    log = proc.log_text()
+    assert f"worker {victim} stopped without the supervisor" in log
+    assert "died" not in log

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import poplib
+import re
 import resource
 import signal
 import socket
@@ -190,3 +191,20 @@ def test_worker_stopped_alone_is_replaced_without_an_error(
     log = proc.log_text()
     assert f"worker {victim} stopped without the supervisor" in log
     assert "died" not in log
+
+
+def test_session_lines_name_the_worker_that_served(
+    serve: Callable[..., Pop3ServeProcess],
+) -> None:
+    """Each log line carries its own process's pid: kept by pop3d, renewed in forked workers."""
+    proc = serve(workers=2)
+    assert _wait_until(lambda: len(_children(proc.pid)) == 2)
+    workers = _children(proc.pid)
+    for _ in range(10):
+        assert _login_ok(proc)
+    assert proc.stop() == 0
+    log = proc.log_text()
+    session_pids = {int(p) for p in re.findall(r"pop3d\.session\[(\d+)\]", log)}
+    assert session_pids
+    assert session_pids <= workers
+    assert f"[{proc.pid}]:" in log  # the supervisor's own lines name the supervisor

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,6 +34,8 @@ from pop3d.storage.locking import (
 )
 from pop3d.storage.maildir import MaildirStore
 from pop3d.storage.mbox import MboxStore
+
+from .conftest import PythonSpawner
 
 pytestmark = pytest.mark.skipif(
     not lock_table.AVAILABLE, reason="no open-file-description locks on this platform"
@@ -62,26 +64,10 @@ HOLDER = textwrap.dedent(
 
 
 @pytest.fixture
-def spawn() -> Iterator[Callable[[Path, int], subprocess.Popen[str]]]:
-    """Start lock-holding processes; the answer ("locked"/"refused") is read before return."""
-    procs: list[subprocess.Popen[str]] = []
-
-    def start(path: Path, offset: int) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", HOLDER, str(path), str(offset)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        for pipe in (proc.stdin, proc.stdout):
-            if pipe is not None:
-                pipe.close()
+def spawn(spawn_python: PythonSpawner) -> Callable[[Path, int], subprocess.Popen[str]]:
+    """Start a process that holds byte ``offset`` of the table at ``path``; the answer
+    ("locked"/"refused") is read with :func:`answer`."""
+    return lambda path, offset: spawn_python(HOLDER, str(path), str(offset))
 
 
 def answer(proc: subprocess.Popen[str]) -> str:

@@ -8,13 +8,10 @@ import itertools
 import os
 import re
 import signal
-import subprocess
-import sys
 import textwrap
 import time
 import tracemalloc
 import zlib
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +33,7 @@ from pop3d.storage.maildir import (
 )
 from pop3d.storage.wire import to_wire
 
+from .conftest import PythonSpawner
 from .contract import Harness, StoreContract, chunks_of, read_all, run, user
 
 TEMPLATE = "mail/%u/Maildir"
@@ -487,35 +485,14 @@ LOCK_HOLDER = textwrap.dedent(
 MODES = {"table": None, "per-mailbox": PER_MAILBOX_LOCKS}
 
 
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[[str, str], subprocess.Popen[str]]]:
-    """Start Python helpers (killed at the end if still running)."""
-    procs: list[subprocess.Popen[str]] = []
-
-    def start(script: str, arg: str) -> subprocess.Popen[str]:
-        proc = subprocess.Popen(
-            [sys.executable, "-c", script, arg], stdout=subprocess.PIPE, text=True
-        )
-        procs.append(proc)
-        return proc
-
-    yield start
-    for proc in procs:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait()
-        assert proc.stdout is not None
-        proc.stdout.close()
-
-
 @pytest.mark.parametrize("mode", MODES)
 def test_lock_holds_across_processes_and_dies_with_kill_9(
-    tmp_path: Path, spawn: Callable[[str, str], subprocess.Popen[str]], mode: str
+    tmp_path: Path, spawn_python: PythonSpawner, mode: str
 ) -> None:
     """Another process's session locks us out; SIGKILL of it releases the lock."""
     h = MaildirHarness(tmp_path, MODES[mode])
     write(h, "cur", "1700000000.M1P1.host:2,", b"x\n")
-    holder = spawn(LOCK_HOLDER, f"{h.base}:{mode}")
+    holder = spawn_python(LOCK_HOLDER, f"{h.base}:{mode}")
     assert holder.stdout is not None
     assert holder.stdout.readline() == "locked\n"
     with pytest.raises(MaildropLocked):
@@ -766,7 +743,7 @@ COMMITTER = textwrap.dedent(
 
 @pytest.mark.parametrize("attempt", range(3))
 def test_kill_9_during_commit_loses_nothing_undeleted(
-    h: MaildirHarness, spawn: Callable[[str, str], subprocess.Popen[str]], attempt: int
+    h: MaildirHarness, spawn_python: PythonSpawner, attempt: int
 ) -> None:
     """kill -9 during UPDATE: messages not asked for are intact; the others intact or gone."""
     count = 3000
@@ -776,7 +753,7 @@ def test_kill_9_during_commit_loses_nothing_undeleted(
               for i in range(count)}
     for base, body in bodies.items():
         (cur / (base + ":2,")).write_bytes(body)
-    proc = spawn(COMMITTER, str(h.base))
+    proc = spawn_python(COMMITTER, str(h.base))
     assert proc.stdout is not None
     assert proc.stdout.readline() == "committing\n"
     if attempt:

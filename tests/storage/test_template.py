@@ -14,6 +14,7 @@ from pop3d.storage.template import (
     check_username,
     expand,
     mail_path,
+    static_prefix,
 )
 
 BASE = Path("/srv/pop3d")
@@ -141,3 +142,24 @@ def test_no_user_name_lands_on_the_lock_table(template: str, username: str) -> N
         mail_path(template, username, BASE)
     for name in ["pop3d-locks@example.org", "alice@pop3d-locks", "a@b"]:
         assert mail_path(template, name, BASE) != default_table_path(template, BASE)
+
+
+@pytest.mark.parametrize(
+    ("template", "prefix"),
+    [
+        ("mail/%u/Maildir", "mail/"),
+        ("/var/mail/%d/%n", "/var/mail/"),
+        ("/srv/100%%/mail/%u", "/srv/100%/mail/"),
+        ("%u/Maildir", ""),
+        ("/var/mail/shared", "/var/mail/shared"),
+        ("mail/.%u", "mail/."),
+    ],
+)
+def test_static_prefix_stops_at_the_first_variable(template: str, prefix: str) -> None:
+    """The text every user's path shares (where the default lock table goes)."""
+    assert static_prefix(template) == prefix
+
+
+def test_static_prefix_refuses_an_unknown_escape() -> None:
+    with pytest.raises(ConfigError):
+        static_prefix("mail/%x/%u")

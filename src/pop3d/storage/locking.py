@@ -42,6 +42,7 @@ from typing import IO, Final, Literal, Protocol
 
 from pop3d.errors import MaildropLocked, TemporaryBackendError
 from pop3d.storage import lock_table
+from pop3d.storage.template import static_prefix
 
 __all__ = [
     "PER_MAILBOX",
@@ -133,19 +134,7 @@ def default_table_path(template: str, base: Path) -> Path | None:
     against ``base``; ``None`` when the template has no static folder, or when the text
     between that folder and the first variable could spell ``.pop3d-locks``.
     """
-    static: list[str] = []
-    i = 0
-    while i < len(template):
-        ch = template[i]
-        if ch == "%":
-            if template[i + 1 : i + 2] != "%":
-                break  # the first variable (check_template refused unknown escapes)
-            i += 2
-            static.append("%")
-            continue
-        static.append(ch)
-        i += 1
-    prefix = "".join(static)
+    prefix = static_prefix(template)
     slash = prefix.rfind("/")
     if slash < 0:
         return None  # "%u/Maildir": no folder shared by every user

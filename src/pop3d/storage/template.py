@@ -21,6 +21,7 @@ Rules of this file:
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 
 from pop3d.errors import ConfigError, TemporaryBackendError
@@ -30,6 +31,8 @@ from pop3d.errors import ConfigError, TemporaryBackendError
 MAX_USERNAME_OCTETS = 255
 
 _ESCAPES = frozenset("und%")
+#: Splits a checked template into literal text (even items) and escapes (odd items).
+_ESCAPE = re.compile(r"(%.)", re.DOTALL)
 
 
 class UnsafeUserName(TemporaryBackendError):
@@ -102,18 +105,33 @@ def expand(template: str, username: str) -> str:
     local, domain = split_username(username)
     values = {"u": username, "n": local, "d": domain, "%": "%"}
     out: list[str] = []
-    i = 0
-    while i < len(template):
-        ch = template[i]
-        if ch != "%":
-            out.append(ch)
-            i += 1
+    for i, part in enumerate(_ESCAPE.split(template)):
+        if i % 2 == 0:  # literal text
+            out.append(part)
             continue
-        value = values[template[i + 1]]
+        value = values[part[1]]
         if not value:
             raise UnsafeUserName("the template needs a domain and the user name has none")
         out.append(value)
-        i += 2
+    return "".join(out)
+
+
+def static_prefix(template: str) -> str:
+    """Return the text of ``template`` before its first variable, ``%%`` as ``%``.
+
+    Raises:
+        ConfigError: the template has an unknown escape.
+
+    """
+    check_template(template)
+    out: list[str] = []
+    for i, part in enumerate(_ESCAPE.split(template)):
+        if i % 2 == 0:
+            out.append(part)
+        elif part == "%%":
+            out.append("%")
+        else:
+            break
     return "".join(out)
 
 

@@ -3,33 +3,24 @@
 Passwords never reach a log call (the core's events hide them in ``repr``; a test greps
 the log of a whole session for the password).
 
-Each line names the process (``pop3d[pid]``: workers share stderr).  The pid is kept
-here and renewed in a forked worker, not asked of the kernel for every record as
-:mod:`logging` does by default (a ``getpid`` system call a session, on the login path).
+Each line names the process (``pop3d[pid]``: workers share stderr).  The pid comes from
+:mod:`pop3d.process`, not from the kernel for every record as :mod:`logging` does by
+default (a ``getpid`` system call a session, on the login path).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
-_pid = os.getpid()
-
-
-def _forked() -> None:
-    global _pid  # noqa: PLW0603 (the one process-wide fact this module keeps)
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_forked)
+from pop3d import process
 
 
 class _Formatter(logging.Formatter):
     """The standard formatter, with the pid this module keeps."""
 
     def format(self, record: logging.LogRecord) -> str:
-        record.process = _pid
+        record.process = process.pid()
         return super().format(record)
 
 

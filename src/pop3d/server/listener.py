@@ -13,14 +13,13 @@ import asyncio
 import base64
 import ipaddress
 import logging
-import os
 import secrets
 import socket
 import time
 from collections.abc import Coroutine
 from typing import Any
 
-from pop3d import __version__, limits
+from pop3d import __version__, limits, process
 from pop3d.config import Config, ListenAddress
 from pop3d.protocol import Pop3Settings
 from pop3d.server.connection import Pop3Protocol
@@ -70,7 +69,7 @@ class ServerContext:
         self._tasks: set[asyncio.Task[None]] = set()
         self._secure = config.auth.secure_networks
         #: Made after the fork: each worker has its own pid and its own randomness.
-        self._pid = os.getpid()
+        self._pid = process.pid()
         self._random = _RandomTokens()
         self._secure_cache: dict[str, bool] = {}
         #: CRAM-MD5 and SCRAM need a nonce unique to each connection.

@@ -39,9 +39,8 @@ Rules of this file:
   is open, so this releases nothing of the parent's, and a child that outlives its
   parent does not keep the parent's locks alive), the set of held bytes is emptied,
   and the pid that the next open records is the child's.  Handles inherited by the
-  child release nothing.  The pid is kept by the hook rather than asked of the kernel
-  at each lock (``os.fork``, ``multiprocessing`` and ``subprocess`` run the hooks;
-  a fork that skips them is not supported by CPython itself).
+  child release nothing.  The pid is :func:`pop3d.process.pid`, kept rather than asked
+  of the kernel at each lock, and renewed before this module's hook runs.
 * **Release** is ``F_UNLCK`` of the byte, then the byte leaves the set; idempotent.  A
   handle releases on :meth:`TableLock.close` and, if dropped without it, when it is
   garbage-collected, as the file object of a per-mailbox lock closes its descriptor.
@@ -78,6 +77,7 @@ import threading
 import weakref
 from pathlib import Path
 
+from pop3d import process
 from pop3d.errors import MaildropLocked, TemporaryBackendError
 
 __all__ = ["AVAILABLE", "LockTable", "TableLock", "offset_of", "shared_table"]
@@ -99,8 +99,6 @@ _BUSY = frozenset({errno.EAGAIN, errno.EACCES})
 #: Files of a table.  Part of the on-disk format: every pop3d sharing a table must agree.
 SHARDS = 64
 
-#: This process's pid, renewed in a forked child by :func:`_after_fork_in_child`.
-_pid = os.getpid()
 #: Every table of this process, for the at-fork hook.
 _tables: weakref.WeakSet[LockTable] = weakref.WeakSet()
 #: The table of each path, shared by every store of this process that names it.
@@ -203,7 +201,7 @@ class LockTable:
         if not 0 <= offset <= _OFFSET_MASK:
             raise ValueError("offset out of range")
         with self._guard:
-            if self._fd_pid != _pid:
+            if self._fd_pid != process.pid():
                 self._forget_inherited()
             fd = self._fds[offset % SHARDS]
             if fd < 0:
@@ -217,7 +215,7 @@ class LockTable:
                     raise MaildropLocked("maildrop already locked") from None
                 raise TemporaryBackendError(f"cannot lock the maildrop: {exc.strerror}") from None
             self._held.add(offset)
-            return TableLock(self, offset, _pid)
+            return TableLock(self, offset, process.pid())
 
     def release(self, offset: int, owner: int) -> None:
         """Release the byte ``offset`` taken by process ``owner``; nothing if not held.
@@ -225,10 +223,10 @@ class LockTable:
         A handle inherited by a forked child (``owner`` is not this process) releases
         nothing: the byte is the parent's.
         """
-        if owner != _pid:
+        if owner != process.pid():
             return
         with self._guard:
-            if offset not in self._held or self._fd_pid != _pid:
+            if offset not in self._held or self._fd_pid != process.pid():
                 return
             try:
                 fcntl.fcntl(
@@ -246,7 +244,7 @@ class LockTable:
     @property
     def held(self) -> int:
         """How many bytes this process holds in the table."""
-        return len(self._held) if self._fd_pid == _pid else 0
+        return len(self._held) if self._fd_pid == process.pid() else 0
 
     def _open(self, shard: int) -> int:
         """Open file ``shard`` of the table for this process (the guard is held).
@@ -278,12 +276,12 @@ class LockTable:
             os.close(fd)
             raise TemporaryBackendError(f"session lock table {os.fspath(path)}: not a regular file")
         self._fds[shard] = fd
-        self._fd_pid = _pid
+        self._fd_pid = process.pid()
         return fd
 
     def _forget_inherited(self) -> None:
         """Drop what this process did not open itself: a parent's descriptors and bytes."""
-        if self._fd_pid != _pid:
+        if self._fd_pid != process.pid():
             for fd in self._fds:
                 if fd >= 0:
                     with contextlib.suppress(OSError):
@@ -303,7 +301,7 @@ class LockTable:
         For tests and shutdown; stores never call it (a dropped table closes itself).
         """
         with self._guard:
-            if self._fd_pid == _pid:
+            if self._fd_pid == process.pid():
                 self._close_all()
                 self._held = set()
 
@@ -314,7 +312,7 @@ class LockTable:
                 os.close(fd)
 
     def __del__(self) -> None:
-        if self._fd_pid == _pid:
+        if self._fd_pid == process.pid():
             self._close_all()
 
     def __repr__(self) -> str:
@@ -331,8 +329,6 @@ def shared_table(path: Path) -> LockTable:
 
 
 def _after_fork_in_child() -> None:
-    global _pid  # noqa: PLW0603 (the one place the process identity changes)
-    _pid = os.getpid()
     for table in list(_tables):
         table._after_fork()  # noqa: SLF001 (the hook is this module's own)
 

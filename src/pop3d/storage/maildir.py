@@ -64,7 +64,6 @@ Rules of this file:
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import errno
 import hashlib
 import itertools
@@ -221,6 +220,11 @@ class _Entry:
 
     def same_file(self, s: os.stat_result) -> bool:
         return (s.st_ino, s.st_size, s.st_mtime_ns) == (self.ino, self.file_size, self.mtime_ns)
+
+    def copy(self) -> _Entry:
+        """A copy, made field by field (``dataclasses.replace`` takes three times as long)."""
+        return _Entry(self.folder, self.name, self.key, self.ino, self.file_size,
+                      self.mtime_ns, self.wire, self.uid)
 
 
 _IndexRecord = tuple[int, int, int, int]  # inode, file size, mtime_ns, wire size
@@ -546,7 +550,7 @@ class _ListingCache:
         known = self._known.get(root)
         if known is None or known[0] != self._key(cur, new):
             return None
-        return [dataclasses.replace(e) for e in known[1]]  # sessions may rename entries
+        return [e.copy() for e in known[1]]  # sessions may rename entries
 
     def remember(self, root: Path, entries: list[_Entry]) -> None:
         """Remember ``entries`` as the listing of ``root``, if its folders are not racy."""
@@ -562,7 +566,7 @@ class _ListingCache:
             return
         if len(self._known) >= _LISTING_CACHE:
             self._known.clear()
-        self._known[root] = (self._key(cur, new), tuple(dataclasses.replace(e) for e in entries))
+        self._known[root] = (self._key(cur, new), tuple(e.copy() for e in entries))
 
 
 class MaildirStore:

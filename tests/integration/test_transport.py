@@ -1,4 +1,4 @@
-"""Socket options the transport depends on."""
+"""Socket options the transport depends on, and how replies leave it."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from pathlib import Path
 from pop3d.config import from_mapping
 from pop3d.serve import serve_forever
 from pop3d.server.listener import ServerContext, bind_all
+
+from .helpers import RawClient, ServerFactory
 
 
 def test_client_sockets_have_nodelay(tmp_path: Path) -> None:
@@ -45,3 +47,29 @@ def test_client_sockets_have_nodelay(tmp_path: Path) -> None:
             await server
 
     assert asyncio.run(main()) != 0
+
+
+def test_sessions_answered_in_one_turn_get_their_own_replies_in_order(
+    pop3_server_factory: ServerFactory,
+) -> None:
+    """Twenty whole sessions sent at once: the replies written together at the end of each
+    turn of the loop reach the right client, in order, with the sign-off before the close."""
+    users = {f"user{i}": f"pw{i}" for i in range(20)}
+    server = pop3_server_factory(users=users)
+    for i, user in enumerate(users):
+        for _ in range(i):
+            server.add_message(user, b"Subject: x\n\nbody\n")
+    clients = [RawClient(server.host, server.port) for _ in users]
+    try:
+        for client, (user, password) in zip(clients, users.items(), strict=True):
+            session = f"USER {user}\r\nPASS {password}\r\nSTAT\r\nQUIT\r\n"
+            client.send(session.encode())
+        for i, client in enumerate(clients):
+            assert client.line() == b"+OK send PASS\r\n"
+            assert client.line().startswith(b"+OK user%d's maildrop has %d " % (i, i))
+            assert client.line().startswith(b"+OK %d " % i)
+            assert client.line().startswith(b"+OK")
+            assert client.wait_eof() == b""
+    finally:
+        for client in clients:
+            client.close()

@@ -6,6 +6,10 @@ Rules:
   answered synchronously inside ``data_received``: no task, no await.  A task exists only
   while a request that needs a backend (auth, open, RETR/TOP, STLS, UPDATE) is performed,
   so an idle connection costs a protocol object, a transport and a core, nothing more.
+* Replies are written at the end of the loop's turn (``ServerContext.flush_soon``), all
+  sessions' together, and a sign-off with the close after it; the order of a session's
+  octets never changes (they wait in its core until written).  A reply that must be on the
+  wire before something else happens (the ``+OK`` of STLS, a farewell) is written at once.
 * RETR/TOP stream chunk by chunk and wait for the socket to drain past the high-water
   mark: a slow client holds a bounded amount of memory, whatever the message size.
 * The idle timer closes the connection WITHOUT UPDATE.  So do EOF, errors, shutdown, and
@@ -89,6 +93,10 @@ class Pop3Protocol(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._drained: asyncio.Future[None] | None = None
         self._write_paused = False
+        #: Whether the server will call :meth:`flush` at the end of this turn.
+        self._flush_queued = False
+        #: The sign-off to write before the transport is closed, at that :meth:`flush`.
+        self._last_words: bytes | None = None
         self._reading_paused = False
         self._closing = False
         self._timer: asyncio.TimerHandle | None = None
@@ -191,7 +199,7 @@ class Pop3Protocol(asyncio.Protocol):
                 self._abort("internal error")
                 return None
             if isinstance(event, NeedData):
-                self._flush()
+                self._flush_soon()
                 if self._reading_paused:
                     self._reading_paused = False
                     self.transport.resume_reading()
@@ -200,15 +208,15 @@ class Pop3Protocol(asyncio.Protocol):
                 log.warning("refused %s from %s", event.reason, self.peer)
                 continue
             if isinstance(event, Closed):
-                self._flush()
                 self._result = self._result or event.reason
                 self._closing = True
-                self.transport.close()
+                self._last_words = core.data_to_send()
+                self._flush_soon()
                 self._finish()
                 return None
             if isinstance(event, SendMessage) and self._send_inline(core, event.uid):
                 continue
-            self._flush()
+            self.flush()
             return event
 
     def _send_inline(self, core: Pop3Connection, uid: str) -> bool:
@@ -398,12 +406,26 @@ class Pop3Protocol(asyncio.Protocol):
 
     # ------------------------------------------------------------------ endings
 
-    def _flush(self) -> None:
-        assert self.core is not None
-        assert self.transport is not None
-        data = self.core.data_to_send()
-        if data:
-            self.transport.write(data)
+    def flush(self) -> None:
+        """Write the replies the core holds; after a sign-off, close the transport."""
+        self._flush_queued = False
+        core, transport = self.core, self.transport
+        if transport is None:
+            return
+        if self._last_words is not None:
+            transport.write(self._last_words)
+            self._last_words = None
+            transport.close()
+            return
+        if core is not None:
+            data = core.data_to_send()
+            if data:
+                transport.write(data)
+
+    def _flush_soon(self) -> None:
+        if not self._flush_queued:
+            self._flush_queued = True
+            self.server.flush_soon(self)
 
     def _in_update(self) -> bool:
         return self.core is not None and self.core.state is State.UPDATE
@@ -443,6 +465,7 @@ class Pop3Protocol(asyncio.Protocol):
     def _hang_up(self, reason: str, farewell: bytes) -> None:
         """Say ``farewell``, close without UPDATE, and stop any running request."""
         if self.transport is not None:
+            self.flush()
             self.transport.write(farewell)
         self._abort(reason)
         if self._task is not None and not self._task.done():

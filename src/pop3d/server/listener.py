@@ -75,6 +75,24 @@ class ServerContext:
         #: CRAM-MD5 and SCRAM need a nonce unique to each connection.
         self._nonce_needed = any(m in _NONCE_MECHANISMS for m in config.auth.mechanisms)
         self._shared_settings: dict[tuple[bool, bool], Pop3Settings] = {}
+        #: Connections with replies to write at the end of this turn of the loop.
+        self._to_flush: list[Pop3Protocol] = []
+
+    def flush_soon(self, conn: Pop3Protocol) -> None:
+        """Have ``conn`` write its replies once the loop has handled this turn's events.
+
+        Replies of every session served in one turn then leave back to back, so a client
+        process is woken once for all of them rather than once a reply (Redis writes its
+        replies the same way, before it waits for events again).
+        """
+        if not self._to_flush:
+            conn.loop.call_soon(self._flush_all)
+        self._to_flush.append(conn)
+
+    def _flush_all(self) -> None:
+        conns, self._to_flush = self._to_flush, []
+        for conn in conns:
+            conn.flush()
 
     def admit(self, conn: Pop3Protocol) -> str | None:
         """Count a new connection in; return the refusal text when over a limit."""

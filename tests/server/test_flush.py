@@ -1,0 +1,42 @@
+"""ServerContext.flush_soon: replies leave at the end of the loop's turn, in order."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import cast
+
+from pop3d.config import from_mapping
+from pop3d.server.connection import Pop3Protocol
+from pop3d.server.listener import ServerContext
+from pop3d.session import Backends
+
+
+class _Conn:
+    """Stands in for a connection: notes when the server asks it to write."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, name: str, flushed: list[str]) -> None:
+        self.loop, self.name, self.flushed = loop, name, flushed
+
+    def flush(self) -> None:
+        self.flushed.append(self.name)
+
+
+def test_flushes_wait_for_the_end_of_the_turn_and_keep_their_order(tmp_path: Path) -> None:
+    ctx = ServerContext(from_mapping({}, tmp_path), cast("Backends", None), None)
+
+    async def main() -> list[str]:
+        loop = asyncio.get_running_loop()
+        flushed: list[str] = []
+        a, b = (cast("Pop3Protocol", _Conn(loop, n, flushed)) for n in "ab")
+        ctx.flush_soon(a)
+        ctx.flush_soon(b)
+        assert flushed == []  # nothing is written while this turn's events are handled
+        await asyncio.sleep(0)
+        assert flushed == ["a", "b"]
+        ctx.flush_soon(b)  # a later turn gets its own flush
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        return flushed
+
+    assert asyncio.run(main()) == ["a", "b", "b"]

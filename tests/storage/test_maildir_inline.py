@@ -10,6 +10,7 @@ import pytest
 from pop3d.errors import MessageVanished, TemporaryBackendError
 from pop3d.storage import maildir
 from pop3d.storage.maildir import MaildirMaildrop
+from pop3d.storage.wire import to_wire
 
 from .contract import read_all, run, user
 from .test_maildir import MaildirHarness
@@ -103,3 +104,24 @@ def test_big_message_read_paths_agree(
         run(drop.close())
     assert len(data) == info.size
     assert data == body.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def test_full_chunks_from_the_reused_read_buffer_stay_intact(tmp_path: Path) -> None:
+    """A full chunk is normalised straight from the reader's buffer: every chunk handed out
+    must stay as it was while later reads refill that buffer (all are joined at the end)."""
+    chunk = 4096
+    # A CRLF split by a chunk boundary, dots at line starts and at a chunk start, bare LFs,
+    # a lone CR: every branch of the normaliser, many times over, well past the inline size.
+    unit = b"a" * (chunk - 1) + b"\r\n" + b".dot\nbare lf\nlone\rcr\r\n" + b"b" * (chunk - 30)
+    body = unit * 40
+    assert len(body) > maildir._INLINE_READ_BYTES
+    h = MaildirHarness(tmp_path)
+    h.put("alice", body)
+    drop = run(h.make_store(chunk_size=chunk).open(user()))
+    try:
+        [info] = drop.listing()
+        data = run(read_all(drop, info.uid, bound=2 * chunk + 1))
+    finally:
+        run(drop.close())
+    assert data == to_wire(body)
+    assert len(data) == info.size

@@ -76,6 +76,7 @@ import zlib
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from pop3d import limits
 from pop3d.auth.base import Principal
@@ -1030,6 +1031,13 @@ class _MessageReader:
                 _NOWAIT = False  # file system or kernel without RWF_NOWAIT
                 return None
             raise
+        if n == len(self._buffer):
+            # A full chunk is normalised straight from the buffer, without a copy out of
+            # it: the normaliser returns a new object for a bytearray (bytearray methods
+            # never return self), so the buffer is free for the next read.  The chunks
+            # that go on are bytearrays, which every later step (stuffing, the core's
+            # output, the transport) treats as bytes.
+            return cast("bytes", self._buffer)
         return bytes(memoryview(self._buffer)[:n])
 
     def step(self) -> bytes:

@@ -43,7 +43,11 @@ class CrlfNormaliser:
         self._nonempty = False
 
     def feed(self, data: bytes) -> bytes:
-        """Return the wire form of ``data``, given everything fed before it."""
+        """Return the wire form of ``data``, given everything fed before it.
+
+        A ``bytearray`` is accepted too, and then never returned itself: the result is a
+        new object (the Maildir reader refills its read buffer right after).
+        """
         if not data:
             return b""
         self._nonempty = True

@@ -92,7 +92,13 @@ class ServerContext:
     def _flush_all(self) -> None:
         conns, self._to_flush = self._to_flush, []
         for conn in conns:
-            conn.flush()
+            try:
+                conn.flush()
+            except Exception:
+                # One connection's failure must not leave the others' replies unwritten.
+                log.exception("internal error writing to %s", conn.peer)
+                if conn.transport is not None:
+                    conn.transport.abort()
 
     def admit(self, conn: Pop3Protocol) -> str | None:
         """Count a new connection in; return the refusal text when over a limit."""

@@ -55,13 +55,19 @@ class FakeDriver:
     updates: list[tuple[str, ...]] = field(default_factory=list)
     closed: str | None = None
     tls_started: int = 0
+    #: Take the output as pieces (``pieces_to_send``, a writev) instead of joined bytes.
+    pieces: bool = False
 
     def listing(self) -> list[MessageInfo]:
         return [MessageInfo(uid, len(wire(body))) for uid, body in self.messages]
 
+    def take(self, conn: Pop3Connection) -> bytes:
+        """What the core has to send, as the transport would write it."""
+        return b"".join(conn.pieces_to_send()) if self.pieces else conn.data_to_send()
+
     def run(self, conn: Pop3Connection) -> bytes:
         """Handle events until the core needs data or closes; return what it sent."""
-        out = [conn.data_to_send()]
+        out = [self.take(conn)]
         while True:
             event = conn.next_event()
             self.asked.append(event)
@@ -107,8 +113,8 @@ class FakeDriver:
                 case Update(deleted):
                     self.updates.append(deleted)
                     conn.update_done()
-            out.append(conn.data_to_send())
-        out.append(conn.data_to_send())
+            out.append(self.take(conn))
+        out.append(self.take(conn))
         return b"".join(out)
 
 

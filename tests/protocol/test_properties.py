@@ -153,11 +153,15 @@ def test_stuffing_matches_the_line_rule_sparse_or_dense(tokens: list[bytes], ste
     too, so that hypothesis's small examples reach both paths.
     """
     data = b"".join(tokens)
+    chunks = [data[i : i + step] for i in range(0, len(data), step)]
     for walk_min in (replies._WALK_MIN, 1):
         with patch.object(replies, "_WALK_MIN", walk_min):
             stuffer = DotStuffer()
-            out = b"".join(stuffer.feed(data[i : i + step]) for i in range(0, len(data), step))
+            out = b"".join(stuffer.feed(chunk) for chunk in chunks)
+            stuffer = DotStuffer()
+            pieces = [p for chunk in chunks for p in stuffer.feed_pieces(chunk)]
         assert out == _stuffed_by_lines(data)
+        assert b"".join(pieces) == out  # what a writev of the pieces sends
 
 
 def test_sparse_dots_in_a_big_chunk_are_stuffed() -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from pop3d.protocol import Pop3Connection, Pop3Settings
 from pop3d.protocol.states import State
-from tests.protocol.driver import FakeDriver, both_ways, transcript
+from tests.protocol.driver import FakeDriver, both_ways, transcript, wire
 
 GREETING = b"+OK POP3 server ready\r\n"
 LOGIN = [b"USER alice\r\n", b"PASS secret\r\n"]
@@ -388,3 +388,19 @@ def test_state_after_quit_is_closed() -> None:
     out = driver.run(conn)
     assert out == b"+OK pop3d signing off\r\n"
     assert conn.state is State.CLOSED
+
+
+def test_big_message_as_pieces_is_the_same_octets() -> None:
+    """A big stuffed chunk taken as pieces (for one writev) sends what the joined form does."""
+    line = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=\n"
+    big = b"".join(b"." + line if i % 101 == 0 else line for i in range(8_000))
+    messages = [("uid-big", big), ("uid-small", b".\n..\nend")]
+    outputs = []
+    for pieces in (False, True):
+        driver = FakeDriver(messages=messages, chunk=1 << 17, pieces=pieces)
+        out, _ = transcript([*LOGIN, b"RETR 1\r\nTOP 1 3\r\nRETR 2\r\nQUIT\r\n"], driver=driver)
+        outputs.append(out)
+    assert outputs[0] == outputs[1]
+    w = wire(big)
+    stuffed = (b"." + w if w.startswith(b".") else w).replace(b"\r\n.", b"\r\n..")
+    assert b"\r\n" + stuffed + b".\r\n" in outputs[1]

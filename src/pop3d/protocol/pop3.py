@@ -52,7 +52,7 @@ from pop3d.protocol.events import (
     Update,
 )
 from pop3d.protocol.lines import OVERLONG, LineBuffer
-from pop3d.protocol.replies import DotStuffer, RespCode, TopFilter, err, multiline, ok
+from pop3d.protocol.replies import DotStuffer, Piece, RespCode, TopFilter, err, multiline, ok
 from pop3d.protocol.states import COMMANDS, State
 from pop3d.storage.base import MessageInfo
 
@@ -100,7 +100,8 @@ class Pop3Connection:
         self.state = State.AUTHORIZATION
         self.tls_active = settings.tls_active
         self._lines = LineBuffer()
-        self._out: list[bytes] = []
+        #: Replies, and the pieces of a message being sent, in order.
+        self._out: list[Piece] = []
         self._eof = False
         self._pending: Event | None = None
         self._queued: Event | None = None
@@ -145,9 +146,19 @@ class Pop3Connection:
         out = self._out
         if not out:
             return b""
-        data = out[0] if len(out) == 1 else b"".join(out)
+        first = out[0]
+        data = first if len(out) == 1 and isinstance(first, bytes) else b"".join(out)
         out.clear()
         return data
+
+    def pieces_to_send(self) -> list[Piece]:
+        """Return (and forget) what :meth:`data_to_send` would, as pieces not yet joined.
+
+        For a driver that can write several buffers at once (``writev``): a big stuffed
+        chunk then goes out without being copied into one buffer first.
+        """
+        out, self._out = self._out, []
+        return out
 
     def next_event(self) -> Event:
         """Return what the driver must do next.
@@ -260,7 +271,7 @@ class Pop3Connection:
         if top is not None:
             chunk = top.feed(chunk)
         self.octets_sent += len(chunk)
-        self._out.append(self._stuffer.feed(chunk))
+        self._out += self._stuffer.feed_pieces(chunk)
         return top is None or not top.done
 
     def message_end(self) -> None:
@@ -363,7 +374,8 @@ class Pop3Connection:
 
     def _count_errors(self, before: int) -> None:
         """A command that produced a -ERR of its own counts against the error budget."""
-        if len(self._out) > before and self._out[-1].startswith(b"-ERR"):
+        last = self._out[-1] if len(self._out) > before else b""
+        if isinstance(last, bytes) and last.startswith(b"-ERR"):
             self._count_bad()
         else:
             self._bad_commands = 0

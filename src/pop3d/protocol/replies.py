@@ -66,17 +66,23 @@ def multiline(status: bytes, lines: list[bytes]) -> bytes:
     return status + b"".join(line + CRLF for line in lines) + TERMINATOR
 
 
-def _stuff(chunk: bytes, *, first: bool) -> bytes:
-    """Return ``chunk`` with a dot added before every dot that starts a line.
+#: Pieces of output: a stuffed chunk is the pieces between its line-start dots, which a
+#: transport can write with one ``writev`` instead of joining them into a copy first.
+Piece = bytes | memoryview
+
+
+def _stuff(chunk: bytes, *, first: bool) -> list[Piece]:
+    """Return ``chunk`` with a dot added before every dot that starts a line, as pieces.
 
     Every LF ends a line (input is CRLF-normalised), so a dot after an LF starts one;
     ``first`` says whether the chunk itself starts at a line start.  Dots are found with
-    ``bytes.find`` and the pieces between them joined once (mail is mostly attachments
-    and prose, where dots are sparse); a chunk dense with dots goes to the regex.
+    ``bytes.find`` and the chunk is cut before each line-start dot, with an extra ``.``
+    between the pieces (mail is mostly attachments and prose, where dots are sparse); a
+    chunk dense with dots, or a small one, goes to the regex.
     """
     if len(chunk) < _WALK_MIN:
         out = _LINE_START_DOT.sub(b"\n..", chunk)
-        return b"." + out if first and chunk[0] == 0x2E else out
+        return [b"." + out if first and chunk[0] == 0x2E else out]
     find = chunk.find
     cuts = [0] if first and chunk[0] == 0x2E else []
     budget = len(chunk) // _SPARSE_DOTS
@@ -87,13 +93,15 @@ def _stuff(chunk: bytes, *, first: bool) -> bytes:
         budget -= 1
         if budget < 0:
             out = _LINE_START_DOT.sub(b"\n..", chunk)
-            return b"." + out if cuts and cuts[0] == 0 else out
+            return [b"." + out if cuts and cuts[0] == 0 else out]
         pos = find(b".", pos + 1)
     if not cuts:
-        return chunk
+        return [chunk]
     view = memoryview(chunk)
-    ends = [*cuts[1:], len(chunk)]
-    return b".".join([view[:cuts[0]], *(view[a:b] for a, b in zip(cuts, ends, strict=True))])
+    pieces: list[Piece] = [view[: cuts[0]]]
+    for a, b in zip(cuts, [*cuts[1:], len(chunk)], strict=True):
+        pieces += (b".", view[a:b])
+    return pieces
 
 
 class DotStuffer:
@@ -104,13 +112,20 @@ class DotStuffer:
     def __init__(self) -> None:
         self._at_line_start = True
 
-    def feed(self, chunk: bytes) -> bytes:
-        """Return ``chunk`` stuffed, remembering whether it ended at a line start."""
+    def feed_pieces(self, chunk: bytes) -> list[Piece]:
+        """Return ``chunk`` stuffed, as pieces to send in order (no copy of a big chunk)."""
         if not chunk:
-            return chunk
+            return []
         out = _stuff(chunk, first=self._at_line_start)
         self._at_line_start = chunk[-1] == 0x0A
         return out
+
+    def feed(self, chunk: bytes) -> bytes:
+        """Return ``chunk`` stuffed, remembering whether it ended at a line start."""
+        pieces = self.feed_pieces(chunk)
+        if len(pieces) == 1 and isinstance(pieces[0], bytes):
+            return pieces[0]
+        return b"".join(pieces)
 
     def end(self) -> bytes:
         """Return the terminator (with a line end first if the stream lacked one)."""

@@ -344,7 +344,7 @@ class Pop3Protocol(asyncio.Protocol):
                 # Small messages leave with their status line and terminator in one
                 # write (the flush after message_end); big ones go out chunk by chunk.
                 if core.pending_output >= limits.WRITE_COALESCE:
-                    self.transport.write(core.data_to_send())
+                    self.transport.writelines(core.pieces_to_send())
                 if self._write_paused:
                     await self._drain()
                 if self._closing:

@@ -7,9 +7,10 @@ server, is what is measured.
 
 ``--login MANIFEST``: answers login sessions (greeting, USER, PASS, STAT from the
 manifest, QUIT) from an asyncio protocol on uvloop, with no password check, no storage
-and no logging: the most sessions/s a Python server on this event loop can serve on the
-CPU it is pinned to, and what the load generator can drive.  A real Python server cannot
-pass it; the ratio to it says how much of a login is the server's own work.
+and no logging: what the load generator can drive.  On the development VM the generator
+reaches its whole core first (the canned server used 84 µs of CPU a session, so it could
+go faster); no real server can pass this figure, and the ratio to it shows how far a
+server is from being limited by the generator.
 
 127.0.0.1 only; stops after ``--seconds``.
 """

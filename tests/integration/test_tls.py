@@ -96,6 +96,24 @@ def test_poplib_pop3_ssl(tls_server: Pop3TestServer, pki: Pki) -> None:
         client.quit()
 
 
+def test_big_message_with_dot_lines_over_tls(tls_server: Pop3TestServer, pki: Pki) -> None:
+    """A message of several read chunks, with line-start dots, arrives whole over TLS (the
+    stuffed pieces go through the TLS transport's writelines)."""
+    line = b"QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo=\n"
+    body = b"".join(b"." + line if i % 97 == 0 else line for i in range(70_000))
+    tls_server.add_message("alice", b"Subject: big\n\n" + body)
+    client = poplib.POP3_SSL(
+        "127.0.0.1", tls_server.tls_port, context=pki.client_context(), timeout=WAIT
+    )
+    try:
+        client.user("alice")
+        client.pass_("secret")
+        lines = client.retr(2)[1]  # poplib takes the stuffing off
+        assert lines[2:] == body.rstrip(b"\n").split(b"\n")
+    finally:
+        client.quit()
+
+
 def test_poplib_stls(tls_server: Pop3TestServer, pki: Pki) -> None:
     """poplib.POP3.stls() upgrades; CAPA after STLS no longer lists STLS."""
     client = poplib.POP3("127.0.0.1", tls_server.port, timeout=WAIT)

@@ -98,7 +98,7 @@ def _stuff(chunk: bytes, *, first: bool) -> list[Piece]:
     if not cuts:
         return [chunk]
     view = memoryview(chunk)
-    pieces: list[Piece] = [view[: cuts[0]]]
+    pieces: list[Piece] = [view[: cuts[0]]] if cuts[0] else []
     for a, b in zip(cuts, [*cuts[1:], len(chunk)], strict=True):
         pieces += (b".", view[a:b])
     return pieces

@@ -154,14 +154,12 @@ class Backends:
             return await self.store.open(principal)
         except MaildropLocked:
             return RespCode.IN_USE
-        except PermanentBackendError as exc:
+        except (PermanentBackendError, TemporaryBackendError) as exc:
             # Expected failures say what went wrong in one line; anything else keeps
             # its traceback.
             log.warning("maildrop of %s cannot be opened: %s", principal.username, exc)
-            return RespCode.SYS_PERM
-        except TemporaryBackendError as exc:
-            log.warning("maildrop of %s cannot be opened: %s", principal.username, exc)
-            return RespCode.SYS_TEMP
+            permanent = isinstance(exc, PermanentBackendError)
+            return RespCode.SYS_PERM if permanent else RespCode.SYS_TEMP
         except Exception:
             log.warning("maildrop of %s cannot be opened", principal.username, exc_info=True)
             return RespCode.SYS_TEMP

@@ -271,7 +271,7 @@ class Pop3Connection:
         if top is not None:
             chunk = top.feed(chunk)
         self.octets_sent += len(chunk)
-        self._out += self._stuffer.feed_pieces(chunk)
+        self._out += self._stuffer.feed(chunk)
         return top is None or not top.done
 
     def message_end(self) -> None:

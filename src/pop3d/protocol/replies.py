@@ -112,20 +112,16 @@ class DotStuffer:
     def __init__(self) -> None:
         self._at_line_start = True
 
-    def feed_pieces(self, chunk: bytes) -> list[Piece]:
-        """Return ``chunk`` stuffed, as pieces to send in order (no copy of a big chunk)."""
+    def feed(self, chunk: bytes) -> list[Piece]:
+        """Return ``chunk`` stuffed, as pieces to send in order (a big chunk is not copied).
+
+        Remembers whether the chunk ended at a line start.
+        """
         if not chunk:
             return []
         out = _stuff(chunk, first=self._at_line_start)
         self._at_line_start = chunk[-1] == 0x0A
         return out
-
-    def feed(self, chunk: bytes) -> bytes:
-        """Return ``chunk`` stuffed, remembering whether it ended at a line start."""
-        pieces = self.feed_pieces(chunk)
-        if len(pieces) == 1 and isinstance(pieces[0], bytes):
-            return pieces[0]
-        return b"".join(pieces)
 
     def end(self) -> bytes:
         """Return the terminator (with a line end first if the stream lacked one)."""

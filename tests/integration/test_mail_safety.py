@@ -11,11 +11,13 @@ import os
 import shutil
 import signal
 import socket
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from pop3d.storage import maildir
 from pop3d.testing import Pop3ServeProcess, Pop3TestServer
 
 from .helpers import WAIT, RawClient, ServeFactory, ServerFactory
@@ -343,3 +345,35 @@ def test_missing_maildir_is_sys_temp_not_empty(pop3_server: Pop3TestServer) -> N
         reply = client.login(b"bob", b"hunter2")
         assert reply.startswith(b"-ERR [SYS/TEMP]"), reply
     assert not (pop3_server.root / "mail" / "bob" / "Maildir" / "cur").exists()
+
+
+def test_stop_during_update_lets_it_finish_and_signs_off(
+    pop3_server: Pop3TestServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop that arrives while an UPDATE runs lets it finish, and QUIT's +OK still goes out."""
+    entered, release = threading.Event(), threading.Event()
+    real_commit = maildir._commit_sync
+
+    def slow_commit(*args: object) -> None:
+        entered.set()
+        assert release.wait(WAIT)
+        real_commit(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(maildir, "_INLINE_COMMIT", 0)  # the commit runs in a thread
+    monkeypatch.setattr(maildir, "_commit_sync", slow_commit)
+    fill(pop3_server)
+    client = RawClient(pop3_server.host, pop3_server.port)
+    assert client.login(b"alice", b"secret").startswith(b"+OK")
+    assert client.cmd(b"DELE 2").startswith(b"+OK")
+    client.send(b"QUIT\r\n")
+    assert entered.wait(WAIT)
+    stopper = threading.Thread(target=pop3_server.stop)
+    stopper.start()
+    time.sleep(0.3)  # the stop is under way while the UPDATE still waits
+    assert stopper.is_alive()
+    release.set()
+    with client:
+        assert client.line().startswith(b"+OK"), "the sign-off of QUIT was lost"
+        assert client.wait_eof() == b""
+    stopper.join(WAIT)
+    assert pop3_server.messages("alice") == [MESSAGES[0], *MESSAGES[2:]]

@@ -72,3 +72,16 @@ def test_a_failing_connection_does_not_keep_the_others_from_writing(
 
     assert asyncio.run(main()) == (["a", "b"], True)
     assert "internal error writing to broken" in caplog.text
+
+
+def test_shutdown_writes_what_this_turn_queued(tmp_path: Path) -> None:
+    """A sign-off queued in the turn the server stops in is written before shutdown returns."""
+    ctx = ServerContext(from_mapping({}, tmp_path), cast("Backends", None), None)
+
+    async def main() -> list[str]:
+        flushed: list[str] = []
+        ctx.flush_soon(cast("Pop3Protocol", _Conn(asyncio.get_running_loop(), "a", flushed)))
+        await ctx.shutdown()  # no session open: it returns without waiting a turn
+        return list(flushed)
+
+    assert asyncio.run(main()) == ["a"]

@@ -211,6 +211,8 @@ class ServerContext:
         deadline = time.monotonic() + limits.SHUTDOWN_GRACE
         while (self.connections or self._tasks) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)  # a poll bounded by the grace period
+        # Replies queued in this very turn (a QUIT's sign-off) go out before the loop ends.
+        self._flush_all()
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()

@@ -84,6 +84,11 @@ class AuthConfig:
     #: need PLAIN (or matching) secrets, and clients such as curl pick them when offered and
     #: do not fall back, so users with hashed passwords (``pop3d user add``) could not log in.
     mechanisms: tuple[str, ...] = ("PLAIN", "LOGIN", "EXTERNAL")
+    #: RFC 2449 LOGIN-DELAY: minimum seconds between two logins of a user (0: none, and
+    #: the capability is not advertised).
+    login_delay: int = 0
+    #: Folder of the per-user last-login stamps, shared by every process of the server.
+    login_stamps: Path = Path("login-stamps")
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,8 +264,12 @@ def _auth(data: Mapping[str, Any], base: Path) -> AuthConfig:
         max_failure_delay=float(sec.get("max_failure_delay", (int, float), d.max_failure_delay)),
         default_scheme=sec.get("default_scheme", str, d.default_scheme).upper(),
         mechanisms=mechs,
+        login_delay=sec.get("login_delay", int, d.login_delay),
+        login_stamps=_path(base, sec.get("login_stamps", str, str(d.login_stamps))),
     )
     sec.done()
+    if cfg.login_delay < 0:
+        raise ConfigError("[auth] login_delay: must be 0 (none) or a number of seconds")
     return cfg
 
 

@@ -29,6 +29,7 @@ from pop3d import config as config_mod
 from pop3d import demo, logsetup
 from pop3d.config import Config
 from pop3d.errors import ConfigError
+from pop3d.login_delay import LoginDelay
 from pop3d.server.allocator import keep_chunk_buffers_in_heap
 from pop3d.server.listener import ServerContext, bind_all, start_listeners
 from pop3d.server.tls import TlsContexts
@@ -143,6 +144,11 @@ async def serve_forever(
         authenticator=authenticator,
         store=store,
         delays=FailureDelays(cfg.auth.failure_delay, cfg.auth.max_failure_delay),
+        login_delay=(
+            LoginDelay(cfg.auth.login_delay, cfg.auth.login_stamps)
+            if cfg.auth.login_delay
+            else None
+        ),
     )
     ctx = ServerContext(cfg, backends, tls)
     stop = stop or asyncio.Event()

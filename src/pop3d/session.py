@@ -18,6 +18,7 @@ from pop3d import limits
 from pop3d.auth import schemes
 from pop3d.auth.base import Authenticator, Principal
 from pop3d.errors import MaildropLocked, PermanentBackendError, TemporaryBackendError
+from pop3d.login_delay import LoginDelay
 from pop3d.protocol.events import ApopAuthenticate, PasswordAuthenticate, SaslOutcome
 from pop3d.protocol.replies import RespCode
 from pop3d.storage.base import Maildrop, MailStore
@@ -70,6 +71,8 @@ class Backends:
     authenticator: Authenticator
     store: MailStore
     delays: FailureDelays
+    #: RFC 2449 LOGIN-DELAY policy (``[auth] login_delay``); None: no delay.
+    login_delay: LoginDelay | None = None
     #: Key of the fake SCRAM salts handed out for unknown users, when the authenticator
     #: has none of its own (``scram_salt_key``): random, but stable for the process.
     _fake_salt_key: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
@@ -149,7 +152,25 @@ class Backends:
         return await self.authenticator.lookup(event.username)
 
     async def open(self, principal: Principal) -> Maildrop | RespCode:
-        """Lock and open the maildrop; return it, or the code to refuse with."""
+        """Lock and open the maildrop; return it, or the code to refuse with.
+
+        Under a login delay, a user whose last login is too recent is refused before the
+        maildrop is touched, and only a login that opened its maildrop counts as one.
+        """
+        login_delay = self.login_delay
+        if login_delay is not None and login_delay.too_soon(principal.username):
+            log.info(
+                "login of %r refused: last login less than %d s ago",
+                principal.username,
+                login_delay.seconds,
+            )
+            return RespCode.LOGIN_DELAY
+        opened = await self._open(principal)
+        if login_delay is not None and not isinstance(opened, RespCode):
+            login_delay.record(principal.username)
+        return opened
+
+    async def _open(self, principal: Principal) -> Maildrop | RespCode:
         try:
             return await self.store.open(principal)
         except MaildropLocked:

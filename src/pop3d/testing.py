@@ -94,7 +94,7 @@ _SECTION_OF: Mapping[str, str] = {
     ),
     **dict.fromkeys(
         ("apop", "failure_delay", "max_failure_delay", "plaintext_without_tls",
-         "secure_networks", "default_scheme", "mechanisms"),
+         "secure_networks", "default_scheme", "mechanisms", "login_delay", "login_stamps"),
         "auth",
     ),
     **dict.fromkeys(("quota", "quota_exit"), "storage"),

@@ -50,6 +50,8 @@ class FakeDriver:
     asked: list[object] = field(default_factory=list)
     messages: list[tuple[str, bytes]] = field(default_factory=list)
     locked: bool = False
+    #: Answer OpenMaildrop with this code instead of opening (``locked``: IN_USE).
+    refuse_open: RespCode | None = None
     chunk: int = 7
     vanished: set[str] = field(default_factory=set)
     updates: list[tuple[str, ...]] = field(default_factory=list)
@@ -94,8 +96,8 @@ class FakeDriver:
                 case AuthRefused():
                     pass  # information only: nothing to report
                 case OpenMaildrop():
-                    if self.locked:
-                        conn.maildrop_failed(RespCode.IN_USE)
+                    if self.locked or self.refuse_open is not None:
+                        conn.maildrop_failed(self.refuse_open or RespCode.IN_USE)
                     else:
                         conn.maildrop_opened(self.listing())
                 case SendMessage(uid):

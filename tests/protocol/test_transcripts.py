@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pop3d.protocol import Pop3Connection, Pop3Settings
+from pop3d.protocol.replies import RespCode
 from pop3d.protocol.states import State
 from tests.protocol.driver import FakeDriver, both_ways, transcript, wire
 
@@ -79,6 +80,32 @@ def test_locked_maildrop() -> None:
         LOGGED_IN
         + b"-ERR [IN-USE] maildrop already locked\r\n"
         + b"-ERR command not valid in this state\r\n"
+    )
+
+
+def test_login_delay_is_advertised_in_both_states_only_when_set() -> None:
+    """RFC 2449 §6.5: ``LOGIN-DELAY n`` in CAPA before and after login; absent at 0."""
+    settings = Pop3Settings(login_delay=300)
+    before = both_ways([b"CAPA\r\n"], settings=settings)
+    after = both_ways([*LOGIN, b"CAPA\r\n"], settings=settings, messages=MSGS)
+    assert before.count(b"\r\nLOGIN-DELAY 300\r\n") == 1
+    assert after.count(b"\r\nLOGIN-DELAY 300\r\n") == 1
+    assert b"LOGIN-DELAY" not in both_ways([b"CAPA\r\n"])
+
+
+def test_login_too_soon() -> None:
+    """A login refused for its delay is -ERR [LOGIN-DELAY]; the session may try again."""
+    driver = FakeDriver(refuse_open=RespCode.LOGIN_DELAY)
+    out, _ = transcript(
+        [*LOGIN, b"STAT\r\n", b"USER alice\r\n"],
+        driver=driver,
+        settings=Pop3Settings(login_delay=60),
+    )
+    assert out == (
+        LOGGED_IN
+        + b"-ERR [LOGIN-DELAY] wait 60 seconds between logins\r\n"
+        + b"-ERR command not valid in this state\r\n"
+        + b"+OK send PASS\r\n"
     )
 
 

@@ -88,6 +88,9 @@ class Pop3Settings:
     hostname: str = "localhost"
     #: User name of the verified TLS client certificate (implicit TLS); enables EXTERNAL.
     client_identity: str | None = None
+    #: RFC 2449 LOGIN-DELAY in seconds, advertised in CAPA when positive; the driver
+    #: enforces it (it answers OpenMaildrop with ``LOGIN_DELAY``).
+    login_delay: int = 0
     max_bad_commands: int = limits.MAX_BAD_COMMANDS
     max_auth_attempts: int = limits.MAX_AUTH_ATTEMPTS
 
@@ -251,12 +254,19 @@ class Pop3Connection:
         )
 
     def maildrop_failed(self, code: RespCode) -> None:
-        """The maildrop could not be opened: locked (``IN_USE``) or broken (``SYS_TEMP``)."""
+        """The maildrop could not be opened, or may not be yet.
+
+        ``IN_USE``: locked; ``LOGIN_DELAY``: too soon after the user's last login;
+        ``SYS_TEMP``/``SYS_PERM``: broken.
+        """
         self._answer((OpenMaildrop,))
         self.principal = None
         self._user = None
         if code is RespCode.IN_USE:
             self._out.append(err("maildrop already locked", code))
+        elif code is RespCode.LOGIN_DELAY:
+            delay = self.settings.login_delay
+            self._out.append(err(f"wait {delay} seconds between logins", code))
         else:
             self._out.append(err("unable to lock maildrop", code))
 
@@ -604,5 +614,7 @@ class Pop3Connection:
                 caps.append(b"STLS")
             caps.append(b"UTF8 USER")
         caps.append(b"EXPIRE NEVER")
+        if self.settings.login_delay > 0:
+            caps.append(b"LOGIN-DELAY %d" % self.settings.login_delay)
         caps.append(b"IMPLEMENTATION " + self.settings.implementation.encode())
         return caps

@@ -192,6 +192,7 @@ class ServerContext:
             sasl_nonce=sasl_nonce,
             hostname=self.config.server.hostname,
             client_identity=client_identity,
+            login_delay=self.config.auth.login_delay,
         )
 
     def tls_context(self) -> Any:

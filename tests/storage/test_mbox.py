@@ -28,7 +28,7 @@ from hypothesis import strategies as hs
 
 from pop3d.config import StorageConfig
 from pop3d.errors import MaildropLocked, MessageVanished, TemporaryBackendError
-from pop3d.storage import mbox
+from pop3d.storage import lock_table, mbox
 from pop3d.storage.locking import PER_MAILBOX_LOCKS, TABLE_NAME, SessionLocks
 from pop3d.storage.mbox import MboxStore
 from pop3d.storage.wire import to_wire
@@ -362,9 +362,16 @@ def lock_holder(path: Path, how: str, seconds: float) -> subprocess.Popen[bytes]
     return proc
 
 
+@pytest.mark.parametrize("ofd", [True, False], ids=["ofd-locks", "posix-locks"])
 @pytest.mark.parametrize("how", ["fcntl", "dotlock"])
-def test_delivery_waits_for_another_programs_lock(h: MboxHarness, how: str) -> None:
-    """An MDA's fcntl lock or dotlock is respected: delivery waits, then appends."""
+def test_delivery_waits_for_another_programs_lock(
+    h: MboxHarness, how: str, ofd: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An MDA's fcntl lock or dotlock is respected: delivery waits, then appends.
+
+    Also with classic POSIX locks, used where OFD locks cannot be packed.
+    """
+    monkeypatch.setattr(lock_table, "AVAILABLE", ofd and lock_table.AVAILABLE)
     h.put("alice", b"first\n")
     holder = lock_holder(h.path("alice"), how, 1.0)
     try:

@@ -80,7 +80,7 @@ from pathlib import Path
 from pop3d import process
 from pop3d.errors import MaildropLocked, TemporaryBackendError
 
-__all__ = ["AVAILABLE", "LockTable", "TableLock", "offset_of", "shared_table"]
+__all__ = ["AVAILABLE", "LockTable", "TableLock", "ofd_setlk", "offset_of", "shared_table"]
 
 #: ``struct flock`` of 64-bit Linux: l_type, l_whence, (pad), l_start, l_len, l_pid, (pad).
 _FLOCK = struct.Struct("@hhqqi4x")
@@ -92,6 +92,21 @@ AVAILABLE = (
     and platform.machine() in {"x86_64", "aarch64"}
     and _FLOCK.size == 32
 )
+
+
+def ofd_setlk(fd: int, kind: int, start: int, length: int) -> None:
+    """``fcntl(F_OFD_SETLK)``: lock (``F_RDLCK``/``F_WRLCK``) or unlock bytes of ``fd``.
+
+    ``length`` 0 means "to the end of the file, however it grows".  Only where
+    :data:`AVAILABLE`: the ``struct flock`` is packed for that platform's layout.
+
+    Raises:
+        OSError: EAGAIN or EACCES when another holds a conflicting lock.
+
+    """
+    fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(kind, os.SEEK_SET, start, length, 0))
+
+
 #: Offsets are below this: far from the signed 64-bit ``off_t`` limit, whatever ``l_len``.
 _OFFSET_MASK = (1 << 62) - 1
 _OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
@@ -209,7 +224,7 @@ class LockTable:
             if offset in self._held:
                 raise MaildropLocked("maildrop already locked")
             try:
-                fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+                ofd_setlk(fd, fcntl.F_WRLCK, offset, 1)
             except OSError as exc:
                 if exc.errno in _BUSY:
                     raise MaildropLocked("maildrop already locked") from None
@@ -229,11 +244,7 @@ class LockTable:
             if offset not in self._held or self._fd_pid != process.pid():
                 return
             try:
-                fcntl.fcntl(
-                    self._fds[offset % SHARDS],
-                    _F_OFD_SETLK,
-                    _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0),
-                )
+                ofd_setlk(self._fds[offset % SHARDS], fcntl.F_UNLCK, offset, 1)
             except OSError:
                 # Only a kernel out of memory splitting a lock range fails here; the byte
                 # then stays locked until this process ends (a false [IN-USE], never two

@@ -94,7 +94,6 @@ import re
 import secrets
 import socket
 import stat as st
-import struct
 import tempfile
 import threading
 import time
@@ -112,6 +111,7 @@ from pop3d.errors import (
     QuotaExceeded,
     TemporaryBackendError,
 )
+from pop3d.storage import lock_table
 from pop3d.storage.base import MailboxStats, MessageInfo
 from pop3d.storage.blocking import fsync_dir, in_thread, write_all
 from pop3d.storage.locking import SessionLock, SessionLocks, session_locks_for
@@ -655,13 +655,13 @@ class _MboxLock:
 
     def _take_fcntl(self, deadline: float) -> None:
         kind = fcntl.F_WRLCK if self.exclusive else fcntl.F_RDLCK
-        ofd = getattr(fcntl, "F_OFD_SETLK", None)
         while True:
             try:
-                if ofd is not None:
-                    # struct flock: l_type, l_whence, l_start, l_len, l_pid (0 for OFD).
-                    fcntl.fcntl(self.fd, ofd, struct.pack("@hhqqi4x", kind, os.SEEK_SET, 0, 0, 0))
-                else:  # pragma: no cover (non-Linux)
+                if lock_table.AVAILABLE:
+                    # OFD: owned by this descriptor, so threads of one process exclude
+                    # each other too; MDAs' POSIX locks conflict with it as usual.
+                    lock_table.ofd_setlk(self.fd, kind, 0, 0)
+                else:  # POSIX locks (per process), where OFD locks cannot be packed
                     op = fcntl.LOCK_EX if self.exclusive else fcntl.LOCK_SH
                     fcntl.lockf(self.fd, op | fcntl.LOCK_NB)
             except OSError as exc:

@@ -402,3 +402,64 @@ def test_live_doveadm_accepts_our_hash(scheme: str) -> None:
     stored = schemes.hash_password(scheme, password.encode())
     assert _doveadm("-t", stored, "-p", password).returncode == 0
     assert _doveadm("-t", stored, "-p", "Wrong p@ss").returncode != 0
+
+
+# --------------------------------------------------------------------- Argon2 routing
+
+#: Argon2 shapes: (type, salt octets, hash octets, time cost, memory KiB, lanes).
+ARGON2_SHAPES = [
+    (t, salt, out, cost, mem, lanes)
+    for t in ("ID", "I")
+    for salt, out in ((16, 16), (16, 24), (16, 32), (8, 32), (32, 32), (16, 64), (16, 4))
+    for cost, mem in ((1, 8), (3, 64))
+    for lanes in (1, 2)
+]
+
+
+@pytest.mark.parametrize(("kind", "salt", "out", "cost", "mem", "lanes"), ARGON2_SHAPES)
+def test_argon2_verifies_every_shape_as_argon2_cffi_does(
+    kind: str, salt: int, out: int, cost: int, mem: int, lanes: int
+) -> None:
+    """libsodium's fast path and argon2-cffi agree on every shape, right or wrong password."""
+    import argon2  # noqa: PLC0415 (only this test makes foreign hashes)
+
+    hasher = argon2.PasswordHasher(
+        time_cost=cost, memory_cost=mem * lanes, parallelism=lanes, hash_len=out,
+        salt_len=salt, type=argon2.Type[kind],
+    )
+    stored = hasher.hash(PASSWORD)
+    scheme = "{ARGON2ID}" if kind == "ID" else "{ARGON2I}"
+    assert schemes.verify(scheme + stored, PASSWORD)
+    assert not schemes.verify(scheme + stored, PASSWORD + b"x")
+    assert not schemes.verify(scheme + stored, b"")
+
+
+def test_dovecot_shaped_argon2_goes_to_libsodium(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dovecot's shape (one lane, 16-octet salt, 32-octet hash) never reaches argon2-cffi."""
+
+    def refuse(*args: object) -> bool:
+        raise AssertionError("argon2-cffi was asked")
+
+    import argon2  # noqa: PLC0415
+
+    monkeypatch.setattr(argon2.PasswordHasher, "verify", refuse)
+    argon2_vectors = [v for v in DOVEADM_VECTORS if v.startswith("{ARGON2")]
+    assert len(argon2_vectors) == 2
+    for stored in [*argon2_vectors, schemes.hash_password("ARGON2ID", PASSWORD)]:
+        assert schemes.verify(stored, PASSWORD)
+        assert not schemes.verify(stored, b"wrong")
+
+
+def test_other_argon2_shapes_go_to_argon2_cffi(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several lanes (argon2-cffi's own default) are verified by argon2-cffi, not libsodium."""
+    import argon2  # noqa: PLC0415
+    import nacl.pwhash  # noqa: PLC0415
+
+    stored = "{ARGON2ID}" + argon2.PasswordHasher(memory_cost=64, parallelism=4).hash(PASSWORD)
+
+    def refuse(*args: object) -> bool:
+        raise AssertionError("libsodium was asked")
+
+    monkeypatch.setattr(nacl.pwhash, "verify", refuse)
+    assert schemes.verify(stored, PASSWORD)
+    assert not schemes.verify(stored, b"wrong")

@@ -29,6 +29,9 @@ MAX_AUTH_ATTEMPTS = 3
 
 #: RFC 1939 §3: "the autologout timer MUST be of at least 10 minutes' duration".
 DEFAULT_IDLE_TIMEOUT = 600.0
+#: How often the idle sweep looks at every connection (at most; a quarter of a shorter
+#: idle timeout): a connection is closed between ``idle_timeout`` and this much later.
+IDLE_SWEEP_INTERVAL = 1.0
 
 #: Delay before answering a failed PASS/APOP/AUTH, as Dovecot's auth_failure_delay.
 DEFAULT_AUTH_FAILURE_DELAY = 2.0

@@ -377,3 +377,47 @@ def test_stop_during_update_lets_it_finish_and_signs_off(
         assert client.wait_eof() == b""
     stopper.join(WAIT)
     assert pop3_server.messages("alice") == [MESSAGES[0], *MESSAGES[2:]]
+
+
+def test_idle_timeout_never_cuts_an_update(
+    pop3_server_factory: ServerFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An UPDATE that outlasts the idle timeout finishes, and QUIT's +OK goes out."""
+    release = threading.Event()
+    real_commit = maildir._commit_sync
+
+    def slow_commit(*args: object) -> None:
+        assert release.wait(WAIT)
+        real_commit(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(maildir, "_INLINE_COMMIT", 0)
+    monkeypatch.setattr(maildir, "_commit_sync", slow_commit)
+    srv = pop3_server_factory(idle_timeout=1)
+    fill(srv)
+    with RawClient(srv.host, srv.port) as client:
+        assert client.login(b"alice", b"secret").startswith(b"+OK")
+        assert client.cmd(b"DELE 1").startswith(b"+OK")
+        client.send(b"QUIT\r\n")
+        time.sleep(2.5)  # two and a half idle timeouts pass while UPDATE waits
+        release.set()
+        assert client.line().startswith(b"+OK"), "the idle timeout cut the UPDATE"
+    assert srv.messages("alice") == MESSAGES[1:]
+
+
+def test_idle_sweep_closes_every_idle_session_and_only_those(
+    pop3_server_factory: ServerFactory,
+) -> None:
+    """Many idle sessions are all closed near the timeout; an active one stays."""
+    srv = pop3_server_factory(idle_timeout=1)
+    idle = [RawClient(srv.host, srv.port) for _ in range(20)]
+    with RawClient(srv.host, srv.port) as active:
+        assert active.login(b"alice", b"secret").startswith(b"+OK")
+        start = time.monotonic()
+        for _ in range(8):
+            assert active.cmd(b"NOOP") == b"+OK\r\n"
+            time.sleep(0.3)
+        for client in idle:
+            with client:
+                assert client.wait_eof(timeout=WAIT).startswith(b"-ERR")
+        assert time.monotonic() - start < WAIT
+        assert active.cmd(b"NOOP") == b"+OK\r\n"

@@ -98,6 +98,37 @@ class Pop3Settings:
 class Pop3Connection:
     """One POP3 session, from greeting to close, with no I/O of its own."""
 
+    # Slots: an idle session holds one of these; no per-instance dict.
+    __slots__ = (
+        "_auth_failures",
+        "_bad_commands",
+        "_client_identity",
+        "_close_reason",
+        "_deleted",
+        "_eof",
+        "_lines",
+        "_listing",
+        "_live_count",
+        "_live_size",
+        "_out",
+        "_pending",
+        "_queued",
+        "_sasl",
+        "_sasl_count",
+        "_status_line",
+        "_stuffer",
+        "_top",
+        "_user",
+        "_utf8",
+        "deleted_count",
+        "messages_sent",
+        "octets_sent",
+        "principal",
+        "settings",
+        "state",
+        "tls_active",
+    )
+
     def __init__(self, settings: Pop3Settings) -> None:
         self.settings = settings
         self.state = State.AUTHORIZATION
@@ -119,7 +150,9 @@ class Pop3Connection:
         self._sasl_count = 0
         self.principal: Principal | None = None
         self._listing: tuple[MessageInfo, ...] = ()
-        self._deleted: set[int] = set()
+        #: Indexes marked by DELE: a dict as an ordered set (an empty dict is 64 octets,
+        #: an empty set 216, in every idle session).
+        self._deleted: dict[int, None] = {}
         self._live_count = 0
         self._live_size = 0
         # The message being streamed.
@@ -458,7 +491,7 @@ class Pop3Connection:
                     return self._send(info, ok("top of message follows"), lines_wanted)
             case c.Dele(n):
                 if (info := self._message(n)) is not None:
-                    self._deleted.add(n - 1)
+                    self._deleted[n - 1] = None
                     self._live_count -= 1
                     self._live_size -= info.size
                     self._out.append(ok(f"message {n} deleted"))

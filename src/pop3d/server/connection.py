@@ -5,14 +5,15 @@ Rules:
 * Commands the core answers by itself (STAT, LIST, UIDL, DELE, NOOP, CAPA, errors) are
   answered synchronously inside ``data_received``: no task, no await.  A task exists only
   while a request that needs a backend (auth, open, RETR/TOP, STLS, UPDATE) is performed,
-  so an idle connection costs a protocol object, a transport and a core, nothing more.
+  so an idle connection costs a protocol object, a transport and a core, nothing more
+  (no timer either: the server's one idle sweep looks at every connection).
 * Replies are written at the end of the loop's turn (``ServerContext.flush_soon``), all
   sessions' together, and a sign-off with the close after it; the order of a session's
   octets never changes (they wait in its core until written).  A reply that must be on the
   wire before something else happens (the ``+OK`` of STLS, a farewell) is written at once.
 * RETR/TOP stream chunk by chunk and wait for the socket to drain past the high-water
   mark: a slow client holds a bounded amount of memory, whatever the message size.
-* The idle timer closes the connection WITHOUT UPDATE.  So do EOF, errors, shutdown, and
+* The idle timeout closes the connection WITHOUT UPDATE.  So do EOF, errors, shutdown, and
   every other ending except QUIT in TRANSACTION.  The maildrop is always closed (lock
   released) at the end, and ``close()`` never deletes.
 * After STLS, plaintext that followed the STLS line is discarded by the core.  Once
@@ -71,6 +72,31 @@ log = logging.getLogger("pop3d.session")
 class Pop3Protocol(asyncio.Protocol):
     """asyncio protocol driving one :class:`Pop3Connection`."""
 
+    # Slots: 10,000 idle sessions hold 10,000 of these; no per-instance dict.
+    __slots__ = (
+        "_closing",
+        "_drained",
+        "_flush_queued",
+        "_last_words",
+        "_mechanism",
+        "_read_inline",
+        "_reading_paused",
+        "_result",
+        "_started",
+        "_task",
+        "_write_paused",
+        "address",
+        "core",
+        "implicit_tls",
+        "last_active",
+        "loop",
+        "maildrop",
+        "peer",
+        "server",
+        "transport",
+        "username",
+    )
+
     def __init__(
         self,
         server: ServerContext,
@@ -99,8 +125,8 @@ class Pop3Protocol(asyncio.Protocol):
         self._last_words: bytes | None = None
         self._reading_paused = False
         self._closing = False
-        self._timer: asyncio.TimerHandle | None = None
-        self._last_active = 0.0
+        #: ``loop.time()`` of the last command or write progress (the idle sweep reads it).
+        self.last_active = 0.0
         self._started = time.monotonic()
         self._result = ""
         self.username = ""
@@ -109,7 +135,7 @@ class Pop3Protocol(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, base_transport: asyncio.BaseTransport) -> None:
-        """Admit the client, send the greeting, start the idle timer."""
+        """Admit the client (its idle time counts from now) and send the greeting."""
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods
         self.transport = transport = cast("asyncio.Transport", base_transport)
         peer = transport.get_extra_info("peername")
@@ -128,15 +154,14 @@ class Pop3Protocol(asyncio.Protocol):
         self.core = Pop3Connection(
             self.server.settings_for(self.address, self.implicit_tls, identity)
         )
-        self._last_active = self.loop.time()
-        self._arm_timer(self.server.idle_timeout)
+        self.last_active = self.loop.time()
         self._run()
 
     def data_received(self, data: bytes) -> None:
         """Feed the core; answer at once unless a request is running."""
         if self._closing or self.core is None:
             return
-        self._last_active = self.loop.time()
+        self.last_active = self.loop.time()
         self.core.receive_data(data)
         if self._task is None:
             self._run()
@@ -171,7 +196,7 @@ class Pop3Protocol(asyncio.Protocol):
     def resume_writing(self) -> None:
         """The socket buffer drained."""
         self._write_paused = False
-        self._last_active = self.loop.time()
+        self.last_active = self.loop.time()
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
 
@@ -251,7 +276,7 @@ class Pop3Protocol(asyncio.Protocol):
         try:
             while event is not None:
                 await self._perform_one(core, event)
-                self._last_active = self.loop.time()
+                self.last_active = self.loop.time()
                 if self._closing:
                     return
                 event = self._advance()
@@ -444,20 +469,11 @@ class Pop3Protocol(asyncio.Protocol):
             return
         self._hang_up("shutdown", err("server shutting down", RespCode.SYS_TEMP))
 
-    def _arm_timer(self, delay: float) -> None:
-        self._timer = self.loop.call_later(delay, self._on_timer)
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        if self._closing:
-            return
-        timeout = self.server.idle_timeout
-        idle = self.loop.time() - self._last_active
-        if idle < timeout:
-            self._arm_timer(timeout - idle)
+    def check_idle(self, now: float) -> None:
+        """The server's idle sweep: hang up once idle for ``idle_timeout`` (never in UPDATE)."""
+        if self._closing or now - self.last_active < self.server.idle_timeout:
             return
         if self._in_update():  # never cut an UPDATE in the middle
-            self._arm_timer(timeout)
             return
         log.info("idle timeout for %s", self.peer)
         self._hang_up("idle timeout", err("autologout: idle for too long"))
@@ -472,10 +488,7 @@ class Pop3Protocol(asyncio.Protocol):
             self._task.cancel()
 
     def _finish(self) -> None:
-        """Once per connection: stop the timer, release the maildrop, log the session."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        """Once per connection: release the maildrop, log the session."""
         if self.core is None:
             return
         core, self.core = self.core, None

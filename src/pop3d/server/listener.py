@@ -77,6 +77,9 @@ class ServerContext:
         self._shared_settings: dict[tuple[bool, bool], Pop3Settings] = {}
         #: Connections with replies to write at the end of this turn of the loop.
         self._to_flush: list[Pop3Protocol] = []
+        #: The idle sweep's next run (started with the first connection).
+        self._sweep: asyncio.TimerHandle | None = None
+        self._sweep_every = min(limits.IDLE_SWEEP_INTERVAL, self.idle_timeout / 4)
 
     def flush_soon(self, conn: Pop3Protocol) -> None:
         """Have ``conn`` write its replies once the loop has handled this turn's events.
@@ -100,8 +103,24 @@ class ServerContext:
                 if conn.transport is not None:
                     conn.transport.abort()
 
+    def _sweep_idle(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Close the connections idle for ``idle_timeout``; come back in a moment.
+
+        One timer for all connections instead of one each: an idle connection holds no
+        timer (about 600 octets with uvloop), and a login neither arms nor cancels one.
+        Looking at 10,000 connections takes about a millisecond, once a second.
+        """
+        now = loop.time()
+        quiet_since = now - self.idle_timeout
+        # Only the attribute is read for each connection; a hang-up leaves the set.
+        for conn in [c for c in self.connections if c.last_active <= quiet_since]:
+            conn.check_idle(now)
+        self._sweep = loop.call_later(self._sweep_every, self._sweep_idle, loop)
+
     def admit(self, conn: Pop3Protocol) -> str | None:
         """Count a new connection in; return the refusal text when over a limit."""
+        if self._sweep is None:
+            self._sweep = conn.loop.call_later(self._sweep_every, self._sweep_idle, conn.loop)
         cfg = self.config.server
         if len(self.connections) >= cfg.max_connections:
             return "too many connections"
@@ -217,6 +236,9 @@ class ServerContext:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
 
 
 def _bind(address: ListenAddress, reuse_port: bool) -> socket.socket:

@@ -376,12 +376,11 @@ def _verify_argon2(data: bytes, password: bytes) -> bool:
         return False
     if _SODIUM_ARGON2.fullmatch(data):
         try:
-            # The type is read from the hash ($argon2i$ / $argon2id$).
             return bool(nacl.pwhash.verify(data, password))
         except nacl.exceptions.InvalidkeyError:  # a mismatch, or a hash it refuses
             return False
     try:
-        # The type is read from the hash ($argon2i$ / $argon2id$), as libsodium does.
+        # Both libraries read the type from the hash ($argon2i$ / $argon2id$).
         return _ARGON2ID.verify(text, password)
     except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError):
         return False

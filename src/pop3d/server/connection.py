@@ -469,11 +469,12 @@ class Pop3Protocol(asyncio.Protocol):
             return
         self._hang_up("shutdown", err("server shutting down", RespCode.SYS_TEMP))
 
-    def check_idle(self, now: float) -> None:
-        """The server's idle sweep: hang up once idle for ``idle_timeout`` (never in UPDATE)."""
-        if self._closing or now - self.last_active < self.server.idle_timeout:
-            return
-        if self._in_update():  # never cut an UPDATE in the middle
+    def idle_timed_out(self) -> None:
+        """The server's idle sweep found no activity for ``idle_timeout``: hang up.
+
+        Not while closing, and never in the middle of an UPDATE (the next sweep looks again).
+        """
+        if self._closing or self._in_update():
             return
         log.info("idle timeout for %s", self.peer)
         self._hang_up("idle timeout", err("autologout: idle for too long"))

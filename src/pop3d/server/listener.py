@@ -110,11 +110,10 @@ class ServerContext:
         timer (about 600 octets with uvloop), and a login neither arms nor cancels one.
         Looking at 10,000 connections takes about a millisecond, once a second.
         """
-        now = loop.time()
-        quiet_since = now - self.idle_timeout
+        quiet_since = loop.time() - self.idle_timeout
         # Only the attribute is read for each connection; a hang-up leaves the set.
         for conn in [c for c in self.connections if c.last_active <= quiet_since]:
-            conn.check_idle(now)
+            conn.idle_timed_out()
         self._sweep = loop.call_later(self._sweep_every, self._sweep_idle, loop)
 
     def admit(self, conn: Pop3Protocol) -> str | None:

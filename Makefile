@@ -15,7 +15,7 @@ bench-quick: bench-dovecot
 # pop3d's own environment stays as its users have it
 bench-venv:
 	test -x bench/.venv/bin/python || python3 -m venv bench/.venv
-	bench/.venv/bin/python -m pip install -q uvloop twisted argon2-cffi
+	bench/.venv/bin/python -m pip install -q uvloop zlib-ng twisted argon2-cffi
 
 bench-dovecot:
 	@command -v dovecot >/dev/null || bash scripts/setup.sh

@@ -1,9 +1,11 @@
 """Canned POP3 servers: every reply precomputed, for the ceilings of the benchmark.
 
 ``--message FILE``: serves that one message to any user and password, RETR being one
-``sendall``, so that retr-large run against it shows what the load generator itself can
-take in, checks included: if a real server comes near this figure, the generator, not the
-server, is what is measured.
+``sendall``, so that retr-large run against it shows the most the load generator and the
+kernel can carry, checks included.  Its load-generator CPU tells which of the two is the
+limit: with zlib-ng's CRC-32 in the generator (bench/.venv) it is the canned server's
+core, the generator then being at about two thirds of its own; with plain zlib it was the
+generator.  A real server that comes near this figure is near what the rig can measure.
 
 ``--login MANIFEST``: answers login sessions (greeting, USER, PASS, STAT from the
 manifest, QUIT) from an asyncio protocol on uvloop, with no password check, no storage

@@ -15,6 +15,7 @@ from typing import Self
 
 import pytest
 
+from pop3d.bench import client as client_mod
 from pop3d.bench import loadgen
 from pop3d.bench.client import Pop3Client, count_stuffed
 from pop3d.bench.manifest import Manifest, stuff, to_wire, wire_entry
@@ -135,6 +136,15 @@ def test_body_checks_hold_for_every_chunking() -> None:
 
     for step in (1, 2, 3, 4, 5, 7, 64, len(stream)):
         assert asyncio.run(feed(step)) == (len(wire), zlib.crc32(stuff(wire)))
+
+
+def test_client_checksums_with_zlib_ng_when_installed() -> None:
+    """The body check uses zlib-ng's CRC-32 when it is there (the bench's venv has it)."""
+    zlib_ng = pytest.importorskip("zlib_ng.zlib_ng")
+    assert client_mod.crc32 is zlib_ng.crc32
+    data = bytes(range(256)) * 4099
+    with memoryview(data) as view:
+        assert client_mod.crc32(view[7:], client_mod.crc32(data[:7])) == zlib.crc32(data)
 
 
 def test_fetch_verifies_every_message(fake: FakePop3, manifest: Path,

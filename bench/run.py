@@ -27,6 +27,7 @@ from typing import Any
 import loopback
 import mkdata
 import servers
+from pop3d.bench import report
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -211,40 +212,85 @@ class Runner:
         }
         return out
 
-    def run_server(self, server: servers.Server, server_dir: Path) -> dict[str, Any]:
-        results: dict[str, Any] = {}
-        log(f"{server.name}: starting on 127.0.0.1:{server.port} (CPUs {self.args.server_cpus})")
-        if not server.start():
-            log(f"{server.name}: not measured: {server.error}")
-            return {"error": server.error}
+    def measure(self, server: servers.Server, server_dir: Path, scenario: str,
+                opt: dict[str, Any]) -> dict[str, Any]:
+        """Run one scenario against one server, with the server's CPU over the run."""
+        assert server.pid is not None
+        cpu0 = servers.cpu_seconds(server.pid)
+        if scenario == "idle":
+            out = self.run_idle(server, server_dir, opt)
+        else:
+            cmd = self.bench_cmd(server_dir, server.port, scenario, **opt)
+            out = self.loadgen(cmd, timeout=opt["duration"] + 300)
+        out["server_cpu_s"] = servers.cpu_seconds(server.pid) - cpu0
+        if out.get("elapsed_s"):
+            out["server_cpu_util"] = out["server_cpu_s"] / out["elapsed_s"]
+        if out.get("verify_failures"):
+            log(f"{server.name}: {scenario}: {out['verify_failures']} VERIFY FAILURES")
+        return out
+
+    def run_servers(self, under_test: dict[str, tuple[servers.Server, Path]],
+                    ) -> dict[str, dict[str, Any]]:
+        """Every scenario against every server, all of them started side by side.
+
+        ``idle`` runs first, on each fresh server in turn: the memory a server holds per
+        connection is measured against a baseline no other scenario has inflated.  Each
+        timed scenario then runs in ``--rounds`` slices per server, the servers taking
+        turns and the order reversed every other round (A B C, C B A), so that a change in
+        the shared machine's speed during the run falls on every server alike.
+        """
+        results: dict[str, dict[str, Any]] = {name: {} for name in under_test}
+        live: list[str] = []
         try:
-            # idle first, on a fresh server: the memory it holds per connection is measured
-            # against a baseline that earlier scenarios have not inflated
-            order = sorted(self.args.scenarios, key=lambda s: s != "idle")
-            warmed = False
-            for scenario in order:
-                if scenario != "idle" and not warmed:
-                    log(f"{server.name}: warm-up pass over the mailboxes")
-                    self.warm_up(server_dir, server.port)
-                    warmed = True
-                log(f"{server.name}: {scenario}")
-                opt = self.scenario_opts(scenario)
-                assert server.pid is not None
-                cpu0 = servers.cpu_seconds(server.pid)
-                if scenario == "idle":
-                    out = self.run_idle(server, server_dir, opt)
+            for name, (server, _) in under_test.items():
+                log(f"{name}: starting on 127.0.0.1:{server.port} "
+                    f"(CPUs {self.args.server_cpus})")
+                if server.start():
+                    live.append(name)
                 else:
-                    cmd = self.bench_cmd(server_dir, server.port, scenario, **opt)
-                    out = self.loadgen(cmd, timeout=opt["duration"] + 300)
-                out["server_cpu_s"] = servers.cpu_seconds(server.pid) - cpu0
-                if out.get("elapsed_s"):
-                    out["server_cpu_util"] = out["server_cpu_s"] / out["elapsed_s"]
-                results[scenario] = out
-                if out.get("verify_failures"):
-                    log(f"{server.name}: {scenario}: {out['verify_failures']} VERIFY FAILURES")
+                    log(f"{name}: not measured: {server.error}")
+                    results[name] = {"error": server.error}
+            if "idle" in self.args.scenarios:
+                for name in live:
+                    log(f"{name}: idle")
+                    server, sdir = under_test[name]
+                    results[name]["idle"] = self.measure(server, sdir, "idle",
+                                                         self.scenario_opts("idle"))
+            timed = [s for s in self.args.scenarios if s != "idle"]
+            if timed:
+                for name in live:
+                    log(f"{name}: warm-up pass over the mailboxes")
+                    server, sdir = under_test[name]
+                    self.warm_up(sdir, server.port)
+            rounds = self.args.rounds
+            for scenario in timed:
+                opt = self.scenario_opts(scenario)
+                opt["duration"] /= rounds
+                parts: dict[str, list[dict[str, Any]]] = {name: [] for name in live}
+                for r in range(rounds):
+                    for name in live if r % 2 == 0 else live[::-1]:
+                        log(f"{name}: {scenario}"
+                            + (f" (round {r + 1} of {rounds})" if rounds > 1 else ""))
+                        server, sdir = under_test[name]
+                        parts[name].append(self.measure(server, sdir, scenario, dict(opt)))
+                for name in live:
+                    results[name][scenario] = merge_slices(parts[name])
         finally:
-            server.stop()
+            for name in live:
+                under_test[name][0].stop()
         return results
+
+
+def merge_slices(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from a scenario's slices against one server (report.merge, plus CPU)."""
+    out = report.merge(parts)
+    if len(parts) > 1:
+        out["server_cpu_s"] = sum(p.get("server_cpu_s", 0.0) for p in parts)
+        if out.get("elapsed_s"):
+            out["server_cpu_util"] = out["server_cpu_s"] / out["elapsed_s"]
+        out["slices"] = [{k: p.get(k) for k in ("sessions_per_s", "messages_per_s", "mb_per_s",
+                                                 "server_cpu_util")} for p in parts]
+    return out
 
 
 def log(text: str) -> None:
@@ -362,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-cpus", default="0")
     ap.add_argument("--loadgen-cpus", default="1")
     ap.add_argument("--workers", type=int, default=1, help="pop3d worker processes (1)")
+    ap.add_argument("--rounds", type=int,
+                    help="slices each timed scenario is cut into, servers taking turns "
+                         "(2; quick: 1)")
     ap.add_argument("--progress", action="store_true", help="show the load generator's line")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args(argv)
@@ -375,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         plan = Plan(**{**plan.__dict__,
                        "duration": args.duration or plan.duration,
                        "idle_conns": args.idle or plan.idle_conns})
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 2
+    if args.rounds < 1:
+        ap.error("--rounds must be 1 or more")
     raise_nofile()
     # SIGTERM (a timeout, a Ctrl-C'd make) unwinds like an exception, so servers get stopped
     signal.signal(signal.SIGTERM, _terminate)
@@ -406,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"login ceiling (a canned uvloop server): "
                 f"{login_ceiling.get('sessions_per_s', 0):,.0f} sessions/s, load generator at "
                 f"{login_ceiling.get('loadgen_cpu', {}).get('utilization', 0):.0%} of its CPU")
+        under_test: dict[str, tuple[servers.Server, Path]] = {}
         for name in names:
             sdir = work / name
             sdir.mkdir()
@@ -414,13 +468,14 @@ def main(argv: list[str] | None = None) -> int:
                            check=True)
             for f in ("users", "manifest.json"):
                 shutil.copy(work / "data" / f, sdir / f)
-            server = make_server(name, sdir, args)
-            results[name] = runner.run_server(server, sdir)
+            under_test[name] = (make_server(name, sdir, args), sdir)
+        results.update(runner.run_servers(under_test))
         text = table(results, names, ceiling, args.scenarios, generator, login_ceiling)
         machine = (f"{os.cpu_count()} CPUs ({_cpu_model()}), server on CPU {args.server_cpus}, "
                    f"load generator on CPU {args.loadgen_cpus} "
                    f"({'uvloop venv' if runner.py != sys.executable else 'asyncio'}), "
-                   f"{'quick' if args.quick else 'full'} run, {plan.duration:g} s per scenario")
+                   f"{'quick' if args.quick else 'full'} run, {plan.duration:g} s per scenario"
+                   + (f" in {args.rounds} rounds, servers taking turns" if args.rounds > 1 else ""))
         print(f"\n{machine}\n\n{text}")
         RESULTS.mkdir(exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))

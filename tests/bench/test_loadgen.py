@@ -8,15 +8,18 @@ from __future__ import annotations
 import asyncio
 import threading
 import zlib
+from array import array
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pop3d.bench import client as client_mod
-from pop3d.bench import loadgen
+from pop3d.bench import loadgen, report
 from pop3d.bench.client import Pop3Client, count_stuffed
 from pop3d.bench.manifest import Manifest, stuff, to_wire, wire_entry
 from pop3d.cli import main
@@ -209,3 +212,46 @@ def test_canned_login_server_passes_the_login_checks(manifest: Path, tmp_path: P
     assert summary["sessions"] == 40
     assert summary["failures"] == 0
     assert summary["verify_failures"] == 0
+
+
+def _part(sessions: int, elapsed: float, octets: int, latencies: list[float],
+          run_s: float, errors: dict[str, int]) -> dict[str, object]:
+    lat = report._latency([array("d", latencies).tobytes()])
+    return {"scenario": "login", "elapsed_s": elapsed, "setup_s": 0.1, "sessions": sessions,
+            "failures": 1, "messages": sessions, "octets": octets, "verified": sessions,
+            "verify_failures": 0, "latency": lat, "probe": None, "errors": errors,
+            "sessions_per_s": sessions / elapsed,
+            "loadgen_cpu": {"total_s": run_s + 0.5, "run_s": run_s, "cores": 1,
+                            "utilization": run_s / elapsed, "bottleneck": False}}
+
+
+def test_merge_adds_counts_and_recomputes_rates() -> None:
+    """Slices of one scenario add up to one result, rates over the summed run time."""
+    a = _part(300, 2.0, 3_000_000, [0.001] * 99 + [0.050], 1.0, {"timeout": 1})
+    b = _part(100, 2.0, 1_000_000, [0.002] * 100, 1.9, {"timeout": 2, "reset": 1})
+    m = report.merge([a, b])
+    assert (m["sessions"], m["elapsed_s"], m["failures"]) == (400, 4.0, 2)
+    assert m["sessions_per_s"] == 100.0
+    assert m["messages_per_s"] == 100.0
+    assert m["mb_per_s"] == 1.0
+    assert m["errors"] == {"timeout": 3, "reset": 1}
+    assert m["latency"]["count"] == 200
+    assert m["latency"]["p50_ms"] == 2.0  # the larger of the slices' own
+    assert m["latency"]["max_ms"] == 50.0
+    assert m["loadgen_cpu"]["utilization"] == (1.0 + 1.9) / 4.0
+    assert m["loadgen_cpu"]["bottleneck"] is False
+    assert m["parts"] == 2
+    assert report.merge([a]) is a
+
+
+@given(st.lists(st.lists(st.floats(0.0001, 1.0), min_size=1, max_size=40),
+                min_size=2, max_size=4))
+def test_merged_percentiles_never_understate(slices: list[list[float]]) -> None:
+    """A merged percentile is at or above the one of all the slices' values together."""
+    parts = [report._latency([array("d", values).tobytes()]) for values in slices]
+    whole = report._latency([array("d", v).tobytes() for v in slices])
+    merged = report._merge_latency(parts)
+    assert whole is not None
+    assert merged is not None
+    for key in ("p50_ms", "p90_ms", "p99_ms", "max_ms"):
+        assert merged[key] >= whole[key]

@@ -91,6 +91,62 @@ def summarize(opts: Options, results: list[dict[str, Any]], *, setup_time: float
     }
 
 
+def _merge_latency(parts: list[dict[str, float] | None]) -> dict[str, float] | None:
+    known = [p for p in parts if p]
+    if not known:
+        return None
+    merged: dict[str, float] = {"count": sum(p["count"] for p in known)}
+    for key in ("p50_ms", "p90_ms", "p99_ms", "max_ms"):
+        merged[key] = max(p[key] for p in known)
+    return merged
+
+
+def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One summary of several runs of the same scenario against the same server.
+
+    For runs taken in slices, interleaved with other servers' (``bench/run.py --rounds``).
+    Counts and times add up and rates are recomputed over the summed run time.  A
+    percentile is the largest of the parts' own: the whole run's can be no higher (if each
+    part has p % of its values at or below its own, all of them together do at or below
+    the largest), so the figure is an upper bound, never flattering.
+    """
+    if len(parts) == 1:
+        return parts[0]
+    out = dict(parts[0])
+
+    def total(key: str) -> Any:
+        return sum(p.get(key) or 0 for p in parts)
+
+    for key in ("setup_s", "elapsed_s", "sessions", "failures", "messages", "octets",
+                "verified", "verify_failures"):
+        out[key] = total(key)
+    per_s = 1 / out["elapsed_s"] if out["elapsed_s"] > 0 else 0.0
+    out["sessions_per_s"] = out["sessions"] * per_s
+    out["messages_per_s"] = out["messages"] * per_s
+    out["mb_per_s"] = out["octets"] * per_s / 1e6
+    out["latency"] = _merge_latency([p.get("latency") for p in parts])
+    out["probe"] = _merge_latency([p.get("probe") for p in parts])
+    errors: dict[str, int] = {}
+    for p in parts:
+        for text, n in (p.get("errors") or {}).items():
+            errors[text] = errors.get(text, 0) + n
+    out["errors"] = errors
+    cpus = [p["loadgen_cpu"] for p in parts if p.get("loadgen_cpu")]
+    if cpus:
+        run_s = sum(c["run_s"] for c in cpus)
+        cores = cpus[0]["cores"]
+        busy = run_s / (out["elapsed_s"] * cores) if out["elapsed_s"] > 0 and cores else 0.0
+        out["loadgen_cpu"] = {
+            "total_s": sum(c["total_s"] for c in cpus),
+            "run_s": run_s,
+            "cores": cores,
+            "utilization": busy,
+            "bottleneck": busy > BUSY or any(c["bottleneck"] for c in cpus),
+        }
+    out["parts"] = len(parts)
+    return out
+
+
 def _ms(lat: dict[str, float] | None) -> str:
     if lat is None:
         return "-"

@@ -93,6 +93,8 @@ class Runner:
         self.work = work
         self.py, self.env = loadgen_python()
         self.ncpu = len(servers.parse_cpus(args.loadgen_cpus))
+        self.loopback_rates: list[float] = []
+        self.ceiling_parts: dict[str, list[dict[str, Any]]] = {}
 
     def bench_cmd(self, server_dir: Path, port: int, scenario: str, **opt: Any) -> list[str]:
         cmd = ["taskset", "-c", self.args.loadgen_cpus, self.py, "-m", "pop3d.bench", scenario,
@@ -147,10 +149,11 @@ class Runner:
                 opt["probe_user"] = "storm1"  # the probe takes no part in a warm-up
             self.loadgen(self.bench_cmd(server_dir, port, scenario, **opt), timeout=400)
 
-    def _canned(self, canned_args: list[str], scenario: str, data: Path) -> dict[str, Any]:
-        """Run ``scenario`` against bench/canned.py started with ``canned_args``."""
+    def _canned(self, canned_args: list[str], scenario: str, data: Path,
+                duration: float) -> dict[str, Any]:
+        """Run ``scenario`` for ``duration`` s against bench/canned.py with ``canned_args``."""
         port = servers.free_port()
-        d = self.plan.duration
+        d = duration
         proc = subprocess.Popen(
             ["taskset", "-c", self.args.server_cpus, sys.executable,
              str(ROOT / "bench" / "canned.py"), "--port", str(port), *canned_args,
@@ -159,7 +162,7 @@ class Runner:
         try:
             if not servers.wait_greeting(port, 20):
                 return {"error": "canned server did not start"}
-            opt = self.scenario_opts(scenario)
+            opt = {**self.scenario_opts(scenario), "duration": d}
             return self.loadgen(self.bench_cmd(data, port, scenario, **opt), timeout=d + 60)
         finally:
             proc.terminate()
@@ -169,17 +172,43 @@ class Runner:
                 proc.kill()
                 proc.wait()
 
-    def generator_ceiling(self) -> dict[str, Any]:
+    def generator_ceiling(self, duration: float) -> dict[str, Any]:
         """retr-large against bench/canned.py: what the load generator can take in, checked."""
         data = self.work / "data"
         message = next((data / "mail" / "large1" / "Maildir" / "new").iterdir())
-        return self._canned(["--message", str(message)], "retr-large", data)
+        return self._canned(["--message", str(message)], "retr-large", data, duration)
 
-    def login_ceiling(self) -> dict[str, Any]:
+    def login_ceiling(self, duration: float) -> dict[str, Any]:
         """login against bench/canned.py: the most a Python server on uvloop can do, pinned
         as the servers are (no password check, no storage), and what the generator drives."""
         data = self.work / "data"
-        return self._canned(["--login", str(data / "manifest.json")], "login", data)
+        return self._canned(["--login", str(data / "manifest.json")], "login", data, duration)
+
+    def measure_ceilings(self, scenario: str, duration: float) -> None:
+        """One round of the ceilings beside ``scenario``: loopback and a canned server."""
+        if scenario == "retr-large":
+            rate = loopback.measure(self.plan.loopback_s / self.args.rounds,
+                                    self.args.server_cpus, self.args.loadgen_cpus)
+            self.loopback_rates.append(rate)
+            out = self.generator_ceiling(duration)
+            log(f"ceilings: raw loopback {rate:,.0f} MB/s; a canned server "
+                f"{out.get('mb_per_s', 0):,.0f} MB/s, load generator at "
+                f"{out.get('loadgen_cpu', {}).get('utilization', 0):.0%} of its CPU")
+        elif scenario == "login":
+            out = self.login_ceiling(duration)
+            log(f"ceiling: a canned uvloop server {out.get('sessions_per_s', 0):,.0f} "
+                f"sessions/s, load generator at "
+                f"{out.get('loadgen_cpu', {}).get('utilization', 0):.0%} of its CPU")
+        else:
+            return
+        self.ceiling_parts.setdefault(scenario, []).append(out)
+
+    def ceilings(self) -> tuple[float, dict[str, Any], dict[str, Any]]:
+        """The loopback rate, and the canned server's retr-large and login, over all rounds."""
+        rates = self.loopback_rates
+        merged = {k: merge_slices(v) for k, v in self.ceiling_parts.items()}
+        return (sum(rates) / len(rates) if rates else 0.0,
+                merged.get("retr-large", {}), merged.get("login", {}))
 
     def run_idle(self, server: servers.Server, server_dir: Path, opt: dict[str, Any],
                  ) -> dict[str, Any]:
@@ -237,7 +266,9 @@ class Runner:
         connection is measured against a baseline no other scenario has inflated.  Each
         timed scenario then runs in ``--rounds`` slices per server, the servers taking
         turns and the order reversed every other round (A B C, C B A), so that a change in
-        the shared machine's speed during the run falls on every server alike.
+        the shared machine's speed during the run falls on every server alike.  The
+        ceilings (raw loopback and a canned server) take their turn in each round too,
+        as one more contestant.
         """
         results: dict[str, dict[str, Any]] = {name: {} for name in under_test}
         live: list[str] = []
@@ -267,8 +298,12 @@ class Runner:
                 opt = self.scenario_opts(scenario)
                 opt["duration"] /= rounds
                 parts: dict[str, list[dict[str, Any]]] = {name: [] for name in live}
+                contestants = [_CEILINGS, *live]
                 for r in range(rounds):
-                    for name in live if r % 2 == 0 else live[::-1]:
+                    for name in contestants if r % 2 == 0 else contestants[::-1]:
+                        if name == _CEILINGS:
+                            self.measure_ceilings(scenario, opt["duration"])
+                            continue
                         log(f"{name}: {scenario}"
                             + (f" (round {r + 1} of {rounds})" if rounds > 1 else ""))
                         server, sdir = under_test[name]
@@ -279,6 +314,10 @@ class Runner:
             for name in live:
                 under_test[name][0].stop()
         return results
+
+
+#: The ceilings' place in a round's order of contestants (not a server name).
+_CEILINGS = ""
 
 
 def merge_slices(parts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -443,22 +482,8 @@ def main(argv: list[str] | None = None) -> int:
                      fetch_users=plan.fetch_users, large_users=plan.large_users,
                      idle_users=plan.idle_conns, storm_users=plan.storm_users,
                      storm_hash=hashed, large_size=plan.large_size)
-        ceiling = loopback.measure(plan.loopback_s, args.server_cpus, args.loadgen_cpus)
-        log(f"raw loopback ceiling {ceiling:,.0f} MB/s")
         runner = Runner(args, plan, work)
         results: dict[str, Any] = {}
-        generator: dict[str, Any] = {}
-        if "retr-large" in args.scenarios:
-            generator = runner.generator_ceiling()
-            log(f"retr-large ceiling (a canned server): "
-                f"{generator.get('mb_per_s', 0):,.0f} MB/s, load generator at "
-                f"{generator.get('loadgen_cpu', {}).get('utilization', 0):.0%} of its CPU")
-        login_ceiling: dict[str, Any] = {}
-        if "login" in args.scenarios:
-            login_ceiling = runner.login_ceiling()
-            log(f"login ceiling (a canned uvloop server): "
-                f"{login_ceiling.get('sessions_per_s', 0):,.0f} sessions/s, load generator at "
-                f"{login_ceiling.get('loadgen_cpu', {}).get('utilization', 0):.0%} of its CPU")
         under_test: dict[str, tuple[servers.Server, Path]] = {}
         for name in names:
             sdir = work / name
@@ -470,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.copy(work / "data" / f, sdir / f)
             under_test[name] = (make_server(name, sdir, args), sdir)
         results.update(runner.run_servers(under_test))
+        ceiling, generator, login_ceiling = runner.ceilings()
         text = table(results, names, ceiling, args.scenarios, generator, login_ceiling)
         machine = (f"{os.cpu_count()} CPUs ({_cpu_model()}), server on CPU {args.server_cpus}, "
                    f"load generator on CPU {args.loadgen_cpus} "

@@ -3,13 +3,15 @@
     .venv/bin/python bench/login_cost.py WORK/pop3d            # whole session, no socket
     .venv/bin/python bench/login_cost.py WORK/pop3d --core     # the protocol core alone
     .venv/bin/python bench/login_cost.py WORK/pop3d --profile  # and the top of cProfile
+    .venv/bin/python bench/login_cost.py WORK/pop3d --no-log   # without the session line
 
 WORK is a work folder kept by ``bench/run.py --keep`` (its ``pop3d/`` holds pop3d.toml,
 the passwd-file and the login users' Maildirs).  The whole-session figure runs
 greeting, USER, PASS, STAT, QUIT through ``Pop3Protocol`` with a transport that only
 collects the octets: the passwd-file lookup, the Maildir checks and listing, the lock,
-the core, the timers and the session log line (to a file) are all in it; the kernel's
-socket work is not.  ``--core`` feeds the same commands to ``Pop3Connection`` alone.
+the core, the timers and the session log line (pop3d's own logging set-up, writing to
+``login_cost.log`` in WORK/pop3d) are all in it; the kernel's socket work is not.
+``--core`` feeds the same commands to ``Pop3Connection`` alone.
 Pin it (``taskset -c 0``) and compare runs made one after the other.
 """
 
@@ -18,15 +20,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
-import logging
 import os
 import pstats
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pop3d import config as config_mod
+from pop3d import logsetup
 from pop3d.auth.base import Principal
 from pop3d.protocol import Pop3Connection, Pop3Settings
 from pop3d.protocol.events import Closed, NeedData, OpenMaildrop, PasswordAuthenticate, Update
@@ -154,14 +157,21 @@ def main() -> None:
     ap.add_argument("-n", "--sessions", type=int, default=20_000)
     ap.add_argument("--core", action="store_true", help="the protocol core alone")
     ap.add_argument("--profile", action="store_true", help="print the top of cProfile")
+    ap.add_argument("--no-log", dest="log", action="store_false",
+                    help="without the session log line (level WARNING)")
     args = ap.parse_args()
     folder = args.folder.resolve()
     log_file = Path(os.devnull) if args.core else folder / "login_cost.log"
-    logging.basicConfig(
-        filename=log_file,
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-    )
+    # pop3d's own logging set-up (as `pop3d serve`), its stderr being the log file
+    real_stderr = sys.stderr
+    with log_file.open("a", encoding="utf-8") as log_stream:
+        sys.stderr = log_stream
+        logsetup.setup("INFO" if args.log else "WARNING")
+        sys.stderr = real_stderr
+        _measure(args, folder)
+
+
+def _measure(args: argparse.Namespace, folder: Path) -> None:
     profile = cProfile.Profile() if args.profile else None
     if args.core:
         spent = _core_sessions(args.sessions, profile)

@@ -187,8 +187,9 @@ def test_lock_holds_across_processes_and_dies_with_kill9(
     one.kill()
     with holder:
         holder.wait_eof()
-    with RawClient(two.host, two.port) as other:
-        assert other.login(b"alice", b"secret").startswith(b"+OK")
+    # The holder's worker dies of its parent's death (PDEATHSIG) and closes its socket
+    # before its lock file: the lock goes a moment after the EOF, not before it.
+    with login_when_free(two) as other:
         assert other.cmd(b"STAT").startswith(b"+OK 5 ")
     assert two.messages("alice") == MESSAGES
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from pop3d import config as config_mod
-from pop3d import demo, logsetup
+from pop3d import demo, logsetup, process
 from pop3d.config import Config
 from pop3d.errors import ConfigError
 from pop3d.login_delay import LoginDelay
@@ -305,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         log.error("configuration: %s", exc)  # noqa: TRY400
         return EX_CONFIG
-    workers = cfg.server.workers or (os.cpu_count() or 1)
+    workers = cfg.server.workers or process.usable_cpus()
     try:
         sockets = bind_all(cfg, reuse_port=False)
         lmtp = _bind_lmtp(cfg)

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from pop3d import process
 from pop3d.auth import schemes
 from pop3d.auth.base import Principal
 from pop3d.errors import ConfigError, TemporaryBackendError
@@ -230,7 +231,8 @@ class PasswdFileAuthenticator:
         Args:
             path: the passwd-file.
             check_interval: seconds between two checks for a changed file (0: every lookup).
-            workers: threads verifying slow hashes (default: one per core).
+            workers: threads verifying slow hashes (default: one per CPU this process may
+                run on, :func:`pop3d.process.usable_cpus`).
             scram_salt_key: secret that per-user SCRAM salts of PLAIN passwords are derived
                 from (:func:`.schemes.scram_salt`); random per process when ``None``.
 
@@ -240,7 +242,7 @@ class PasswdFileAuthenticator:
         """
         self.path = path
         self._interval = check_interval
-        self._workers = workers or os.cpu_count() or 1
+        self._workers = workers or process.usable_cpus()
         self._salt_key = scram_salt_key or secrets.token_bytes(32)
         try:
             self._table = _read_table(path)

@@ -22,7 +22,6 @@ import asyncio
 import cProfile
 import os
 import pstats
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -162,12 +161,9 @@ def main() -> None:
     args = ap.parse_args()
     folder = args.folder.resolve()
     log_file = Path(os.devnull) if args.core else folder / "login_cost.log"
-    # pop3d's own logging set-up (as `pop3d serve`), its stderr being the log file
-    real_stderr = sys.stderr
+    # pop3d's own logging set-up (as `pop3d serve`), into the log file
     with log_file.open("a", encoding="utf-8") as log_stream:
-        sys.stderr = log_stream
-        logsetup.setup("INFO" if args.log else "WARNING")
-        sys.stderr = real_stderr
+        logsetup.setup("INFO" if args.log else "WARNING", log_stream)
         _measure(args, folder)
 
 

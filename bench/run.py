@@ -324,9 +324,10 @@ def merge_slices(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One result from a scenario's slices against one server (report.merge, plus CPU)."""
     out = report.merge(parts)
     if len(parts) > 1:
-        out["server_cpu_s"] = sum(p.get("server_cpu_s", 0.0) for p in parts)
-        if out.get("elapsed_s"):
-            out["server_cpu_util"] = out["server_cpu_s"] / out["elapsed_s"]
+        if any("server_cpu_s" in p for p in parts):  # the ceilings' canned servers have none
+            out["server_cpu_s"] = sum(p.get("server_cpu_s", 0.0) for p in parts)
+            if out.get("elapsed_s"):
+                out["server_cpu_util"] = out["server_cpu_s"] / out["elapsed_s"]
         out["slices"] = [{k: p.get(k) for k in ("sessions_per_s", "messages_per_s", "mb_per_s",
                                                  "server_cpu_util")} for p in parts]
     return out

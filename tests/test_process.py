@@ -12,6 +12,8 @@ import pytest
 
 from pop3d import process
 
+from .integration.helpers import cpu_affinity
+
 V1_CPU = Path("/sys/fs/cgroup/cpu")
 
 
@@ -28,6 +30,15 @@ def _write(folder: Path, **files: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for name, text in files.items():
         (folder / name.replace("_", ".", 1)).write_text(text + "\n")
+
+
+def test_usable_cpus_follow_the_affinity_mask(tmp_path: Path) -> None:
+    """The CPUs pop3d counts are the ones it may run on (taskset, cpusets), not the host's."""
+    no_cgroups = tmp_path  # no /proc/self files there: the mask alone decides
+    mine = os.sched_getaffinity(0)
+    assert process.usable_cpus(no_cgroups) == len(mine)
+    with cpu_affinity({min(mine)}):
+        assert process.usable_cpus(no_cgroups) == 1
 
 
 def test_v2_the_smallest_quota_on_the_way_to_the_root_wins(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import TextIO
 
 from pop3d import process
 
@@ -24,8 +25,8 @@ class _Formatter(logging.Formatter):
         return super().format(record)
 
 
-def setup(level: str = "INFO") -> None:
-    """Send pop3d's logs to stderr at ``level``.
+def setup(level: str = "INFO", stream: TextIO | None = None) -> None:
+    """Send pop3d's logs to ``stream`` (stderr when ``None``) at ``level``.
 
     Only what the line shows is gathered for a record: :mod:`logging` by default also
     walks the stack for the caller's file and line, and looks up the thread and the
@@ -35,7 +36,7 @@ def setup(level: str = "INFO") -> None:
     logging.logThreads = False
     logging.logMultiprocessing = False
     logging._srcfile = None  # noqa: SLF001 (the switch the HOWTO names)
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
     handler.setFormatter(_Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"))
     root = logging.getLogger("pop3d")
     root.handlers[:] = [handler]

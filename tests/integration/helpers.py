@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import Self
 
@@ -121,3 +123,14 @@ class RawClient:
                 break
         rest, self.buf = self.buf, b""
         return rest
+
+
+@contextlib.contextmanager
+def cpu_affinity(cpus: set[int]) -> Iterator[None]:
+    """Run the block (and what it starts: children inherit it) on ``cpus`` only."""
+    mine = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, mine)

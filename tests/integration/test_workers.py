@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from pop3d import process
 from pop3d.testing import Pop3ServeProcess, wait_for_port
 
-from .helpers import RawClient
+from .helpers import RawClient, cpu_affinity
 
 
 def _children(pid: int) -> set[int]:
@@ -67,35 +66,16 @@ def test_crashed_worker_is_replaced(serve: Callable[..., Pop3ServeProcess]) -> N
     assert "died" in proc.log_text()
 
 
-def _started_on(cpus: set[int], start: Callable[[], Pop3ServeProcess]) -> Pop3ServeProcess:
-    """Start a server with only ``cpus`` in its affinity mask (inherited from this process)."""
-    mine = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, cpus)
-    try:
-        return start()
-    finally:
-        os.sched_setaffinity(0, mine)
-
-
-def test_usable_cpus_follow_the_affinity_mask() -> None:
-    """The CPUs pop3d counts are the ones it may run on (taskset, cpusets), not the host's."""
-    mine = os.sched_getaffinity(0)
-    assert process.usable_cpus() == len(mine)
-    os.sched_setaffinity(0, {min(mine)})
-    try:
-        assert process.usable_cpus() == 1
-    finally:
-        os.sched_setaffinity(0, mine)
-
-
 def test_auto_workers_are_one_per_usable_cpu(serve: Callable[..., Pop3ServeProcess]) -> None:
     """workers = "auto" under a one-CPU mask runs one process; under two, two workers."""
     mine = sorted(os.sched_getaffinity(0))
-    single = _started_on({mine[0]}, serve)
+    with cpu_affinity({mine[0]}):
+        single = serve()
     assert _login_ok(single)
     assert _children(single.pid) == set()  # no supervisor: the server is the worker
     if len(mine) > 1:
-        pair = _started_on(set(mine[:2]), serve)
+        with cpu_affinity(set(mine[:2])):
+            pair = serve()
         assert _wait_until(lambda: len(_children(pair.pid)) == 2)
         assert _login_ok(pair)
 

@@ -50,5 +50,9 @@ class QuotaExceeded(PermanentBackendError):
     """Delivery would exceed the user's storage quota."""
 
 
+class WouldWait(Pop3dError):
+    """A backend's ``*_now`` fast path cannot answer without waiting: use its async twin."""
+
+
 class ConfigError(Pop3dError):
     """The configuration file is invalid; the message says where and why."""

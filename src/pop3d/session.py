@@ -17,7 +17,12 @@ from dataclasses import dataclass, field
 from pop3d import limits
 from pop3d.auth import schemes
 from pop3d.auth.base import Authenticator, Principal
-from pop3d.errors import MaildropLocked, PermanentBackendError, TemporaryBackendError
+from pop3d.errors import (
+    MaildropLocked,
+    PermanentBackendError,
+    TemporaryBackendError,
+    WouldWait,
+)
 from pop3d.login_delay import LoginDelay
 from pop3d.protocol.events import ApopAuthenticate, PasswordAuthenticate, SaslOutcome
 from pop3d.protocol.replies import RespCode
@@ -99,6 +104,27 @@ class Backends:
         self.delays.succeeded(address)
         return principal
 
+    def authenticate_now(self, event: PasswordAuthenticate, address: str) -> Principal:
+        """:meth:`authenticate` without waiting: the login fast path, for a success only.
+
+        Raises:
+            WouldWait: the authenticator has no fast path or would wait (a slow scheme),
+                the credentials are refused (a refusal waits the failure delay), or the
+                backend failed: :meth:`authenticate` answers (and logs) all of those.
+
+        """
+        verify_now = getattr(self.authenticator, "verify_password_now", None)
+        if verify_now is None:
+            raise WouldWait
+        try:
+            principal: Principal | None = verify_now(event.username, event.password)
+        except Exception:
+            raise WouldWait from None
+        if principal is None:
+            raise WouldWait
+        self.delays.succeeded(address)
+        return principal
+
     async def failed(self, address: str) -> RespCode:
         """Wait the failure delay of ``address``; return the code to refuse with."""
         await asyncio.sleep(self.delays.delay_for(address))
@@ -170,6 +196,23 @@ class Backends:
             login_delay.record(principal.username)
         return opened
 
+    def open_now(self, principal: Principal) -> Maildrop:
+        """:meth:`open` without waiting: the login fast path, when the store has one.
+
+        Raises:
+            WouldWait: the store has no fast path or would wait, a login delay is set,
+                or opening failed: :meth:`open` answers (and logs) all of those.
+
+        """
+        open_now = getattr(self.store, "open_now", None)
+        if open_now is None or self.login_delay is not None:
+            raise WouldWait
+        try:
+            maildrop: Maildrop = open_now(principal)
+        except Exception:
+            raise WouldWait from None
+        return maildrop
+
     async def _open(self, principal: Principal) -> Maildrop | RespCode:
         try:
             return await self.store.open(principal)
@@ -184,6 +227,33 @@ class Backends:
         except Exception:
             log.warning("maildrop of %s cannot be opened", principal.username, exc_info=True)
             return RespCode.SYS_TEMP
+
+    @staticmethod
+    def update_now(maildrop: Maildrop, deleted: tuple[str, ...]) -> bool:
+        """:meth:`update`, then release the lock, without waiting; True when all were done.
+
+        For a maildrop with the optional ``commit_now`` and ``release`` (Maildir's).
+
+        Raises:
+            WouldWait: the maildrop has no fast path, or too much to do: use :meth:`update`
+                (the maildrop is then left open).
+
+        """
+        commit_now = getattr(maildrop, "commit_now", None)
+        release = getattr(maildrop, "release", None)
+        if commit_now is None or release is None:
+            raise WouldWait
+        try:
+            commit_now(deleted)
+        except WouldWait:
+            raise
+        except Exception:
+            log.exception("UPDATE failed")
+            done = False
+        else:
+            done = True
+        release()
+        return done
 
     @staticmethod
     async def update(maildrop: Maildrop, deleted: tuple[str, ...]) -> bool:

@@ -16,7 +16,7 @@ import pytest
 from pop3d.auth import passwd_file, schemes
 from pop3d.auth.base import Principal
 from pop3d.auth.passwd_file import PasswdFileAuthenticator, list_users, update_user
-from pop3d.errors import ConfigError, TemporaryBackendError
+from pop3d.errors import ConfigError, TemporaryBackendError, WouldWait
 
 from .contract import SECRET_HASHES, AuthenticatorContract
 
@@ -508,3 +508,46 @@ def test_record_repr_hides_password() -> None:
     record = passwd_file.UserRecord("u", "{PLAIN}hunter2", {})
     assert "hunter2" not in repr(record)
     assert os.fspath("u") in repr(record)
+
+
+# ------------------------------------------------------------------ the login fast path
+
+
+def test_verify_now_answers_as_verify_does_or_not_at_all(tmp_path: Path) -> None:
+    """verify_password_now gives verify_password's answer, or WouldWait for a slow scheme.
+
+    Users of SAMPLE with the right password and wrong ones, and strangers: a fast scheme
+    (PLAIN, SSHA512), nopassword, nologin, no password, an unknown scheme and unknown or
+    impossible names (checked against the representative, PLAIN here) are answered;
+    SHA512-CRYPT (carol) is not.
+    """
+    auth = auth_for(tmp_path)
+    cases = [("alice", b"alice-pass"), ("alice", b"second-alice"), ("bob@example.org", b"x"),
+             ("bob@example.org", b"secret"), ("crlf", b"crlf-pass"), ("dave", b"anything"),
+             ("erin", b"erin-pass"), ("frank", b""), ("weird", b"data"), ("nobody", b"x"),
+             ("bad/name", b"x"), ("no\0body", b"x")]
+    for username, password in cases:
+        expected = asyncio.run(auth.verify_password(username, password))
+        assert auth.verify_password_now(username, password) == expected, username
+    assert [u for u, p in cases if auth.verify_password_now(u, p)] == [
+        "alice", "bob@example.org", "crlf", "dave"
+    ]
+    for password in (b"secret", b"wrong"):
+        with pytest.raises(WouldWait):
+            auth.verify_password_now("carol", password)
+
+
+def test_verify_now_leaves_a_due_file_check_to_verify(tmp_path: Path) -> None:
+    """When the file is due a look, only verify_password (which looks) answers."""
+    auth = auth_for(tmp_path, check_interval=0.0)
+    with pytest.raises(WouldWait):
+        auth.verify_password_now("alice", b"alice-pass")
+    assert asyncio.run(auth.verify_password("alice", b"alice-pass")) is not None
+
+
+def test_verify_now_leaves_a_slow_dummy_to_verify(tmp_path: Path) -> None:
+    """A stranger against a file of slow hashes costs a slow dummy check: not inline."""
+    auth = auth_for(tmp_path, f"carol:{SECRET_HASHES['sha512crypt']}\n")
+    with pytest.raises(WouldWait):
+        auth.verify_password_now("nobody", b"x")
+    auth.close()

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from pop3d.errors import MaildropLocked, WouldWait
+from pop3d.storage import maildir
 from pop3d.storage.maildir import MaildirStore
 
 from .contract import read_all, run, user
@@ -94,21 +96,83 @@ def test_racy_folders_are_not_remembered(tmp_path: Path, scans: list[str]) -> No
     assert scans  # scanned again
 
 
-def test_sessions_get_their_own_copy(tmp_path: Path) -> None:
-    """A session renaming its entries (a file moved under it) does not change the cache."""
+def test_a_rename_found_by_one_session_stays_in_that_session(tmp_path: Path) -> None:
+    """Sessions share a remembered listing; a rename one of them finds is its own.
+
+    Another program renames a message (a flag) and the folder's mtime is put back, as if
+    the change had come within the timestamp granularity: the first session reads the
+    message under its new name, and the listing the next session gets still names the
+    file as it was listed, which that session finds renamed again by itself.
+    """
     h = MaildirHarness(tmp_path)
     h.put("alice", b"Subject: 1\n\none\n")
     store = h.make_store()
     _listing(store)
     _age(h)
+    _listing(store)  # scans and remembers
+    cur = h.root("alice") / "cur"
+    (path,) = cur.iterdir()
+    name = path.name
+    path.rename(cur / (name.split(":")[0] + ":2,S"))
+    os.utime(cur, (OLD, OLD))
+    for _ in range(2):
+        drop = run(store.open(user()))
+        try:
+            (info,) = drop.listing()
+            assert drop._by_uid[info.uid].name == name  # as listed
+            assert run(read_all(drop, info.uid)) == b"Subject: 1\r\n\r\none\r\n"
+            assert drop._by_uid[info.uid].name.endswith(":2,S")  # as found
+        finally:
+            run(drop.close())
+
+
+def test_open_now_opens_only_what_is_remembered(tmp_path: Path, scans: list[str]) -> None:
+    """The login fast path opens an unchanged Maildir without a scan, else WouldWait.
+
+    It locks as open does, and a refusal leaves no lock behind.
+    """
+    h = MaildirHarness(tmp_path)
+    h.put("alice", b"Subject: 1\n\none\n")
+    store = h.make_store()
+    with pytest.raises(WouldWait):  # never listed
+        store.open_now(user())
     _listing(store)
-    drop = run(store.open(user()))
+    _age(h)
+    with pytest.raises(WouldWait):  # listed, but while new/ was being emptied
+        store.open_now(user())
+    expected = _listing(store)
+    scans.clear()
+    drop = store.open_now(user())
     try:
-        [info] = drop.listing()
-        [path] = h.files("alice")
-        path.rename(path.with_name(path.name + "S"))  # flags added by another program
-        assert run(read_all(drop, info.uid)).startswith(b"Subject: 1")
+        assert [(m.uid, m.size) for m in drop.listing()] == expected
+        assert scans == []
+        with pytest.raises(MaildropLocked):
+            store.open_now(user())
     finally:
         run(drop.close())
-    assert len(_listing(store)) == 1
+    h.put("alice", b"Subject: 2\n\ntwo\n")
+    with pytest.raises(WouldWait):  # changed: open scans it
+        store.open_now(user())
+    assert len(_listing(store)) == 2  # and the refused fast path left no lock
 
+
+def test_commit_now_does_what_commit_does_inline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """commit_now unlinks as many as commit does inline; more are left to commit, untouched."""
+    monkeypatch.setattr(maildir, "_INLINE_COMMIT", 2)
+    h = MaildirHarness(tmp_path)
+    for i in range(3):
+        h.put("alice", b"Subject: %d\n\nbody\n" % i)
+    store = h.make_store()
+    drop = run(store.open(user()))
+    try:
+        uids = [m.uid for m in drop.listing()]
+        with pytest.raises(WouldWait):
+            drop.commit_now([*uids, *uids])
+        assert len(h.files("alice")) == 3
+        drop.commit_now([uids[0], uids[0], "no-such-uid"])
+        assert len(h.files("alice")) == 2
+    finally:
+        run(drop.close())
+    assert [uid for uid, _ in _listing(store)] == uids[1:]

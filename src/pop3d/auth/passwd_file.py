@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import secrets
@@ -54,7 +55,7 @@ from typing import TypeVar
 from pop3d import process
 from pop3d.auth import schemes
 from pop3d.auth.base import Principal
-from pop3d.errors import ConfigError, TemporaryBackendError
+from pop3d.errors import ConfigError, TemporaryBackendError, WouldWait
 
 __all__ = [
     "PasswdFileAuthenticator",
@@ -264,18 +265,27 @@ class PasswdFileAuthenticator:
             TemporaryBackendError: the verification could not run.
 
         """
-        record = await self._record(username)
-        if record is not None and record.nopassword:
-            return None if record.nologin else record.principal()
-        if record is None or not record.password:
-            rep = self._table.representative
-            # Without a representative hash, dummy_verify uses ARGON2ID: slow.
-            await self._run(rep is None or schemes.is_slow(rep),
-                            schemes.dummy_verify, password, rep)
-            return None
-        ok = await self._run(schemes.is_slow(record.password),
-                             schemes.verify, record.password, password)
-        return record.principal() if ok and not record.nologin else None
+        await self._refresh()
+        record, slow, check = self._check_for(username, password)
+        return _admitted(record, await self._run(slow, check))
+
+    def verify_password_now(self, username: str, password: bytes) -> Principal | None:
+        """:meth:`verify_password` without waiting, when it needs no thread and no reload.
+
+        The login fast path: a fast scheme (PLAIN, SHA...) checked against a table that
+        is not due a look at the file is answered here, with no task or coroutine.
+
+        Raises:
+            WouldWait: a slow scheme, or the file is due a check: use :meth:`verify_password`.
+            TemporaryBackendError: the verification could not run.
+
+        """
+        if self._reload is not None or time.monotonic() >= self._next_check:
+            raise WouldWait
+        record, slow, check = self._check_for(username, password)
+        if slow:
+            raise WouldWait
+        return _admitted(record, self._run_inline(check))
 
     async def lookup(self, username: str) -> Principal | None:
         """Return the user without checking a secret (LMTP RCPT, SASL EXTERNAL)."""
@@ -384,11 +394,33 @@ class PasswdFileAuthenticator:
             self._limit = (loop, asyncio.Semaphore(2 * self._workers))
         return self._limit[1]
 
+    def _check_for(
+        self, username: str, password: bytes
+    ) -> tuple[UserRecord | None, bool, Callable[[], bool | None]]:
+        """What checking ``password`` takes: (the record it admits, slow?, the check).
+
+        A ``nopassword`` user's check always passes.  An unknown user, or one without a
+        password, gets the dummy check against the file's representative hash, so that
+        a "no" costs what a real check costs (see the module head); its record is
+        ``None``, so it admits no one.
+        """
+        # Every name in the table is valid (_parse_line): no need to check this one first.
+        record = self._table.users.get(username)
+        if record is not None and record.nopassword:
+            return record, False, _always
+        if record is None or not record.password:
+            rep = self._table.representative
+            # Without a representative hash, dummy_verify uses ARGON2ID: slow.
+            slow = rep is None or schemes.is_slow(rep)
+            return None, slow, functools.partial(schemes.dummy_verify, password, rep)
+        stored = record.password
+        return record, schemes.is_slow(stored), functools.partial(schemes.verify, stored, password)
+
     async def _run(self, slow: bool, func: Callable[..., _T], *args: object) -> _T:
         """Run ``func(*args)`` inline when fast, else in the pool, bounded."""
+        if not slow:
+            return self._run_inline(func, *args)
         try:
-            if not slow:
-                return func(*args)
             async with self._semaphore():
                 if self._executor is None:
                     self._executor = ThreadPoolExecutor(
@@ -396,9 +428,31 @@ class PasswdFileAuthenticator:
                     )
                 loop = asyncio.get_running_loop()
                 return await loop.run_in_executor(self._executor, func, *args)
-        except (MemoryError, RuntimeError, OSError) as exc:
-            # The hash library or the pool failed: not the client's fault, not a "no".
+        except _HASH_FAILURES as exc:
             raise TemporaryBackendError("password verification failed") from exc
+
+    @staticmethod
+    def _run_inline(func: Callable[..., _T], *args: object) -> _T:
+        try:
+            return func(*args)
+        except _HASH_FAILURES as exc:
+            # The hash library failed: not the client's fault, not a "no".
+            raise TemporaryBackendError("password verification failed") from exc
+
+
+#: What a hash library or the pool raises when it fails (answered [SYS/TEMP]).
+_HASH_FAILURES = (MemoryError, RuntimeError, OSError)
+
+
+def _always() -> bool:
+    return True
+
+
+def _admitted(record: UserRecord | None, ok: bool | None) -> Principal | None:
+    """The user a check let in: ``None`` for a failed check, a stranger or ``nologin``."""
+    if record is None or not ok or record.nologin:
+        return None
+    return record.principal()
 
 
 # --------------------------------------------------------------------------- administration

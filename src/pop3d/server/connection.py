@@ -41,7 +41,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from pop3d import limits
-from pop3d.errors import LocalProtocolError, MessageVanished
+from pop3d.errors import LocalProtocolError, MessageVanished, WouldWait
 from pop3d.protocol import (
     ApopAuthenticate,
     AuthRefused,
@@ -241,8 +241,37 @@ class Pop3Protocol(asyncio.Protocol):
                 return None
             if isinstance(event, SendMessage) and self._send_inline(core, event.uid):
                 continue
+            if self._answer_now(core, event):
+                continue
             self.flush()
             return event
+
+    def _answer_now(self, core: Pop3Connection, event: Event) -> bool:
+        """Answer a login, or the UPDATE of a QUIT, without a task: True if answered here.
+
+        The backends' fast paths (``*_now``) answer the common case, a fast password
+        scheme and an unchanged maildrop; anything else (a refusal, a slow hash, a scan,
+        an error) is left to :meth:`_perform_one`, which answers and logs it.
+        """
+        backends = self.server.backends
+        try:
+            if type(event) is PasswordAuthenticate:
+                principal = backends.authenticate_now(event, self.address)
+                self._auth_result(core, principal, event.username, event.mechanism, "")
+            elif type(event) is OpenMaildrop:
+                self._opened(core, backends.open_now(event.principal))
+            elif type(event) is Update and self.maildrop is not None:
+                done = backends.update_now(self.maildrop, event.deleted)
+                self.maildrop = None
+                if done:
+                    core.update_done()
+                else:
+                    core.update_failed()
+            else:
+                return False
+        except WouldWait:
+            return False
+        return True
 
     def _send_inline(self, core: Pop3Connection, uid: str) -> bool:
         """RETR/TOP of a small message without a task: True if it was answered here.
@@ -309,9 +338,7 @@ class Pop3Protocol(asyncio.Protocol):
                 if isinstance(opened, RespCode):
                     core.maildrop_failed(opened)
                 else:
-                    self.maildrop = opened
-                    self._read_inline = getattr(opened, "read_inline", None)
-                    core.maildrop_opened(opened.listing())
+                    self._opened(core, opened)
             case SendMessage(uid):
                 await self._send_message(core, uid)
             case StartTls():
@@ -351,6 +378,11 @@ class Pop3Protocol(asyncio.Protocol):
             self.username = result.username
             self._mechanism = mechanism
             core.auth_succeeded(result)
+
+    def _opened(self, core: Pop3Connection, maildrop: Maildrop) -> None:
+        self.maildrop = maildrop
+        self._read_inline = getattr(maildrop, "read_inline", None)
+        core.maildrop_opened(maildrop.listing())
 
     def _client_identity(self, transport: asyncio.BaseTransport) -> str | None:
         """The user of the peer's verified certificate, where a client CA is configured."""

@@ -64,6 +64,7 @@ Rules of this file:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
 import itertools
@@ -86,6 +87,7 @@ from pop3d.errors import (
     MessageVanished,
     QuotaExceeded,
     TemporaryBackendError,
+    WouldWait,
 )
 from pop3d.storage.base import MailboxStats, MessageInfo
 from pop3d.storage.blocking import fsync_dir, in_thread, write_all
@@ -538,23 +540,21 @@ class _ListingCache:
     """
 
     def __init__(self) -> None:
-        self._known: dict[Path, tuple[tuple[int, int, int, int], tuple[_Entry, ...]]] = {}
+        self._known: dict[Path, tuple[tuple[int, int, int, int], _Listing]] = {}
 
     @staticmethod
     def _key(cur: os.stat_result, new: os.stat_result) -> tuple[int, int, int, int]:
         return cur.st_ino, cur.st_mtime_ns, new.st_ino, new.st_mtime_ns
 
-    def recall(
-        self, root: Path, cur: os.stat_result, new: os.stat_result
-    ) -> list[_Entry] | None:
-        """Return a fresh copy of the remembered listing if the folders are unchanged."""
+    def recall(self, root: Path, cur: os.stat_result, new: os.stat_result) -> _Listing | None:
+        """Return the remembered listing if the folders are unchanged."""
         known = self._known.get(root)
         if known is None or known[0] != self._key(cur, new):
             return None
-        return [e.copy() for e in known[1]]  # sessions may rename entries
+        return known[1]
 
-    def remember(self, root: Path, entries: list[_Entry]) -> None:
-        """Remember ``entries`` as the listing of ``root``, if its folders are not racy."""
+    def remember(self, root: Path, listing: _Listing) -> None:
+        """Remember ``listing`` as the listing of ``root``, if its folders are not racy."""
         base = os.fspath(root)
         try:
             cur = os.stat(f"{base}/cur")  # noqa: PTH116 (as in _check_maildir)
@@ -567,7 +567,25 @@ class _ListingCache:
             return
         if len(self._known) >= _LISTING_CACHE:
             self._known.clear()
-        self._known[root] = (self._key(cur, new), tuple(e.copy() for e in entries))
+        self._known[root] = (self._key(cur, new), listing)
+
+
+class _Listing:
+    """A Maildir's messages as listed at an open; shared, and never changed.
+
+    The sessions that open the Maildir while it stays the same share it (see
+    :class:`_ListingCache`).  A session that finds a message renamed records the new
+    name in a copy of its entry, in its own ``by_uid`` (:class:`MaildirMaildrop`), never
+    here.
+    """
+
+    __slots__ = ("by_uid", "infos")
+
+    def __init__(self, entries: Sequence[_Entry]) -> None:
+        #: Each entry by its UID.
+        self.by_uid = {e.uid: e for e in entries}
+        #: What a session lists, in delivery order.
+        self.infos = tuple(MessageInfo(e.uid, e.wire) for e in entries)
 
 
 class MaildirStore:
@@ -646,12 +664,11 @@ class MaildirStore:
         """
         root = self.path_for(principal.username)
         cur, new = _check_maildir(root)
+        with contextlib.suppress(WouldWait):
+            return self._open_known(root, cur, new)
         if max(cur.st_size, new.st_size) > _INLINE_SCAN_DIR_SIZE:
             return await in_thread(lambda: self._open_sync(root), _release_late)
         lock = self.session_locks.acquire(root / LOCK_NAME)
-        listed = self._listings.recall(root, cur, new)
-        if listed is not None:
-            return MaildirMaildrop(root, listed, lock, self.chunk_size)
         try:
             scanned = _scan(root, _FOLDERS[_move_new_to_cur(root)])
             index = _load_index(root)
@@ -662,14 +679,49 @@ class MaildirStore:
                 entries = await in_thread(
                     lambda: _finish_listing(root, scanned, index, misses), lambda _: lock.close()
                 )
-            self._listings.remember(root, entries)
+            listing = _Listing(entries)
+            self._listings.remember(root, listing)
         except asyncio.CancelledError:
             # Only the thread above can be cancelled; its late callback releases the lock.
             raise
         except BaseException:
             lock.close()
             raise
-        return MaildirMaildrop(root, entries, lock, self.chunk_size)
+        return MaildirMaildrop(root, listing, lock, self.chunk_size)
+
+    def open_now(self, principal: Principal) -> MaildirMaildrop:
+        """:meth:`open` without waiting, when the listing is the one remembered.
+
+        The login fast path: an unchanged Maildir (see :class:`_ListingCache`) is locked
+        and opened here, with no task or coroutine.
+
+        Raises:
+            WouldWait: the Maildir must be scanned: use :meth:`open`.
+            MaildropLocked, TemporaryBackendError: as :meth:`open`.
+
+        """
+        root = self.path_for(principal.username)
+        cur, new = _check_maildir(root)
+        return self._open_known(root, cur, new)
+
+    def _open_known(
+        self, root: Path, cur: os.stat_result, new: os.stat_result
+    ) -> MaildirMaildrop:
+        """Lock and open ``root`` with its remembered listing, if it has one and it holds.
+
+        Raises:
+            WouldWait: a big Maildir, or nothing remembered for these ``cur/`` and
+                ``new/`` (the lock is released again).
+
+        """
+        if max(cur.st_size, new.st_size) > _INLINE_SCAN_DIR_SIZE:
+            raise WouldWait  # big: opened in a thread, listing and all
+        lock = self.session_locks.acquire(root / LOCK_NAME)
+        listed = self._listings.recall(root, cur, new)
+        if listed is None:
+            lock.close()
+            raise WouldWait
+        return MaildirMaildrop(root, listed, lock, self.chunk_size)
 
     def _open_sync(self, root: Path) -> MaildirMaildrop:
         """:meth:`open` all in one thread, for big Maildirs."""
@@ -681,7 +733,7 @@ class MaildirStore:
         except BaseException:
             lock.close()
             raise
-        return MaildirMaildrop(root, entries, lock, self.chunk_size)
+        return MaildirMaildrop(root, _Listing(entries), lock, self.chunk_size)
 
     # -------------------------------------------------------------- MailboxInspector
 
@@ -807,12 +859,12 @@ class MaildirMaildrop:
     """One session's locked view of a Maildir (a ``Maildrop``)."""
 
     def __init__(
-        self, root: Path, entries: list[_Entry], lock: SessionLock, chunk_size: int
+        self, root: Path, listing: _Listing, lock: SessionLock, chunk_size: int
     ) -> None:
         self.root = root
-        self._entries = entries
-        self._by_uid = {e.uid: e for e in entries}
-        self._listing = tuple(MessageInfo(e.uid, e.wire) for e in entries)
+        #: The listing's entries; a renamed message's entry is replaced by a renamed copy.
+        self._by_uid = dict(listing.by_uid)
+        self._listing = listing.infos
         self._lock: SessionLock | None = lock
         self._chunk_size = chunk_size
         self._commit: asyncio.Future[None] | None = None
@@ -834,7 +886,7 @@ class MaildirMaildrop:
 
         """
         self._check_open()
-        return _MessageReader(self.root, self._by_uid[uid], self._chunk_size)
+        return _MessageReader(self.root, self._by_uid, uid, self._chunk_size)
 
     def read_inline(self, uid: str) -> bytes | None:
         """Return message ``uid`` whole, read now, if it is small enough; else ``None``.
@@ -847,7 +899,7 @@ class MaildirMaildrop:
         if entry.file_size > _INLINE_READ_BYTES:
             return None
         # One read of file_size + 1 octets sees the whole file and its end at once.
-        reader = _MessageReader(self.root, entry, entry.file_size + 1)
+        reader = _MessageReader(self.root, self._by_uid, uid, entry.file_size + 1)
         try:
             reader.open()
             parts = [reader.step()]
@@ -864,8 +916,7 @@ class MaildirMaildrop:
             TemporaryBackendError: some could not be removed (the rest were).
 
         """
-        self._check_open()
-        targets = [self._by_uid[uid] for uid in set(deleted) if uid in self._by_uid]
+        targets = self._targets(deleted)
         if len(targets) <= _INLINE_COMMIT:
             _commit_sync(self.root, targets)
             return
@@ -873,6 +924,23 @@ class MaildirMaildrop:
             None, _commit_sync, self.root, targets
         )
         await asyncio.shield(self._commit)
+
+    def commit_now(self, deleted: Collection[str]) -> None:
+        """:meth:`commit` without waiting, for the few deletions it does inline anyway.
+
+        Raises:
+            WouldWait: too many to unlink on the event loop: use :meth:`commit`.
+            TemporaryBackendError: some could not be removed (the rest were).
+
+        """
+        targets = self._targets(deleted)
+        if len(targets) > _INLINE_COMMIT:
+            raise WouldWait
+        _commit_sync(self.root, targets)
+
+    def _targets(self, deleted: Collection[str]) -> list[_Entry]:
+        self._check_open()
+        return [self._by_uid[uid] for uid in set(deleted) if uid in self._by_uid]
 
     async def close(self) -> None:
         """Release the lock (after a commit still running in a thread).  Changes nothing."""
@@ -932,10 +1000,12 @@ def _commit_sync(root: Path, targets: Sequence[_Entry]) -> None:
 class _MessageReader:
     """The async iterator of :meth:`MaildirMaildrop.read` (see the module head)."""
 
-    def __init__(self, root: Path, entry: _Entry, chunk_size: int) -> None:
+    def __init__(self, root: Path, by_uid: dict[str, _Entry], uid: str, chunk_size: int) -> None:
         self._root = root
         self._root_str = os.fspath(root)
-        self._entry = entry
+        #: The session's entries (a rename is recorded there, in a copy: see _Listing).
+        self._by_uid = by_uid
+        self._entry = entry = by_uid[uid]
         self._chunk_size = chunk_size
         self._fd = -1
         self._remaining = entry.wire
@@ -997,6 +1067,7 @@ class _MessageReader:
                 raise MessageVanished("message file is gone") from None
             except OSError as exc:
                 raise TemporaryBackendError(f"message unreadable: {exc.strerror}") from None
+            e = self._entry = self._by_uid[e.uid] = e.copy()
             e.folder, e.name = moved.folder, moved.name
         except OSError as exc:
             raise TemporaryBackendError(f"message unreadable: {exc.strerror}") from None

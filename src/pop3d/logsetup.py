@@ -12,17 +12,34 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import TextIO
 
 from pop3d import process
 
 
 class _Formatter(logging.Formatter):
-    """The standard formatter, with the pid this module keeps."""
+    """The standard formatter, with the pid this module keeps and the time of day cached.
+
+    ``asctime`` reads as the standard one's (``2026-11-27 06:00:00,123``, local time), but
+    the date and time are formatted once a second, not for every record.
+    """
+
+    _second = -1
+    _text = ""
 
     def format(self, record: logging.LogRecord) -> str:
         record.process = process.pid()
         return super().format(record)
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
+        second = int(record.created)
+        if datefmt is not None:
+            return super().formatTime(record, datefmt)
+        if second != self._second:
+            self._text = time.strftime(self.default_time_format, self.converter(second))
+            self._second = second
+        return f"{self._text},{int(record.msecs):03d}"
 
 
 def setup(level: str = "INFO", stream: TextIO | None = None) -> None:

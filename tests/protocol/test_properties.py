@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pop3d.protocol import Pop3Connection, Pop3Settings, replies
+from pop3d.protocol import commands as c
 from pop3d.protocol.lines import OVERLONG, LineBuffer
 from pop3d.protocol.replies import DotStuffer, TopFilter
 from pop3d.protocol.states import State
@@ -171,3 +172,22 @@ def test_sparse_dots_in_a_big_chunk_are_stuffed() -> None:
         out = b"".join(p for chunk in chunks for p in stuffer.feed(chunk))
         assert out == _stuffed_by_lines(data)
         assert out.count(b"\n..") == data.count(b"\n.")
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.binary(min_size=1, max_size=40), st.booleans())
+def test_argument_octets_are_judged_octet_by_octet(arg: bytes, utf8: bool) -> None:
+    """USER and PASS accept exactly the octets the RFC rules name, whatever the mix.
+
+    Written out per octet here, as the parser once did it, against its one-call checks.
+    """
+    printable = all(0x21 <= b <= 0x7E for b in arg)
+    user = c.parse(b"USER " + arg, utf8=utf8)
+    if printable:
+        assert user == c.User(arg.decode("ascii"))
+    elif not utf8:
+        assert isinstance(user, c.ParseError)
+    password_ok = b"\x00" not in arg and (utf8 or all(0x20 <= b <= 0x7E for b in arg))
+    password = c.parse(b"PASS " + arg, utf8=utf8)
+    assert (password == c.Pass(arg)) is password_ok
+    assert isinstance(password, c.ParseError) is not password_ok

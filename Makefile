@@ -1,5 +1,6 @@
-# Benchmarks (issue 5).  `make bench` runs pop3d against Dovecot (and Twisted when
-# bench/.venv exists) and prints the table; `make bench-quick` is the one-minute version.
+# Benchmarks (issue 5).  `make bench` runs pop3d against Dovecot (and Twisted, stock and
+# tuned, when bench/.venv exists) and prints the table; `make bench-quick` is the
+# one-minute version.
 PY ?= .venv/bin/python
 BENCH_ARGS ?=
 
@@ -21,4 +22,4 @@ bench-dovecot:
 	@command -v dovecot >/dev/null || bash scripts/setup.sh
 
 comma := ,
-BENCH_SERVERS = $(if $(wildcard bench/.venv/bin/twistd),--servers=pop3d$(comma)dovecot$(comma)twisted)
+BENCH_SERVERS = $(if $(wildcard bench/.venv/bin/twistd),--servers=pop3d$(comma)dovecot$(comma)twisted$(comma)twisted-tuned)

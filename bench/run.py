@@ -397,6 +397,12 @@ _NO_RATIO = {
 }
 
 
+def _ratio(shown: list[float | None], names: list[str], other: str, metric: str) -> str:
+    """The cell pop3d/``other`` of one row: "-" for a metric without a ratio or a value."""
+    a, b = shown[names.index("pop3d")], shown[names.index(other)]
+    return f"{a / b:.2f}" if a is not None and b and metric not in _NO_RATIO else "-"
+
+
 def table(results: dict[str, Any], names: list[str], ceiling: float,
           scenarios: list[str], generator: dict[str, Any],
           login_ceiling: dict[str, Any] | None = None) -> str:
@@ -404,9 +410,9 @@ def table(results: dict[str, Any], names: list[str], ceiling: float,
     with_ratio = "pop3d" in names and "dovecot" in names
     if with_ratio:
         header.insert(4, "pop3d/dovecot")
-    with_twisted = "pop3d" in names and "twisted" in names
-    if with_twisted:
-        header.append("pop3d/twisted")
+    # pop3d against each Twisted peer present, after the servers' own columns
+    peers = [p for p in ("twisted", "twisted-tuned") if "pop3d" in names and p in names]
+    header += [f"pop3d/{p}" for p in peers]
     lines = []
     gen_rate = generator.get("mb_per_s")
     login_rate = (login_ceiling or {}).get("sessions_per_s")
@@ -418,13 +424,8 @@ def table(results: dict[str, Any], names: list[str], ceiling: float,
         shown = [None if v is None else v * scale for v in values]
         cells = [scenario, metric, *(_fmt(v, digits) for v in shown)]
         if with_ratio:
-            a, b = shown[names.index("pop3d")], shown[names.index("dovecot")]
-            ratio = a is not None and b and metric not in _NO_RATIO
-            cells.insert(4, f"{a / b:.2f}" if ratio else "-")
-        if with_twisted:
-            a, b = shown[names.index("pop3d")], shown[names.index("twisted")]
-            ratio = a is not None and b and metric not in _NO_RATIO
-            cells.append(f"{a / b:.2f}" if ratio else "-")
+            cells.insert(4, _ratio(shown, names, "dovecot", metric))
+        cells += [_ratio(shown, names, p, metric) for p in peers]
         lines.append(cells)
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
@@ -441,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small run, about a minute")
     ap.add_argument("--servers", default="pop3d,dovecot",
-                    help="comma list of pop3d, dovecot, twisted (pop3d,dovecot)")
+                    help="comma list of pop3d, dovecot, twisted, twisted-tuned (pop3d,dovecot)")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--duration", type=float, help="seconds per scenario")
     ap.add_argument("--idle", type=int, help="idle connections to hold (10000; quick: 500)")
@@ -541,6 +542,8 @@ def make_server(name: str, sdir: Path, args: argparse.Namespace) -> servers.Serv
         return servers.Dovecot(sdir, port, args.server_cpus)
     if name == "twisted":
         return servers.Twisted(sdir, port, args.server_cpus)
+    if name == "twisted-tuned":
+        return servers.TwistedTuned(sdir, port, args.server_cpus)
     raise SystemExit(f"bench: unknown server {name}")
 
 

@@ -264,9 +264,15 @@ def parse_cpus(spec: str) -> set[int]:
 
 
 class Twisted(_ProcessServer):
-    """Twisted's POP3 server (twisted.mail) over the same Maildirs, from bench/.venv."""
+    """Twisted's POP3 server (twisted.mail) over the same Maildirs, from bench/.venv, as
+    deployed: Twisted's FilePasswordDB (the passwd-file read at every login) and Twisted's
+    log, to ``twisted.events.log`` in the work folder, as twistd writes twistd.log."""
 
     name = "twisted"
+
+    def options(self) -> list[str]:
+        """The peer's password checker and logging (see bench/twisted_pop3.py)."""
+        return ["--checker", "twisted", "--log", str(self.work / "twisted.events.log")]
 
     def start(self) -> bool:
         py = BENCH / ".venv" / "bin" / "python"
@@ -275,6 +281,16 @@ class Twisted(_ProcessServer):
             return False
         return self._spawn(
             [str(py), str(BENCH / "twisted_pop3.py"), "--port", str(self.port),
-             "--users", str(self.work / "users"), "--mail", str(self.work / "mail")],
+             "--users", str(self.work / "users"), "--mail", str(self.work / "mail"),
+             *self.options()],
             "twisted.log",
         )
+
+
+class TwistedTuned(Twisted):
+    """Twisted's best case: our passwd-file checker, parsed once at start, and no log."""
+
+    name = "twisted-tuned"
+
+    def options(self) -> list[str]:
+        return ["--checker", "cached"]

@@ -88,8 +88,8 @@ async def _session(ctx: ServerContext, *commands: bytes) -> tuple[_Transport, li
     tasks = []
     for command in commands:
         proto.data_received(command + b"\r\n")
-        tasks.append(proto._task is not None)  # noqa: SLF001 (what this file is about)
-        await _until(lambda: proto._task is None)  # noqa: SLF001
+        tasks.append(proto._task is not None)
+        await _until(lambda: proto._task is None)
     await _until(lambda: transport.closed)
     proto.connection_lost(None)
     return transport, tasks

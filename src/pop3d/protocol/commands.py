@@ -15,6 +15,7 @@ Rules (RFC 1939 §3, RFC 2449 §4, popa3d ``pop_get_int``):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pop3d import limits
@@ -270,37 +271,29 @@ def parse(line: bytes, *, utf8: bool = False) -> Command | ParseError:
         return ParseError("trailing space after command")  # "CMD " with nothing after
     if b"\x00" in line:
         return ParseError("NUL in command")
-    match keyword.upper():
-        case b"USER":
-            return _parse_user(rest, utf8)
-        case b"PASS":
-            return _parse_pass(rest, utf8)
-        case b"APOP":
-            return _parse_apop(rest, utf8)
-        case b"AUTH":
-            return _parse_auth(rest)
-        case b"QUIT":
-            return _no_args(Quit(), rest)
-        case b"STAT":
-            return _no_args(Stat(), rest)
-        case b"LIST":
-            return _optional_number(rest, List)
-        case b"RETR":
-            return _one_number(rest, Retr)
-        case b"DELE":
-            return _one_number(rest, Dele)
-        case b"NOOP":
-            return _no_args(Noop(), rest)
-        case b"RSET":
-            return _no_args(Rset(), rest)
-        case b"TOP":
-            return _parse_top(rest)
-        case b"UIDL":
-            return _optional_number(rest, Uidl)
-        case b"CAPA":
-            return _no_args(Capa(), rest)
-        case b"STLS":
-            return _no_args(Stls(), rest)
-        case b"UTF8":
-            return _no_args(Utf8(), rest)
-    return ParseError("unknown command", unknown=True)
+    parser = _PARSERS.get(keyword.upper())
+    if parser is None:
+        return ParseError("unknown command", unknown=True)
+    return parser(rest, utf8)
+
+
+#: The parser of each keyword: one dict lookup, not a comparison per keyword.
+_PARSERS: dict[bytes, Callable[[bytes | None, bool], Command | ParseError]] = {
+    b"USER": _parse_user,
+    b"PASS": _parse_pass,
+    b"APOP": _parse_apop,
+    b"AUTH": lambda rest, _: _parse_auth(rest),
+    b"QUIT": lambda rest, _: _no_args(Quit(), rest),
+    b"STAT": lambda rest, _: _no_args(Stat(), rest),
+    b"LIST": lambda rest, _: _optional_number(rest, List),
+    b"RETR": lambda rest, _: _one_number(rest, Retr),
+    b"DELE": lambda rest, _: _one_number(rest, Dele),
+    b"NOOP": lambda rest, _: _no_args(Noop(), rest),
+    b"RSET": lambda rest, _: _no_args(Rset(), rest),
+    b"TOP": lambda rest, _: _parse_top(rest),
+    b"UIDL": lambda rest, _: _optional_number(rest, Uidl),
+    b"CAPA": lambda rest, _: _no_args(Capa(), rest),
+    b"STLS": lambda rest, _: _no_args(Stls(), rest),
+    b"UTF8": lambda rest, _: _no_args(Utf8(), rest),
+}
+

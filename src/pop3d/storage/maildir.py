@@ -66,7 +66,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import hashlib
 import itertools
 import os
@@ -204,12 +203,6 @@ def _delivery_order(e: _Entry) -> tuple[int, int, str, str]:
     if head.isascii() and head.isdigit() and len(head) <= _MAX_SECONDS_DIGITS:
         return int(head), usec, e.name, e.folder
     return e.mtime_ns // 1_000_000_000, usec, e.name, e.folder
-
-
-@functools.lru_cache(maxsize=_LISTING_CACHE)
-def _lock_path(root: Path) -> Path:
-    """The per-mailbox lock file of the Maildir ``root`` (a Path join costs a µs a login)."""
-    return root / LOCK_NAME
 
 
 # ---------------------------------------------------------------------------- scanning
@@ -675,7 +668,7 @@ class MaildirStore:
             return self._open_known(root, cur, new)
         if max(cur.st_size, new.st_size) > _INLINE_SCAN_DIR_SIZE:
             return await in_thread(lambda: self._open_sync(root), _release_late)
-        lock = self.session_locks.acquire(_lock_path(root))
+        lock = self.session_locks.acquire(root / LOCK_NAME)
         try:
             scanned = _scan(root, _FOLDERS[_move_new_to_cur(root)])
             index = _load_index(root)
@@ -723,7 +716,7 @@ class MaildirStore:
         """
         if max(cur.st_size, new.st_size) > _INLINE_SCAN_DIR_SIZE:
             raise WouldWait  # big: opened in a thread, listing and all
-        lock = self.session_locks.acquire(_lock_path(root))
+        lock = self.session_locks.acquire(root / LOCK_NAME)
         listed = self._listings.recall(root, cur, new)
         if listed is None:
             lock.close()
@@ -732,7 +725,7 @@ class MaildirStore:
 
     def _open_sync(self, root: Path) -> MaildirMaildrop:
         """:meth:`open` all in one thread, for big Maildirs."""
-        lock = self.session_locks.acquire(_lock_path(root))
+        lock = self.session_locks.acquire(root / LOCK_NAME)
         try:
             scanned = _scan(root, _FOLDERS[_move_new_to_cur(root)])
             index = _load_index(root)

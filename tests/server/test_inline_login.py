@@ -41,14 +41,11 @@ class _Transport:
     def close(self) -> None:
         self.closed = True
 
-    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        """Flow control (write limits, pausing reads) does nothing here."""
+        if name in ("set_write_buffer_limits", "pause_reading", "resume_reading"):
+            return lambda *args, **kwargs: None
+        raise AttributeError(name)
 
     def lines(self) -> list[bytes]:
         return b"".join(self.out).splitlines()

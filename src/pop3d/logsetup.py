@@ -33,9 +33,9 @@ class _Formatter(logging.Formatter):
         return super().format(record)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
-        second = int(record.created)
         if datefmt is not None:
             return super().formatTime(record, datefmt)
+        second = int(record.created)
         if second != self._second:
             self._text = time.strftime(self.default_time_format, self.converter(second))
             self._second = second

@@ -296,4 +296,3 @@ _PARSERS: dict[bytes, Callable[[bytes | None, bool], Command | ParseError]] = {
     b"STLS": lambda rest, _: _no_args(Stls(), rest),
     b"UTF8": lambda rest, _: _no_args(Utf8(), rest),
 }
-

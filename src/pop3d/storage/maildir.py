@@ -711,16 +711,17 @@ class MaildirStore:
 
         Raises:
             WouldWait: a big Maildir, or nothing remembered for these ``cur/`` and
-                ``new/`` (the lock is released again).
+                ``new/`` (nothing is locked then).
 
         """
         if max(cur.st_size, new.st_size) > _INLINE_SCAN_DIR_SIZE:
             raise WouldWait  # big: opened in a thread, listing and all
-        lock = self.session_locks.acquire(root / LOCK_NAME)
+        # The folders' stats were taken before the lock either way: asking the cache
+        # first only spares a miss the lock and unlock.
         listed = self._listings.recall(root, cur, new)
         if listed is None:
-            lock.close()
             raise WouldWait
+        lock = self.session_locks.acquire(root / LOCK_NAME)
         return MaildirMaildrop(root, listed, lock, self.chunk_size)
 
     def _open_sync(self, root: Path) -> MaildirMaildrop:

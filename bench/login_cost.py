@@ -106,16 +106,17 @@ async def _sessions(folder: Path, n: int, profile: cProfile.Profile | None) -> f
         await transport.until(lambda: transport.closed)
         proto.connection_lost(None)
 
-    for i in range(2 * USERS):  # warm: the listing cache holds every user
-        await one(i)
-    if profile:
-        profile.enable()
-    start = time.process_time()
-    for i in range(n):
-        await one(i)
-    spent = time.process_time() - start
-    if profile:
-        profile.disable()
+    with logsetup.written_per_turn(loop):  # as `pop3d serve` logs
+        for i in range(2 * USERS):  # warm: the listing cache holds every user
+            await one(i)
+        if profile:
+            profile.enable()
+        start = time.process_time()
+        for i in range(n):
+            await one(i)
+        spent = time.process_time() - start
+        if profile:
+            profile.disable()
     return spent
 
 

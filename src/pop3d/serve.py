@@ -134,8 +134,21 @@ async def serve_forever(
     """Serve on ``sockets`` until ``stop`` is set or SIGTERM/SIGINT arrives.
 
     ``lmtp_sockets`` are the ``[lmtp]`` sockets bound before workers forked; without
-    them, LMTP addresses are bound here (one process).
+    them, LMTP addresses are bound here (one process).  Log lines of the loop's turns
+    are written at the end of each turn (:func:`logsetup.written_per_turn`).
     """
+    with logsetup.written_per_turn(asyncio.get_running_loop()):
+        await _serve(cfg, sockets, ready=ready, stop=stop, lmtp_sockets=lmtp_sockets)
+
+
+async def _serve(
+    cfg: Config,
+    sockets: list[tuple[socket.socket, bool]],
+    *,
+    ready: asyncio.Future[ServerContext] | None,
+    stop: asyncio.Event | None,
+    lmtp_sockets: list[socket.socket] | None,
+) -> None:
     loop = asyncio.get_running_loop()
     tls = TlsContexts(cfg.tls) if cfg.tls is not None else None
     authenticator = build_authenticator(cfg)

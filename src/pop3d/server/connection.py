@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from pop3d import limits
+from pop3d import limits, logsetup
 from pop3d.errors import LocalProtocolError, MessageVanished, WouldWait
 from pop3d.protocol import (
     ApopAuthenticate,
@@ -530,17 +530,14 @@ class Pop3Protocol(asyncio.Protocol):
         maildrop, self.maildrop = self.maildrop, None
         if maildrop is not None:
             self.server.spawn(_close_maildrop(maildrop, self._task))
-        log.info(
-            "session peer=%s user=%s via=%s result=%s retr=%d octets=%d deleted=%d secs=%.3f",
-            self.peer,
-            self.username or "-",
-            self._mechanism,
-            self._result,
-            core.messages_sent,
-            core.octets_sent,
-            core.deleted_count if self._result == "quit" else 0,
-            time.monotonic() - self._started,
-        )
+        if log.isEnabledFor(logging.INFO):
+            deleted = core.deleted_count if self._result == "quit" else 0
+            logsetup.info(
+                log,
+                f"session peer={self.peer} user={self.username or '-'} via={self._mechanism}"
+                f" result={self._result} retr={core.messages_sent} octets={core.octets_sent}"
+                f" deleted={deleted} secs={time.monotonic() - self._started:.3f}",
+            )
 
 
 async def _close_maildrop(maildrop: Maildrop, task: asyncio.Task[None] | None) -> None:

@@ -106,7 +106,7 @@ async def _sessions(folder: Path, n: int, profile: cProfile.Profile | None) -> f
         await transport.until(lambda: transport.closed)
         proto.connection_lost(None)
 
-    with logsetup.written_per_turn(loop):  # as `pop3d serve` logs
+    with logsetup.buffered_for(loop):  # as `pop3d serve` logs
         for i in range(2 * USERS):  # warm: the listing cache holds every user
             await one(i)
         if profile:

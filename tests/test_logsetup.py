@@ -106,21 +106,23 @@ def test_below_info_nothing_is_written(restore_pop3d_logger: logging.Logger) -> 
     assert stream.getvalue() == ""
 
 
-def test_lines_of_a_turn_are_written_at_its_end_in_order(
-    restore_pop3d_logger: logging.Logger,
+def test_lines_of_the_loop_wait_and_leave_together_in_order(
+    restore_pop3d_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(logsetup, "_WRITE_AFTER", 0.05)
     stream = _Writes()
     logsetup.setup("INFO", stream)
     session = logging.getLogger("pop3d.session")
     seen: list[str] = []
 
     async def main() -> None:
-        with logsetup.written_per_turn(asyncio.get_running_loop()):
+        with logsetup.buffered_for(asyncio.get_running_loop()):
             logsetup.info(session, "one")
             session.info("two")
-            logsetup.info(session, "three")
-            seen.append(stream.getvalue())  # nothing written within the turn
             await asyncio.sleep(0)
+            logsetup.info(session, "three")
+            seen.append(stream.getvalue())  # nothing written yet, turns later
+            await asyncio.sleep(0.2)
             seen.append(stream.getvalue())
             logsetup.info(session, "four")
         seen.append(stream.getvalue())  # leaving writes what is pending
@@ -129,7 +131,7 @@ def test_lines_of_a_turn_are_written_at_its_end_in_order(
     assert seen[0] == ""
     assert [line.split(": ")[1] for line in seen[1].splitlines()] == ["one", "two", "three"]
     assert seen[2].endswith(": four\n")
-    assert len(stream.calls) == 2  # one write a turn
+    assert len(stream.calls) == 2  # one write for the three
 
 
 def test_a_warning_is_written_at_once_after_what_is_pending(
@@ -140,7 +142,7 @@ def test_a_warning_is_written_at_once_after_what_is_pending(
     session = logging.getLogger("pop3d.session")
 
     async def main() -> str:
-        with logsetup.written_per_turn(asyncio.get_running_loop()):
+        with logsetup.buffered_for(asyncio.get_running_loop()):
             logsetup.info(session, "before")
             session.warning("refused")
             return stream.getvalue()
@@ -155,7 +157,7 @@ def test_other_threads_write_at_once(restore_pop3d_logger: logging.Logger) -> No
     session = logging.getLogger("pop3d.session")
 
     async def main() -> str:
-        with logsetup.written_per_turn(asyncio.get_running_loop()):
+        with logsetup.buffered_for(asyncio.get_running_loop()):
             logsetup.info(session, "loop")
             worker = threading.Thread(target=logsetup.info, args=(session, "thread"))
             worker.start()
@@ -174,7 +176,7 @@ def test_writes_hold_whole_lines_within_pipe_buf(restore_pop3d_logger: logging.L
     names = [f"session user=user{i}-é-{'x' * 150}" for i in range(200)]
 
     async def main() -> None:
-        with logsetup.written_per_turn(asyncio.get_running_loop()):
+        with logsetup.buffered_for(asyncio.get_running_loop()):
             for name in names:
                 logsetup.info(session, name)
 
@@ -195,7 +197,7 @@ def test_a_forked_child_does_not_write_the_parents_pending_lines(
         session = logging.getLogger("pop3d.session")
 
         async def main() -> None:
-            with logsetup.written_per_turn(asyncio.get_running_loop()):
+            with logsetup.buffered_for(asyncio.get_running_loop()):
                 logsetup.info(session, "pending in the parent")
                 child = os.fork()
                 if child == 0:  # pragma: no cover (the child)

@@ -134,10 +134,10 @@ async def serve_forever(
     """Serve on ``sockets`` until ``stop`` is set or SIGTERM/SIGINT arrives.
 
     ``lmtp_sockets`` are the ``[lmtp]`` sockets bound before workers forked; without
-    them, LMTP addresses are bound here (one process).  Log lines of the loop's turns
-    are written at the end of each turn (:func:`logsetup.written_per_turn`).
+    them, LMTP addresses are bound here (one process).  The loop's INFO log lines are
+    written in batches (:func:`logsetup.buffered_for`).
     """
-    with logsetup.written_per_turn(asyncio.get_running_loop()):
+    with logsetup.buffered_for(asyncio.get_running_loop()):
         await _serve(cfg, sockets, ready=ready, stop=stop, lmtp_sockets=lmtp_sockets)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pop3d.errors import MaildropLocked, WouldWait
-from pop3d.storage import maildir
+from pop3d.storage import lock_table, maildir
 from pop3d.storage.maildir import MaildirStore
 
 from .contract import read_all, run, user
@@ -154,6 +154,35 @@ def test_open_now_opens_only_what_is_remembered(tmp_path: Path, scans: list[str]
     with pytest.raises(WouldWait):  # changed: open scans it
         store.open_now(user())
     assert len(_listing(store)) == 2  # and the refused fast path left no lock
+
+
+def test_a_remembered_listing_locks_the_byte_a_fresh_store_locks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock-table byte kept with a listing is the one found from the folder."""
+    h = MaildirHarness(tmp_path)
+    h.put("alice", b"Subject: 1\n\none\n")
+    store = h.make_store()
+    _listing(store)
+    _age(h)
+    _listing(store)  # remembered, with its byte
+    found: list[Path] = []
+    real = lock_table.offset_of
+
+    def counting(lock_path: Path) -> int:
+        found.append(lock_path)
+        return real(lock_path)
+
+    monkeypatch.setattr(lock_table, "offset_of", counting)
+    drop = store.open_now(user())
+    try:
+        assert found == []  # the byte came with the listing
+        with pytest.raises(MaildropLocked):  # a store that remembers nothing finds it
+            run(h.make_store().open(user()))
+        assert len(found) == 1
+    finally:
+        run(drop.close())
+    assert len(_listing(h.make_store())) == 1  # released
 
 
 def test_commit_now_does_what_commit_does_inline(

@@ -91,6 +91,7 @@ from pop3d.errors import (
 )
 from pop3d.storage.base import MailboxStats, MessageInfo
 from pop3d.storage.blocking import fsync_dir, in_thread, write_all
+from pop3d.storage.lock_table import LockTable, TableLock
 from pop3d.storage.locking import SessionLock, SessionLocks, session_locks_for
 from pop3d.storage.quota import quota_for
 from pop3d.storage.template import check_template, mail_path
@@ -536,7 +537,10 @@ class _ListingCache:
     :data:`_RACY_SECONDS` (a change within the file system's timestamp granularity of the
     scan could otherwise go unseen).  A message rewritten in place under the same name
     keeps its old size here; RETR still checks the file (``same_file``) and refuses one
-    whose wire size changed.
+    whose wire size changed.  The listing also keeps the Maildir's lock-table byte
+    (:attr:`_Listing.lock_offset`, from the folder's device and inode); only a Maildir
+    folder replaced by another into which the same ``cur/`` and ``new/`` were moved,
+    untouched, would keep an old byte, until a message comes or goes.
     """
 
     def __init__(self) -> None:
@@ -579,13 +583,16 @@ class _Listing:
     here.
     """
 
-    __slots__ = ("by_uid", "infos")
+    __slots__ = ("by_uid", "infos", "lock_offset")
 
     def __init__(self, entries: Sequence[_Entry]) -> None:
         #: Each entry by its UID.
         self.by_uid = {e.uid: e for e in entries}
         #: What a session lists, in delivery order.
         self.infos = tuple(MessageInfo(e.uid, e.wire) for e in entries)
+        #: The lock-table byte of the Maildir, when its store locks with a table: found
+        #: once (a ``stat`` of the folder and a hash), not at every login.
+        self.lock_offset: int | None = None
 
 
 class MaildirStore:
@@ -680,6 +687,8 @@ class MaildirStore:
                     lambda: _finish_listing(root, scanned, index, misses), lambda _: lock.close()
                 )
             listing = _Listing(entries)
+            if isinstance(lock, TableLock):
+                listing.lock_offset = lock.offset
             self._listings.remember(root, listing)
         except asyncio.CancelledError:
             # Only the thread above can be cancelled; its late callback releases the lock.
@@ -721,7 +730,11 @@ class MaildirStore:
         listed = self._listings.recall(root, cur, new)
         if listed is None:
             raise WouldWait
-        lock = self.session_locks.acquire(root / LOCK_NAME)
+        locks, offset = self.session_locks, listed.lock_offset
+        if offset is not None and isinstance(locks, LockTable):
+            lock: SessionLock = locks.lock(offset)
+        else:
+            lock = locks.acquire(root / LOCK_NAME)
         return MaildirMaildrop(root, listed, lock, self.chunk_size)
 
     def _open_sync(self, root: Path) -> MaildirMaildrop:

@@ -11,6 +11,7 @@ import select
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -68,13 +69,35 @@ class _Writes(io.StringIO):
         return super().write(text)
 
 
+@pytest.fixture
+def logged(restore_pop3d_logger: logging.Logger) -> tuple[_Writes, logging.Logger]:
+    """pop3d's logging set up at INFO into a fresh stream, and the session logger."""
+    stream = _Writes()
+    logsetup.setup("INFO", stream)
+    return stream, logging.getLogger("pop3d.session")
+
+
+class _Records(logging.Handler):
+    """Someone else's handler: keeps the records."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _messages(text: str) -> list[str]:
+    """The messages of the log lines in ``text``, without what precedes them."""
+    return [line.split(": ", 1)[1] for line in text.splitlines()]
+
+
 def test_the_session_line_reads_as_a_record_would(
-    restore_pop3d_logger: logging.Logger,
+    logged: tuple[_Writes, logging.Logger],
 ) -> None:
     """info() writes the line the formatter would write for the same record."""
-    stream = io.StringIO()
-    logsetup.setup("INFO", stream)
-    session = logging.getLogger("pop3d.session")
+    stream, session = logged
     logsetup.info(session, "session peer=a user=b")
     session.info("%s", "session peer=a user=b")
     direct, record = stream.getvalue().splitlines(keepends=True)
@@ -84,18 +107,17 @@ def test_the_session_line_reads_as_a_record_would(
 
 
 def test_the_session_line_is_an_ordinary_record_under_another_setup(
-    restore_pop3d_logger: logging.Logger, caplog: pytest.LogCaptureFixture
+    logged: tuple[_Writes, logging.Logger],
 ) -> None:
     """With a handler of someone else's on the way, info() makes a record for it."""
-    stream = io.StringIO()
-    logsetup.setup("INFO", stream)
-    session = logging.getLogger("pop3d.session")
-    session.addHandler(caplog.handler)
+    stream, session = logged
+    theirs = _Records()
+    session.addHandler(theirs)
     try:
         logsetup.info(session, "session peer=a")
     finally:
-        session.removeHandler(caplog.handler)
-    assert [r.getMessage() for r in caplog.records] == ["session peer=a"]
+        session.removeHandler(theirs)
+    assert [r.getMessage() for r in theirs.records] == ["session peer=a"]
     assert stream.getvalue().endswith(": session peer=a\n")  # and pop3d's line as well
 
 
@@ -107,12 +129,10 @@ def test_below_info_nothing_is_written(restore_pop3d_logger: logging.Logger) -> 
 
 
 def test_lines_of_the_loop_wait_and_leave_together_in_order(
-    restore_pop3d_logger: logging.Logger, monkeypatch: pytest.MonkeyPatch
+    logged: tuple[_Writes, logging.Logger], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(logsetup, "_WRITE_AFTER", 0.05)
-    stream = _Writes()
-    logsetup.setup("INFO", stream)
-    session = logging.getLogger("pop3d.session")
+    stream, session = logged
     seen: list[str] = []
 
     async def main() -> None:
@@ -129,17 +149,15 @@ def test_lines_of_the_loop_wait_and_leave_together_in_order(
 
     asyncio.run(main())
     assert seen[0] == ""
-    assert [line.split(": ")[1] for line in seen[1].splitlines()] == ["one", "two", "three"]
+    assert _messages(seen[1]) == ["one", "two", "three"]
     assert seen[2].endswith(": four\n")
     assert len(stream.calls) == 2  # one write for the three
 
 
 def test_a_warning_is_written_at_once_after_what_is_pending(
-    restore_pop3d_logger: logging.Logger,
+    logged: tuple[_Writes, logging.Logger],
 ) -> None:
-    stream = io.StringIO()
-    logsetup.setup("INFO", stream)
-    session = logging.getLogger("pop3d.session")
+    stream, session = logged
 
     async def main() -> str:
         with logsetup.buffered_for(asyncio.get_running_loop()):
@@ -148,13 +166,11 @@ def test_a_warning_is_written_at_once_after_what_is_pending(
             return stream.getvalue()
 
     written = asyncio.run(main())
-    assert [line.split(": ")[1] for line in written.splitlines()] == ["before", "refused"]
+    assert _messages(written) == ["before", "refused"]
 
 
-def test_other_threads_write_at_once(restore_pop3d_logger: logging.Logger) -> None:
-    stream = io.StringIO()
-    logsetup.setup("INFO", stream)
-    session = logging.getLogger("pop3d.session")
+def test_other_threads_write_at_once(logged: tuple[_Writes, logging.Logger]) -> None:
+    stream, session = logged
 
     async def main() -> str:
         with logsetup.buffered_for(asyncio.get_running_loop()):
@@ -165,14 +181,12 @@ def test_other_threads_write_at_once(restore_pop3d_logger: logging.Logger) -> No
             return stream.getvalue()
 
     written = asyncio.run(main())
-    assert [line.split(": ")[1] for line in written.splitlines()] == ["thread"]
+    assert _messages(written) == ["thread"]
 
 
-def test_writes_hold_whole_lines_within_pipe_buf(restore_pop3d_logger: logging.Logger) -> None:
+def test_writes_hold_whole_lines_within_pipe_buf(logged: tuple[_Writes, logging.Logger]) -> None:
     """Workers share stderr: a pipe mixes writes of PIPE_BUF octets or less only whole."""
-    stream = _Writes()
-    logsetup.setup("INFO", stream)
-    session = logging.getLogger("pop3d.session")
+    stream, session = logged
     names = [f"session user=user{i}-é-{'x' * 150}" for i in range(200)]
 
     async def main() -> None:
@@ -185,7 +199,7 @@ def test_writes_hold_whole_lines_within_pipe_buf(restore_pop3d_logger: logging.L
     for call in stream.calls:
         assert len(call.encode()) <= select.PIPE_BUF
         assert call.endswith("\n")
-    assert [line.split(": ")[1] for line in stream.getvalue().splitlines()] == names
+    assert _messages(stream.getvalue()) == names
 
 
 def test_a_forked_child_does_not_write_the_parents_pending_lines(
@@ -206,5 +220,37 @@ def test_a_forked_child_does_not_write_the_parents_pending_lines(
                 os.waitpid(child, 0)
 
         asyncio.run(main())
-    lines = log_file.read_text(encoding="utf-8").splitlines()
-    assert [line.split(": ")[1] for line in lines] == ["pending in the parent"]
+    assert _messages(log_file.read_text(encoding="utf-8")) == ["pending in the parent"]
+
+
+def test_one_timer_writes_what_the_full_batches_left(
+    logged: tuple[_Writes, logging.Logger], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Batches cut at PIPE_BUF go out at once; the rest waits for the one timer armed."""
+    monkeypatch.setattr(logsetup, "_WRITE_AFTER", 0.05)
+    stream, session = logged
+    names = [f"session user=user{i}-{'x' * 150}" for i in range(60)]
+    timers: list[float] = []
+    written: list[str] = []
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        real = loop.call_later
+
+        def counting(delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+            if getattr(callback, "__self__", None) is logging.getLogger("pop3d").handlers[0]:
+                timers.append(delay)
+            return real(delay, callback, *args)
+
+        monkeypatch.setattr(loop, "call_later", counting)
+        with logsetup.buffered_for(loop):
+            for name in names:
+                logsetup.info(session, name)
+            written.append(stream.getvalue())
+            await asyncio.sleep(0.2)
+            written.append(stream.getvalue())
+
+    asyncio.run(main())
+    assert 0 < len(_messages(written[0])) < len(names)  # the full batches, at once
+    assert _messages(written[1]) == names  # the rest, by the timer
+    assert timers == [0.05]

@@ -98,6 +98,8 @@ class _Handler(logging.StreamHandler[TextIO]):
         #: thread touches them.
         self._pending: list[str] = []
         self._pending_octets = 0
+        #: The one timer that writes them (armed by the first line with none armed).
+        self._timer: asyncio.TimerHandle | None = None
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -124,10 +126,14 @@ class _Handler(logging.StreamHandler[TextIO]):
         octets = len(line) if line.isascii() else len(line.encode("utf-8", "replace"))
         if self._pending_octets + octets > _ATOMIC_WRITE:
             self._write_pending()
-        if not self._pending:
-            self._loop.call_later(_WRITE_AFTER, self._write_pending)
+        if self._timer is None:
+            self._timer = self._loop.call_later(_WRITE_AFTER, self._timed_out)
         self._pending.append(line)
         self._pending_octets += octets
+
+    def _timed_out(self) -> None:
+        self._timer = None
+        self._write_pending()
 
     def _write_pending(self) -> None:
         if self._loop is not None and threading.get_ident() != self._loop_thread:
@@ -151,12 +157,15 @@ class _Handler(logging.StreamHandler[TextIO]):
     def bind(self, loop: asyncio.AbstractEventLoop | None) -> None:
         """Gather this thread's lines while ``loop`` runs; ``None``: write at once."""
         self._write_pending()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._loop = loop
         self._loop_thread = threading.get_ident() if loop is not None else 0
 
     def forget_pending(self) -> None:
         """In a forked child: the parent writes what it had pending, not the child."""
-        self._pending, self._pending_octets, self._loop = [], 0, None
+        self._pending, self._pending_octets, self._loop, self._timer = [], 0, None, None
 
 
 #: pop3d's handler, once :func:`setup` has run.
@@ -176,7 +185,8 @@ def setup(level: str = "INFO", stream: TextIO | None = None) -> None:
     logging.logMultiprocessing = False
     logging._srcfile = None  # noqa: SLF001 (the switch the HOWTO names)
     if _handler is not None:
-        _handler.flush()
+        with contextlib.suppress(OSError, ValueError):  # as logging.shutdown: closed stream
+            _handler.flush()
     _handler = _Handler(sys.stderr if stream is None else stream)
     _handler.setFormatter(_Formatter())
     root = logging.getLogger("pop3d")

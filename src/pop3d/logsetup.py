@@ -43,7 +43,13 @@ _ATOMIC_WRITE = getattr(select, "PIPE_BUF", 512)
 #: How long a line of the loop's thread may wait for others to be written with (s).
 _WRITE_AFTER = 0.1
 
+#: What a line shows; :func:`_line` writes it (the formatter and :func:`info` alike).
 _FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
+
+
+def _line(asctime: str, levelname: str, name: str, message: str) -> str:
+    """A line of :data:`_FORMAT`, with the pid this module keeps."""
+    return f"{asctime} {levelname} {name}[{process.pid()}]: {message}"
 
 
 class _Clock:
@@ -70,16 +76,15 @@ class _Clock:
 class _Formatter(logging.Formatter):
     """The standard formatter of :data:`_FORMAT`, with cheaper pid and time of day.
 
-    The pid is the one this module keeps, the time of day a :class:`_Clock`'s.
+    The message part is :func:`_line`'s; the exception and stack text, the standard's.
     """
 
     def __init__(self) -> None:
         super().__init__(_FORMAT)
         self.clock = _Clock()
 
-    def format(self, record: logging.LogRecord) -> str:
-        record.process = process.pid()
-        return super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802
+        return _line(record.asctime, record.levelname, record.name, record.message)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         if datefmt is not None:
@@ -241,7 +246,7 @@ def info(logger: logging.Logger, message: str) -> None:
     assert isinstance(formatter, _Formatter)
     now = time.time_ns()
     stamp = formatter.clock.text(now // 1_000_000_000, now % 1_000_000_000 // 1_000_000)
-    handler.write_line(f"{stamp} INFO {logger.name}[{process.pid()}]: {message}\n")
+    handler.write_line(_line(stamp, "INFO", logger.name, message) + "\n")
 
 
 def _forget_in_child() -> None:

@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pop3d import limits
 from pop3d.errors import ConfigError
+from pop3d.storage.template import check_template
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -273,7 +274,7 @@ def _auth(data: Mapping[str, Any], base: Path) -> AuthConfig:
     return cfg
 
 
-def _storage(data: Mapping[str, Any], base: Path) -> StorageConfig:
+def _storage(data: Mapping[str, Any], base: Path, path: Path | None = None) -> StorageConfig:
     sec = _Section(data, "storage")
     maildir = sec.get("maildir", str, None)
     mbox = sec.get("mbox", str, None)
@@ -283,6 +284,10 @@ def _storage(data: Mapping[str, Any], base: Path) -> StorageConfig:
     sec.done()
     if (maildir is None) == (mbox is None):
         raise ConfigError("[storage] needs exactly one of maildir and mbox")
+    # A template that could share or leak mail is refused here, naming file and key.
+    for key, template in (("maildir", maildir), ("mbox", mbox)):
+        if template is not None:
+            check_template(template, f"{path or 'config'}: [storage] {key}")
     if quota_exit not in (75, 77):
         raise ConfigError("[storage] quota_exit must be 75 (retry) or 77 (bounce)")
     if lock_table is not None and not lock_table.strip():
@@ -329,7 +334,7 @@ def from_mapping(data: Mapping[str, Any], base: Path, path: Path | None = None) 
         server=_server(data.get("server", {})),
         tls=_tls(data["tls"], base) if "tls" in data else None,
         auth=_auth(data.get("auth", {}), base),
-        storage=_storage(data.get("storage", {"maildir": "mail/%u/Maildir"}), base),
+        storage=_storage(data.get("storage", {"maildir": "mail/%u/Maildir"}), base, path),
         lmtp=_lmtp(data.get("lmtp", {})),
         path=path,
     )

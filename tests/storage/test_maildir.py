@@ -239,7 +239,7 @@ def count_message_opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     def counting(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
         dir_fd = kwargs.get("dir_fd")
-        folder = Path(os.readlink(f"/proc/self/fd/{dir_fd}")).name if dir_fd else ""
+        folder = Path(f"/proc/self/fd/{dir_fd}").readlink().name if dir_fd else ""
         if Path(path).parent.name in {"cur", "new"} or folder in {"cur", "new"}:
             opened.append(str(path))
         return real_open(path, flags, *args, **kwargs)

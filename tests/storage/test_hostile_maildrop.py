@@ -113,7 +113,7 @@ def test_a_symlinked_cur_or_new_refuses_the_login(
         bounded(s.open(user()))
     with pytest.raises(PermanentBackendError):
         s.open_now(user())
-    with pytest.raises(PermanentBackendError):
+    with pytest.raises(TemporaryBackendError, match="symbolic link"):
         bounded(s.stat(user()))
 
 
@@ -349,6 +349,46 @@ def test_inline_reads_only_what_the_page_cache_holds(
     assert bounded(go()) == b"Subject: x\r\n\r\nhi\r\n"
     assert loop_thread
     assert not any(loop_thread)  # every blocking read ran in a worker thread
+
+
+def test_a_cold_open_reads_nothing_on_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Index and unindexed messages not in the page cache: the listing is made in a
+    thread, with the same sizes; the loop's thread never does a blocking read."""
+    root = maildir_of(tmp_path)
+    for i in range(5):
+        (root / "new" / f"{1_600_000_000 + i}.M{i}P1.host").write_bytes(b"S: %d\n\nx\n" % i)
+    warm = [(i.uid, i.size) for i in bounded(listing_and_close(store(tmp_path)))]
+    (root / "new" / "1600000009.M9P1.host").write_bytes(b"S: new\n\nfresh\n")
+
+    def cold(*_: object) -> int:
+        raise BlockingIOError(errno.EAGAIN, "would block")
+
+    on_loop: list[str] = []
+    for name in ("pread", "read"):
+        real = getattr(os, name)
+
+        def spy(*args: Any, _real: Any = real, _name: str = name) -> Any:
+            with contextlib.suppress(RuntimeError):
+                asyncio.get_running_loop()
+                on_loop.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(os, name, spy)
+    monkeypatch.setattr(os, "preadv", cold)
+    cold_listing = [(i.uid, i.size) for i in bounded(listing_and_close(store(tmp_path)))]
+    assert cold_listing[:5] == warm
+    assert len(cold_listing) == 6
+    assert on_loop == []
+
+
+async def listing_and_close(s: MaildirStore) -> list[Any]:
+    md = await s.open(user())
+    try:
+        return list(md.listing())
+    finally:
+        await md.close()
 
 
 def test_pread_nowait_is_none_for_a_cold_range(

@@ -12,10 +12,20 @@ Rules of this file:
   someone adds ``W=``).  The UIDL is the key when it is 1-70 characters in 0x21-0x7E,
   else the SHA-1 hex of the key (as stdlib ``mailbox.Maildir`` keys on
   ``name.split(':')[0]``).
+* **Never leave the Maildir** (the user may own it, pop3d may be root): every path is
+  resolved below the template's mail root without following a symbolic link
+  (:mod:`pop3d.storage.beneath`: ``openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)``,
+  else ``O_NOFOLLOW`` component by component).  The Maildir folder and ``cur/ new/ tmp/``
+  are opened as descriptors and every listing, open, rename and unlink is relative to
+  them (``dir_fd=``), so no path is resolved twice.  A Maildir folder (or a folder
+  above it, below the root), ``cur/`` or ``new/`` that is a symbolic link (or not a
+  folder) refuses the login with ``[SYS/PERM]``: retrying cannot help, and the owner
+  must repair it; delivery into it fails temporarily (the MTA retries).
 * **Only regular files** directly in ``cur/`` and ``new/`` whose names do not start with
-  ``.`` are messages.  Nothing is followed: entries are ``lstat``-ed and files opened
-  with ``O_NOFOLLOW | O_NONBLOCK`` and ``fstat``-checked, so a symlink is never read
-  and a FIFO never blocks.  ``tmp/``, sub-folders, and our own files are never listed.
+  ``.`` are messages.  Entries are ``lstat``-ed and files opened with ``O_NOFOLLOW |
+  O_NONBLOCK`` and ``fstat``-checked, so a symlink is never read and a FIFO never
+  blocks; symlinks, FIFOs, sockets and devices are skipped and logged (one line per
+  listing).  ``tmp/``, sub-folders, and our own files are never listed.
 * **Sizes** are wire sizes (:mod:`pop3d.storage.wire`).  They come, in this order, from
   the size index ``pop3d-sizes`` (entry valid only while the file's inode, size and
   mtime are unchanged), from a trustworthy ``W=`` (``S=`` present and equal to the file
@@ -24,7 +34,15 @@ Rules of this file:
   under the maildrop lock, and never records a file modified in the last
   :data:`_RACY_SECONDS` (git's "racily clean" rule: a rewrite within the same mtime tick
   could otherwise go unnoticed).  The index is a cache: unreadable, corrupt or
-  unwritable, it is ignored.
+  unwritable, it is ignored.  Its temporary file has a random name, ``O_EXCL |
+  O_NOFOLLOW | O_NONBLOCK``, and the Maildir folder's mode without x bits.
+* **Self-healing sizes.**  A read that finds a message's octets do not add up to its
+  listed size (a lying ``W=``, a stale index, a file rewritten in place) fails that
+  RETR (``[SYS/TEMP]``: the size was announced), measures the file, records the real
+  size in the index (kept even while racy, since a ``W=`` would otherwise win again)
+  and drops the remembered listing: the next session lists and serves it right.
+  UIDLs come from the name's key only, never from sizes; a guard compares each new
+  listing with the last one of the process and logs any file whose UIDL changed.
 * **Open** takes the lock, then moves ``new/X`` to ``cur/X:2,`` (as Dovecot does), never
   over an existing name, and snapshots the listing.  Nothing else is changed before
   :meth:`MaildirMaildrop.commit`.  A maildrop without ``cur/`` and ``new/`` is an error
@@ -50,15 +68,19 @@ Rules of this file:
   nothing outside ``deleted`` is touched, so messages delivered during the session are
   safe, and kill -9 at any moment leaves every message either intact or deleted on
   request.
-* **Deliver** writes ``tmp/<secs>.M<usec>P<pid>Q<n>.<host>``, fsyncs it, renames it to
-  ``new/<same>,S=<size>,W=<virtual size>`` and fsyncs ``new/``.  On any failure the tmp
-  file is removed: nothing half written is ever visible in ``new/`` or ``cur/``.
+* **Deliver** writes ``tmp/<secs>.M<usec>P<pid>Q<n>R<random>.<host>`` (``O_EXCL |
+  O_NOFOLLOW``, the mode of ``tmp/`` without x bits), fsyncs it, renames it to
+  ``new/<same>,S=<size>,W=<virtual size>`` and fsyncs ``new/``, all relative to the
+  folders' descriptors.  On any failure the tmp file is removed: nothing half written
+  is ever visible in ``new/`` or ``cur/``.
 * **Blocking I/O**: a login must stay fast, so the directory work of a normal maildrop
   (a few ``lstat`` per message and one small index read) runs inline, which is cheaper
   than a thread hop; a directory large enough to make that slow
   (:data:`_INLINE_SCAN_DIR_SIZE`), message bodies to measure above
-  :data:`_INLINE_MEASURE_BYTES`, chunks of messages above :data:`_INLINE_READ_BYTES`, long
-  commits and the fsyncs of delivery go to the default executor.
+  :data:`_INLINE_MEASURE_BYTES`, long commits and the fsyncs of delivery go to the
+  default executor.  Message octets are read on the loop only with
+  ``preadv(RWF_NOWAIT)`` (what the page cache holds); any read that would wait for the
+  disk goes to a thread, and :meth:`MaildirMaildrop.read_inline` answers ``None``.
 """
 
 from __future__ import annotations
@@ -94,7 +116,7 @@ from pop3d.errors import (
 )
 from pop3d.storage.base import MailboxStats, MessageInfo
 from pop3d.storage.beneath import DIR_FLAGS, MailRoot, is_link_refusal
-from pop3d.storage.blocking import in_thread, write_all
+from pop3d.storage.blocking import in_thread, pread_nowait, write_all
 from pop3d.storage.lock_table import LockTable, TableLock
 from pop3d.storage.locking import SessionLock, SessionLocks, session_locks_for, take_lock
 from pop3d.storage.quota import quota_for
@@ -450,12 +472,31 @@ def _assign_uids(entries: Sequence[_Entry]) -> None:
 # ---------------------------------------------------------------------------- sizes
 
 
-def _measure_fd(fd: int) -> WireCounter:
-    """Read the open file from its current offset to the end and count its wire size."""
+def _measure_fd(fd: int, size: int = _MEASURE_CHUNK, *, nowait: bool = False) -> WireCounter:
+    """Read the open file whole and count its wire size (``size``: its size, a hint).
+
+    Raises:
+        WouldWait: ``nowait`` and the page cache does not hold it all.
+        OSError: it cannot be read.
+
+    """
     counter = WireCounter()
-    while data := os.read(fd, _MEASURE_CHUNK):
+    chunk = min(_MEASURE_CHUNK, max(size, 0) + 1)
+    offset = 0
+    while data := _pread(fd, chunk, offset, nowait=nowait):
         counter.feed(data)
+        offset += len(data)
     return counter
+
+
+def _pread(fd: int, size: int, offset: int, *, nowait: bool) -> bytes:
+    """``os.pread``; with ``nowait`` only from the page cache, else :class:`WouldWait`."""
+    if not nowait:
+        return os.pread(fd, size, offset)
+    data = pread_nowait(fd, size, offset)
+    if data is None:
+        raise WouldWait
+    return data
 
 
 def _open_regular(name: str, dir_fd: int) -> tuple[int, os.stat_result]:
@@ -495,7 +536,7 @@ def _checked_regular(fd: int) -> tuple[int, os.stat_result]:
     return fd, s
 
 
-def _wire_from_name(entry: _Entry, fd: int) -> int | None:
+def _wire_from_name(entry: _Entry, fd: int, *, nowait: bool = False) -> int | None:
     """Use Dovecot's ``W=`` when ``S=`` proves the name describes this file."""
     s_size, w_size = _name_sizes(entry.name)
     if s_size is None or w_size is None or s_size != entry.file_size:
@@ -505,20 +546,27 @@ def _wire_from_name(entry: _Entry, fd: int) -> int | None:
     if s_size == 0:
         return 0
     # W= counts LFs as CRLF but adds no final line end: one octet tells.
-    last = os.pread(fd, 1, s_size - 1)
+    last = _pread(fd, 1, s_size - 1, nowait=nowait)
     return w_size + (0 if last == b"\n" else 2)
 
 
-def _measure_entry(dirs: _Dirs, entry: _Entry) -> bool:
-    """Fill in ``entry.wire`` from its name or its bytes; False if it is not a message now."""
+def _measure_entry(dirs: _Dirs, entry: _Entry, *, nowait: bool = False) -> bool:
+    """Fill in ``entry.wire`` from its name or its bytes; False if it is not a message now.
+
+    Raises:
+        WouldWait: ``nowait`` and its octets are not all in the page cache.
+
+    """
     try:
         fd, s = _open_regular(entry.name, dirs[entry.folder])
     except OSError:
         return False
     try:
         entry.ino, entry.file_size, entry.mtime_ns = s.st_ino, s.st_size, s.st_mtime_ns
-        wire = _wire_from_name(entry, fd)
-        entry.wire = wire if wire is not None else _measure_fd(fd).wire_size
+        wire = _wire_from_name(entry, fd, nowait=nowait)
+        if wire is None:
+            wire = _measure_fd(fd, s.st_size, nowait=nowait).wire_size
+        entry.wire = wire
     except OSError:
         return False
     finally:
@@ -545,9 +593,16 @@ def _fill_sizes(dirs: _Dirs, entries: list[_Entry], index: dict[str, _IndexRecor
     return _measure_misses(dirs, entries, _apply_index(entries, index))
 
 
-def _measure_misses(dirs: _Dirs, entries: list[_Entry], misses: list[_Entry]) -> list[_Entry]:
-    """Measure ``misses`` from their files; return ``entries`` without those now gone."""
-    gone = [e for e in misses if not _measure_entry(dirs, e)]
+def _measure_misses(
+    dirs: _Dirs, entries: list[_Entry], misses: list[_Entry], *, nowait: bool = False
+) -> list[_Entry]:
+    """Measure ``misses`` from their files; return ``entries`` without those now gone.
+
+    Raises:
+        WouldWait: ``nowait`` and a file is not all in the page cache.
+
+    """
+    gone = [e for e in misses if not _measure_entry(dirs, e, nowait=nowait)]
     if not gone:
         return entries
     dropped = {id(e) for e in gone}
@@ -555,10 +610,21 @@ def _measure_misses(dirs: _Dirs, entries: list[_Entry], misses: list[_Entry]) ->
 
 
 def _finish_listing(
-    dirs: _Dirs, entries: list[_Entry], index: dict[str, _IndexRecord], misses: list[_Entry]
+    dirs: _Dirs,
+    entries: list[_Entry],
+    index: dict[str, _IndexRecord],
+    misses: list[_Entry],
+    *,
+    nowait: bool = False,
 ) -> list[_Entry]:
-    """Measure what the index missed, refresh the index if it changed, assign UIDLs."""
-    entries = _measure_misses(dirs, entries, misses)
+    """Measure what the index missed, refresh the index if it changed, assign UIDLs.
+
+    Raises:
+        WouldWait: ``nowait`` and a file to measure is not all in the page cache
+            (nothing was written then).
+
+    """
+    entries = _measure_misses(dirs, entries, misses, nowait=nowait)
     fresh = _index_of(entries, time.time_ns(), index)
     if fresh != index:
         _write_index(dirs.md, fresh)
@@ -566,8 +632,13 @@ def _finish_listing(
     return entries
 
 
-def _load_index(md: int) -> dict[str, _IndexRecord]:
-    """Read the size index; any problem at all yields an empty index (it is a cache)."""
+def _load_index(md: int, *, nowait: bool = False) -> dict[str, _IndexRecord]:
+    """Read the size index; any problem at all yields an empty index (it is a cache).
+
+    Raises:
+        WouldWait: ``nowait`` and the index is not all in the page cache.
+
+    """
     try:
         fd, s = _open_regular(INDEX_NAME, md)
     except OSError:
@@ -576,7 +647,7 @@ def _load_index(md: int) -> dict[str, _IndexRecord]:
         if s.st_size > _MAX_INDEX_BYTES:
             return {}
         # One read of one octet more than fstat said sees the whole file and its end.
-        data = os.read(fd, s.st_size + 1)
+        data = _pread(fd, s.st_size + 1, 0, nowait=nowait)
         if len(data) > s.st_size:  # it grew since: read the rest the slow way
             data += b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
     except OSError:
@@ -876,27 +947,33 @@ class MaildirStore:
             raise
         try:
             scanned = _scan(dirs, _FOLDERS[_move_new_to_cur(dirs)])
-            index = _load_index(dirs.md)
+            index = _load_index(dirs.md, nowait=True)
             misses = _apply_index(scanned, index)
+            listing: _Listing | None = None
+            if sum(e.file_size for e in misses) <= _INLINE_MEASURE_BYTES:
+                # Inline only while the page cache answers; else the rest in a thread.
+                with contextlib.suppress(WouldWait):
+                    listing = self._list(where, dirs=dirs, lock=lock, scanned=scanned,
+                                         index=index, misses=misses, nowait=True)
+        except WouldWait:  # the index is not in the page cache: list in the thread
+            rescan: list[_Entry] | None = None
+            index, misses, listing = {}, [], None
         except BaseException:
             dirs.close()
             lock.close()
             raise
-        if sum(e.file_size for e in misses) <= _INLINE_MEASURE_BYTES:
-            try:
-                listing = self._list(where, dirs=dirs, lock=lock, scanned=scanned,
-                                     index=index, misses=misses)
-            except BaseException:
-                lock.close()
-                raise
         else:
-            # The thread owns ``dirs`` (it closes them); a cancelled caller's lock is
-            # released once it ends.
-            listing = await in_thread(
-                lambda: self._list_guarded(where, dirs=dirs, lock=lock, scanned=scanned,
-                                           index=index, misses=misses),
-                lambda _: lock.close(),
-            )
+            rescan = scanned
+        if listing is not None:
+            dirs.close()
+            return MaildirMaildrop(where, listing, lock, self.chunk_size, self._listings)
+        # The thread owns ``dirs`` (it closes them); a cancelled caller's lock is released
+        # once it ends.
+        listing = await in_thread(
+            lambda: self._list_guarded(where, dirs=dirs, lock=lock, scanned=rescan,
+                                       index=index, misses=misses),
+            lambda _: lock.close(),
+        )
         return MaildirMaildrop(where, listing, lock, self.chunk_size, self._listings)
 
     def _list(
@@ -908,15 +985,18 @@ class MaildirStore:
         scanned: list[_Entry],
         index: dict[str, _IndexRecord],
         misses: list[_Entry],
+        nowait: bool = False,
     ) -> _Listing:
-        """Finish the listing of an open (measure, index, UIDLs), remember it; close ``dirs``."""
-        try:
-            listing = _Listing(_finish_listing(dirs, scanned, index, misses))
-            if isinstance(lock, TableLock):
-                listing.lock_offset = lock.offset
-            self._listings.remember(where.path, dirs.md, listing)
-        finally:
-            dirs.close()
+        """Finish the listing of an open (measure, index, UIDLs) and remember it.
+
+        Raises:
+            WouldWait: ``nowait`` and a file to measure is not in the page cache.
+
+        """
+        listing = _Listing(_finish_listing(dirs, scanned, index, misses, nowait=nowait))
+        if isinstance(lock, TableLock):
+            listing.lock_offset = lock.offset
+        self._listings.remember(where.path, dirs.md, listing)
         return listing
 
     def _list_guarded(
@@ -925,17 +1005,27 @@ class MaildirStore:
         *,
         dirs: _Dirs,
         lock: SessionLock,
-        scanned: list[_Entry],
+        scanned: list[_Entry] | None,
         index: dict[str, _IndexRecord],
         misses: list[_Entry],
     ) -> _Listing:
-        """:meth:`_list` in a thread: the lock is released if it fails."""
+        """:meth:`_list` in a thread, which closes ``dirs``; the lock is released on failure.
+
+        Without a scan (``scanned`` is None: reading the index inline would have waited),
+        the listing is made here from the start.
+        """
         try:
+            if scanned is None:
+                scanned = _scan(dirs, _FOLDERS[_move_new_to_cur(dirs)])
+                index = _load_index(dirs.md)
+                misses = _apply_index(scanned, index)
             return self._list(where, dirs=dirs, lock=lock, scanned=scanned, index=index,
                               misses=misses)
         except BaseException:
             lock.close()
             raise
+        finally:
+            dirs.close()
 
     def open_now(self, principal: Principal) -> MaildirMaildrop:
         """:meth:`open` without waiting, when the listing is the one remembered.
@@ -1000,12 +1090,15 @@ class MaildirStore:
         """Count the user's messages and wire octets without locking or changing anything.
 
         Raises:
-            TemporaryBackendError: the Maildir is missing or unreadable, or the name unsafe.
-            PermanentBackendError: a folder of the Maildir is a symbolic link.
+            TemporaryBackendError: the Maildir is missing or unreadable (a folder of it
+                a symbolic link included), or the name unsafe.
 
         """
         where = self._where(principal.username)
-        return await in_thread(lambda: self._stat_sync(where))
+        try:
+            return await in_thread(lambda: self._stat_sync(where))
+        except PermanentBackendError as exc:  # the inspector's contract has one error
+            raise TemporaryBackendError(str(exc)) from None
 
     @staticmethod
     def _stat_sync(where: _Where) -> MailboxStats:
@@ -1261,7 +1354,7 @@ class MaildirMaildrop:
         except OSError:
             return
         try:
-            wire = _measure_fd(fd).wire_size
+            wire = _measure_fd(fd, s.st_size).wire_size
         except OSError:
             return
         finally:
@@ -1479,7 +1572,7 @@ class _MessageReader:
             return
         # Not the file that was listed: send it only if its wire size is still right.
         try:
-            wire = _measure_fd(self._fd).wire_size
+            wire = _measure_fd(self._fd, s.st_size).wire_size
         except OSError as exc:
             raise TemporaryBackendError(f"message unreadable: {exc.strerror}") from None
         if wire != e.wire:

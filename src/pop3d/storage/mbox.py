@@ -1055,7 +1055,10 @@ class MboxStore:
 
         """
         place = self._place(principal.username)
-        _check_exists(place)
+        try:
+            _check_exists(place)
+        except PermanentBackendError as exc:  # the inspector's contract has one error
+            raise TemporaryBackendError(str(exc)) from None
 
         def count() -> MailboxStats:
             lock = self.lock_for(place, exclusive=False)
@@ -1074,7 +1077,10 @@ class MboxStore:
                 oldest=min(dates, default=None),
             )
 
-        return await in_thread(count)
+        try:
+            return await in_thread(count)
+        except PermanentBackendError as exc:
+            raise TemporaryBackendError(str(exc)) from None
 
     # -------------------------------------------------------------- Deliverer
 

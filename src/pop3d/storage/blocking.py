@@ -11,7 +11,8 @@ Rules of this file:
   comes; each store maps it to its own :class:`TemporaryBackendError` text.
 * :func:`pread_nowait` is the one read a store does on the event loop: it returns only
   what the page cache holds (``preadv(RWF_NOWAIT)``), ``None`` where the disk would be
-  waited for, or where the kernel or file system cannot tell (then always ``None``).
+  waited for, or where the kernel or file system cannot tell (tmpfs answers
+  ``EOPNOTSUPP``: every read of it then goes to a thread, correct but slower).
 """
 
 from __future__ import annotations
@@ -89,9 +90,11 @@ def pread_nowait(fd: int, size: int, offset: int) -> bytes | None:
     except BlockingIOError:
         return None
     except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-            _nowait = False  # a file system or kernel without RWF_NOWAIT
+        if exc.errno in (errno.EINVAL, errno.ENOSYS):
+            _nowait = False  # a kernel without RWF_NOWAIT
             return None
+        if exc.errno == errno.EOPNOTSUPP:
+            return None  # this file system (tmpfs) cannot tell: the caller uses a thread
         raise
     if n < size and n < os.fstat(fd).st_size - offset:
         return None

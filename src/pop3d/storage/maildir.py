@@ -1595,9 +1595,11 @@ class _MessageReader:
         except BlockingIOError:
             return None
         except OSError as exc:
-            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                _NOWAIT = False  # file system or kernel without RWF_NOWAIT
+            if exc.errno in (errno.EINVAL, errno.ENOSYS):
+                _NOWAIT = False  # a kernel without RWF_NOWAIT
                 return None
+            if exc.errno == errno.EOPNOTSUPP:
+                return None  # this file system (tmpfs) cannot tell: read in a thread
             raise
         if n == len(self._buffer):
             # A full chunk is normalised straight from the buffer, without a copy out of

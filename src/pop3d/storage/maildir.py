@@ -1334,11 +1334,21 @@ class MaildirMaildrop:
                     return None  # not (all) in the page cache: the task path reads it
                 parts.append(part)
         except _SizeMismatch:
-            self._heal(reader.entry)
+            self._heal_later(reader.entry)
             raise
         finally:
             reader.close()
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _heal_later(self, entry: _Entry) -> None:
+        """:meth:`_heal` in a thread (it reads the index and the file: not on the loop)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop here: nothing to block
+            self._heal(entry)
+            return
+        done = loop.run_in_executor(None, self._heal, entry)
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def _heal(self, entry: _Entry) -> None:
         """Correct a listed size found wrong (a lying ``W=``, a stale index) from the file.

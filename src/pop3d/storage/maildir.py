@@ -1326,7 +1326,8 @@ class MaildirMaildrop:
         # One read of file_size + 1 octets sees the whole file and its end at once.
         reader = _MessageReader(self._where, self._by_uid, uid, entry.file_size + 1)
         try:
-            reader.open()
+            if not reader.open():
+                return None  # changed since listed: measured off the loop by read()
             parts: list[bytes] = []
             while not reader.done:
                 part = reader.step_nowait()
@@ -1502,6 +1503,7 @@ class _MessageReader:
         self._chunk_size = chunk_size
         self._heal = heal
         self._fd = -1
+        self._size = entry.file_size
         self._remaining = entry.wire
         self._normaliser = CrlfNormaliser()
         self._started = False
@@ -1525,7 +1527,12 @@ class _MessageReader:
         try:
             if not self._started:
                 self._started = True
-                self.open()
+                if not self.open():
+                    self._inflight = asyncio.get_running_loop().run_in_executor(
+                        None, self.verify
+                    )
+                    await asyncio.shield(self._inflight)
+                    self._inflight = None
             out: bytes | None = b""
             while not out and not self._done:
                 # Page-cached data is read right here (a thread hop costs more than the
@@ -1555,8 +1562,12 @@ class _MessageReader:
             raise StopAsyncIteration
         return out
 
-    def open(self) -> None:
-        """Open the listed file (or its renamed self); check it is still the same."""
+    def open(self) -> bool:
+        """Open the listed file (or its renamed self); True if it is still the same file.
+
+        False: another file (rewritten, replaced) that :meth:`verify` must measure before
+        anything is sent.
+        """
         e = self._entry
         try:
             # One openat2 from the mail root: no link followed, nothing outside it.
@@ -1578,15 +1589,25 @@ class _MessageReader:
             e.folder, e.name = moved.folder, moved.name
         except OSError as exc:
             raise TemporaryBackendError(f"message unreadable: {exc.strerror}") from None
-        if e.same_file(s):
-            return
-        # Not the file that was listed: send it only if its wire size is still right.
+        self._size = s.st_size
+        return e.same_file(s)
+
+    def verify(self) -> bytes:
+        """Measure a file :meth:`open` found changed: it is sent only with the listed size.
+
+        Reads the whole file (blocking): run it in a thread.  Returns ``b""``.
+
+        Raises:
+            TemporaryBackendError: it cannot be read, or its wire size is not the listed one.
+
+        """
         try:
-            wire = _measure_fd(self._fd, s.st_size).wire_size
+            wire = _measure_fd(self._fd, self._size).wire_size
         except OSError as exc:
             raise TemporaryBackendError(f"message unreadable: {exc.strerror}") from None
-        if wire != e.wire:
+        if wire != self._entry.wire:
             raise _SizeMismatch("message changed since the maildrop was opened")
+        return b""
 
     @property
     def done(self) -> bool:

@@ -152,12 +152,13 @@ _RACY_SECONDS = 2
 _INLINE_SCAN_DIR_SIZE = 64 * 1024
 #: Unindexed message octets read inline at open; above this, measuring goes to a thread.
 _INLINE_MEASURE_BYTES = 1024 * 1024
-#: Messages up to this size are read inline (one page-cache read is cheaper than the
-#: ~0.1 ms thread hop); bigger ones are read chunk by chunk in a thread.
+#: Messages up to this size may be answered whole by ``read_inline`` (one page-cache
+#: read is cheaper than the ~0.1 ms thread hop); bigger ones are streamed, each chunk
+#: read on the loop if the page cache holds it, else in a thread.
 _INLINE_READ_BYTES = 64 * 1024
 #: Maildirs whose last listing a process remembers (see _ListingCache).
 _LISTING_CACHE = 10_000
-#: Whether ``preadv(..., RWF_NOWAIT)`` works here; cleared at the first refusal.
+#: Whether ``preadv(..., RWF_NOWAIT)`` works here; cleared if the kernel refuses it.
 _NOWAIT = hasattr(os, "RWF_NOWAIT")
 #: Commits deleting more messages than this run in a thread.
 _INLINE_COMMIT = 64

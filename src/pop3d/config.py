@@ -89,6 +89,9 @@ class AuthConfig:
     login_delay: int = 0
     #: Folder of the per-user last-login stamps, shared by every process of the server.
     login_stamps: Path = Path("login-stamps")
+    #: The secret key every worker derives SCRAM salts and decoys from (created once, mode
+    #: 0600); ``None``: ``pop3d-auth.key`` next to ``passwd_file``.
+    key_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +269,7 @@ def _auth(data: Mapping[str, Any], base: Path) -> AuthConfig:
         mechanisms=mechs,
         login_delay=sec.get("login_delay", int, d.login_delay),
         login_stamps=_path(base, sec.get("login_stamps", str, str(d.login_stamps))),
+        key_file=_path(base, kf) if (kf := sec.get("key_file", str, None)) else None,
     )
     sec.done()
     if cfg.login_delay < 0:

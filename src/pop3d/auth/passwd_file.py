@@ -62,6 +62,7 @@ from pop3d.auth import schemes
 from pop3d.auth.base import Principal
 from pop3d.auth.decoys import PLAIN_SCRAM_SHAPE, Decoys, load_or_create_key
 from pop3d.auth.verdict import Refused, Unfinished, Verdict
+from pop3d.config import AuthConfig
 from pop3d.errors import ConfigError, TemporaryBackendError, WouldWait
 
 __all__ = [
@@ -80,6 +81,9 @@ _T = TypeVar("_T")
 #: Longest user name we look up: far above any real mailbox name, and it keeps a hostile
 #: name from costing more than a dictionary miss.
 MAX_USERNAME = 255
+
+#: The shared key's file name next to the passwd-file, unless ``[auth] key_file`` says.
+DEFAULT_KEY_FILE = "pop3d-auth.key"
 
 #: Default interval between two ``stat()`` checks of the file (seconds).
 DEFAULT_CHECK_INTERVAL = 1.0
@@ -271,13 +275,17 @@ class PasswdFileAuthenticator:
         self.path = path
         self._interval = check_interval
         self._workers = workers or process.usable_cpus()
-        if scram_salt_key is None:
-            scram_salt_key = (
-                load_or_create_key(key_file) if key_file is not None
-                else secrets.token_bytes(32)
-            )
-        self._salt_key = scram_salt_key
-        self._decoys = Decoys(scram_salt_key)
+        #: Why the key file could not be used; raised when a key is needed.
+        self._key_error: ConfigError | None = None
+        if scram_salt_key is None and key_file is not None:
+            try:
+                scram_salt_key = load_or_create_key(key_file)
+            except ConfigError as exc:
+                # Only CRAM-MD5/SCRAM need the key: `pop3d deliver`, running as the MTA's
+                # user, may well not read it, and needs no key.  Those logins fail instead.
+                self._key_error = exc
+        self._salt_key = scram_salt_key or secrets.token_bytes(32)
+        self._decoys = Decoys(self._salt_key)
         try:
             self._table = _read_table(path)
         except OSError as exc:
@@ -288,6 +296,22 @@ class PasswdFileAuthenticator:
         self._reload: asyncio.Future[None] | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._limit: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
+
+    @classmethod
+    def from_config(cls, auth: AuthConfig) -> PasswdFileAuthenticator:
+        """The authenticator of ``[auth]``.
+
+        ``passwd_file``, and ``key_file`` (by default ``pop3d-auth.key`` next to the
+        passwd-file) for the key every worker shares.
+
+        Raises:
+            ConfigError: no ``passwd_file``, or it or the key cannot be read.
+
+        """
+        if auth.passwd_file is None:
+            raise ConfigError("[auth] passwd_file is required")
+        key_file = auth.key_file or auth.passwd_file.parent / DEFAULT_KEY_FILE
+        return cls(auth.passwd_file, key_file=key_file)
 
     # ----------------------------------------------------------------- Authenticator
 
@@ -394,6 +418,9 @@ class PasswdFileAuthenticator:
         """
         record = await self._record(username)
         stored = "" if record is None or record.nologin else record.password
+        if self._key_error is not None and scheme.upper() in ("CRAM-MD5", "SCRAM-SHA-256"):
+            log.error("%s; %s logins fail", self._key_error, scheme.upper())
+            raise TemporaryBackendError("the authentication key is not available")
         match scheme.upper():
             case "PLAIN":
                 return schemes.plain_secret(stored) if stored else None
@@ -444,13 +471,16 @@ class PasswdFileAuthenticator:
         return Unfinished(finish)
 
     def _cram_secret(self, username: str, stored: str) -> bytes:
-        """The CRAM-MD5 context, or a decoy: one context computed either way."""
-        plain = schemes.plain_secret(stored) if stored else None
-        if plain is not None:
-            return schemes.cram_md5_context(plain)
-        decoy = self._decoys.cram_md5_context(username)
-        real = schemes.cram_md5_secret(stored) if stored else None
-        return decoy if real is None else real
+        """The CRAM-MD5 context, or a decoy: the same steps for every user.
+
+        One decode of the stored password as PLAIN and as CRAM-MD5, one decoy password,
+        one context computed (from the PLAIN password, else from the decoy password).
+        """
+        plain = schemes.plain_secret(stored)
+        kept = schemes.stored_cram_md5(stored)
+        decoy = self._decoys.password(username)
+        context = schemes.cram_md5_context(decoy if plain is None else plain)
+        return context if kept is None else kept
 
     async def _scram_secret(self, username: str, stored: str) -> bytes:
         """The SCRAM-SHA-256 secret, or a decoy: one derivation in the pool either way."""

@@ -58,6 +58,7 @@ __all__ = [
     "scheme_of",
     "scram_salt",
     "scram_sha256_secret",
+    "stored_cram_md5",
     "verify",
     "verify_apop",
     "verify_cram_md5",
@@ -569,6 +570,12 @@ def plain_secret(stored: str) -> bytes | None:
     if name not in _PLAIN_NAMES or scheme is None:
         return None
     return data
+
+
+def stored_cram_md5(stored: str) -> bytes | None:
+    """The 32-octet CRAM-MD5 context stored as ``{CRAM-MD5}``/``{HMAC-MD5}``, else ``None``."""
+    name, _, data = _lookup(stored)
+    return data if name in _CRAM_NAMES and data is not None and len(data) == 32 else None
 
 
 def cram_md5_secret(stored: str) -> bytes | None:

@@ -93,7 +93,7 @@ from pop3d.storage.base import MailboxStats, MessageInfo
 from pop3d.storage.blocking import fsync_dir, in_thread, write_all
 from pop3d.storage.lock_table import LockTable, TableLock
 from pop3d.storage.locking import SessionLock, SessionLocks, session_locks_for
-from pop3d.storage.quota import quota_for
+from pop3d.storage.quota import charge, quota_for
 from pop3d.storage.template import check_template, mail_path
 from pop3d.storage.wire import CrlfNormaliser, WireCounter
 
@@ -826,7 +826,16 @@ class MaildirStore:
         # Once the data is complete the delivery finishes even if the caller is cancelled
         # (the thread cannot be stopped): at worst the sender retries and the user gets a
         # duplicate, never a half message.
-        await in_thread(lambda: _finish_delivery(fd, tmp, final))
+        if limit is None:
+            await in_thread(lambda: _finish_delivery(fd, tmp, final))
+            return
+        # Under a quota, count and rename under the maildrop's quota lock (storage/quota.py).
+        await charge(
+            root, counter.wire_size, limit,
+            usage=lambda: self._stat_sync(root).size,
+            commit=lambda: _finish_delivery(fd, tmp, final),
+            abandon=lambda: _abandon_delivery(fd, tmp),
+        )
 
 
 def _finish_delivery(fd: int, tmp: Path, final: Path) -> None:
@@ -851,6 +860,12 @@ def _finish_delivery(fd: int, tmp: Path, final: Path) -> None:
         # The message is complete and visible; only its durability is in doubt.  Saying
         # "failed" would make the sender retry and duplicate it, so this is not an error.
         del exc
+
+
+def _abandon_delivery(fd: int, tmp: Path) -> None:
+    """Close and remove a delivery's tmp file (refused over quota)."""
+    os.close(fd)
+    _unlink_quietly(tmp)
 
 
 def _unlink_quietly(path: Path) -> None:

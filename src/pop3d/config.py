@@ -119,6 +119,9 @@ class LmtpConfig:
     listen: tuple[str, ...] = ()
     max_message_size: int = 50 * 1024 * 1024
     hostname: str = "localhost"
+    #: Connections at once, in total and per client address, counted at accept.
+    max_connections: int = limits.LMTP_MAX_CONNECTIONS
+    max_connections_per_ip: int = limits.LMTP_MAX_CONNECTIONS_PER_IP
 
 
 @dataclass(frozen=True, slots=True)
@@ -319,8 +322,12 @@ def _lmtp(data: Mapping[str, Any]) -> LmtpConfig:
             "[lmtp] max_message_size",
         ),
         hostname=sec.get("hostname", str, d.hostname),
+        max_connections=sec.get("max_connections", int, d.max_connections),
+        max_connections_per_ip=sec.get("max_connections_per_ip", int, d.max_connections_per_ip),
     )
     sec.done()
+    if cfg.max_connections < 1 or cfg.max_connections_per_ip < 1:
+        raise ConfigError("[lmtp] max_connections and max_connections_per_ip must be >= 1")
     return cfg
 
 

@@ -264,9 +264,10 @@ class PasswdFileAuthenticator:
             scram_salt_key: the secret key that SCRAM salts of PLAIN passwords and every
                 decoy are derived from (:mod:`.decoys`).
             key_file: where that key is kept (read, or created once, by
-                :func:`.decoys.load_or_create_key`) when ``scram_salt_key`` is not given:
-                every worker and every restart then shares it.  Without either, the key
-                is random per process (tests; a single process that never restarts).
+                :func:`.decoys.load_or_create_key`, at the first CRAM-MD5 or SCRAM
+                login) when ``scram_salt_key`` is not given: every worker and every
+                restart then shares it.  Without either, the key is random per process
+                (tests; a single process that never restarts).
 
         Raises:
             ConfigError: the file (or the key file) cannot be read at start-up.
@@ -275,17 +276,12 @@ class PasswdFileAuthenticator:
         self.path = path
         self._interval = check_interval
         self._workers = workers or process.usable_cpus()
-        #: Why the key file could not be used; raised when a key is needed.
-        self._key_error: ConfigError | None = None
-        if scram_salt_key is None and key_file is not None:
-            try:
-                scram_salt_key = load_or_create_key(key_file)
-            except ConfigError as exc:
-                # Only CRAM-MD5/SCRAM need the key: `pop3d deliver`, running as the MTA's
-                # user, may well not read it, and needs no key.  Those logins fail instead.
-                self._key_error = exc
-        self._salt_key = scram_salt_key or secrets.token_bytes(32)
-        self._decoys = Decoys(self._salt_key)
+        # The key is read (or created) when first needed, by a CRAM-MD5 or SCRAM login:
+        # `pop3d deliver`, which builds this authenticator to look recipients up, never
+        # touches it (it may run as the MTA's user, who cannot read it).
+        self._key_file = key_file
+        self._given_key = scram_salt_key
+        self._keys: tuple[bytes, Decoys] | None = None
         try:
             self._table = _read_table(path)
         except OSError as exc:
@@ -418,9 +414,6 @@ class PasswdFileAuthenticator:
         """
         record = await self._record(username)
         stored = "" if record is None or record.nologin else record.password
-        if self._key_error is not None and scheme.upper() in ("CRAM-MD5", "SCRAM-SHA-256"):
-            log.error("%s; %s logins fail", self._key_error, scheme.upper())
-            raise TemporaryBackendError("the authentication key is not available")
         match scheme.upper():
             case "PLAIN":
                 return schemes.plain_secret(stored) if stored else None
@@ -435,8 +428,13 @@ class PasswdFileAuthenticator:
 
     @property
     def scram_salt_key(self) -> bytes:
-        """The key of stable SCRAM salts (a SASL layer fakes unknown users' salts with it)."""
-        return self._salt_key
+        """The key of stable SCRAM salts and decoys (:mod:`.decoys`).
+
+        Raises:
+            TemporaryBackendError: the key file cannot be read or created (logged).
+
+        """
+        return self._key_and_decoys()[0]
 
     def close(self) -> None:
         """Stop the verification threads (waits for running verifications)."""
@@ -470,6 +468,19 @@ class PasswdFileAuthenticator:
 
         return Unfinished(finish)
 
+    def _key_and_decoys(self) -> tuple[bytes, Decoys]:
+        if self._keys is None:
+            key = self._given_key
+            if key is None and self._key_file is not None:
+                try:
+                    key = load_or_create_key(self._key_file)
+                except ConfigError as exc:
+                    log.error("%s; CRAM-MD5 and SCRAM logins fail until fixed", exc)  # noqa: TRY400
+                    raise TemporaryBackendError("the authentication key is missing") from None
+            key = key or secrets.token_bytes(32)
+            self._keys = (key, Decoys(key))
+        return self._keys
+
     def _cram_secret(self, username: str, stored: str) -> bytes:
         """The CRAM-MD5 context, or a decoy: the same steps for every user.
 
@@ -478,7 +489,7 @@ class PasswdFileAuthenticator:
         """
         plain = schemes.plain_secret(stored)
         kept = schemes.stored_cram_md5(stored)
-        decoy = self._decoys.password(username)
+        decoy = self._key_and_decoys()[1].password(username)
         context = schemes.cram_md5_context(decoy if plain is None else plain)
         return context if kept is None else kept
 
@@ -488,12 +499,12 @@ class PasswdFileAuthenticator:
         real = None
         if plain is None and stored and schemes.scheme_of(stored) == "SCRAM-SHA-256":
             real = schemes.scram_sha256_secret(stored)
-        decoys = self._decoys
+        key, decoys = self._key_and_decoys()
         shapes = self._table.scram_shapes
 
         def job() -> schemes.ScramSecret:
             if plain is not None:
-                salt = schemes.scram_salt(self._salt_key, username)
+                salt = schemes.scram_salt(key, username)
                 return schemes.ScramSecret.derive(plain, salt)
             if real is not None:
                 decoys.burn_scram(username, real.salt, real.iterations)

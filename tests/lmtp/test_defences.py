@@ -1,0 +1,268 @@
+"""LMTP under load and abuse: connection caps, one copy per user, the quota under races.
+
+Issue 14 item 7.  The quota races run through real ``pop3d serve`` processes (LMTP with
+``smtplib.LMTP`` from ten threads at once) and ten ``pop3d deliver`` processes released
+at the same moment, for Maildir and mbox.  Before the fix, ten parallel 90 KB messages
+into a 100 KB Maildir quota stored 180-360 KiB through LMTP and 810 KiB through
+``pop3d deliver``; now exactly one message is stored and the rest refused.
+"""
+
+from __future__ import annotations
+
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pop3d import metrics
+from pop3d.config import Config, LmtpConfig
+from pop3d.errors import ConfigError
+from pop3d.storage.quota import LOCK_NAME
+from pop3d.testing import free_port, wait_for_port
+
+from .test_lmtp import MESSAGE, Env, LmtpThread, Raw, delivered
+
+pytestmark = pytest.mark.timeout(110)
+
+#: A 90 KiB message: ten of them race for a 100 KiB quota.
+BIG = b"Subject: big\r\n\r\n" + (b"x" * 78 + b"\r\n") * (90 * 1024 // 80)
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """Record what the LMTP listener reports to pop3d.metrics."""
+    seen: dict[str, list[str]] = {"refused": [], "delivery": []}
+    monkeypatch.setattr(metrics, "connection_refused", seen["refused"].append)
+    monkeypatch.setattr(metrics, "lmtp_delivery", seen["delivery"].append)
+    return seen
+
+
+def capped_env(tmp: Path, total: int, per_ip: int) -> Env:
+    env = Env(tmp, "maildir", "127.0.0.1:0", 1 << 20)
+    env.config = Config(lmtp=LmtpConfig(
+        listen=("127.0.0.1:0",), max_connections=total, max_connections_per_ip=per_ip,
+    ))
+    env.server = LmtpThread(env.config, env.auth, env.store)
+    return env
+
+
+@pytest.fixture
+def capped(tmp_path: Path) -> Iterator[Env]:
+    env = capped_env(tmp_path, total=1000, per_ip=3)
+    env.server.start()
+    yield env
+    env.server.stop()
+    env.auth.close()
+
+
+def greeting(address: tuple[str, int]) -> tuple[socket.socket, bytes]:
+    sock = socket.create_connection(address, timeout=10)
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return sock, data
+
+
+# ------------------------------------------------------------------ connection caps
+
+
+def test_per_address_cap_refuses_at_accept_with_421(
+    capped: Env, counted: dict[str, list[str]]
+) -> None:
+    """Past max_connections_per_ip: 421 4.3.2, closed; a freed slot admits again."""
+    held = [greeting(capped.server.sockname) for _ in range(3)]
+    assert all(g.startswith(b"220 ") for _, g in held)
+    sock, reply = greeting(capped.server.sockname)
+    assert reply == b"421 4.3.2 Too many connections, try again later\r\n"
+    assert sock.recv(100) == b""  # closed by the server
+    sock.close()
+    assert counted["refused"] == ["per_ip"]
+    held.pop()[0].close()
+    for _ in range(200):  # the server notices the close in its own time
+        sock, reply = greeting(capped.server.sockname)
+        sock.close()
+        if reply.startswith(b"220 "):
+            break
+        time.sleep(0.02)
+    assert reply.startswith(b"220 ")
+    for s, _ in held:
+        s.close()
+
+
+def test_total_cap_refuses_at_accept(tmp_path: Path, counted: dict[str, list[str]]) -> None:
+    """Past max_connections (all addresses): 421 and the ``total`` cap counted."""
+    env = capped_env(tmp_path, total=2, per_ip=64)
+    env.server.start()
+    try:
+        held = [greeting(env.server.sockname) for _ in range(2)]
+        sock, reply = greeting(env.server.sockname)
+        sock.close()
+        assert reply.startswith(b"421 4.3.2")
+        assert counted["refused"] == ["total"]
+        for s, _ in held:
+            s.close()
+    finally:
+        env.server.stop()
+        env.auth.close()
+
+
+def test_caps_come_from_the_config(tmp_path: Path) -> None:
+    """[lmtp] max_connections_per_ip defaults to 64 (SPEC); both keys are read."""
+    from pop3d import config  # noqa: PLC0415
+
+    assert config.LmtpConfig().max_connections_per_ip == 64
+    cfg = config.from_mapping(
+        {"server": {"listen": ["127.0.0.1:1"]},
+         "lmtp": {"max_connections": 7, "max_connections_per_ip": 2}},
+        tmp_path,
+    )
+    assert (cfg.lmtp.max_connections, cfg.lmtp.max_connections_per_ip) == (7, 2)
+    with pytest.raises(ConfigError, match="max_connections"):
+        config.from_mapping(
+            {"server": {"listen": ["127.0.0.1:1"]}, "lmtp": {"max_connections_per_ip": 0}},
+            tmp_path,
+        )
+
+
+# ------------------------------------------------------------------ one copy per user
+
+
+def test_repeated_rcpt_of_one_user_stores_one_copy(
+    capped: Env, counted: dict[str, list[str]]
+) -> None:
+    """alice, alice again, and alice@example.org (local part alice): one copy, 3 replies."""
+    client = Raw(capped.server.sockname)
+    try:
+        client.send(b"LHLO test\r\n")
+        client.reply()
+        client.send(b"MAIL FROM:<bob@example.org>\r\n")
+        assert client.reply() == [b"250 2.1.0 Ok"]
+        rcpts = [b"alice", b"alice", b"alice@example.org", b"bob", b"nobody"]
+        for rcpt in rcpts:
+            client.send(b"RCPT TO:<" + rcpt + b">\r\n")
+            client.reply()
+        client.send(b"DATA\r\n")
+        assert client.reply()[0].startswith(b"354")
+        client.send(MESSAGE.replace(b"\r\n.", b"\r\n..") + b".\r\n")
+        replies = [client.reply() for _ in range(4)]
+    finally:
+        client.close()
+    assert replies == [[b"250 2.0.0 <" + r + b"> Saved"] for r in rcpts[:4]]
+    assert capped.messages("alice") == [delivered("bob@example.org", "alice", MESSAGE)]
+    assert len(capped.messages("bob")) == 1
+    assert sorted(counted["delivery"]) == ["ok"] * 4 + ["unknown_user"]
+
+
+def test_over_quota_is_counted(tmp_path: Path, counted: dict[str, list[str]]) -> None:
+    """A recipient over quota gets 552 5.2.2 and is counted as over_quota."""
+    env = Env(tmp_path, "maildir", "127.0.0.1:0", 1 << 20)
+    env.server.start()
+    try:
+        host, port = env.server.sockname
+        with smtplib.LMTP(host, port) as client, pytest.raises(smtplib.SMTPDataError) as info:
+            client.sendmail("bob@example.org", ["tiny"], MESSAGE * 3)
+        assert info.value.smtp_code == 552
+    finally:
+        env.server.stop()
+        env.auth.close()
+    assert counted["delivery"] == ["over_quota"]
+
+
+# ------------------------------------------------------------------ the quota under races
+
+
+class Served:
+    """``pop3d serve`` with two workers, LMTP on loopback, a 100 KiB quota."""
+
+    def __init__(self, root: Path, kind: str) -> None:
+        self.root = root
+        self.kind = kind
+        root.mkdir()
+        (root / "users").write_text("alice:{PLAIN}secret\n")
+        pop, self.lmtp = free_port(), free_port()
+        template = "mail/%u/Maildir" if kind == "maildir" else "mbox/%u"
+        self.config = root / "pop3d.toml"
+        self.config.write_text(
+            f'[server]\nlisten = ["127.0.0.1:{pop}"]\nworkers = 2\n'
+            f'[auth]\npasswd_file = "users"\nfailure_delay = 0\n'
+            f'[storage]\n{kind} = "{template}"\nquota = "100K"\n'
+            f'[lmtp]\nlisten = ["127.0.0.1:{self.lmtp}"]\n'
+        )
+
+    def stored(self) -> int:
+        if self.kind == "maildir":
+            folder = self.root / "mail/alice/Maildir"
+            return sum(p.stat().st_size for sub in ("new", "cur") for p in (folder / sub).iterdir())
+        path = self.root / "mbox/alice"
+        return path.stat().st_size if path.exists() else 0
+
+
+@pytest.mark.parametrize("kind", ["maildir", "mbox"])
+def test_parallel_lmtp_deliveries_never_overshoot_the_quota(tmp_path: Path, kind: str) -> None:
+    """Ten 90 KB messages at once through LMTP into a 100 KB quota: one stored, nine 552."""
+    site = Served(tmp_path / "site", kind)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pop3d", "serve", "--config", str(site.config)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port("127.0.0.1", site.lmtp, process=proc, expect=b"220")
+        codes: list[int] = []
+        start = threading.Barrier(10)
+
+        def one() -> None:
+            with smtplib.LMTP("127.0.0.1", site.lmtp, timeout=60) as client:
+                start.wait(30)
+                try:
+                    client.sendmail("bob@example.org", ["alice"], BIG)
+                    codes.append(250)
+                except smtplib.SMTPDataError as exc:
+                    codes.append(exc.smtp_code)
+
+        threads = [threading.Thread(target=one) for _ in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert sorted(codes) == [250] + [552] * 9
+    assert 80 * 1024 < site.stored() <= 100 * 1024  # one message (as stored), within quota
+    if kind == "maildir":
+        assert (site.root / "mail/alice/Maildir" / LOCK_NAME).exists()
+        assert list((site.root / "mail/alice/Maildir/tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", ["maildir", "mbox"])
+def test_parallel_deliver_processes_never_overshoot_the_quota(tmp_path: Path, kind: str) -> None:
+    """Ten `pop3d deliver` processes released at once: one exit 0, nine 75 (over quota)."""
+    site = Served(tmp_path / "site", kind)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "pop3d", "deliver", "--config", str(site.config), "alice"],
+            stdin=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )
+        for _ in range(10)
+    ]
+    # Each has started and waits on its stdin: all get the message at the same moment.
+    time.sleep(1.0)
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.write(BIG)
+    for p in procs:
+        assert p.stdin is not None
+        p.stdin.close()
+    codes = sorted(p.wait(90) for p in procs)
+    assert codes == [0] + [75] * 9
+    assert 80 * 1024 < site.stored() <= 100 * 1024  # one message (as stored), within quota

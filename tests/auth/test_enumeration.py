@@ -35,8 +35,11 @@ pytestmark = pytest.mark.timeout(110)
 #: Samples per class of user.
 SAMPLES = 200
 
-#: Bounds on the differences between classes (see the module head).
-MAX_MEDIAN_RATIO = 1.5
+#: Bounds on the differences between classes (see the module head).  On a loaded machine
+#: socket timings are bimodal (a sample that was preempted or not), which makes a median
+#: jump by tens of percent between runs; the probability of superiority stays near 0.5
+#: for equal classes (about +-0.03 at 200 samples) and is the sharper test.
+MAX_MEDIAN_RATIO = 2.0
 SUPERIORITY = (0.25, 0.75)
 
 

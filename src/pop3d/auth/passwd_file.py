@@ -337,23 +337,24 @@ class PasswdFileAuthenticator:
             return self._refuse(table.dummies, "", password, why)
         stored = record.password
         if record.nopassword:
-            check: Callable[[], bool] = _always
-            own = ""
-        else:
-            check = functools.partial(schemes.verify, stored, password)
-            own = schemes.cost_class(stored)
-        if own != "fast" and own and schemes.is_slow(stored):
+            # Any password: no hash to check (nologin still refuses, with the dummies).
+            verdict = _verdict(record, ok=True)
+            if isinstance(verdict, Principal):
+                return verdict
+            return self._refuse(table.dummies, "", password, verdict)
+        if schemes.is_slow(stored):
             # One job in the pool: the hash, then (on a refusal) the other classes' dummies.
             def job() -> Principal | Refused:
-                verdict = _verdict(record, check())
+                verdict = _verdict(record, ok=schemes.verify(stored, password))
                 if isinstance(verdict, Refused):
-                    _burn(table.dummies, own, password)
+                    _burn(table.dummies, schemes.cost_class(stored), password)
                 return verdict
 
             return Unfinished(functools.partial(self._in_pool, job))
-        verdict = _verdict(record, self._run_inline(check))
+        verdict = _verdict(record, ok=self._run_inline(schemes.verify, stored, password))
         if isinstance(verdict, Principal):
-            return verdict
+            return verdict  # a success pays no dummy: no cost class needed
+        own = schemes.cost_class(stored)
         return self._refuse(table.dummies, own, password, verdict)
 
     async def verify(self, username: str, password: bytes) -> Principal | Refused:
@@ -598,11 +599,7 @@ class PasswdFileAuthenticator:
 _HASH_FAILURES = (MemoryError, RuntimeError, OSError)
 
 
-def _always() -> bool:
-    return True
-
-
-def _verdict(record: UserRecord, ok: bool) -> Principal | Refused:
+def _verdict(record: UserRecord, *, ok: bool) -> Principal | Refused:
     """The outcome of checking a known user's password."""
     if not ok:
         return Refused.BAD_PASSWORD

@@ -9,7 +9,6 @@ into a 100 KB Maildir quota stored 180-360 KiB through LMTP and 810 KiB through
 
 from __future__ import annotations
 
-import signal
 import smtplib
 import socket
 import subprocess
@@ -25,8 +24,8 @@ from pop3d import metrics
 from pop3d.config import Config, LmtpConfig
 from pop3d.errors import ConfigError
 from pop3d.storage.quota import LOCK_NAME
-from pop3d.testing import free_port, wait_for_port
 
+from .test_end_to_end import Served
 from .test_lmtp import MESSAGE, Env, LmtpThread, Raw, delivered
 
 pytestmark = pytest.mark.timeout(110)
@@ -181,76 +180,64 @@ def test_over_quota_is_counted(tmp_path: Path, counted: dict[str, list[str]]) ->
 # ------------------------------------------------------------------ the quota under races
 
 
-class Served:
-    """``pop3d serve`` with two workers, LMTP on loopback, a 100 KiB quota."""
-
-    def __init__(self, root: Path, kind: str) -> None:
-        self.root = root
-        self.kind = kind
-        root.mkdir()
-        (root / "users").write_text("alice:{PLAIN}secret\n")
-        pop, self.lmtp = free_port(), free_port()
-        template = "mail/%u/Maildir" if kind == "maildir" else "mbox/%u"
-        self.config = root / "pop3d.toml"
-        self.config.write_text(
-            f'[server]\nlisten = ["127.0.0.1:{pop}"]\nworkers = 2\n'
-            f'[auth]\npasswd_file = "users"\nfailure_delay = 0\n'
-            f'[storage]\n{kind} = "{template}"\nquota = "100K"\n'
-            f'[lmtp]\nlisten = ["127.0.0.1:{self.lmtp}"]\n'
-        )
-
-    def stored(self) -> int:
-        if self.kind == "maildir":
-            folder = self.root / "mail/alice/Maildir"
-            return sum(p.stat().st_size for sub in ("new", "cur") for p in (folder / sub).iterdir())
-        path = self.root / "mbox/alice"
-        return path.stat().st_size if path.exists() else 0
+QUOTA = 'quota = "100K"\n'
 
 
-@pytest.mark.parametrize("kind", ["maildir", "mbox"])
-def test_parallel_lmtp_deliveries_never_overshoot_the_quota(tmp_path: Path, kind: str) -> None:
-    """Ten 90 KB messages at once through LMTP into a 100 KB quota: one stored, nine 552."""
-    site = Served(tmp_path / "site", kind)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pop3d", "serve", "--config", str(site.config)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_for_port("127.0.0.1", site.lmtp, process=proc, expect=b"220")
-        codes: list[int] = []
-        start = threading.Barrier(10)
-
-        def one() -> None:
-            with smtplib.LMTP("127.0.0.1", site.lmtp, timeout=60) as client:
-                start.wait(30)
-                try:
-                    client.sendmail("bob@example.org", ["alice"], BIG)
-                    codes.append(250)
-                except smtplib.SMTPDataError as exc:
-                    codes.append(exc.smtp_code)
-
-        threads = [threading.Thread(target=one) for _ in range(10)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(90)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-    assert sorted(codes) == [250] + [552] * 9
-    assert 80 * 1024 < site.stored() <= 100 * 1024  # one message (as stored), within quota
+def stored(site: Served, kind: str) -> int:
+    """Octets of alice's mail as stored (Maildir files, or the mbox file)."""
     if kind == "maildir":
-        assert (site.root / "mail/alice/Maildir" / LOCK_NAME).exists()
-        assert list((site.root / "mail/alice/Maildir/tmp").iterdir()) == []
+        folder = site.root / "mail/alice/Maildir"
+        return sum(p.stat().st_size for sub in ("new", "cur") for p in (folder / sub).iterdir())
+    path = site.root / "mbox/alice"
+    return path.stat().st_size if path.exists() else 0
 
 
-@pytest.mark.parametrize("kind", ["maildir", "mbox"])
-def test_parallel_deliver_processes_never_overshoot_the_quota(tmp_path: Path, kind: str) -> None:
+@pytest.fixture
+def served_quota(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Served]:
+    """`pop3d serve` (two workers, LMTP on TCP) with a 100 KiB quota, Maildir or mbox."""
+    site = Served(tmp_path, request.param, "tcp", QUOTA)
+    try:
+        yield site
+    finally:
+        if site.proc.poll() is None:
+            assert site.stop() == 0
+
+
+@pytest.mark.parametrize("served_quota", ["maildir", "mbox"], indirect=True)
+def test_parallel_lmtp_deliveries_never_overshoot_the_quota(served_quota: Served) -> None:
+    """Ten 90 KB messages at once through LMTP into a 100 KB quota: one stored, nine 552."""
+    codes: list[int] = []
+    start = threading.Barrier(10)
+
+    def one() -> None:
+        with served_quota.lmtp() as client:
+            start.wait(30)
+            try:
+                client.sendmail("bob@example.org", ["alice"], BIG)
+                codes.append(250)
+            except smtplib.SMTPDataError as exc:
+                codes.append(exc.smtp_code)
+
+    threads = [threading.Thread(target=one) for _ in range(10)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(90)
+    kind = "maildir" if (served_quota.root / "mail").exists() else "mbox"
+    assert sorted(codes) == [250] + [552] * 9
+    assert 80 * 1024 < stored(served_quota, kind) <= 100 * 1024  # one message, within quota
+    if kind == "maildir":
+        assert (served_quota.root / "mail/alice/Maildir" / LOCK_NAME).exists()
+        assert list((served_quota.root / "mail/alice/Maildir/tmp").iterdir()) == []
+
+
+@pytest.mark.parametrize("served_quota", ["maildir", "mbox"], indirect=True)
+def test_parallel_deliver_processes_never_overshoot_the_quota(served_quota: Served) -> None:
     """Ten `pop3d deliver` processes released at once: one exit 0, nine 75 (over quota)."""
-    site = Served(tmp_path / "site", kind)
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "pop3d", "deliver", "--config", str(site.config), "alice"],
+            [sys.executable, "-m", "pop3d", "deliver", "--config", str(served_quota.config),
+             "alice"],
             stdin=subprocess.PIPE, stderr=subprocess.DEVNULL,
         )
         for _ in range(10)
@@ -265,4 +252,5 @@ def test_parallel_deliver_processes_never_overshoot_the_quota(tmp_path: Path, ki
         p.stdin.close()
     codes = sorted(p.wait(90) for p in procs)
     assert codes == [0] + [75] * 9
-    assert 80 * 1024 < site.stored() <= 100 * 1024  # one message (as stored), within quota
+    kind = "maildir" if (served_quota.root / "mail").exists() else "mbox"
+    assert 80 * 1024 < stored(served_quota, kind) <= 100 * 1024

@@ -30,6 +30,7 @@ import asyncio
 import fcntl
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from pop3d.config import parse_size
@@ -110,6 +111,7 @@ async def charge(
         TemporaryBackendError: the lock file cannot be opened or locked.
 
     """
+    job = _Charge(folder, size, limit, usage, commit, abandon)
     lock, users = _queues.get(folder) or (asyncio.Lock(), 0)
     _queues[folder] = (lock, users + 1)
     try:
@@ -119,11 +121,7 @@ async def charge(
             abandon()
             raise
         try:
-            await in_thread(
-                lambda: _charge_locked(
-                    folder, size, limit, usage=usage, commit=commit, abandon=abandon
-                )
-            )
+            await in_thread(job.run)
         finally:
             lock.release()
     finally:
@@ -134,34 +132,37 @@ async def charge(
             _queues[folder] = (lock, users - 1)
 
 
-def _charge_locked(
-    folder: Path,
-    size: int,
-    limit: int,
-    *,
-    usage: Callable[[], int],
-    commit: Callable[[], None],
-    abandon: Callable[[], None],
-) -> None:
-    """Runs in a thread: take the flock, count, commit or abandon."""
-    try:
-        fd = os.open(
-            folder / LOCK_NAME,
-            os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
-        )
-    except OSError as exc:
-        abandon()
-        raise TemporaryBackendError(f"cannot open the quota lock: {exc.strerror}") from None
-    try:
+@dataclass(frozen=True, slots=True)
+class _Charge:
+    """One :func:`charge`: what to count, and what to do with the message."""
+
+    folder: Path
+    size: int
+    limit: int
+    usage: Callable[[], int]
+    commit: Callable[[], None]
+    abandon: Callable[[], None]
+
+    def run(self) -> None:
+        """Runs in a thread: take the flock, count, commit or abandon."""
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            used = usage()
-        except BaseException:
-            abandon()
-            raise
-        if used + size > limit:
-            abandon()
-            raise QuotaExceeded("message exceeds the mailbox quota")
-        commit()
-    finally:
-        os.close(fd)  # releases the flock
+            fd = os.open(
+                self.folder / LOCK_NAME,
+                os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+            )
+        except OSError as exc:
+            self.abandon()
+            raise TemporaryBackendError(f"cannot open the quota lock: {exc.strerror}") from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                used = self.usage()
+            except BaseException:
+                self.abandon()
+                raise
+            if used + self.size > self.limit:
+                self.abandon()
+                raise QuotaExceeded("message exceeds the mailbox quota")
+            self.commit()
+        finally:
+            os.close(fd)  # releases the flock

@@ -270,7 +270,7 @@ class PasswdFileAuthenticator:
                 (tests; a single process that never restarts).
 
         Raises:
-            ConfigError: the file (or the key file) cannot be read at start-up.
+            ConfigError: the file cannot be read at start-up.
 
         """
         self.path = path
@@ -301,7 +301,7 @@ class PasswdFileAuthenticator:
         passwd-file) for the key every worker shares.
 
         Raises:
-            ConfigError: no ``passwd_file``, or it or the key cannot be read.
+            ConfigError: no ``passwd_file``, or it cannot be read.
 
         """
         if auth.passwd_file is None:

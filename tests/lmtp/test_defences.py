@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import smtplib
 import socket
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,14 +22,11 @@ from pop3d.config import Config, LmtpConfig
 from pop3d.errors import ConfigError
 from pop3d.storage.quota import LOCK_NAME
 
+from .quota_race import deliver_race, lmtp_race, stored
 from .test_end_to_end import Served
 from .test_lmtp import MESSAGE, Env, LmtpThread, Raw, delivered
 
 pytestmark = pytest.mark.timeout(110)
-
-#: A 90 KiB message: ten of them race for a 100 KiB quota.
-BIG = b"Subject: big\r\n\r\n" + (b"x" * 78 + b"\r\n") * (90 * 1024 // 80)
-
 
 @pytest.fixture
 def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
@@ -183,15 +177,6 @@ def test_over_quota_is_counted(tmp_path: Path, counted: dict[str, list[str]]) ->
 QUOTA = 'quota = "100K"\n'
 
 
-def stored(site: Served, kind: str) -> int:
-    """Octets of alice's mail as stored (Maildir files, or the mbox file)."""
-    if kind == "maildir":
-        folder = site.root / "mail/alice/Maildir"
-        return sum(p.stat().st_size for sub in ("new", "cur") for p in (folder / sub).iterdir())
-    path = site.root / "mbox/alice"
-    return path.stat().st_size if path.exists() else 0
-
-
 @pytest.fixture
 def served_quota(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Served]:
     """`pop3d serve` (two workers, LMTP on TCP) with a 100 KiB quota, Maildir or mbox."""
@@ -203,29 +188,17 @@ def served_quota(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Ser
             assert site.stop() == 0
 
 
+def kind_of(site: Served) -> str:
+    return "maildir" if (site.root / "mail").exists() else "mbox"
+
+
 @pytest.mark.parametrize("served_quota", ["maildir", "mbox"], indirect=True)
 def test_parallel_lmtp_deliveries_never_overshoot_the_quota(served_quota: Served) -> None:
     """Ten 90 KB messages at once through LMTP into a 100 KB quota: one stored, nine 552."""
-    codes: list[int] = []
-    start = threading.Barrier(10)
-
-    def one() -> None:
-        with served_quota.lmtp() as client:
-            start.wait(30)
-            try:
-                client.sendmail("bob@example.org", ["alice"], BIG)
-                codes.append(250)
-            except smtplib.SMTPDataError as exc:
-                codes.append(exc.smtp_code)
-
-    threads = [threading.Thread(target=one) for _ in range(10)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(90)
-    kind = "maildir" if (served_quota.root / "mail").exists() else "mbox"
+    codes = lmtp_race(served_quota.lmtp_port)
+    kind = kind_of(served_quota)
     assert sorted(codes) == [250] + [552] * 9
-    assert 80 * 1024 < stored(served_quota, kind) <= 100 * 1024  # one message, within quota
+    assert 80 * 1024 < stored(served_quota.root, kind) <= 100 * 1024  # one message
     if kind == "maildir":
         assert (served_quota.root / "mail/alice/Maildir" / LOCK_NAME).exists()
         assert list((served_quota.root / "mail/alice/Maildir/tmp").iterdir()) == []
@@ -234,23 +207,6 @@ def test_parallel_lmtp_deliveries_never_overshoot_the_quota(served_quota: Served
 @pytest.mark.parametrize("served_quota", ["maildir", "mbox"], indirect=True)
 def test_parallel_deliver_processes_never_overshoot_the_quota(served_quota: Served) -> None:
     """Ten `pop3d deliver` processes released at once: one exit 0, nine 75 (over quota)."""
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "pop3d", "deliver", "--config", str(served_quota.config),
-             "alice"],
-            stdin=subprocess.PIPE, stderr=subprocess.DEVNULL,
-        )
-        for _ in range(10)
-    ]
-    # Each has started and waits on its stdin: all get the message at the same moment.
-    time.sleep(1.0)
-    for p in procs:
-        assert p.stdin is not None
-        p.stdin.write(BIG)
-    for p in procs:
-        assert p.stdin is not None
-        p.stdin.close()
-    codes = sorted(p.wait(90) for p in procs)
-    assert codes == [0] + [75] * 9
-    kind = "maildir" if (served_quota.root / "mail").exists() else "mbox"
-    assert 80 * 1024 < stored(served_quota, kind) <= 100 * 1024
+    statuses = deliver_race(served_quota.config, settle=1.0)
+    assert sorted(statuses) == [0] + [75] * 9
+    assert 80 * 1024 < stored(served_quota.root, kind_of(served_quota)) <= 100 * 1024

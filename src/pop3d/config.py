@@ -90,6 +90,9 @@ class AuthConfig:
     login_delay: int = 0
     #: Folder of the per-user last-login stamps, shared by every process of the server.
     login_stamps: Path = Path("login-stamps")
+    #: The secret key every worker derives SCRAM salts and decoys from (created once, mode
+    #: 0600); ``None``: ``pop3d-auth.key`` next to ``passwd_file``.
+    key_file: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +120,9 @@ class LmtpConfig:
     listen: tuple[str, ...] = ()
     max_message_size: int = 50 * 1024 * 1024
     hostname: str = "localhost"
+    #: Connections at once, in total and per client address, counted at accept.
+    max_connections: int = limits.LMTP_MAX_CONNECTIONS
+    max_connections_per_ip: int = limits.LMTP_MAX_CONNECTIONS_PER_IP
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +273,7 @@ def _auth(data: Mapping[str, Any], base: Path) -> AuthConfig:
         mechanisms=mechs,
         login_delay=sec.get("login_delay", int, d.login_delay),
         login_stamps=_path(base, sec.get("login_stamps", str, str(d.login_stamps))),
+        key_file=_path(base, kf) if (kf := sec.get("key_file", str, None)) else None,
     )
     sec.done()
     if cfg.login_delay < 0:
@@ -320,8 +327,12 @@ def _lmtp(data: Mapping[str, Any]) -> LmtpConfig:
             "[lmtp] max_message_size",
         ),
         hostname=sec.get("hostname", str, d.hostname),
+        max_connections=sec.get("max_connections", int, d.max_connections),
+        max_connections_per_ip=sec.get("max_connections_per_ip", int, d.max_connections_per_ip),
     )
     sec.done()
+    if cfg.max_connections < 1 or cfg.max_connections_per_ip < 1:
+        raise ConfigError("[lmtp] max_connections and max_connections_per_ip must be >= 1")
     return cfg
 
 

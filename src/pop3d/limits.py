@@ -78,3 +78,13 @@ TLS_HANDSHAKE_TIMEOUT = 30.0
 
 #: Time given to open sessions to finish after SIGTERM before they are cut.
 SHUTDOWN_GRACE = 5.0
+
+#: LMTP connections one client address may hold at once (SPEC: ``[lmtp]
+#: max_connections_per_ip``).  An MTA opens few: Postfix's default per-destination
+#: concurrency is 20, so 64 leaves room for three of them behind one address, and a
+#: runaway or hostile client cannot hold every slot.
+LMTP_MAX_CONNECTIONS_PER_IP = 64
+
+#: LMTP connections a worker process holds at once (``[lmtp] max_connections``), from all
+#: addresses and UNIX-socket peers together; each costs a task and a spool file.
+LMTP_MAX_CONNECTIONS = 1000

@@ -90,7 +90,7 @@ def build_authenticator(cfg: Config) -> Any:
         raise ConfigError("[auth] passwd_file is required")
     if not cfg.auth.passwd_file.is_file():
         raise ConfigError(f"[auth] passwd_file {cfg.auth.passwd_file} does not exist")
-    return PasswdFileAuthenticator(cfg.auth.passwd_file)
+    return PasswdFileAuthenticator.from_config(cfg.auth)
 
 
 def _raise_file_limit() -> None:

@@ -119,7 +119,7 @@ from pop3d.storage.beneath import DIR_FLAGS, MailRoot, is_link_refusal
 from pop3d.storage.blocking import in_thread, pread_nowait, write_all
 from pop3d.storage.lock_table import LockTable, TableLock
 from pop3d.storage.locking import SessionLock, SessionLocks, session_locks_for, take_lock
-from pop3d.storage.quota import quota_for
+from pop3d.storage.quota import charge, quota_for
 from pop3d.storage.template import check_template, mail_path, mail_rel, mail_root
 from pop3d.storage.wire import CrlfNormaliser, WireCounter
 
@@ -1174,7 +1174,17 @@ class MaildirStore:
         # Once the data is complete the delivery finishes even if the caller is cancelled
         # (the thread cannot be stopped): at worst the sender retries and the user gets a
         # duplicate, never a half message.  The thread closes ``dirs``.
-        await in_thread(lambda: _finish_delivery(fd, dirs, unique, final))
+        if limit is None:
+            await in_thread(lambda: _finish_delivery(fd, dirs, unique, final))
+            return
+        # Under a quota, count and rename under the maildrop's quota lock (storage/quota.py),
+        # so that concurrent deliveries never overshoot it by more than one message.
+        await charge(
+            where.path, counter.wire_size, limit,
+            usage=lambda: self._stat_sync(where).size,
+            commit=lambda: _finish_delivery(fd, dirs, unique, final),
+            abandon=lambda: _abandon_delivery(fd, dirs, unique),
+        )
 
     async def _used(self, principal: Principal, limit: int | None) -> int:
         """The user's wire octets when a quota applies (0 otherwise).
@@ -1255,6 +1265,13 @@ def _finish_delivery(fd: int, dirs: _Dirs, unique: str, final: str) -> None:
             # The message is complete and visible; only its durability is in doubt.
             # Saying "failed" would make the sender retry and duplicate it.
             del exc
+
+
+def _abandon_delivery(fd: int, dirs: _Dirs, unique: str) -> None:
+    """Close and remove a delivery's tmp file (refused over quota); closes ``dirs``."""
+    with dirs:
+        os.close(fd)
+        _unlink_quietly(unique, dirs["tmp"])
 
 
 def _unlink_quietly(name: str, dir_fd: int) -> None:

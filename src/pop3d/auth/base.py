@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,4 +43,42 @@ class Authenticator(Protocol):
         than a verify.  ``None`` when the user is unknown or their stored password cannot
         produce that scheme.
         """
+        ...
+
+
+# ---------------------------------------------------------------------------- fast paths
+
+
+@runtime_checkable
+class InlineVerify(Protocol):
+    """An :class:`Authenticator` that can often verify a password at once (a fast scheme).
+
+    The rule of the fast path (as in ``storage/base.py``): it either reaches the verdict
+    (returns it, or raises the backend's error) or raises
+    :class:`~pop3d.errors.WouldWait` BEFORE verifying anything, so the async
+    :meth:`Authenticator.verify_password` then does the work once, never twice.
+    """
+
+    def verify_password_now(self, username: str, password: bytes) -> Principal | None:
+        """:meth:`Authenticator.verify_password` without waiting.
+
+        Raises:
+            WouldWait: a slow scheme or a reload is due; nothing was verified.
+            TemporaryBackendError: the verification could not run.
+
+        """
+        ...
+
+
+@runtime_checkable
+class ScramSaltKey(Protocol):
+    """An :class:`Authenticator` whose stable SCRAM salts come from a key of its own.
+
+    The session fakes unknown users' salts with the same key, so that a SCRAM
+    server-first message does not tell who exists.
+    """
+
+    @property
+    def scram_salt_key(self) -> bytes:
+        """The key per-user SCRAM salts are derived from."""
         ...

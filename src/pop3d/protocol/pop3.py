@@ -125,9 +125,9 @@ class Pop3Connection:
         "_live_size",
         "_out",
         "_out_size",
-        "_refused",
         "_pending",
         "_queued",
+        "_refused",
         "_sasl",
         "_sasl_count",
         "_status_line",
@@ -231,7 +231,8 @@ class Pop3Connection:
             raise LocalProtocolError(f"{type(self._pending).__name__} was not answered")
         if self._queued is not None:
             queued, self._queued = self._queued, None
-            self._pending = queued
+            if not isinstance(queued, AuthRefused):  # information only: nothing to answer
+                self._pending = queued
             return queued
         while self.state is not State.CLOSED:
             in_sasl = self._sasl is not None
@@ -600,9 +601,14 @@ class Pop3Connection:
         self._status_line = status
         return SendMessage(info.uid, body_lines)
 
-    def _refuse_plaintext(self, what: str) -> AuthRefused:
+    def _refuse_plaintext(self, what: str, mechanism: str = "USER") -> AuthRefused:
         self._refuse("plaintext authentication disallowed on non-secure connections", RespCode.AUTH)
-        return AuthRefused(f"{what} without TLS from outside secure_networks")
+        return AuthRefused(
+            f"{what} without TLS from outside secure_networks",
+            "cleartext-refused",
+            mechanism,
+            self._user or "",
+        )
 
     # ---------------------------------------------------------------- SASL (RFC 5034)
 
@@ -630,15 +636,16 @@ class Pop3Connection:
             return None
         if mechanism not in usable:
             if mechanism in ("PLAIN", "LOGIN") and mechanism in self.settings.sasl_mechanisms:
-                return self._refuse_plaintext("AUTH " + mechanism)  # the response is not read
+                # The response is not read.
+                return self._refuse_plaintext("AUTH " + mechanism, mechanism)
             self._refuse("unsupported authentication mechanism")
-            return None
+            return AuthRefused("an unknown SASL mechanism", "unknown-mech", mechanism[:20])
         data = None
         if initial is not None:
             data = sasl.decode_response(initial)
             if data is None:
                 self._refuse("invalid base64 in initial response")
-                return None
+                return AuthRefused("invalid base64 in a SASL response", "malformed", mechanism)
         self._sasl = mech = self._new_mechanism(mechanism)
         return self._sasl_step(mech.start(data))
 
@@ -667,14 +674,16 @@ class Pop3Connection:
         """One client line inside an exchange: ``*``, or a base64 response."""
         assert self._sasl is not None
         self._refused = False
+        mechanism = self._sasl.name
+        event: Event | None
         if line == b"*":
             self._sasl = None
             self._refuse("authentication cancelled")
-            event = None
+            event = AuthRefused("a cancelled SASL exchange", "cancelled", mechanism)
         elif (data := sasl.decode_response(line)) is None:
             self._sasl = None
             self._refuse("invalid base64 in SASL response")
-            event = None
+            event = AuthRefused("invalid base64 in a SASL response", "malformed", mechanism)
         else:
             event = self._sasl_step(self._sasl.step(data))
         self._count_errors()
@@ -698,6 +707,7 @@ class Pop3Connection:
                 return SaslOutcome(username, mech.name, success, reason)
             case sasl.Failed(reason):
                 self._refuse(reason)
+                return AuthRefused(reason, "malformed", mech.name)
         return None
 
     def _stls(self) -> Event | None:

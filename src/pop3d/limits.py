@@ -96,6 +96,14 @@ WRITE_COALESCE = 64 * 1024
 #: Transport high-water mark: the driver waits for the socket to drain past this.
 WRITE_HIGH_WATER = 512 * 1024
 
+#: Coalesced writes (of :data:`WRITE_COALESCE` octets) one connection makes before the
+#: others get their turn of the event loop: while the kernel keeps taking a pipelining
+#: client's replies, it is answered 256 KiB at a time, not for seconds on end.
+WRITES_PER_TURN = 4
+#: Commands one connection has answered before the others get their turn, for the same
+#: reason: a flood of ``NOOP`` (5 octets a reply) is served a thousand at a time.
+COMMANDS_PER_TURN = 1024
+
 #: What one connection may hold of its own output beyond the kernel's socket buffers:
 #: the transport's buffer (up to the high-water mark plus one coalesced write) and the
 #: reply being made (an inline message is at most 64 KiB; a listing is bounded by the

@@ -18,6 +18,15 @@ class NeedData:
 
 
 @dataclass(frozen=True, slots=True)
+class Flush:
+    """The replies queued reach ``settings.output_chunk``: send them before asking again.
+
+    The core stops answering here, so a client that pipelines without reading cannot make
+    it queue more than that; the driver writes, and waits while the peer does not read.
+    """
+
+
+@dataclass(frozen=True, slots=True)
 class PasswordAuthenticate:
     """Verify ``password`` for ``username`` (USER/PASS, SASL PLAIN and LOGIN).
 
@@ -135,6 +144,7 @@ class Closed:
 
 Event = (
     NeedData
+    | Flush
     | PasswordAuthenticate
     | ApopAuthenticate
     | SaslSecret

@@ -43,6 +43,7 @@ from pop3d.protocol.events import (
     AuthRefused,
     Closed,
     Event,
+    Flush,
     NeedData,
     OpenMaildrop,
     PasswordAuthenticate,
@@ -58,6 +59,10 @@ from pop3d.protocol.states import COMMANDS, State
 from pop3d.storage.base import MessageInfo
 
 _NEED_DATA = NeedData()
+_FLUSH = Flush()
+#: Lines the core handles by itself before it hands the driver a :class:`Flush`, so that
+#: the driver can take its turn (and bound its own) inside a long pipelined batch.
+_LINES_PER_EVENT = 64
 
 #: The driver's deadlines (see :meth:`Pop3Connection.timeout`): ``idle``, no complete
 #: command for ``idle_timeout``; ``login``, not logged in after ``login_timeout``;
@@ -105,6 +110,8 @@ class Pop3Settings:
     #: enforces it (it answers OpenMaildrop with ``LOGIN_DELAY``).
     login_delay: int = 0
     max_bad_commands: int = limits.MAX_BAD_COMMANDS
+    #: Queued reply octets at which the core stops answering and asks for a :class:`Flush`.
+    output_chunk: int = limits.WRITE_COALESCE
     max_auth_attempts: int = limits.MAX_AUTH_ATTEMPTS
 
 
@@ -115,6 +122,7 @@ class Pop3Connection:
     __slots__ = (
         "_auth_failures",
         "_bad_commands",
+        "_capa",
         "_client_identity",
         "_close_reason",
         "_deleted",
@@ -161,6 +169,8 @@ class Pop3Connection:
         self._queued: Event | None = None
         self._close_reason = ""
         self._bad_commands = 0
+        #: The CAPA reply, made once per state (a flood of CAPA costs a copy each).
+        self._capa: bytes | None = None
         self._auth_failures = 0
         self._utf8 = False
         self._user: str | None = None
@@ -234,7 +244,12 @@ class Pop3Connection:
             if not isinstance(queued, AuthRefused):  # information only: nothing to answer
                 self._pending = queued
             return queued
+        answered = 0
         while self.state is not State.CLOSED:
+            if self._out_size >= self.settings.output_chunk or answered >= _LINES_PER_EVENT:
+                # Answer no more until the driver has taken these (and let others run).
+                return _FLUSH
+            answered += 1
             in_sasl = self._sasl is not None
             line = self._lines.next_line(
                 limits.MAX_SASL_LINE if in_sasl else limits.MAX_COMMAND_LINE
@@ -307,6 +322,7 @@ class Pop3Connection:
         self._live_count = len(self._listing)
         self._live_size = sum(m.size for m in self._listing)
         self.state = State.TRANSACTION
+        self._capa = None
         assert self.principal is not None
         self._emit(
             ok(f"{self.principal.username}'s maildrop has {self._summary()}")
@@ -380,6 +396,7 @@ class Pop3Connection:
         """
         self._answer((StartTls,))
         self.tls_active = True
+        self._capa = None
         self._user = None
         self._client_identity = client_identity
 
@@ -506,7 +523,11 @@ class Pop3Connection:
     def _handle(self, cmd: c.Command) -> Event | None:
         match cmd:
             case c.Capa():
-                self._emit(multiline(ok("Capability list follows"), self._capabilities()))
+                capa = self._capa
+                if capa is None:
+                    capa = multiline(ok("Capability list follows"), self._capabilities())
+                    self._capa = capa
+                self._emit(capa)
             case c.Quit():
                 if self.state is State.TRANSACTION:
                     self.state = State.UPDATE

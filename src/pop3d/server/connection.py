@@ -54,6 +54,7 @@ from pop3d.protocol import (
     ApopAuthenticate,
     AuthRefused,
     Closed,
+    Flush,
     NeedData,
     OpenMaildrop,
     PasswordAuthenticate,
@@ -284,15 +285,29 @@ class Pop3Protocol(asyncio.Protocol):
                 self._note_activity(core)
 
     def _advance_events(self, core: Pop3Connection) -> tuple[Event, Later[Any]] | None:
+        writes = 0
+        first = core.commands_received
         while True:
             if core.pending_output >= limits.WRITE_COALESCE:
                 self.flush()
+                writes += 1
             if self._write_paused:
                 # The peer is not reading: answer nothing more, read nothing more.
                 self._blocked = True
                 self._pause_reading()
                 return None
+            if (
+                writes >= limits.WRITES_PER_TURN
+                or core.commands_received - first >= limits.COMMANDS_PER_TURN
+            ):
+                # Fairness: a client whose replies the kernel keeps taking lets the others
+                # (and the accept) have the loop before it is answered further.
+                self._blocked = True
+                self.loop.call_soon(self._next_turn)
+                return None
             event = core.next_event()
+            if isinstance(event, Flush):
+                continue  # the replies are written at the top of the loop
             if isinstance(event, NeedData):
                 self._flush_soon()
                 if self._reading_paused:
@@ -316,6 +331,13 @@ class Pop3Protocol(asyncio.Protocol):
             if later is not None:
                 self.flush()
                 return event, later
+
+    def _next_turn(self) -> None:
+        """Go on answering a client that was made to wait its turn (unless it is paused)."""
+        if self._blocked and not self._write_paused and not self._closing and self.core:
+            self._blocked = False
+            if self._task is None:
+                self._run()
 
     def _note_activity(self, core: Pop3Connection) -> None:
         """Complete commands are activity; an incomplete line starts its own clock."""

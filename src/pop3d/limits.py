@@ -127,5 +127,9 @@ MAX_UIDL = 70
 #: Time allowed for a TLS handshake (STLS or implicit TLS) before the connection is closed.
 TLS_HANDSHAKE_TIMEOUT = 30.0
 
+#: After a deadline's farewell, time given to the peer to take it before the connection
+#: is cut (a peer that never reads would hold a closing connection for ever).
+CLOSE_GRACE = 5.0
+
 #: Time given to open sessions to finish after SIGTERM before they are cut.
 SHUTDOWN_GRACE = 5.0

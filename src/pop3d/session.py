@@ -206,6 +206,11 @@ class FailureDelays:
 
     # ---------------------------------------------------------------- slots
 
+    def in_flight(self, key: str) -> int:
+        """Authentications of ``key`` in progress (holding a slot) now."""
+        entry = self._table.get(key)
+        return 0 if entry is None else entry.in_flight
+
     def try_acquire(self, key: str) -> bool:
         """Take one of ``key``'s authentication slots if one is free now."""
         entry = self._entry(key)

@@ -658,11 +658,13 @@ class Pop3Protocol(asyncio.Protocol):
         self._result = self._result or reason
         self._closing = True
         if transport is not None:
-            if abort:
+            if abort or self._write_paused:  # the peer is not reading: nothing more to say
                 transport.abort()
             else:
                 transport.write(last_words)
                 transport.close()
+                # A peer that never reads would keep a closing transport for ever.
+                self.loop.call_later(limits.CLOSE_GRACE, transport.abort)
         self._finish()
         self._cancel_task()
 

@@ -207,9 +207,9 @@ class FailureDelays:
     # ---------------------------------------------------------------- slots
 
     def in_flight(self, key: str) -> int:
-        """Authentications of ``key`` in progress (holding a slot) now."""
+        """Authentications of ``key`` in progress (holding a slot or waiting for one)."""
         entry = self._table.get(key)
-        return 0 if entry is None else entry.in_flight
+        return 0 if entry is None else entry.in_flight + len(entry.waiters)
 
     def try_acquire(self, key: str) -> bool:
         """Take one of ``key``'s authentication slots if one is free now."""
@@ -218,6 +218,10 @@ class FailureDelays:
             return False
         entry.in_flight += 1
         return True
+
+    def take(self, key: str) -> None:
+        """Take a slot known to be free (:meth:`in_flight` was below the limit)."""
+        self._entry(key).in_flight += 1
 
     async def acquire(self, key: str) -> None:
         """Wait for one of ``key``'s authentication slots (in arrival order)."""
@@ -298,24 +302,26 @@ class Backends:
             verify_now is None
             or type(event) is not PasswordAuthenticate
             or delays.penalised(key)
-            or not delays.try_acquire(key)
+            or delays.in_flight(key) >= delays.max_in_flight
         ):
             return Later(self._authenticate_later(request, key))
+        # A slot is free, and stays free while this runs: nothing else runs meanwhile,
+        # so it is taken only if the request goes on after this call.
         start = delays.clock()
         try:
             principal = verify_now.verify_password_now(event.username, event.password)
         except WouldWait:  # nothing was verified: the task does it, once
+            delays.take(key)
             return Later(self._shielded(self._judge(request, key)))
         except Exception:
             log.exception("authentication backend failed")
-            delays.release(key)
             return self._verdict(request, key, RespCode.SYS_TEMP, start)
         if principal is not None:
-            delays.release(key)
             return self._verdict(request, key, principal, start)
         # A refusal: judged now, answered after the delay (the slot is held until then).
         wait = delays.penalty(key)
         answer = self._verdict(request, key, None, start)
+        delays.take(key)
         return Later(self._shielded(self._hold(key, start + wait, answer)))
 
     async def _authenticate_later(self, request: AuthRequest, key: str) -> AuthAnswer:

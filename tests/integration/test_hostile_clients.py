@@ -23,6 +23,7 @@ import pytest
 from pop3d.testing import Pop3ServeProcess
 
 from .helpers import RawClient
+from .tls_support import make_pki
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -272,6 +273,20 @@ def test_a_stalled_reader_is_cut_and_its_lock_released(
             pytest.fail("the stalled session kept its lock")
         client.abort()
         wait_for_log(proc, "result=send timeout")
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_silent_stls_handshake_has_its_own_deadline(
+    server: ServerMaker, loop: str, tmp_path: Path
+) -> None:
+    """STLS, then no ClientHello: closed by the handshake deadline, not the login one."""
+    pki = make_pki(tmp_path / "pki")
+    with server(loop, sections={"tls": pki.tls_section()}, login_timeout=600) as proc:
+        client = RawClient(proc.host, proc.port)
+        assert client.cmd(b"STLS").startswith(b"+OK")
+        took = seconds_until_closed(client.sock, 60, b"", 40)
+        client.close()
+        assert took < 30  # STLS_HANDSHAKE_TIMEOUT is 10 s (login_timeout is 600 s)
 
 
 @pytest.mark.parametrize("loop", LOOPS)

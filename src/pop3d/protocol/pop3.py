@@ -16,6 +16,14 @@ Rules this file keeps:
 * Commands are answered strictly in order, one at a time (pipelining is just more lines
   in the buffer).  A command not in its state's row of :data:`states.COMMANDS` is an error.
 * Every ``-ERR`` text is ours; no client byte and no exception text reaches the wire.
+* Bounded output: once the queued replies reach ``settings.output_chunk`` (and after every
+  64 lines handled by itself) the core stops and returns :class:`Flush`; it answers more
+  only when asked again, so a driver that stops asking while its peer does not read
+  holds a bounded amount, whatever is pipelined.
+* Deadlines and shutdown are the driver's inputs (:meth:`Pop3Connection.timeout`,
+  :meth:`Pop3Connection.shutdown`): the core closes without UPDATE and says what may still
+  be sent (nothing in the middle of a message).  The core counts its own refusals
+  against the error budget.
 * After :data:`limits.MAX_BAD_COMMANDS` consecutive errors, or
   :data:`limits.MAX_AUTH_ATTEMPTS` failed logins, the connection is closed.
 * STLS: the ``+OK`` is the last plaintext byte; anything received after the STLS line is

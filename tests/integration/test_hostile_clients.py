@@ -34,7 +34,7 @@ MESSAGE = (b"Subject: x\r\n\r\n" + (b"y" * 70 + b"\r\n") * 850)[:60000] + b"\r\n
 
 #: RSS growth allowed under a flood of a few connections: the budget is about 1 MiB a
 #: connection, plus the allocator's slack.  Before the fix one RETR flood took 0.9-1.3 GiB.
-RSS_BOUND = 64 << 20
+RSS_BOUND = 32 << 20
 
 
 #: The ``server`` fixture: ``with server(loop, messages=N, **config_keys) as proc``.

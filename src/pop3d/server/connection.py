@@ -453,7 +453,7 @@ class Pop3Protocol(asyncio.Protocol):
             case SaslSecret(username, scheme):
                 secret = await self.server.backends.sasl_secret(username, scheme)
                 if isinstance(secret, RespCode):
-                    audit.auth_failed(username, self.address, "SASL", "tempfail", self._tls())
+                    audit.auth_failed(username, self.address, scheme, "tempfail", self._tls())
                     core.auth_failed(secret)
                 else:
                     core.sasl_secret(secret)

@@ -38,6 +38,9 @@ class ServerConfig:
     listen: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 1110),)
     tls_listen: tuple[ListenAddress, ...] = ()
     idle_timeout: float = limits.DEFAULT_IDLE_TIMEOUT
+    #: Seconds a connection may stay unauthenticated, whatever it sends (default: the
+    #: smaller of 60 s and 3 x ``idle_timeout``).
+    login_timeout: float = limits.DEFAULT_LOGIN_TIMEOUT
     #: Worker processes sharing the listening sockets; 0 means one per core ("auto").
     workers: int = 0
     max_connections: int = 20000
@@ -93,6 +96,9 @@ class AuthConfig:
     #: The secret key every worker derives SCRAM salts and decoys from (created once, mode
     #: 0600); ``None``: ``pop3d-auth.key`` next to ``passwd_file``.
     key_file: Path | None = None
+
+    #: IPv6 addresses sharing one failure penalty: this many leading bits.
+    ipv6_penalty_prefix: int = limits.DEFAULT_IPV6_PENALTY_PREFIX
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,6 +210,10 @@ def _server(data: Mapping[str, Any]) -> ServerConfig:
     idle = float(sec.get("idle_timeout", (int, float), d.idle_timeout))
     if idle <= 0:
         raise ConfigError("[server] idle_timeout must be positive")
+    default_login = min(limits.DEFAULT_LOGIN_TIMEOUT, limits.LOGIN_TIMEOUT_IDLE_FACTOR * idle)
+    login_timeout = float(sec.get("login_timeout", (int, float), default_login))
+    if login_timeout <= 0:
+        raise ConfigError("[server] login_timeout must be positive")
     workers_raw = sec.get("workers", (int, str), "auto")
     if workers_raw == "auto":
         workers = 0
@@ -215,6 +225,7 @@ def _server(data: Mapping[str, Any]) -> ServerConfig:
         listen=listen,
         tls_listen=tls_listen,
         idle_timeout=idle,
+        login_timeout=login_timeout,
         workers=workers,
         max_connections=sec.get("max_connections", int, d.max_connections),
         max_connections_per_ip=sec.get("max_connections_per_ip", int, d.max_connections_per_ip),
@@ -274,8 +285,14 @@ def _auth(data: Mapping[str, Any], base: Path) -> AuthConfig:
         login_delay=sec.get("login_delay", int, d.login_delay),
         login_stamps=_path(base, sec.get("login_stamps", str, str(d.login_stamps))),
         key_file=_path(base, kf) if (kf := sec.get("key_file", str, None)) else None,
+
+        ipv6_penalty_prefix=sec.get("ipv6_penalty_prefix", int, d.ipv6_penalty_prefix),
     )
     sec.done()
+    if not 0 <= cfg.ipv6_penalty_prefix <= 128:
+        raise ConfigError("[auth] ipv6_penalty_prefix: must be 0-128")
+    if cfg.failure_delay < 0 or cfg.max_failure_delay < 0:
+        raise ConfigError("[auth] failure_delay and max_failure_delay must not be negative")
     if cfg.login_delay < 0:
         raise ConfigError("[auth] login_delay: must be 0 (none) or a number of seconds")
     return cfg

@@ -156,7 +156,11 @@ async def _serve(
     backends = Backends(
         authenticator=authenticator,
         store=store,
-        delays=FailureDelays(cfg.auth.failure_delay, cfg.auth.max_failure_delay),
+        delays=FailureDelays(
+            cfg.auth.failure_delay,
+            cfg.auth.max_failure_delay,
+            ipv6_prefix=cfg.auth.ipv6_penalty_prefix,
+        ),
         login_delay=(
             LoginDelay(cfg.auth.login_delay, cfg.auth.login_stamps)
             if cfg.auth.login_delay

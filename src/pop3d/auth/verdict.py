@@ -17,10 +17,11 @@ from __future__ import annotations
 import enum
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 from pop3d.auth.base import Principal
 
-__all__ = ["Refused", "Unfinished", "Verdict"]
+__all__ = ["InlineVerify", "Refused", "Unfinished", "Verdict"]
 
 
 class Refused(enum.Enum):
@@ -62,3 +63,22 @@ class Unfinished:
 
 #: A check's outcome: who (success), why not (refusal), or the rest of the work.
 Verdict = Principal | Refused | Unfinished
+
+
+@runtime_checkable
+class InlineVerify(Protocol):
+    """An authenticator that checks a password as far as it can without waiting.
+
+    The one path of a password check (``session.Backends.authenticate``): :meth:`begin`
+    reaches the verdict at once, or hands back an :class:`Unfinished` holding the rest,
+    which the session's task awaits; nothing done inline is ever done again.
+    """
+
+    def begin(self, username: str, password: bytes) -> Verdict:
+        """The verdict, or the rest of the work.
+
+        Raises:
+            TemporaryBackendError: the verification could not run.
+
+        """
+        ...

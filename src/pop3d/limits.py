@@ -78,3 +78,32 @@ TLS_HANDSHAKE_TIMEOUT = 30.0
 
 #: Time given to open sessions to finish after SIGTERM before they are cut.
 SHUTDOWN_GRACE = 5.0
+
+# ---------------------------------------------------------------------- the accept path
+# (src/pop3d/server/accept.py: what a connection may cost before its POP3 session starts)
+
+#: Time from accept until the POP3 session starts on a connection that must first send a
+#: PROXY header or complete an implicit-TLS handshake (``[server] handshake_timeout``).
+#: Both take one or two round trips (a TLS 1.2 handshake two, plus the client's key
+#: exchange), well under a second on any real link; 10 s leaves room for a lossy mobile
+#: link while a client that connects and says nothing is gone in 10 s, not 30 or never.
+HANDSHAKE_TIMEOUT = 10.0
+
+#: Implicit-TLS handshakes one worker runs at once (``[server] max_tls_handshakes``).  A
+#: handshake costs about a millisecond of CPU (key exchange and signature) and its
+#: buffers; more at once do not finish sooner on one core, they only hold more memory.
+#: Connections past the bound wait, reading paused, for a free slot within their
+#: ``handshake_timeout`` (a connection that has sent nothing holds no slot at all).
+MAX_TLS_HANDSHAKES = 64
+
+#: Size of the buffer each implicit-TLS connection reads ciphertext into, on asyncio.
+#: asyncio's default is 256 KiB per connection, allocated and zeroed whether or not the
+#: client ever sends that much, which made an idle POP3S session cost 280 KiB.  16 KiB
+#: holds a whole TLS record's payload (RFC 8446 §5.1: at most 2^14 octets), and POP3
+#: clients send short command lines: reads are no more frequent in practice.
+TLS_READ_BUFFER = 16 * 1024
+
+#: The largest PROXY protocol v2 header length accepted (the 16-octet fixed part not
+#: counted).  The addresses take at most 216 octets (AF_UNIX); HAProxy's TLVs (ALPN,
+#: authority, unique id up to 128, SSL version/CN/cipher/algorithms) fit well in the rest.
+PROXY_V2_MAX_LENGTH = 1536

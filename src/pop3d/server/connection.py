@@ -63,6 +63,7 @@ from pop3d.server.tls import certificate_identity
 
 if TYPE_CHECKING:
     from pop3d.auth.base import Principal
+    from pop3d.server.accept import Client
     from pop3d.server.listener import ServerContext
     from pop3d.storage.base import Maildrop
 
@@ -86,6 +87,7 @@ class Pop3Protocol(asyncio.Protocol):
         "_task",
         "_write_paused",
         "address",
+        "client",
         "core",
         "implicit_tls",
         "last_active",
@@ -103,8 +105,12 @@ class Pop3Protocol(asyncio.Protocol):
         *,
         implicit_tls: bool,
         loop: asyncio.AbstractEventLoop | None = None,
+        client: Client | None = None,
     ) -> None:
         self.server = server
+        #: Set by the accept path (PROXY header, implicit TLS), which admitted the
+        #: connection and knows the client's address; None: read the peer address.
+        self.client = client
         self.implicit_tls = implicit_tls
         # The listener passes its loop: get_running_loop() costs a getpid() system call
         # (CPython's fork check), once per connection on the login path.
@@ -138,9 +144,13 @@ class Pop3Protocol(asyncio.Protocol):
         """Admit the client (its idle time counts from now) and send the greeting."""
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods
         self.transport = transport = cast("asyncio.Transport", base_transport)
-        peer = transport.get_extra_info("peername")
-        self.address = str(peer[0]) if peer else "local"
-        self.peer = f"{self.address}:{peer[1]}" if peer else "local"
+        client = self.client
+        if client is None:
+            peer = transport.get_extra_info("peername")
+            self.address = str(peer[0]) if peer else "local"
+            self.peer = f"{self.address}:{peer[1]}" if peer else "local"
+        else:
+            self.address, self.peer = client.address, client.peer
         refusal = self.server.admit(self)
         if refusal is not None:
             log.warning("refused %s: %s", self.peer, refusal)

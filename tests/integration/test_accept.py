@@ -59,7 +59,11 @@ def start(
         sections = {"tls": pki.tls_section()}
         if request.param == "asyncio":
             srv = Pop3TestServer(
-                root, users=users, sections=sections, tls_listen=["127.0.0.1:0"], **overrides
+                root,
+                users=users,
+                sections=sections,
+                tls_listen=["127.0.0.1:0"],
+                **overrides,  # type: ignore[arg-type]
             ).start()
             stops.append(srv.stop)
             return Server(srv.port, srv.tls_port, lambda: caplog.text)
@@ -70,7 +74,7 @@ def start(
             sections=sections,
             tls_listen=[f"127.0.0.1:{tls_port}"],
             workers=1,
-            **overrides,
+            **overrides,  # type: ignore[arg-type]
         ).start()
         stops.append(proc.kill)
         return Server(proc.port, tls_port, proc.log_text)

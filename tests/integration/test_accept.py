@@ -201,6 +201,20 @@ def test_handshakes_in_flight_are_bounded(start: Callable[..., Server], pki: Pki
     assert not errors, errors
 
 
+def test_stalled_handshake_is_closed_and_frees_its_slot(
+    start: Callable[..., Server], pki: Pki
+) -> None:
+    """A handshake that stops halfway is closed at the deadline; its slot serves the next."""
+    srv = start(max_tls_handshakes=1, handshake_timeout=1)
+    with connect(srv.tls_port) as stalled:
+        stalled.sendall(b"\x16\x03\x01\x02")  # holds the only slot, then says nothing
+        assert stalled.recv(100) == b""  # closed at the deadline
+    with socket.create_connection(("127.0.0.1", srv.tls_port), timeout=WAIT) as raw, \
+            pki.client_context().wrap_socket(raw, server_hostname="localhost") as tls:
+        assert tls.recv(100).startswith(b"+OK")
+    wait_until(lambda: "handshake timeout" in srv.log(), "timeout not logged")
+
+
 def test_not_tls_on_pop3s_is_closed(start: Callable[..., Server]) -> None:
     """Cleartext on the POP3S port is closed at its first octets (no TLS state made)."""
     srv = start()

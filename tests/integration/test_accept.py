@@ -138,12 +138,14 @@ def v2(client: str, port: int = 40000, *, ssl_client: bool = False) -> bytes:
 # --------------------------------------------------------------------------- caps before TLS
 
 
-def test_silent_flood_on_pop3s_is_capped_at_accept(start: Callable[..., Server]) -> None:
+def test_silent_flood_on_pop3s_is_capped_at_accept(
+    start: Callable[..., Server], pki: Pki
+) -> None:
     """Silent connections to POP3S are refused past the caps at once, the rest at the deadline.
 
     10 from one address and 10 from another, caps 5 per address and 8 in total: 12 are
-    closed at accept (no TLS work), 8 held until ``handshake_timeout``; then a real
-    client logs in (the counts were released).
+    closed at accept (no TLS work), 8 held until ``handshake_timeout``; then 8 real
+    sessions fit again (every count was released).
     """
     srv = start(max_connections=8, max_connections_per_ip=5, handshake_timeout=3)
     socks = [connect(srv.tls_port, "127.0.0.1") for _ in range(10)]
@@ -155,6 +157,16 @@ def test_silent_flood_on_pop3s_is_capped_at_accept(start: Callable[..., Server])
     for s in socks:
         s.close()
     wait_until(lambda: "handshake timeout" in srv.log(), "timeouts not logged")
+    ctx = pki.client_context()
+    sessions = []
+    try:
+        for source in ["127.0.0.1"] * 5 + ["127.0.0.3"] * 3:
+            sessions.append(ctx.wrap_socket(connect(srv.tls_port, source),
+                                            server_hostname="localhost"))
+            assert sessions[-1].recv(100).startswith(b"+OK")
+    finally:
+        for tls in sessions:
+            tls.close()
 
 
 def test_pop3s_still_serves(start: Callable[..., Server], pki: Pki) -> None:

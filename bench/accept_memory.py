@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/accept_memory.py flood  [--loop asyncio|uvloop] [--n 1000]
     .venv/bin/python bench/accept_memory.py idle   [--loop asyncio|uvloop] [--n 2000] [--login]
+    .venv/bin/python bench/accept_memory.py idle --stls ...   (port 110 and STLS instead)
 
 ``flood``: a server with ``max_connections_per_ip = 50`` and ``max_connections = 80``;
 ``--n`` TCP connections to its POP3S port that never send a byte, from 20 loopback
@@ -11,7 +12,8 @@ after ``--hold`` seconds (a connection the server closed reads EOF), and its RSS
 ``idle``: ``--n`` TLS sessions that complete the handshake, read the greeting (and with
 ``--login`` log in, one user each) and then stay silent; prints the server's RSS growth per
 session (VmRSS of the server process, after a warm-up of 100 sessions so that lazy
-allocations are not counted).
+allocations are not counted).  ``--stls``: the same on the cleartext port, upgraded with
+STLS.
 
 The server runs in a child process on the chosen event loop (``pop3d serve`` picks uvloop
 whenever installed, hence this script's own child); the clients run here, on asyncio.
@@ -146,18 +148,27 @@ async def _flood(n: int, tls_port: int, hold: float) -> tuple[int, int]:
 
 
 async def _idle(
-    n: int, tls_port: int, ca: Path, pid: int, login: bool
+    n: int, ports: tuple[int, int], ca: Path, pid: int, login: bool, stls: bool
 ) -> tuple[int, int, int]:
     ctx = ssl.create_default_context(cafile=str(ca))
     held: list[asyncio.StreamWriter] = []
 
     async def one(i: int) -> None:
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", tls_port, ssl=ctx, server_hostname="localhost"
-        )
+        if stls:
+            reader, writer = await asyncio.open_connection("127.0.0.1", ports[0])
+            assert (await reader.readline()).startswith(b"+OK")
+            writer.write(b"STLS\r\n")
+            assert (await reader.readline()).startswith(b"+OK")
+            await writer.start_tls(ctx, server_hostname="localhost")
+            writer.write(b"NOOP\r\n")
+            greeting = await reader.readline()  # NOOP's answer before login: -ERR
+        else:
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", ports[1], ssl=ctx, server_hostname="localhost"
+            )
+            greeting = await reader.readline()
+            assert greeting.startswith(b"+OK"), greeting
         held.append(writer)
-        greeting = await reader.readline()
-        assert greeting.startswith(b"+OK"), greeting
         if login:
             writer.write(f"USER u{i}\r\nPASS pw\r\n".encode())
             assert (await reader.readline()).startswith(b"+OK")
@@ -189,6 +200,7 @@ def main() -> int:
     p.add_argument("--n", type=int, default=0)
     p.add_argument("--hold", type=float, default=10.0, help="flood: seconds to hold")
     p.add_argument("--login", action="store_true", help="idle: log every session in")
+    p.add_argument("--stls", action="store_true", help="idle: port 110 with STLS")
     args = p.parse_args()
     _raise_nofile()
     with tempfile.TemporaryDirectory(prefix="pop3d-accept-") as tmp:
@@ -218,11 +230,13 @@ def main() -> int:
                 )
             else:
                 base, after, count = asyncio.run(
-                    _idle(n, tls_port, folder / "ca.pem", proc.pid, args.login)
+                    _idle(n, (port, tls_port), folder / "ca.pem", proc.pid, args.login,
+                          args.stls)
                 )
                 state = "logged in" if args.login else "after the greeting"
+                kind = "STLS" if args.stls else "POP3S"
                 print(
-                    f"idle {args.loop}: {count} POP3S sessions {state}: RSS "
+                    f"idle {args.loop}: {count} {kind} sessions {state}: RSS "
                     f"+{after - base} KiB, {(after - base) / count:.1f} KiB per session"
                 )
         finally:

@@ -25,7 +25,7 @@ that path costs nothing more than it did.  Otherwise the listener's protocol is
    slot.  The loop's own ``SSLProtocol`` is built here rather than by ``loop.start_tls``
    so that octets already read (the ClientHello after a PROXY header) can be handed to
    it, and so that, on asyncio, its read buffer is :data:`~pop3d.limits.TLS_READ_BUFFER`
-   instead of 256 KiB per connection.  Outcomes go to
+   instead of 256 KiB per connection (:func:`pop3d.server.tls.ssl_protocol_class`).  Outcomes go to
    :func:`pop3d.metrics.tls_handshake`.
 4. One deadline, ``handshake_timeout`` from accept, covers the header and the handshake
    (waiting for a slot included): past it the connection is closed.
@@ -41,12 +41,11 @@ No task is created on any of these paths; the only timer is the deadline.
 from __future__ import annotations
 
 import asyncio
-import asyncio.sslproto
 import logging
 import ssl
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 from pop3d import limits, metrics
 from pop3d.protocol.replies import RespCode, err
@@ -57,15 +56,14 @@ from pop3d.server.proxy_protocol import (
     parse,
     starts_like_header,
 )
+from pop3d.server.tls import HandshakeEnd, ssl_protocol_class
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from pop3d.server.listener import ServerContext
 
 log = logging.getLogger("pop3d.session")
 
-__all__ = ["AcceptProtocol", "Client", "HandshakeSlots", "check_tls_support"]
+__all__ = ["AcceptProtocol", "Client", "HandshakeSlots"]
 
 #: What a refused client is told on a cleartext listener, by the cap that refused it.
 REFUSALS = {
@@ -85,34 +83,6 @@ class Client:
     address: str
     #: ``address:port`` for log lines.
     peer: str
-
-
-class _LeanSSLProtocol(asyncio.sslproto.SSLProtocol):
-    """asyncio's TLS protocol with a read buffer sized for POP3, not 256 KiB."""
-
-    max_size = limits.TLS_READ_BUFFER
-
-
-_SslProtocolFactory = Any  # asyncio's or uvloop's SSLProtocol class
-
-
-def _ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> _SslProtocolFactory | None:
-    """The server-side TLS protocol class of ``loop``'s own implementation, if known."""
-    if isinstance(loop, asyncio.BaseEventLoop):
-        return _LeanSSLProtocol
-    if type(loop).__module__.startswith("uvloop"):
-        import uvloop.loop  # noqa: PLC0415 (only where uvloop runs)
-
-        # uvloop's SSLProtocol allocates its 256 KiB read buffer with malloc: pages a
-        # short read never touches are never resident.
-        return getattr(uvloop.loop, "SSLProtocol", None)
-    return None
-
-
-def check_tls_support(loop: asyncio.AbstractEventLoop) -> None:
-    """Raise RuntimeError when implicit TLS cannot be served on ``loop``."""
-    if _ssl_protocol_class(loop) is None:
-        raise RuntimeError(f"implicit TLS needs asyncio's or uvloop's event loop, not {loop!r}")
 
 
 class HandshakeSlots:
@@ -342,14 +312,14 @@ class AcceptProtocol(asyncio.Protocol):
             transport.resume_reading()
         self._state = _HANDSHAKE
         loop = self.loop
-        factory = _ssl_protocol_class(loop)
-        assert factory is not None  # check_tls_support() ran at listener start
+        factory = ssl_protocol_class(loop)
+        assert factory is not None  # tls.check_tls_support() ran at listener start
         waiter: asyncio.Future[None] = loop.create_future()
         waiter.add_done_callback(self._handshake_over)
         remaining = max(0.1, self._deadline.when() - loop.time()) if self._deadline else None
         tls = factory(
             loop,
-            _HandshakeEnd(self._tls_established),
+            HandshakeEnd(self._tls_established),
             self.ctx.tls_context(),
             waiter,
             server_side=True,
@@ -463,20 +433,3 @@ class AcceptProtocol(asyncio.Protocol):
     def _transport(self) -> asyncio.Transport:
         assert self.transport is not None
         return self.transport
-
-
-class _HandshakeEnd(asyncio.Protocol):
-    """The TLS protocol's application side until the handshake completes.
-
-    Its ``connection_made`` (the handshake's success) starts the session, which becomes
-    the application side; nothing else reaches it.
-    """
-
-    __slots__ = ("_on_made",)
-
-    def __init__(self, on_made: Callable[[asyncio.BaseTransport], None]) -> None:
-        self._on_made = on_made
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """The handshake completed."""
-        self._on_made(transport)

@@ -59,7 +59,7 @@ from pop3d.protocol import (
 from pop3d.protocol.events import Event
 from pop3d.protocol.replies import RespCode, err
 from pop3d.protocol.states import State
-from pop3d.server.tls import certificate_identity
+from pop3d.server.tls import certificate_identity, start_tls
 
 if TYPE_CHECKING:
     from pop3d.auth.base import Principal
@@ -451,12 +451,13 @@ class Pop3Protocol(asyncio.Protocol):
         if context is None:  # the core only emits StartTls when TLS is available
             raise LocalProtocolError("STLS without a TLS context")
         try:
-            new = await self.loop.start_tls(
+            # tls.start_tls: loop.start_tls with a lean TLS layer (docs/tls.md)
+            new = await start_tls(
+                self.loop,
                 transport,
                 self,
                 context,
-                server_side=True,
-                ssl_handshake_timeout=limits.TLS_HANDSHAKE_TIMEOUT,
+                handshake_timeout=limits.TLS_HANDSHAKE_TIMEOUT,
             )
         except (OSError, ssl.SSLError, ConnectionError, TimeoutError):
             log.info("TLS handshake failed with %s", self.peer)

@@ -25,9 +25,9 @@ from typing import Any
 from pop3d import __version__, limits, metrics, process
 from pop3d.config import Config, ListenAddress
 from pop3d.protocol import Pop3Settings
-from pop3d.server.accept import REFUSALS, AcceptProtocol, HandshakeSlots, check_tls_support
+from pop3d.server.accept import REFUSALS, AcceptProtocol, HandshakeSlots
 from pop3d.server.connection import Pop3Protocol
-from pop3d.server.tls import TlsContexts
+from pop3d.server.tls import TlsContexts, check_tls_support
 from pop3d.session import Backends
 
 log = logging.getLogger("pop3d.server")

@@ -35,6 +35,8 @@ class Server:
     port: int
     tls_port: int
     log: Callable[[], str]
+    #: Stop it (SIGTERM for a process); return its exit status (0 in-process).
+    stop: Callable[[], int]
 
 
 @pytest.fixture
@@ -66,7 +68,12 @@ def start(
                 **overrides,  # type: ignore[arg-type]
             ).start()
             stops.append(srv.stop)
-            return Server(srv.port, srv.tls_port, lambda: caplog.text)
+
+            def stop_in_process() -> int:
+                srv.stop()
+                return 0
+
+            return Server(srv.port, srv.tls_port, lambda: caplog.text, stop_in_process)
         tls_port = free_port()
         proc = Pop3ServeProcess(
             root,
@@ -77,7 +84,7 @@ def start(
             **overrides,  # type: ignore[arg-type]
         ).start()
         stops.append(proc.kill)
-        return Server(proc.port, tls_port, proc.log_text)
+        return Server(proc.port, tls_port, proc.log_text, proc.stop)
 
     yield factory
     for stop in stops:
@@ -225,6 +232,24 @@ def test_stalled_handshake_is_closed_and_frees_its_slot(
             pki.client_context().wrap_socket(raw, server_hostname="localhost") as tls:
         assert tls.recv(100).startswith(b"+OK")
     wait_until(lambda: "handshake timeout" in srv.log(), "timeout not logged")
+
+
+def test_stop_closes_connections_in_their_handshake(start: Callable[..., Server]) -> None:
+    """SIGTERM (or stop()) closes connections still before their session, and exits 0."""
+    srv = start(max_tls_handshakes=1, handshake_timeout=60, proxy_protocol_from=[f"{PROXY}/32"])
+    silent = connect(srv.tls_port)
+    halfway = connect(srv.tls_port)
+    halfway.sendall(b"\x16\x03\x01\x02")  # holds the slot
+    queued = connect(srv.tls_port)
+    queued.sendall(b"\x16\x03\x01\x02")  # waits for it
+    no_header = connect(srv.port, PROXY)
+    assert srv.stop() == 0
+    for sock in (silent, halfway, queued, no_header):
+        try:  # closed by the server, or reset with the listening socket if not accepted yet
+            assert sock.recv(100) == b""
+        except ConnectionResetError:
+            pass
+        sock.close()
 
 
 def test_not_tls_on_pop3s_is_closed(start: Callable[..., Server]) -> None:

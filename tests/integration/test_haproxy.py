@@ -24,7 +24,7 @@ import pytest
 
 from pop3d.testing import Pop3ServeProcess, free_port
 from tests.integration.helpers import WAIT, RawClient
-from tests.integration.tls_support import Pki, make_pki
+from tests.integration.tls_support import Pki, assert_treated_as_tls, make_pki
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -202,12 +202,7 @@ def test_tls_ended_at_haproxy_counts_as_secure(
     """send-proxy-v2-ssl: passwords allowed and no STLS offered; cleartext clients refused."""
     setup = behind_haproxy(plaintext_without_tls=False, secure_networks=[])
     with Client(setup.haproxy.offload, "127.0.0.8", pki.client_context()) as client:
-        client.send(b"CAPA\r\n")
-        assert client.line().startswith(b"+OK")
-        capa = client.multiline()
-        assert b"STLS" not in capa
-        assert b"USER" in capa
-        assert client.login(b"alice", b"secret").startswith(b"+OK")
+        assert_treated_as_tls(client)
         assert client.cmd(b"QUIT").startswith(b"+OK")
     wait_log(setup.pop3d, r"session peer=127\.0\.0\.8:\d+ user=alice")
     # The same client in cleartext through HAProxy (no SSL TLV) may not send a password.

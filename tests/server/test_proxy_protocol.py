@@ -47,21 +47,11 @@ def v2(
     version: int = 2,
 ) -> bytes:
     if block is None:
-        if family == 1:
-            block = struct.pack(
-                "!4s4sHH",
-                ipaddress.IPv4Address(src).packed,
-                ipaddress.IPv4Address(dst).packed,
-                sport,
-                dport,
-            )
-        elif family == 2:
-            block = struct.pack(
-                "!16s16sHH",
-                ipaddress.IPv6Address(src).packed,
-                ipaddress.IPv6Address(dst).packed,
-                sport,
-                dport,
+        if family in (1, 2):
+            block = (
+                ipaddress.ip_address(src).packed
+                + ipaddress.ip_address(dst).packed
+                + struct.pack("!HH", sport, dport)
             )
         elif family == 3:
             block = b"/run/a".ljust(108, b"\0") + b"/run/b".ljust(108, b"\0")

@@ -72,6 +72,8 @@ _TLV = struct.Struct("!BH")
 
 _LOCAL, _PROXY = 0x0, 0x1
 _AF_UNSPEC, _AF_INET, _AF_INET6, _AF_UNIX = 0x0, 0x1, 0x2, 0x3
+#: The address blocks of the IP families: source, destination, their ports.
+_V2_ADDRESSES = {_AF_INET: _V2_INET, _AF_INET6: _V2_INET6}
 _PROTO_UNSPEC, _STREAM, _DGRAM = 0x0, 0x1, 0x2
 
 #: TLV types (section 2.2) this parser looks into.
@@ -230,20 +232,14 @@ def _parse_v2(data: bytes) -> ProxyHeader | None:
         # "must use the real connection endpoints and discard the protocol block"
         return ProxyHeader(version=2, length=length, local=True)
     source = destination = None
-    if family == _AF_INET:
-        if size < _V2_INET.size:
-            raise ProxyHeaderError("PROXY v2: short IPv4 address block")
-        s, d, sport, dport = _V2_INET.unpack_from(block)
-        tlvs = block[_V2_INET.size :]
-        source = (str(ipaddress.IPv4Address(s)), sport)
-        destination = (str(ipaddress.IPv4Address(d)), dport)
-    elif family == _AF_INET6:
-        if size < _V2_INET6.size:
-            raise ProxyHeaderError("PROXY v2: short IPv6 address block")
-        s, d, sport, dport = _V2_INET6.unpack_from(block)
-        tlvs = block[_V2_INET6.size :]
-        source = (str(ipaddress.IPv6Address(s)), sport)
-        destination = (str(ipaddress.IPv6Address(d)), dport)
+    if family in _V2_ADDRESSES:
+        layout = _V2_ADDRESSES[family]
+        if size < layout.size:
+            raise ProxyHeaderError("PROXY v2: address block shorter than its family's")
+        s, d, sport, dport = layout.unpack_from(block)
+        tlvs = block[layout.size :]
+        source = (str(ipaddress.ip_address(s)), sport)
+        destination = (str(ipaddress.ip_address(d)), dport)
     elif family == _AF_UNIX:
         if size < _V2_UNIX_LENGTH:
             raise ProxyHeaderError("PROXY v2: short UNIX address block")

@@ -293,6 +293,23 @@ def test_proxy_header_gives_the_client_address(
         client.close()
 
 
+@pytest.mark.parametrize(
+    "header",
+    [b"PROXY UNKNOWN\r\n", b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"],
+    ids=["v1-unknown", "v2-local"],
+)
+def test_header_without_a_client_is_the_balancers_own(
+    start: Callable[..., Server], header: bytes
+) -> None:
+    """v1 UNKNOWN and v2 LOCAL (health checks) are served as the balancer's own connection."""
+    srv = start(proxy_protocol_from=[f"{PROXY}/32"])
+    client = ProxiedClient(srv.port, header)
+    assert client.greeting.startswith(b"+OK")
+    assert client.cmd(b"QUIT").startswith(b"+OK")
+    client.close()
+    wait_until(lambda: f"session peer={PROXY}:" in srv.log(), "no session line")
+
+
 def test_proxy_without_header_is_closed(start: Callable[..., Server]) -> None:
     """A balancer's connection must start with a header: anything else, or nothing, closes it."""
     srv = start(proxy_protocol_from=[f"{PROXY}/32"], handshake_timeout=1)

@@ -293,6 +293,22 @@ def test_proxy_header_gives_the_client_address(
         client.close()
 
 
+def test_failed_logins_name_the_client(start: Callable[..., Server]) -> None:
+    """A failed login through a balancer is logged (and penalised) for the header's client."""
+    srv = start(proxy_protocol_from=[f"{PROXY}/32"], plaintext_without_tls=True)
+    client = ProxiedClient(srv.port, v1("192.0.2.77"))
+    assert client.login(b"alice", b"wrong").startswith(b"-ERR")
+    client.close()
+
+    def logged() -> bool:
+        return any(
+            "auth failed" in line and "192.0.2.77" in line and PROXY not in line
+            for line in srv.log().splitlines()
+        )
+
+    wait_until(logged, "the failure was not logged with the client's address")
+
+
 @pytest.mark.parametrize(
     "header",
     [b"PROXY UNKNOWN\r\n", b"\r\n\r\n\x00\r\nQUIT\n\x20\x00\x00\x00"],

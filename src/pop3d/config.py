@@ -49,6 +49,13 @@ class ServerConfig:
     greeting: str = "POP3 server ready"
     #: Host name used in the APOP timestamp.
     hostname: str = "localhost"
+    #: Load balancers whose connections must start with a PROXY v1/v2 header (and the
+    #: only peers whose header is believed): server/accept.py, docs/proxy-protocol.md.
+    proxy_protocol_from: tuple[IPNetwork, ...] = ()
+    #: Seconds from accept to the start of the session: PROXY header and implicit TLS.
+    handshake_timeout: float = limits.HANDSHAKE_TIMEOUT
+    #: Implicit-TLS handshakes in progress at once, per worker.
+    max_tls_handshakes: int = limits.MAX_TLS_HANDSHAKES
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,6 +228,19 @@ def _server(data: Mapping[str, Any]) -> ServerConfig:
         workers = workers_raw
     else:
         raise ConfigError('[server] workers must be a positive number or "auto"')
+    try:
+        proxies = tuple(
+            ipaddress.ip_network(n, strict=False)
+            for n in sec.get("proxy_protocol_from", list, [])
+        )
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"[server] proxy_protocol_from: {exc}") from None
+    handshake = float(sec.get("handshake_timeout", (int, float), d.handshake_timeout))
+    if handshake <= 0:
+        raise ConfigError("[server] handshake_timeout must be positive")
+    handshakes = sec.get("max_tls_handshakes", int, d.max_tls_handshakes)
+    if handshakes < 1:
+        raise ConfigError("[server] max_tls_handshakes must be at least 1")
     cfg = ServerConfig(
         listen=listen,
         tls_listen=tls_listen,
@@ -231,6 +251,9 @@ def _server(data: Mapping[str, Any]) -> ServerConfig:
         max_connections_per_ip=sec.get("max_connections_per_ip", int, d.max_connections_per_ip),
         greeting=sec.get("greeting", str, d.greeting),
         hostname=sec.get("hostname", str, d.hostname),
+        proxy_protocol_from=proxies,
+        handshake_timeout=handshake,
+        max_tls_handshakes=handshakes,
     )
     sec.done()
     if not cfg.listen and not cfg.tls_listen:

@@ -501,6 +501,12 @@ class Pop3Protocol(asyncio.Protocol):
             return
         self._hang_up("shutdown", err("server shutting down", RespCode.SYS_TEMP))
 
+    def kick(self) -> None:
+        """An administrator ends this session (``pop3d kick``): close without UPDATE."""
+        if self._closing or self._in_update():
+            return
+        self._hang_up("kicked", err("session ended by the administrator", RespCode.SYS_TEMP))
+
     def idle_timed_out(self) -> None:
         """The server's idle sweep found no activity for ``idle_timeout``: hang up.
 
@@ -532,10 +538,15 @@ class Pop3Protocol(asyncio.Protocol):
             self.server.spawn(_close_maildrop(maildrop, self._task))
         if log.isEnabledFor(logging.INFO):
             deleted = core.deleted_count if self._result == "quit" else 0
+            ssl_object = (
+                self.transport.get_extra_info("ssl_object") if self.transport is not None else None
+            )
+            tls = (ssl_object.version() if ssl_object is not None else None) or "no"
             logsetup.info(
                 log,
                 f"session peer={self.peer} user={self.username or '-'} via={self._mechanism}"
-                f" result={self._result} retr={core.messages_sent} octets={core.octets_sent}"
+                f" tls={tls} result={self._result} retr={core.messages_sent}"
+                f" octets={core.octets_sent}"
                 f" deleted={deleted} secs={time.monotonic() - self._started:.3f}",
             )
 

@@ -415,11 +415,12 @@ def _service(data: Mapping[str, Any], base: Path) -> ServiceConfig:
     group = sec.get("group", str, None)
     grace = float(sec.get("shutdown_grace", (int, float), d.shutdown_grace))
     run_dir = sec.get("run_dir", str, None)
+    allow_root = sec.get("allow_root", bool, d.allow_root)
     sec.done()
     cfg = ServiceConfig(
         user=user or None,
         group=group or None,
-        allow_root=sec.get("allow_root", bool, d.allow_root),
+        allow_root=allow_root,
         shutdown_grace=grace,
         run_dir=_path(base, run_dir or "run"),
     )

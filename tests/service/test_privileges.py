@@ -133,7 +133,8 @@ def test_user_root_is_refused_unless_allowed(tmp_path: Path) -> None:
         assert "allow_root" in done.stderr
         assert str(config) in done.stderr
         assert "Traceback" not in done.stderr
-    config.write_text(config.read_text().replace('user = "root"', 'user = "root"\nallow_root = true'))
+    allowed = config.read_text().replace('user = "root"', 'user = "root"\nallow_root = true')
+    config.write_text(allowed)
     done = subprocess.run(
         [sys.executable, "-m", "pop3d", "check-config", "--config", str(config)],
         capture_output=True, text=True, timeout=30, check=False,

@@ -37,7 +37,9 @@ def pop3d(*args: str, cwd: Path, stdin: str = "") -> subprocess.CompletedProcess
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c[:2]))
-def test_without_config_in_an_empty_folder_refuses(tmp_path: Path, command: tuple[str, ...]) -> None:
+def test_without_config_in_an_empty_folder_refuses(
+    tmp_path: Path, command: tuple[str, ...]
+) -> None:
     """No --config and no ./pop3d-data: exit 78 naming --config; no folder is created."""
     done = pop3d(*command, cwd=tmp_path, stdin="pw\n")
     assert done.returncode == 78, done.stderr

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
-from pop3d import limits, logsetup
+from pop3d import audit, limits, logsetup
 from pop3d.errors import LocalProtocolError, MessageVanished, WouldWait
 from pop3d.protocol import (
     ApopAuthenticate,
@@ -67,6 +67,12 @@ if TYPE_CHECKING:
     from pop3d.storage.base import Maildrop
 
 log = logging.getLogger("pop3d.session")
+
+#: The audit line's reasons (:mod:`pop3d.audit`); any other text counts as a bad password.
+_AUDIT_REASONS = frozenset(
+    {"bad-password", "unknown-mech", "cleartext-refused", "too-many-attempts", "malformed",
+     "cancelled", "tempfail"}
+)
 
 
 class Pop3Protocol(asyncio.Protocol):
@@ -366,11 +372,15 @@ class Pop3Protocol(asyncio.Protocol):
         reason: str,
     ) -> None:
         if isinstance(result, RespCode):
-            why = f" ({reason})" if reason else ""
-            if result is RespCode.SYS_TEMP:
-                why = " (backend unavailable)"
-            log.warning(
-                "auth failed for %r via %s from %s%s", username, mechanism, self.peer, why
+            # The one audit line of every refusal (pop3d.audit; fail2ban reads it).
+            ssl_object = self.transport.get_extra_info("ssl_object") if self.transport else None
+            audit.auth_failed(
+                username,
+                self.address,
+                mechanism,
+                "tempfail" if result is RespCode.SYS_TEMP
+                else reason if reason in _AUDIT_REASONS else "bad-password",
+                ssl_object.version() if ssl_object is not None else None,
             )
             core.auth_failed(result)
         else:

@@ -95,6 +95,19 @@ class _Metrics:
         self.lmtp = Counter(
             "pop3d_lmtp_deliveries", "LMTP recipients answered, by result", ["result"]
         )
+        # Every series of the vocabularies exists from the start, at 0: a rate() over a
+        # series that appears with its first event misses that event.
+        for mechanism in _MECHANISMS:
+            for result in _LOGIN_RESULTS:
+                self.logins.labels(mechanism, result)
+        for result in _SESSION_RESULTS:
+            self.sessions.labels(result)
+        for result in ("ok", "failed"):
+            self.tls.labels(result)
+        for cap in _CAPS:
+            self.refused.labels(cap)
+        for result in _LMTP_RESULTS:
+            self.lmtp.labels(result)
 
 
 def enable(folder: Path) -> None:

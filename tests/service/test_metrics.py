@@ -28,10 +28,10 @@ SESSIONS = 8
 
 
 def scrape(port: int, accept: str = "") -> str:
-    request = urllib.request.Request(  # noqa: S310 (a loopback URL the test made)
+    request = urllib.request.Request(
         f"http://127.0.0.1:{port}/metrics", headers={"Accept": accept} if accept else {}
     )
-    with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310
+    with urllib.request.urlopen(request, timeout=10) as answer:
         return str(answer.read().decode())
 
 
@@ -83,7 +83,7 @@ def test_scrape_counts_open_sessions_across_two_workers(tmp_path: Path) -> None:
         open_sessions: list[socket.socket] = []
         try:
             for i in range(SESSIONS):
-                open_sessions.append(login(proc.host, proc.port, f"user{i}"))
+                open_sessions.append(login(proc.host, proc.port, f"user{i}"))  # noqa: PERF401
             assert wait_until(
                 lambda: value(scrape(metrics_port), "pop3d_sessions_open") == SESSIONS
             )

@@ -165,7 +165,11 @@ def _from_systemd(cfg: Config, passed: list[systemd.ListenedSocket]) -> Listener
             out.metrics = sock
         else:
             out.pop3.append((sock, name == "pop3s" or key in tls_addresses))
-        log.info("socket from systemd: %s (%s)", address or "unix", name)
+        shown = (
+            f"{address[0]}:{address[1]}" if isinstance(address, tuple)
+            else str(sock.getsockname())
+        )
+        log.info("socket from systemd: %s (%s)", shown, name)
     return out
 
 

@@ -67,8 +67,7 @@ def test_who_lists_and_kick_ends_sessions_without_update(tmp_path: Path) -> None
             assert done.returncode == 0, done.stderr
             assert "ended 1 session(s) of user0" in done.stdout
             with pytest.raises((poplib.error_proto, OSError, EOFError)):
-                clients[0].noop()
-                clients[0].noop()
+                clients[0].noop()  # the farewell, read as the answer to NOOP, or a reset
             assert len(proc.messages("user0")) == 1  # no UPDATE: the DELE was not applied
             assert clients[1].stat()[0] == 0  # the others go on
             assert pop3d("kick", "--config", config, "nobody-here").returncode == 1

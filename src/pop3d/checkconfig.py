@@ -67,9 +67,12 @@ def run(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"pop3d check-config: {exc}", file=sys.stderr)  # noqa: T201
         return EX_CONFIG
-    problems = check(cfg, bind=not args.no_bind)
+    notes: list[str] = []
+    problems = check(cfg, bind=not args.no_bind, warnings=notes)
     if args.show:
         sys.stdout.write(show(cfg))
+    for note in notes:
+        print(f"pop3d check-config: warning: {note}", file=sys.stderr)  # noqa: T201
     for problem in problems:
         print(f"pop3d check-config: {problem}", file=sys.stderr)  # noqa: T201
     if problems:
@@ -88,16 +91,21 @@ def run_dir_of(cfg: Config) -> Path:
 # ---------------------------------------------------------------------- checking
 
 
-def check(cfg: Config, *, bind: bool, tls: bool = True) -> list[str]:
+def check(
+    cfg: Config, *, bind: bool, tls: bool = True, warnings: list[str] | None = None
+) -> list[str]:
     """Every problem that would stop ``serve`` (or a reload) with ``cfg``; empty if none.
 
     Args:
         cfg: a loaded configuration (syntax and types are checked at load).
         bind: also try to bind each address (``check-config``; ``serve`` binds anyway).
         tls: also load the certificates (a reload loads them itself).
+        warnings: where to add what serve would start with but warn about (passwd-file
+            lines it skips), each named like a problem.
 
     """
     problems: list[str] = []
+    notes: list[str] = []
     identity = None
     try:
         identity = privileges.resolve(cfg.service)
@@ -117,7 +125,7 @@ def check(cfg: Config, *, bind: bool, tls: bool = True) -> list[str]:
                 )
     if cfg.server.tls_listen and cfg.tls is None:
         problems.append("[server] tls_listen: expected a [tls] section with cert and key, got none")
-    problems += _check_passwd_file(cfg, identity)
+    problems += _check_passwd_file(cfg, identity, notes)
     problems += _check_storage(cfg, identity)
     problems += _check_log(cfg)
     for address in cfg.lmtp.listen:
@@ -129,7 +137,10 @@ def check(cfg: Config, *, bind: bool, tls: bool = True) -> list[str]:
                 )
     if bind:
         problems += _check_bind(cfg)
+    problems += _check_run_dir(cfg)
     where = f"{cfg.path}: " if cfg.path is not None else ""
+    if warnings is not None:
+        warnings += [where + n for n in notes]
     return [where + p for p in problems]
 
 
@@ -224,7 +235,23 @@ def _warnings_of(logger: logging.Logger) -> Iterator[list[str]]:
         logger.propagate = saved
 
 
-def _check_passwd_file(cfg: Config, identity: privileges.Identity | None) -> list[str]:
+def _check_run_dir(cfg: Config) -> list[str]:
+    folder = run_dir_of(cfg)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        message = (
+            f"[server] run_dir: expected a folder pop3d can create or write (admin sockets,"
+            f" metrics), got {folder} ({existing} is not writable)"
+        )
+        return [message]
+    return []
+
+
+def _check_passwd_file(
+    cfg: Config, identity: privileges.Identity | None, notes: list[str]
+) -> list[str]:
     from pop3d.auth import passwd_file  # noqa: PLC0415
 
     path = cfg.auth.passwd_file
@@ -236,7 +263,8 @@ def _check_passwd_file(cfg: Config, identity: privileges.Identity | None) -> lis
         return [f"[auth] passwd_file: expected a readable passwd-file, got {path}: {_reason(exc)}"]
     with _warnings_of(passwd_file.log) as warnings:
         passwd_file.parse_passwd_file(data, str(path))
-    problems = [f"[auth] passwd_file: {w}" for w in warnings]
+    notes += [f"[auth] passwd_file: {w} (serve skips it)" for w in warnings]
+    problems = []
     if identity is not None and not _readable_by(path, identity):
         problems.append(
             f"[auth] passwd_file: expected a file that user {identity.user} can read (the"

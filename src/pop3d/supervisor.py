@@ -416,7 +416,11 @@ class Supervisor:
 
         admin_sock = admin.bind(admin_dir / f"{os.getpid()}.sock")  # as root: 0600 root's
         if self.identity is not None:
-            privileges.drop(self.identity)
+            try:
+                privileges.drop(self.identity)
+            except OSError as exc:  # never serve with the privileges we meant to drop
+                log.error("cannot become %s: %s", self.identity, exc)  # noqa: TRY400
+                return EX_CONFIG
         return worker_main(
             self.cfg,
             self.listeners.pop3,
@@ -438,6 +442,9 @@ class Supervisor:
                 if self.identity is not None:
                     privileges.drop(self.identity)
                 code = metrics.serve(sock, lambda: os.write(status_w, b"R"))
+            except OSError as exc:  # PermissionError from the drop included: never serve
+                log.error("the metrics endpoint failed: %s", exc)  # noqa: TRY400
+                code = EX_CONFIG
             except BaseException:
                 log.exception("the metrics endpoint failed")
             finally:

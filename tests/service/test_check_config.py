@@ -144,9 +144,18 @@ def test_each_broken_key_is_named(
 
 
 def test_malformed_passwd_line_is_named(site: Site) -> None:
-    """A passwd-file line that does not parse: the file and its line number."""
+    """A passwd-file line that does not parse: a warning naming the file and line (serve
+    starts and skips it, so the exit is 0); an unreadable passwd-file is an error."""
     (site.root / "users").write_text("alice:{PLAIN}secret\n\nno colon here\n")
-    _assert_names(site.check(), site, "[auth] passwd_file", "line 3")
+    done = site.check()
+    assert done.returncode == 0, done.stderr
+    assert "warning:" in done.stderr
+    assert str(site.root / "users") in done.stderr
+    assert "line 3" in done.stderr
+    (site.root / "users").write_bytes(b"")
+    (site.root / "users").unlink()
+    (site.root / "users").mkdir()
+    _assert_names(site.check(), site, "[auth] passwd_file", "expected a readable passwd-file")
 
 
 def test_serve_reports_config_problems_the_same_way(site: Site) -> None:

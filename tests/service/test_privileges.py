@@ -162,3 +162,29 @@ def test_unknown_user_or_group_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match=r"\[server\] group: .*no-such-group-x"):
         privileges.resolve(ServiceConfig(user="root", group="no-such-group-x", allow_root=True))
     assert privileges.resolve(ServiceConfig()) is None
+
+
+@needs_root
+def test_deliver_as_root_writes_as_the_mail_user(open_root: Path) -> None:
+    """pop3d deliver started as root with [server] user: the message file is nobody's."""
+    nobody = pwd.getpwnam("nobody")
+    nogroup = grp.getgrnam("nogroup").gr_gid
+    root = open_root / "site"
+    (root / "mail").mkdir(parents=True)
+    os.chown(root / "mail", nobody.pw_uid, nogroup)
+    (root / "users").write_text("alice:{PLAIN}secret\n")
+    os.chown(root / "users", 0, nogroup)
+    (root / "users").chmod(0o640)
+    config = root / "pop3d.toml"
+    config.write_text(
+        '[server]\nuser = "nobody"\ngroup = "nogroup"\n'
+        '[auth]\npasswd_file = "users"\n[storage]\nmaildir = "mail/%u/Maildir"\n'
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "pop3d", "deliver", "--config", str(config), "alice"],
+        input=b"Subject: x\n\nbody\n", capture_output=True, timeout=30, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    [delivered] = (root / "mail" / "alice" / "Maildir" / "new").iterdir()
+    assert (delivered.stat().st_uid, delivered.stat().st_gid) == (nobody.pw_uid, nogroup)
+    assert (root / "mail" / "alice").stat().st_uid == nobody.pw_uid

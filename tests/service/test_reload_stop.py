@@ -106,3 +106,21 @@ def test_sigterm_closes_sessions_without_update_and_exits_0(tmp_path: Path) -> N
             client.quit()
         client.close()
         assert len(proc.messages("alice")) == 1
+
+
+def test_sighup_applies_log_settings(tmp_path: Path) -> None:
+    """[log] level = "warning" on reload: new workers log no INFO line, warnings still."""
+    with Pop3ServeProcess(tmp_path / "srv", users={"alice": "secret"}, workers=1) as proc:
+        first = children(proc.pid)
+        proc.config_path.write_text(proc.config_path.read_text() + '\n[log]\nlevel = "warning"\n')
+        proc.process.send_signal(signal.SIGHUP)  # type: ignore[union-attr]
+        assert wait_until(lambda: children(proc.pid) and not children(proc.pid) & first)
+        before = proc.log_text()
+        client = poplib.POP3(proc.host, proc.port, timeout=20)
+        client.user("alice")
+        with pytest.raises(poplib.error_proto):
+            client.pass_("wrong")
+        client.quit()
+        assert wait_until(lambda: "auth failed:" in proc.log_text()[len(before):])
+        assert "session peer=" not in proc.log_text()[len(before):]
+        assert proc.stop() == 0

@@ -254,6 +254,8 @@ def _check_passwd_file(
 ) -> list[str]:
     from pop3d.auth import passwd_file  # noqa: PLC0415
 
+    if getattr(cfg.auth, "backend", "passwd-file") != "passwd-file":
+        return []  # users in a database: checked by its own backend
     path = cfg.auth.passwd_file
     if path is None:
         return ["[auth] passwd_file: expected the path of a passwd-file, got none"]
@@ -277,6 +279,8 @@ def _check_passwd_file(
 def _check_storage(cfg: Config, identity: privileges.Identity | None) -> list[str]:
     from pop3d.storage.template import check_template, static_prefix  # noqa: PLC0415
 
+    if cfg.storage.maildir is None and cfg.storage.mbox is None:
+        return []  # mail in a database ([storage] backend)
     key = "maildir" if cfg.storage.maildir is not None else "mbox"
     template = cfg.storage.maildir or cfg.storage.mbox or ""
     try:

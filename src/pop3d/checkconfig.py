@@ -192,27 +192,23 @@ def _check_pair(where: str, pair: CertPair) -> list[str]:
     return []
 
 
-def _readable_by(path: Path, identity: privileges.Identity | None) -> bool:
-    """Whether ``identity`` (or this process) may read ``path`` (by its mode bits)."""
-    if identity is None or identity.uid == os.geteuid():
-        return os.access(path, os.R_OK)
-    st = path.stat()
-    if st.st_uid == identity.uid:
-        return bool(st.st_mode & stat.S_IRUSR)
-    if st.st_gid in identity.groups or st.st_gid == identity.gid:
-        return bool(st.st_mode & stat.S_IRGRP)
-    return bool(st.st_mode & stat.S_IROTH)
+#: The mode bits that allow reading, and writing plus entering, for owner, group, others.
+_READ = (stat.S_IRUSR, stat.S_IRGRP, stat.S_IROTH)
+_WRITE = (stat.S_IWUSR, stat.S_IWGRP, stat.S_IWOTH)
 
 
-def _writable_by(path: Path, identity: privileges.Identity | None) -> bool:
+def _allowed(
+    path: Path, identity: privileges.Identity | None, bits: tuple[int, int, int]
+) -> bool:
+    """Whether ``identity`` (or this process) has ``bits`` on ``path``, by its mode bits."""
     if identity is None or identity.uid == os.geteuid():
-        return os.access(path, os.W_OK | os.X_OK)
+        return os.access(path, os.R_OK if bits == _READ else os.W_OK | os.X_OK)
     st = path.stat()
     if st.st_uid == identity.uid:
-        return bool(st.st_mode & stat.S_IWUSR)
+        return bool(st.st_mode & bits[0])
     if st.st_gid in identity.groups or st.st_gid == identity.gid:
-        return bool(st.st_mode & stat.S_IWGRP)
-    return bool(st.st_mode & stat.S_IWOTH)
+        return bool(st.st_mode & bits[1])
+    return bool(st.st_mode & bits[2])
 
 
 @contextlib.contextmanager
@@ -267,7 +263,7 @@ def _check_passwd_file(
         passwd_file.parse_passwd_file(data, str(path))
     notes += [f"[auth] passwd_file: {w} (serve skips it)" for w in warnings]
     problems = []
-    if identity is not None and not _readable_by(path, identity):
+    if identity is not None and not _allowed(path, identity, _READ):
         problems.append(
             f"[auth] passwd_file: expected a file that user {identity.user} can read (the"
             f" workers read it after dropping root), got {path} with mode"
@@ -291,7 +287,7 @@ def _check_storage(cfg: Config, identity: privileges.Identity | None) -> list[st
     folder = static if static.is_absolute() else cfg.storage.base / static
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
-    if identity is not None and folder.is_dir() and not _writable_by(folder, identity):
+    if identity is not None and folder.is_dir() and not _allowed(folder, identity, _WRITE):
         message = (
             f"[storage] {key}: expected a folder that user {identity.user} can write (mail,"
             f" locks), got {folder} owned by uid {folder.stat().st_uid}"

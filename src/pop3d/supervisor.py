@@ -388,39 +388,49 @@ class Supervisor:
         pids = sorted(c.pid for c in self._workers() if c.generation == self.generation)
         log.info("started %d workers: %s", count, " ".join(map(str, pids)))
 
-    def _fork_worker(self) -> None:
+    def _fork(self, kind: str, run: Callable[[int], int]) -> int:
+        """Fork a child that runs ``run(status_w)`` and exits with its status; its pid."""
         status_r, status_w = os.pipe2(os.O_CLOEXEC)
-        admin_dir = self.run_dir / "admin"
         pid = os.fork()
         if pid == 0:
             os.close(status_r)
             self._in_child()
             code = 1
             try:
-                code = self._worker_child(status_w, admin_dir)
+                code = run(status_w)
             except BaseException:
-                log.exception("worker failed to start")
+                log.exception("%s failed", kind)
             finally:
                 os._exit(code)
         os.close(status_w)
-        child = _Child(
-            pid, status_r, "worker", generation=self.generation,
-            admin_path=admin_dir / f"{pid}.sock",
-        )
+        child = _Child(pid, status_r, kind, generation=self.generation)
         self.children[pid] = child
         self.selector.register(status_r, selectors.EVENT_READ, child)
+        return pid
+
+    def _fork_worker(self) -> None:
+        admin_dir = self.run_dir / "admin"
+        pid = self._fork("worker", lambda status_w: self._worker_child(status_w, admin_dir))
+        self.children[pid].admin_path = admin_dir / f"{pid}.sock"
+
+    def _drop(self) -> bool:
+        """In a child: become ``[server] user``; False (logged) if that cannot be done."""
+        if self.identity is None:
+            return True
+        try:
+            privileges.drop(self.identity)
+        except OSError as exc:  # never serve with the privileges we meant to drop
+            log.error("cannot become %s: %s", self.identity, exc)  # noqa: TRY400
+            return False
+        return True
 
     def _worker_child(self, status_w: int, admin_dir: Path) -> int:
         from pop3d import admin  # noqa: PLC0415
         from pop3d.serve import WorkerHooks, worker_main  # noqa: PLC0415
 
         admin_sock = admin.bind(admin_dir / f"{os.getpid()}.sock")  # as root: 0600 root's
-        if self.identity is not None:
-            try:
-                privileges.drop(self.identity)
-            except OSError as exc:  # never serve with the privileges we meant to drop
-                log.error("cannot become %s: %s", self.identity, exc)  # noqa: TRY400
-                return EX_CONFIG
+        if not self._drop():
+            return EX_CONFIG
         return worker_main(
             self.cfg,
             self.listeners.pop3,
@@ -432,27 +442,13 @@ class Supervisor:
     def _fork_metrics(self) -> None:
         sock = self.listeners.metrics
         assert sock is not None
-        status_r, status_w = os.pipe2(os.O_CLOEXEC)
-        pid = os.fork()
-        if pid == 0:
-            os.close(status_r)
-            self._in_child()
-            code = 1
-            try:
-                if self.identity is not None:
-                    privileges.drop(self.identity)
-                code = metrics.serve(sock, lambda: os.write(status_w, b"R"))
-            except OSError as exc:  # PermissionError from the drop included: never serve
-                log.error("the metrics endpoint failed: %s", exc)  # noqa: TRY400
-                code = EX_CONFIG
-            except BaseException:
-                log.exception("the metrics endpoint failed")
-            finally:
-                os._exit(code)
-        os.close(status_w)
-        child = _Child(pid, status_r, "metrics")
-        self.children[pid] = child
-        self.selector.register(status_r, selectors.EVENT_READ, child)
+
+        def run(status_w: int) -> int:
+            if not self._drop():
+                return EX_CONFIG
+            return metrics.serve(sock, lambda: os.write(status_w, b"R"))
+
+        self._fork("metrics", run)
 
     def _in_child(self) -> None:
         """In a forked child: default signals, no supervisor state, die with the parent."""

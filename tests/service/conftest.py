@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.integration import helpers
+from tests.integration.helpers import children
+
+__all__ = ["children", "is_root", "wait_until"]
 
 
 @pytest.fixture
@@ -23,28 +27,9 @@ def open_root() -> Iterator[Path]:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def children(pid: int) -> set[int]:
-    """PIDs whose parent is ``pid`` (from /proc)."""
-    kids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                kids.add(int(entry.name))
-    return kids
-
-
 def wait_until(cond: Callable[[], object], timeout: float = 15.0) -> bool:
     """Poll ``cond`` (bounded) until it is true."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return bool(cond())
+    return helpers.wait_until(cond, timeout)
 
 
 def is_root() -> bool:

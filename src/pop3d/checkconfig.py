@@ -111,6 +111,11 @@ def check(
         identity = privileges.resolve(cfg.service)
     except ConfigError as exc:
         problems.append(str(exc))
+    if identity is not None and os.geteuid() not in (0, identity.uid):
+        problems.append(
+            f"[server] user: expected pop3d to be started as root (or as {identity.user})"
+            f" to run as {identity.user}, got uid {os.geteuid()}"
+        )
     if tls and cfg.tls is not None:
         problems += _check_pair("[tls]", cfg.tls.default)
         for name, pair in cfg.tls.sni.items():

@@ -508,10 +508,13 @@ class Supervisor:
             log.error("reload failed, keeping the running configuration: %s", exc)  # noqa: TRY400
             systemd.notify("READY=1")
             return
-        problems = checkconfig.check(new, bind=False, tls=False)
+        problems = checkconfig.check(new, bind=False)
         if problems:
             for problem in problems:
-                log.error("reload failed, keeping the running configuration: %s", problem)
+                if "[tls" in problem:
+                    log.error("TLS reload failed, keeping the old certificates: %s", problem)
+                else:
+                    log.error("reload failed, keeping the running configuration: %s", problem)
             systemd.notify("READY=1")
             return
         try:

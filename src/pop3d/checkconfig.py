@@ -363,7 +363,9 @@ def _value(value: object) -> str | None:
     return _value(str(value))
 
 
-def _section(name: str, obj: object, default: object, skip: tuple[str, ...] = ()) -> list[str]:
+def _section(
+    name: str, obj: object, default: object, base: Path, skip: tuple[str, ...] = ()
+) -> list[str]:
     lines = [f"[{name}]"]
     for f in dataclasses.fields(obj):  # type: ignore[arg-type]
         if f.name in skip:
@@ -371,7 +373,9 @@ def _section(name: str, obj: object, default: object, skip: tuple[str, ...] = ()
         value = getattr(obj, f.name)
         if name == "server" and f.name == "workers" and value == 0:
             value = "auto"
-        same = default is not None and value == getattr(default, f.name, object())
+        was = getattr(default, f.name, object())
+        # A relative default path is shown resolved against the config's folder.
+        same = value == was or (isinstance(was, Path) and value == base / was)
         text = _value(value)
         mark = "  # default" if same else ""
         if text is None:
@@ -383,14 +387,12 @@ def _section(name: str, obj: object, default: object, skip: tuple[str, ...] = ()
 
 def show(cfg: Config) -> str:
     """The effective settings as TOML, defaults marked ``# default``."""
+    base = cfg.storage.base
     out = [f"# pop3d settings from {cfg.path or 'the embedded default'}", ""]
-    server = _section("server", cfg.server, config_mod.ServerConfig())
-    service = _section("server", cfg.service, config_mod.ServiceConfig())[1:]
-    if cfg.service.run_dir is not None:
-        service = [
-            line if not line.startswith("run_dir") else f"run_dir = {_value(run_dir_of(cfg))}"
-            for line in service
-        ]
+    server = _section("server", cfg.server, config_mod.ServerConfig(), base)
+    service = _section(
+        "server", cfg.service, config_mod.ServiceConfig(run_dir=Path("run")), base
+    )[1:]
     out += server[:-1] + service
     if cfg.tls is not None:
         out += [
@@ -413,9 +415,9 @@ def show(cfg: Config) -> str:
             ]
     else:
         out += ["# [tls] is not set: no STLS, no POP3S  # default", ""]
-    out += _section("auth", cfg.auth, config_mod.AuthConfig())
-    out += _section("storage", cfg.storage, config_mod.StorageConfig(), skip=("base",))
-    out += _section("lmtp", cfg.lmtp, config_mod.LmtpConfig())
-    out += _section("metrics", cfg.metrics, config_mod.MetricsConfig())
-    out += _section("log", cfg.log, config_mod.LogConfig())
-    return "\n".join(out)
+    out += _section("auth", cfg.auth, config_mod.AuthConfig(), base)
+    out += _section("storage", cfg.storage, config_mod.StorageConfig(), base, skip=("base",))
+    out += _section("lmtp", cfg.lmtp, config_mod.LmtpConfig(), base)
+    out += _section("metrics", cfg.metrics, config_mod.MetricsConfig(), base)
+    out += _section("log", cfg.log, config_mod.LogConfig(), base)
+    return "\n".join(out).rstrip("\n") + "\n"

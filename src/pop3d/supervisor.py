@@ -453,8 +453,11 @@ class Supervisor:
     def _in_child(self) -> None:
         """In a forked child: default signals, no supervisor state, die with the parent."""
         signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGQUIT):
+        for sig in (signal.SIGCHLD, signal.SIGQUIT):
             signal.signal(sig, signal.SIG_DFL)
+        # Until the child's event loop takes them: a stop before it serves is a clean exit.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _exit_cleanly)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads are the supervisor's
         for child in self.children.values():
             if child.status >= 0:
@@ -594,6 +597,11 @@ class Supervisor:
         for child in self.children.values():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child.pid, signal.SIGTERM)
+
+
+def _exit_cleanly(_sig: int, _frame: object) -> None:
+    """A child told to stop before it serves: nothing to finish, exit 0."""
+    os._exit(0)
 
 
 def _ignore_here(_sig: int, _frame: object) -> None:

@@ -96,6 +96,7 @@ _ENDED = {
     "tls failed": "error",
     "too many errors": "error",
     "auth failures": "error",
+    "kicked": "kicked",
 }
 
 
@@ -661,6 +662,13 @@ class Pop3Protocol(asyncio.Protocol):
             return
         self._hang_up("shutdown", core.shutdown(), abort=self._handshaking)
 
+    def kick(self) -> None:
+        """An administrator ends this session (``pop3d kick``): close without UPDATE."""
+        core = self.core
+        if self._closing or core is None or self._in_update():
+            return
+        self._hang_up("kicked", core.kicked(), abort=self._handshaking)
+
     def _hang_up(self, reason: str, last_words: bytes, *, abort: bool) -> None:
         """Send ``last_words`` (unless the peer cannot take them), close, stop the request."""
         transport = self.transport
@@ -744,10 +752,16 @@ class Pop3Protocol(asyncio.Protocol):
         metrics.session_ended(ended)
         if log.isEnabledFor(logging.INFO):
             deleted = core.deleted_count if result == "quit" else 0
+            transport = self.transport
+            ssl_object = (
+                transport.get_extra_info("ssl_object") if transport is not None else None
+            )
+            tls = (ssl_object.version() if ssl_object is not None else None) or "no"
             logsetup.info(
                 log,
                 f"session peer={self.peer} user={self.username or '-'} via={self._mechanism}"
-                f" result={result} retr={core.messages_sent} octets={core.octets_sent}"
+                f" tls={tls} result={result} retr={core.messages_sent}"
+                f" octets={core.octets_sent}"
                 f" deleted={deleted} secs={time.monotonic() - self._started:.3f}",
             )
 

@@ -285,13 +285,13 @@ class ServerContext:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def shutdown(self) -> None:
-        """Close every open session without UPDATE; wait for lock releases."""
+    async def shutdown(self, grace: float = limits.SHUTDOWN_GRACE) -> None:
+        """Close every open session without UPDATE; wait ``grace`` s for UPDATEs, locks."""
         for pre in list(self.pre_sessions):
             pre.abort()
         for conn in list(self.connections):
             conn.shutdown()
-        deadline = time.monotonic() + limits.SHUTDOWN_GRACE
+        deadline = time.monotonic() + grace
         while (self.connections or self._tasks) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)  # a poll bounded by the grace period
         # Replies queued in this very turn (a QUIT's sign-off) go out before the loop ends.

@@ -6,7 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(curl openssl mpop fetchmail getmail6 swaks dovecot-pop3d procmail)
+APT_PACKAGES=(curl openssl mpop fetchmail getmail6 swaks dovecot-pop3d procmail
+    # the multi-node suite (tests/cluster): a throwaway PostgreSQL and HAProxy in front
+    postgresql haproxy)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

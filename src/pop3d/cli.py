@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from pop3d import (  # noqa: PLC0415 (each subcommand loads only what it needs)
+        dbadmin,
         deliver,
         serve,
         useradmin,
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_parser(sub)
     deliver.add_parser(sub)
     useradmin.add_parser(sub)
+    dbadmin.add_parser(sub)
     from pop3d import bench  # noqa: PLC0415 (each subcommand loads only what it needs)
 
     bench.add_parser(sub)

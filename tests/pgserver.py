@@ -55,7 +55,7 @@ def _free_port() -> int:
 
 
 class PgServer:
-    """One PostgreSQL cluster in a temporary folder; :meth:`start`, :meth:`stop`, :meth:`destroy`."""
+    """One PostgreSQL cluster in a temporary folder: start, stop, destroy."""
 
     def __init__(self, bindir: Path, *, preload: tuple[str, ...] = ()) -> None:
         self.bindir = bindir
@@ -101,7 +101,7 @@ class PgServer:
         return ["runuser", "-u", "postgres", "--", *argv] if self._as_root else argv
 
     def _run(self, argv: list[str]) -> None:
-        subprocess.run(  # noqa: S603
+        subprocess.run(
             self._command(argv), check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             cwd=self.root,
         )  # fmt: skip
@@ -118,7 +118,7 @@ class PgServer:
     def start(self, timeout: float = 30.0) -> None:
         """Start the server and wait until it accepts connections."""
         with self.log.open("ab") as log:
-            self._proc = subprocess.Popen(  # noqa: S603
+            self._proc = subprocess.Popen(
                 self._command([str(self.bindir / "postgres"), "-D", str(self.data)]),
                 stdout=log, stderr=log, cwd=self.root, start_new_session=True,
             )  # fmt: skip
@@ -126,7 +126,7 @@ class PgServer:
         while True:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"postgres exited: {self.log.read_text()[-2000:]}")
-            ready = subprocess.run(  # noqa: S603
+            ready = subprocess.run(
                 [str(self.bindir / "pg_isready"), "-q", "-h", str(self.socket_dir),
                  "-p", str(self.port), "-U", self.user],
                 check=False,

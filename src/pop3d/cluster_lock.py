@@ -50,7 +50,7 @@ from typing import Any
 from pop3d.auth.base import Principal
 from pop3d.database import Database
 from pop3d.errors import LocalProtocolError, MaildropLocked, TemporaryBackendError
-from pop3d.storage.base import Maildrop, MailboxStats, MessageInfo
+from pop3d.storage.base import MailboxStats, Maildrop, MessageInfo
 from pop3d.storage.template import check_username
 
 __all__ = ["Lease", "LeaseLost", "LeaseManager", "LeasedStore"]

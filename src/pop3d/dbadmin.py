@@ -57,10 +57,9 @@ def migrations() -> list[Migration]:
 
 def schema_sql() -> str:
     """Every migration's SQL, as one script (what ``pop3d db schema`` prints)."""
-    parts = ["-- pop3d PostgreSQL schema: `pop3d db schema` prints this; "
-             "`pop3d db init` applies it.\n"]
-    for m in migrations():
-        parts.append(f"\n-- migration {m.name}\n{m.sql}")
+    head = "-- pop3d PostgreSQL schema (`pop3d db schema`; `pop3d db init` applies it)\n"
+    parts = [head]
+    parts.extend(f"\n-- migration {m.name}\n{m.sql}" for m in migrations())
     return "".join(parts)
 
 
@@ -95,7 +94,8 @@ async def migrate(conn: Any) -> list[str]:
                                      (m.version,))
             if await cur.fetchone():
                 continue
-            await conn.execute(m.sql.encode())  # a script: no parameters, several statements
+            # A script of several statements: the simple protocol, never prepared.
+            await conn.execute(m.sql.encode(), prepare=False)
             await conn.execute("INSERT INTO pop3d_schema (version, name) VALUES (%s, %s)",
                                (m.version, m.name))
             done.append(m.name)
@@ -176,3 +176,103 @@ def run(args: argparse.Namespace) -> int:
         return asyncio.run(go())
     except TemporaryBackendError as exc:
         return _fail(EX_TEMPFAIL, f"{exc}: {exc.__cause__ or ''}".rstrip(": "))
+
+
+# --------------------------------------------------------------------------- users
+
+
+async def set_user_password(db: Any, username: str, stored: str, *, adding: bool) -> bool:
+    """Add a user (``adding``) or change their password; False when that cannot be done.
+
+    Adding also creates the user's maildrop row (so a login before the first mail finds
+    an empty maildrop, not a missing one, with the PostgreSQL store).
+    """
+    async with db.long_connection() as conn, conn.transaction():
+        if adding:
+            cur = await conn.execute(
+                "INSERT INTO users (username, password) VALUES (%s, %s) "
+                "ON CONFLICT DO NOTHING RETURNING 1",
+                (username, stored),
+            )
+            if await cur.fetchone() is None:
+                return False
+            await conn.execute(
+                "INSERT INTO mailboxes (name) VALUES (%s) ON CONFLICT DO NOTHING", (username,)
+            )
+            return True
+        cur = await conn.execute(
+            "UPDATE users SET password = %s WHERE username = %s RETURNING 1", (stored, username)
+        )
+        return await cur.fetchone() is not None
+
+
+async def delete_user(db: Any, username: str) -> bool:
+    """Delete a user (their mail is kept); whether they existed."""
+    async with db.long_connection() as conn:
+        cur = await conn.execute("DELETE FROM users WHERE username = %s RETURNING 1",
+                                 (username,))
+        return await cur.fetchone() is not None
+
+
+async def list_users(db: Any) -> list[tuple[str, str, str | None]]:
+    """Every user: (name, stored password, quota), by name."""
+    async with db.long_connection() as conn:
+        cur = await conn.execute("SELECT username, password, quota FROM users ORDER BY username")
+        return [(str(n), str(p), q) for n, p, q in await cur.fetchall()]
+
+
+def user_command(args: argparse.Namespace, action: str) -> int | None:
+    """``pop3d user add|passwd|del|list`` against PostgreSQL; ``None``: not configured so.
+
+    Called first by :mod:`pop3d.useradmin`; with ``[auth] backend = "postgresql"`` the
+    ``users`` table of ``pop3d db init`` is managed instead of the passwd-file (exit
+    codes as there).
+    """
+    from pop3d import serve, useradmin  # noqa: PLC0415
+    from pop3d.auth import schemes  # noqa: PLC0415
+    from pop3d.auth.passwd_file import valid_username  # noqa: PLC0415
+
+    try:
+        cfg = serve.load_config(args)
+    except ConfigError:
+        return None  # useradmin reports it
+    if cfg.auth.backend != "postgresql":
+        return None
+    try:
+        db = database_of(cfg)
+    except ConfigError as exc:
+        return useradmin._fail(EX_CONFIG, f"configuration: {exc}")  # noqa: SLF001
+    fail = useradmin._fail  # noqa: SLF001
+    try:
+        if action == "list":
+            for name, stored, quota in asyncio.run(list_users(db)):
+                scheme = schemes.scheme_of(stored) if stored else "-"
+                print(f"{name}\t{scheme}\t{f'quota={quota}' if quota else ''}".rstrip())  # noqa: T201
+            return 0
+        if not valid_username(args.name):
+            return fail(EX_FAIL, "invalid user name")
+        if action == "del":
+            if not asyncio.run(delete_user(db, args.name)):
+                return fail(useradmin.EX_NOUSER, f"no such user {args.name}")
+            print(f"deleted {args.name} (their mail is kept)")  # noqa: T201
+            return 0
+        try:
+            password = useradmin.read_password(args.password_stdin)
+        except ValueError:
+            return fail(EX_FAIL, "the password may not be empty")
+        if password is None:
+            return fail(EX_FAIL, "the passwords do not match")
+        try:
+            stored = schemes.hash_password(cfg.auth.default_scheme, password)
+        except ValueError:
+            return fail(EX_CONFIG, f"[auth] default_scheme {cfg.auth.default_scheme} "
+                        "cannot hash")
+        adding = action == "add"
+        if not asyncio.run(set_user_password(db, args.name, stored, adding=adding)):
+            if adding:
+                return fail(EX_FAIL, f"user {args.name} already exists")
+            return fail(useradmin.EX_NOUSER, f"no such user {args.name}")
+        print(f"{'added' if adding else 'changed the password of'} {args.name}")  # noqa: T201
+    except TemporaryBackendError as exc:
+        return fail(EX_TEMPFAIL, str(exc))
+    return 0

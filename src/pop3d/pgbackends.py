@@ -35,7 +35,7 @@ def uses_database(cfg: Config) -> bool:
 
 
 def database_for(cfg: Config, *, pooled: bool = True) -> Any:
-    """This process's Database of ``[database]``.
+    """The Database of this process for of ``[database]``.
 
     Raises:
         ConfigError: ``[database]`` is missing.

@@ -31,6 +31,14 @@ from pop3d.storage.base import Maildrop, MailStore
 log = logging.getLogger("pop3d.session")
 
 
+def _backend_failed(exc: Exception) -> None:
+    """Log an authentication backend failure: one line when expected (a database down)."""
+    if isinstance(exc, TemporaryBackendError):
+        log.warning("authentication backend unavailable: %s", exc)
+    else:
+        log.error("authentication backend failed", exc_info=exc)
+
+
 @dataclass
 class FailureDelays:
     """Delay before a failed login is answered, doubling per source address up to a cap.
@@ -96,8 +104,8 @@ class Backends:
                 )
             else:
                 principal = await self._apop(event)
-        except Exception:
-            log.exception("authentication backend failed")
+        except Exception as exc:
+            _backend_failed(exc)
             return RespCode.SYS_TEMP
         if principal is None:
             return await self.failed(address)
@@ -139,8 +147,8 @@ class Backends:
         """
         try:
             secret = await self.authenticator.secret_for(username, scheme)
-        except Exception:
-            log.exception("authentication backend failed")
+        except Exception as exc:
+            _backend_failed(exc)
             return RespCode.SYS_TEMP
         if secret is None and scheme == "SCRAM-SHA-256":
             key = getattr(self.authenticator, "scram_salt_key", None)

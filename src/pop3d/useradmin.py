@@ -126,6 +126,10 @@ def read_password(from_stdin: bool) -> bytes | None:
 
 
 def _set_password(args: argparse.Namespace, *, adding: bool) -> int:
+    from pop3d import dbadmin  # noqa: PLC0415 ([auth] backend = "postgresql")
+
+    if (sql := dbadmin.user_command(args, "add" if adding else "passwd")) is not None:
+        return sql
     from pop3d.auth import schemes  # noqa: PLC0415
     from pop3d.auth.passwd_file import list_users, update_user, valid_username  # noqa: PLC0415
 
@@ -174,6 +178,10 @@ def run_passwd(args: argparse.Namespace) -> int:
 
 def run_del(args: argparse.Namespace) -> int:
     """``pop3d user del NAME``."""
+    from pop3d import dbadmin  # noqa: PLC0415 ([auth] backend = "postgresql")
+
+    if (sql := dbadmin.user_command(args, "del")) is not None:
+        return sql
     from pop3d.auth.passwd_file import update_user  # noqa: PLC0415
 
     try:
@@ -194,6 +202,10 @@ def run_del(args: argparse.Namespace) -> int:
 
 def run_list(args: argparse.Namespace) -> int:
     """``pop3d user list``: one user a line, with password scheme and quota field."""
+    from pop3d import dbadmin  # noqa: PLC0415 ([auth] backend = "postgresql")
+
+    if (sql := dbadmin.user_command(args, "list")) is not None:
+        return sql
     from pop3d.auth.passwd_file import list_users  # noqa: PLC0415
     from pop3d.storage.quota import QUOTA_FIELDS  # noqa: PLC0415
 

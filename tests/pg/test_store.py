@@ -11,8 +11,7 @@ from pop3d.cluster_lock import LeaseManager
 from pop3d.database import Database
 from pop3d.storage.postgresql import CHUNK_ROW, PostgresStore, new_uidl
 from pop3d.storage.wire import wire_size
-from tests.storage.contract import Harness, StoreContract, chunks_of, read_all, run, user
-
+from tests.storage.contract import Harness, StoreContract, chunks_of, run, user
 
 Params = tuple[object, ...] | dict[str, object]
 
@@ -59,7 +58,7 @@ class PgHarness(Harness):
             "JOIN message_chunks c ON c.message = m.id WHERE m.mailbox = %s GROUP BY m.id",
             (username,),
         )
-        return sorted(bytes(r[0]) for r in rows)  # type: ignore[arg-type]
+        return sorted(bytes(r[0]) for r in rows)  # type: ignore[call-overload]
 
     def close(self) -> None:
         if self._conn is not None:

@@ -51,14 +51,14 @@ from pop3d.auth.passwd_file import valid_username
 from pop3d.database import Database
 from pop3d.errors import TemporaryBackendError
 
-__all__ = ["DEFAULT_PASSWORD_QUERY", "DEFAULT_USER_QUERY", "SqlAuthenticator"]
+__all__ = ["DEFAULT_LOGIN_QUERY", "DEFAULT_USER_QUERY", "SqlAuthenticator"]
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
 #: The password query on the schema ``pop3d db init`` creates.
-DEFAULT_PASSWORD_QUERY = (
+DEFAULT_LOGIN_QUERY = (
     "SELECT username, password, home, quota, uid, gid, nologin "
     "FROM users WHERE username = %(user)s"
 )
@@ -98,7 +98,7 @@ class SqlAuthenticator:
         scram_salt_key: bytes | None = None,
     ) -> None:
         self.database = database
-        self.password_query = password_query or DEFAULT_PASSWORD_QUERY
+        self.password_query = password_query or DEFAULT_LOGIN_QUERY
         if user_query is None:
             user_query = DEFAULT_USER_QUERY if password_query is None else self.password_query
         self.user_query = user_query
@@ -193,7 +193,8 @@ class SqlAuthenticator:
                 key = f"{exc.sqlstate}"
                 if key not in self._logged:
                     self._logged.add(key)
-                    log.error("[auth] query failed: SQLSTATE %s %s", exc.sqlstate,
+                    log.error(  # noqa: TRY400 (no traceback: the SQLSTATE says it)
+                        "[auth] query failed: SQLSTATE %s %s", exc.sqlstate,
                               type(exc).__name__)
                 raise TemporaryBackendError("user query failed") from None
         if record is None:

@@ -189,7 +189,8 @@ class PostgresStore:
         async with self.database.long_connection() as conn:
             try:
                 async with conn.transaction():
-                    await self._deliver_big(conn, name, buffered, iterator, limit, uidl)
+                    await self._deliver_big(conn, name=name, first=buffered, rest=iterator,
+                                            limit=limit, uidl=uidl)
             except psycopg.Error as exc:
                 if conn.info.transaction_status == psycopg.pq.TransactionStatus.UNKNOWN:
                     raise
@@ -235,6 +236,7 @@ class PostgresStore:
     async def _deliver_big(
         self,
         conn: Any,
+        *,
         name: str,
         first: bytearray,
         rest: AsyncIterator[bytes],

@@ -21,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from pop3d import (  # noqa: PLC0415 (each subcommand loads only what it needs)
         dbadmin,
+        dbimport,
         deliver,
         serve,
         useradmin,
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     deliver.add_parser(sub)
     useradmin.add_parser(sub)
     dbadmin.add_parser(sub)
+    dbimport.add_parser(sub)
     from pop3d import bench  # noqa: PLC0415 (each subcommand loads only what it needs)
 
     bench.add_parser(sub)

@@ -72,7 +72,7 @@ class Node:
     def start(self) -> None:
         """Start the node and wait until it listens."""
         with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(  # noqa: S603
+            self.proc = subprocess.Popen(
                 [sys.executable, "-m", "pop3d", "serve", "--config", str(self.config)],
                 stdout=log, stderr=log,
             )  # fmt: skip
@@ -142,11 +142,11 @@ def _start_haproxy(cluster: Cluster) -> None:
         env[f"POP3D_NODE{i}"] = f"127.0.0.1:{node.pop3_port}"
         env[f"POP3D_LMTP{i}"] = f"127.0.0.1:{node.lmtp_port}"
     cfg = DEPLOY / "haproxy" / "haproxy.cfg"
-    check = subprocess.run([haproxy, "-c", "-f", str(cfg)], env=env, capture_output=True,  # noqa: S603
+    check = subprocess.run([haproxy, "-c", "-f", str(cfg)], env=env, capture_output=True,
                            check=False)
     assert check.returncode == 0, check.stderr.decode()
     log = (cluster.root / "haproxy.log").open("ab")
-    cluster.haproxy = subprocess.Popen([haproxy, "-db", "-f", str(cfg)], env=env,  # noqa: S603
+    cluster.haproxy = subprocess.Popen([haproxy, "-db", "-f", str(cfg)], env=env,
                                        stdout=log, stderr=log)
     log.close()
     wait_port(cluster.front_port)
@@ -195,7 +195,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 @pytest.fixture
 def live(cluster: Cluster) -> Cluster:
     """The cluster with every node running (a test before may have killed one)."""
-    if cluster.pg._proc is None:  # noqa: SLF001
+    if cluster.pg._proc is None:
         cluster.pg.start()
     cluster.ensure_nodes()
     return cluster

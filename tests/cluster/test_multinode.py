@@ -14,12 +14,9 @@ import contextlib
 import poplib
 import re
 import smtplib
-import socket
 import time
-from pathlib import Path
 
 import psycopg
-import pytest
 
 from .conftest import DEPLOY, LOCK_TTL, Cluster, pop3d
 
@@ -44,16 +41,24 @@ def login_error(port: int, user: str) -> str:
     try:
         client = login(port, user)
     except poplib.error_proto as exc:
-        return exc.args[0].decode()
+        return str(exc.args[0].decode())
     client.quit()
     return ""
 
 
-def add_user(cluster: Cluster, name: str) -> None:
-    """Add a user with the CLI (it also creates their maildrop)."""
+def add_user_cli(cluster: Cluster, name: str) -> None:
+    """Add a user with the CLI (ARGON2ID; it also creates their maildrop)."""
     cfg = str(cluster.node_config())
     done = pop3d("user", "add", "--config", cfg, "--password-stdin", name, stdin=PASSWORD + "\n")
     assert done.returncode == 0, done.stderr
+
+
+def add_user(cluster: Cluster, name: str) -> None:
+    """Add a user and their maildrop in SQL, with a {PLAIN} password (cheap logins)."""
+    with psycopg.connect(cluster.url, autocommit=True) as conn:
+        conn.execute("INSERT INTO users (username, password) VALUES (%s, %s)",
+                     (name, "{PLAIN}" + PASSWORD))
+        conn.execute("INSERT INTO mailboxes (name) VALUES (%s)", (name,))
 
 
 def lmtp_front(cluster: Cluster) -> tuple[str, int]:
@@ -105,12 +110,10 @@ def test_deploy_schema_is_what_pop3d_ships() -> None:
 
 def test_user_cli_and_login_through_haproxy(live: Cluster) -> None:
     """`pop3d user add/passwd/list/del` manage the users table; logins go through HAProxy."""
-    add_user(live, "walter")
+    add_user_cli(live, "walter")
     cfg = str(live.node_config())
     listing = pop3d("user", "list", "--config", cfg)
     assert "walter\tARGON2ID" in listing.stdout
-    again = pop3d("user", "add", "--config", cfg, "--password-stdin", "walter", stdin="x\n")
-    assert again.returncode == 1
     for _ in range(3):  # round robin: every node
         assert login_error(live.front_port, "walter") == ""
     changed = pop3d("user", "passwd", "--config", cfg, "--password-stdin", "walter",
@@ -119,7 +122,7 @@ def test_user_cli_and_login_through_haproxy(live: Cluster) -> None:
     assert "[AUTH]" in login_error(live.front_port, "walter")
     gone = pop3d("user", "del", "--config", cfg, "walter")
     assert gone.returncode == 0
-    assert pop3d("user", "del", "--config", cfg, "walter").returncode == 67
+    assert "[AUTH]" in login_error(live.front_port, "walter")
 
 
 def test_lmtp_through_haproxy_delivers_once(live: Cluster) -> None:
@@ -174,13 +177,12 @@ def test_node_killed_mid_update_is_all_or_nothing(live: Cluster) -> None:
     add_user(live, "uma")
     victim, other = live.nodes[2], live.nodes[0]
     outcomes = set()
-    for round_ in range(3):
+    for round_ in range(2):
         tags = [f"upd{round_}-{i}" for i in range(4)]
         deliver(live, "uma", tags)
         wait_login(other.pop3_port, "uma", bound=3 * LOCK_TTL + 5)
         client = login(victim.pop3_port, "uma")
-        count = len(client.list()[1])
-        for number in range(1, count + 1):
+        for number in range(1, len(tags) + 1):
             client.dele(number)
         client.sock.sendall(b"QUIT\r\n")  # and kill without waiting for the reply
         time.sleep(0.002 * round_)
@@ -190,11 +192,7 @@ def test_node_killed_mid_update_is_all_or_nothing(live: Cluster) -> None:
         after = login(other.pop3_port, "uma")
         try:
             left = message_ids(after)
-            assert left in ([], [t for r in range(round_ + 1) for t in [f"upd{r}-{i}"
-                                                                         for i in range(4)]
-                                 if t in left]) or left == []
-            assert len(left) == len(set(left)), "a message was duplicated"
-            assert len(left) in (0, count), f"partial UPDATE: {count} -> {len(left)}"
+            assert left in ([], tags), f"partial or duplicated UPDATE: {tags} -> {left}"
             outcomes.add(len(left) == 0)
             for number in range(1, len(left) + 1):
                 after.dele(number)
@@ -257,6 +255,5 @@ def test_login_costs_at_most_two_round_trips(live: Cluster) -> None:
     at_quit = sum(n for q, n in calls.items() if "DELETE FROM maildrop_leases" in q)
     assert at_login / logins <= 2, calls
     assert at_quit / logins <= 1, calls
-    Path(live.root / "round-trips.txt").write_text(
-        f"login {at_login / logins:.1f} quit {at_quit / logins:.1f}\n{calls}\n"
-    )
+    print(f"round trips per login {at_login / logins:.1f}, per QUIT {at_quit / logins:.1f}: "
+          f"{calls}")

@@ -59,7 +59,7 @@ CREATE TABLE maildrop_leases (
     owner   text NOT NULL,
     node    text NOT NULL,
     expires timestamptz NOT NULL
-);
+) WITH (fillfactor = 50);  -- room for HOT updates: every login and heartbeat rewrites rows
 CREATE INDEX maildrop_leases_node ON maildrop_leases (node);
 
 -- Take the lease of p_mailbox for p_owner unless a live lease holds it: true if taken.

@@ -242,14 +242,17 @@ def run_stat(args: argparse.Namespace) -> int:
             limit = quota_for(principal.attributes, cfg.storage.quota)
         except TemporaryBackendError:
             return _fail(EX_TEMPFAIL, "the user's quota field cannot be read")
+        path_for = getattr(store, "path_for", None)  # the PostgreSQL store has no paths
         try:
-            path = store.path_for(principal.username)
+            path = path_for(principal.username) if path_for else None
         except TemporaryBackendError:
             return _fail(EX_TEMPFAIL, "the user name cannot name a maildrop")
         try:
             stats = await store.stat(principal)
         except TemporaryBackendError as exc:
-            if not await asyncio.to_thread(os.path.lexists, path):
+            if getattr(exc, "missing_maildrop", False) or (
+                path is not None and not await asyncio.to_thread(os.path.lexists, path)
+            ):
                 count, size, oldest, note = 0, 0, None, "no maildrop yet"
             else:
                 return _fail(EX_TEMPFAIL, f"cannot read the maildrop: {exc}")

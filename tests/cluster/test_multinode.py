@@ -231,6 +231,9 @@ def test_database_restart_costs_only_sys_temp(live: Cluster) -> None:
     assert all(r == "+OK" or r.startswith("-ERR [SYS/TEMP]") for r in replies), replies
     assert any(r.startswith("-ERR [SYS/TEMP]") for r in replies[down:])
     assert replies[-3:] == ["+OK"] * 3
+    logs = "".join(node.log.read_text() for node in live.nodes)
+    assert "Traceback" not in logs
+    assert "database unavailable" in logs  # one line per outage, no traceback
 
 
 def test_login_costs_at_most_two_round_trips(live: Cluster) -> None:

@@ -50,7 +50,7 @@ from pop3d.storage.quota import quota_for
 from pop3d.storage.template import check_username
 from pop3d.storage.wire import CrlfNormaliser, WireCounter
 
-__all__ = ["CHUNK_ROW", "PostgresMaildrop", "PostgresStore", "new_uidl"]
+__all__ = ["CHUNK_ROW", "NoSuchMaildrop", "PostgresMaildrop", "PostgresStore", "new_uidl"]
 
 log = logging.getLogger("pop3d.storage.postgresql")
 
@@ -64,6 +64,13 @@ _IN_USE = "P3D02"
 _LEASE_LOST = "P3D03"
 
 
+class NoSuchMaildrop(TemporaryBackendError):
+    """The user has no maildrop (nothing delivered yet, not added by ``pop3d user``)."""
+
+    #: Read by ``pop3d mailbox stat``: an absent maildrop is empty, not an error.
+    missing_maildrop = True
+
+
 def new_uidl() -> str:
     """A fresh UIDL: ``P`` and 20 random base-32 characters (0x21-0x7E, unique per box)."""
     return "P" + secrets.token_hex(10)
@@ -73,7 +80,7 @@ def _raise_for(exc: psycopg.Error) -> None:
     """Turn the schema's own SQLSTATEs into the store's errors; others are temporary."""
     state = getattr(exc, "sqlstate", None)
     if state == _NO_MAILDROP:
-        raise TemporaryBackendError("no such maildrop") from None
+        raise NoSuchMaildrop("no such maildrop") from None
     if state == _IN_USE:
         raise MaildropLocked("maildrop in use") from None
     if state == _LEASE_LOST:
@@ -138,7 +145,7 @@ class PostgresStore:
             )
             row = await cur.fetchone()
         if row is None or not row[0]:
-            raise TemporaryBackendError("no such maildrop")
+            raise NoSuchMaildrop("no such maildrop")
         return MailboxStats(int(row[1]), int(row[2]), None if row[3] is None else float(row[3]))
 
     async def create(self, username: str) -> bool:

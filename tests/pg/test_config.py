@@ -1,0 +1,70 @@
+"""The configuration keys of the PostgreSQL backends: [database], [auth] backend, [storage]."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pop3d import pgbackends
+from pop3d.config import from_mapping
+from pop3d.errors import ConfigError
+
+URL = "postgresql:///pop3d?host=/run/postgresql"
+
+
+def test_full_postgresql_config() -> None:
+    """SPEC's keys parse; the store is built under leases, the authenticator in SQL."""
+    cfg = from_mapping(
+        {
+            "database": {"url": URL, "timeout": 2, "lock_ttl": 10, "pool_max": 4},
+            "auth": {"backend": "postgresql",
+                     "password_query": "SELECT username, password FROM users "
+                                       "WHERE username = %(user)s"},
+            "storage": {"backend": "postgresql"},
+        },
+        Path(),
+    )
+    assert cfg.database is not None
+    assert (cfg.database.url, cfg.database.timeout, cfg.database.lock_ttl) == (URL, 2.0, 10.0)
+    assert pgbackends.uses_database(cfg)
+    auth = pgbackends.build_authenticator(cfg, pooled=False)
+    assert auth.password_query.startswith("SELECT username, password FROM users")
+    assert auth.user_query == auth.password_query
+    store = pgbackends.build_store(cfg, pooled=False)
+    assert type(store).__name__ == "PostgresStore"
+
+
+def test_maildir_with_database_is_cluster_locked_unless_local() -> None:
+    """[database] set: Maildir gets cluster leases by default; lock = "local" opts out."""
+    base = {"database": {"url": URL}, "storage": {"maildir": "mail/%u"}}
+    assert pgbackends.uses_database(from_mapping(base, Path()))
+    local = from_mapping(base | {"storage": {"maildir": "mail/%u", "lock": "local"}}, Path())
+    assert not pgbackends.uses_database(local)
+    assert not pgbackends.uses_database(from_mapping({"storage": {"maildir": "m/%u"}}, Path()))
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"database": {}}, "[database] url is required"),
+        ({"database": {"url": URL, "lock_ttl": 1}}, "lock_ttl"),
+        ({"database": {"url": URL, "pool_min": 5, "pool_max": 2}}, "pool_min"),
+        ({"database": {"url": URL, "typo": 1}}, "unknown key"),
+        ({"auth": {"backend": "ldap"}}, "[auth] backend"),
+        ({"storage": {"backend": "postgresql", "maildir": "m/%u"}}, "takes no maildir"),
+        ({"storage": {"backend": "sqlite"}}, "[storage] backend"),
+        ({"storage": {"maildir": "m/%u", "lock": "nfs"}}, "[storage] lock"),
+    ],
+)
+def test_bad_keys_are_named(data: dict[str, object], message: str) -> None:
+    """Each mistake is a ConfigError naming the key."""
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        from_mapping(data, Path())
+
+
+def test_postgresql_backend_without_database_is_a_config_error() -> None:
+    """backend = "postgresql" needs [database]."""
+    cfg = from_mapping({"auth": {"backend": "postgresql"}}, Path())
+    with pytest.raises(ConfigError, match="database"):
+        pgbackends.build_authenticator(cfg)

@@ -202,15 +202,20 @@ class LeaseManager:
 
     async def _beat(self) -> None:
         interval = self.ttl / 3
+        failing = False
         while self._held:
             await asyncio.sleep(interval)
             try:
                 await self.renew_all()
             except TemporaryBackendError:
-                log.warning("lease heartbeat failed; leases lapse %.0f s after the last "
-                            "renewal", self.ttl)
+                if not failing:  # one line per outage
+                    log.warning("lease heartbeat failed; leases lapse %.0f s after the "
+                                "last renewal", self.ttl)
+                failing = True
             except Exception:
                 log.exception("lease heartbeat failed")
+            else:
+                failing = False
 
     async def close(self) -> None:
         """Stop the heartbeat and release every lease (at shutdown)."""

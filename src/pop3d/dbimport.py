@@ -9,7 +9,8 @@
 * **Idempotent and resumable.**  A UIDL already in the user's PostgreSQL maildrop is
   skipped (the set is read once per user; ``UNIQUE (mailbox, uidl)`` guards races), so
   an interrupted import is simply run again.
-* The source is never changed.  Messages are stored in their wire form (CRLF line
+* No source message is changed or deleted (opening a Maildir moves ``new/`` to ``cur/``,
+  as a session of any POP3 server would).  Messages are stored in their wire form (CRLF line
   ends), which is what RETR sends from either store; sizes are therefore equal.
 * ``--all-users`` imports every user of the ``users`` table.
 

@@ -102,3 +102,53 @@ def test_database_down_is_temporary(tmp_path: Path) -> None:
     auth = SqlAuthenticator(Database(DatabaseConfig(url=url, timeout=1.0), pooled=False))
     with pytest.raises(DatabaseUnavailable):
         asyncio.run(auth.verify_password("dave", b"pw"))
+
+
+def test_slow_database_is_temporary_within_the_timeout(db_config: DatabaseConfig) -> None:
+    """A query slower than [database] timeout is cut: TemporaryBackendError, not a hang."""
+    _add_users(db_config.url, {"dave": "{PLAIN}pw"})
+    config = DatabaseConfig(url=db_config.url, timeout=0.5)
+    auth = SqlAuthenticator(
+        Database(config, pooled=False),
+        password_query="SELECT username, password FROM users, pg_sleep(5) "
+                       "WHERE username = %(user)s",
+    )
+
+    async def go() -> None:
+        async with asyncio.timeout(4):  # the test's own bound, far above the 0.5 s
+            await auth.verify_password("dave", b"pw")
+
+    with pytest.raises(TemporaryBackendError):
+        asyncio.run(go())
+
+
+def test_pooled_database_recovers_after_an_outage(
+    pg_server: object, db_config: DatabaseConfig
+) -> None:
+    """The pool answers DatabaseUnavailable while the server is away, then works again."""
+    from tests.pgserver import PgServer  # noqa: PLC0415
+
+    assert isinstance(pg_server, PgServer)
+    _add_users(db_config.url, {"erin": "{PLAIN}pw"})
+    database = Database(DatabaseConfig(url=db_config.url, timeout=1.0))
+    auth = SqlAuthenticator(database)
+
+    async def go() -> None:
+        assert await auth.verify_password("erin", b"pw") is not None
+        pg_server.stop()
+        try:
+            with pytest.raises(TemporaryBackendError):
+                await auth.verify_password("erin", b"pw")
+        finally:
+            pg_server.start()
+        for _ in range(100):  # the pool reconnects in the background
+            try:
+                if await auth.verify_password("erin", b"pw") is not None:
+                    break
+            except TemporaryBackendError:
+                await asyncio.sleep(0.1)
+        else:
+            pytest.fail("the pool did not reconnect")
+        await database.close()
+
+    asyncio.run(go())

@@ -1,4 +1,10 @@
--- pop3d PostgreSQL schema (`pop3d db schema`; `pop3d db init` applies it)
+-- pop3d PostgreSQL schema (`pop3d db schema`; `pop3d db init` applies the same).
+-- psql -v ON_ERROR_STOP=1 -1 -f schema.sql DBNAME
+CREATE TABLE IF NOT EXISTS pop3d_schema (
+    version integer PRIMARY KEY,
+    name    text NOT NULL,
+    applied timestamptz NOT NULL DEFAULT now()
+);
 
 -- migration 0001_initial
 -- pop3d schema version 1: users, maildrops, messages in bounded chunks, maildrop leases.
@@ -109,3 +115,4 @@ BEGIN
     GET DIAGNOSTICS n = ROW_COUNT;
     RETURN n;
 END $$;
+INSERT INTO pop3d_schema (version, name) VALUES (1, '0001_initial');

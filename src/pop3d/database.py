@@ -40,8 +40,6 @@ __all__ = ["Database", "DatabaseUnavailable"]
 
 log = logging.getLogger("pop3d.database")
 
-#: How long a process waits for the pool to open at start before serving anyway.
-_OPEN_WAIT = 0
 
 
 class DatabaseUnavailable(TemporaryBackendError):
@@ -82,7 +80,6 @@ class Database:
                 min_size=self.config.pool_min,
                 max_size=self.config.pool_max,
                 timeout=self.config.timeout,
-                reconnect_timeout=0,  # keep trying for ever: the database will be back
                 open=False,
                 name="pop3d",
             )

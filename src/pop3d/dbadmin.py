@@ -56,10 +56,21 @@ def migrations() -> list[Migration]:
 
 
 def schema_sql() -> str:
-    """Every migration's SQL, as one script (what ``pop3d db schema`` prints)."""
-    head = "-- pop3d PostgreSQL schema (`pop3d db schema`; `pop3d db init` applies it)\n"
-    parts = [head]
-    parts.extend(f"\n-- migration {m.name}\n{m.sql}" for m in migrations())
+    """Every migration's SQL as one script (what ``pop3d db schema`` prints).
+
+    It records the versions in ``pop3d_schema`` as ``pop3d db init`` does, so a database
+    set up with ``psql -f`` is upgraded later by ``pop3d db migrate``.
+    """
+    parts = [
+        "-- pop3d PostgreSQL schema (`pop3d db schema`; `pop3d db init` applies the same).\n",
+        "-- psql -v ON_ERROR_STOP=1 -1 -f schema.sql DBNAME\n",
+        _CREATE_VERSION_TABLE.strip() + ";\n",
+    ]
+    for m in migrations():
+        parts.append(f"\n-- migration {m.name}\n{m.sql}")
+        # The values are the package's own file names (NNNN_word), not input.
+        record = "INSERT INTO pop3d_schema (version, name) VALUES ({}, '{}');\n"
+        parts.append(record.format(m.version, m.name))
     return "".join(parts)
 
 
@@ -172,10 +183,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"schema version {shipped}")  # noqa: T201
             return 0
 
+    import psycopg  # noqa: PLC0415
+
     try:
         return asyncio.run(go())
     except TemporaryBackendError as exc:
         return _fail(EX_TEMPFAIL, f"{exc}: {exc.__cause__ or ''}".rstrip(": "))
+    except psycopg.Error as exc:  # a migration refused: the database is left as it was
+        return _fail(EX_FAIL, f"migration failed: SQLSTATE {exc.sqlstate}: {exc}")
 
 
 # --------------------------------------------------------------------------- users

@@ -68,3 +68,23 @@ def test_postgresql_backend_without_database_is_a_config_error() -> None:
     cfg = from_mapping({"auth": {"backend": "postgresql"}}, Path())
     with pytest.raises(ConfigError, match="database"):
         pgbackends.build_authenticator(cfg)
+
+
+def test_deploy_schema_applied_by_psql_is_migratable(pg_server: object, tmp_path: Path) -> None:
+    """deploy/postgresql/schema.sql through psql gives what `pop3d db init` gives: the
+    version recorded, `db init` refused, `db migrate` with nothing to do."""
+    import subprocess  # noqa: PLC0415
+
+    from pop3d.cli import main  # noqa: PLC0415
+    from tests.pgserver import PgServer  # noqa: PLC0415
+
+    assert isinstance(pg_server, PgServer)
+    url = pg_server.create_database("from_psql")
+    schema = Path(__file__).resolve().parents[2] / "deploy" / "postgresql" / "schema.sql"
+    subprocess.run(["psql", "-q", "-v", "ON_ERROR_STOP=1", "-1", "-f", str(schema), url],
+                   check=True, capture_output=True)
+    cfg = tmp_path / "pop3d.toml"
+    cfg.write_text(f'[database]\nurl = "{url}"\n')
+    assert main(["db", "init", "--config", str(cfg)]) == 1
+    assert main(["db", "migrate", "--config", str(cfg)]) == 0
+    assert main(["db", "status", "--config", str(cfg)]) == 0

@@ -24,7 +24,7 @@ from tests.pgserver import PgServer, start_or_skip
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 #: Seconds a maildrop lease outlives its node's last heartbeat, in the suite.
-LOCK_TTL = 3.0
+LOCK_TTL = 5.0
 #: [database] timeout of the nodes.
 DB_TIMEOUT = 1.0
 

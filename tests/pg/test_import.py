@@ -100,3 +100,29 @@ def test_pop3d_deliver_into_postgresql(tmp_path: Path, database: Database) -> No
     [(_, size, body)] = _pg_listing(database, "carol")
     assert body == b"Subject: hi\r\n\r\nbody\r\n"
     assert size == len(body)
+
+
+def test_mailbox_stat_on_postgresql(tmp_path: Path, database: Database) -> None:
+    """`pop3d mailbox stat` counts a PostgreSQL maildrop; a missing one is empty."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    with psycopg.connect(database.config.url, autocommit=True) as conn:
+        conn.execute("INSERT INTO users (username, password) VALUES ('fay', '{PLAIN}x'), "
+                     "('gus', '{PLAIN}x')")
+    cfg = tmp_path / "pop3d.toml"
+    cfg.write_text(f'[auth]\nbackend = "postgresql"\n[storage]\nbackend = "postgresql"\n'
+                   f'[database]\nurl = "{database.config.url}"\n')
+    store = PostgresStore(database, LeaseManager(database, 5.0))
+    asyncio.run(store.deliver(user("fay"), _chunks(b"a\n")))
+
+    def stat(name: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "pop3d", "mailbox", "stat", "--config", str(cfg), name],
+            capture_output=True, text=True, check=False, timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    assert "messages: 1" in stat("fay")
+    assert "no maildrop yet" in stat("gus")

@@ -260,3 +260,30 @@ def test_login_costs_at_most_two_round_trips(live: Cluster) -> None:
     assert at_quit / logins <= 1, calls
     print(f"round trips per login {at_login / logins:.1f}, per QUIT {at_quit / logins:.1f}: "
           f"{calls}")
+
+
+def test_session_cut_off_past_its_lease_cannot_update(live: Cluster) -> None:
+    """A session whose node lost the database for longer than the lease TTL gets -ERR at
+    QUIT and deletes nothing, even once the database is back."""
+    add_user(live, "olga")
+    deliver(live, "olga", ["cut1", "cut2"])
+    client = login(live.nodes[0].pop3_port, "olga")
+    client.dele(1)
+    live.pg.stop()
+    try:
+        time.sleep(LOCK_TTL + 1)
+    finally:
+        live.pg.start()
+    try:
+        reply = client.quit()
+    except poplib.error_proto as exc:
+        reply = exc.args[0]
+    finally:
+        client.close()
+    assert reply.startswith(b"-ERR"), reply
+    wait_login(live.nodes[1].pop3_port, "olga", bound=3 * LOCK_TTL + 5)
+    after = login(live.nodes[1].pop3_port, "olga")
+    try:
+        assert message_ids(after) == ["cut1", "cut2"]
+    finally:
+        after.quit()

@@ -42,6 +42,10 @@ log = logging.getLogger("pop3d.database")
 
 
 
+#: SQLSTATEs of a missing table or function: the schema was not created.
+_NO_SCHEMA = frozenset({"42P01", "42883"})
+
+
 class DatabaseUnavailable(TemporaryBackendError):
     """PostgreSQL could not answer in time (down, unreachable, overloaded)."""
 
@@ -69,6 +73,7 @@ class Database:
             "prepare_threshold": 0,  # the login queries are prepared on first use
         }
         self._logged_down = False
+        self._refusals: set[str | None] = set()
 
     async def _get_pool(self) -> psycopg_pool.AsyncConnectionPool[Any]:
         loop = asyncio.get_running_loop()
@@ -107,10 +112,21 @@ class Database:
                 self._logged_down = True
                 log.error("database unavailable: %s", type(exc).__name__)  # noqa: TRY400
             raise DatabaseUnavailable("database unavailable") from exc
+        except psycopg.Error as exc:  # refused by the server: a schema or query mistake
+            self._refused(exc)
+            raise TemporaryBackendError(f"database error {exc.sqlstate}") from None
         else:
             if self._logged_down:
                 self._logged_down = False
                 log.warning("database available again")
+
+    def _refused(self, exc: psycopg.Error) -> None:
+        """Log a refused statement once per SQLSTATE (never its parameters)."""
+        if exc.sqlstate not in self._refusals:
+            self._refusals.add(exc.sqlstate)
+            hint = " (has `pop3d db init` been run?)" if exc.sqlstate in _NO_SCHEMA else ""
+            log.error("database refused a statement: SQLSTATE %s %s%s", exc.sqlstate,
+                      type(exc).__name__, hint)
 
     @contextlib.asynccontextmanager
     async def long_connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -130,6 +146,9 @@ class Database:
                     yield conn
         except _TRANSIENT as exc:
             raise DatabaseUnavailable("database unavailable") from exc
+        except psycopg.Error as exc:
+            self._refused(exc)
+            raise TemporaryBackendError(f"database error {exc.sqlstate}") from None
 
     async def close(self) -> None:
         """Close the pool (at shutdown)."""

@@ -161,6 +161,8 @@ def database_of(cfg: Any) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """``pop3d db init|migrate|status``."""
+    import psycopg  # noqa: PLC0415
+
     from pop3d import serve  # noqa: PLC0415
 
     try:
@@ -178,19 +180,19 @@ def run(args: argparse.Namespace) -> int:
             if args.db_action == "init" and have:
                 return _fail(EX_FAIL, f"the database already has schema version {have}; "
                              "use `pop3d db migrate`")
-            for name in await migrate(conn):
+            try:
+                applied = await migrate(conn)
+            except psycopg.Error as exc:  # refused: the database is left as it was
+                return _fail(EX_FAIL, f"migration failed: SQLSTATE {exc.sqlstate}: {exc}")
+            for name in applied:
                 print(f"applied {name}")  # noqa: T201
             print(f"schema version {shipped}")  # noqa: T201
             return 0
-
-    import psycopg  # noqa: PLC0415
 
     try:
         return asyncio.run(go())
     except TemporaryBackendError as exc:
         return _fail(EX_TEMPFAIL, f"{exc}: {exc.__cause__ or ''}".rstrip(": "))
-    except psycopg.Error as exc:  # a migration refused: the database is left as it was
-        return _fail(EX_FAIL, f"migration failed: SQLSTATE {exc.sqlstate}: {exc}")
 
 
 # --------------------------------------------------------------------------- users

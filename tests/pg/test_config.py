@@ -8,7 +8,7 @@ import pytest
 
 from pop3d import pgbackends
 from pop3d.config import from_mapping
-from pop3d.errors import ConfigError
+from pop3d.errors import ConfigError, TemporaryBackendError
 
 URL = "postgresql:///pop3d?host=/run/postgresql"
 
@@ -88,3 +88,25 @@ def test_deploy_schema_applied_by_psql_is_migratable(pg_server: object, tmp_path
     assert main(["db", "init", "--config", str(cfg)]) == 1
     assert main(["db", "migrate", "--config", str(cfg)]) == 0
     assert main(["db", "status", "--config", str(cfg)]) == 0
+
+
+def test_database_without_schema_is_a_temporary_error(
+    pg_server: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Logins against a database without the schema: SYS/TEMP and one hint in the log."""
+    import asyncio  # noqa: PLC0415
+
+    from pop3d.auth.base import Principal  # noqa: PLC0415
+    from pop3d.cluster_lock import LeaseManager  # noqa: PLC0415
+    from pop3d.config import DatabaseConfig  # noqa: PLC0415
+    from pop3d.database import Database  # noqa: PLC0415
+    from pop3d.storage.postgresql import PostgresStore  # noqa: PLC0415
+    from tests.pgserver import PgServer  # noqa: PLC0415
+
+    assert isinstance(pg_server, PgServer)
+    url = pg_server.create_database("no_schema")
+    database = Database(DatabaseConfig(url=url), pooled=False)
+    store = PostgresStore(database, LeaseManager(database, 5.0))
+    with pytest.raises(TemporaryBackendError):
+        asyncio.run(store.open(Principal("alice")))
+    assert "pop3d db init" in caplog.text

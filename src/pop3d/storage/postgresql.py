@@ -77,7 +77,7 @@ def new_uidl() -> str:
 
 
 def _raise_for(exc: psycopg.Error) -> None:
-    """Turn the schema's own SQLSTATEs into the store's errors; others are temporary."""
+    """Turn the schema's own SQLSTATEs into the store's errors; re-raise any other."""
     state = getattr(exc, "sqlstate", None)
     if state == _NO_MAILDROP:
         raise NoSuchMaildrop("no such maildrop") from None
@@ -87,7 +87,7 @@ def _raise_for(exc: psycopg.Error) -> None:
         raise TemporaryBackendError("maildrop lease lost") from None
     if isinstance(exc, psycopg.errors.CheckViolation | psycopg.errors.UniqueViolation):
         raise TemporaryBackendError(f"refused by the database: {type(exc).__name__}") from None
-    raise TemporaryBackendError(f"database error: {type(exc).__name__}") from exc
+    raise exc  # the database layer logs it (once) and makes it TemporaryBackendError
 
 
 class PostgresStore:

@@ -391,7 +391,7 @@ def from_mapping(data: Mapping[str, Any], base: Path, path: Path | None = None) 
     unknown = set(data) - {"server", "tls", "auth", "storage", "lmtp", "database"}
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}")
-    return Config(
+    cfg = Config(
         server=_server(data.get("server", {})),
         tls=_tls(data["tls"], base) if "tls" in data else None,
         auth=_auth(data.get("auth", {}), base),
@@ -400,6 +400,9 @@ def from_mapping(data: Mapping[str, Any], base: Path, path: Path | None = None) 
         database=_database(data["database"]) if "database" in data else None,
         path=path,
     )
+    if cfg.database is None and "postgresql" in (cfg.auth.backend, cfg.storage.backend):
+        raise ConfigError('a "postgresql" backend needs [database] url')
+    return cfg
 
 
 def load(path: Path) -> Config:

@@ -64,10 +64,10 @@ def test_bad_keys_are_named(data: dict[str, object], message: str) -> None:
 
 
 def test_postgresql_backend_without_database_is_a_config_error() -> None:
-    """backend = "postgresql" needs [database]."""
-    cfg = from_mapping({"auth": {"backend": "postgresql"}}, Path())
-    with pytest.raises(ConfigError, match="database"):
-        pgbackends.build_authenticator(cfg)
+    """backend = "postgresql" needs [database], for users and for mail alike."""
+    for data in ({"auth": {"backend": "postgresql"}}, {"storage": {"backend": "postgresql"}}):
+        with pytest.raises(ConfigError, match=r"needs \[database\]"):
+            from_mapping(data, Path())
 
 
 def test_deploy_schema_applied_by_psql_is_migratable(pg_server: object, tmp_path: Path) -> None:

@@ -121,6 +121,14 @@ class _Address:
         self.waiters: deque[asyncio.Future[None]] = deque()
 
 
+def _backend_failed(exc: Exception) -> None:
+    """Log an authentication backend failure: one line when expected (a database down)."""
+    if isinstance(exc, TemporaryBackendError):
+        log.warning("authentication backend unavailable: %s", exc)
+    else:
+        log.error("authentication backend failed", exc_info=exc)
+
+
 @dataclass
 class FailureDelays:
     """The brute-force penalty per source address (see the module head).
@@ -311,8 +319,8 @@ class Backends:
         start = delays.clock()
         try:
             verdict = verify_now.begin(event.username, event.password)
-        except Exception:
-            log.exception("authentication backend failed")
+        except Exception as exc:
+            _backend_failed(exc)
             return self._verdict(request, key, RespCode.SYS_TEMP, start)
         if isinstance(verdict, Unfinished):  # the task finishes it: nothing is redone
             delays.take(key)
@@ -360,8 +368,8 @@ class Backends:
         except asyncio.CancelledError:  # the server is stopping
             delays.release(key)
             raise
-        except Exception:
-            log.exception("authentication backend failed")
+        except Exception as exc:
+            _backend_failed(exc)
             found = RespCode.SYS_TEMP
         answer = self._verdict(request, key, found, start)
         if isinstance(answer, Principal) and not penalised:
@@ -424,8 +432,8 @@ class Backends:
         """
         try:
             secret = await self.authenticator.secret_for(username, scheme)
-        except Exception:
-            log.exception("authentication backend failed")
+        except Exception as exc:
+            _backend_failed(exc)
             return RespCode.SYS_TEMP
         if secret is None and scheme == "SCRAM-SHA-256":
             authenticator = self.authenticator

@@ -324,8 +324,8 @@ class Backends:
             return self._verdict(request, key, RespCode.SYS_TEMP, start)
         if isinstance(verdict, Unfinished):  # the task finishes it: nothing is redone
             delays.take(key)
-            return Later(self._delivered(self._shielded(self._judge(request, key, verdict)),
-                                         key, event.username))
+            work = self._judge(request, key, verdict)
+            return Later(self._shielded(work, (key, event.username)))
         if isinstance(verdict, Principal):
             return self._verdict(request, key, verdict, start)
         # A refusal: judged now, answered after the delay (the slot is held until then).
@@ -336,19 +336,26 @@ class Backends:
 
     async def _authenticate_later(self, request: AuthRequest, key: str) -> AuthAnswer:
         await self.delays.acquire(key)  # cancelled while waiting: nothing was judged
-        work = self._shielded(self._judge(request, key))
-        return await self._delivered(work, key, request.event.username)
+        return await self._shielded(self._judge(request, key), (key, request.event.username))
 
-    def _shielded(self, work: Coroutine[Any, Any, AuthAnswer]) -> Coroutine[Any, Any, AuthAnswer]:
+    def _shielded(
+        self, work: Coroutine[Any, Any, AuthAnswer], credit: tuple[str, str] | None = None
+    ) -> Coroutine[Any, Any, AuthAnswer]:
         """Start ``work`` now, in a task that the client hanging up does not cancel.
 
         It holds an authentication slot: the verdict is recorded and the slot kept until
-        the reply is due, whatever the connection does meanwhile.
+        the reply is due, whatever the connection does meanwhile.  With ``credit`` (the
+        address's key and the user name), a success the connection receives forgets
+        that user's failures; a connection
+        cancelled meanwhile (a client that hung up) receives nothing, so nothing is
+        forgotten.
         """
         task = asyncio.get_running_loop().create_task(work)
         self._holding.add(task)
         task.add_done_callback(self._holding.discard)
-        return _await_shielded(task)
+        if credit is None:
+            return _await_shielded(task)
+        return _await_credited(task, self.delays, *credit)
 
     async def _judge(
         self, request: AuthRequest, key: str, unfinished: Unfinished | None = None
@@ -403,18 +410,6 @@ class Backends:
                     return None
                 return await self.authenticator.lookup(username)
         return None  # pragma: no cover (the match is exhaustive)
-
-    async def _delivered(
-        self, work: Coroutine[Any, Any, AuthAnswer], key: str, username: str
-    ) -> AuthAnswer:
-        """Await ``work`` for the connection; a success it receives forgets the user's failures.
-
-        Cancelled with a client that hung up: then nothing is forgotten.
-        """
-        answer = await work
-        if isinstance(answer, Principal):
-            self.delays.succeeded(key, username)
-        return answer
 
     def _verdict(
         self,
@@ -587,3 +582,12 @@ class Backends:
 
 async def _await_shielded(task: asyncio.Task[_T]) -> _T:
     return await asyncio.shield(task)
+
+
+async def _await_credited(
+    task: asyncio.Task[AuthAnswer], delays: FailureDelays, key: str, username: str
+) -> AuthAnswer:
+    answer = await asyncio.shield(task)
+    if isinstance(answer, Principal):
+        delays.succeeded(key, username)
+    return answer

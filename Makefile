@@ -23,3 +23,16 @@ bench-dovecot:
 
 comma := ,
 BENCH_SERVERS = $(if $(wildcard bench/.venv/bin/twistd),--servers=pop3d$(comma)dovecot$(comma)twisted$(comma)twisted-tuned)
+
+# The no-loss soak (issue 15): SOAK_MINUTES per store (default 10), on Maildir then mbox;
+# SOAK_ARGS="--seed N" reruns a seed.  `make soak-ci` is the CI length (tests/soak).
+SOAK_MINUTES ?= 10
+SOAK_STORES ?= maildir mbox
+SOAK_ARGS ?=
+
+.PHONY: soak soak-ci
+soak:
+	$(PY) -m tests.soak.run --minutes $(SOAK_MINUTES) $(foreach s,$(SOAK_STORES),--store $(s)) $(SOAK_ARGS)
+
+soak-ci:
+	$(PY) -bb -m pytest -q -p no:randomly tests/soak

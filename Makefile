@@ -36,3 +36,15 @@ soak:
 
 soak-ci:
 	$(PY) -bb -m pytest -q -p no:randomly tests/soak
+
+# Coverage-guided fuzzing (issue 15): every target for FUZZ_SECONDS (default 300) with
+# atheris; findings go to .fuzz/artifacts/.  `make fuzz-ci` is the CI run (tests/fuzz).
+FUZZ_SECONDS ?= 300
+FUZZ_TARGETS ?=
+
+.PHONY: fuzz fuzz-ci
+fuzz:
+	$(PY) -m tests.fuzz.run --seconds $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+fuzz-ci:
+	$(PY) -bb -m pytest -q -p no:randomly tests/fuzz

@@ -123,12 +123,22 @@ def test_one_input(data: bytes) -> None:
     assert replies.startswith(b"220 "), "no greeting"
     assert replies.endswith(b"\r\n"), "a reply cut short"
     lines = replies.split(b"\r\n")[:-1]
+    tracebacks = listener.tracebacks.seen
+    if harness.tolerated("rcpt-echo"):
+        # Reported: the RCPT address is echoed in the 550 reply, control octets and all.
+        lines = [ln for ln in lines if not ln.startswith(b"550 5.1.1 <")]
+    if harness.tolerated("exception-text"):
+        # Reported: an exception in aiosmtpd's session (MAIL FROM:< raises IndexError in
+        # the stdlib address parser, bpo-27931; a non-UTF-8 RCPT address echoed in the 550
+        # cannot be encoded) is answered "500 Error: (Type) text" and logged.
+        lines = [ln for ln in lines if not ln.startswith(b"500 Error: (")]
+        tracebacks = [t for t in tracebacks if "SMTP session exception" not in t]
     for line in lines:
         assert _REPLY.fullmatch(line + b"\r\n") or _ECHO.fullmatch(line + b"\r\n"), (
             f"malformed reply {line[:100]!r}"
         )
         assert b"Error: (" not in line, f"exception text in a reply: {line[:100]!r}"
-    assert not listener.tracebacks.seen, listener.tracebacks.seen[0]
+    assert not tracebacks, tracebacks[0]
     saved = sum(1 for line in lines if line.startswith(b"250 2.0.0 <") and
                 line.endswith(b"> Saved"))
     with listener.recorder.lock:

@@ -100,6 +100,8 @@ def test_one_input(data: bytes) -> None:
             _LOOP.run_until_complete(store.deliver(_USER, _chunks(pieces), sender=sender))
         after = _LOOP.run_until_complete(_read_all(store))
         ends_line = preamble.endswith(b"\n") or not preamble
+        if preamble.endswith(b"\r\n\r\n") and harness.tolerated("crlf-append"):
+            ends_line = False  # reported: an append after CRLF CRLF adds an empty line
         if ends_line:
             assert len(after) == len(before) + len(messages), "a delivery merged or split"
         else:  # the line end the append adds may complete a From_ line (see the head)

@@ -16,6 +16,7 @@ committed corpus file through ``test_one_input`` with or without it
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -49,6 +50,13 @@ def main(module_name: str) -> None:
 
 #: Packages whose code is instrumented for coverage.
 _INSTRUMENTED = ("pop3d", "aiosmtpd")
+
+
+def tolerated(bug: str) -> bool:
+    """Whether ``FUZZ_TOLERATE`` (comma-separated) names ``bug``: a known, reported bug
+    that a long fuzzing run should step over to explore further.  Never set in CI.
+    """
+    return bug in os.environ.get("FUZZ_TOLERATE", "").split(",")
 
 
 class Split:

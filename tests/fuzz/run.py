@@ -6,8 +6,9 @@ corpus (``--work``, default ``.fuzz/``: ``corpus/NAME/`` and crash artifacts
 ``artifacts/NAME-crash-*``).  The summary gives, per target, the runs, the coverage and
 the crashes found.  Exit status 1 when any target found a crash.
 
-``--merge`` afterwards shrinks the scratch corpus into new committed seeds
-(``-merge=1``: only inputs that add coverage are kept).
+``FUZZ_TOLERATE=name,...`` in the environment lets a long run go past bugs already
+reported (see ``harness.tolerated``).  ``--merge`` afterwards shrinks the scratch corpus
+into new committed seeds (``-merge=1``: only inputs that add coverage are kept).
 """
 
 from __future__ import annotations
@@ -69,13 +70,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="per target (default 60)")
     parser.add_argument("--work", type=Path, default=Path(".fuzz"), help="scratch folder")
     parser.add_argument("--merge", action="store_true", help="merge new coverage into seeds")
-    parser.add_argument("--fork", type=int, default=0,
-                        help="libFuzzer -fork=N -ignore_crashes=1: keep going after a crash")
     args = parser.parse_args(argv)
     unknown = set(args.targets) - set(TARGETS)
     if unknown:
         parser.error(f"unknown targets: {' '.join(sorted(unknown))}")
-    extra = [f"-fork={args.fork}", "-ignore_crashes=1"] if args.fork else []
+    extra: list[str] = []
     status = 0
     for target in args.targets or TARGETS:
         code, summary = fuzz(target, args.seconds, args.work, extra)

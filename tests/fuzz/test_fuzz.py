@@ -70,20 +70,46 @@ def test_lmtp_unknown_command_not_echoed() -> None:
     assert b"\x00" not in replies
 
 
-@pytest.mark.parametrize("target", TARGETS)
-@pytest.mark.timeout(CI_SECONDS + 60)
-def test_fuzz_briefly(target: str, tmp_path: Path) -> None:
-    """A few seconds of atheris from the committed corpus find no crash."""
+#: Bugs found by fuzzing and reported, each reproduced by a file of ``known_failures/``:
+#: the short fuzzing run steps over them (``harness.tolerated``), so that it looks for
+#: new ones.  Remove a name when its bug is fixed.
+KNOWN_BUGS = (
+    "w-size",  # maildir: S= right, W= wrong: [SYS/TEMP] forever (issue 15 item 3)
+    "crlf-append",  # mbox: an append after CRLF CRLF lengthens the last message
+    "rcpt-echo",  # lmtp: 550 echoes the RCPT address, control octets and all
+    "exception-text",  # lmtp: aiosmtpd answers an exception with its text (MAIL FROM:<)
+)
+
+
+@pytest.mark.timeout(CI_SECONDS + 100)
+def test_fuzz_briefly(tmp_path: Path) -> None:
+    """A few seconds of atheris on every target, all at once, find no crash."""
     pytest.importorskip("atheris", reason="atheris is in the test dependency group")
-    result = subprocess.run(
-        [
-            sys.executable, "-m", f"tests.fuzz.fuzz_{target}",
-            str(tmp_path), str(CORPUS / target),
-            f"-max_total_time={CI_SECONDS}", f"-artifact_prefix={tmp_path}/",
-            "-timeout=20", "-rss_limit_mb=2048", "-max_len=8192",
-        ],
-        capture_output=True,
-        check=False,
-        timeout=CI_SECONDS + 50,
-    )
-    assert result.returncode == 0, result.stderr.decode(errors="replace")[-4000:]
+    runs = {}
+    for target in TARGETS:
+        scratch = tmp_path / target
+        scratch.mkdir()
+        runs[target] = subprocess.Popen(
+            [
+                sys.executable, "-m", f"tests.fuzz.fuzz_{target}",
+                str(scratch), str(CORPUS / target),
+                f"-max_total_time={CI_SECONDS}", f"-artifact_prefix={scratch}/",
+                "-timeout=20", "-rss_limit_mb=2048", "-max_len=8192",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "FUZZ_TOLERATE": ",".join(KNOWN_BUGS)},
+        )
+    failures = []
+    for target, proc in runs.items():
+        try:
+            _, err = proc.communicate(timeout=CI_SECONDS + 90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+            failures.append(f"{target}: did not finish")
+            continue
+        if proc.returncode != 0:
+            failures.append(f"{target}: exit {proc.returncode}\n"
+                            + err.decode(errors="replace")[-3000:])
+    assert not failures, "\n".join(failures)

@@ -339,6 +339,7 @@ class Context:
     deadline: float
     max_deliveries: int
     kill_gap: tuple[float, float]
+    tolerate: frozenset[str] = frozenset()
 
     def running(self) -> bool:
         return not self.stop.is_set() and time.monotonic() < self.deadline
@@ -635,6 +636,7 @@ class Report:
             (f"  lost: {c['lost']}, duplicated: {c['duplicated']}, corrupt or unknown: "
              f"{c['corrupt']}, resurrected: {c['resurrected']}"),
             f"  other events: {other or 'none'}",
+            f"  known bugs stepped over: {c['known bug: empty dotlock removed']} empty dotlocks",
             f"  verdict: {verdict}",
         ]
         lines += [f"  - {f}" for f in self.failures]
@@ -647,7 +649,12 @@ def final_check(ctx: Context) -> None:
     present: Counter[str] = Counter()
     for user in USERS:
         try:
-            _read_all(ctx, user, present)
+            refused = _read_all(ctx, user, present)
+            if refused is not None and _known_lock(ctx, user):
+                refused = _read_all(ctx, user, present)
+            if refused is not None:
+                ledger.fail(f"{user}: cannot log in after the final restart (a lock left "
+                            f"behind?): {refused!r}")
         except (OSError, ValueError, IndexError) as exc:
             ledger.fail(f"{user}: the final session failed: {type(exc).__name__}: {exc}")
     c = ledger.counts
@@ -679,6 +686,37 @@ def final_check(ctx: Context) -> None:
         ledger.fail("the ledger does not add up")
 
 
+#: Known bugs a run may be told to step over (``tolerate=``), each reported: the soak then
+#: counts them, repairs what they left, and checks everything else.
+KNOWN_BUGS = {
+    "empty-dotlock": (
+        "storage/mbox.py creates the dotlock with O_EXCL and writes its pid:host after: a "
+        "SIGKILL in between leaves an empty dotlock nobody breaks for STALE_DOTLOCK_AGE "
+        "(300 s), and the user can neither log in nor receive mail meanwhile"
+    ),
+}
+
+
+def _known_lock(ctx: Context, user: str) -> bool:
+    """After a refused login: an empty mbox dotlock (a known bug), removed if tolerated."""
+    if ctx.server.store != "mbox":
+        return False
+    dotlock = ctx.server.root / "mbox" / f"{user}.lock"
+    try:
+        empty = dotlock.stat().st_size == 0
+    except FileNotFoundError:
+        return False
+    if not empty:
+        return False
+    if "empty-dotlock" not in ctx.tolerate:
+        ctx.ledger.fail(f"{user}: an empty dotlock was left behind: "
+                        f"{KNOWN_BUGS['empty-dotlock']}")
+        return False
+    ctx.ledger.count("known bug: empty dotlock removed")
+    dotlock.unlink()
+    return True
+
+
 def _check_log(ctx: Context) -> None:
     """A traceback in the server's log is a failure; warnings and errors are counted."""
     text = ctx.server.log.read_text(encoding="utf-8", errors="replace")
@@ -689,24 +727,23 @@ def _check_log(ctx: Context) -> None:
             ctx.ledger.count("server log warnings/errors")
 
 
-def _read_all(ctx: Context, user: str, present: Counter[str]) -> None:
-    """One session that must log in at the first try and reads every message, no DELE."""
+def _read_all(ctx: Context, user: str, present: Counter[str]) -> bytes | None:
+    """One session that reads every message (no DELE); the PASS reply if it was refused."""
     ledger = ctx.ledger
     try:
         # Longer than any lock timeout of the server, so that its answer arrives.
         client = _Client(HOST, ctx.server.port, timeout=2 * IO_TIMEOUT)
     except OSError as exc:
         ledger.fail(f"the restarted server refused a connection: {exc}")
-        return
+        return None
     with client:
         client.cmd(b"USER " + user.encode())
         reply = client.cmd(b"PASS " + USERS[user].encode())
         if not reply.startswith(b"+OK"):
-            ledger.fail(f"{user}: cannot log in after the final restart: {reply!r}")
-            return
+            return reply
         if not client.cmd(b"UIDL").startswith(b"+OK"):
             ledger.fail(f"{user}: UIDL refused after the final restart")
-            return
+            return None
         for line in client.multiline():
             n, uid = line.split(b" ", 1)
             status = client.cmd(b"RETR " + n)
@@ -719,6 +756,7 @@ def _read_all(ctx: Context, user: str, present: Counter[str]) -> None:
                 present[msg_id] += 1
         if not client.cmd(b"QUIT").startswith(b"+OK"):
             ledger.fail(f"{user}: QUIT without DELE was refused")
+    return None
 
 
 def run_soak(
@@ -733,6 +771,7 @@ def run_soak(
     workers: int = 2,
     kill_gap: tuple[float, float] = (1.0, 8.0),
     max_deliveries: int = 20000,
+    tolerate: frozenset[str] = frozenset(),
     log: Callable[[str], None] = print,
 ) -> Report:
     """Run the soak for ``seconds`` in the folder ``root``; return the verdict."""
@@ -744,7 +783,7 @@ def run_soak(
     ledger = Ledger()
     started = time.monotonic()
     ctx = Context(seed, server, ledger, threading.Event(), started + seconds, max_deliveries,
-                  kill_gap)
+                  kill_gap, frozenset(tolerate))
 
     def rng(name: str) -> random.Random:
         return random.Random(f"{seed}/{name}")
@@ -795,12 +834,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="seed of every random choice")
     parser.add_argument("--workdir", help="keep the run's files here (default: a temp dir)")
     parser.add_argument("--workers", type=int, default=2, help="[server] workers")
+    parser.add_argument("--tolerate", action="append", default=[], choices=sorted(KNOWN_BUGS),
+                        help="step over a known, reported bug (repeatable)")
     args = parser.parse_args(argv)
     ok = True
     for store in args.store or ["maildir", "mbox"]:
         with _workdir(args.workdir and str(Path(args.workdir) / store)) as root:
             report = run_soak(store, args.minutes * 60, root, seed=args.seed,
-                              workers=args.workers)
+                              workers=args.workers, tolerate=frozenset(args.tolerate))
             print(report.text(), flush=True)
             ok = ok and report.ok
     return 0 if ok else 1

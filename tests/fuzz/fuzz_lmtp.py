@@ -70,10 +70,8 @@ class _Listener:
         self.auth = PasswdFileAuthenticator(users)
         self.recorder = _Recorder()
         self.tracebacks = _Tracebacks()
-        for name in ("pop3d", "mail.log", "aiosmtpd"):
-            logger = logging.getLogger(name)
-            logger.addHandler(self.tracebacks)
-            logger.propagate = False  # keep the expected INFO/WARNING lines off stderr
+        for name in ("pop3d", "mail.log"):
+            logging.getLogger(name).addHandler(self.tracebacks)
         self.config = Config(lmtp=LmtpConfig(listen=("127.0.0.1:0",), max_message_size=4096))
         self.port = 0
         ready = threading.Event()

@@ -20,7 +20,6 @@ and ``cur/`` of a real Maildir (on ``/dev/shm`` where there is one):
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import re
 import shutil
@@ -36,9 +35,6 @@ from tests.fuzz import harness
 _SCRATCH = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
 _LOOP = asyncio.new_event_loop()
 _BARE_LF = re.compile(rb"(?<!\r)\n")
-
-# Odd names and sizes are logged as they are skipped or corrected: not thousands a second.
-logging.getLogger(maildir.__name__).disabled = True
 
 
 def reference_wire(data: bytes) -> bytes:

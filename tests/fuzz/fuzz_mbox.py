@@ -24,7 +24,6 @@ more, empty, message).
 from __future__ import annotations
 
 import asyncio
-import logging
 import shutil
 import tempfile
 from collections.abc import AsyncIterator
@@ -39,9 +38,6 @@ from tests.fuzz.fuzz_maildir_names import reference_wire
 _SCRATCH = Path("/dev/shm") if Path("/dev/shm").is_dir() else None
 _LOOP = asyncio.new_event_loop()
 _USER = Principal("fuzz")
-
-# Damaged files are logged ("octets before the first From_ line"): not thousands a second.
-logging.getLogger("pop3d.storage.mbox").disabled = True
 
 Listing = list[tuple[str, int, bytes]]
 

@@ -61,11 +61,8 @@ def _run(settings: Pop3Settings, pieces: list[bytes], eof: bool) -> tuple[bytes,
     driver = _driver()
     conn = Pop3Connection(settings)
     out = [driver.run(conn)]
-    for piece in pieces:
+    for piece in [*pieces, b""] if eof else pieces:  # b"": the peer closed
         conn.receive_data(piece)
-        out.append(driver.run(conn))
-    if eof:
-        conn.receive_data(b"")
         out.append(driver.run(conn))
     return b"".join(out), driver
 

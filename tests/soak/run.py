@@ -292,29 +292,27 @@ class Server:
 
     def kill(self) -> None:
         """SIGKILL the server's whole process group (supervisor and workers) and reap it."""
-        process = self.process
-        if process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        self.process = None
-        self.kills += 1
+        if self._signal(signal.SIGKILL, None):
+            self.kills += 1
 
     def stop(self) -> None:
         """SIGTERM the group, then SIGKILL what is left after 10 s."""
-        process = self.process
+        self._signal(signal.SIGTERM, 10.0)
+
+    def _signal(self, sig: int, grace: float | None) -> bool:
+        """Signal the group and reap the server (SIGKILL after ``grace`` s); False: none."""
+        process, self.process = self.process, None
         if process is None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
+            return False
+        for s in (sig, signal.SIGKILL):
             with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        self.process = None
+                os.killpg(process.pid, s)
+            try:
+                process.wait(grace)
+            except subprocess.TimeoutExpired:
+                continue
+            return True
+        return True
 
 
 def _greets(port: int, greeting: bytes) -> bool:

@@ -50,7 +50,10 @@ def main(module_name: str) -> None:
             del sys.modules[name]
     with atheris.instrument_imports(include=list(_INSTRUMENTED)):
         module = importlib.import_module(module_name)
-    atheris.Setup(sys.argv, module.test_one_input)
+    # libFuzzer starts children (-merge, -fork) with a shell command made of argv[0]
+    # and the options: argv[0] must run this target again, not name the module's file.
+    argv = [f"{sys.executable} -m {module_name}", *sys.argv[1:]]
+    atheris.Setup(argv, module.test_one_input)
     atheris.Fuzz()
 
 

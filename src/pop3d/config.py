@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pop3d import limits
 from pop3d.errors import ConfigError
+from pop3d.storage.template import check_template
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -37,6 +38,9 @@ class ServerConfig:
     listen: tuple[ListenAddress, ...] = (ListenAddress("127.0.0.1", 1110),)
     tls_listen: tuple[ListenAddress, ...] = ()
     idle_timeout: float = limits.DEFAULT_IDLE_TIMEOUT
+    #: Seconds a connection may stay unauthenticated, whatever it sends (default: the
+    #: smaller of 60 s and 3 x ``idle_timeout``).
+    login_timeout: float = limits.DEFAULT_LOGIN_TIMEOUT
     #: Worker processes sharing the listening sockets; 0 means one per core ("auto").
     workers: int = 0
     max_connections: int = 20000
@@ -89,6 +93,12 @@ class AuthConfig:
     login_delay: int = 0
     #: Folder of the per-user last-login stamps, shared by every process of the server.
     login_stamps: Path = Path("login-stamps")
+    #: The secret key every worker derives SCRAM salts and decoys from (created once, mode
+    #: 0600); ``None``: ``pop3d-auth.key`` next to ``passwd_file``.
+    key_file: Path | None = None
+
+    #: IPv6 addresses sharing one failure penalty: this many leading bits.
+    ipv6_penalty_prefix: int = limits.DEFAULT_IPV6_PENALTY_PREFIX
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +126,9 @@ class LmtpConfig:
     listen: tuple[str, ...] = ()
     max_message_size: int = 50 * 1024 * 1024
     hostname: str = "localhost"
+    #: Connections at once, in total and per client address, counted at accept.
+    max_connections: int = limits.LMTP_MAX_CONNECTIONS
+    max_connections_per_ip: int = limits.LMTP_MAX_CONNECTIONS_PER_IP
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +210,10 @@ def _server(data: Mapping[str, Any]) -> ServerConfig:
     idle = float(sec.get("idle_timeout", (int, float), d.idle_timeout))
     if idle <= 0:
         raise ConfigError("[server] idle_timeout must be positive")
+    default_login = min(limits.DEFAULT_LOGIN_TIMEOUT, limits.LOGIN_TIMEOUT_IDLE_FACTOR * idle)
+    login_timeout = float(sec.get("login_timeout", (int, float), default_login))
+    if login_timeout <= 0:
+        raise ConfigError("[server] login_timeout must be positive")
     workers_raw = sec.get("workers", (int, str), "auto")
     if workers_raw == "auto":
         workers = 0
@@ -208,6 +225,7 @@ def _server(data: Mapping[str, Any]) -> ServerConfig:
         listen=listen,
         tls_listen=tls_listen,
         idle_timeout=idle,
+        login_timeout=login_timeout,
         workers=workers,
         max_connections=sec.get("max_connections", int, d.max_connections),
         max_connections_per_ip=sec.get("max_connections_per_ip", int, d.max_connections_per_ip),
@@ -266,14 +284,21 @@ def _auth(data: Mapping[str, Any], base: Path) -> AuthConfig:
         mechanisms=mechs,
         login_delay=sec.get("login_delay", int, d.login_delay),
         login_stamps=_path(base, sec.get("login_stamps", str, str(d.login_stamps))),
+        key_file=_path(base, kf) if (kf := sec.get("key_file", str, None)) else None,
+
+        ipv6_penalty_prefix=sec.get("ipv6_penalty_prefix", int, d.ipv6_penalty_prefix),
     )
     sec.done()
+    if not 0 <= cfg.ipv6_penalty_prefix <= 128:
+        raise ConfigError("[auth] ipv6_penalty_prefix: must be 0-128")
+    if cfg.failure_delay < 0 or cfg.max_failure_delay < 0:
+        raise ConfigError("[auth] failure_delay and max_failure_delay must not be negative")
     if cfg.login_delay < 0:
         raise ConfigError("[auth] login_delay: must be 0 (none) or a number of seconds")
     return cfg
 
 
-def _storage(data: Mapping[str, Any], base: Path) -> StorageConfig:
+def _storage(data: Mapping[str, Any], base: Path, path: Path | None = None) -> StorageConfig:
     sec = _Section(data, "storage")
     maildir = sec.get("maildir", str, None)
     mbox = sec.get("mbox", str, None)
@@ -283,6 +308,10 @@ def _storage(data: Mapping[str, Any], base: Path) -> StorageConfig:
     sec.done()
     if (maildir is None) == (mbox is None):
         raise ConfigError("[storage] needs exactly one of maildir and mbox")
+    # A template that could share or leak mail is refused here, naming file and key.
+    for key, template in (("maildir", maildir), ("mbox", mbox)):
+        if template is not None:
+            check_template(template, f"{path or 'config'}: [storage] {key}")
     if quota_exit not in (75, 77):
         raise ConfigError("[storage] quota_exit must be 75 (retry) or 77 (bounce)")
     if lock_table is not None and not lock_table.strip():
@@ -315,8 +344,12 @@ def _lmtp(data: Mapping[str, Any]) -> LmtpConfig:
             "[lmtp] max_message_size",
         ),
         hostname=sec.get("hostname", str, d.hostname),
+        max_connections=sec.get("max_connections", int, d.max_connections),
+        max_connections_per_ip=sec.get("max_connections_per_ip", int, d.max_connections_per_ip),
     )
     sec.done()
+    if cfg.max_connections < 1 or cfg.max_connections_per_ip < 1:
+        raise ConfigError("[lmtp] max_connections and max_connections_per_ip must be >= 1")
     return cfg
 
 
@@ -329,7 +362,7 @@ def from_mapping(data: Mapping[str, Any], base: Path, path: Path | None = None) 
         server=_server(data.get("server", {})),
         tls=_tls(data["tls"], base) if "tls" in data else None,
         auth=_auth(data.get("auth", {}), base),
-        storage=_storage(data.get("storage", {"maildir": "mail/%u/Maildir"}), base),
+        storage=_storage(data.get("storage", {"maildir": "mail/%u/Maildir"}), base, path),
         lmtp=_lmtp(data.get("lmtp", {})),
         path=path,
     )

@@ -29,9 +29,29 @@ MAX_AUTH_ATTEMPTS = 3
 
 #: RFC 1939 §3: "the autologout timer MUST be of at least 10 minutes' duration".
 DEFAULT_IDLE_TIMEOUT = 600.0
-#: How often the idle sweep looks at every connection (at most; a quarter of a shorter
-#: idle timeout): a connection is closed between ``idle_timeout`` and this much later.
+#: How often the deadline sweep looks at every connection (at most; a quarter of a
+#: shorter idle or login timeout): a connection is closed between its deadline and this
+#: much later.
 IDLE_SWEEP_INTERVAL = 1.0
+
+#: ``[server] login_timeout`` default: a connection not logged in after this long is
+#: closed, whatever it sends (Dovecot closes them after a fixed time too).  The smaller of
+#: this and 3 x ``idle_timeout`` (SPEC): a real client logs in within seconds, while a
+#: connection that only talks (``CAPA`` every few seconds) or trickles bytes could
+#: otherwise hold a slot for ever.
+DEFAULT_LOGIN_TIMEOUT = 60.0
+#: The login timeout's default as a multiple of ``idle_timeout``.
+LOGIN_TIMEOUT_IDLE_FACTOR = 3.0
+
+#: A command line must be complete this long after its first octet arrived (at most
+#: ``idle_timeout``): activity is a complete command, not a byte, and a client that
+#: trickles one octet at a time never completes one.  255 octets in 30 s is a link of
+#: under 70 bit/s.
+COMMAND_LINE_TIMEOUT = 30.0
+
+#: Time allowed for the TLS handshake that follows STLS: a real client finishes in a
+#: round trip or two; the connection is not logged in yet and holds a slot meanwhile.
+STLS_HANDSHAKE_TIMEOUT = 10.0
 
 #: Delay before answering a failed PASS/APOP/AUTH, as Dovecot's auth_failure_delay.
 DEFAULT_AUTH_FAILURE_DELAY = 2.0
@@ -48,6 +68,21 @@ AUTH_PENALTY_EXPIRY = 3600.0
 #: distributed attack costs bounded memory (it then only meets the base delay).
 MAX_PENALTY_ADDRESSES = 100_000
 
+#: User names whose failures an address's penalty tells apart (a success forgets that
+#: name's own failures only); failures for further names count, and nothing forgets them.
+MAX_PENALTY_NAMES = 64
+
+#: Authentications of one address (or IPv6 prefix) in progress at once, each held until
+#: its reply is due, including its penalty, even if the client hangs up.  So whatever
+#: its parallelism an address gets at most this many verdicts per penalty: with the
+#: default 15 s cap, 8 a minute once penalised.  Two, not one: a NAT'ed office's
+#: logins with a slow hash need not queue behind each other.
+MAX_AUTH_IN_FLIGHT_PER_ADDRESS = 2
+
+#: ``[auth] ipv6_penalty_prefix`` default: one host, or one customer, usually holds a
+#: whole /64 (RFC 6177), and could otherwise take a fresh address for every guess.
+DEFAULT_IPV6_PENALTY_PREFIX = 64
+
 #: Size of the chunks a big message is read and sent in: large enough that RETR does few
 #: system calls and Python steps (1 MiB measured 20-25 % less server CPU per octet than
 #: 256 KiB on a 20 MiB RETR), small enough that a streaming session holds a few MiB at
@@ -60,6 +95,22 @@ WRITE_COALESCE = 64 * 1024
 
 #: Transport high-water mark: the driver waits for the socket to drain past this.
 WRITE_HIGH_WATER = 512 * 1024
+
+#: Coalesced writes (of :data:`WRITE_COALESCE` octets) one connection makes before the
+#: others get their turn of the event loop: while the kernel keeps taking a pipelining
+#: client's replies, it is answered 256 KiB at a time, not for seconds on end.
+WRITES_PER_TURN = 4
+#: Commands one connection has answered before the others get their turn, for the same
+#: reason: a flood of ``NOOP`` (5 octets a reply) is served a thousand at a time.
+COMMANDS_PER_TURN = 1024
+
+#: What one connection may hold of its own output beyond the kernel's socket buffers:
+#: the transport's buffer (up to the high-water mark plus one coalesced write) and the
+#: reply being made (an inline message is at most 64 KiB; a listing is bounded by the
+#: maildrop).  Past the high-water mark no further command is answered and nothing is
+#: read until the peer takes its replies, so a client pipelining without reading costs
+#: about this much (RETR x1000 per write once held 1.3 GiB).
+OUTPUT_BUDGET = WRITE_HIGH_WATER + 2 * WRITE_COALESCE
 
 #: Received bytes held unparsed (pipelined commands not yet answered).  A client may
 #: pipeline as much as it likes (RFC 2449 §6.6), but we stop reading past this until the
@@ -76,5 +127,19 @@ MAX_UIDL = 70
 #: Time allowed for a TLS handshake (STLS or implicit TLS) before the connection is closed.
 TLS_HANDSHAKE_TIMEOUT = 30.0
 
+#: After a deadline's farewell, time given to the peer to take it before the connection
+#: is cut (a peer that never reads would hold a closing connection for ever).
+CLOSE_GRACE = 5.0
+
 #: Time given to open sessions to finish after SIGTERM before they are cut.
 SHUTDOWN_GRACE = 5.0
+
+#: LMTP connections one client address may hold at once (SPEC: ``[lmtp]
+#: max_connections_per_ip``).  An MTA opens few: Postfix's default per-destination
+#: concurrency is 20, so 64 leaves room for three of them behind one address, and a
+#: runaway or hostile client cannot hold every slot.
+LMTP_MAX_CONNECTIONS_PER_IP = 64
+
+#: LMTP connections a worker process holds at once (``[lmtp] max_connections``), from all
+#: addresses and UNIX-socket peers together; each costs a task and a spool file.
+LMTP_MAX_CONNECTIONS = 1000

@@ -28,6 +28,17 @@ Rules of this file:
 * **Replies never carry exception text**; failures are logged with the recipient.
 * ``LHLO`` advertises ``PIPELINING`` and ``ENHANCEDSTATUSCODES``, which RFC 2033 §5
   requires of every LMTP server; aiosmtpd reads pipelined commands in order.
+* **Connection caps** (``[lmtp] max_connections``, ``max_connections_per_ip``) are
+  counted at accept, before the greeting: a connection over a cap gets ``421 4.3.2`` and
+  is closed at once (the MTA retries later).  UNIX-socket peers count only in the total.
+  As POP3's, the counts are per worker process.
+* **One copy per user**: ``RCPT`` of a user already in the transaction (again, or by
+  another address that names the same user) is accepted, and after DATA answered with
+  the reply of that user's one delivery; the message is stored once.
+* Every recipient answered, at RCPT (refused) or after DATA, is counted by
+  :func:`pop3d.metrics.lmtp_delivery`: ``ok``, ``unknown_user``, ``over_quota``,
+  ``tempfail`` (we are to blame; the MTA retries) or ``failed`` (a permanent refusal:
+  message too big, permanent storage error).
 """
 
 from __future__ import annotations
@@ -41,19 +52,27 @@ import socket
 import stat
 import tempfile
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
 from aiosmtpd.lmtp import LMTP
 
-from pop3d import limits
+from pop3d import limits, metrics
 from pop3d.auth.base import Authenticator, Principal
 from pop3d.config import Config, parse_address
 from pop3d.deliver import find_user
 from pop3d.errors import PermanentBackendError, QuotaExceeded
 from pop3d.storage.base import Deliverer
 
-__all__ = ["MAX_RECIPIENTS", "LmtpHandler", "LmtpServerProtocol", "bind_lmtp", "start_lmtp"]
+__all__ = [
+    "MAX_RECIPIENTS",
+    "Admission",
+    "LmtpHandler",
+    "LmtpServerProtocol",
+    "bind_lmtp",
+    "start_lmtp",
+]
 
 log = logging.getLogger("pop3d.lmtp")
 
@@ -107,13 +126,16 @@ class LmtpHandler:
         """Look the recipient up: ``550 5.1.1`` if unknown, ``451 4.3.0`` if lookup fails."""
         principals: list[Principal] = getattr(envelope, "principals", [])
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            metrics.lmtp_delivery("tempfail")
             return "452 4.5.3 Too many recipients"
         try:
             principal = await self.find_user(address)
         except Exception:
             log.exception("user lookup failed for <%s>", address)
+            metrics.lmtp_delivery("tempfail")
             return f"451 4.3.0 <{address}> Temporary user lookup failure"
         if principal is None:
+            metrics.lmtp_delivery("unknown_user")
             return f"550 5.1.1 <{address}> User doesn't exist"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(options)
@@ -126,10 +148,86 @@ class LmtpHandler:
         return await find_user(self.authenticator, address)
 
 
+class Admission:
+    """The connections a listener holds, in total and per client address (one process)."""
+
+    def __init__(self, total: int, per_ip: int) -> None:
+        self.total = total
+        self.per_ip = per_ip
+        self.open = 0
+        self.per_address: dict[str, int] = {}
+
+    def admit(self, address: str) -> str | None:
+        """Count a new connection; return the cap it is over (and do not count it)."""
+        if self.open >= self.total:
+            return "total"
+        if address and self.per_address.get(address, 0) >= self.per_ip:
+            return "per_ip"
+        self.open += 1
+        if address:
+            self.per_address[address] = self.per_address.get(address, 0) + 1
+        return None
+
+    def release(self, address: str) -> None:
+        """Forget a connection :meth:`admit` counted."""
+        self.open -= 1
+        if address:
+            left = self.per_address[address] - 1
+            if left:
+                self.per_address[address] = left
+            else:
+                del self.per_address[address]
+
+
+def _peer_address(transport: asyncio.BaseTransport) -> str:
+    """The client's IP address; ``""`` for a UNIX-socket peer."""
+    peer = transport.get_extra_info("peername")
+    return str(peer[0]) if isinstance(peer, tuple) and peer else ""
+
+
 class LmtpServerProtocol(LMTP):
     """aiosmtpd's LMTP with a streaming DATA that replies once per recipient."""
 
     event_handler: LmtpHandler
+    #: The caps this connection is counted against (``None``: none).
+    admission: Admission | None = None
+    #: The address it was counted under; ``None`` until admitted (or when refused).
+    _admitted_as: str | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Count the connection at accept; over a cap, answer ``421`` and close."""
+        if self.admission is not None:
+            address = _peer_address(transport)
+            cap = self.admission.admit(address)
+            if cap is not None:
+                metrics.connection_refused(cap)
+                log.warning("LMTP connection from %s refused: %s cap", address or "unix", cap)
+                assert isinstance(transport, asyncio.WriteTransport)
+                transport.write(b"421 4.3.2 Too many connections, try again later\r\n")
+                transport.close()
+                return
+            self._admitted_as = address
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        """Release the connection's count (a refused one never had aiosmtpd's state)."""
+        if self.admission is not None:
+            if self._admitted_as is None:
+                return
+            self.admission.release(self._admitted_as)
+            self._admitted_as = None
+        super().connection_lost(error)
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes from a refused connection are dropped."""
+        if self.admission is None or self._admitted_as is not None:
+            super().data_received(data)
+
+    def eof_received(self) -> bool | None:
+        """EOF of a refused connection: let it close."""
+        if self.admission is not None and self._admitted_as is None:
+            return False
+        return super().eof_received()
 
     async def smtp_DATA(self, arg: str) -> None:  # noqa: N802 (aiosmtpd's verb method)
         """Receive the message into a spool, then deliver and reply for each recipient."""
@@ -180,28 +278,55 @@ class LmtpServerProtocol(LMTP):
         sender = envelope.mail_from or ""
         if sender == "<>":
             sender = ""
+        #: The outcome of each user's one delivery, for its repeated recipients.
+        done: dict[str, _Result] = {}
         for rcpt, principal in zip(envelope.rcpt_tos, principals, strict=True):
-            if spool.too_big:
-                await self.push(f"552 5.3.4 <{rcpt}> Message too big")
-                continue
-            if spool.failed:
-                await self.push(f"451 4.3.0 <{rcpt}> Temporary failure")
-                continue
-            head = f"Return-Path: <{sender}>\r\nDelivered-To: {rcpt}\r\n".encode()
-            try:
-                await self.event_handler.deliverer.deliver(principal, spool.stream(head))
-            except QuotaExceeded:
-                log.info("<%s>: over quota", rcpt)
-                await self.push(f"552 5.2.2 <{rcpt}> Mailbox is full")
-            except PermanentBackendError:
-                log.exception("<%s>: permanent delivery failure", rcpt)
-                await self.push(f"554 5.3.0 <{rcpt}> Delivery failed")
-            except Exception:
-                log.exception("<%s>: delivery failed", rcpt)
-                await self.push(f"451 4.3.0 <{rcpt}> Temporary failure")
+            result = done.get(principal.username)
+            if result is None:
+                result = await self._deliver_one(rcpt, principal, sender, spool)
+                done[principal.username] = result
             else:
-                log.info("<%s>: delivered %d octets", rcpt, spool.size + len(head))
-                await self.push(f"250 2.0.0 <{rcpt}> Saved")
+                log.info("<%s>: same user as an earlier recipient, stored once", rcpt)
+            metrics.lmtp_delivery(result.metric)
+            await self.push(f"{result.code} <{rcpt}> {result.text}")
+
+    async def _deliver_one(
+        self, rcpt: str, principal: Principal, sender: str, spool: _Spool
+    ) -> _Result:
+        if spool.too_big:
+            return _TOO_BIG
+        if spool.failed:
+            return _TEMPFAIL
+        head = f"Return-Path: <{sender}>\r\nDelivered-To: {rcpt}\r\n".encode()
+        try:
+            await self.event_handler.deliverer.deliver(principal, spool.stream(head))
+        except QuotaExceeded:
+            log.info("<%s>: over quota", rcpt)
+            return _OVER_QUOTA
+        except PermanentBackendError:
+            log.exception("<%s>: permanent delivery failure", rcpt)
+            return _FAILED
+        except Exception:
+            log.exception("<%s>: delivery failed", rcpt)
+            return _TEMPFAIL
+        log.info("<%s>: delivered %d octets", rcpt, spool.size + len(head))
+        return _SAVED
+
+
+@dataclass(frozen=True, slots=True)
+class _Result:
+    """A recipient's reply after DATA (without the address) and its metrics label."""
+
+    code: str
+    text: str
+    metric: str
+
+
+_SAVED = _Result("250 2.0.0", "Saved", "ok")
+_OVER_QUOTA = _Result("552 5.2.2", "Mailbox is full", "over_quota")
+_TOO_BIG = _Result("552 5.3.4", "Message too big", "failed")
+_FAILED = _Result("554 5.3.0", "Delivery failed", "failed")
+_TEMPFAIL = _Result("451 4.3.0", "Temporary failure", "tempfail")
 
 
 class _Spool:
@@ -270,9 +395,10 @@ def protocol_factory(
 ) -> Callable[[], LmtpServerProtocol]:
     """Return a factory of LMTP protocol instances for ``loop.create_server``."""
     size_limit = config.lmtp.max_message_size or None
+    admission = Admission(config.lmtp.max_connections, config.lmtp.max_connections_per_ip)
 
     def factory() -> LmtpServerProtocol:
-        return LmtpServerProtocol(
+        protocol = LmtpServerProtocol(
             handler,
             data_size_limit=size_limit,
             enable_SMTPUTF8=True,
@@ -281,6 +407,8 @@ def protocol_factory(
             timeout=LMTP_TIMEOUT,
             loop=loop,
         )
+        protocol.admission = admission
+        return protocol
 
     return factory
 

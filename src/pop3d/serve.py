@@ -90,7 +90,7 @@ def build_authenticator(cfg: Config) -> Any:
         raise ConfigError("[auth] passwd_file is required")
     if not cfg.auth.passwd_file.is_file():
         raise ConfigError(f"[auth] passwd_file {cfg.auth.passwd_file} does not exist")
-    return PasswdFileAuthenticator(cfg.auth.passwd_file)
+    return PasswdFileAuthenticator.from_config(cfg.auth)
 
 
 def _raise_file_limit() -> None:
@@ -156,7 +156,11 @@ async def _serve(
     backends = Backends(
         authenticator=authenticator,
         store=store,
-        delays=FailureDelays(cfg.auth.failure_delay, cfg.auth.max_failure_delay),
+        delays=FailureDelays(
+            cfg.auth.failure_delay,
+            cfg.auth.max_failure_delay,
+            ipv6_prefix=cfg.auth.ipv6_penalty_prefix,
+        ),
         login_delay=(
             LoginDelay(cfg.auth.login_delay, cfg.auth.login_stamps)
             if cfg.auth.login_delay

@@ -1,22 +1,52 @@
-"""Performs a core's requests against the backends: auth, maildrop, UPDATE.  Async, no sockets.
+"""Performs a core's requests against the backends: auth, maildrop, UPDATE.  No sockets.
 
 This is the only place that maps backend exceptions to response codes; the wire never
 carries exception text.  The transport (server/connection.py) owns the socket, the timers
 and message streaming; this module owns what a request *means* to the backends.
+
+One path per request.  Each request (authenticate, open, update) has one method here,
+which either finishes at once, on the event loop, and returns the answer, or returns a
+:class:`Later` holding the rest of the work for the connection's task to await.  A backend
+fast path (the typed ``Inline*`` protocols of ``storage/base.py`` and ``auth/base.py``)
+either answers or gives up *before* doing anything that counts, so nothing is ever done
+twice: a wrong password is verified once, a maildrop locked once.  Every defence below sits
+on that one path, so no shortcut can skip it.
+
+Brute force (:class:`FailureDelays`), as Dovecot's auth penalty but enforced:
+
+* Every password verdict from an address waits its penalty before it is answered: a
+  refusal is sent at the moment the credentials arrived plus the delay (doubling per
+  recent failure of the address, up to ``max_failure_delay``), whatever the verification
+  cost; a right password from a penalised address waits as long, so it learns nothing
+  sooner.  An address without recent failures gets a success at once.
+* At most :data:`limits.MAX_AUTH_IN_FLIGHT_PER_ADDRESS` authentications of one address
+  are in progress at once (verifying or serving their penalty); more wait their turn.  A
+  slot is held until the reply is due even when the client hangs up, so parallel
+  connections that reset after PASS gain nothing: from one address, verdicts come at
+  most that many per penalty.
+* A failure is counted, logged (:func:`pop3d.audit.auth_failed`) and reported to the
+  metrics when the verdict is reached, whatever the client does next.
+* A success forgets only that user's own failures, never the address's penalty for the
+  other names it tried.  IPv6 addresses are grouped by a prefix (``/64`` by default:
+  one host usually owns a whole /64).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar, cast
 
-from pop3d import limits
+from pop3d import audit, limits, metrics
 from pop3d.auth import schemes
-from pop3d.auth.base import Authenticator, Principal
+from pop3d.auth.base import Authenticator, Principal, ScramSaltKey
+from pop3d.auth.verdict import InlineVerify, Unfinished
 from pop3d.errors import (
     MaildropLocked,
     PermanentBackendError,
@@ -26,18 +56,77 @@ from pop3d.errors import (
 from pop3d.login_delay import LoginDelay
 from pop3d.protocol.events import ApopAuthenticate, PasswordAuthenticate, SaslOutcome
 from pop3d.protocol.replies import RespCode
-from pop3d.storage.base import Maildrop, MailStore
+from pop3d.storage.base import InlineCommit, InlineOpen, Maildrop, MailStore
 
 log = logging.getLogger("pop3d.session")
+
+_T = TypeVar("_T")
+
+
+class Later(Generic[_T]):
+    """The unfinished rest of a request, already running: the connection awaits :attr:`task`.
+
+    The task starts at once, so the work goes on (and cleans up after itself) even if the
+    connection is gone before its own task runs; the connection cancels it when it is
+    over (except an authentication's verdict and penalty, which no cancel cuts short,
+    and an UPDATE, which is never cancelled).
+    """
+
+    __slots__ = ("task",)
+
+    def __init__(self, work: Coroutine[Any, Any, _T]) -> None:
+        self.task: asyncio.Task[_T] = asyncio.get_running_loop().create_task(work)
+
+
+async def resolve(answer: _T | Later[_T]) -> _T:
+    """Await ``answer`` if it is unfinished (for callers without their own task)."""
+    if isinstance(answer, Later):
+        return await answer.task
+    return answer
+
+
+#: What an authentication answers: the user, or the code to refuse with.
+AuthAnswer = Principal | RespCode
+AuthEvent = PasswordAuthenticate | ApopAuthenticate | SaslOutcome
+
+
+@dataclass(frozen=True, slots=True)
+class AuthRequest:
+    """An authentication to judge, with what the log line needs about its connection."""
+
+    event: AuthEvent
+    #: The client's address (the penalty and the audit line's ``rip``).
+    address: str
+    #: The TLS version of the connection, or None (the audit line's ``tls``).
+    tls: str | None = None
+
+
+def _mechanism(event: AuthEvent) -> str:
+    if isinstance(event, ApopAuthenticate):
+        return "APOP"
+    return event.mechanism
+
+
+class _Address:
+    """One address's (or IPv6 prefix's) recent failures and authentications in flight."""
+
+    __slots__ = ("by_user", "in_flight", "last", "total", "waiters")
+
+    def __init__(self) -> None:
+        #: Recent failures per user name tried (bounded; the rest count under "").
+        self.by_user: dict[str, int] = {}
+        self.total = 0
+        self.last = 0.0
+        self.in_flight = 0
+        self.waiters: deque[asyncio.Future[None]] = deque()
 
 
 @dataclass
 class FailureDelays:
-    """Delay before a failed login is answered, doubling per source address up to a cap.
+    """The brute-force penalty per source address (see the module head).
 
-    Like Dovecot's auth_failure_delay plus its auth penalty: a client hammering wrong
-    passwords from one address waits longer and longer; other addresses are unaffected,
-    and the wait is an ``asyncio.sleep`` that blocks no other session.
+    ``base`` is the delay of a first failure; each recent failure of the address doubles
+    it, up to ``cap``.  ``base = 0`` turns delays off (the concurrency limit stays).
     """
 
     base: float
@@ -46,27 +135,132 @@ class FailureDelays:
     forget_after: float = limits.AUTH_PENALTY_EXPIRY
     #: The clock (monotonic seconds); tests pass their own.
     clock: Callable[[], float] = time.monotonic
-    #: Recent consecutive failures per address, and when the last one happened.
-    failures: dict[str, tuple[int, float]] = field(default_factory=dict)
+    #: IPv6 addresses in one prefix of this length share one penalty.
+    ipv6_prefix: int = limits.DEFAULT_IPV6_PENALTY_PREFIX
+    #: Authentications of one address in progress at once.
+    max_in_flight: int = limits.MAX_AUTH_IN_FLIGHT_PER_ADDRESS
+    _table: dict[str, _Address] = field(default_factory=dict, repr=False)
 
-    def delay_for(self, address: str) -> float:
-        """Record a failure from ``address`` and return how long to wait before answering."""
-        now = self.clock()
-        n, last = self.failures.get(address, (0, now))
-        if now - last > self.forget_after:
-            n = 0
-        if len(self.failures) > limits.MAX_PENALTY_ADDRESSES:  # bounded memory
-            self.failures.clear()
-        self.failures[address] = (n + 1, now)
+    # ---------------------------------------------------------------- addresses
+
+    def key_of(self, address: str) -> str:
+        """The penalty's key for ``address``: itself (IPv4), or its IPv6 prefix."""
+        if ":" not in address:
+            return address
+        try:
+            ip = ipaddress.IPv6Address(address.partition("%")[0])
+        except ValueError:
+            return address
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        net = ipaddress.IPv6Network((ip, self.ipv6_prefix), strict=False)
+        return str(net)
+
+    def _entry(self, key: str) -> _Address:
+        entry = self._table.get(key)
+        if entry is None:
+            if len(self._table) >= limits.MAX_PENALTY_ADDRESSES:  # bounded memory
+                self._table = {k: e for k, e in self._table.items() if e.in_flight}
+            entry = self._table[key] = _Address()
+        elif entry.total and self.clock() - entry.last > self.forget_after:
+            entry.by_user.clear()
+            entry.total = 0
+        return entry
+
+    def _drop_if_unused(self, key: str, entry: _Address) -> None:
+        if not entry.total and not entry.in_flight and self._table.get(key) is entry:
+            del self._table[key]
+
+    # ---------------------------------------------------------------- penalty
+
+    def penalty(self, key: str) -> float:
+        """How long a verdict for ``key`` waits now if it is a refusal."""
+        entry = self._table.get(key)
+        n = self._entry(key).total if entry is not None else 0
         if self.base <= 0:
             return 0.0
         # Cap the exponent before computing: 2**n for a long-running attacker would
         # overflow a float long after the delay has reached its cap.
         return min(self.base * 2.0 ** min(n, 64), self.cap)
 
-    def succeeded(self, address: str) -> None:
-        """Forget the failures of ``address`` after a good login."""
-        self.failures.pop(address, None)
+    def penalised(self, key: str) -> bool:
+        """Whether ``key`` has recent failures (its successes wait, too)."""
+        entry = self._table.get(key)
+        return entry is not None and self._entry(key).total > 0
+
+    def failed(self, key: str, username: str) -> None:
+        """Count a refused authentication of ``username`` from ``key``."""
+        entry = self._entry(key)
+        if username not in entry.by_user and len(entry.by_user) >= limits.MAX_PENALTY_NAMES:
+            username = ""  # past the bound, failures count but no success forgets them
+        entry.by_user[username] = entry.by_user.get(username, 0) + 1
+        entry.total += 1
+        entry.last = self.clock()
+
+    def succeeded(self, key: str, username: str) -> None:
+        """Forget ``username``'s own failures from ``key`` (not the other names')."""
+        entry = self._table.get(key)
+        if entry is None:
+            return
+        entry.total -= entry.by_user.pop(username, 0)
+        self._drop_if_unused(key, entry)
+
+    # ---------------------------------------------------------------- slots
+
+    def in_flight(self, key: str) -> int:
+        """Authentications of ``key`` in progress (holding a slot or waiting for one)."""
+        entry = self._table.get(key)
+        return 0 if entry is None else entry.in_flight + len(entry.waiters)
+
+    def try_acquire(self, key: str) -> bool:
+        """Take one of ``key``'s authentication slots if one is free now."""
+        entry = self._entry(key)
+        if entry.in_flight >= self.max_in_flight or entry.waiters:
+            return False
+        entry.in_flight += 1
+        return True
+
+    def take(self, key: str) -> None:
+        """Take a slot known to be free (:meth:`in_flight` was below the limit)."""
+        self._entry(key).in_flight += 1
+
+    async def acquire(self, key: str) -> None:
+        """Wait for one of ``key``'s authentication slots (in arrival order)."""
+        if self.try_acquire(key):
+            return
+        entry = self._entry(key)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry.waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release(key)  # the slot was handed over as we were cancelled
+            else:
+                entry.waiters.remove(waiter)
+            raise
+
+    def release(self, key: str) -> None:
+        """Give a slot back: to the next waiter, or free."""
+        entry = self._table.get(key)
+        if entry is None:
+            return
+        while entry.waiters:
+            waiter = entry.waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # the slot passes on; in_flight is unchanged
+                return
+        entry.in_flight -= 1
+        self._drop_if_unused(key, entry)
+
+    # ---------------------------------------------------------------- compatibility
+
+    def delay_for(self, address: str) -> float:
+        """Record a failure from ``address`` (no user) and return the delay it waits."""
+        key = self.key_of(address)
+        delay = self.penalty(key)
+        self.failed(key, "")
+        return delay
 
 
 @dataclass
@@ -81,53 +275,144 @@ class Backends:
     #: Key of the fake SCRAM salts handed out for unknown users, when the authenticator
     #: has none of its own (``scram_salt_key``): random, but stable for the process.
     _fake_salt_key: bytes = field(default_factory=lambda: os.urandom(32), repr=False)
+    #: The authentications still serving their penalty (their references).
+    _holding: set[asyncio.Task[AuthAnswer]] = field(default_factory=set, repr=False)
 
-    async def authenticate(
-        self, event: PasswordAuthenticate | ApopAuthenticate, address: str
-    ) -> Principal | RespCode:
-        """Check credentials; return the user, or the code to refuse with.
+    def __post_init__(self) -> None:
+        # The fast capabilities, checked once (isinstance on a Protocol is not free).
+        self._verify_now = (
+            self.authenticator if isinstance(self.authenticator, InlineVerify) else None
+        )
+        self._open_now = self.store if isinstance(self.store, InlineOpen) else None
+        self._commit_now: dict[type, bool] = {}
 
-        A refusal returns only after the failure delay for ``address``.
+    # ---------------------------------------------------------------- authenticate
+
+    def authenticate(self, request: AuthRequest) -> AuthAnswer | Later[AuthAnswer]:
+        """Judge credentials; return the user, or the code to refuse with.
+
+        At once when the address has a free slot and no penalty and the authenticator
+        can verify without waiting and says yes; otherwise the rest is :class:`Later`
+        (a refusal always is: it waits its delay).
         """
+        delays = self.delays
+        key = delays.key_of(request.address)
+        verify_now = self._verify_now
+        event = request.event
+        if (
+            verify_now is None
+            or type(event) is not PasswordAuthenticate
+            or delays.penalised(key)
+            or delays.in_flight(key) >= delays.max_in_flight
+        ):
+            return Later(self._authenticate_later(request, key))
+        # A slot is free, and stays free while this runs: nothing else runs meanwhile,
+        # so it is taken only if the request goes on after this call.
+        start = delays.clock()
         try:
-            if isinstance(event, PasswordAuthenticate):
-                principal = await self.authenticator.verify_password(
-                    event.username, event.password
-                )
-            else:
-                principal = await self._apop(event)
+            verdict = verify_now.begin(event.username, event.password)
         except Exception:
             log.exception("authentication backend failed")
-            return RespCode.SYS_TEMP
-        if principal is None:
-            return await self.failed(address)
-        self.delays.succeeded(address)
-        return principal
+            return self._verdict(request, key, RespCode.SYS_TEMP, start)
+        if isinstance(verdict, Unfinished):  # the task finishes it: nothing is redone
+            delays.take(key)
+            return Later(self._shielded(self._judge(request, key, verdict)))
+        if isinstance(verdict, Principal):
+            return self._verdict(request, key, verdict, start)
+        # A refusal: judged now, answered after the delay (the slot is held until then).
+        wait = delays.penalty(key)
+        answer = self._verdict(request, key, None, start)
+        delays.take(key)
+        return Later(self._shielded(self._hold(key, start + wait, answer)))
 
-    def authenticate_now(self, event: PasswordAuthenticate, address: str) -> Principal:
-        """:meth:`authenticate` without waiting: the login fast path, for a success only.
+    async def _authenticate_later(self, request: AuthRequest, key: str) -> AuthAnswer:
+        await self.delays.acquire(key)  # cancelled while waiting: nothing was judged
+        return await self._shielded(self._judge(request, key))
 
-        Raises:
-            WouldWait: the authenticator has no fast path or would wait (a slow scheme),
-                the credentials are refused (a refusal waits the failure delay), or the
-                backend failed: :meth:`authenticate` answers (and logs) all of those.
+    def _shielded(self, work: Coroutine[Any, Any, AuthAnswer]) -> Coroutine[Any, Any, AuthAnswer]:
+        """Start ``work`` now, in a task that the client hanging up does not cancel.
 
+        It holds an authentication slot: the verdict is recorded and the slot kept until
+        the reply is due, whatever the connection does meanwhile.
         """
-        verify_now = getattr(self.authenticator, "verify_password_now", None)
-        if verify_now is None:
-            raise WouldWait
-        try:
-            principal: Principal | None = verify_now(event.username, event.password)
-        except Exception:
-            raise WouldWait from None
-        if principal is None:
-            raise WouldWait
-        self.delays.succeeded(address)
-        return principal
+        task = asyncio.get_running_loop().create_task(work)
+        self._holding.add(task)
+        task.add_done_callback(self._holding.discard)
+        return _await_shielded(task)
 
-    async def failed(self, address: str) -> RespCode:
-        """Wait the failure delay of ``address``; return the code to refuse with."""
-        await asyncio.sleep(self.delays.delay_for(address))
+    async def _judge(
+        self, request: AuthRequest, key: str, unfinished: Unfinished | None = None
+    ) -> AuthAnswer:
+        """Verify (or finish ``unfinished``), record the verdict, wait for the reply's time.
+
+        Holds an authentication slot throughout.
+        """
+        delays = self.delays
+        start = delays.clock()
+        wait = delays.penalty(key)
+        penalised = delays.penalised(key)
+        try:
+            if unfinished is None:
+                found = await self._check(request.event)
+            else:
+                done = await unfinished.result()
+                found = done if isinstance(done, Principal) else None
+        except asyncio.CancelledError:  # the server is stopping
+            delays.release(key)
+            raise
+        except Exception:
+            log.exception("authentication backend failed")
+            found = RespCode.SYS_TEMP
+        answer = self._verdict(request, key, found, start)
+        if isinstance(answer, Principal) and not penalised:
+            wait = 0.0
+        return await self._hold(key, start + wait, answer)
+
+    async def _hold(self, key: str, until: float, answer: AuthAnswer) -> AuthAnswer:
+        """Keep ``key``'s slot until ``until``, then give it back and return ``answer``."""
+        try:
+            delay = until - self.delays.clock()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        finally:
+            self.delays.release(key)
+        return answer
+
+    async def _check(self, event: AuthEvent) -> Principal | RespCode | None:
+        """The verification itself, by whatever means the event needs."""
+        match event:
+            case PasswordAuthenticate(username, password):
+                return await self.authenticator.verify_password(username, password)
+            case ApopAuthenticate():
+                return await self._apop(event)
+            case SaslOutcome(username, _, success):
+                if not success:
+                    return None
+                return await self.authenticator.lookup(username)
+        return None  # pragma: no cover (the match is exhaustive)
+
+    def _verdict(
+        self, request: AuthRequest, key: str, found: Principal | RespCode | None, start: float
+    ) -> AuthAnswer:
+        """Record a verdict where it is reached: penalty, audit line, metrics."""
+        event = request.event
+        mechanism = _mechanism(event)
+        seconds = self.delays.clock() - start
+        if isinstance(found, Principal):
+            self.delays.succeeded(key, event.username)
+            metrics.login(mechanism, "ok", seconds)
+            return found
+        if found is RespCode.SYS_TEMP:
+            audit.auth_failed(event.username, request.address, mechanism, "tempfail",
+                              request.tls)
+            metrics.login(mechanism, "tempfail", seconds)
+            return RespCode.SYS_TEMP
+        self.delays.failed(key, event.username)
+        reason = "bad-password"
+        if isinstance(event, SaslOutcome) and event.reason.startswith("malformed"):
+            reason = "malformed"
+        audit.auth_failed(event.username, request.address, mechanism, reason, request.tls)
+        metrics.login(mechanism, "failed", seconds)
         return RespCode.AUTH
 
     async def sasl_secret(self, username: str, scheme: str) -> bytes | RespCode | None:
@@ -143,29 +428,17 @@ class Backends:
             log.exception("authentication backend failed")
             return RespCode.SYS_TEMP
         if secret is None and scheme == "SCRAM-SHA-256":
-            key = getattr(self.authenticator, "scram_salt_key", None)
-            salt = schemes.scram_salt(key if isinstance(key, bytes) else self._fake_salt_key,
-                                      username)
+            authenticator = self.authenticator
+            key = (
+                authenticator.scram_salt_key
+                if isinstance(authenticator, ScramSaltKey)
+                else self._fake_salt_key
+            )
+            salt = schemes.scram_salt(key, username)
             fake = schemes.ScramSecret(schemes.SCRAM_ITERATIONS, salt, os.urandom(32),
                                        os.urandom(32))
             return fake.encode()
         return secret
-
-    async def sasl_outcome(self, event: SaslOutcome, address: str) -> Principal | RespCode:
-        """Finish a SASL exchange the mechanism has judged: look the user up, or refuse.
-
-        A refusal (the mechanism's, or an unknown user) returns after the failure delay.
-        """
-        if event.success:
-            try:
-                principal = await self.authenticator.lookup(event.username)
-            except Exception:
-                log.exception("authentication backend failed")
-                return RespCode.SYS_TEMP
-            if principal is not None:
-                self.delays.succeeded(address)
-                return principal
-        return await self.failed(address)
 
     async def _apop(self, event: ApopAuthenticate) -> Principal | None:
         secret = await self.authenticator.secret_for(event.username, "PLAIN")
@@ -177,7 +450,9 @@ class Backends:
             return None
         return await self.authenticator.lookup(event.username)
 
-    async def open(self, principal: Principal) -> Maildrop | RespCode:
+    # ---------------------------------------------------------------- open
+
+    def open(self, principal: Principal) -> Maildrop | RespCode | Later[Maildrop | RespCode]:
         """Lock and open the maildrop; return it, or the code to refuse with.
 
         Under a login delay, a user whose last login is too recent is refused before the
@@ -191,76 +466,92 @@ class Backends:
                 login_delay.seconds,
             )
             return RespCode.LOGIN_DELAY
-        opened = await self._open(principal)
-        if login_delay is not None and not isinstance(opened, RespCode):
-            login_delay.record(principal.username)
-        return opened
-
-    def open_now(self, principal: Principal) -> Maildrop:
-        """:meth:`open` without waiting: the login fast path, when the store has one.
-
-        Raises:
-            WouldWait: the store has no fast path or would wait, a login delay is set,
-                or opening failed: :meth:`open` answers (and logs) all of those.
-
-        """
-        open_now = getattr(self.store, "open_now", None)
-        if open_now is None or self.login_delay is not None:
-            raise WouldWait
+        open_now = self._open_now
+        if open_now is None:
+            return Later(self._open_later(principal))
         try:
-            maildrop: Maildrop = open_now(principal)
-        except Exception:
-            raise WouldWait from None
+            maildrop = open_now.open_now(principal)
+        except WouldWait:  # nothing was locked: the task opens it, once
+            return Later(self._open_later(principal))
+        except Exception as exc:
+            return self._open_failed(principal, exc)
+        return self._opened(principal, maildrop)
+
+    async def _open_later(self, principal: Principal) -> Maildrop | RespCode:
+        try:
+            maildrop = await self.store.open(principal)
+        except Exception as exc:
+            return self._open_failed(principal, exc)
+        return self._opened(principal, maildrop)
+
+    def _opened(self, principal: Principal, maildrop: Maildrop) -> Maildrop:
+        if self.login_delay is not None:
+            self.login_delay.record(principal.username)
         return maildrop
 
-    async def _open(self, principal: Principal) -> Maildrop | RespCode:
-        try:
-            return await self.store.open(principal)
-        except MaildropLocked:
+    @staticmethod
+    def _open_failed(principal: Principal, exc: Exception) -> RespCode:
+        if isinstance(exc, MaildropLocked):
+            metrics.lock_conflict()
             return RespCode.IN_USE
-        except (PermanentBackendError, TemporaryBackendError) as exc:
+        if isinstance(exc, (PermanentBackendError, TemporaryBackendError)):
             # Expected failures say what went wrong in one line; anything else keeps
             # its traceback.
             log.warning("maildrop of %s cannot be opened: %s", principal.username, exc)
             permanent = isinstance(exc, PermanentBackendError)
             return RespCode.SYS_PERM if permanent else RespCode.SYS_TEMP
-        except Exception:
-            log.warning("maildrop of %s cannot be opened", principal.username, exc_info=True)
-            return RespCode.SYS_TEMP
+        log.warning("maildrop of %s cannot be opened", principal.username, exc_info=exc)
+        return RespCode.SYS_TEMP
+
+    # ---------------------------------------------------------------- update
+
+    def update(self, maildrop: Maildrop, deleted: Sequence[str]) -> bool | Later[bool]:
+        """Apply the deletions of UPDATE and release the lock; True when all were done.
+
+        The lock is released before the answer, so that a client logging in again the
+        moment it reads the sign-off does not find its maildrop still locked.
+        """
+        fast = self._inline_commit(maildrop)
+        if fast is not None:
+            try:
+                fast.commit_now(deleted)
+            except WouldWait:  # nothing was removed: the task does it, once
+                return Later(self._update_later(maildrop, deleted))
+            except Exception:
+                log.exception("UPDATE failed")
+                done = False
+            else:
+                done = True
+            fast.release()
+            if done:
+                metrics.deleted(len(deleted))
+            return done
+        return Later(self._update_later(maildrop, deleted))
+
+    def _inline_commit(self, maildrop: Maildrop) -> InlineCommit | None:
+        kind = type(maildrop)
+        known = self._commit_now.get(kind)
+        if known is None:
+            known = self._commit_now[kind] = isinstance(maildrop, InlineCommit)
+        return cast("InlineCommit", maildrop) if known else None
 
     @staticmethod
-    def update_now(maildrop: Maildrop, deleted: tuple[str, ...]) -> bool:
-        """:meth:`update`, then release the lock, without waiting; True when all were done.
-
-        For a maildrop with the optional ``commit_now`` and ``release`` (Maildir's).
-
-        Raises:
-            WouldWait: the maildrop has no fast path, or too much to do: use :meth:`update`
-                (the maildrop is then left open).
-
-        """
-        commit_now = getattr(maildrop, "commit_now", None)
-        release = getattr(maildrop, "release", None)
-        if commit_now is None or release is None:
-            raise WouldWait
+    async def _update_later(maildrop: Maildrop, deleted: Sequence[str]) -> bool:
         try:
-            commit_now(deleted)
-        except WouldWait:
-            raise
+            await maildrop.commit(deleted)
         except Exception:
             log.exception("UPDATE failed")
             done = False
         else:
             done = True
-        release()
+        try:
+            await maildrop.close()
+        except Exception:
+            log.exception("closing a maildrop failed")
+        if done:
+            metrics.deleted(len(deleted))
         return done
 
-    @staticmethod
-    async def update(maildrop: Maildrop, deleted: tuple[str, ...]) -> bool:
-        """Apply the deletions of UPDATE; True when every one was done."""
-        try:
-            await maildrop.commit(deleted)
-        except Exception:
-            log.exception("UPDATE failed")
-            return False
-        return True
+
+async def _await_shielded(task: asyncio.Task[_T]) -> _T:
+    return await asyncio.shield(task)

@@ -89,12 +89,13 @@ LOOPBACK = "127.0.0.1"
 _SECTION_OF: Mapping[str, str] = {
     **dict.fromkeys(
         ("idle_timeout", "max_connections", "max_connections_per_ip", "greeting",
-         "hostname", "workers", "tls_listen"),
+         "hostname", "workers", "tls_listen", "login_timeout"),
         "server",
     ),
     **dict.fromkeys(
         ("apop", "failure_delay", "max_failure_delay", "plaintext_without_tls",
-         "secure_networks", "default_scheme", "mechanisms", "login_delay", "login_stamps"),
+         "secure_networks", "default_scheme", "mechanisms", "login_delay", "login_stamps",
+         "ipv6_penalty_prefix"),
         "auth",
     ),
     **dict.fromkeys(("quota", "quota_exit"), "storage"),

@@ -16,6 +16,7 @@ import pytest
 from pop3d.auth import passwd_file, schemes
 from pop3d.auth.base import Principal
 from pop3d.auth.passwd_file import PasswdFileAuthenticator, list_users, update_user
+from pop3d.auth.verdict import Refused, Unfinished
 from pop3d.errors import ConfigError, TemporaryBackendError, WouldWait
 
 from .contract import SECRET_HASHES, AuthenticatorContract
@@ -173,44 +174,46 @@ def test_nologin_refuses_the_right_password(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ refusals
 
 
-def test_unknown_user_and_wrong_password_cost_the_same_work(
+def test_every_refusal_verifies_one_hash_of_each_cost_class(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """An unknown user gets a dummy verify against a real hash of the common scheme."""
-    calls: list[tuple[str, str | None]] = []
-    real_dummy, real_verify = schemes.dummy_verify, schemes.verify
-
-    def dummy(password: bytes, like: str | None = None) -> None:
-        calls.append(("dummy", None if like is None else schemes.scheme_of(like)))
-        real_dummy(password, like)
+    """Unknown user, wrong password of any scheme, nologin: one hash of each class each."""
+    calls: list[str] = []
+    real_verify = schemes.verify
 
     def verify(stored: str, password: bytes) -> bool:
-        calls.append(("verify", schemes.scheme_of(stored)))
+        calls.append(schemes.cost_class(stored))
         return real_verify(stored, password)
 
-    monkeypatch.setattr(schemes, "dummy_verify", dummy)
     monkeypatch.setattr(schemes, "verify", verify)
-    text = "".join(f"u{i}:{SECRET_HASHES['sha512crypt']}\n" for i in range(3)) + "p:{PLAIN}x\n"
+    text = "".join(f"u{i}:{SECRET_HASHES['sha512crypt']}\n" for i in range(3)) + (
+        "p:{PLAIN}x\nq:{PLAIN}y\nn:{PLAIN}z::::::nologin\n"
+    )
     auth = auth_for(tmp_path, text)
-    wrong = asyncio.run(auth.verify_password("u1", b"wrong"))
-    unknown = asyncio.run(auth.verify_password("nobody", b"wrong"))
-    hostile = asyncio.run(auth.verify_password("no\0body", b"wrong"))
-    assert wrong is None
-    assert unknown is None
-    assert hostile is None
-    assert calls[0] == ("verify", "SHA512-CRYPT")
-    # dummy_verify then verifies the representative hash: the same scheme, the same cost
-    assert calls[1:] == [("dummy", "SHA512-CRYPT"), ("verify", "SHA512-CRYPT")] * 2
+    attempts = [("u1", b"wrong"), ("p", b"wrong"), ("nobody", b"wrong"),
+                ("no\0body", b"wrong"), ("n", b"z")]
+    for username, password in attempts:
+        calls.clear()
+        assert asyncio.run(auth.verify_password(username, password)) is None, username
+        assert sorted(calls) == ["$6$", "fast"], username
+    auth.close()
 
 
-def test_known_user_does_not_pay_a_dummy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A known user is verified once, with no extra dummy work."""
+def test_a_right_password_pays_no_dummy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A success stops at the user's own hash; an all-PLAIN file's refusal needs no other."""
     calls: list[str] = []
     monkeypatch.setattr(schemes, "dummy_verify", lambda *a: calls.append("dummy"))
     auth = auth_for(tmp_path)
     assert asyncio.run(auth.verify_password("alice", b"alice-pass")) is not None
-    assert asyncio.run(auth.verify_password("alice", b"nope")) is None
     assert calls == []
+    (tmp_path / "plain").mkdir()
+    plain = auth_for(tmp_path / "plain", "a:{PLAIN}x\nb:{PLAIN}y\n")
+    assert asyncio.run(plain.verify_password("a", b"nope")) is None
+    assert calls == []
+    assert asyncio.run(plain.verify_password("nobody", b"nope")) is None
+    assert calls == ["dummy"]
 
 
 def test_empty_file_still_does_dummy_work(
@@ -276,8 +279,7 @@ def test_secrets_for_challenge_response(tmp_path: Path) -> None:
     assert secret is not None
     assert secret.salt == schemes.scram_salt(auth.scram_salt_key, "alice")
     assert secret == schemes.ScramSecret.derive(b"alice-pass", secret.salt)
-    for mech in ("PLAIN", "CRAM-MD5", "SCRAM-SHA-256"):
-        assert asyncio.run(auth.secret_for("carol", mech)) is None
+    assert asyncio.run(auth.secret_for("carol", "PLAIN")) is None
     auth.close()
 
 
@@ -290,7 +292,9 @@ def test_stored_scram_and_cram_secrets_are_returned(tmp_path: Path) -> None:
     assert got is not None
     assert got.decode() == scram.removeprefix("{SCRAM-SHA-256}")
     assert asyncio.run(auth.secret_for("c", "CRAM-MD5")) == schemes.cram_md5_context(b"pw")
-    assert asyncio.run(auth.secret_for("s", "CRAM-MD5")) is None
+    decoy = asyncio.run(auth.secret_for("s", "CRAM-MD5"))  # a SCRAM hash gives no CRAM secret
+    assert decoy is not None
+    assert decoy != schemes.cram_md5_context(b"pw")
 
 
 # ------------------------------------------------------------------ reload
@@ -513,28 +517,46 @@ def test_record_repr_hides_password() -> None:
 # ------------------------------------------------------------------ the login fast path
 
 
-def test_verify_now_answers_as_verify_does_or_not_at_all(tmp_path: Path) -> None:
-    """verify_password_now gives verify_password's answer, or WouldWait for a slow scheme.
+CASES = [("alice", b"alice-pass"), ("alice", b"second-alice"), ("bob@example.org", b"x"),
+         ("bob@example.org", b"secret"), ("crlf", b"crlf-pass"), ("dave", b"anything"),
+         ("erin", b"erin-pass"), ("frank", b""), ("weird", b"data"), ("nobody", b"x"),
+         ("bad/name", b"x"), ("no\0body", b"x")]
 
-    Users of SAMPLE with the right password and wrong ones, and strangers: a fast scheme
-    (PLAIN, SSHA512), nopassword, nologin, no password, an unknown scheme and unknown or
-    impossible names (checked against the representative, PLAIN here) are answered;
-    SHA512-CRYPT (carol) is not.
+
+def test_begin_answers_as_verify_does_or_hands_over_the_rest(tmp_path: Path) -> None:
+    """begin gives verify's answer at once, or an Unfinished that finishes with it.
+
+    SAMPLE holds SHA512-CRYPT (carol): every refusal pays a slow dummy, so refusals are
+    Unfinished; successes of fast schemes (PLAIN, SSHA512, nopassword) are answered inline.
     """
     auth = auth_for(tmp_path)
-    cases = [("alice", b"alice-pass"), ("alice", b"second-alice"), ("bob@example.org", b"x"),
-             ("bob@example.org", b"secret"), ("crlf", b"crlf-pass"), ("dave", b"anything"),
-             ("erin", b"erin-pass"), ("frank", b""), ("weird", b"data"), ("nobody", b"x"),
-             ("bad/name", b"x"), ("no\0body", b"x")]
-    for username, password in cases:
+    inline = []
+    for username, password in [*CASES, ("carol", b"secret"), ("carol", b"wrong")]:
+        expected = asyncio.run(auth.verify(username, password))
+        verdict = auth.begin(username, password)
+        if isinstance(verdict, Unfinished):
+            verdict = asyncio.run(verdict.result())
+        else:
+            inline.append(username)
+        assert verdict == expected, username
+    assert inline == ["alice", "bob@example.org", "crlf", "dave"]
+    assert asyncio.run(auth.verify("nobody", b"x")) is Refused.UNKNOWN_USER
+    assert asyncio.run(auth.verify("alice", b"x")) is Refused.BAD_PASSWORD
+    assert asyncio.run(auth.verify("erin", b"erin-pass")) is Refused.NOLOGIN
+    auth.close()
+
+
+def test_verify_now_answers_a_fast_file_inline(tmp_path: Path) -> None:
+    """With only fast schemes, verify_password_now answers every case as verify_password."""
+    fast = "\n".join(line for line in SAMPLE.splitlines() if not line.startswith("carol"))
+    auth = auth_for(tmp_path, fast)
+    for username, password in CASES:
         expected = asyncio.run(auth.verify_password(username, password))
         assert auth.verify_password_now(username, password) == expected, username
-    assert [u for u, p in cases if auth.verify_password_now(u, p)] == [
-        "alice", "bob@example.org", "crlf", "dave"
-    ]
-    for password in (b"secret", b"wrong"):
-        with pytest.raises(WouldWait):
-            auth.verify_password_now("carol", password)
+        assert not isinstance(auth.begin(username, password), Unfinished)
+    assert auth._executor is None
+    with pytest.raises(WouldWait):  # a refusal in a file with a slow class waits
+        auth_for(tmp_path, SAMPLE).verify_password_now("nobody", b"x")
 
 
 def test_verify_now_leaves_a_due_file_check_to_verify(tmp_path: Path) -> None:

@@ -162,7 +162,7 @@ def test_capa_lists_extensions(pop3_server: Pop3TestServer) -> None:
         assert "STLS" not in caps  # no [tls] section
         client.user("alice")
         client.pass_("secret")
-        assert "USER" not in client.capa()  # RFC 2449: USER only before login
+        assert "USER" in client.capa()  # RFC 2449 §5: announced in both states
     finally:
         client.quit()
 

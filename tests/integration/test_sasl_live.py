@@ -294,13 +294,15 @@ def test_failure_delay_doubles_per_address_without_blocking_others(
 
 
 def test_failure_delays_policy() -> None:
-    """FailureDelays doubles per address up to the cap, resets on success and after expiry."""
+    """FailureDelays doubles per address up to the cap, resets a user's own on success and
+    everything after expiry."""
     now = [0.0]
     delays = FailureDelays(base=0.05, cap=0.4, forget_after=60, clock=lambda: now[0])
     assert [delays.delay_for("a") for _ in range(6)] == [0.05, 0.1, 0.2, 0.4, 0.4, 0.4]
     assert delays.delay_for("b") == 0.05  # another address is unaffected
-    delays.succeeded("a")
-    assert delays.delay_for("a") == 0.05
+    delays.failed("b", "alice")
+    delays.succeeded("b", "alice")  # alice's own failures are forgotten, not the address's
+    assert delays.penalty("b") == 0.1
     now[0] = 61.0
     assert delays.delay_for("a") == 0.05  # forgotten after a quiet minute
     for _ in range(5000):  # a long attack cannot overflow the arithmetic

@@ -24,9 +24,12 @@ MESSAGE = b"Subject: e2e\r\nFrom: bob@example.org\r\n\r\nFrom the top\r\n.dot li
 
 
 class Served:
-    """A running ``pop3d serve`` with POP3 and LMTP on loopback."""
+    """A running ``pop3d serve`` with POP3 and LMTP on loopback.
 
-    def __init__(self, root: Path, kind: str, transport: str) -> None:
+    ``storage`` holds extra lines of ``[storage]`` (each ending in a newline).
+    """
+
+    def __init__(self, root: Path, kind: str, transport: str, storage: str = "") -> None:
         self.root = root
         self.pop_port = free_port()
         self.lmtp_port = free_port()
@@ -38,7 +41,7 @@ class Served:
         self.config.write_text(
             f'[server]\nlisten = ["127.0.0.1:{self.pop_port}"]\nworkers = 2\n'
             f'[auth]\npasswd_file = "users"\nfailure_delay = 0\n'
-            f'[storage]\n{kind} = "{template}"\n'
+            f'[storage]\n{kind} = "{template}"\n{storage}'
             f'[lmtp]\nlisten = ["{lmtp}"]\n'
         )
         self.transport = transport

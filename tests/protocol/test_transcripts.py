@@ -332,12 +332,13 @@ def test_capa_authorization() -> None:
     )
 
 
-def test_capa_transaction_has_no_auth_capabilities() -> None:
-    """CAPA after login no longer offers USER, SASL or STLS."""
+def test_capa_transaction_repeats_user_but_not_stls() -> None:
+    """CAPA after login still lists USER (RFC 2449 §5: both states), but not STLS or UTF8."""
     out = after_login([b"CAPA\r\n"])
-    assert b"USER" not in out
-    assert b"STLS" not in out
-    assert b"EXPIRE NEVER" in out
+    assert out == (
+        b"+OK Capability list follows\r\nTOP\r\nUIDL\r\nRESP-CODES\r\nAUTH-RESP-CODE\r\n"
+        b"PIPELINING\r\nUSER\r\nEXPIRE NEVER\r\nIMPLEMENTATION pop3d\r\n.\r\n"
+    )
 
 
 def test_stls_offered_and_input_after_it_discarded() -> None:
@@ -392,10 +393,12 @@ def test_vanished_message() -> None:
 
 
 def test_utf8_user_names() -> None:
-    """After UTF8 (RFC 6856) a UTF-8 user name is accepted; before it, refused."""
-    before = both_ways(["USER jörg\r\n".encode()])
+    """After UTF8 (RFC 6856) a UTF-8 user name is a name; before it, an unknown user's."""
+    driver = FakeDriver(users={"jörg": b"pw", "alice": b"secret"})
+    before, _ = transcript(["USER jörg\r\n".encode(), b"PASS pw\r\n"], driver=driver)
+    unknown, _ = transcript([b"USER nobody\r\n", b"PASS pw\r\n"], driver=FakeDriver())
     after = both_ways([b"UTF8\r\n", "USER jörg\r\n".encode()])
-    assert before == GREETING + b"-ERR USER needs a user name\r\n"
+    assert before == unknown == GREETING + b"+OK send PASS\r\n-ERR [AUTH] invalid password\r\n"
     assert after == GREETING + b"+OK UTF8 enabled\r\n+OK send PASS\r\n"
 
 

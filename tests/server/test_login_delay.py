@@ -13,7 +13,7 @@ from pop3d.config import from_mapping
 from pop3d.errors import ConfigError, MaildropLocked
 from pop3d.login_delay import LoginDelay
 from pop3d.protocol.replies import RespCode
-from pop3d.session import Backends, FailureDelays
+from pop3d.session import Backends, FailureDelays, resolve
 
 
 class Clock:
@@ -123,15 +123,22 @@ def _backends(store: _Store, delay: LoginDelay | None) -> Backends:
     )
 
 
+def _open(backends: Backends, principal: Principal) -> object:
+    async def run() -> object:
+        return await resolve(backends.open(principal))
+
+    return asyncio.run(run())
+
+
 def test_open_refuses_a_login_too_soon_without_touching_the_maildrop(tmp_path: Path) -> None:
     clock, store = Clock(), _Store()
     backends = _backends(store, LoginDelay(60, tmp_path, clock))
     alice = Principal("alice")
-    assert not isinstance(asyncio.run(backends.open(alice)), RespCode)
-    assert asyncio.run(backends.open(alice)) is RespCode.LOGIN_DELAY
+    assert not isinstance(_open(backends, alice), RespCode)
+    assert _open(backends, alice) is RespCode.LOGIN_DELAY
     assert store.opened == 1
     clock.now += 60
-    assert not isinstance(asyncio.run(backends.open(alice)), RespCode)
+    assert not isinstance(_open(backends, alice), RespCode)
 
 
 def test_only_a_login_that_opened_its_maildrop_counts(tmp_path: Path) -> None:
@@ -139,16 +146,16 @@ def test_only_a_login_that_opened_its_maildrop_counts(tmp_path: Path) -> None:
     store = _Store()
     backends = _backends(store, LoginDelay(60, tmp_path, Clock()))
     store.locked = True
-    assert asyncio.run(backends.open(Principal("alice"))) is RespCode.IN_USE
+    assert _open(backends, Principal("alice")) is RespCode.IN_USE
     store.locked = False
-    assert not isinstance(asyncio.run(backends.open(Principal("alice"))), RespCode)
+    assert not isinstance(_open(backends, Principal("alice")), RespCode)
 
 
 def test_without_a_delay_every_login_opens() -> None:
     store = _Store()
     backends = _backends(store, None)
     for _ in range(3):
-        assert not isinstance(asyncio.run(backends.open(Principal("alice"))), RespCode)
+        assert not isinstance(_open(backends, Principal("alice")), RespCode)
     assert store.opened == 3
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from pop3d.config import StorageConfig
-from pop3d.errors import MaildropLocked, TemporaryBackendError
+from pop3d.errors import MaildropLocked, PermanentBackendError, TemporaryBackendError
 from pop3d.storage import maildir
 from pop3d.storage.base import MailStore
 from pop3d.storage.lock_table import LockTable
@@ -219,11 +219,11 @@ def test_untrusted_w_field_is_ignored(h: MaildirHarness) -> None:
 
 
 def test_delivered_names_carry_dovecot_sizes(h: MaildirHarness) -> None:
-    """Delivery names the file <secs>.M<usec>P<pid>Q<n>.<host>,S=<size>,W=<virtual size>."""
+    """Delivery names the file <secs>.M<usec>P<pid>Q<n>R<random>.<host>,S=<size>,W=<virtual>."""
     h.create("alice")
     run(h.store.deliver(user(), chunks_of(b"a\r", b"\nb\nc")))
     [path] = (h.root("alice") / "new").iterdir()
-    assert re.fullmatch(r"\d+\.M\d+P\d+Q\d+\.test,S=6,W=7", path.name), path.name
+    assert re.fullmatch(r"\d+\.M\d+P\d+Q\d+R[0-9a-f]{16}\.test,S=6,W=7", path.name), path.name
     assert path.read_bytes() == b"a\r\nb\nc"
     assert list((h.root("alice") / "tmp").iterdir()) == []
     assert run(listing_of(h.store)) == [(message_key(path.name), 9)]
@@ -233,12 +233,14 @@ def test_delivered_names_carry_dovecot_sizes(h: MaildirHarness) -> None:
 
 
 def count_message_opens(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Record every os.open of a file inside cur/ or new/."""
+    """Record every os.open of a file inside cur/ or new/ (by path, or relative to them)."""
     opened: list[str] = []
     real_open = os.open
 
     def counting(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
-        if Path(path).parent.name in {"cur", "new"}:
+        dir_fd = kwargs.get("dir_fd")
+        folder = Path(f"/proc/self/fd/{dir_fd}").readlink().name if dir_fd else ""
+        if Path(path).parent.name in {"cur", "new"} or folder in {"cur", "new"}:
             opened.append(str(path))
         return real_open(path, flags, *args, **kwargs)
 
@@ -418,8 +420,12 @@ def test_symlink_swapped_in_is_not_followed(h: MaildirHarness, tmp_path: Path) -
 
 
 @pytest.mark.parametrize("layout", ["nothing", "tmp_only", "no_new", "cur_is_a_file"])
-def test_broken_maildir_is_a_temporary_error(h: MaildirHarness, layout: str) -> None:
-    """A Maildir without cur/ and new/ folders is TemporaryBackendError, and is not created."""
+def test_broken_maildir_is_a_backend_error(h: MaildirHarness, layout: str) -> None:
+    """A Maildir without cur/ and new/ folders is refused, and is not created.
+
+    Missing folders are TemporaryBackendError (an MDA may create them); a cur/ that is a
+    file is PermanentBackendError ([SYS/PERM]: retrying will not help).
+    """
     root = h.root("alice")
     if layout != "nothing":
         (root / "tmp").mkdir(parents=True)
@@ -428,7 +434,8 @@ def test_broken_maildir_is_a_temporary_error(h: MaildirHarness, layout: str) -> 
     if layout == "cur_is_a_file":
         (root / "new").mkdir()
         (root / "cur").write_bytes(b"")
-    with pytest.raises(TemporaryBackendError):
+    error = PermanentBackendError if layout == "cur_is_a_file" else TemporaryBackendError
+    with pytest.raises(error):
         run(h.store.open(user()))
     assert not (root / LOCK_NAME).exists()
     if layout == "nothing":
@@ -447,8 +454,8 @@ def test_unreadable_maildir_is_a_temporary_error(
         scandir = os.scandir
 
         def refuse_cur(path: Any) -> Any:
-            if os.fspath(path) == os.fspath(cur):
-                raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+            if isinstance(path, int) and os.fstat(path).st_ino == cur.stat().st_ino:
+                raise PermissionError(errno.EACCES, "Permission denied", "cur")
             return scandir(path)
 
         monkeypatch.setattr(os, "scandir", refuse_cur)
@@ -716,14 +723,14 @@ def test_commit_failure_is_reported_and_others_still_go(
     """An unlink that fails (not ENOENT) raises TemporaryBackendError; the others are removed."""
     for i in range(3):
         write(h, "cur", f"{1_700_000_000 + i}.M{i}P1.host:2,", b"m%d\n" % i)
-    real_unlink = Path.unlink
+    real_unlink = os.unlink
 
-    def unlink(self: Path, missing_ok: bool = False) -> None:
-        if self.name.startswith("1700000001"):
+    def unlink(path: Any, *, dir_fd: int | None = None) -> None:
+        if os.fspath(path).startswith("1700000001"):
             raise PermissionError(errno.EACCES, "denied")
-        real_unlink(self, missing_ok)
+        real_unlink(path, dir_fd=dir_fd)
 
-    monkeypatch.setattr(Path, "unlink", unlink)
+    monkeypatch.setattr(os, "unlink", unlink)
 
     async def go() -> None:
         md = await h.store.open(user())

@@ -66,7 +66,10 @@ def test_read_inline_vanished(tmp_path: Path) -> None:
 
 
 def test_read_inline_refuses_a_changed_file(tmp_path: Path) -> None:
-    """A file rewritten with another wire size is refused before any octet is sent."""
+    """A file rewritten with another wire size is refused before any octet is sent.
+
+    read_inline leaves a changed file to read(), which measures it off the event loop.
+    """
     h = MaildirHarness(tmp_path)
     h.put("alice", b"Subject: x\n\nbody\n")
     drop = _open(h)
@@ -74,8 +77,9 @@ def test_read_inline_refuses_a_changed_file(tmp_path: Path) -> None:
         [info] = drop.listing()
         [path] = h.files("alice")
         path.write_bytes(b"Subject: x\n\nbody that is longer now\n")
+        assert drop.read_inline(info.uid) is None
         with pytest.raises(TemporaryBackendError):
-            drop.read_inline(info.uid)
+            run(read_all(drop, info.uid))
     finally:
         run(drop.close())
 

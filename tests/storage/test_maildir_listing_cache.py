@@ -167,13 +167,13 @@ def test_a_remembered_listing_locks_the_byte_a_fresh_store_locks(
     _age(h)
     _listing(store)  # remembered, with its byte
     found: list[Path] = []
-    real = lock_table.offset_of
+    real = lock_table.offset_in
 
-    def counting(lock_path: Path) -> int:
-        found.append(lock_path)
-        return real(lock_path)
+    def counting(dir_fd: int, name: str) -> int:
+        found.append(Path(name))
+        return real(dir_fd, name)
 
-    monkeypatch.setattr(lock_table, "offset_of", counting)
+    monkeypatch.setattr(lock_table, "offset_in", counting)
     drop = store.open_now(user())
     try:
         assert found == []  # the byte came with the listing

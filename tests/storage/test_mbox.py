@@ -27,7 +27,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from pop3d.config import StorageConfig
-from pop3d.errors import MaildropLocked, MessageVanished, TemporaryBackendError
+from pop3d.errors import (
+    MaildropLocked,
+    MessageVanished,
+    PermanentBackendError,
+    TemporaryBackendError,
+)
 from pop3d.storage import lock_table, mbox
 from pop3d.storage.locking import PER_MAILBOX_LOCKS, TABLE_NAME, SessionLocks
 from pop3d.storage.mbox import MboxStore
@@ -547,23 +552,23 @@ KILLER = textwrap.dedent("""
     from pop3d.storage import mbox
 
     point = sys.argv[2]
-    real_copy, real_replace = mbox._copy, Path.replace
+    real_copy, real_rename = mbox._copy, os.rename
 
     def copy(*args, **kwargs):
         real_copy(*args, **kwargs)
         if point == "copy":
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def replace(self, target):
+    def rename(*args, **kwargs):
         if point == "before-rename":
             os.kill(os.getpid(), signal.SIGKILL)
-        result = real_replace(self, target)
+        result = real_rename(*args, **kwargs)
         if point == "after-rename":
             os.kill(os.getpid(), signal.SIGKILL)
         return result
 
     mbox._copy = copy
-    Path.replace = replace
+    os.rename = rename
 
     async def main():
         store = mbox.MboxStore("mbox/%u", Path(sys.argv[1]))
@@ -737,14 +742,17 @@ def test_missing_folder_is_created_by_delivery(h: MboxHarness) -> None:
 
 
 def test_symlinked_mbox_is_refused(h: MboxHarness, tmp_path: Path) -> None:
-    """An mbox that is a symbolic link (to /etc/passwd, say) is neither read nor written."""
+    """An mbox that is a symbolic link (to /etc/passwd, say) is neither read nor written.
+
+    Delivery fails temporarily (the MTA retries); a login is refused with [SYS/PERM].
+    """
     target = tmp_path / "target"
     target.write_bytes(b"secret\n")
     h.path("alice").parent.mkdir(parents=True)
     h.path("alice").symlink_to(target)
     with pytest.raises(TemporaryBackendError):
         run(h.store.deliver(user(), chunks_of(b"x\n")))
-    with pytest.raises(TemporaryBackendError):
+    with pytest.raises(PermanentBackendError):
         run(h.store.open(user()))
     assert target.read_bytes() == b"secret\n"
 

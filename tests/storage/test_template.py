@@ -14,6 +14,8 @@ from pop3d.storage.template import (
     check_username,
     expand,
     mail_path,
+    mail_rel,
+    mail_root,
     static_prefix,
 )
 
@@ -163,3 +165,51 @@ def test_static_prefix_stops_at_the_first_variable(template: str, prefix: str) -
 def test_static_prefix_refuses_an_unknown_escape() -> None:
     with pytest.raises(ConfigError):
         static_prefix("mail/%x/%u")
+
+
+@pytest.mark.parametrize(
+    ("template", "why"),
+    [
+        ("shared/Maildir", "no per-user variable"),
+        ("/var/mail/shared", "no per-user variable"),
+        ("mail/%d/Maildir", "of a domain"),
+        ("mail/%%u/Maildir", "no per-user variable"),
+        ("mail/%u/../shared", "'..'"),
+        ("../mail/%u", "'..'"),
+        ("mail/./%u", "'.'"),
+    ],
+)
+def test_templates_that_could_share_mail_are_refused(template: str, why: str) -> None:
+    """A template without %u/%n, or with a '.'/'..' component, is refused and says why."""
+    with pytest.raises(ConfigError, match=why) as info:
+        check_template(template, "pop3d.toml: [storage] maildir")
+    assert "pop3d.toml: [storage] maildir" in str(info.value)
+
+
+def test_config_load_names_the_file_and_key(tmp_path: Path) -> None:
+    """The refusal comes at config load, naming the file and the key."""
+    from pop3d import config  # noqa: PLC0415
+
+    conf = tmp_path / "pop3d.toml"
+    conf.write_text('[storage]\nmbox = "/var/mail/everyone"\n', encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"pop3d\.toml: \[storage\] mbox") as info:
+        config.load(conf)
+    assert "per-user" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("template", "root", "rel"),
+    [
+        ("mail/%u/Maildir", BASE / "mail", "alice/Maildir"),
+        ("/var/mail/%u", Path("/var/mail"), "alice"),
+        ("%u/Maildir", BASE, "alice/Maildir"),
+        ("/srv/100%%/m/x%u", Path("/srv/100%/m"), "xalice"),
+        ("mail//%d//%n/", BASE / "mail", "example.org/alice"),
+    ],
+)
+def test_mail_root_and_the_user_part_below_it(template: str, root: Path, rel: str) -> None:
+    """The operator's root and the user's part below it make the whole path."""
+    name = "alice@example.org" if "%d" in template else "alice"
+    assert mail_root(template, BASE) == root
+    assert mail_rel(template, name) == rel
+    assert mail_path(template, name, BASE) == root / rel

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,4 +43,21 @@ class Authenticator(Protocol):
         than a verify.  ``None`` when the user is unknown or their stored password cannot
         produce that scheme.
         """
+        ...
+
+
+# ---------------------------------------------------------------------------- fast paths
+
+
+@runtime_checkable
+class ScramSaltKey(Protocol):
+    """An :class:`Authenticator` whose stable SCRAM salts come from a key of its own.
+
+    The session fakes unknown users' salts with the same key, so that a SCRAM
+    server-first message does not tell who exists.
+    """
+
+    @property
+    def scram_salt_key(self) -> bytes:
+        """The key per-user SCRAM salts are derived from."""
         ...

@@ -21,9 +21,15 @@ Rules of this module:
 * The file is re-read when ``(st_mtime_ns, st_size, st_ino)`` changes, checked at most once
   per ``check_interval``.  A file that vanishes or cannot be read keeps the last good table
   (and logs an error once); a missing file at start-up is a :class:`ConfigError`.
-* Unknown user and wrong password are the same ``None`` after the same work: an unknown
-  user's password is verified against a real stored hash of the file's most common scheme
-  (:func:`.schemes.dummy_verify`) and the result discarded.
+* No enumeration (:mod:`.decoys`): every refusal -- unknown user, wrong password,
+  ``nologin`` -- costs one verification of each *cost class* of hash the file holds
+  (:func:`.schemes.cost_class`: PLAIN/digests, ``$6$``, ``$argon2id$m=..``...): the
+  user's own hash, then a dummy verification of a stored hash of every other class; an
+  unknown user gets dummies of all of them.  So a stranger costs what an ARGON2ID user
+  among PLAIN users costs, and the other way round.  A right password is answered as soon
+  as its own hash matched (a success shows anyway).  SCRAM-SHA-256 and CRAM-MD5 secrets
+  are never ``None``: a user without one gets a decoy (keyed, stable across workers and
+  restarts, derived with the same work as a real one), so a challenge says nothing either.
 * Slow schemes (crypt, bcrypt, argon2, PBKDF2, SCRAM) run in a small thread pool of our
   own, at most ``2 * workers`` submitted at once (the rest wait in asyncio, where a client
   that leaves costs nothing); fast ones (PLAIN, SHA*) run inline, since a thread hop would
@@ -45,7 +51,6 @@ import secrets
 import stat
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -55,6 +60,9 @@ from typing import TypeVar
 from pop3d import process
 from pop3d.auth import schemes
 from pop3d.auth.base import Principal
+from pop3d.auth.decoys import PLAIN_SCRAM_SHAPE, Decoys, load_or_create_key
+from pop3d.auth.verdict import Refused, Unfinished, Verdict
+from pop3d.config import AuthConfig
 from pop3d.errors import ConfigError, TemporaryBackendError, WouldWait
 
 __all__ = [
@@ -73,6 +81,9 @@ _T = TypeVar("_T")
 #: Longest user name we look up: far above any real mailbox name, and it keeps a hostile
 #: name from costing more than a dictionary miss.
 MAX_USERNAME = 255
+
+#: The shared key's file name next to the passwd-file, unless ``[auth] key_file`` says.
+DEFAULT_KEY_FILE = "pop3d-auth.key"
 
 #: Default interval between two ``stat()`` checks of the file (seconds).
 DEFAULT_CHECK_INTERVAL = 1.0
@@ -148,8 +159,11 @@ class _Table:
     users: Mapping[str, UserRecord]
     #: (st_mtime_ns, st_size, st_ino) of what was read.
     signature: tuple[int, int, int]
-    #: A stored hash of the most common scheme, for dummy verifications.
-    representative: str | None
+    #: One stored hash per cost class, (class, hash), for dummy verifications; a file
+    #: without any gets the default dummy (``None``: :func:`.schemes.dummy_verify`'s).
+    dummies: tuple[tuple[str, str | None], ...]
+    #: The (iterations, salt length) of every user's SCRAM secret, sorted (decoy shapes).
+    scram_shapes: tuple[tuple[int, int], ...]
 
 
 def parse_passwd_file(data: bytes, source: str = "passwd-file") -> dict[str, UserRecord]:
@@ -191,20 +205,30 @@ def parse_passwd_file(data: bytes, source: str = "passwd-file") -> dict[str, Use
     return users
 
 
-def _representative(users: Mapping[str, UserRecord]) -> str | None:
-    counts = Counter(
-        schemes.scheme_of(u.password)
-        for u in users.values()
-        if u.password and schemes.is_supported(u.password)
-    )
-    if not counts:
-        return None
-    common = counts.most_common(1)[0][0]
-    return next(
-        u.password for u in users.values()
-        if u.password and schemes.scheme_of(u.password) == common
-        and schemes.is_supported(u.password)
-    )
+def _dummies(users: Mapping[str, UserRecord]) -> tuple[tuple[str, str | None], ...]:
+    """The first stored hash of each cost class, slow classes first ("" classes left out)."""
+    found: dict[str, str] = {}
+    for u in users.values():
+        if u.password:
+            found.setdefault(schemes.cost_class(u.password), u.password)
+    found.pop("", None)
+    if not found:
+        return (("default", None),)
+    return tuple(sorted(found.items(), key=lambda item: item[0] == "fast"))
+
+
+def _scram_shapes(users: Mapping[str, UserRecord]) -> tuple[tuple[int, int], ...]:
+    shapes = []
+    for u in users.values():
+        if not u.password:
+            continue
+        if schemes.plain_secret(u.password) is not None:
+            shapes.append(PLAIN_SCRAM_SHAPE)
+        elif schemes.scheme_of(u.password) == "SCRAM-SHA-256":
+            secret = schemes.scram_sha256_secret(u.password)
+            if secret is not None:
+                shapes.append((secret.iterations, len(secret.salt)))
+    return tuple(sorted(shapes))
 
 
 def _read_table(path: Path) -> _Table:
@@ -213,7 +237,9 @@ def _read_table(path: Path) -> _Table:
         st = os.fstat(f.fileno())
         data = f.read()
     users = parse_passwd_file(data, str(path))
-    return _Table(users, (st.st_mtime_ns, st.st_size, st.st_ino), _representative(users))
+    return _Table(
+        users, (st.st_mtime_ns, st.st_size, st.st_ino), _dummies(users), _scram_shapes(users)
+    )
 
 
 class PasswdFileAuthenticator:
@@ -226,6 +252,7 @@ class PasswdFileAuthenticator:
         check_interval: float = DEFAULT_CHECK_INTERVAL,
         workers: int | None = None,
         scram_salt_key: bytes | None = None,
+        key_file: Path | None = None,
     ) -> None:
         """Load ``path`` now.
 
@@ -234,8 +261,13 @@ class PasswdFileAuthenticator:
             check_interval: seconds between two checks for a changed file (0: every lookup).
             workers: threads verifying slow hashes (default: one per CPU this process may
                 run on, :func:`pop3d.process.usable_cpus`).
-            scram_salt_key: secret that per-user SCRAM salts of PLAIN passwords are derived
-                from (:func:`.schemes.scram_salt`); random per process when ``None``.
+            scram_salt_key: the secret key that SCRAM salts of PLAIN passwords and every
+                decoy are derived from (:mod:`.decoys`).
+            key_file: where that key is kept (read, or created once, by
+                :func:`.decoys.load_or_create_key`, at the first CRAM-MD5 or SCRAM
+                login) when ``scram_salt_key`` is not given: every worker and every
+                restart then shares it.  Without either, the key is random per process
+                (tests; a single process that never restarts).
 
         Raises:
             ConfigError: the file cannot be read at start-up.
@@ -244,7 +276,12 @@ class PasswdFileAuthenticator:
         self.path = path
         self._interval = check_interval
         self._workers = workers or process.usable_cpus()
-        self._salt_key = scram_salt_key or secrets.token_bytes(32)
+        # The key is read (or created) when first needed, by a CRAM-MD5 or SCRAM login:
+        # `pop3d deliver`, which builds this authenticator to look recipients up, never
+        # touches it (it may run as the MTA's user, who cannot read it).
+        self._key_file = key_file
+        self._given_key = scram_salt_key
+        self._keys: tuple[bytes, Decoys] | None = None
         try:
             self._table = _read_table(path)
         except OSError as exc:
@@ -256,7 +293,79 @@ class PasswdFileAuthenticator:
         self._executor: ThreadPoolExecutor | None = None
         self._limit: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
 
+    @classmethod
+    def from_config(cls, auth: AuthConfig) -> PasswdFileAuthenticator:
+        """The authenticator of ``[auth]``.
+
+        ``passwd_file``, and ``key_file`` (by default ``pop3d-auth.key`` next to the
+        passwd-file) for the key every worker shares.
+
+        Raises:
+            ConfigError: no ``passwd_file``, or it cannot be read.
+
+        """
+        if auth.passwd_file is None:
+            raise ConfigError("[auth] passwd_file is required")
+        key_file = auth.key_file or auth.passwd_file.parent / DEFAULT_KEY_FILE
+        return cls(auth.passwd_file, key_file=key_file)
+
     # ----------------------------------------------------------------- Authenticator
+
+    def begin(self, username: str, password: bytes) -> Verdict:
+        """Check ``password`` as far as it can be without waiting; never starts over.
+
+        Returns the user, the :class:`.Refused` reason, or an :class:`.Unfinished`
+        holding the rest (a slow hash, the dummy work of a refusal that must run in the
+        thread pool, or a file due a look).  A refusal of any kind costs one verification
+        of each cost class in the file (see the module head), whatever the reason.
+
+        Raises:
+            TemporaryBackendError: the verification could not run.
+
+        """
+        if self._reload is not None or time.monotonic() >= self._next_check:
+            return Unfinished(functools.partial(self._after_refresh, username, password))
+        return self._check(username, password)
+
+    def _check(self, username: str, password: bytes) -> Verdict:
+        """:meth:`begin` against the table as it is (no look at the file)."""
+        table = self._table
+        # Every name in the table is valid (_parse_line): no need to check this one first.
+        record = table.users.get(username)
+        if record is None or not (record.password or record.nopassword):
+            why = Refused.UNKNOWN_USER if record is None else Refused.BAD_PASSWORD
+            return self._refuse(table.dummies, "", password, why)
+        stored = record.password
+        if record.nopassword:
+            # Any password: no hash to check (nologin still refuses, with the dummies).
+            verdict = _verdict(record, ok=True)
+            if isinstance(verdict, Principal):
+                return verdict
+            return self._refuse(table.dummies, "", password, verdict)
+        if schemes.is_slow(stored):
+            # One job in the pool: the hash, then (on a refusal) the other classes' dummies.
+            def job() -> Principal | Refused:
+                verdict = _verdict(record, ok=schemes.verify(stored, password))
+                if isinstance(verdict, Refused):
+                    _burn(table.dummies, schemes.cost_class(stored), password)
+                return verdict
+
+            return Unfinished(functools.partial(self._in_pool, job))
+        verdict = _verdict(record, ok=self._run_inline(schemes.verify, stored, password))
+        if isinstance(verdict, Principal):
+            return verdict  # a success pays no dummy: no cost class needed
+        own = schemes.cost_class(stored)
+        return self._refuse(table.dummies, own, password, verdict)
+
+    async def verify(self, username: str, password: bytes) -> Principal | Refused:
+        """:meth:`begin`, finished: the user, or why not (for the log, never the client).
+
+        Raises:
+            TemporaryBackendError: the verification could not run.
+
+        """
+        verdict = self.begin(username, password)
+        return await verdict.result() if isinstance(verdict, Unfinished) else verdict
 
     async def verify_password(self, username: str, password: bytes) -> Principal | None:
         """Return the user when ``password`` is theirs, else ``None`` after the same work.
@@ -265,27 +374,24 @@ class PasswdFileAuthenticator:
             TemporaryBackendError: the verification could not run.
 
         """
-        await self._refresh()
-        record, slow, check = self._check_for(username, password)
-        return _admitted(record, await self._run(slow, check))
+        verdict = await self.verify(username, password)
+        return verdict if isinstance(verdict, Principal) else None
 
     def verify_password_now(self, username: str, password: bytes) -> Principal | None:
         """:meth:`verify_password` without waiting, when it needs no thread and no reload.
 
-        The login fast path: a fast scheme (PLAIN, SHA...) checked against a table that
-        is not due a look at the file is answered here, with no task or coroutine.
+        Kept for callers of the ``None`` form; :meth:`begin` is the one-path form (this one
+        gives up on an :class:`.Unfinished` and its caller starts again).
 
         Raises:
             WouldWait: a slow scheme, or the file is due a check: use :meth:`verify_password`.
             TemporaryBackendError: the verification could not run.
 
         """
-        if self._reload is not None or time.monotonic() >= self._next_check:
+        verdict = self.begin(username, password)
+        if isinstance(verdict, Unfinished):
             raise WouldWait
-        record, slow, check = self._check_for(username, password)
-        if slow:
-            raise WouldWait
-        return _admitted(record, self._run_inline(check))
+        return verdict if isinstance(verdict, Principal) else None
 
     async def lookup(self, username: str) -> Principal | None:
         """Return the user without checking a secret (LMTP RCPT, SASL EXTERNAL)."""
@@ -295,28 +401,27 @@ class PasswdFileAuthenticator:
     async def secret_for(self, username: str, scheme: str) -> bytes | None:
         """Return the user's secret for a challenge-response mechanism.
 
-        ``PLAIN``: the clear-text password (APOP).  ``CRAM-MD5``: the 32-octet HMAC-MD5
-        context.  ``SCRAM-SHA-256``: :meth:`.schemes.ScramSecret.encode`'s form
+        ``PLAIN``: the clear-text password (APOP); ``None`` for an unknown user or one
+        without such a password.  ``CRAM-MD5``: the 32-octet HMAC-MD5 context.
+        ``SCRAM-SHA-256``: :meth:`.schemes.ScramSecret.encode`'s form
         (``iter,salt,storedkey,serverkey``, base64), decode with
         :meth:`.schemes.ScramSecret.decode`; for PLAIN storage the salt is stable per user.
-        ``None``: unknown user, ``nologin``, or no such secret can be had from the storage.
+
+        For CRAM-MD5 and SCRAM-SHA-256 the answer is never ``None``: an unknown user, a
+        ``nologin`` one or one whose storage cannot give the secret gets a decoy
+        (:mod:`.decoys`) that matches no response, computed with the same work as a real
+        one (one CRAM-MD5 context; one SCRAM derivation, in the thread pool, for every
+        user), so neither the challenge nor its timing tells who exists.
         """
         record = await self._record(username)
-        if record is None or record.nologin or not record.password:
-            return None
-        stored = record.password
+        stored = "" if record is None or record.nologin else record.password
         match scheme.upper():
             case "PLAIN":
-                return schemes.plain_secret(stored)
+                return schemes.plain_secret(stored) if stored else None
             case "CRAM-MD5":
-                return schemes.cram_md5_secret(stored)
+                return self._cram_secret(username, stored)
             case "SCRAM-SHA-256":
-                salt = schemes.scram_salt(self._salt_key, record.username)
-                secret = await self._run(
-                    schemes.plain_secret(stored) is not None,
-                    lambda: schemes.scram_sha256_secret(stored, salt=salt),
-                )
-                return None if secret is None else secret.encode()
+                return await self._scram_secret(username, stored)
             case _:
                 return None
 
@@ -324,8 +429,13 @@ class PasswdFileAuthenticator:
 
     @property
     def scram_salt_key(self) -> bytes:
-        """The key of stable SCRAM salts (a SASL layer fakes unknown users' salts with it)."""
-        return self._salt_key
+        """The key of stable SCRAM salts and decoys (:mod:`.decoys`).
+
+        Raises:
+            TemporaryBackendError: the key file cannot be read or created (logged).
+
+        """
+        return self._key_and_decoys()[0]
 
     def close(self) -> None:
         """Stop the verification threads (waits for running verifications)."""
@@ -334,6 +444,75 @@ class PasswdFileAuthenticator:
             self._executor = None
 
     # ----------------------------------------------------------------- internals
+
+    async def _after_refresh(self, username: str, password: bytes) -> Principal | Refused:
+        await self._refresh()
+        verdict = self._check(username, password)
+        return await verdict.result() if isinstance(verdict, Unfinished) else verdict
+
+    def _refuse(
+        self,
+        dummies: tuple[tuple[str, str | None], ...],
+        own: str,
+        password: bytes,
+        why: Refused,
+    ) -> Refused | Unfinished:
+        """Spend the dummy work of a refusal (inline if it is fast), then refuse."""
+        rest = [(c, h) for c, h in dummies if c != own]
+        if not any(h is None or schemes.is_slow(h) for _, h in rest):
+            self._run_inline(_burn, dummies, own, password)
+            return why
+
+        async def finish() -> Refused:
+            await self._in_pool(_burn, dummies, own, password)
+            return why
+
+        return Unfinished(finish)
+
+    def _key_and_decoys(self) -> tuple[bytes, Decoys]:
+        if self._keys is None:
+            key = self._given_key
+            if key is None and self._key_file is not None:
+                try:
+                    key = load_or_create_key(self._key_file)
+                except ConfigError as exc:
+                    log.error("%s; CRAM-MD5 and SCRAM logins fail until fixed", exc)  # noqa: TRY400
+                    raise TemporaryBackendError("the authentication key is missing") from None
+            key = key or secrets.token_bytes(32)
+            self._keys = (key, Decoys(key))
+        return self._keys
+
+    def _cram_secret(self, username: str, stored: str) -> bytes:
+        """The CRAM-MD5 context, or a decoy: the same steps for every user.
+
+        One decode of the stored password as PLAIN and as CRAM-MD5, one decoy password,
+        one context computed (from the PLAIN password, else from the decoy password).
+        """
+        plain = schemes.plain_secret(stored)
+        kept = schemes.stored_cram_md5(stored)
+        decoy = self._key_and_decoys()[1].password(username)
+        context = schemes.cram_md5_context(decoy if plain is None else plain)
+        return context if kept is None else kept
+
+    async def _scram_secret(self, username: str, stored: str) -> bytes:
+        """The SCRAM-SHA-256 secret, or a decoy: one derivation in the pool either way."""
+        plain = schemes.plain_secret(stored) if stored else None
+        real = None
+        if plain is None and stored and schemes.scheme_of(stored) == "SCRAM-SHA-256":
+            real = schemes.scram_sha256_secret(stored)
+        key, decoys = self._key_and_decoys()
+        shapes = self._table.scram_shapes
+
+        def job() -> schemes.ScramSecret:
+            if plain is not None:
+                salt = schemes.scram_salt(key, username)
+                return schemes.ScramSecret.derive(plain, salt)
+            if real is not None:
+                decoys.burn_scram(username, real.salt, real.iterations)
+                return real
+            return decoys.scram_secret(username, shapes)
+
+        return (await self._in_pool(job)).encode()
 
     async def _record(self, username: str) -> UserRecord | None:
         await self._refresh()
@@ -394,32 +573,8 @@ class PasswdFileAuthenticator:
             self._limit = (loop, asyncio.Semaphore(2 * self._workers))
         return self._limit[1]
 
-    def _check_for(
-        self, username: str, password: bytes
-    ) -> tuple[UserRecord | None, bool, Callable[[], bool | None]]:
-        """What checking ``password`` takes: (the record it admits, slow?, the check).
-
-        A ``nopassword`` user's check always passes.  An unknown user, or one without a
-        password, gets the dummy check against the file's representative hash, so that
-        a "no" costs what a real check costs (see the module head); its record is
-        ``None``, so it admits no one.
-        """
-        # Every name in the table is valid (_parse_line): no need to check this one first.
-        record = self._table.users.get(username)
-        if record is not None and record.nopassword:
-            return record, False, _always
-        if record is None or not record.password:
-            rep = self._table.representative
-            # Without a representative hash, dummy_verify uses ARGON2ID: slow.
-            slow = rep is None or schemes.is_slow(rep)
-            return None, slow, functools.partial(schemes.dummy_verify, password, rep)
-        stored = record.password
-        return record, schemes.is_slow(stored), functools.partial(schemes.verify, stored, password)
-
-    async def _run(self, slow: bool, func: Callable[..., _T], *args: object) -> _T:
-        """Run ``func(*args)`` inline when fast, else in the pool, bounded."""
-        if not slow:
-            return self._run_inline(func, *args)
+    async def _in_pool(self, func: Callable[..., _T], *args: object) -> _T:
+        """Run ``func(*args)`` in the pool, at most ``2 * workers`` submitted at once."""
         try:
             async with self._semaphore():
                 if self._executor is None:
@@ -444,15 +599,20 @@ class PasswdFileAuthenticator:
 _HASH_FAILURES = (MemoryError, RuntimeError, OSError)
 
 
-def _always() -> bool:
-    return True
-
-
-def _admitted(record: UserRecord | None, ok: bool | None) -> Principal | None:
-    """The user a check let in: ``None`` for a failed check, a stranger or ``nologin``."""
-    if record is None or not ok or record.nologin:
-        return None
+def _verdict(record: UserRecord, *, ok: bool) -> Principal | Refused:
+    """The outcome of checking a known user's password."""
+    if not ok:
+        return Refused.BAD_PASSWORD
+    if record.nologin:
+        return Refused.NOLOGIN
     return record.principal()
+
+
+def _burn(dummies: tuple[tuple[str, str | None], ...], own: str, password: bytes) -> None:
+    """Verify one stored hash of every cost class but ``own``; the outcomes are discarded."""
+    for cost, stored in dummies:
+        if cost != own:
+            schemes.dummy_verify(password, stored)
 
 
 # --------------------------------------------------------------------------- administration

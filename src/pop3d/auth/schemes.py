@@ -46,6 +46,7 @@ from passlib.hash import des_crypt, md5_crypt, sha256_crypt, sha512_crypt
 __all__ = [
     "GENERATED_SCHEMES",
     "ScramSecret",
+    "cost_class",
     "cram_md5_context",
     "cram_md5_digest",
     "cram_md5_secret",
@@ -57,6 +58,7 @@ __all__ = [
     "scheme_of",
     "scram_salt",
     "scram_sha256_secret",
+    "stored_cram_md5",
     "verify",
     "verify_apop",
     "verify_cram_md5",
@@ -494,6 +496,45 @@ def is_slow(stored: str) -> bool:
     return scheme is not None and scheme.slow
 
 
+#: The cost parameters of a slow hash, as they appear in its data: bcrypt's cost, crypt's
+#: rounds, Argon2's m/t/p.
+_COST_PARAMS: Final = re.compile(
+    r"^\$(?:2[aby]\$[0-9]+|argon2(?:id|i|d)\$v=[0-9]+\$m=[0-9]+,t=[0-9]+,p=[0-9]+"
+    r"|[156]\$(?:rounds=[0-9]+)?)"
+)
+
+
+def cost_class(stored: str) -> str:
+    """Which stored passwords cost the same to verify: equal classes, equal work.
+
+    ``"fast"`` for every scheme that costs microseconds (PLAIN, digests, CRAM-MD5);
+    ``""`` for one that fails at once (unknown scheme, undecodable data); for slow ones the
+    algorithm with its cost parameters (``$2b$12``, ``$argon2id$v=19$m=65536,t=3,p=1``,
+    ``$6$``, ``$6$rounds=10000``, ``PBKDF2$5000``, ``SCRAM-SHA-256$4096``).  An
+    authenticator verifies one hash of each class on every refusal (see
+    :mod:`pop3d.auth.passwd_file`).  Safe to log: no salt, no hash.
+    """
+    name, scheme, data = _lookup(stored)
+    if scheme is None or data is None:
+        return ""
+    if not scheme.slow:
+        return "fast"
+    if name.startswith("SCRAM-"):
+        digest = hashlib.new("sha1" if name == "SCRAM-SHA-1" else "sha256").digest_size
+        secret = ScramSecret.decode(data, digest)
+        return "" if secret is None else f"{name}${secret.iterations}"
+    text = data.decode("ascii", "replace")
+    if name == "PBKDF2":
+        parts = text.split("$")
+        return f"PBKDF2${parts[3]}" if len(parts) == 5 else ""
+    found = _COST_PARAMS.match(text)
+    if found is not None:
+        return found.group(0)
+    if len(text) == 13 and not text.startswith("$"):
+        return "des"
+    return "fast"  # {MD5} as a digest, or a locked crypt string ("*", "!"): no work
+
+
 def verify(stored: str, password: bytes) -> bool:
     """Whether ``password`` matches the stored ``{SCHEME}data`` (or bare crypt string).
 
@@ -529,6 +570,12 @@ def plain_secret(stored: str) -> bytes | None:
     if name not in _PLAIN_NAMES or scheme is None:
         return None
     return data
+
+
+def stored_cram_md5(stored: str) -> bytes | None:
+    """The 32-octet CRAM-MD5 context stored as ``{CRAM-MD5}``/``{HMAC-MD5}``, else ``None``."""
+    name, _, data = _lookup(stored)
+    return data if name in _CRAM_NAMES and data is not None and len(data) == 32 else None
 
 
 def cram_md5_secret(stored: str) -> bytes | None:

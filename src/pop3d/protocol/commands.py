@@ -205,6 +205,11 @@ def _parse_user(rest: bytes | None, utf8: bool) -> Command | ParseError:
     # User names may be longer than RFC 2449's 40 characters (mail addresses often are);
     # the line limit bounds them.
     name = _text(rest, utf8) if rest else None
+    if name is None and rest and not utf8 and min(rest) > 0x20 and 0x7F not in rest:
+        # A non-ASCII name before UTF8 (RFC 6856) names no account: it is answered like
+        # an unknown user (same replies, same dummy work), not with a telling error.
+        # Undecoded octets become lone surrogates, which no backend's user name holds.
+        name = rest.decode("ascii", "surrogateescape")
     return User(name) if name else ParseError("USER needs a user name")
 
 

@@ -18,6 +18,15 @@ class NeedData:
 
 
 @dataclass(frozen=True, slots=True)
+class Flush:
+    """The replies queued reach ``settings.output_chunk``: send them before asking again.
+
+    The core stops answering here, so a client that pipelines without reading cannot make
+    it queue more than that; the driver writes, and waits while the peer does not read.
+    """
+
+
+@dataclass(frozen=True, slots=True)
 class PasswordAuthenticate:
     """Verify ``password`` for ``username`` (USER/PASS, SASL PLAIN and LOGIN).
 
@@ -77,10 +86,18 @@ class AuthRefused:
     """Information, not a request (no report): the core refused to authenticate by itself.
 
     Sent where nothing was checked, e.g. a password offered on a cleartext connection from
-    outside the secure networks; the driver logs it with the peer address.
+    outside the secure networks, or a SASL exchange cancelled or malformed; the driver
+    logs it with the peer address (the audit line, :func:`pop3d.audit.auth_failed`).
     """
 
+    #: What happened, for the session log.
     reason: str
+    #: The audit line's one-word reason (``cleartext-refused``, ``cancelled``, ...).
+    code: str = "cleartext-refused"
+    #: ``USER``, ``APOP`` or the SASL mechanism name.
+    mechanism: str = "USER"
+    #: The user name, when the client gave one.
+    username: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +144,7 @@ class Closed:
 
 Event = (
     NeedData
+    | Flush
     | PasswordAuthenticate
     | ApopAuthenticate
     | SaslSecret

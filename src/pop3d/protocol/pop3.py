@@ -16,6 +16,14 @@ Rules this file keeps:
 * Commands are answered strictly in order, one at a time (pipelining is just more lines
   in the buffer).  A command not in its state's row of :data:`states.COMMANDS` is an error.
 * Every ``-ERR`` text is ours; no client byte and no exception text reaches the wire.
+* Bounded output: once the queued replies reach ``settings.output_chunk`` (and after every
+  64 lines handled by itself) the core stops and returns :class:`Flush`; it answers more
+  only when asked again, so a driver that stops asking while its peer does not read
+  holds a bounded amount, whatever is pipelined.
+* Deadlines and shutdown are the driver's inputs (:meth:`Pop3Connection.timeout`,
+  :meth:`Pop3Connection.shutdown`): the core closes without UPDATE and says what may still
+  be sent (nothing in the middle of a message).  The core counts its own refusals
+  against the error budget.
 * After :data:`limits.MAX_BAD_COMMANDS` consecutive errors, or
   :data:`limits.MAX_AUTH_ATTEMPTS` failed logins, the connection is closed.
 * STLS: the ``+OK`` is the last plaintext byte; anything received after the STLS line is
@@ -31,6 +39,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from pop3d import limits
 from pop3d.auth.base import Principal
@@ -42,6 +51,7 @@ from pop3d.protocol.events import (
     AuthRefused,
     Closed,
     Event,
+    Flush,
     NeedData,
     OpenMaildrop,
     PasswordAuthenticate,
@@ -57,6 +67,22 @@ from pop3d.protocol.states import COMMANDS, State
 from pop3d.storage.base import MessageInfo
 
 _NEED_DATA = NeedData()
+_FLUSH = Flush()
+#: Lines the core handles by itself before it hands the driver a :class:`Flush`, so that
+#: the driver can take its turn (and bound its own) inside a long pipelined batch.
+_LINES_PER_EVENT = 64
+
+#: The driver's deadlines (see :meth:`Pop3Connection.timeout`): ``idle``, no complete
+#: command for ``idle_timeout``; ``login``, not logged in after ``login_timeout``;
+#: ``line``, a command line left incomplete too long; ``send``, output not drained.
+Deadline = Literal["idle", "login", "line", "send"]
+
+_DEADLINE_TEXT: dict[str, str] = {
+    "idle": "autologout: idle for too long",
+    "login": "login timeout",
+    "line": "command line timeout",
+    "send": "output not read",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +118,8 @@ class Pop3Settings:
     #: enforces it (it answers OpenMaildrop with ``LOGIN_DELAY``).
     login_delay: int = 0
     max_bad_commands: int = limits.MAX_BAD_COMMANDS
+    #: Queued reply octets at which the core stops answering and asks for a :class:`Flush`.
+    output_chunk: int = limits.WRITE_COALESCE
     max_auth_attempts: int = limits.MAX_AUTH_ATTEMPTS
 
 
@@ -102,6 +130,7 @@ class Pop3Connection:
     __slots__ = (
         "_auth_failures",
         "_bad_commands",
+        "_capa",
         "_client_identity",
         "_close_reason",
         "_deleted",
@@ -111,8 +140,10 @@ class Pop3Connection:
         "_live_count",
         "_live_size",
         "_out",
+        "_out_size",
         "_pending",
         "_queued",
+        "_refused",
         "_sasl",
         "_sasl_count",
         "_status_line",
@@ -120,6 +151,7 @@ class Pop3Connection:
         "_top",
         "_user",
         "_utf8",
+        "commands_received",
         "deleted_count",
         "messages_sent",
         "octets_sent",
@@ -136,11 +168,17 @@ class Pop3Connection:
         self._lines = LineBuffer()
         #: Replies, and the pieces of a message being sent, in order.
         self._out: list[Piece] = []
+        #: Octets in ``_out``: what the driver's output budget counts.
+        self._out_size = 0
+        #: Whether the command being handled was refused (it counts against the budget).
+        self._refused = False
         self._eof = False
         self._pending: Event | None = None
         self._queued: Event | None = None
         self._close_reason = ""
         self._bad_commands = 0
+        #: The CAPA reply, made once per state (a flood of CAPA costs a copy each).
+        self._capa: bytes | None = None
         self._auth_failures = 0
         self._utf8 = False
         self._user: str | None = None
@@ -161,12 +199,14 @@ class Pop3Connection:
         self._status_line = b""
         # Statistics for the session log line.
         self.messages_sent = 0
+        #: Complete command (or SASL) lines taken from the input: the driver's activity.
+        self.commands_received = 0
         self.octets_sent = 0
         self.deleted_count = 0
         text = settings.greeting
         if settings.apop_timestamp is not None:
             text += " " + settings.apop_timestamp.decode("ascii")
-        self._out.append(ok(text))
+        self._emit(ok(text))
 
     # ---------------------------------------------------------------- the three verbs
 
@@ -185,6 +225,7 @@ class Pop3Connection:
         first = out[0]
         data = first if len(out) == 1 and isinstance(first, bytes) else b"".join(out)
         out.clear()
+        self._out_size = 0
         return data
 
     def pieces_to_send(self) -> list[Piece]:
@@ -194,6 +235,7 @@ class Pop3Connection:
         chunk then goes out without being copied into one buffer first.
         """
         out, self._out = self._out, []
+        self._out_size = 0
         return out
 
     def next_event(self) -> Event:
@@ -207,9 +249,15 @@ class Pop3Connection:
             raise LocalProtocolError(f"{type(self._pending).__name__} was not answered")
         if self._queued is not None:
             queued, self._queued = self._queued, None
-            self._pending = queued
+            if not isinstance(queued, AuthRefused):  # information only: nothing to answer
+                self._pending = queued
             return queued
+        answered = 0
         while self.state is not State.CLOSED:
+            if self._out_size >= self.settings.output_chunk or answered >= _LINES_PER_EVENT:
+                # Answer no more until the driver has taken these (and let others run).
+                return _FLUSH
+            answered += 1
             in_sasl = self._sasl is not None
             line = self._lines.next_line(
                 limits.MAX_SASL_LINE if in_sasl else limits.MAX_COMMAND_LINE
@@ -219,6 +267,7 @@ class Pop3Connection:
                     self._close("eof")
                     break
                 return _NEED_DATA
+            self.commands_received += 1
             if line is OVERLONG:
                 self._sasl = None
                 self._bad("line too long")
@@ -234,7 +283,7 @@ class Pop3Connection:
     @property
     def pending_output(self) -> int:
         """Octets queued for the peer and not yet taken by :meth:`data_to_send`."""
-        return sum(map(len, self._out))
+        return self._out_size
 
     @property
     def buffered(self) -> int:
@@ -256,13 +305,13 @@ class Pop3Connection:
         self._user = None
         self._sasl = None
         if code is RespCode.SYS_TEMP:
-            self._out.append(err("authentication temporarily unavailable", code))
+            self._emit(err("authentication temporarily unavailable", code))
             return
         self._auth_failures += 1
         by_password = isinstance(pending, ApopAuthenticate) or (
             isinstance(pending, PasswordAuthenticate) and pending.mechanism == "USER"
         )
-        self._out.append(err("invalid password" if by_password else "authentication failed", code))
+        self._emit(err("invalid password" if by_password else "authentication failed", code))
         if self._auth_failures >= self.settings.max_auth_attempts:
             self._close("auth failures")
 
@@ -281,8 +330,9 @@ class Pop3Connection:
         self._live_count = len(self._listing)
         self._live_size = sum(m.size for m in self._listing)
         self.state = State.TRANSACTION
+        self._capa = None
         assert self.principal is not None
-        self._out.append(
+        self._emit(
             ok(f"{self.principal.username}'s maildrop has {self._summary()}")
         )
 
@@ -296,25 +346,27 @@ class Pop3Connection:
         self.principal = None
         self._user = None
         if code is RespCode.IN_USE:
-            self._out.append(err("maildrop already locked", code))
+            self._emit(err("maildrop already locked", code))
         elif code is RespCode.LOGIN_DELAY:
             delay = self.settings.login_delay
-            self._out.append(err(f"wait {delay} seconds between logins", code))
+            self._emit(err(f"wait {delay} seconds between logins", code))
         else:
-            self._out.append(err("unable to lock maildrop", code))
+            self._emit(err("unable to lock maildrop", code))
 
     def message_data(self, chunk: bytes) -> bool:
         """Add the next chunk of the message being sent; False means "stop, I have enough"."""
         self._answer_check(SendMessage)
         assert self._stuffer is not None
         if self._status_line:
-            self._out.append(self._status_line)
+            self._emit(self._status_line)
             self._status_line = b""
         top = self._top
         if top is not None:
             chunk = top.feed(chunk)
         self.octets_sent += len(chunk)
-        self._out += self._stuffer.feed(chunk)
+        pieces = self._stuffer.feed(chunk)
+        self._out += pieces
+        self._out_size += sum(map(len, pieces))
         return top is None or not top.done
 
     def message_end(self) -> None:
@@ -322,8 +374,8 @@ class Pop3Connection:
         self._answer((SendMessage,))
         assert self._stuffer is not None
         if self._status_line:
-            self._out.append(self._status_line)
-        self._out.append(self._stuffer.end())
+            self._emit(self._status_line)
+        self._emit(self._stuffer.end())
         self._stuffer = self._top = None
         self._status_line = b""
         self.messages_sent += 1
@@ -338,9 +390,9 @@ class Pop3Connection:
             # Part of a multi-line reply is out: the client cannot be resynchronised.
             self._close("read error")
         elif vanished:
-            self._out.append(err("message was removed by another session"))
+            self._emit(err("message was removed by another session"))
         else:
-            self._out.append(err("cannot read message", RespCode.SYS_TEMP))
+            self._emit(err("cannot read message", RespCode.SYS_TEMP))
 
     def tls_established(self, client_identity: str | None = None) -> None:
         """The TLS handshake after STLS succeeded; the session starts over (RFC 2595 §4).
@@ -352,6 +404,7 @@ class Pop3Connection:
         """
         self._answer((StartTls,))
         self.tls_active = True
+        self._capa = None
         self._user = None
         self._client_identity = client_identity
 
@@ -359,14 +412,57 @@ class Pop3Connection:
         """UPDATE removed every message marked deleted."""
         self._answer((Update,))
         left = self._live_count
-        self._out.append(ok(f"{self.settings.implementation} signing off ({left} left)"))
+        self._emit(ok(f"{self.settings.implementation} signing off ({left} left)"))
         self._close("quit")
 
     def update_failed(self) -> None:
         """UPDATE could not remove some deleted messages (RFC 1939 §6)."""
         self._answer((Update,))
-        self._out.append(err("some deleted messages not removed", RespCode.SYS_TEMP))
+        self._emit(err("some deleted messages not removed", RespCode.SYS_TEMP))
         self._close("update failed")
+
+    # ---------------------------------------------------------------- driver inputs
+
+    def timeout(self, deadline: Deadline) -> bytes:
+        """One of the driver's deadlines expired: close without UPDATE.
+
+        Returns the last bytes to send (the driver writes them if the peer can still
+        take them, then hangs up).  Mid-message no ``-ERR`` is possible (it would read as
+        message text), so nothing more is said.  The driver stops the request it was
+        performing; never call this while an :class:`Update` is pending.
+
+        Raises:
+            LocalProtocolError: the session is in UPDATE.
+
+        """
+        text = _DEADLINE_TEXT[deadline]
+        return self._hang_up(f"{deadline} timeout", text, None)
+
+    def shutdown(self) -> bytes:
+        """The server is stopping: close without UPDATE; return the last bytes to send.
+
+        Raises:
+            LocalProtocolError: the session is in UPDATE (let it finish instead).
+
+        """
+        return self._hang_up("shutdown", "server shutting down", RespCode.SYS_TEMP)
+
+    def _hang_up(self, reason: str, text: str, code: RespCode | None) -> bytes:
+        if self.state is State.UPDATE:
+            raise LocalProtocolError("a session in UPDATE is let finish")
+        if self.state is not State.CLOSED:
+            mid_message = self._stuffer is not None and not self._status_line
+            self._pending = self._queued = None
+            self._sasl = None
+            self._stuffer = self._top = None
+            self._status_line = b""
+            if mid_message:
+                self._out.clear()
+                self._out_size = 0
+            else:
+                self._emit(err(text, code))
+            self._close(reason)
+        return self.data_to_send()
 
     # ---------------------------------------------------------------- internals
 
@@ -384,15 +480,25 @@ class Pop3Connection:
         self._close_reason = reason
         self._lines.clear()
 
+    def _emit(self, reply: bytes) -> None:
+        """Queue one reply (or piece of one) for the peer."""
+        self._out.append(reply)
+        self._out_size += len(reply)
+
+    def _refuse(self, reason: str, code: RespCode | None = None) -> None:
+        """Answer the command being handled with ``-ERR``; it counts as a bad command."""
+        self._emit(err(reason, code))
+        self._refused = True
+
     def _bad(self, reason: str, code: RespCode | None = None) -> None:
-        self._out.append(err(reason, code))
+        self._emit(err(reason, code))
         self._count_bad()
 
     def _count_bad(self) -> None:
         """One more consecutive error; the budget spent closes the connection."""
         self._bad_commands += 1
         if self._bad_commands >= self.settings.max_bad_commands:
-            self._out.append(err("too many bad commands, closing"))
+            self._emit(err("too many bad commands, closing"))
             self._close("too many errors")
 
     def _summary(self) -> str:
@@ -410,15 +516,14 @@ class Pop3Connection:
         if type(cmd) not in COMMANDS[self.state]:
             self._bad("command not valid in this state")
             return None
-        before = len(self._out)
+        self._refused = False
         event = self._handle(cmd)
-        self._count_errors(before)
+        self._count_errors()
         return event
 
-    def _count_errors(self, before: int) -> None:
-        """A command that produced a -ERR of its own counts against the error budget."""
-        last = self._out[-1] if len(self._out) > before else b""
-        if isinstance(last, bytes) and last.startswith(b"-ERR"):
+    def _count_errors(self) -> None:
+        """A command the core refused counts against the error budget; any other resets it."""
+        if self._refused:
             self._count_bad()
         else:
             self._bad_commands = 0
@@ -426,30 +531,34 @@ class Pop3Connection:
     def _handle(self, cmd: c.Command) -> Event | None:
         match cmd:
             case c.Capa():
-                self._out.append(multiline(ok("Capability list follows"), self._capabilities()))
+                capa = self._capa
+                if capa is None:
+                    capa = multiline(ok("Capability list follows"), self._capabilities())
+                    self._capa = capa
+                self._emit(capa)
             case c.Quit():
                 if self.state is State.TRANSACTION:
                     self.state = State.UPDATE
                     deleted = tuple(self._listing[i].uid for i in sorted(self._deleted))
                     self.deleted_count = len(deleted)
                     return Update(deleted)
-                self._out.append(ok(f"{self.settings.implementation} signing off"))
+                self._emit(ok(f"{self.settings.implementation} signing off"))
                 self._close("quit")
             case c.User(name):
                 if not self._plaintext_ok():
                     return self._refuse_plaintext("USER")
                 self._user = name
-                self._out.append(ok("send PASS"))
+                self._emit(ok("send PASS"))
             case c.Pass(password):
                 if not self._plaintext_ok():
                     return self._refuse_plaintext("PASS")
                 if self._user is None:
-                    self._out.append(err("send USER first"))
+                    self._refuse("send USER first")
                 else:
                     return PasswordAuthenticate(self._user, password)
             case c.Apop(name, digest):
                 if self.settings.apop_timestamp is None:
-                    self._out.append(err("APOP is not enabled"))
+                    self._refuse("APOP is not enabled")
                 else:
                     return ApopAuthenticate(name, self.settings.apop_timestamp, digest)
             case c.Auth(mechanism, initial):
@@ -458,31 +567,31 @@ class Pop3Connection:
                 return self._stls()
             case c.Utf8():
                 self._utf8 = True
-                self._out.append(ok("UTF8 enabled"))
+                self._emit(ok("UTF8 enabled"))
             case c.Noop():
-                self._out.append(ok())
+                self._emit(ok())
             case c.Stat():
-                self._out.append(ok(f"{self._live_count} {self._live_size}"))
+                self._emit(ok(f"{self._live_count} {self._live_size}"))
             case c.List(None):
                 lines = [
                     b"%d %d" % (i + 1, m.size)
                     for i, m in enumerate(self._listing)
                     if i not in self._deleted
                 ]
-                self._out.append(multiline(ok(self._summary()), lines))
+                self._emit(multiline(ok(self._summary()), lines))
             case c.List(n):
                 if (info := self._message(n)) is not None:
-                    self._out.append(ok(f"{n} {info.size}"))
+                    self._emit(ok(f"{n} {info.size}"))
             case c.Uidl(None):
                 lines = [
                     b"%d %s" % (i + 1, m.uid.encode())
                     for i, m in enumerate(self._listing)
                     if i not in self._deleted
                 ]
-                self._out.append(multiline(ok("unique-id listing follows"), lines))
+                self._emit(multiline(ok("unique-id listing follows"), lines))
             case c.Uidl(n):
                 if (info := self._message(n)) is not None:
-                    self._out.append(ok(f"{n} {info.uid}"))
+                    self._emit(ok(f"{n} {info.uid}"))
             case c.Retr(n):
                 if (info := self._message(n)) is not None:
                     return self._send(info, ok(f"{info.size} octets"), None)
@@ -494,22 +603,22 @@ class Pop3Connection:
                     self._deleted[n - 1] = None
                     self._live_count -= 1
                     self._live_size -= info.size
-                    self._out.append(ok(f"message {n} deleted"))
+                    self._emit(ok(f"message {n} deleted"))
             case c.Rset():
                 self._deleted.clear()
                 self._live_count = len(self._listing)
                 self._live_size = sum(m.size for m in self._listing)
-                self._out.append(ok(f"maildrop has {self._summary()}"))
+                self._emit(ok(f"maildrop has {self._summary()}"))
         return None
 
     def _message(self, n: int | None) -> MessageInfo | None:
         """Return message ``n`` (1-based) or queue the ``-ERR`` saying why not."""
         assert n is not None
         if not 1 <= n <= len(self._listing):
-            self._out.append(err("no such message"))
+            self._refuse("no such message")
             return None
         if n - 1 in self._deleted:
-            self._out.append(err("message is deleted"))
+            self._refuse("message is deleted")
             return None
         return self._listing[n - 1]
 
@@ -521,11 +630,14 @@ class Pop3Connection:
         self._status_line = status
         return SendMessage(info.uid, body_lines)
 
-    def _refuse_plaintext(self, what: str) -> AuthRefused:
-        self._out.append(
-            err("plaintext authentication disallowed on non-secure connections", RespCode.AUTH)
+    def _refuse_plaintext(self, what: str, mechanism: str = "USER") -> AuthRefused:
+        self._refuse("plaintext authentication disallowed on non-secure connections", RespCode.AUTH)
+        return AuthRefused(
+            f"{what} without TLS from outside secure_networks",
+            "cleartext-refused",
+            mechanism,
+            self._user or "",
         )
-        return AuthRefused(f"{what} without TLS from outside secure_networks")
 
     # ---------------------------------------------------------------- SASL (RFC 5034)
 
@@ -549,19 +661,20 @@ class Pop3Connection:
         usable = self._mechanisms()
         if mechanism is None:
             # Not in RFC 5034, but what RFC 1734-era clients (Outlook) send, as Dovecot does.
-            self._out.append(multiline(ok(), [m.encode() for m in usable]))
+            self._emit(multiline(ok(), [m.encode() for m in usable]))
             return None
         if mechanism not in usable:
             if mechanism in ("PLAIN", "LOGIN") and mechanism in self.settings.sasl_mechanisms:
-                return self._refuse_plaintext("AUTH " + mechanism)  # the response is not read
-            self._out.append(err("unsupported authentication mechanism"))
-            return None
+                # The response is not read.
+                return self._refuse_plaintext("AUTH " + mechanism, mechanism)
+            self._refuse("unsupported authentication mechanism")
+            return AuthRefused("an unknown SASL mechanism", "unknown-mech", mechanism[:20])
         data = None
         if initial is not None:
             data = sasl.decode_response(initial)
             if data is None:
-                self._out.append(err("invalid base64 in initial response"))
-                return None
+                self._refuse("invalid base64 in initial response")
+                return AuthRefused("invalid base64 in a SASL response", "malformed", mechanism)
         self._sasl = mech = self._new_mechanism(mechanism)
         return self._sasl_step(mech.start(data))
 
@@ -589,18 +702,20 @@ class Pop3Connection:
     def _sasl_line(self, line: bytes) -> Event | None:
         """One client line inside an exchange: ``*``, or a base64 response."""
         assert self._sasl is not None
-        before = len(self._out)
+        self._refused = False
+        mechanism = self._sasl.name
+        event: Event | None
         if line == b"*":
             self._sasl = None
-            self._out.append(err("authentication cancelled"))
-            event = None
+            self._refuse("authentication cancelled")
+            event = AuthRefused("a cancelled SASL exchange", "cancelled", mechanism)
         elif (data := sasl.decode_response(line)) is None:
             self._sasl = None
-            self._out.append(err("invalid base64 in SASL response"))
-            event = None
+            self._refuse("invalid base64 in SASL response")
+            event = AuthRefused("invalid base64 in a SASL response", "malformed", mechanism)
         else:
             event = self._sasl_step(self._sasl.step(data))
-        self._count_errors(before)
+        self._count_errors()
         return event
 
     def _sasl_step(self, step: sasl.Step) -> Event | None:
@@ -609,7 +724,7 @@ class Pop3Connection:
         assert mech is not None
         match step:
             case sasl.Challenge(data):
-                self._out.append(sasl.encode_challenge(data))
+                self._emit(sasl.encode_challenge(data))
                 return None
             case sasl.NeedSecret(username, scheme):
                 return SaslSecret(username, scheme)
@@ -620,17 +735,18 @@ class Pop3Connection:
             case sasl.Outcome(username, success, reason):
                 return SaslOutcome(username, mech.name, success, reason)
             case sasl.Failed(reason):
-                self._out.append(err(reason))
+                self._refuse(reason)
+                return AuthRefused(reason, "malformed", mech.name)
         return None
 
     def _stls(self) -> Event | None:
         if self.tls_active:
-            self._out.append(err("TLS is already active"))
+            self._refuse("TLS is already active")
             return None
         if not self.settings.tls_available:
-            self._out.append(err("STLS is not available"))
+            self._refuse("STLS is not available")
             return None
-        self._out.append(ok("Begin TLS negotiation now"))
+        self._emit(ok("Begin TLS negotiation now"))
         # Whatever followed the STLS line arrived in the clear and must not be answered
         # inside TLS (CVE-2021-38371 class, "STARTTLS injection").
         self._lines.clear()
@@ -638,11 +754,14 @@ class Pop3Connection:
 
     def _capabilities(self) -> list[bytes]:
         caps = [b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
+        # RFC 2449 §5: capabilities of the AUTHORIZATION state "MUST be announced in both
+        # states": USER and SASL are listed after login too (STLS and UTF8 USER, which
+        # can only be used before it, are not).
+        if self._plaintext_ok():
+            caps.append(b"USER")
+        if mechanisms := self._mechanisms():
+            caps.append(b"SASL " + " ".join(mechanisms).encode())
         if self.state is State.AUTHORIZATION:
-            if self._plaintext_ok():
-                caps.append(b"USER")
-            if mechanisms := self._mechanisms():
-                caps.append(b"SASL " + " ".join(mechanisms).encode())
             if self.settings.tls_available and not self.tls_active:
                 caps.append(b"STLS")
             caps.append(b"UTF8 USER")

@@ -72,6 +72,16 @@ class Outcome:
     #: Why it failed, for the log (never sent, never holds client bytes).
     reason: str = ""
 
+    @property
+    def audit_reason(self) -> str:
+        """The audit line's ``reason=`` word (:mod:`pop3d.audit`) for a refusal.
+
+        Every refusal a mechanism judges (wrong digest or proof, an unknown user's decoy,
+        a foreign authorization identity) is ``bad-password``: which one it was is for
+        the server log (:attr:`reason`), never for the client or fail2ban to tell apart.
+        """
+        return "bad-password"
+
 
 @dataclass(frozen=True, slots=True)
 class Failed:
@@ -179,6 +189,10 @@ class Login(Mechanism):
 
 # --------------------------------------------------------------------------- CRAM-MD5
 
+#: What a CRAM-MD5 digest is checked against when there is no secret: MD5 states no
+#: password yields in practice; the check's outcome is discarded anyway.
+_NO_CRAM_CONTEXT = bytes(32)
+
 
 class CramMd5(Mechanism):
     """RFC 2195: the server sends a unique challenge; the client answers ``user hexdigest``."""
@@ -210,11 +224,16 @@ class CramMd5(Mechanism):
         return NeedSecret(username, "CRAM-MD5")
 
     def secret(self, secret: bytes | None) -> Step:
-        """Compare the client's digest with HMAC-MD5(secret, challenge)."""
+        """Compare the client's digest with HMAC-MD5(secret, challenge).
+
+        Without a secret (``None``: an authenticator that has no decoys) the digest is
+        still computed, against a context that matches nothing, so that an unknown user
+        costs what a wrong digest costs.
+        """
         assert self._username is not None
-        if secret is None or len(secret) != 32:
-            return Outcome(self._username, success=False, reason="no CRAM-MD5 secret")
-        good = verify_cram_md5(secret, self.challenge, self._digest)
+        usable = secret is not None and len(secret) == 32
+        context = secret if secret is not None and usable else _NO_CRAM_CONTEXT
+        good = verify_cram_md5(context, self.challenge, self._digest) and usable
         return Outcome(self._username, success=good, reason="" if good else "wrong digest")
 
 

@@ -3,27 +3,36 @@
 Rules:
 
 * Commands the core answers by itself (STAT, LIST, UIDL, DELE, NOOP, CAPA, errors) are
-  answered synchronously inside ``data_received``: no task, no await.  A task exists only
-  while a request that needs a backend (auth, open, RETR/TOP, STLS, UPDATE) is performed,
-  so an idle connection costs a protocol object, a transport and a core, nothing more
-  (no timer either: the server's one idle sweep looks at every connection).
-* Replies are written at the end of the loop's turn (``ServerContext.flush_soon``), all
-  sessions' together, and a sign-off with the close after it; the order of a session's
-  octets never changes (they wait in its core until written).  A reply that must be on the
-  wire before something else happens (the ``+OK`` of STLS, a farewell) is written at once.
-* RETR/TOP stream chunk by chunk and wait for the socket to drain past the high-water
-  mark: a slow client holds a bounded amount of memory, whatever the message size.
-* The idle timeout closes the connection WITHOUT UPDATE.  So do EOF, errors, shutdown, and
-  every other ending except QUIT in TRANSACTION.  The maildrop is always closed (lock
-  released) at the end, and ``close()`` never deletes.
+  answered synchronously inside ``data_received``: no task, no await.  So is every backend
+  request the backend can finish at once (``session.py``: one method per request, which
+  answers or hands its unfinished rest over as a :class:`~pop3d.session.Later`).  A task
+  exists only while such a rest is awaited, or a big message streamed, or TLS started, so
+  an idle connection costs a protocol object, a transport and a core, nothing more (no
+  timer either: the server's one sweep looks at every connection's deadline).
+* Bounded memory, whatever the client sends: output counts against a budget.  Replies
+  are written at the end of the loop's turn (``ServerContext.flush_soon``), all sessions'
+  together, or as soon as :data:`limits.WRITE_COALESCE` octets are queued; once the
+  transport is past its high-water mark (the peer does not read), no further command is
+  answered, inline or not, before or after login, and reading stops until it drains.
+  RETR/TOP stream chunk by chunk under the same rule.  A client that pipelines without
+  reading holds the kernel's buffers plus at most about :data:`limits.OUTPUT_BUDGET`.
+* Deadlines, not only an idle timer (each a constant in ``limits.py``): activity is a
+  complete command, not a byte; an incomplete line must complete within the line
+  timeout; a connection not logged in is closed after ``login_timeout`` whatever it
+  sends; output that does not drain for ``idle_timeout`` closes the connection.  Each
+  deadline is an input to the core (``core.timeout``), which says what may still be sent;
+  this file writes no POP3 text of its own.
+* Every ending but QUIT in TRANSACTION closes WITHOUT UPDATE: EOF, deadlines, errors,
+  shutdown.  The maildrop is always closed (lock released) at the end, and ``close()``
+  never deletes.
 * After STLS, plaintext that followed the STLS line is discarded by the core.  Once
   ``start_tls`` owns the socket, later plaintext cannot reach us (it is fed to the TLS
   layer and fails the handshake).  Application data that arrives *with* the client's
   last handshake message (GnuTLS clients such as mpop send CAPA in the same flight) is
   delivered here before ``start_tls`` returns: it is encrypted, so it is kept and
   answered after ``tls_established``.
-* Every refusal is logged with the peer address (connection limits, plaintext policy,
-  failed logins); no secret is ever logged, only user names and mechanism names.
+* Every refusal is logged with the peer address; no secret is ever logged, only user
+  names and mechanism names.
 * A verified client certificate (implicit TLS or after STLS) is reported to the core as
   its user name, which enables SASL EXTERNAL for that connection only.
 * No exception text ever reaches the wire; unexpected errors are logged here and the
@@ -37,15 +46,15 @@ import contextlib
 import logging
 import ssl
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
-from pop3d import limits, logsetup
-from pop3d.errors import LocalProtocolError, MessageVanished, WouldWait
+from pop3d import audit, limits, logsetup, metrics
+from pop3d.errors import LocalProtocolError, MessageVanished
 from pop3d.protocol import (
     ApopAuthenticate,
     AuthRefused,
     Closed,
+    Flush,
     NeedData,
     OpenMaildrop,
     PasswordAuthenticate,
@@ -57,9 +66,12 @@ from pop3d.protocol import (
     Update,
 )
 from pop3d.protocol.events import Event
+from pop3d.protocol.pop3 import Deadline
 from pop3d.protocol.replies import RespCode, err
 from pop3d.protocol.states import State
 from pop3d.server.tls import certificate_identity
+from pop3d.session import AuthRequest, Later
+from pop3d.storage.base import InlineRead
 
 if TYPE_CHECKING:
     from pop3d.auth.base import Principal
@@ -68,17 +80,42 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pop3d.session")
 
+#: Whether each maildrop type offers :class:`InlineRead` (isinstance on a Protocol is slow).
+_INLINE_READ: dict[type, bool] = {}
+
+#: The session log's result -> the metrics' vocabulary (``metrics.session_ended``).
+_ENDED = {
+    "quit": "quit",
+    "update failed": "error",
+    "disconnected": "disconnect",
+    "eof": "disconnect",
+    "shutdown": "shutdown",
+    "internal error": "error",
+    "read error": "error",
+    "tls failed": "error",
+    "too many errors": "error",
+    "auth failures": "error",
+}
+
 
 class Pop3Protocol(asyncio.Protocol):
     """asyncio protocol driving one :class:`Pop3Connection`."""
 
     # Slots: 10,000 idle sessions hold 10,000 of these; no per-instance dict.
     __slots__ = (
+        "_blocked",
+        "_born",
         "_closing",
+        "_commands_seen",
         "_drained",
         "_flush_queued",
+        "_handshaking",
         "_last_words",
+        "_later",
+        "_line_since",
         "_mechanism",
+        "_paused_since",
+        "_paused_size",
         "_read_inline",
         "_reading_paused",
         "_result",
@@ -87,6 +124,7 @@ class Pop3Protocol(asyncio.Protocol):
         "_write_paused",
         "address",
         "core",
+        "deadline",
         "implicit_tls",
         "last_active",
         "loop",
@@ -114,19 +152,33 @@ class Pop3Protocol(asyncio.Protocol):
         self.peer = "?"
         self.address = "?"
         self.maildrop: Maildrop | None = None
-        #: The maildrop's optional fast path for small messages (see _send_inline).
-        self._read_inline: Callable[[str], bytes | None] | None = None
+        #: The maildrop's fast path for small messages, if it has one (see _send_inline).
+        self._read_inline: InlineRead | None = None
         self._task: asyncio.Task[None] | None = None
+        #: The unfinished backend request the task awaits (cancelled if we hang up).
+        self._later: Later[Any] | None = None
         self._drained: asyncio.Future[None] | None = None
         self._write_paused = False
+        #: Answering stopped because the peer does not read (resumes when it drains).
+        self._blocked = False
         #: Whether the server will call :meth:`flush` at the end of this turn.
         self._flush_queued = False
         #: The sign-off to write before the transport is closed, at that :meth:`flush`.
         self._last_words: bytes | None = None
         self._reading_paused = False
         self._closing = False
-        #: ``loop.time()`` of the last command or write progress (the idle sweep reads it).
+        self._handshaking = False
+        #: ``loop.time()`` of the last complete command or finished request.
         self.last_active = 0.0
+        #: When the sweep must next look at this connection (never later than needed).
+        self.deadline = 0.0
+        self._born = 0.0
+        self._commands_seen = 0
+        #: ``loop.time()`` since when an incomplete line waits (0: none).
+        self._line_since = 0.0
+        #: Since when output has not drained, and how much was pending then.
+        self._paused_since = 0.0
+        self._paused_size = 0
         self._started = time.monotonic()
         self._result = ""
         self.username = ""
@@ -135,7 +187,7 @@ class Pop3Protocol(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, base_transport: asyncio.BaseTransport) -> None:
-        """Admit the client (its idle time counts from now) and send the greeting."""
+        """Admit the client (its deadlines count from now) and send the greeting."""
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods
         self.transport = transport = cast("asyncio.Transport", base_transport)
         peer = transport.get_extra_info("peername")
@@ -154,26 +206,26 @@ class Pop3Protocol(asyncio.Protocol):
         self.core = Pop3Connection(
             self.server.settings_for(self.address, self.implicit_tls, identity)
         )
-        self.last_active = self.loop.time()
+        self._born = self.last_active = now = self.loop.time()
+        self.deadline = now + min(self.server.idle_timeout, self.server.login_timeout)
         self._run()
 
     def data_received(self, data: bytes) -> None:
-        """Feed the core; answer at once unless a request is running."""
-        if self._closing or self.core is None:
+        """Feed the core; answer at once unless a request runs or the peer does not read."""
+        core = self.core
+        if self._closing or core is None:
             return
-        self.last_active = self.loop.time()
-        self.core.receive_data(data)
-        if self._task is None:
+        core.receive_data(data)
+        if self._task is None and not self._blocked:
             self._run()
-        elif self.core.buffered > limits.MAX_PENDING_INPUT and self.transport is not None:
-            self.transport.pause_reading()
-            self._reading_paused = True
+        elif core.buffered > limits.MAX_PENDING_INPUT and self.transport is not None:
+            self._pause_reading()
 
     def eof_received(self) -> bool:
         """The peer half-closed: finish the lines already received, then close."""
         if self.core is not None and not self._closing:
             self.core.receive_data(b"")
-            if self._task is None:
+            if self._task is None and not self._blocked:
                 self._run()
         # Keep the write side open for the replies still owed.  A TLS transport cannot
         # half-close (asyncio closes it anyway, and warns if we ask otherwise).
@@ -183,54 +235,88 @@ class Pop3Protocol(asyncio.Protocol):
         """Release everything; an UPDATE in progress is let finish."""
         if not self._result:
             self._result = "disconnected"
+        in_update = self._in_update()
         self._finish()
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
-        if self._task is not None and not self._task.done() and not self._in_update():
-            self._task.cancel()
+        if not in_update:
+            self._cancel_task()
 
     def pause_writing(self) -> None:
-        """The socket buffer is past its high-water mark."""
+        """The socket buffer is past its high-water mark: the peer is not keeping up."""
         self._write_paused = True
+        self._paused_since = now = self.loop.time()
+        self._paused_size = 1 << 62
+        self.deadline = min(self.deadline, now + self.server.idle_timeout)
 
     def resume_writing(self) -> None:
-        """The socket buffer drained."""
+        """The socket buffer drained: go on with what was held back."""
         self._write_paused = False
-        self.last_active = self.loop.time()
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
+        if self._blocked and self._task is None and not self._closing and self.core:
+            self._blocked = False
+            self._run()
 
     # ------------------------------------------------------------------ the core loop
 
     def _run(self) -> None:
-        """Answer what the core can answer; start a task only for a backend request."""
-        event = self._advance()
-        if event is not None:
-            self._task = self.loop.create_task(self._perform(event))
+        """Answer what can be answered now; start a task only for unfinished work."""
+        later = self._advance()
+        if later is not None:
+            self._task = self.loop.create_task(self._perform(later))
 
-    def _advance(self) -> Event | None:
-        """Handle events until the core needs data, closes, or needs a backend.
+    def _advance(self) -> tuple[Event, Later[Any]] | None:
+        """Handle events until the core needs data, closes, blocks or must wait.
 
-        Returns the backend request to perform, or None.  Never blocks.
+        Returns the event whose unfinished request must be awaited, or None.  Never blocks.
         """
         core = self.core
         assert core is not None
         assert self.transport is not None
+        try:
+            return self._advance_events(core)
+        except LocalProtocolError:
+            log.exception("internal error with %s", self.peer)
+            self._abort("internal error")
+            return None
+        finally:
+            if self.core is not None:
+                self._note_activity(core)
+
+    def _advance_events(self, core: Pop3Connection) -> tuple[Event, Later[Any]] | None:
+        writes = 0
+        first = core.commands_received
         while True:
-            try:
-                event = core.next_event()
-            except LocalProtocolError:
-                log.exception("internal error with %s", self.peer)
-                self._abort("internal error")
+            if core.pending_output >= limits.WRITE_COALESCE:
+                self.flush()
+                writes += 1
+            if self._write_paused:
+                # The peer is not reading: answer nothing more, read nothing more.
+                self._blocked = True
+                self._pause_reading()
                 return None
+            if (
+                writes >= limits.WRITES_PER_TURN
+                or core.commands_received - first >= limits.COMMANDS_PER_TURN
+            ):
+                # Fairness: a client whose replies the kernel keeps taking lets the others
+                # (and the accept) have the loop before it is answered further.
+                self._blocked = True
+                self.loop.call_soon(self._next_turn)
+                return None
+            event = core.next_event()
+            if isinstance(event, Flush):
+                continue  # the replies are written at the top of the loop
             if isinstance(event, NeedData):
                 self._flush_soon()
                 if self._reading_paused:
                     self._reading_paused = False
+                    assert self.transport is not None
                     self.transport.resume_reading()
                 return None
             if isinstance(event, AuthRefused):  # information only: log it and go on
-                log.warning("refused %s from %s", event.reason, self.peer)
+                self._auth_refused(event)
                 continue
             if isinstance(event, Closed):
                 self._result = self._result or event.reason
@@ -241,49 +327,70 @@ class Pop3Protocol(asyncio.Protocol):
                 return None
             if isinstance(event, SendMessage) and self._send_inline(core, event.uid):
                 continue
-            if self._answer_now(core, event):
-                continue
-            self.flush()
-            return event
+            later = self._answer(core, event)
+            if later is not None:
+                self.flush()
+                return event, later
 
-    def _answer_now(self, core: Pop3Connection, event: Event) -> bool:
-        """Answer a login, or the UPDATE of a QUIT, without a task: True if answered here.
+    def _next_turn(self) -> None:
+        """Go on answering a client that was made to wait its turn (unless it is paused)."""
+        if self._blocked and not self._write_paused and not self._closing and self.core:
+            self._blocked = False
+            if self._task is None:
+                self._run()
 
-        The backends' fast paths (``*_now``) answer the common case, a fast password
-        scheme and an unchanged maildrop; anything else (a refusal, a slow hash, a scan,
-        an error) is left to :meth:`_perform_one`, which answers and logs it.
+    def _note_activity(self, core: Pop3Connection) -> None:
+        """Complete commands are activity; an incomplete line starts its own clock."""
+        seen = core.commands_received
+        if seen != self._commands_seen:
+            self._commands_seen = seen
+            self.last_active = self.loop.time()
+            self._line_since = 0.0
+        if core.buffered and not self._line_since:
+            self._line_since = now = self.loop.time()
+            self.deadline = min(self.deadline, now + self.server.line_timeout)
+
+    def _answer(self, core: Pop3Connection, event: Event) -> Later[Any] | None:
+        """Start the request ``event``: answer it now, or return its unfinished rest.
+
+        One path per request (``session.py``): the backends finish at once when they
+        can, and what they cannot finish continues in the task, never started over.
         """
         backends = self.server.backends
-        try:
-            if type(event) is PasswordAuthenticate:
-                principal = backends.authenticate_now(event, self.address)
-                self._auth_result(core, principal, event.username, event.mechanism, "")
-            elif type(event) is OpenMaildrop:
-                self._opened(core, backends.open_now(event.principal))
-            elif type(event) is Update and self.maildrop is not None:
-                done = backends.update_now(self.maildrop, event.deleted)
+        match event:
+            case PasswordAuthenticate() | ApopAuthenticate() | SaslOutcome():
+                answer = backends.authenticate(AuthRequest(event, self.address, self._tls()))
+                if isinstance(answer, Later):
+                    return answer
+                self._auth_result(core, event, answer)
+            case OpenMaildrop(principal):
+                opened = backends.open(principal)
+                if isinstance(opened, Later):
+                    return opened
+                self._open_result(core, opened)
+            case Update(deleted):
+                maildrop = self.maildrop
+                assert maildrop is not None
+                # The lock is released before the sign-off goes out: a client that logs
+                # in again the moment it reads "+OK" must not find its maildrop locked.
                 self.maildrop = None
-                if done:
-                    core.update_done()
-                else:
-                    core.update_failed()
-            else:
-                return False
-        except WouldWait:
-            return False
-        return True
+                done = backends.update(maildrop, deleted)
+                if isinstance(done, Later):
+                    return done
+                self._update_result(core, done)
+            case SaslSecret() | SendMessage() | StartTls():
+                return Later(self._perform_io(core, event))
+            case _:
+                raise LocalProtocolError(f"unexpected event {event!r}")
+        return None
 
     def _send_inline(self, core: Pop3Connection, uid: str) -> bool:
-        """RETR/TOP of a small message without a task: True if it was answered here.
-
-        Storage that can read a small message at once offers ``read_inline`` (an
-        optional part of the Maildrop interface); others are streamed by a task.
-        """
+        """RETR/TOP of a small message without a task: True if it was answered here."""
         read_inline = self._read_inline
         if read_inline is None:
             return False
         try:
-            data = read_inline(uid)
+            data = read_inline.read_inline(uid)
         except LocalProtocolError:
             raise
         except Exception as exc:
@@ -291,24 +398,34 @@ class Pop3Protocol(asyncio.Protocol):
             return True
         if data is None:
             return False
+        before = core.octets_sent
         core.message_data(data)
         core.message_end()
+        metrics.retrieved(core.octets_sent - before)
         return True
 
-    async def _perform(self, event: Event | None) -> None:
-        """Perform backend requests one after another in one task, then answer inline again.
+    async def _perform(self, pending: tuple[Event, Later[Any]]) -> None:
+        """Await unfinished requests one after another in one task, then answer inline again.
 
         A login is authenticate + open maildrop: one task, not two.
         """
         core = self.core
         assert core is not None
+        next_: tuple[Event, Later[Any]] | None = pending
         try:
-            while event is not None:
-                await self._perform_one(core, event)
-                self.last_active = self.loop.time()
+            while next_ is not None:
+                event, later = next_
+                self._later = later
+                answer = await later.task
+                self._later = None
                 if self._closing:
+                    if isinstance(event, OpenMaildrop) and not isinstance(answer, RespCode):
+                        # Opened for a connection that is gone: released at once.
+                        self.server.spawn(_close_maildrop(answer, None))
                     return
-                event = self._advance()
+                self._report(core, event, answer)
+                self.last_active = self.loop.time()
+                next_ = self._advance()
         except asyncio.CancelledError:
             return
         except Exception:
@@ -316,73 +433,84 @@ class Pop3Protocol(asyncio.Protocol):
             self._abort("internal error")
             return
         finally:
+            self._later = None
             self._task = None
 
-    async def _perform_one(self, core: Pop3Connection, event: Event) -> None:
+    def _report(self, core: Pop3Connection, event: Event, answer: Any) -> None:
+        """Hand a finished request's answer to the core."""
         match event:
-            case PasswordAuthenticate() | ApopAuthenticate():
-                result = await self.server.backends.authenticate(event, self.address)
-                mechanism = getattr(event, "mechanism", "APOP")
-                self._auth_result(core, result, event.username, mechanism, "")
+            case PasswordAuthenticate() | ApopAuthenticate() | SaslOutcome():
+                self._auth_result(core, event, answer)
+            case OpenMaildrop():
+                self._open_result(core, answer)
+            case Update():
+                self._update_result(core, answer)
+            case _:  # SaslSecret, SendMessage, StartTls reported to the core themselves
+                pass
+
+    async def _perform_io(self, core: Pop3Connection, event: Event) -> None:
+        match event:
             case SaslSecret(username, scheme):
                 secret = await self.server.backends.sasl_secret(username, scheme)
                 if isinstance(secret, RespCode):
+                    audit.auth_failed(username, self.address, scheme, "tempfail", self._tls())
                     core.auth_failed(secret)
                 else:
                     core.sasl_secret(secret)
-            case SaslOutcome(username, mechanism, _, reason):
-                result = await self.server.backends.sasl_outcome(event, self.address)
-                self._auth_result(core, result, username, mechanism, reason)
-            case OpenMaildrop(principal):
-                opened = await self.server.backends.open(principal)
-                if isinstance(opened, RespCode):
-                    core.maildrop_failed(opened)
-                else:
-                    self._opened(core, opened)
             case SendMessage(uid):
                 await self._send_message(core, uid)
             case StartTls():
                 await self._start_tls(core)
-            case Update(deleted):
-                maildrop, self.maildrop = self.maildrop, None
-                assert maildrop is not None
-                done = await self.server.backends.update(maildrop, deleted)
-                # Release the lock before the sign-off goes out: a client that logs in
-                # again the moment it reads "+OK" must not find its maildrop still locked.
-                await _close_maildrop(maildrop, None)
-                if done:
-                    core.update_done()
-                else:
-                    core.update_failed()
             case _:
                 raise LocalProtocolError(f"unexpected event {event!r}")
 
     def _auth_result(
         self,
         core: Pop3Connection,
+        event: PasswordAuthenticate | ApopAuthenticate | SaslOutcome,
         result: Principal | RespCode,
-        username: str,
-        mechanism: str,
-        reason: str,
     ) -> None:
         if isinstance(result, RespCode):
-            why = f" ({reason})" if reason else ""
-            if result is RespCode.SYS_TEMP:
-                why = " (backend unavailable)"
-            log.warning(
-                "auth failed for %r via %s from %s%s", username, mechanism, self.peer, why
-            )
+            # The audit line was written when the verdict was reached (session.py).
             core.auth_failed(result)
         else:
             # The session line at the end says who logged in and how: one line a session.
             self.username = result.username
-            self._mechanism = mechanism
+            self._mechanism = event.mechanism if not isinstance(event, ApopAuthenticate) else "APOP"
             core.auth_succeeded(result)
 
-    def _opened(self, core: Pop3Connection, maildrop: Maildrop) -> None:
-        self.maildrop = maildrop
-        self._read_inline = getattr(maildrop, "read_inline", None)
-        core.maildrop_opened(maildrop.listing())
+    def _auth_refused(self, event: AuthRefused) -> None:
+        """The core refused an authentication by itself: the audit line says why."""
+        log.info("refused %s from %s", event.reason, self.peer)
+        audit.auth_failed(event.username, self.address, event.mechanism, event.code, self._tls())
+
+    def _open_result(self, core: Pop3Connection, opened: Maildrop | RespCode) -> None:
+        if isinstance(opened, RespCode):
+            core.maildrop_failed(opened)
+            return
+        self.maildrop = opened
+        kind = type(opened)
+        inline = _INLINE_READ.get(kind)
+        if inline is None:
+            inline = _INLINE_READ[kind] = isinstance(opened, InlineRead)
+        self._read_inline = cast("InlineRead", opened) if inline else None
+        core.maildrop_opened(opened.listing())
+
+    @staticmethod
+    def _update_result(core: Pop3Connection, done: bool) -> None:
+        if done:
+            core.update_done()
+        else:
+            core.update_failed()
+
+    def _tls(self) -> str | None:
+        """The connection's TLS version, or None (for the audit line)."""
+        core, transport = self.core, self.transport
+        if core is None or not core.tls_active or transport is None:
+            return None
+        obj = transport.get_extra_info("ssl_object")
+        version = obj.version() if obj is not None else None
+        return str(version) if version else "TLS"
 
     def _client_identity(self, transport: asyncio.BaseTransport) -> str | None:
         """The user of the peer's verified certificate, where a client CA is configured."""
@@ -394,6 +522,7 @@ class Pop3Protocol(asyncio.Protocol):
     async def _send_message(self, core: Pop3Connection, uid: str) -> None:
         assert self.maildrop is not None
         assert self.transport is not None
+        before = core.octets_sent
         chunks = self.maildrop.read(uid)
         try:
             async for chunk in chunks:
@@ -418,6 +547,7 @@ class Pop3Protocol(asyncio.Protocol):
             if aclose is not None:  # close the file now, not when the generator is collected
                 await aclose()
         core.message_end()
+        metrics.retrieved(core.octets_sent - before)
 
     def _read_failed(self, core: Pop3Connection, uid: str, exc: Exception) -> None:
         """Report a message that could not be read: vanished, or broken (logged)."""
@@ -440,26 +570,103 @@ class Pop3Protocol(asyncio.Protocol):
         context = self.server.tls_context()
         if context is None:  # the core only emits StartTls when TLS is available
             raise LocalProtocolError("STLS without a TLS context")
+        self._handshaking = True
         try:
             new = await self.loop.start_tls(
                 transport,
                 self,
                 context,
                 server_side=True,
-                ssl_handshake_timeout=limits.TLS_HANDSHAKE_TIMEOUT,
+                ssl_handshake_timeout=limits.STLS_HANDSHAKE_TIMEOUT,
             )
         except (OSError, ssl.SSLError, ConnectionError, TimeoutError):
+            metrics.tls_handshake(False)  # noqa: FBT003
             log.info("TLS handshake failed with %s", self.peer)
             self._result = "tls failed"
             self._closing = True
             transport.abort()
             self._finish()
             return
+        finally:
+            self._handshaking = False
         if new is None:
+            metrics.tls_handshake(False)  # noqa: FBT003
             self._abort("tls failed")
             return
+        metrics.tls_handshake(True)  # noqa: FBT003
         self.transport = new
         core.tls_established(self._client_identity(new))
+
+    # ------------------------------------------------------------------ deadlines
+
+    def check_deadlines(self, now: float) -> None:
+        """The server's sweep: close the connection if a deadline passed, else note the next.
+
+        Not while closing, never in the middle of an UPDATE or a TLS handshake (which has
+        its own deadline); the sweep looks again later.
+        """
+        core, transport = self.core, self.transport
+        if self._closing or core is None or transport is None:
+            return
+        server = self.server
+        idle = server.idle_timeout
+        if core.state is State.UPDATE or self._handshaking:
+            self.deadline = now + limits.IDLE_SWEEP_INTERVAL
+            return
+        due = now + idle
+        if self._write_paused:
+            size = transport.get_write_buffer_size()
+            if size < self._paused_size:  # some of it drained: progress
+                self._paused_since, self._paused_size = now, size
+            if now - self._paused_since >= idle:
+                self._time_out(core, "send")
+                return
+            due = min(due, self._paused_since + idle)
+        if core.state is State.AUTHORIZATION:
+            if now - self._born >= server.login_timeout:
+                self._time_out(core, "login")
+                return
+            due = min(due, self._born + server.login_timeout)
+        if self._line_since:
+            if now - self._line_since >= server.line_timeout:
+                self._time_out(core, "line")
+                return
+            due = min(due, self._line_since + server.line_timeout)
+        if self._task is None and not self._write_paused:
+            if now - self.last_active >= idle:
+                self._time_out(core, "idle")
+                return
+            due = min(due, self.last_active + idle)
+        self.deadline = due
+
+    def _time_out(self, core: Pop3Connection, deadline: Deadline) -> None:
+        """Close for ``deadline``: the core says what may still be sent; no UPDATE."""
+        log.info("%s timeout for %s", deadline, self.peer)
+        last_words = core.timeout(deadline)
+        self._hang_up(f"{deadline} timeout", last_words, abort=deadline == "send")
+
+    def shutdown(self) -> None:
+        """Server is stopping: close without UPDATE (a running UPDATE is let finish)."""
+        core = self.core
+        if self._closing or core is None or self._in_update():
+            return
+        self._hang_up("shutdown", core.shutdown(), abort=self._handshaking)
+
+    def _hang_up(self, reason: str, last_words: bytes, *, abort: bool) -> None:
+        """Send ``last_words`` (unless the peer cannot take them), close, stop the request."""
+        transport = self.transport
+        self._result = self._result or reason
+        self._closing = True
+        if transport is not None:
+            if abort or self._write_paused:  # the peer is not reading: nothing more to say
+                transport.abort()
+            else:
+                transport.write(last_words)
+                transport.close()
+                # A peer that never reads would keep a closing transport for ever.
+                self.loop.call_later(limits.CLOSE_GRACE, transport.abort)
+        self._finish()
+        self._cancel_task()
 
     # ------------------------------------------------------------------ endings
 
@@ -484,8 +691,21 @@ class Pop3Protocol(asyncio.Protocol):
             self._flush_queued = True
             self.server.flush_soon(self)
 
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
     def _in_update(self) -> bool:
         return self.core is not None and self.core.state is State.UPDATE
+
+    def _cancel_task(self) -> None:
+        """Stop the running request (an authentication's verdict and penalty go on)."""
+        later = self._later
+        if later is not None and not later.task.done():
+            later.task.cancel()
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
 
     def _abort(self, reason: str) -> None:
         """Close at once, without UPDATE."""
@@ -494,31 +714,6 @@ class Pop3Protocol(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
         self._finish()
-
-    def shutdown(self) -> None:
-        """Server is stopping: close without UPDATE (a running UPDATE is let finish)."""
-        if self._closing or self._in_update():
-            return
-        self._hang_up("shutdown", err("server shutting down", RespCode.SYS_TEMP))
-
-    def idle_timed_out(self) -> None:
-        """The server's idle sweep found no activity for ``idle_timeout``: hang up.
-
-        Not while closing, and never in the middle of an UPDATE (the next sweep looks again).
-        """
-        if self._closing or self._in_update():
-            return
-        log.info("idle timeout for %s", self.peer)
-        self._hang_up("idle timeout", err("autologout: idle for too long"))
-
-    def _hang_up(self, reason: str, farewell: bytes) -> None:
-        """Say ``farewell``, close without UPDATE, and stop any running request."""
-        if self.transport is not None:
-            self.flush()
-            self.transport.write(farewell)
-        self._abort(reason)
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
 
     def _finish(self) -> None:
         """Once per connection: release the maildrop, log the session."""
@@ -530,12 +725,20 @@ class Pop3Protocol(asyncio.Protocol):
         maildrop, self.maildrop = self.maildrop, None
         if maildrop is not None:
             self.server.spawn(_close_maildrop(maildrop, self._task))
+        result = self._result
+        if result == "quit" and core.principal is None:
+            ended = "quit_auth"
+        elif result.endswith("timeout"):
+            ended = "timeout"
+        else:
+            ended = _ENDED.get(result, "error")
+        metrics.session_ended(ended)
         if log.isEnabledFor(logging.INFO):
-            deleted = core.deleted_count if self._result == "quit" else 0
+            deleted = core.deleted_count if result == "quit" else 0
             logsetup.info(
                 log,
                 f"session peer={self.peer} user={self.username or '-'} via={self._mechanism}"
-                f" result={self._result} retr={core.messages_sent} octets={core.octets_sent}"
+                f" result={result} retr={core.messages_sent} octets={core.octets_sent}"
                 f" deleted={deleted} secs={time.monotonic() - self._started:.3f}",
             )
 

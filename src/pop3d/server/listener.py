@@ -64,6 +64,9 @@ class ServerContext:
         self.backends = backends
         self.tls = tls
         self.idle_timeout = config.server.idle_timeout
+        #: Deadlines of the connections (see ``Pop3Protocol.check_deadlines``).
+        self.login_timeout = config.server.login_timeout
+        self.line_timeout = min(limits.COMMAND_LINE_TIMEOUT, self.idle_timeout)
         self.connections: set[Pop3Protocol] = set()
         self.per_address: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
@@ -79,7 +82,9 @@ class ServerContext:
         self._to_flush: list[Pop3Protocol] = []
         #: The idle sweep's next run (started with the first connection).
         self._sweep: asyncio.TimerHandle | None = None
-        self._sweep_every = min(limits.IDLE_SWEEP_INTERVAL, self.idle_timeout / 4)
+        self._sweep_every = min(
+            limits.IDLE_SWEEP_INTERVAL, self.idle_timeout / 4, self.login_timeout / 4
+        )
 
     def flush_soon(self, conn: Pop3Protocol) -> None:
         """Have ``conn`` write its replies once the loop has handled this turn's events.
@@ -110,10 +115,10 @@ class ServerContext:
         timer (about 600 octets with uvloop), and a login neither arms nor cancels one.
         Looking at 10,000 connections takes about a millisecond, once a second.
         """
-        quiet_since = loop.time() - self.idle_timeout
+        now = loop.time()
         # Only the attribute is read for each connection; a hang-up leaves the set.
-        for conn in [c for c in self.connections if c.last_active <= quiet_since]:
-            conn.idle_timed_out()
+        for conn in [c for c in self.connections if c.deadline <= now]:
+            conn.check_deadlines(now)
         self._sweep = loop.call_later(self._sweep_every, self._sweep_idle, loop)
 
     def admit(self, conn: Pop3Protocol) -> str | None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from pop3d.auth.base import Principal
 
@@ -81,6 +81,67 @@ class MailStore(Protocol):
             TemporaryBackendError: it is missing, unreadable, or the user name is unsafe.
 
         """
+        ...
+
+
+# ---------------------------------------------------------------------------- fast paths
+#
+# Optional capabilities a backend may add to its MailStore / Maildrop: answering a request
+# at once, on the event loop, when it can do so without waiting.  The one rule of each
+# ``*_now`` method: it either finishes the request (returns, or raises the request's own
+# errors: that IS the answer) or raises :class:`~pop3d.errors.WouldWait` BEFORE doing
+# anything that counts (no lock taken, no file unlinked, nothing read), so the async form
+# can take over without repeating work or a verdict.  The session (``session.py``) is the
+# only caller; it checks for these with ``isinstance`` once per backend type.
+
+
+@runtime_checkable
+class InlineOpen(Protocol):
+    """A :class:`MailStore` that can often lock and open a maildrop at once."""
+
+    def open_now(self, principal: Principal) -> Maildrop:
+        """:meth:`MailStore.open` without waiting.
+
+        Raises:
+            WouldWait: it would wait (a scan, a thread); nothing was locked.
+            MaildropLocked, TemporaryBackendError, PermanentBackendError: as ``open``.
+
+        """
+        ...
+
+
+@runtime_checkable
+class InlineRead(Protocol):
+    """A :class:`Maildrop` that can read a small message whole, at once."""
+
+    def read_inline(self, uid: str) -> bytes | None:
+        """Return message ``uid`` (as :meth:`Maildrop.read` would join it), or ``None``.
+
+        ``None``: the message is too big to read on the event loop (nothing was read).
+
+        Raises:
+            MessageVanished, TemporaryBackendError: as :meth:`Maildrop.read`.
+
+        """
+        ...
+
+
+@runtime_checkable
+class InlineCommit(Protocol):
+    """A :class:`Maildrop` that can apply a small UPDATE and release its lock at once."""
+
+    def commit_now(self, deleted: Collection[str]) -> None:
+        """:meth:`Maildrop.commit` without waiting.
+
+        Raises:
+            WouldWait: too much to do on the event loop; nothing was removed.
+            TemporaryBackendError: as :meth:`Maildrop.commit`.
+
+        """
+        ...
+
+    def release(self) -> None:
+        """:meth:`Maildrop.close` without waiting: release the lock.  Safe to call twice."""
         ...
 
 

@@ -9,17 +9,22 @@ Rules of this file:
   retrieved".
 * The system-call loops (:func:`write_all`, :func:`fsync_dir`) raise ``OSError`` as it
   comes; each store maps it to its own :class:`TemporaryBackendError` text.
+* :func:`pread_nowait` is the one read a store does on the event loop: it returns only
+  what the page cache holds (``preadv(RWF_NOWAIT)``), ``None`` where the disk would be
+  waited for, or where the kernel or file system cannot tell (tmpfs answers
+  ``EOPNOTSUPP``: every read of it then goes to a thread, correct but slower).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["fsync_dir", "in_thread", "write_all"]
+__all__ = ["fsync_dir", "in_thread", "pread_nowait", "write_all"]
 
 _T = TypeVar("_T")
 
@@ -60,3 +65,37 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+#: Whether ``preadv(..., RWF_NOWAIT)`` works here; cleared at the first refusal.
+_nowait = hasattr(os, "RWF_NOWAIT")
+
+
+def pread_nowait(fd: int, size: int, offset: int) -> bytes | None:
+    """Read up to ``size`` octets at ``offset`` if the page cache has them all, else ``None``.
+
+    A short read that is not the end of the file (part of the range is cached) is
+    ``None`` too, so a caller never blocks and never has to piece reads together.
+
+    Raises:
+        OSError: the read failed for another reason.
+
+    """
+    global _nowait  # noqa: PLW0603 (learned once per process)
+    if not _nowait:
+        return None
+    buffer = bytearray(size)
+    try:
+        n = os.preadv(fd, [buffer], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOSYS):
+            _nowait = False  # a kernel without RWF_NOWAIT
+            return None
+        if exc.errno == errno.EOPNOTSUPP:
+            return None  # this file system (tmpfs) cannot tell: the caller uses a thread
+        raise
+    if n < size and n < os.fstat(fd).st_size - offset:
+        return None
+    return bytes(buffer) if n == size else bytes(memoryview(buffer)[:n])

@@ -80,7 +80,15 @@ from pathlib import Path
 from pop3d import process
 from pop3d.errors import MaildropLocked, TemporaryBackendError
 
-__all__ = ["AVAILABLE", "LockTable", "TableLock", "ofd_setlk", "offset_of", "shared_table"]
+__all__ = [
+    "AVAILABLE",
+    "LockTable",
+    "TableLock",
+    "ofd_setlk",
+    "offset_in",
+    "offset_of",
+    "shared_table",
+]
 
 #: ``struct flock`` of 64-bit Linux: l_type, l_whence, (pad), l_start, l_len, l_pid, (pad).
 _FLOCK = struct.Struct("@hhqqi4x")
@@ -133,6 +141,24 @@ def offset_of(lock_path: Path) -> int:
         s = os.stat(folder or ".")  # noqa: PTH116 (login hot path: no Path objects)
     except OSError as exc:
         raise TemporaryBackendError(f"cannot lock the maildrop: {exc.strerror}") from None
+    return _offset(s, name)
+
+
+def offset_in(dir_fd: int, name: str) -> int:
+    """:func:`offset_of` the lock ``name`` in the folder open at ``dir_fd`` (no path walk).
+
+    Raises:
+        TemporaryBackendError: the folder cannot be examined.
+
+    """
+    try:
+        s = os.fstat(dir_fd)
+    except OSError as exc:
+        raise TemporaryBackendError(f"cannot lock the maildrop: {exc.strerror}") from None
+    return _offset(s, name)
+
+
+def _offset(s: os.stat_result, name: str) -> int:
     key = b"%d:%d:%s" % (s.st_dev, s.st_ino, os.fsencode(name))
     digest = hashlib.blake2b(key, digest_size=8).digest()
     return int.from_bytes(digest, "big") & _OFFSET_MASK

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat as st
 from pathlib import Path
 from typing import IO, Final, Literal, Protocol
 
@@ -53,6 +54,7 @@ __all__ = [
     "default_table_path",
     "session_lock",
     "session_locks_for",
+    "take_lock",
 ]
 
 #: The ``[storage] lock_table`` value that asks for per-mailbox lock files.
@@ -84,8 +86,15 @@ class SessionLocks(Protocol):
         ...
 
 
-def session_lock(lock_path: Path) -> IO[bytes]:
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def session_lock(lock_path: Path, dir_fd: int | None = None) -> IO[bytes]:
     """Take the per-mailbox session lock on the file ``lock_path`` (created if needed).
+
+    With ``dir_fd`` (the open folder of the lock file) only the file's name is looked
+    up, relative to it.  The file is opened ``O_NOFOLLOW | O_NONBLOCK`` and must be a
+    regular file: a symbolic link or FIFO planted in its place is refused.
 
     Held until the returned file is closed (or garbage-collected).
 
@@ -95,9 +104,15 @@ def session_lock(lock_path: Path) -> IO[bytes]:
 
     """
     try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        if dir_fd is None:
+            fd = os.open(lock_path, _LOCK_FLAGS, 0o600)
+        else:
+            fd = os.open(lock_path.name, _LOCK_FLAGS, 0o600, dir_fd=dir_fd)
     except OSError as exc:
         raise TemporaryBackendError(f"cannot open the session lock: {exc.strerror}") from None
+    if not st.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise TemporaryBackendError("cannot open the session lock: not a regular file")
     # A file object closes the descriptor (and so releases the lock) even if a session
     # object is dropped without close(); a bare int would hold the lock until exit.
     handle = os.fdopen(fd, "rb", buffering=0)
@@ -125,6 +140,25 @@ class PerMailboxLocks:
 
 #: The one per-mailbox strategy (it has no state).
 PER_MAILBOX_LOCKS: Final = PerMailboxLocks()
+
+
+def take_lock(locks: SessionLocks, lock_path: Path, dir_fd: int) -> SessionLock:
+    """Take the session lock ``lock_path`` whose folder is open at ``dir_fd``.
+
+    The stores' way to lock: the lock-table byte comes from the ``fstat`` of ``dir_fd``
+    and a per-mailbox file is opened relative to it, so no path is resolved again (and
+    no link followed).  Other ``SessionLocks`` get the path.
+
+    Raises:
+        MaildropLocked: another session holds it.
+        TemporaryBackendError: it cannot be taken for another reason.
+
+    """
+    if isinstance(locks, lock_table.LockTable):
+        return locks.lock(lock_table.offset_in(dir_fd, lock_path.name))
+    if isinstance(locks, PerMailboxLocks):
+        return session_lock(lock_path, dir_fd)
+    return locks.acquire(lock_path)
 
 
 def default_table_path(template: str, base: Path) -> Path | None:

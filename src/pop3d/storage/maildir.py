@@ -12,10 +12,20 @@ Rules of this file:
   someone adds ``W=``).  The UIDL is the key when it is 1-70 characters in 0x21-0x7E,
   else the SHA-1 hex of the key (as stdlib ``mailbox.Maildir`` keys on
   ``name.split(':')[0]``).
+* **Never leave the Maildir** (the user may own it, pop3d may be root): every path is
+  resolved below the template's mail root without following a symbolic link
+  (:mod:`pop3d.storage.beneath`: ``openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)``,
+  else ``O_NOFOLLOW`` component by component).  The Maildir folder and ``cur/ new/ tmp/``
+  are opened as descriptors and every listing, open, rename and unlink is relative to
+  them (``dir_fd=``), so no path is resolved twice.  A Maildir folder (or a folder
+  above it, below the root), ``cur/`` or ``new/`` that is a symbolic link (or not a
+  folder) refuses the login with ``[SYS/PERM]``: retrying cannot help, and the owner
+  must repair it; delivery into it fails temporarily (the MTA retries).
 * **Only regular files** directly in ``cur/`` and ``new/`` whose names do not start with
-  ``.`` are messages.  Nothing is followed: entries are ``lstat``-ed and files opened
-  with ``O_NOFOLLOW | O_NONBLOCK`` and ``fstat``-checked, so a symlink is never read
-  and a FIFO never blocks.  ``tmp/``, sub-folders, and our own files are never listed.
+  ``.`` are messages.  Entries are ``lstat``-ed and files opened with ``O_NOFOLLOW |
+  O_NONBLOCK`` and ``fstat``-checked, so a symlink is never read and a FIFO never
+  blocks; symlinks, FIFOs, sockets and devices are skipped and logged (one line per
+  listing).  ``tmp/``, sub-folders, and our own files are never listed.
 * **Sizes** are wire sizes (:mod:`pop3d.storage.wire`).  They come, in this order, from
   the size index ``pop3d-sizes`` (entry valid only while the file's inode, size and
   mtime are unchanged), from a trustworthy ``W=`` (``S=`` present and equal to the file
@@ -24,7 +34,15 @@ Rules of this file:
   under the maildrop lock, and never records a file modified in the last
   :data:`_RACY_SECONDS` (git's "racily clean" rule: a rewrite within the same mtime tick
   could otherwise go unnoticed).  The index is a cache: unreadable, corrupt or
-  unwritable, it is ignored.
+  unwritable, it is ignored.  Its temporary file has a random name, ``O_EXCL |
+  O_NOFOLLOW | O_NONBLOCK``, and the Maildir folder's mode without x bits.
+* **Self-healing sizes.**  A read that finds a message's octets do not add up to its
+  listed size (a lying ``W=``, a stale index, a file rewritten in place) fails that
+  RETR (``[SYS/TEMP]``: the size was announced), measures the file, records the real
+  size in the index (kept even while racy, since a ``W=`` would otherwise win again)
+  and drops the remembered listing: the next session lists and serves it right.
+  UIDLs come from the name's key only, never from sizes; a guard compares each new
+  listing with the last one of the process and logs any file whose UIDL changed.
 * **Open** takes the lock, then moves ``new/X`` to ``cur/X:2,`` (as Dovecot does), never
   over an existing name, and snapshots the listing.  Nothing else is changed before
   :meth:`MaildirMaildrop.commit`.  A maildrop without ``cur/`` and ``new/`` is an error
@@ -50,15 +68,19 @@ Rules of this file:
   nothing outside ``deleted`` is touched, so messages delivered during the session are
   safe, and kill -9 at any moment leaves every message either intact or deleted on
   request.
-* **Deliver** writes ``tmp/<secs>.M<usec>P<pid>Q<n>.<host>``, fsyncs it, renames it to
-  ``new/<same>,S=<size>,W=<virtual size>`` and fsyncs ``new/``.  On any failure the tmp
-  file is removed: nothing half written is ever visible in ``new/`` or ``cur/``.
+* **Deliver** writes ``tmp/<secs>.M<usec>P<pid>Q<n>R<random>.<host>`` (``O_EXCL |
+  O_NOFOLLOW``, the mode of ``tmp/`` without x bits), fsyncs it, renames it to
+  ``new/<same>,S=<size>,W=<virtual size>`` and fsyncs ``new/``, all relative to the
+  folders' descriptors.  On any failure the tmp file is removed: nothing half written
+  is ever visible in ``new/`` or ``cur/``.
 * **Blocking I/O**: a login must stay fast, so the directory work of a normal maildrop
   (a few ``lstat`` per message and one small index read) runs inline, which is cheaper
   than a thread hop; a directory large enough to make that slow
   (:data:`_INLINE_SCAN_DIR_SIZE`), message bodies to measure above
-  :data:`_INLINE_MEASURE_BYTES`, chunks of messages above :data:`_INLINE_READ_BYTES`, long
-  commits and the fsyncs of delivery go to the default executor.
+  :data:`_INLINE_MEASURE_BYTES`, long commits and the fsyncs of delivery go to the
+  default executor.  Message octets are read on the loop only with
+  ``preadv(RWF_NOWAIT)`` (what the page cache holds); any read that would wait for the
+  disk goes to a thread, and :meth:`MaildirMaildrop.read_inline` answers ``None``.
 """
 
 from __future__ import annotations
@@ -68,16 +90,18 @@ import contextlib
 import errno
 import hashlib
 import itertools
+import logging
 import os
 import re
+import secrets
 import socket
 import stat as st
 import time
 import zlib
-from collections.abc import AsyncIterable, AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
+from typing import Self, cast
 
 from pop3d import limits
 from pop3d.auth.base import Principal
@@ -85,16 +109,18 @@ from pop3d.config import StorageConfig
 from pop3d.errors import (
     LocalProtocolError,
     MessageVanished,
+    PermanentBackendError,
     QuotaExceeded,
     TemporaryBackendError,
     WouldWait,
 )
 from pop3d.storage.base import MailboxStats, MessageInfo
-from pop3d.storage.blocking import fsync_dir, in_thread, write_all
+from pop3d.storage.beneath import DIR_FLAGS, MailRoot, is_link_refusal
+from pop3d.storage.blocking import in_thread, pread_nowait, write_all
 from pop3d.storage.lock_table import LockTable, TableLock
-from pop3d.storage.locking import SessionLock, SessionLocks, session_locks_for
-from pop3d.storage.quota import quota_for
-from pop3d.storage.template import check_template, mail_path
+from pop3d.storage.locking import SessionLock, SessionLocks, session_locks_for, take_lock
+from pop3d.storage.quota import charge, quota_for
+from pop3d.storage.template import check_template, mail_path, mail_rel, mail_root
 from pop3d.storage.wire import CrlfNormaliser, WireCounter
 
 __all__ = [
@@ -126,12 +152,13 @@ _RACY_SECONDS = 2
 _INLINE_SCAN_DIR_SIZE = 64 * 1024
 #: Unindexed message octets read inline at open; above this, measuring goes to a thread.
 _INLINE_MEASURE_BYTES = 1024 * 1024
-#: Messages up to this size are read inline (one page-cache read is cheaper than the
-#: ~0.1 ms thread hop); bigger ones are read chunk by chunk in a thread.
+#: Messages up to this size may be answered whole by ``read_inline`` (one page-cache
+#: read is cheaper than the ~0.1 ms thread hop); bigger ones are streamed, each chunk
+#: read on the loop if the page cache holds it, else in a thread.
 _INLINE_READ_BYTES = 64 * 1024
 #: Maildirs whose last listing a process remembers (see _ListingCache).
 _LISTING_CACHE = 10_000
-#: Whether ``preadv(..., RWF_NOWAIT)`` works here; cleared at the first refusal.
+#: Whether ``preadv(..., RWF_NOWAIT)`` works here; cleared if the kernel refuses it.
 _NOWAIT = hasattr(os, "RWF_NOWAIT")
 #: Commits deleting more messages than this run in a thread.
 _INLINE_COMMIT = 64
@@ -143,8 +170,10 @@ _SIZE_FIELD = re.compile(r",([SW])=([0-9]+)(?=,|$)")
 _VALID_UID = re.compile(r"[\x21-\x7e]{1,%d}" % limits.MAX_UIDL)  # noqa: UP031
 _MAX_SECONDS_DIGITS = 12
 _INDEX_LINE = re.compile(r"([0-9]+) ([0-9]+) ([0-9]+) ([0-9]+) ([^\n]+)\n")
+_CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _delivery_counter = itertools.count(1)
-_tmp_counter = itertools.count(1)
+
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------- names
@@ -234,39 +263,120 @@ class _Entry:
 _IndexRecord = tuple[int, int, int, int]  # inode, file size, mtime_ns, wire size
 
 
-def _check_maildir(root: Path) -> tuple[os.stat_result, os.stat_result]:
-    """Check that ``root`` is a Maildir; return the ``stat`` of ``cur/`` and ``new/``.
+@dataclass(frozen=True, slots=True)
+class _Where:
+    """Where a Maildir is: ``rel`` below the store's mail ``root`` (and its full ``path``).
+
+    Every file operation goes through descriptors opened from ``root`` without following
+    a symbolic link (:mod:`pop3d.storage.beneath`); ``path`` only names it (in log lines,
+    and as the session lock's name).
+    """
+
+    root: MailRoot
+    rel: str
+    path: Path
+
+
+def _refusal(exc: OSError, what: str) -> TemporaryBackendError | PermanentBackendError:
+    """The error for a folder that cannot be opened: a planted link is refused for good."""
+    if is_link_refusal(exc):
+        return PermanentBackendError(f"{what} refused: a symbolic link or not a folder")
+    return TemporaryBackendError(f"{what} unavailable: {exc.strerror}")
+
+
+def _open_folder(where: _Where) -> int:
+    """Open the Maildir folder, following no symbolic link below the mail root.
+
+    Raises:
+        PermanentBackendError: a component of its path is a symbolic link (or a file).
+        TemporaryBackendError: it is missing or cannot be opened.
+
+    """
+    try:
+        return where.root.open(where.rel, DIR_FLAGS)
+    except OSError as exc:
+        raise _refusal(exc, "maildrop") from None
+
+
+class _Dirs:
+    """The open Maildir folder and, opened at first use, its ``cur/ new/ tmp/``.
+
+    ``dirs["cur"]`` is the descriptor of ``cur/`` opened with ``O_NOFOLLOW``: a folder
+    replaced by a symbolic link is refused, never followed.
+    """
+
+    __slots__ = ("_fds", "md", "path")
+
+    def __init__(self, md: int, path: Path) -> None:
+        #: The Maildir folder.
+        self.md = md
+        #: Its path, for log lines only.
+        self.path = path
+        self._fds: dict[str, int] = {}
+
+    def __getitem__(self, folder: str) -> int:
+        fd = self._fds.get(folder)
+        if fd is None:
+            try:
+                fd = self._fds[folder] = os.open(folder, DIR_FLAGS, dir_fd=self.md)
+            except OSError as exc:
+                raise _refusal(exc, f"maildrop folder {folder}/") from None
+        return fd
+
+    def close(self) -> None:
+        """Close every descriptor; idempotent."""
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+        if self.md >= 0:
+            md, self.md = self.md, -1
+            os.close(md)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _check_maildir(md: int) -> tuple[os.stat_result, os.stat_result]:
+    """Check that the open folder ``md`` is a Maildir; return the ``lstat`` of ``cur/ new/``.
 
     Whether the folders can be read is found out by reading them (:func:`_scan`): an
     ``access()`` here would be two more system calls on every login for the same answer.
+    ``tmp/`` is not looked at: a session never uses it (delivery refuses a bad one).
 
     Raises:
-        TemporaryBackendError: ``cur/`` or ``new/`` is missing or not a folder.
+        TemporaryBackendError: ``cur/`` or ``new/`` is missing.
+        PermanentBackendError: ``cur/`` or ``new/`` is a symbolic link or not a folder.
 
     """
     stats = []
-    base = os.fspath(root)
     for folder in ("cur", "new"):
         try:
-            s = os.stat(f"{base}/{folder}")  # noqa: PTH116 (login hot path: no Path objects)
+            s = os.stat(folder, dir_fd=md, follow_symlinks=False)
         except OSError as exc:
             raise TemporaryBackendError(
                 f"maildrop unavailable: {folder}/: {exc.strerror}"
             ) from None
         if not st.S_ISDIR(s.st_mode):
-            raise TemporaryBackendError(f"maildrop unavailable: {folder}/ is not a folder")
+            raise PermanentBackendError(
+                f"maildrop refused: {folder}/ is a symbolic link or not a folder"
+            )
         stats.append(s)
     return stats[0], stats[1]
 
 
-def _move_new_to_cur(root: Path) -> bool:
+def _move_new_to_cur(dirs: _Dirs) -> bool:
     """Move each message of ``new/`` to ``cur/`` with an empty info, as Dovecot does.
 
     Never replaces an existing name; a message that cannot be moved stays in ``new/`` and
     is served from there.  Returns whether anything (a message left behind, or a file
     of any other kind) is still in ``new/``, so that the listing reads it again only then.
+    Only regular files move (``lstat``); both folders are descriptors opened without
+    following links, so nothing moves in or out of the Maildir.
     """
-    new, cur = f"{os.fspath(root)}/new", f"{os.fspath(root)}/cur"
+    new, cur = dirs["new"], dirs["cur"]
     left = False
     try:
         with os.scandir(new) as it:
@@ -281,10 +391,17 @@ def _move_new_to_cur(root: Path) -> bool:
     for name in names:
         target = name if split_name(name)[1] else name + ":2,"
         try:
-            if os.path.lexists(f"{cur}/{target}"):
-                left = True
-                continue
-            os.rename(f"{new}/{name}", f"{cur}/{target}")  # noqa: PTH104 (hot path, as above)
+            os.stat(target, dir_fd=cur, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            left = True
+            continue
+        else:
+            left = True  # never over an existing name
+            continue
+        try:
+            os.rename(name, target, src_dir_fd=new, dst_dir_fd=cur)
         except OSError:
             left = True
     return left
@@ -294,18 +411,23 @@ def _move_new_to_cur(root: Path) -> bool:
 _FOLDERS = {False: ("cur",), True: ("cur", "new")}
 
 
-def _scan(root: Path, folders: tuple[str, ...] = ("cur", "new")) -> list[_Entry]:
+def _scan(dirs: _Dirs, folders: tuple[str, ...] = ("cur", "new")) -> list[_Entry]:
     """List the regular, non-hidden files of ``folders``, in delivery order.
+
+    Anything else (a symbolic link, FIFO, socket, device, sub-folder) is skipped, and
+    logged: it is not mail, and may be a trap.
 
     Raises:
         TemporaryBackendError: a folder cannot be read.
+        PermanentBackendError: a folder is a symbolic link.
 
     """
     entries: list[_Entry] = []
-    base = os.fspath(root)
     for folder in folders:
+        fd = dirs[folder]
+        skipped: list[str] = []
         try:
-            with os.scandir(f"{base}/{folder}") as it:
+            with os.scandir(fd) as it:
                 for entry in it:
                     name = entry.name
                     if name.startswith("."):
@@ -320,10 +442,17 @@ def _scan(root: Path, folders: tuple[str, ...] = ("cur", "new")) -> list[_Entry]
                             _Entry(folder, name, message_key(name), s.st_ino, s.st_size,
                                    s.st_mtime_ns)
                         )
+                    elif not st.S_ISDIR(s.st_mode):
+                        skipped.append(name)
         except OSError as exc:
             raise TemporaryBackendError(
                 f"maildrop unreadable: {folder}/: {exc.strerror}"
             ) from None
+        if skipped:
+            log.warning(
+                "%s/%s: skipped %d entries that are not regular files (%r%s)",
+                dirs.path, folder, len(skipped), skipped[0], ", ..." if len(skipped) > 1 else "",
+            )
     entries.sort(key=_delivery_order)
     return entries
 
@@ -344,23 +473,59 @@ def _assign_uids(entries: Sequence[_Entry]) -> None:
 # ---------------------------------------------------------------------------- sizes
 
 
-def _measure_fd(fd: int) -> WireCounter:
-    """Read the open file from its current offset to the end and count its wire size."""
+def _measure_fd(fd: int, size: int = _MEASURE_CHUNK, *, nowait: bool = False) -> WireCounter:
+    """Read the open file whole and count its wire size (``size``: its size, a hint).
+
+    Raises:
+        WouldWait: ``nowait`` and the page cache does not hold it all.
+        OSError: it cannot be read.
+
+    """
     counter = WireCounter()
-    while data := os.read(fd, _MEASURE_CHUNK):
+    chunk = min(_MEASURE_CHUNK, max(size, 0) + 1)
+    offset = 0
+    while data := _pread(fd, chunk, offset, nowait=nowait):
         counter.feed(data)
+        offset += len(data)
     return counter
 
 
-def _open_regular(path: str | Path) -> tuple[int, os.stat_result]:
-    """Open a message file without following links or blocking; refuse non-regular files.
+def _pread(fd: int, size: int, offset: int, *, nowait: bool) -> bytes:
+    """``os.pread``; with ``nowait`` only from the page cache, else :class:`WouldWait`."""
+    if not nowait:
+        return os.pread(fd, size, offset)
+    data = pread_nowait(fd, size, offset)
+    if data is None:
+        raise WouldWait
+    return data
+
+
+def _open_regular(name: str, dir_fd: int) -> tuple[int, os.stat_result]:
+    """Open a file of the folder ``dir_fd`` without following links or blocking.
+
+    Refuses non-regular files.
 
     Raises:
         FileNotFoundError: the file is gone.
         OSError: anything else, including a symlink (ELOOP) or a non-regular file.
 
     """
-    fd = os.open(path, _OPEN_READ)
+    return _checked_regular(os.open(name, _OPEN_READ, dir_fd=dir_fd))
+
+
+def _open_message(where: _Where, folder: str, name: str) -> tuple[int, os.stat_result]:
+    """Open ``folder/name`` of the Maildir ``where``: one ``openat2``, no link followed.
+
+    Raises:
+        FileNotFoundError: the file is gone.
+        OSError: anything else, including a symlink anywhere on the way (ELOOP).
+
+    """
+    return _checked_regular(where.root.open(f"{where.rel}/{folder}/{name}", _OPEN_READ))
+
+
+def _checked_regular(fd: int) -> tuple[int, os.stat_result]:
+    """``fd`` and its ``fstat`` if it is a regular file; closed and ``EINVAL`` otherwise."""
     try:
         s = os.fstat(fd)
     except BaseException:
@@ -372,7 +537,7 @@ def _open_regular(path: str | Path) -> tuple[int, os.stat_result]:
     return fd, s
 
 
-def _wire_from_name(entry: _Entry, fd: int) -> int | None:
+def _wire_from_name(entry: _Entry, fd: int, *, nowait: bool = False) -> int | None:
     """Use Dovecot's ``W=`` when ``S=`` proves the name describes this file."""
     s_size, w_size = _name_sizes(entry.name)
     if s_size is None or w_size is None or s_size != entry.file_size:
@@ -382,20 +547,27 @@ def _wire_from_name(entry: _Entry, fd: int) -> int | None:
     if s_size == 0:
         return 0
     # W= counts LFs as CRLF but adds no final line end: one octet tells.
-    last = os.pread(fd, 1, s_size - 1)
+    last = _pread(fd, 1, s_size - 1, nowait=nowait)
     return w_size + (0 if last == b"\n" else 2)
 
 
-def _measure_entry(root: Path, entry: _Entry) -> bool:
-    """Fill in ``entry.wire`` from its name or its bytes; False if it is not a message now."""
+def _measure_entry(dirs: _Dirs, entry: _Entry, *, nowait: bool = False) -> bool:
+    """Fill in ``entry.wire`` from its name or its bytes; False if it is not a message now.
+
+    Raises:
+        WouldWait: ``nowait`` and its octets are not all in the page cache.
+
+    """
     try:
-        fd, s = _open_regular(root / entry.folder / entry.name)
+        fd, s = _open_regular(entry.name, dirs[entry.folder])
     except OSError:
         return False
     try:
         entry.ino, entry.file_size, entry.mtime_ns = s.st_ino, s.st_size, s.st_mtime_ns
-        wire = _wire_from_name(entry, fd)
-        entry.wire = wire if wire is not None else _measure_fd(fd).wire_size
+        wire = _wire_from_name(entry, fd, nowait=nowait)
+        if wire is None:
+            wire = _measure_fd(fd, s.st_size, nowait=nowait).wire_size
+        entry.wire = wire
     except OSError:
         return False
     finally:
@@ -417,14 +589,21 @@ def _apply_index(entries: Sequence[_Entry], index: dict[str, _IndexRecord]) -> l
     return misses
 
 
-def _fill_sizes(root: Path, entries: list[_Entry], index: dict[str, _IndexRecord]) -> list[_Entry]:
+def _fill_sizes(dirs: _Dirs, entries: list[_Entry], index: dict[str, _IndexRecord]) -> list[_Entry]:
     """Give each entry its wire size, from the index or the file; drop vanished files."""
-    return _measure_misses(root, entries, _apply_index(entries, index))
+    return _measure_misses(dirs, entries, _apply_index(entries, index))
 
 
-def _measure_misses(root: Path, entries: list[_Entry], misses: list[_Entry]) -> list[_Entry]:
-    """Measure ``misses`` from their files; return ``entries`` without those now gone."""
-    gone = [e for e in misses if not _measure_entry(root, e)]
+def _measure_misses(
+    dirs: _Dirs, entries: list[_Entry], misses: list[_Entry], *, nowait: bool = False
+) -> list[_Entry]:
+    """Measure ``misses`` from their files; return ``entries`` without those now gone.
+
+    Raises:
+        WouldWait: ``nowait`` and a file is not all in the page cache.
+
+    """
+    gone = [e for e in misses if not _measure_entry(dirs, e, nowait=nowait)]
     if not gone:
         return entries
     dropped = {id(e) for e in gone}
@@ -432,28 +611,44 @@ def _measure_misses(root: Path, entries: list[_Entry], misses: list[_Entry]) -> 
 
 
 def _finish_listing(
-    root: Path, entries: list[_Entry], index: dict[str, _IndexRecord], misses: list[_Entry]
+    dirs: _Dirs,
+    entries: list[_Entry],
+    index: dict[str, _IndexRecord],
+    misses: list[_Entry],
+    *,
+    nowait: bool = False,
 ) -> list[_Entry]:
-    """Measure what the index missed, refresh the index if it changed, assign UIDLs."""
-    entries = _measure_misses(root, entries, misses)
-    fresh = _index_of(entries, time.time_ns())
+    """Measure what the index missed, refresh the index if it changed, assign UIDLs.
+
+    Raises:
+        WouldWait: ``nowait`` and a file to measure is not all in the page cache
+            (nothing was written then).
+
+    """
+    entries = _measure_misses(dirs, entries, misses, nowait=nowait)
+    fresh = _index_of(entries, time.time_ns(), index)
     if fresh != index:
-        _write_index(root, fresh)
+        _write_index(dirs.md, fresh)
     _assign_uids(entries)
     return entries
 
 
-def _load_index(root: Path) -> dict[str, _IndexRecord]:
-    """Read the size index; any problem at all yields an empty index (it is a cache)."""
+def _load_index(md: int, *, nowait: bool = False) -> dict[str, _IndexRecord]:
+    """Read the size index; any problem at all yields an empty index (it is a cache).
+
+    Raises:
+        WouldWait: ``nowait`` and the index is not all in the page cache.
+
+    """
     try:
-        fd, s = _open_regular(root / INDEX_NAME)
+        fd, s = _open_regular(INDEX_NAME, md)
     except OSError:
         return {}
     try:
         if s.st_size > _MAX_INDEX_BYTES:
             return {}
         # One read of one octet more than fstat said sees the whole file and its end.
-        data = os.read(fd, s.st_size + 1)
+        data = _pread(fd, s.st_size + 1, 0, nowait=nowait)
         if len(data) > s.st_size:  # it grew since: read the rest the slow way
             data += b"".join(iter(lambda: os.read(fd, 1 << 20), b""))
     except OSError:
@@ -476,44 +671,79 @@ def _load_index(root: Path) -> dict[str, _IndexRecord]:
     return {key: (int(i), int(s), int(m), int(w)) for i, s, m, w, key in records}
 
 
-def _index_of(entries: Sequence[_Entry], now_ns: int) -> dict[str, _IndexRecord]:
-    """The index worth recording for ``entries``: no racy or unrepresentable entries."""
+def _index_of(
+    entries: Sequence[_Entry], now_ns: int, index: dict[str, _IndexRecord] | None = None
+) -> dict[str, _IndexRecord]:
+    """The index worth recording for ``entries``: no racy or unrepresentable entries.
+
+    A racy entry that ``index`` (the index read) already records as it is stays: it was
+    put there by a correction (:meth:`MaildirMaildrop._heal`), and without it a wrong
+    ``W=`` would be believed again.
+    """
     racy_after = now_ns - _RACY_SECONDS * 1_000_000_000
-    return {
-        e.key: (e.ino, e.file_size, e.mtime_ns, e.wire)
-        for e in entries
-        if e.mtime_ns < racy_after and "\n" not in e.key and "\r" not in e.key
-    }
+    known = index or {}
+    fresh: dict[str, _IndexRecord] = {}
+    for e in entries:
+        record = (e.ino, e.file_size, e.mtime_ns, e.wire)
+        if "\n" in e.key or "\r" in e.key:
+            continue
+        if e.mtime_ns < racy_after or known.get(e.key) == record:
+            fresh[e.key] = record
+    return fresh
 
 
-def _write_index(root: Path, index: dict[str, _IndexRecord]) -> None:
+def _create_mode(dir_fd: int) -> int:
+    """The mode of a file created in the folder ``dir_fd``: the folder's, without x bits."""
+    return st.S_IMODE(os.fstat(dir_fd).st_mode) & 0o666
+
+
+def _create_private(dir_fd: int, prefix: str) -> tuple[int, str]:
+    """Create a new file ``<prefix><random>.tmp`` in ``dir_fd``, with the folder's mode.
+
+    The name is unpredictable and the file new (``O_EXCL | O_NOFOLLOW | O_NONBLOCK``):
+    nothing planted in the folder (a FIFO, a link) can be opened in its place.
+
+    Raises:
+        OSError: it cannot be created.
+
+    """
+    name = f"{prefix}{secrets.token_hex(8)}.tmp"
+    fd = os.open(name, _CREATE, _create_mode(dir_fd), dir_fd=dir_fd)
+    return fd, name
+
+
+def _write_index(md: int, index: dict[str, _IndexRecord]) -> None:
     """Replace the index atomically (tmp + rename); failures are ignored (it is a cache)."""
     body = b"".join(
         b"%d %d %d %d %s\n" % (*record, os.fsencode(key)) for key, record in index.items()
     )
     data = b"%s %08x\n%s" % (_INDEX_MAGIC, zlib.crc32(body), body)
-    tmp = root / f".{INDEX_NAME}.{os.getpid()}.{next(_tmp_counter)}.tmp"
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                     0o600)
+        fd, tmp = _create_private(md, f".{INDEX_NAME}.")
+    except OSError:
+        return
+    try:
         try:
             write_all(fd, data)
         finally:
             os.close(fd)
-        tmp.replace(root / INDEX_NAME)
+        # rename() replaces whatever has the name, a planted link included, never follows.
+        os.rename(tmp, INDEX_NAME, src_dir_fd=md, dst_dir_fd=md)
     except OSError:
-        _unlink_quietly(tmp)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp, dir_fd=md)
 
 
-def _find_renamed(root: Path, entry: _Entry) -> _Entry | None:
+def _find_renamed(where: _Where, entry: _Entry) -> _Entry | None:
     """Find ``entry`` under another name (flags changed by another program), or None."""
-    return _renamed_map(root).get(entry.key)
+    with _Dirs(_open_folder(where), where.path) as dirs:
+        return _renamed_map(dirs).get(entry.key)
 
 
-def _renamed_map(root: Path) -> dict[str, _Entry]:
+def _renamed_map(dirs: _Dirs) -> dict[str, _Entry]:
     """Map each key in ``cur/`` and ``new/`` now to its file (first one if duplicated)."""
     found: dict[str, _Entry] = {}
-    for e in _scan(root):
+    for e in _scan(dirs):
         found.setdefault(e.key, e)
     return found
 
@@ -557,14 +787,19 @@ class _ListingCache:
             return None
         return known[1]
 
-    def remember(self, root: Path, listing: _Listing) -> None:
-        """Remember ``listing`` as the listing of ``root``, if its folders are not racy."""
-        base = os.fspath(root)
+    def remember(self, root: Path, md: int, listing: _Listing) -> None:
+        """Remember ``listing`` as the listing of ``root``, if its folders are not racy.
+
+        ``md`` is the open Maildir folder.  A message (same inode, size and mtime) that
+        the previous listing knew under another UIDL is logged: UIDLs must never change.
+        """
         try:
-            cur = os.stat(f"{base}/cur")  # noqa: PTH116 (as in _check_maildir)
-            new = os.stat(f"{base}/new")  # noqa: PTH116
-        except OSError:
+            cur, new = _check_maildir(md)
+        except (TemporaryBackendError, PermanentBackendError):
             return
+        known = self._known.get(root)
+        if known is not None:
+            _guard_uids(root, known[1], listing)
         racy_after = time.time_ns() - _RACY_SECONDS * 1_000_000_000
         if max(cur.st_mtime_ns, new.st_mtime_ns) >= racy_after:
             self._known.pop(root, None)
@@ -572,6 +807,20 @@ class _ListingCache:
         if len(self._known) >= _LISTING_CACHE:
             self._known.clear()
         self._known[root] = (self._key(cur, new), listing)
+
+    def forget(self, root: Path) -> None:
+        """Drop what is remembered of ``root`` (its listing was found wrong)."""
+        self._known.pop(root, None)
+
+
+def _guard_uids(root: Path, old: _Listing, new: _Listing) -> None:
+    """Log each message whose UIDL changed between two listings (the file is the same)."""
+    before = {(e.ino, e.file_size, e.mtime_ns): e.uid for e in old.by_uid.values()}
+    for e in new.by_uid.values():
+        uid = before.get((e.ino, e.file_size, e.mtime_ns))
+        if uid is not None and uid != e.uid:
+            log.error("%s: the UIDL of %s/%s changed from %r to %r", root, e.folder, e.name,
+                      uid, e.uid)
 
 
 class _Listing:
@@ -632,6 +881,8 @@ class MaildirStore:
             raise ValueError("chunk_size must be positive")
         self.template = template
         self.base = base
+        #: The template's mail root, opened once; every path below it follows no link.
+        self.mail_root = MailRoot(mail_root(template, base))
         self._listings = _ListingCache()
         self.quota = quota
         self.chunk_size = chunk_size
@@ -658,6 +909,15 @@ class MaildirStore:
         """
         return mail_path(self.template, username, self.base)
 
+    def _where(self, username: str) -> _Where:
+        """Where the user's Maildir is, below the mail root.
+
+        Raises:
+            UnsafeUserName: the name could escape the mail root.
+
+        """
+        return _Where(self.mail_root, mail_rel(self.template, username), self.path_for(username))
+
     # -------------------------------------------------------------- MailStore
 
     async def open(self, principal: Principal) -> MaildirMaildrop:
@@ -667,36 +927,106 @@ class MaildirStore:
             MaildropLocked: another session (any process on this host) holds it.
             TemporaryBackendError: the Maildir is missing or unreadable, the lock cannot
                 be taken, or the user name is unsafe.
+            PermanentBackendError: the Maildir's folder, ``cur/`` or ``new/`` is a
+                symbolic link (or not a folder).
 
         """
-        root = self.path_for(principal.username)
-        cur, new = _check_maildir(root)
-        with contextlib.suppress(WouldWait):
-            return self._open_known(root, cur, new)
-        if max(cur.st_size, new.st_size) > _INLINE_SCAN_DIR_SIZE:
-            return await in_thread(lambda: self._open_sync(root), _release_late)
-        lock = self.session_locks.acquire(root / LOCK_NAME)
+        where = self._where(principal.username)
+        dirs = _Dirs(_open_folder(where), where.path)
         try:
-            scanned = _scan(root, _FOLDERS[_move_new_to_cur(root)])
-            index = _load_index(root)
-            misses = _apply_index(scanned, index)
-            if sum(e.file_size for e in misses) <= _INLINE_MEASURE_BYTES:
-                entries = _finish_listing(root, scanned, index, misses)
-            else:
-                entries = await in_thread(
-                    lambda: _finish_listing(root, scanned, index, misses), lambda _: lock.close()
-                )
-            listing = _Listing(entries)
-            if isinstance(lock, TableLock):
-                listing.lock_offset = lock.offset
-            self._listings.remember(root, listing)
-        except asyncio.CancelledError:
-            # Only the thread above can be cancelled; its late callback releases the lock.
+            cur, new = _check_maildir(dirs.md)
+            with contextlib.suppress(WouldWait):
+                known = self._open_known(where, dirs.md, cur, new)
+                dirs.close()
+                return known
+            if max(cur.st_size, new.st_size) > _INLINE_SCAN_DIR_SIZE:
+                dirs.close()
+                return await in_thread(lambda: self._open_sync(where), _release_late)
+            lock = take_lock(self.session_locks, where.path / LOCK_NAME, dirs.md)
+        except BaseException:
+            dirs.close()
             raise
+        try:
+            scanned = _scan(dirs, _FOLDERS[_move_new_to_cur(dirs)])
+            index = _load_index(dirs.md, nowait=True)
+            misses = _apply_index(scanned, index)
+            listing: _Listing | None = None
+            if sum(e.file_size for e in misses) <= _INLINE_MEASURE_BYTES:
+                # Inline only while the page cache answers; else the rest in a thread.
+                with contextlib.suppress(WouldWait):
+                    listing = self._list(where, dirs=dirs, lock=lock, scanned=scanned,
+                                         index=index, misses=misses, nowait=True)
+        except WouldWait:  # the index is not in the page cache: list in the thread
+            rescan: list[_Entry] | None = None
+            index, misses, listing = {}, [], None
+        except BaseException:
+            dirs.close()
+            lock.close()
+            raise
+        else:
+            rescan = scanned
+        if listing is not None:
+            dirs.close()
+            return MaildirMaildrop(where, listing, lock, self.chunk_size, self._listings)
+        # The thread owns ``dirs`` (it closes them); a cancelled caller's lock is released
+        # once it ends.
+        listing = await in_thread(
+            lambda: self._list_guarded(where, dirs=dirs, lock=lock, scanned=rescan,
+                                       index=index, misses=misses),
+            lambda _: lock.close(),
+        )
+        return MaildirMaildrop(where, listing, lock, self.chunk_size, self._listings)
+
+    def _list(
+        self,
+        where: _Where,
+        *,
+        dirs: _Dirs,
+        lock: SessionLock,
+        scanned: list[_Entry],
+        index: dict[str, _IndexRecord],
+        misses: list[_Entry],
+        nowait: bool = False,
+    ) -> _Listing:
+        """Finish the listing of an open (measure, index, UIDLs) and remember it.
+
+        Raises:
+            WouldWait: ``nowait`` and a file to measure is not in the page cache.
+
+        """
+        listing = _Listing(_finish_listing(dirs, scanned, index, misses, nowait=nowait))
+        if isinstance(lock, TableLock):
+            listing.lock_offset = lock.offset
+        self._listings.remember(where.path, dirs.md, listing)
+        return listing
+
+    def _list_guarded(
+        self,
+        where: _Where,
+        *,
+        dirs: _Dirs,
+        lock: SessionLock,
+        scanned: list[_Entry] | None,
+        index: dict[str, _IndexRecord],
+        misses: list[_Entry],
+    ) -> _Listing:
+        """:meth:`_list` in a thread, which closes ``dirs``; the lock is released on failure.
+
+        Without a scan (``scanned`` is None: reading the index inline would have waited),
+        the listing is made here from the start.
+        """
+        try:
+            if scanned is None:
+                scanned = _scan(dirs, _FOLDERS[_move_new_to_cur(dirs)])
+                index = _load_index(dirs.md)
+                misses = _apply_index(scanned, index)
+            return self._list(where, dirs=dirs, lock=lock, scanned=scanned, index=index,
+                              misses=misses)
         except BaseException:
             lock.close()
             raise
-        return MaildirMaildrop(root, listing, lock, self.chunk_size)
+        finally:
+            dirs.close()
 
     def open_now(self, principal: Principal) -> MaildirMaildrop:
         """:meth:`open` without waiting, when the listing is the one remembered.
@@ -706,17 +1036,21 @@ class MaildirStore:
 
         Raises:
             WouldWait: the Maildir must be scanned: use :meth:`open`.
-            MaildropLocked, TemporaryBackendError: as :meth:`open`.
+            MaildropLocked, TemporaryBackendError, PermanentBackendError: as :meth:`open`.
 
         """
-        root = self.path_for(principal.username)
-        cur, new = _check_maildir(root)
-        return self._open_known(root, cur, new)
+        where = self._where(principal.username)
+        md = _open_folder(where)
+        try:
+            cur, new = _check_maildir(md)
+            return self._open_known(where, md, cur, new)
+        finally:
+            os.close(md)
 
     def _open_known(
-        self, root: Path, cur: os.stat_result, new: os.stat_result
+        self, where: _Where, md: int, cur: os.stat_result, new: os.stat_result
     ) -> MaildirMaildrop:
-        """Lock and open ``root`` with its remembered listing, if it has one and it holds.
+        """Lock and open ``where`` with its remembered listing, if it has one and it holds.
 
         Raises:
             WouldWait: a big Maildir, or nothing remembered for these ``cur/`` and
@@ -727,27 +1061,29 @@ class MaildirStore:
             raise WouldWait  # big: opened in a thread, listing and all
         # The folders' stats were taken before the lock either way: asking the cache
         # first only spares a miss the lock and unlock.
-        listed = self._listings.recall(root, cur, new)
+        listed = self._listings.recall(where.path, cur, new)
         if listed is None:
             raise WouldWait
         locks, offset = self.session_locks, listed.lock_offset
         if offset is not None and isinstance(locks, LockTable):
             lock: SessionLock = locks.lock(offset)
         else:
-            lock = locks.acquire(root / LOCK_NAME)
-        return MaildirMaildrop(root, listed, lock, self.chunk_size)
+            lock = take_lock(locks, where.path / LOCK_NAME, md)
+        return MaildirMaildrop(where, listed, lock, self.chunk_size, self._listings)
 
-    def _open_sync(self, root: Path) -> MaildirMaildrop:
+    def _open_sync(self, where: _Where) -> MaildirMaildrop:
         """:meth:`open` all in one thread, for big Maildirs."""
-        lock = self.session_locks.acquire(root / LOCK_NAME)
-        try:
-            scanned = _scan(root, _FOLDERS[_move_new_to_cur(root)])
-            index = _load_index(root)
-            entries = _finish_listing(root, scanned, index, _apply_index(scanned, index))
-        except BaseException:
-            lock.close()
-            raise
-        return MaildirMaildrop(root, _Listing(entries), lock, self.chunk_size)
+        with _Dirs(_open_folder(where), where.path) as dirs:
+            _check_maildir(dirs.md)
+            lock = take_lock(self.session_locks, where.path / LOCK_NAME, dirs.md)
+            try:
+                scanned = _scan(dirs, _FOLDERS[_move_new_to_cur(dirs)])
+                index = _load_index(dirs.md)
+                entries = _finish_listing(dirs, scanned, index, _apply_index(scanned, index))
+            except BaseException:
+                lock.close()
+                raise
+        return MaildirMaildrop(where, _Listing(entries), lock, self.chunk_size, self._listings)
 
     # -------------------------------------------------------------- MailboxInspector
 
@@ -755,16 +1091,21 @@ class MaildirStore:
         """Count the user's messages and wire octets without locking or changing anything.
 
         Raises:
-            TemporaryBackendError: the Maildir is missing or unreadable, or the name unsafe.
+            TemporaryBackendError: the Maildir is missing or unreadable (a folder of it
+                a symbolic link included), or the name unsafe.
 
         """
-        root = self.path_for(principal.username)
-        _check_maildir(root)
-        return await in_thread(lambda: self._stat_sync(root))
+        where = self._where(principal.username)
+        try:
+            return await in_thread(lambda: self._stat_sync(where))
+        except PermanentBackendError as exc:  # the inspector's contract has one error
+            raise TemporaryBackendError(str(exc)) from None
 
     @staticmethod
-    def _stat_sync(root: Path) -> MailboxStats:
-        entries = _fill_sizes(root, _scan(root), _load_index(root))
+    def _stat_sync(where: _Where) -> MailboxStats:
+        with _Dirs(_open_folder(where), where.path) as dirs:
+            _check_maildir(dirs.md)
+            entries = _fill_sizes(dirs, _scan(dirs), _load_index(dirs.md))
         oldest = min((e.mtime_ns for e in entries), default=None)
         return MailboxStats(
             count=len(entries),
@@ -777,34 +1118,39 @@ class MaildirStore:
     async def deliver(self, principal: Principal, message: AsyncIterable[bytes]) -> None:
         """Deliver one message: ``tmp/`` -> fsync -> ``new/``, creating the Maildir if needed.
 
+        The Maildir's folders are created (mode 0700) or opened below the mail root
+        without following a link; the file is created in ``tmp/`` under an unpredictable
+        name, ``O_EXCL | O_NOFOLLOW``, with the mode of ``tmp/`` (without x bits).
+
         Raises:
             QuotaExceeded: the user's wire size plus this message would exceed the quota.
-            TemporaryBackendError: any I/O error (ENOSPC, EDQUOT, ...) or an unsafe user
-                name; nothing of the message is left behind.
+            TemporaryBackendError: any I/O error (ENOSPC, EDQUOT, ...), a symbolic link
+                in the Maildir's path, or an unsafe user name; nothing of the message is
+                left behind.
 
         """
-        root = self.path_for(principal.username)
+        where = self._where(principal.username)
         limit = quota_for(principal.attributes, self.quota)
+        dirs = _make_maildir(where)
         try:
-            for folder in ("tmp", "new", "cur"):
-                (root / folder).mkdir(mode=0o700, parents=True, exist_ok=True)
-        except OSError as exc:
-            raise TemporaryBackendError(f"cannot create the Maildir: {exc.strerror}") from None
-        used = 0
-        if limit is not None:
-            used = (await self.stat(principal)).size
-            if used >= limit:
-                raise QuotaExceeded("mailbox is full")
-        now = time.time()
-        secs, usec = int(now), int((now % 1) * 1_000_000)
-        unique = f"{secs}.M{usec}P{os.getpid()}Q{next(_delivery_counter)}.{self.hostname}"
-        tmp = root / "tmp" / unique
-        try:
-            fd = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+            used = await self._used(principal, limit)
+            now = time.time()
+            secs, usec = int(now), int((now % 1) * 1_000_000)
+            unique = (
+                f"{secs}.M{usec}P{os.getpid()}Q{next(_delivery_counter)}"
+                f"R{secrets.token_hex(8)}.{self.hostname}"
             )
-        except OSError as exc:
-            raise TemporaryBackendError(f"cannot create a delivery file: {exc.strerror}") from None
+            try:
+                tmp_dir = dirs["tmp"]
+                fd = os.open(unique, _CREATE, _create_mode(tmp_dir), dir_fd=tmp_dir)
+            except (OSError, PermanentBackendError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else str(exc)
+                raise TemporaryBackendError(
+                    f"cannot create a delivery file: {reason}"
+                ) from None
+        except BaseException:
+            dirs.close()
+            raise
         try:
             counter = WireCounter()
             async for chunk in message:
@@ -814,50 +1160,123 @@ class MaildirStore:
                 write_all(fd, chunk)
         except BaseException as exc:
             os.close(fd)
-            _unlink_quietly(tmp)
+            _unlink_quietly(unique, tmp_dir)
+            dirs.close()
             if isinstance(exc, OSError):
                 raise TemporaryBackendError(f"delivery failed: {exc.strerror}") from None
             raise
         if limit is not None and used + counter.wire_size > limit:
             os.close(fd)
-            _unlink_quietly(tmp)
+            _unlink_quietly(unique, tmp_dir)
+            dirs.close()
             raise QuotaExceeded("message exceeds the mailbox quota")
-        final = root / "new" / f"{unique},S={counter.size},W={counter.virtual_size}"
+        final = f"{unique},S={counter.size},W={counter.virtual_size}"
         # Once the data is complete the delivery finishes even if the caller is cancelled
         # (the thread cannot be stopped): at worst the sender retries and the user gets a
-        # duplicate, never a half message.
-        await in_thread(lambda: _finish_delivery(fd, tmp, final))
+        # duplicate, never a half message.  The thread closes ``dirs``.
+        if limit is None:
+            await in_thread(lambda: _finish_delivery(fd, dirs, unique, final))
+            return
+        # Under a quota, count and rename under the maildrop's quota lock (storage/quota.py),
+        # so that concurrent deliveries never overshoot it by more than one message.
+        await charge(
+            where.path, counter.wire_size, limit,
+            usage=lambda: self._stat_sync(where).size,
+            commit=lambda: _finish_delivery(fd, dirs, unique, final),
+            abandon=lambda: _abandon_delivery(fd, dirs, unique),
+        )
+
+    async def _used(self, principal: Principal, limit: int | None) -> int:
+        """The user's wire octets when a quota applies (0 otherwise).
+
+        Raises:
+            QuotaExceeded: they already reach ``limit``.
+
+        """
+        if limit is None:
+            return 0
+        used = (await self.stat(principal)).size
+        if used >= limit:
+            raise QuotaExceeded("mailbox is full")
+        return used
 
 
-def _finish_delivery(fd: int, tmp: Path, final: Path) -> None:
+def _make_maildir(where: _Where) -> _Dirs:
+    """Create (or open) the Maildir ``where`` and its ``tmp/ new/ cur/``; no link followed.
+
+    Raises:
+        TemporaryBackendError: a folder cannot be created or opened, or is a symbolic link.
+
+    """
+    try:
+        fd = where.root.fd(create=True)
+        for part in where.rel.split("/"):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(part, 0o700, dir_fd=fd)
+            nxt = os.open(part, DIR_FLAGS, dir_fd=fd)
+            if fd != where.root.fd():
+                os.close(fd)
+            fd = nxt
+    except OSError as exc:
+        if is_link_refusal(exc):
+            raise TemporaryBackendError(
+                "cannot create the Maildir: a symbolic link or file is in its path"
+            ) from None
+        raise TemporaryBackendError(f"cannot create the Maildir: {exc.strerror}") from None
+    dirs = _Dirs(fd, where.path)
+    try:
+        for folder in ("tmp", "new", "cur"):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(folder, 0o700, dir_fd=fd)
+            dirs[folder]
+    except OSError as exc:
+        dirs.close()
+        raise TemporaryBackendError(f"cannot create the Maildir: {exc.strerror}") from None
+    except PermanentBackendError as exc:
+        dirs.close()
+        raise TemporaryBackendError(f"cannot deliver: {exc}") from None
+    return dirs
+
+
+def _finish_delivery(fd: int, dirs: _Dirs, unique: str, final: str) -> None:
     """Flush (fsync) and close the tmp file, rename it into ``new/``, fsync ``new/``.
+
+    Closes ``dirs``.
 
     Raises:
         TemporaryBackendError: any step failed; the tmp file is removed.
 
     """
-    try:
+    with dirs:
+        tmp_dir, new_dir = dirs["tmp"], dirs["new"]
         try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.rename(final)
-    except OSError as exc:
-        _unlink_quietly(tmp)
-        raise TemporaryBackendError(f"delivery failed: {exc.strerror}") from None
-    try:
-        fsync_dir(final.parent)
-    except OSError as exc:
-        # The message is complete and visible; only its durability is in doubt.  Saying
-        # "failed" would make the sender retry and duplicate it, so this is not an error.
-        del exc
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            # ``final`` holds a random part: it names no existing file.
+            os.rename(unique, final, src_dir_fd=tmp_dir, dst_dir_fd=new_dir)
+        except OSError as exc:
+            _unlink_quietly(unique, tmp_dir)
+            raise TemporaryBackendError(f"delivery failed: {exc.strerror}") from None
+        try:
+            os.fsync(new_dir)
+        except OSError as exc:
+            # The message is complete and visible; only its durability is in doubt.
+            # Saying "failed" would make the sender retry and duplicate it.
+            del exc
 
 
-def _unlink_quietly(path: Path) -> None:
-    try:
-        path.unlink()
-    except OSError:
-        pass
+def _abandon_delivery(fd: int, dirs: _Dirs, unique: str) -> None:
+    """Close and remove a delivery's tmp file (refused over quota); closes ``dirs``."""
+    with dirs:
+        os.close(fd)
+        _unlink_quietly(unique, dirs["tmp"])
+
+
+def _unlink_quietly(name: str, dir_fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(name, dir_fd=dir_fd)
 
 
 def _release_late(done: asyncio.Future[MaildirMaildrop]) -> None:
@@ -873,14 +1292,22 @@ class MaildirMaildrop:
     """One session's locked view of a Maildir (a ``Maildrop``)."""
 
     def __init__(
-        self, root: Path, listing: _Listing, lock: SessionLock, chunk_size: int
+        self,
+        where: _Where,
+        listing: _Listing,
+        lock: SessionLock,
+        chunk_size: int,
+        listings: _ListingCache | None = None,
     ) -> None:
-        self.root = root
+        #: The Maildir's path (for messages; files are reached through ``where``).
+        self.root = where.path
+        self._where = where
         #: The listing's entries; a renamed message's entry is replaced by a renamed copy.
         self._by_uid = dict(listing.by_uid)
         self._listing = listing.infos
         self._lock: SessionLock | None = lock
         self._chunk_size = chunk_size
+        self._listings = listings
         self._commit: asyncio.Future[None] | None = None
 
     def listing(self) -> Sequence[MessageInfo]:
@@ -900,28 +1327,80 @@ class MaildirMaildrop:
 
         """
         self._check_open()
-        return _MessageReader(self.root, self._by_uid, uid, self._chunk_size)
+        return _MessageReader(self._where, self._by_uid, uid, self._chunk_size, self._heal)
 
     def read_inline(self, uid: str) -> bytes | None:
-        """Return message ``uid`` whole, read now, if it is small enough; else ``None``.
+        """Return message ``uid`` whole, read now, if it is small and cached; else ``None``.
 
         The fast path of RETR/TOP for the common small message: one open and one read on
-        the event loop, no task and no iterator.  Same checks and errors as :meth:`read`.
+        the event loop, no task and no iterator.  The read is ``preadv(RWF_NOWAIT)``: a
+        file the page cache does not hold whole is left to :meth:`read` (``None``), so the
+        event loop never waits for the disk.  Same checks and errors as :meth:`read`.
         """
         self._check_open()
         entry = self._by_uid[uid]
-        if entry.file_size > _INLINE_READ_BYTES:
+        if entry.file_size > _INLINE_READ_BYTES or not _NOWAIT:
             return None
         # One read of file_size + 1 octets sees the whole file and its end at once.
-        reader = _MessageReader(self.root, self._by_uid, uid, entry.file_size + 1)
+        reader = _MessageReader(self._where, self._by_uid, uid, entry.file_size + 1)
         try:
-            reader.open()
-            parts = [reader.step()]
+            if not reader.open():
+                return None  # changed since listed: measured off the loop by read()
+            parts: list[bytes] = []
             while not reader.done:
-                parts.append(reader.step())
+                part = reader.step_nowait()
+                if part is None:
+                    return None  # not (all) in the page cache: the task path reads it
+                parts.append(part)
+        except _SizeMismatch:
+            self._heal_later(reader.entry)
+            raise
         finally:
             reader.close()
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _heal_later(self, entry: _Entry) -> None:
+        """:meth:`_heal` in a thread (it reads the index and the file: not on the loop)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop here: nothing to block
+            self._heal(entry)
+            return
+        done = loop.run_in_executor(None, self._heal, entry)
+        done.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    def _heal(self, entry: _Entry) -> None:
+        """Correct a listed size found wrong (a lying ``W=``, a stale index) from the file.
+
+        The file is measured; if its wire size is not the listed one, the size index
+        records the real size (so the next session lists it right, whatever the name
+        says) and the remembered listing is dropped.  This session keeps its sizes: they
+        were announced.  Runs under the session lock; failures change nothing.
+        """
+        where = self._where
+        try:
+            fd, s = _open_message(where, entry.folder, entry.name)
+        except OSError:
+            return
+        try:
+            wire = _measure_fd(fd, s.st_size).wire_size
+        except OSError:
+            return
+        finally:
+            os.close(fd)
+        if wire == entry.wire:
+            return
+        log.warning("%s/%s/%s: listed as %d octets, the file has %d: size index corrected",
+                    where.path, entry.folder, entry.name, entry.wire, wire)
+        if self._listings is not None:
+            self._listings.forget(where.path)
+        try:
+            with _Dirs(_open_folder(where), where.path) as dirs:
+                index = _load_index(dirs.md)
+                index[entry.key] = (s.st_ino, s.st_size, s.st_mtime_ns, wire)
+                _write_index(dirs.md, index)
+        except (TemporaryBackendError, PermanentBackendError):
+            return
 
     async def commit(self, deleted: Collection[str]) -> None:
         """Unlink the messages ``deleted`` (UIDs of the listing; others are ignored).
@@ -931,11 +1410,13 @@ class MaildirMaildrop:
 
         """
         targets = self._targets(deleted)
+        if not targets:
+            return
         if len(targets) <= _INLINE_COMMIT:
-            _commit_sync(self.root, targets)
+            _commit_sync(self._where, targets)
             return
         self._commit = asyncio.get_running_loop().run_in_executor(
-            None, _commit_sync, self.root, targets
+            None, _commit_sync, self._where, targets
         )
         await asyncio.shield(self._commit)
 
@@ -950,7 +1431,8 @@ class MaildirMaildrop:
         targets = self._targets(deleted)
         if len(targets) > _INLINE_COMMIT:
             raise WouldWait
-        _commit_sync(self.root, targets)
+        if targets:
+            _commit_sync(self._where, targets)
 
     def _targets(self, deleted: Collection[str]) -> list[_Entry]:
         self._check_open()
@@ -977,51 +1459,69 @@ class MaildirMaildrop:
             raise LocalProtocolError("maildrop used after close()")
 
 
-def _commit_sync(root: Path, targets: Sequence[_Entry]) -> None:
+def _commit_sync(where: _Where, targets: Sequence[_Entry]) -> None:
     """Unlink each target; gone counts as removed; collect and report other failures.
 
-    A target renamed by another program (same key, and the same inode, size and mtime:
-    a rename keeps all three) is unlinked under its new name; a different file with the
-    same key is left alone.
+    Every unlink is relative to ``cur/`` or ``new/`` opened without following a link,
+    so nothing outside the Maildir can be removed.  A target renamed by another program
+    (same key, and the same inode, size and mtime: a rename keeps all three) is unlinked
+    under its new name; a different file with the same key is left alone.
     """
+    try:
+        dirs = _Dirs(_open_folder(where), where.path)
+    except PermanentBackendError as exc:
+        raise TemporaryBackendError(f"no message could be removed: {exc}") from None
     failed = 0
     moved: dict[str, _Entry] | None = None
-    for e in targets:
-        try:
-            (root / e.folder / e.name).unlink()
-            continue
-        except FileNotFoundError:
-            pass
-        except OSError:
-            failed += 1
-            continue
-        try:
-            if moved is None:
-                moved = _renamed_map(root)  # once: many may be gone (another deleter)
-            other = moved.get(e.key)
-            if other is not None and (other.ino, other.file_size, other.mtime_ns) == (
-                e.ino, e.file_size, e.mtime_ns
-            ):
-                (root / other.folder / other.name).unlink()
-        except FileNotFoundError:
-            pass
-        except (OSError, TemporaryBackendError):
-            failed += 1
+    with dirs:
+        for e in targets:
+            try:
+                os.unlink(e.name, dir_fd=dirs[e.folder])
+                continue
+            except FileNotFoundError:
+                pass
+            except (OSError, PermanentBackendError, TemporaryBackendError):
+                failed += 1
+                continue
+            try:
+                if moved is None:
+                    moved = _renamed_map(dirs)  # once: many may be gone (another deleter)
+                other = moved.get(e.key)
+                if other is not None and (other.ino, other.file_size, other.mtime_ns) == (
+                    e.ino, e.file_size, e.mtime_ns
+                ):
+                    os.unlink(other.name, dir_fd=dirs[other.folder])
+            except FileNotFoundError:
+                pass
+            except (OSError, PermanentBackendError, TemporaryBackendError):
+                failed += 1
     if failed:
         raise TemporaryBackendError(f"{failed} of {len(targets)} messages could not be removed")
+
+
+class _SizeMismatch(TemporaryBackendError):
+    """A message's octets did not add up to its listed size."""
 
 
 class _MessageReader:
     """The async iterator of :meth:`MaildirMaildrop.read` (see the module head)."""
 
-    def __init__(self, root: Path, by_uid: dict[str, _Entry], uid: str, chunk_size: int) -> None:
-        self._root = root
-        self._root_str = os.fspath(root)
+    def __init__(
+        self,
+        where: _Where,
+        by_uid: dict[str, _Entry],
+        uid: str,
+        chunk_size: int,
+        heal: Callable[[_Entry], None] | None = None,
+    ) -> None:
+        self._where = where
         #: The session's entries (a rename is recorded there, in a copy: see _Listing).
         self._by_uid = by_uid
         self._entry = entry = by_uid[uid]
         self._chunk_size = chunk_size
+        self._heal = heal
         self._fd = -1
+        self._size = entry.file_size
         self._remaining = entry.wire
         self._normaliser = CrlfNormaliser()
         self._started = False
@@ -1030,6 +1530,11 @@ class _MessageReader:
         #: Where the next read starts (pread: no shared file position to go wrong).
         self._offset = 0
         self._buffer: bytearray | None = None
+
+    @property
+    def entry(self) -> _Entry:
+        """The entry being read (a renamed copy once the file was found renamed)."""
+        return self._entry
 
     def __aiter__(self) -> _MessageReader:
         return self
@@ -1040,12 +1545,14 @@ class _MessageReader:
         try:
             if not self._started:
                 self._started = True
-                self.open()
+                if not self.open():
+                    self._inflight = asyncio.get_running_loop().run_in_executor(
+                        None, self.verify
+                    )
+                    await asyncio.shield(self._inflight)
+                    self._inflight = None
             out: bytes | None = b""
             while not out and not self._done:
-                if self._entry.file_size <= _INLINE_READ_BYTES:
-                    out = self.step()
-                    continue
                 # Page-cached data is read right here (a thread hop costs more than the
                 # read); only a read that would wait for the disk goes to a thread.
                 out = self.step_nowait()
@@ -1053,6 +1560,14 @@ class _MessageReader:
                     self._inflight = asyncio.get_running_loop().run_in_executor(None, self.step)
                     out = await asyncio.shield(self._inflight)
                     self._inflight = None
+        except _SizeMismatch:
+            self._done = True
+            self.close()
+            if self._heal is not None:
+                heal, entry = self._heal, self._entry
+                with contextlib.suppress(Exception):
+                    await in_thread(lambda: heal(entry))
+            raise
         except BaseException:
             self._done = True
             pending = self._inflight
@@ -1065,18 +1580,25 @@ class _MessageReader:
             raise StopAsyncIteration
         return out
 
-    def open(self) -> None:
-        """Open the listed file (or its renamed self); check it is still the same."""
+    def open(self) -> bool:
+        """Open the listed file (or its renamed self); True if it is still the same file.
+
+        False: another file (rewritten, replaced) that :meth:`verify` must measure before
+        anything is sent.
+        """
         e = self._entry
         try:
-            # A string path: this runs for every RETR, and Path joins cost more than open.
-            self._fd, s = _open_regular(f"{self._root_str}/{e.folder}/{e.name}")
+            # One openat2 from the mail root: no link followed, nothing outside it.
+            self._fd, s = _open_message(self._where, e.folder, e.name)
         except FileNotFoundError:
-            moved = _find_renamed(self._root, e)
+            try:
+                moved = _find_renamed(self._where, e)
+            except (TemporaryBackendError, PermanentBackendError):
+                raise TemporaryBackendError("message unreadable: maildrop unavailable") from None
             if moved is None:
                 raise MessageVanished("message file is gone") from None
             try:
-                self._fd, s = _open_regular(self._root / moved.folder / moved.name)
+                self._fd, s = _open_message(self._where, moved.folder, moved.name)
             except FileNotFoundError:
                 raise MessageVanished("message file is gone") from None
             except OSError as exc:
@@ -1085,15 +1607,25 @@ class _MessageReader:
             e.folder, e.name = moved.folder, moved.name
         except OSError as exc:
             raise TemporaryBackendError(f"message unreadable: {exc.strerror}") from None
-        if e.same_file(s):
-            return
-        # Not the file that was listed: send it only if its wire size is still right.
+        self._size = s.st_size
+        return e.same_file(s)
+
+    def verify(self) -> bytes:
+        """Measure a file :meth:`open` found changed: it is sent only with the listed size.
+
+        Reads the whole file (blocking): run it in a thread.  Returns ``b""``.
+
+        Raises:
+            TemporaryBackendError: it cannot be read, or its wire size is not the listed one.
+
+        """
         try:
-            wire = _measure_fd(self._fd).wire_size
+            wire = _measure_fd(self._fd, self._size).wire_size
         except OSError as exc:
             raise TemporaryBackendError(f"message unreadable: {exc.strerror}") from None
-        if wire != e.wire:
-            raise TemporaryBackendError("message changed since the maildrop was opened")
+        if wire != self._entry.wire:
+            raise _SizeMismatch("message changed since the maildrop was opened")
+        return b""
 
     @property
     def done(self) -> bool:
@@ -1112,9 +1644,11 @@ class _MessageReader:
         except BlockingIOError:
             return None
         except OSError as exc:
-            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                _NOWAIT = False  # file system or kernel without RWF_NOWAIT
+            if exc.errno in (errno.EINVAL, errno.ENOSYS):
+                _NOWAIT = False  # a kernel without RWF_NOWAIT
                 return None
+            if exc.errno == errno.EOPNOTSUPP:
+                return None  # this file system (tmpfs) cannot tell: read in a thread
             raise
         if n == len(self._buffer):
             # A full chunk is normalised straight from the buffer, without a copy out of
@@ -1154,12 +1688,12 @@ class _MessageReader:
             out += self._normaliser.finish()
             self._done = True
         if len(out) > self._remaining:
-            raise TemporaryBackendError("message grew while being sent")
+            raise _SizeMismatch("message grew while being sent")
         self._remaining -= len(out)
         if self._done:
             self.close()
             if self._remaining:
-                raise TemporaryBackendError("message shrank while being sent")
+                raise _SizeMismatch("message shrank while being sent")
         return out
 
     def close(self) -> None:

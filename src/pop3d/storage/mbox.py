@@ -78,7 +78,17 @@ Rules of this file:
   (:mod:`pop3d.storage.quota`); checking it costs a scan of the mbox under the lock.
 * **Blocking I/O** (scans, copies, fsyncs, lock waits) runs in the default executor,
   each locked step as one call that takes and releases its locks, so a cancelled caller
-  never leaves a lock behind.
+  never leaves a lock behind.  Message reads on the event loop are
+  ``preadv(RWF_NOWAIT)``: what the page cache does not hold is read in a thread.
+* **No link is followed** below the template's mail root
+  (:mod:`pop3d.storage.beneath`): the mbox's folder is opened with
+  ``openat2(RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH)``, and the mbox, its dotlock, the
+  rewrite's temporary file and the delivery spool are opened, checked, renamed and
+  unlinked relative to that folder, ``O_NOFOLLOW | O_NONBLOCK``, regular files only.
+  A symbolic link (or FIFO, device...) as the mbox, or in its folder's path, refuses
+  the login with ``[SYS/PERM]`` and a delivery with a temporary failure; one at the
+  dotlock's name is an unbreakable foreign lock (a timeout), never followed.  Files
+  pop3d creates get ``O_EXCL``; the temporary ones a random name.
 """
 
 from __future__ import annotations
@@ -87,6 +97,7 @@ import asyncio
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -94,7 +105,6 @@ import re
 import secrets
 import socket
 import stat as st
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -108,15 +118,17 @@ from pop3d.config import StorageConfig
 from pop3d.errors import (
     LocalProtocolError,
     MessageVanished,
+    PermanentBackendError,
     QuotaExceeded,
     TemporaryBackendError,
 )
 from pop3d.storage import lock_table
 from pop3d.storage.base import MailboxStats, MessageInfo
-from pop3d.storage.blocking import fsync_dir, in_thread, write_all
-from pop3d.storage.locking import SessionLock, SessionLocks, session_locks_for
+from pop3d.storage.beneath import DIR_FLAGS, MailRoot, is_link_refusal
+from pop3d.storage.blocking import in_thread, pread_nowait, write_all
+from pop3d.storage.locking import SessionLock, SessionLocks, session_locks_for, take_lock
 from pop3d.storage.quota import quota_for
-from pop3d.storage.template import check_template, mail_path
+from pop3d.storage.template import check_template, mail_path, mail_rel, mail_root
 from pop3d.storage.wire import CrlfNormaliser, WireCounter
 
 __all__ = ["MboxMaildrop", "MboxStore"]
@@ -147,9 +159,6 @@ MAX_FROM_LINE = 4096
 
 #: Header octets searched for X-UIDL (and Return-Path when appending).
 MAX_HEADER_HASH = 64 * 1024
-
-#: Below this many octets a message is read inline; above, chunk reads go to a thread.
-_INLINE_READ = 64 * 1024
 
 _SEPARATOR = b"\nFrom "
 #: What makes a From_ line a separator (beside the empty line before it): a time.
@@ -548,14 +557,76 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _dotlock_stale(lock: Path, stale_age: float) -> os.stat_result | None:
-    """Return the stat of a stale dotlock (to break it), ``None`` if it is alive or gone."""
+_OPEN_FILE = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+@dataclass(frozen=True, slots=True)
+class _Place:
+    """Where an mbox is: the file ``name`` in the folder ``folder`` below the mail root."""
+
+    root: MailRoot
+    folder: str  #: relative to the root; "" for the root itself
+    name: str
+    path: Path  #: the full path, for messages and names only
+
+    def open_folder(self) -> int:
+        """Open the mbox's folder, following no link below the root.
+
+        Raises:
+            OSError: as :func:`pop3d.storage.beneath.open_beneath`.
+
+        """
+        if not self.folder:
+            return os.dup(self.root.fd())
+        return self.root.open(self.folder, DIR_FLAGS)
+
+    def make_folder(self) -> int:
+        """:meth:`open_folder`, creating the root and the folders below it (mode 0700).
+
+        Raises:
+            OSError: as :meth:`open_folder`, or a folder cannot be created.
+
+        """
+        fd = os.dup(self.root.fd(create=True))
+        try:
+            for part in filter(None, self.folder.split("/")):
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o700, dir_fd=fd)
+                nxt = os.open(part, DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nxt
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+
+def _lstat(name: str, dir_fd: int) -> os.stat_result:
+    return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+
+
+def _dotlock_stale(name: str, dir_fd: int, stale_age: float) -> os.stat_result | None:
+    """Return the stat of a stale dotlock (to break it), ``None`` if it is alive or gone.
+
+    A dotlock that is not a regular file (a planted link or FIFO) is never stale: it is
+    not read, never broken, and the lock times out.
+    """
     try:
-        s = lock.lstat()
+        s = _lstat(name, dir_fd)
+        if not st.S_ISREG(s.st_mode):
+            return None
         if time.time() - s.st_mtime > stale_age:
             return s
-        text = lock.read_bytes()[:256].decode("ascii", "replace").strip()
+        fd = os.open(name, os.O_RDONLY | _OPEN_FILE, dir_fd=dir_fd)
+        try:
+            if not st.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            text = os.read(fd, 256).decode("ascii", "replace").strip()
+        finally:
+            os.close(fd)
     except FileNotFoundError:
+        return None
+    except OSError:
         return None
     pid, _, host = text.partition(":")
     if pid.isdigit() and host == _host() and not _pid_alive(int(pid)):
@@ -566,15 +637,23 @@ def _dotlock_stale(lock: Path, stale_age: float) -> os.stat_result | None:
 class _MboxLock:
     """The dotlock plus the ``fcntl`` lock of one mbox, held by one thread for one step."""
 
-    def __init__(self, path: Path, *, exclusive: bool, timeout: float, stale_age: float) -> None:
-        self.path = path
+    def __init__(
+        self, place: _Place, *, exclusive: bool, timeout: float, stale_age: float
+    ) -> None:
+        self.place = place
+        self.path = place.path
+        self.name = place.name
         self.exclusive = exclusive
         self.timeout = timeout
         self.stale_age = stale_age
-        self.dotlock = path.with_name(path.name + ".lock")
+        self.dotlock = place.name + ".lock"
+        #: The mbox's folder while the lock is held (every name is looked up in it).
+        self.dir_fd = -1
+        #: Whether :meth:`acquire` created the mbox.
+        self.created = False
         self.fd = -1
         self._dot_ino: int | None = None
-        self._plock = _process_lock(path)
+        self._plock = _process_lock(place.path)
         self._plocked = False
         self._refreshed = 0.0
 
@@ -590,23 +669,33 @@ class _MboxLock:
             raise TemporaryBackendError("timed out waiting for the mbox lock")
         self._plocked = True
         try:
-            if not create and not self.path.exists():
-                self.release()
-                return False
-            self._take_dotlock(deadline)
-            while True:
-                flags = (os.O_RDWR if self.exclusive else os.O_RDONLY) | os.O_NOFOLLOW
-                flags |= os.O_CLOEXEC | (os.O_CREAT if create else 0)
+            self.dir_fd = self.place.make_folder() if create else self.place.open_folder()
+            if not create:
                 try:
-                    fd = os.open(self.path, flags, mode)
+                    _lstat(self.name, self.dir_fd)
                 except FileNotFoundError:
                     self.release()
                     return False
+            self._take_dotlock(deadline)
+            while True:
+                flags = (os.O_RDWR if self.exclusive else os.O_RDONLY) | _OPEN_FILE
+                try:
+                    fd = os.open(self.name, flags, dir_fd=self.dir_fd)
+                except FileNotFoundError:
+                    if not create:
+                        self.release()
+                        return False
+                    try:
+                        fd = os.open(self.name, flags | os.O_CREAT | os.O_EXCL, mode,
+                                     dir_fd=self.dir_fd)
+                    except FileExistsError:
+                        continue  # created by another meanwhile: open that one
+                    self.created = True
                 self.fd = fd
                 _check_regular(fd)
                 self._take_fcntl(deadline)
                 try:
-                    same = self.path.lstat().st_ino == os.fstat(fd).st_ino
+                    same = _lstat(self.name, self.dir_fd).st_ino == os.fstat(fd).st_ino
                 except FileNotFoundError:
                     same = False
                 if same:
@@ -616,8 +705,10 @@ class _MboxLock:
                 self.fd = -1
         except OSError as exc:
             self.release()
-            if exc.errno == errno.ELOOP:
-                raise TemporaryBackendError("the mbox is a symbolic link") from None
+            if is_link_refusal(exc):
+                raise PermanentBackendError(
+                    "the mbox or a folder of its path is a symbolic link"
+                ) from None
             raise TemporaryBackendError(f"cannot lock the mbox: {exc.strerror}") from None
         except BaseException:
             self.release()
@@ -629,17 +720,18 @@ class _MboxLock:
             try:
                 fd = os.open(
                     self.dotlock,
-                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FILE,
                     0o644,
+                    dir_fd=self.dir_fd,
                 )
             except FileExistsError:
-                stale = _dotlock_stale(self.dotlock, self.stale_age)
+                stale = _dotlock_stale(self.dotlock, self.dir_fd, self.stale_age)
                 if stale is not None:
                     with contextlib.suppress(FileNotFoundError):
-                        again = self.dotlock.lstat()
+                        again = _lstat(self.dotlock, self.dir_fd)
                         if (again.st_ino, again.st_mtime_ns) == (stale.st_ino, stale.st_mtime_ns):
-                            log.warning("%s: breaking a stale dotlock", self.dotlock)
-                            self.dotlock.unlink()
+                            log.warning("%s.lock: breaking a stale dotlock", self.path)
+                            os.unlink(self.dotlock, dir_fd=self.dir_fd)
                     continue
                 if time.monotonic() >= deadline:
                     raise TemporaryBackendError("timed out waiting for the mbox dotlock") from None
@@ -679,7 +771,7 @@ class _MboxLock:
         if self._dot_ino is not None and now - self._refreshed >= DOTLOCK_REFRESH:
             self._refreshed = now
             with contextlib.suppress(OSError):
-                os.utime(self.dotlock)
+                os.utime(self.dotlock, dir_fd=self.dir_fd, follow_symlinks=False)
 
     def release(self) -> None:
         """Release whatever is held (safe to call twice)."""
@@ -689,22 +781,41 @@ class _MboxLock:
         if self._dot_ino is not None:
             ino, self._dot_ino = self._dot_ino, None
             with contextlib.suppress(OSError):
-                if self.dotlock.lstat().st_ino == ino:  # still ours, not broken and retaken
-                    self.dotlock.unlink()
+                # Still ours, not broken and retaken?
+                if _lstat(self.dotlock, self.dir_fd).st_ino == ino:
+                    os.unlink(self.dotlock, dir_fd=self.dir_fd)
+        if self.dir_fd >= 0:
+            dir_fd, self.dir_fd = self.dir_fd, -1
+            os.close(dir_fd)
         if self._plocked:
             self._plocked = False
             self._plock.release()
 
 
-def _check_exists(path: Path) -> None:
+def _check_exists(place: _Place) -> None:
+    """Check that the mbox exists and is a regular file (no link followed on the way).
+
+    Raises:
+        TemporaryBackendError: it does not exist or cannot be examined.
+        PermanentBackendError: it, or a folder of its path, is a symbolic link, or it is
+            not a regular file.
+
+    """
     try:
-        if st.S_ISREG(path.lstat().st_mode):
+        fd = place.open_folder()
+        try:
+            mode = _lstat(place.name, fd).st_mode
+        finally:
+            os.close(fd)
+        if st.S_ISREG(mode):
             return
     except FileNotFoundError:
         raise TemporaryBackendError("the mbox does not exist") from None
     except OSError as exc:
+        if is_link_refusal(exc):
+            raise PermanentBackendError("a folder of the mbox's path is a symbolic link") from None
         raise _os_error("cannot find the mbox", exc) from None
-    raise TemporaryBackendError("the mbox is not a regular file")
+    raise PermanentBackendError("the mbox is a symbolic link or not a regular file")
 
 
 def _check_regular(fd: int) -> None:
@@ -712,12 +823,13 @@ def _check_regular(fd: int) -> None:
         raise TemporaryBackendError("the mbox is not a regular file")
 
 
-def _reopen(path: Path, locked: int) -> int:
-    """Open ``path`` read-only again: a new open file description of the locked inode.
+def _reopen(lock: _MboxLock) -> int:
+    """Open the locked mbox read-only again: a new open file description of its inode.
 
     (A ``dup`` would share the locked description and keep the ``fcntl`` lock alive.)
     """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    locked = lock.fd
+    fd = os.open(lock.name, os.O_RDONLY | _OPEN_FILE, dir_fd=lock.dir_fd)
     if os.fstat(fd).st_ino != os.fstat(locked).st_ino:
         os.close(fd)
         raise TemporaryBackendError("the mbox was replaced while it was scanned")
@@ -810,6 +922,8 @@ class MboxStore:
             raise ValueError("chunk_size must be positive")
         self.template = template
         self.base = base
+        #: The template's mail root, opened once; every path below it follows no link.
+        self.mail_root = MailRoot(mail_root(template, base))
         self.quota = quota
         self.lock_timeout = lock_timeout
         self.stale_dotlock_age = stale_dotlock_age
@@ -840,10 +954,22 @@ class MboxStore:
             raise TemporaryBackendError("an mbox name may not end in .lock")
         return path
 
-    def lock_for(self, path: Path, *, exclusive: bool) -> _MboxLock:
-        """The mbox lock of ``path`` with this store's timeouts (not yet taken)."""
+    def _place(self, username: str) -> _Place:
+        """Where the user's mbox is, below the mail root.
+
+        Raises:
+            UnsafeUserName: the name could escape the mail root.
+            TemporaryBackendError: the name would be another mbox's dotlock.
+
+        """
+        path = self.path_for(username)
+        folder, _, name = mail_rel(self.template, username).rpartition("/")
+        return _Place(self.mail_root, folder, name, path)
+
+    def lock_for(self, place: _Place, *, exclusive: bool) -> _MboxLock:
+        """The mbox lock of ``place`` with this store's timeouts (not yet taken)."""
         return _MboxLock(
-            path,
+            place,
             exclusive=exclusive,
             timeout=self.lock_timeout,
             stale_age=self.stale_dotlock_age,
@@ -864,24 +990,25 @@ class MboxStore:
                 obtained in time, or the user name is unsafe.
 
         """
-        path = self.path_for(principal.username)
-        _check_exists(path)
-        session = self.session_locks.acquire(path.with_name(f".{path.name}.pop3d"))
+        place = self._place(principal.username)
+        _check_exists(place)
+        session = self._session_lock(place)
 
         def snapshot() -> MboxMaildrop:
-            lock = self.lock_for(path, exclusive=False)
+            lock = self.lock_for(place, exclusive=False)
             try:
                 if not lock.acquire(create=False):
                     raise TemporaryBackendError("the mbox does not exist")
                 found = _scan(lock.fd, tick=lock.refresh)
-                fd = _reopen(path, lock.fd)
+                fd = _reopen(lock)
             except OSError as exc:
                 raise _os_error("cannot read the mbox", exc) from None
             finally:
                 lock.release()
             if found.preamble:
-                log.warning("%s: %d octets before the first From_ line", path, found.preamble)
-            return MboxMaildrop(path, self, session, fd, found.messages)
+                log.warning("%s: %d octets before the first From_ line", place.path,
+                            found.preamble)
+            return MboxMaildrop(place, self, session, fd, found.messages)
 
         def late(done: asyncio.Future[MboxMaildrop]) -> None:
             if done.cancelled() or done.exception() is not None:
@@ -897,6 +1024,25 @@ class MboxStore:
             session.close()
             raise
 
+    def _session_lock(self, place: _Place) -> SessionLock:
+        """Take the session lock ``.<name>.pop3d`` in the mbox's folder.
+
+        Raises:
+            MaildropLocked: another session holds it.
+            TemporaryBackendError: it cannot be taken.
+
+        """
+        try:
+            folder = place.open_folder()
+        except OSError as exc:
+            raise _os_error("cannot lock the mbox", exc) from None
+        try:
+            return take_lock(
+                self.session_locks, place.path.with_name(f".{place.name}.pop3d"), folder
+            )
+        finally:
+            os.close(folder)
+
     # -------------------------------------------------------------- MailboxInspector
 
     async def stat(self, principal: Principal) -> MailboxStats:
@@ -908,11 +1054,14 @@ class MboxStore:
             TemporaryBackendError: the mbox is missing or unreadable, or the name unsafe.
 
         """
-        path = self.path_for(principal.username)
-        _check_exists(path)
+        place = self._place(principal.username)
+        try:
+            _check_exists(place)
+        except PermanentBackendError as exc:  # the inspector's contract has one error
+            raise TemporaryBackendError(str(exc)) from None
 
         def count() -> MailboxStats:
-            lock = self.lock_for(path, exclusive=False)
+            lock = self.lock_for(place, exclusive=False)
             try:
                 if not lock.acquire(create=False):
                     raise TemporaryBackendError("the mbox does not exist")
@@ -928,7 +1077,10 @@ class MboxStore:
                 oldest=min(dates, default=None),
             )
 
-        return await in_thread(count)
+        try:
+            return await in_thread(count)
+        except PermanentBackendError as exc:
+            raise TemporaryBackendError(str(exc)) from None
 
     # -------------------------------------------------------------- Deliverer
 
@@ -953,15 +1105,9 @@ class MboxStore:
                 timeout, or an unsafe user name; nothing of the message is left behind.
 
         """
-        path = self.path_for(principal.username)
+        place = self._place(principal.username)
         limit = quota_for(principal.attributes, self.quota)
-        try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            spool = tempfile.TemporaryFile(  # noqa: SIM115 (closed in the finally below)
-                dir=path.parent, prefix=f".{path.name}.spool.", buffering=0
-            )
-        except OSError as exc:
-            raise _os_error("cannot spool the message", exc) from None
+        spool = _Spool(place)
         try:
             writer = _MboxWriter()
             head = bytearray()
@@ -973,8 +1119,8 @@ class MboxStore:
                         head.startswith((b"\n", b"\r\n")) or _HEADER_END.search(head)
                     )
                 writer.wire.feed(chunk)
-                write_all(spool.fileno(), writer.feed(chunk))
-            write_all(spool.fileno(), writer.finish())
+                write_all(spool.fd, writer.feed(chunk))
+            write_all(spool.fd, writer.finish())
             if sender is None:
                 found = _RETURN_PATH.match(bytes(head))
                 sender = found.group(1).decode("ascii", "replace") if found else None
@@ -982,7 +1128,7 @@ class MboxStore:
             wire = writer.wire.wire_size
             length = writer.size
             owner = _owner(principal)
-            job = _Append(path, spool.fileno(), length, from_line, wire, limit, owner)
+            job = _Append(place, spool.fd, length, from_line, wire, limit, owner)
             await in_thread(lambda: self._append(job))
         except OSError as exc:
             raise _os_error("delivery failed", exc) from None
@@ -991,10 +1137,14 @@ class MboxStore:
 
     def _append(self, job: _Append) -> None:
         """Under the mbox lock: check the quota, append, fsync; on failure truncate back."""
-        path, owner, limit = job.path, job.owner, job.limit
-        lock = self.lock_for(path, exclusive=True)
-        created = not path.exists()
-        lock.acquire(create=True)
+        path, owner, limit = job.place.path, job.owner, job.limit
+        lock = self.lock_for(job.place, exclusive=True)
+        try:
+            lock.acquire(create=True)
+        except PermanentBackendError as exc:
+            # Mail is retried, never bounced, for a maildrop its owner may repair.
+            raise TemporaryBackendError(f"delivery refused: {exc}") from None
+        created = lock.created
         try:
             fd = lock.fd
             size = os.fstat(fd).st_size
@@ -1023,7 +1173,7 @@ class MboxStore:
                     log.exception("%s: could not truncate a failed delivery", path)
                 raise
             if created:
-                fsync_dir(path.parent)
+                os.fsync(lock.dir_fd)
         except OSError as exc:
             raise _os_error("delivery failed", exc) from None
         finally:
@@ -1032,15 +1182,18 @@ class MboxStore:
 
 def _rewrite(lock: _MboxLock, deleted: frozenset[str]) -> None:
     """Remove the messages ``deleted`` by copy and rename (see the module head)."""
-    path = lock.path
     if not lock.acquire(create=False):
         return  # no mbox: nothing to delete
-    tmp: Path | None = None
+    tmp: str | None = None
+    folder, name = lock.dir_fd, lock.name
     try:
         fd = lock.fd
-        for stale in path.parent.glob(f".{glob_escape(path.name)}.pop3d-rewrite.*"):
+        prefix = f".{name}.pop3d-rewrite."
+        with os.scandir(folder) as it:
+            stale = [e.name for e in it if e.name.startswith(prefix)]
+        for old in stale:
             with contextlib.suppress(OSError):
-                stale.unlink()
+                os.unlink(old, dir_fd=folder)
         scan = _scan(fd, tick=lock.refresh)
         keep = [m for m in scan.messages if m.uid not in deleted]
         if len(keep) == len(scan.messages):
@@ -1054,8 +1207,9 @@ def _rewrite(lock: _MboxLock, deleted: frozenset[str]) -> None:
         tail = os.fstat(fd).st_size - scan.size  # cannot grow under our lock; be exact
         if tail > 0:
             runs.append((scan.size, tail))
-        tmp = path.with_name(f".{path.name}.pop3d-rewrite.{os.getpid()}.{secrets.token_hex(4)}")
-        out_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        tmp = f"{prefix}{secrets.token_hex(8)}"
+        out_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FILE, 0o600,
+                         dir_fd=folder)
         try:
             out = 0
             for start, length in runs:
@@ -1068,30 +1222,60 @@ def _rewrite(lock: _MboxLock, deleted: frozenset[str]) -> None:
             os.fsync(out_fd)
         finally:
             os.close(out_fd)
-        if path.lstat().st_ino != os.fstat(fd).st_ino:
+        if _lstat(name, folder).st_ino != os.fstat(fd).st_ino:
             raise TemporaryBackendError("the mbox was replaced during the rewrite")
-        tmp.replace(path)
+        os.rename(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
         tmp = None
-        fsync_dir(path.parent)
+        os.fsync(folder)
     except OSError as exc:
         raise _os_error("cannot rewrite the mbox", exc) from None
     finally:
         if tmp is not None:
             with contextlib.suppress(OSError):
-                tmp.unlink()
+                os.unlink(tmp, dir_fd=folder)
         lock.release()
 
 
-def glob_escape(name: str) -> str:
-    """``name`` with the glob metacharacters made literal."""
-    return re.sub(r"([*?\[])", r"[\1]", name)
+class _Spool:
+    """An unlinked temporary file in the mbox's folder (created there, no link followed).
+
+    Raises:
+        TemporaryBackendError: the folder cannot be created or opened, or is a link.
+
+    """
+
+    def __init__(self, place: _Place) -> None:
+        try:
+            folder = place.make_folder()
+        except OSError as exc:
+            if is_link_refusal(exc):
+                raise TemporaryBackendError(
+                    "cannot spool the message: a folder of the mbox's path is a symbolic link"
+                ) from None
+            raise _os_error("cannot spool the message", exc) from None
+        try:
+            name = f".{place.name}.spool.{secrets.token_hex(8)}"
+            #: The spool's descriptor (read-write).
+            self.fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_EXCL | _OPEN_FILE, 0o600,
+                              dir_fd=folder)
+            os.unlink(name, dir_fd=folder)
+        except OSError as exc:
+            raise _os_error("cannot spool the message", exc) from None
+        finally:
+            os.close(folder)
+
+    def close(self) -> None:
+        """Close (and so free) the spool; idempotent."""
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
 
 
 @dataclass(frozen=True, slots=True)
 class _Append:
     """One spooled message waiting to be appended."""
 
-    path: Path
+    place: _Place
     spool: int  #: descriptor of the spool file (mbox form, without From_ line)
     length: int  #: octets in the spool
     from_line: bytes
@@ -1116,13 +1300,14 @@ class MboxMaildrop:
 
     def __init__(
         self,
-        path: Path,
+        place: _Place,
         store: MboxStore,
         session: SessionLock,
         fd: int,
         messages: list[_Message],
     ) -> None:
-        self.path = path
+        self.path = place.path
+        self._place = place
         self._store = store
         self._session: SessionLock | None = session
         self._fd = fd
@@ -1150,9 +1335,11 @@ class MboxMaildrop:
     async def _stream(self, m: _Message) -> AsyncIterator[bytes]:
         fd = self._fd
         chunk = self._store.chunk_size
-        inline = m.end - m.body <= _INLINE_READ
         try:
-            if os.pread(fd, len(m.from_line), m.start) != m.from_line:
+            head = pread_nowait(fd, len(m.from_line), m.start)
+            if head is None:
+                head = await in_thread(lambda: os.pread(fd, len(m.from_line), m.start))
+            if head != m.from_line:
                 raise MessageVanished("the mbox was changed by another program")
         except OSError as exc:
             raise _os_error("cannot read the mbox", exc) from None
@@ -1163,10 +1350,11 @@ class MboxMaildrop:
         while pos < m.end:
             n = min(chunk, m.end - pos)
             try:
-                if inline:
-                    data = os.pread(fd, n, pos)
-                else:
-                    data = await asyncio.to_thread(os.pread, fd, n, pos)
+                # From the page cache on the loop; from the disk in a thread.
+                found = pread_nowait(fd, n, pos)
+                data = found if found is not None else await in_thread(
+                    functools.partial(os.pread, fd, n, pos)
+                )
             except OSError as exc:
                 raise _os_error("cannot read the mbox", exc) from None
             if not data:
@@ -1197,7 +1385,7 @@ class MboxMaildrop:
         targets = frozenset(uid for uid in deleted if uid in self._by_uid)
         if not targets:
             return
-        lock = self._store.lock_for(self.path, exclusive=True)
+        lock = self._store.lock_for(self._place, exclusive=True)
         self._commit = asyncio.get_running_loop().run_in_executor(None, _rewrite, lock, targets)
         await asyncio.shield(self._commit)
 

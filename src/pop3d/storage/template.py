@@ -16,6 +16,18 @@ Rules of this file:
   rather than collapsing the path: with ``mail/%d/%n`` the user ``alice`` would otherwise
   land at ``mail/alice``, a parent of ``mail/alice/<anyone>`` for the user ``<anyone>@alice``.
 * A relative result is resolved against ``base`` (the config file's folder).
+* **A template cannot share mail by mistake** (:func:`check_template`, at config load and
+  when a store is built): it must hold a per-user variable (``%u`` or ``%n``; ``%d``
+  alone would give a whole domain one maildrop, and a template without any variable
+  every user the same one), and none of its path components may be ``.`` or ``..``
+  (a ``..`` after the variable could leave the user's folder, one before it the root).
+* **The mail root** of a template (:func:`mail_root`) is the folder part of its text
+  before the first variable, resolved against ``base`` (``mail/%u/Maildir`` ->
+  ``<base>/mail``; ``/var/mail/%u`` -> ``/var/mail``; ``%u/Maildir`` -> ``<base>``).
+  It belongs to the operator and may be reached through symbolic links.  Everything
+  below it (:func:`mail_rel`, e.g. ``alice/Maildir``) may belong to the user, and the
+  stores open it relative to the root without following any symbolic link
+  (:mod:`pop3d.storage.beneath`).
 """
 
 from __future__ import annotations
@@ -69,21 +81,41 @@ def check_username(username: str) -> None:
             raise UnsafeUserName("user name is, or has a part that is, empty or dot-led")
 
 
-def check_template(template: str) -> None:
-    """Refuse a template with an unknown ``%`` escape (for validation at config load).
+def check_template(template: str, where: str = "[storage] template") -> None:
+    """Refuse a template that is malformed or could share or leak mail (see the module head).
+
+    ``where`` names the setting in the message (``"pop3d.toml: [storage] maildir"``).
 
     Raises:
-        ConfigError: an escape other than ``%u``, ``%n``, ``%d``, ``%%``, or a trailing ``%``.
+        ConfigError: an escape other than ``%u``, ``%n``, ``%d``, ``%%``, or a trailing
+            ``%``; no ``%u`` or ``%n``; a ``.`` or ``..`` path component.
 
     """
+    _check_escapes(template, where)
+    variables = {part for part in _ESCAPE.split(template)[1::2] if part != "%%"}
+    if not variables & {"%u", "%n"}:
+        raise ConfigError(
+            f"{where} = {template!r}: no per-user variable (%u or %n): every user"
+            + (" of a domain" if "%d" in variables else "")
+            + " would log in to the same maildrop and read the others' mail"
+        )
+    if any(part in {".", ".."} for part in template.split("/")):
+        raise ConfigError(
+            f"{where} = {template!r}: a '.' or '..' path component could resolve outside"
+            " the mail root or the user's own folder; write the path without them"
+        )
+
+
+def _check_escapes(template: str, where: str) -> None:
+    """Refuse an empty template or one with an unknown ``%`` escape."""
     if not template:
-        raise ConfigError("[storage] template is empty")
+        raise ConfigError(f"{where} is empty")
     i = 0
     while i < len(template):
         if template[i] == "%":
             if i + 1 >= len(template) or template[i + 1] not in _ESCAPES:
                 raise ConfigError(
-                    f"[storage] template {template!r}: unknown escape at offset {i}"
+                    f"{where} = {template!r}: unknown escape at offset {i}"
                     " (use %u, %n, %d or %%)"
                 )
             i += 2
@@ -123,7 +155,7 @@ def static_prefix(template: str) -> str:
         ConfigError: the template has an unknown escape.
 
     """
-    check_template(template)
+    _check_escapes(template, "[storage] template")
     out: list[str] = []
     for i, part in enumerate(_ESCAPE.split(template)):
         if i % 2 == 0:
@@ -151,3 +183,38 @@ def mail_path(template: str, username: str, base: Path) -> Path:
     """
     path = Path(expand(template, username))
     return path if path.is_absolute() else base / path
+
+
+@functools.lru_cache(maxsize=64)
+def mail_root(template: str, base: Path) -> Path:
+    """Return the mail root of ``template``: its static folder, resolved against ``base``.
+
+    Raises:
+        ConfigError: the template has an unknown escape.
+
+    """
+    prefix = static_prefix(template)
+    slash = prefix.rfind("/")
+    folder = prefix[:slash] if slash > 0 else "/" if slash == 0 else ""
+    path = Path(folder) if folder else Path()
+    return path if path.is_absolute() else base / path
+
+
+@functools.lru_cache(maxsize=65536)
+def mail_rel(template: str, username: str) -> str:
+    """Return the path of ``username``'s mail relative to :func:`mail_root` (``alice/Maildir``).
+
+    It is never empty and has no empty, ``.`` or ``..`` component.
+
+    Raises:
+        UnsafeUserName: the name could escape the mail root (see :func:`check_username`).
+        ConfigError: the template is refused by :func:`check_template`.
+
+    """
+    check_template(template)
+    expanded = expand(template, username)
+    slash = static_prefix(template).rfind("/")
+    parts = [part for part in expanded[slash + 1 :].split("/") if part]
+    if not parts or any(part in {".", ".."} for part in parts):
+        raise UnsafeUserName("the user's path would leave the mail root")
+    return "/".join(parts)

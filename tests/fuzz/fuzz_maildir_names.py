@@ -107,8 +107,6 @@ def _check_store(split: harness.Split, names: list[str]) -> None:
                 assert size == len(got), "listed size differs from what RETR sends"
         read = []
         for size, again in second.values():
-            if again is None and harness.tolerated("w-size"):
-                return  # issue 15 item 3, reported: a wrong W= is not healed
             assert again is not None, "a message still unreadable at the next open"
             assert size == len(again), "listed size differs from what RETR sends"
             read.append(again)

@@ -35,7 +35,11 @@ def quote(text: str) -> str:
 
 
 def auth_failed(user: str, rip: str, mech: str, reason: str, tls: str | None) -> None:
-    """Log one refused authentication (see the module's docstring for the shape)."""
+    """Log one refused authentication (see the module's docstring for the shape).
+
+    The fields also travel with the record (``audit``), for the JSON lines of
+    ``[log] format = "json"``.  A WARNING is written at once, never held for a batch.
+    """
     log.warning(
         "auth failed: user=%s rip=%s mech=%s reason=%s tls=%s",
         quote(user),
@@ -43,4 +47,14 @@ def auth_failed(user: str, rip: str, mech: str, reason: str, tls: str | None) ->
         mech,
         reason,
         tls or "no",
+        extra={
+            "audit": {
+                "event": "auth_failed",
+                "user": user,
+                "rip": rip,
+                "mech": mech,
+                "reason": reason,
+                "tls": tls or "no",
+            }
+        },
     )

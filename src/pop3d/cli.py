@@ -1,4 +1,4 @@
-"""The ``pop3d`` command line: ``serve``, ``deliver``, ``user``, ``mailbox``, ``bench``.
+"""The ``pop3d`` command line: serve, check-config, deliver, user, mailbox, who, kick, bench.
 
 ``build_parser()`` is separate from ``main()`` so tests drive the CLI in-process:
 ``main(["deliver", "--config", path, "alice", msg]) == 0``.
@@ -20,14 +20,18 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     from pop3d import (  # noqa: PLC0415 (each subcommand loads only what it needs)
+        admin,
+        checkconfig,
         deliver,
         serve,
         useradmin,
     )
 
     serve.add_parser(sub)
+    checkconfig.add_parser(sub)
     deliver.add_parser(sub)
     useradmin.add_parser(sub)
+    admin.add_parser(sub)
     from pop3d import bench  # noqa: PLC0415 (each subcommand loads only what it needs)
 
     bench.add_parser(sub)
@@ -38,7 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the process exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    status: int = args.run(args)
+    try:
+        status: int = args.run(args)
+    except KeyboardInterrupt:  # Ctrl-C at a prompt: no traceback
+        print(file=sys.stderr)  # noqa: T201
+        return 130
     return status
 
 

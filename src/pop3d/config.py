@@ -49,6 +49,13 @@ class ServerConfig:
     greeting: str = "POP3 server ready"
     #: Host name used in the APOP timestamp.
     hostname: str = "localhost"
+    #: Load balancers whose connections must start with a PROXY v1/v2 header (and the
+    #: only peers whose header is believed): server/accept.py, docs/proxy-protocol.md.
+    proxy_protocol_from: tuple[IPNetwork, ...] = ()
+    #: Seconds from accept to the start of the session: PROXY header and implicit TLS.
+    handshake_timeout: float = limits.HANDSHAKE_TIMEOUT
+    #: Implicit-TLS handshakes in progress at once, per worker.
+    max_tls_handshakes: int = limits.MAX_TLS_HANDSHAKES
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +139,54 @@ class LmtpConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ServiceConfig:
+    """The service keys of ``[server]``: who the processes run as, how they stop.
+
+    Read from the ``[server]`` table but kept apart from :class:`ServerConfig` (the
+    protocol's settings): see :func:`_service` and docs/operations.md.
+    """
+
+    #: Run every process that talks to clients as this user (``None``: as started).
+    user: str | None = None
+    #: ... and this group (default: the user's primary group).
+    group: str | None = None
+    #: ``user = "root"`` is refused unless this is set.
+    allow_root: bool = False
+    #: SIGTERM: seconds an UPDATE in progress is given before the rest is cut.
+    shutdown_grace: float = limits.SHUTDOWN_GRACE
+    #: Folder of the admin sockets (``pop3d who``/``kick``) and the metrics' files
+    #: (default: ``run`` beside the config file; ``/run/pop3d`` in production).
+    run_dir: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """``[metrics]``: the Prometheus endpoint (off unless ``listen`` is set)."""
+
+    listen: ListenAddress | None = None
+
+
+#: Where ``[log] target`` may send lines.
+LogTarget = Literal["stderr", "syslog", "file"]
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    """``[log]``: where lines go, in which shape, from which level."""
+
+    target: LogTarget = "stderr"
+    #: ``text`` (one human line) or ``json`` (one JSON object a line).
+    format: Literal["text", "json"] = "text"
+    level: str = "INFO"
+    #: The file of ``target = "file"``.
+    file: Path | None = None
+    #: The syslog socket of ``target = "syslog"`` (journald listens there too).
+    syslog_socket: Path = Path("/dev/log")
+    #: The syslog facility.
+    facility: str = "mail"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration."""
 
@@ -142,6 +197,9 @@ class Config:
     lmtp: LmtpConfig = LmtpConfig()
     #: The file this was read from (``None`` for the embedded default).
     path: Path | None = None
+    service: ServiceConfig = ServiceConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    log: LogConfig = LogConfig()
 
 
 def parse_size(value: object, where: str) -> int:
@@ -184,13 +242,41 @@ class _Section:
             return default
         value = self.data[key]
         if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
-            raise ConfigError(f"[{self.name}] {key}: wrong type {type(value).__name__}")
+            raise ConfigError(
+                f"[{self.name}] {key}: expected {_expected(kind)}, got {_toml_type(value)} "
+                f"{value!r}"
+            )
         return value
 
     def done(self) -> None:
         unknown = set(self.data) - self.used
         if unknown:
             raise ConfigError(f"[{self.name}]: unknown key(s) {', '.join(sorted(unknown))}")
+
+
+#: TOML's names for the Python types a key may hold (error messages speak TOML).
+_TOML_TYPES: Mapping[type, str] = {
+    bool: "a boolean (true/false)",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "an array",
+    dict: "a table",
+}
+
+
+def _expected(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if set(kinds) == {int, float}:
+        return "a number"
+    return " or ".join(_TOML_TYPES.get(k, k.__name__) for k in kinds)
+
+
+def _toml_type(value: object) -> str:
+    for kind in (bool, int, float, str, list, dict):
+        if isinstance(value, kind):
+            return _TOML_TYPES[kind].split(" (")[0]
+    return type(value).__name__
 
 
 def _path(base: Path, value: str) -> Path:
@@ -221,6 +307,19 @@ def _server(data: Mapping[str, Any]) -> ServerConfig:
         workers = workers_raw
     else:
         raise ConfigError('[server] workers must be a positive number or "auto"')
+    try:
+        proxies = tuple(
+            ipaddress.ip_network(n, strict=False)
+            for n in sec.get("proxy_protocol_from", list, [])
+        )
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"[server] proxy_protocol_from: {exc}") from None
+    handshake = float(sec.get("handshake_timeout", (int, float), d.handshake_timeout))
+    if handshake <= 0:
+        raise ConfigError("[server] handshake_timeout must be positive")
+    handshakes = sec.get("max_tls_handshakes", int, d.max_tls_handshakes)
+    if handshakes < 1:
+        raise ConfigError("[server] max_tls_handshakes must be at least 1")
     cfg = ServerConfig(
         listen=listen,
         tls_listen=tls_listen,
@@ -231,6 +330,9 @@ def _server(data: Mapping[str, Any]) -> ServerConfig:
         max_connections_per_ip=sec.get("max_connections_per_ip", int, d.max_connections_per_ip),
         greeting=sec.get("greeting", str, d.greeting),
         hostname=sec.get("hostname", str, d.hostname),
+        proxy_protocol_from=proxies,
+        handshake_timeout=handshake,
+        max_tls_handshakes=handshakes,
     )
     sec.done()
     if not cfg.listen and not cfg.tls_listen:
@@ -353,13 +455,98 @@ def _lmtp(data: Mapping[str, Any]) -> LmtpConfig:
     return cfg
 
 
+#: The keys of ``[server]`` that :func:`_service` reads (the rest are :func:`_server`'s).
+_SERVICE_KEYS = frozenset({"user", "group", "allow_root", "shutdown_grace", "run_dir"})
+
+#: syslog facilities by name (``[log] facility``).
+_FACILITIES = frozenset(
+    {"mail", "daemon", "user", "auth", "authpriv"} | {f"local{i}" for i in range(8)}
+)
+
+
+def _service(data: Mapping[str, Any], base: Path) -> ServiceConfig:
+    sec = _Section(data, "server")
+    d = ServiceConfig()
+    user = sec.get("user", str, None)
+    group = sec.get("group", str, None)
+    grace = float(sec.get("shutdown_grace", (int, float), d.shutdown_grace))
+    run_dir = sec.get("run_dir", str, None)
+    allow_root = sec.get("allow_root", bool, d.allow_root)
+    sec.done()
+    cfg = ServiceConfig(
+        user=user or None,
+        group=group or None,
+        allow_root=allow_root,
+        shutdown_grace=grace,
+        run_dir=_path(base, run_dir or "run"),
+    )
+    if user is not None and not user.strip():
+        raise ConfigError('[server] user: expected a user name, got ""')
+    if group is not None and user is None:
+        raise ConfigError("[server] group: set only with [server] user")
+    if grace < 0:
+        raise ConfigError(f"[server] shutdown_grace: expected seconds >= 0, got {grace}")
+    return cfg
+
+
+def _metrics(data: Mapping[str, Any]) -> MetricsConfig:
+    sec = _Section(data, "metrics")
+    listen = sec.get("listen", str, None)
+    sec.done()
+    return MetricsConfig(
+        listen=None if not listen else parse_address(listen, "[metrics] listen"),
+    )
+
+
+def _log(data: Mapping[str, Any], base: Path) -> LogConfig:
+    sec = _Section(data, "log")
+    d = LogConfig()
+    target = sec.get("target", str, d.target)
+    fmt = sec.get("format", str, d.format)
+    level = sec.get("level", str, d.level).upper()
+    file = sec.get("file", str, None)
+    syslog_socket = sec.get("syslog_socket", str, str(d.syslog_socket))
+    facility = sec.get("facility", str, d.facility).lower()
+    sec.done()
+    if target not in ("stderr", "syslog", "file"):
+        raise ConfigError(f'[log] target: expected "stderr", "syslog" or "file", got {target!r}')
+    if fmt not in ("text", "json"):
+        raise ConfigError(f'[log] format: expected "text" or "json", got {fmt!r}')
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(
+            f'[log] level: expected "debug", "info", "warning" or "error", got {level.lower()!r}'
+        )
+    if target == "file" and not file:
+        raise ConfigError('[log] file: expected a file path with target = "file", got none')
+    if facility not in _FACILITIES:
+        raise ConfigError(
+            f"[log] facility: expected one of {', '.join(sorted(_FACILITIES))}, got {facility!r}"
+        )
+    return LogConfig(
+        target=target,
+        format=fmt,
+        level=level,
+        file=_path(base, file) if file else None,
+        syslog_socket=_path(base, syslog_socket),
+        facility=facility,
+    )
+
+
 def from_mapping(data: Mapping[str, Any], base: Path, path: Path | None = None) -> Config:
     """Build a :class:`Config` from parsed TOML, resolving paths against ``base``."""
-    unknown = set(data) - {"server", "tls", "auth", "storage", "lmtp"}
+    unknown = set(data) - {"server", "tls", "auth", "storage", "lmtp", "metrics", "log"}
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}")
+    server = data.get("server", {})
+    if not isinstance(server, Mapping):
+        raise ConfigError("[server] must be a table")
+    service = {k: v for k, v in server.items() if k in _SERVICE_KEYS}
+    server = {k: v for k, v in server.items() if k not in _SERVICE_KEYS}
     return Config(
-        server=_server(data.get("server", {})),
+        service=_service(service, base),
+        metrics=_metrics(data.get("metrics", {})),
+        log=_log(data.get("log", {}), base),
+        server=_server(server),
         tls=_tls(data["tls"], base) if "tls" in data else None,
         auth=_auth(data.get("auth", {}), base),
         storage=_storage(data.get("storage", {"maildir": "mail/%u/Maildir"}), base, path),
@@ -381,5 +568,8 @@ def load(path: Path) -> Config:
     except OSError as exc:
         raise ConfigError(f"{path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return from_mapping(data, path.resolve().parent, path)
+    except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
-    return from_mapping(data, path.resolve().parent, path)

@@ -20,8 +20,11 @@ Rules of this file:
   its sender is the envelope sender unless ``-f`` gives one (dovecot-lda does the same).
 * One line goes to standard error on failure (the MTA puts it in the bounce or the log);
   it names the reason, never the message content.
-* Without ``--config`` the embedded default of ``pop3d serve`` is used (``--data``, or
-  ``$POP3D_DATA``, or ``./pop3d-data``).
+* Without ``--config`` the embedded default of ``pop3d serve`` is used only if its data
+  folder exists (``--data``, or ``$POP3D_DATA``, or ``./pop3d-data``), and stderr says so;
+  otherwise the command refuses (78), naming ``--config``: it never creates a folder.
+* Run as root with ``[server] user`` set, it becomes that user (and group) before it reads
+  or writes anything, so delivered files belong to the mail user, as the server's do.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pop3d import limits
+from pop3d import limits, privileges
 from pop3d.auth.base import Authenticator, Principal
 from pop3d.errors import ConfigError, QuotaExceeded, TemporaryBackendError
 
@@ -87,7 +90,11 @@ def run(args: argparse.Namespace) -> int:
     from pop3d import serve  # noqa: PLC0415 (config loading and store building are shared)
 
     try:
-        cfg = serve.load_config(args)
+        cfg = serve.load_existing_config(args, "deliver")
+        identity = privileges.resolve(cfg.service)
+        if identity is not None and os.geteuid() == 0:
+            # Started as root (a pipe transport without user=): mail is the mail user's.
+            privileges.drop(identity)
         authenticator = serve.build_authenticator(cfg)
         store = serve.build_store(cfg)
     except (ConfigError, OSError) as exc:

@@ -124,9 +124,6 @@ MAX_NUMBER_DIGITS = 10
 #: RFC 1939 §7: a unique-id is "up to 70 characters" in 0x21-0x7E.
 MAX_UIDL = 70
 
-#: Time allowed for a TLS handshake (STLS or implicit TLS) before the connection is closed.
-TLS_HANDSHAKE_TIMEOUT = 30.0
-
 #: After a deadline's farewell, time given to the peer to take it before the connection
 #: is cut (a peer that never reads would hold a closing connection for ever).
 CLOSE_GRACE = 5.0
@@ -143,3 +140,32 @@ LMTP_MAX_CONNECTIONS_PER_IP = 64
 #: LMTP connections a worker process holds at once (``[lmtp] max_connections``), from all
 #: addresses and UNIX-socket peers together; each costs a task and a spool file.
 LMTP_MAX_CONNECTIONS = 1000
+
+# ---------------------------------------------------------------------- the accept path
+# (src/pop3d/server/accept.py: what a connection may cost before its POP3 session starts)
+
+#: Time from accept until the POP3 session starts on a connection that must first send a
+#: PROXY header or complete an implicit-TLS handshake (``[server] handshake_timeout``).
+#: Both take one or two round trips (a TLS 1.2 handshake two, plus the client's key
+#: exchange), well under a second on any real link; 10 s leaves room for a lossy mobile
+#: link while a client that connects and says nothing is gone in 10 s, not 30 or never.
+HANDSHAKE_TIMEOUT = 10.0
+
+#: Implicit-TLS handshakes one worker runs at once (``[server] max_tls_handshakes``).  A
+#: handshake costs about a millisecond of CPU (key exchange and signature) and its
+#: buffers; more at once do not finish sooner on one core, they only hold more memory.
+#: Connections past the bound wait, reading paused, for a free slot within their
+#: ``handshake_timeout`` (a connection that has sent nothing holds no slot at all).
+MAX_TLS_HANDSHAKES = 64
+
+#: Size of the buffer each implicit-TLS connection reads ciphertext into, on asyncio.
+#: asyncio's default is 256 KiB per connection, allocated and zeroed whether or not the
+#: client ever sends that much, which made an idle POP3S session cost 280 KiB.  16 KiB
+#: holds a whole TLS record's payload (RFC 8446 §5.1: at most 2^14 octets), and POP3
+#: clients send short command lines: reads are no more frequent in practice.
+TLS_READ_BUFFER = 16 * 1024
+
+#: The largest PROXY protocol v2 header length accepted (the 16-octet fixed part not
+#: counted).  The addresses take at most 216 octets (AF_UNIX); HAProxy's TLVs (ALPN,
+#: authority, unique id up to 128, SSL version/CN/cipher/algorithms) fit well in the rest.
+PROXY_V2_MAX_LENGTH = 1536

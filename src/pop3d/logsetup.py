@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import logging.handlers
 import os
+import re
 import select
 import sys
 import threading
@@ -36,6 +39,8 @@ from collections.abc import Iterator
 from typing import TextIO
 
 from pop3d import process
+from pop3d.config import LogConfig
+from pop3d.errors import ConfigError
 
 #: The most octets a pipe takes in one atomic ``write`` (POSIX: at least 512).
 _ATOMIC_WRITE = getattr(select, "PIPE_BUF", 512)
@@ -243,10 +248,134 @@ def info(logger: logging.Logger, message: str) -> None:
         logger.info("%s", message)
         return
     formatter = handler.formatter
-    assert isinstance(formatter, _Formatter)
+    if not isinstance(formatter, _Formatter):  # JSON lines: an ordinary record
+        logger.info("%s", message)
+        return
     now = time.time_ns()
     stamp = formatter.clock.text(now // 1_000_000_000, now % 1_000_000_000 // 1_000_000)
     handler.write_line(_line(stamp, "INFO", logger.name, message) + "\n")
+
+
+# ---------------------------------------------------------------------- [log] targets
+
+#: ``key=value`` fields of the session line (values without spaces).
+_FIELD = re.compile(r"(\w+)=(\S+)")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: ``time``, ``level``, ``logger``, ``pid``, ``message``, fields.
+
+    The fields are the audit line's (``event``, ``user``, ``rip``, ``mech``, ``reason``,
+    ``tls``: :mod:`pop3d.audit` passes them) and the session line's ``key=value`` pairs
+    (``peer``, ``user``, ``via``, ``result``, ``tls``, ...).  Keys are stable across
+    versions, as the text shapes are.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as one JSON object (no newline)."""
+        message = record.getMessage()
+        out: dict[str, object] = {
+            "time": _iso_time(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "pid": process.pid(),
+            "message": message,
+        }
+        fields = getattr(record, "audit", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        elif record.name == "pop3d.session" and message.startswith("session "):
+            out["event"] = "session"
+            out.update(_FIELD.findall(message))
+        if record.exc_info:
+            out["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False, separators=(",", ":"))
+
+
+def _iso_time(created: float) -> str:
+    return (
+        time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+        + f".{int(created % 1 * 1000):03d}Z"
+    )
+
+
+class _SyslogFormatter(logging.Formatter):
+    """``pop3d[pid]: LEVEL logger: message`` (the tag and pid journald and syslog expect)."""
+
+    def __init__(self, inner: logging.Formatter | None) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.inner is not None:
+            body = self.inner.format(record)
+        else:
+            body = f"{record.levelname} {record.name}: {record.getMessage()}"
+            if record.exc_info:
+                body += "\n" + self.formatException(record.exc_info)
+        return f"pop3d[{process.pid()}]: {body}"
+
+
+def configure(log: LogConfig, level: str | None = None) -> None:
+    """Send pop3d's logs where ``[log]`` says, in its format, at its level.
+
+    ``level`` (``serve --log-level``) overrides ``[log] level``.  Run in the supervisor
+    before workers fork (and again at each reload): the file or syslog socket is opened
+    with the supervisor's privileges and inherited.
+
+    Raises:
+        ConfigError: the log file cannot be opened or the syslog socket reached.
+
+    """
+    global _handler  # noqa: PLW0603 (one handler per process)
+    chosen = (level or log.level).upper()
+    root = logging.getLogger("pop3d")
+    if log.target == "stderr" and log.format == "text":
+        old = list(root.handlers)
+        setup(chosen)
+        _close_all_but(old, root.handlers[0])
+        return
+    handler: logging.Handler
+    if log.target == "syslog":
+        try:
+            handler = logging.handlers.SysLogHandler(
+                address=str(log.syslog_socket),
+                facility=logging.handlers.SysLogHandler.facility_names[log.facility],
+            )
+        except OSError as exc:
+            raise ConfigError(
+                f"[log] syslog_socket: cannot send to {log.syslog_socket}: {exc.strerror}"
+            ) from None
+        handler.setFormatter(_SyslogFormatter(JsonFormatter() if log.format == "json" else None))
+        new_handler = None
+    else:
+        stream: TextIO = sys.stderr
+        if log.target == "file":
+            assert log.file is not None
+            try:
+                stream = log.file.open("a", encoding="utf-8", buffering=1)
+            except OSError as exc:
+                raise ConfigError(f"[log] file: cannot open {log.file}: {exc.strerror}") from None
+        new_handler = _Handler(stream)
+        new_handler.setFormatter(JsonFormatter() if log.format == "json" else _Formatter())
+        handler = new_handler
+    if _handler is not None:
+        with contextlib.suppress(OSError, ValueError):
+            _handler.flush()
+    old = list(root.handlers)
+    root.handlers[:] = [handler]
+    _handler = new_handler
+    root.setLevel(chosen)
+    root.propagate = False
+    _close_all_but(old, handler)
+
+
+def _close_all_but(handlers: list[logging.Handler], kept: logging.Handler) -> None:
+    """Close the handlers replaced by a reload (a log file, a syslog socket)."""
+    for previous in handlers:
+        if previous is not kept and getattr(previous, "stream", None) is not sys.stderr:
+            with contextlib.suppress(OSError, ValueError):
+                previous.close()
 
 
 def _forget_in_child() -> None:

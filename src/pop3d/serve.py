@@ -1,12 +1,14 @@
 """``pop3d serve``: run the server in the foreground until SIGTERM/SIGINT.
 
 With ``--config`` it serves that configuration; without, the embedded default
-(:mod:`pop3d.demo`).  ``[server] workers`` > 1 (or ``"auto"``: one per core) binds the
-sockets once, then forks that many worker processes that share them; the maildrop lock is
-a lock of an open file description (:mod:`pop3d.storage.locking`) and so holds across
-workers.  SIGHUP reloads TLS certificates.  Exit status is
-0 after a clean stop, 78 (EX_CONFIG) for a bad configuration, 71 (EX_OSERR) when a
-socket cannot be bound.
+(:mod:`pop3d.demo`).  The configuration is checked as ``pop3d check-config`` checks it
+(:mod:`pop3d.checkconfig`); the sockets are bound (or taken from systemd) and the
+certificates read by the supervisor (:mod:`pop3d.supervisor`), which then forks
+``[server] workers`` processes (``"auto"``: one per usable CPU) that share the sockets,
+drop privileges (:mod:`pop3d.privileges`) and serve (:func:`serve_forever`).  The
+maildrop lock is a lock of an open file description (:mod:`pop3d.storage.locking`) and so
+holds across workers.  Exit status is 0 after a clean stop, 78 (EX_CONFIG) for a bad
+configuration, 71 (EX_OSERR) when a socket cannot be bound.
 """
 
 from __future__ import annotations
@@ -14,24 +16,22 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import resource
 import signal
 import socket
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
+from pop3d import checkconfig, demo, logsetup, metrics, privileges, supervisor
 from pop3d import config as config_mod
-from pop3d import demo, logsetup, process
 from pop3d.config import Config
 from pop3d.errors import ConfigError
 from pop3d.login_delay import LoginDelay
 from pop3d.server.allocator import keep_chunk_buffers_in_heap
-from pop3d.server.listener import ServerContext, bind_all, start_listeners
+from pop3d.server.listener import ServerContext, start_listeners
 from pop3d.server.tls import TlsContexts
 from pop3d.session import Backends, FailureDelays
 
@@ -46,7 +46,9 @@ def add_parser(sub: Any) -> None:
     """Register ``serve``."""
     p = sub.add_parser("serve", help="run the POP3 server in the foreground")
     add_config_arguments(p)
-    p.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING, ERROR")
+    p.add_argument(
+        "--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR (default: [log] level)"
+    )
     p.set_defaults(run=run)
 
 
@@ -68,6 +70,31 @@ def load_config(args: argparse.Namespace) -> Config:
     data = args.data.resolve()
     if demo.ensure_demo_data(data):
         log.info("created demo data in %s", data)
+    return demo.default_config(data)
+
+
+def load_existing_config(args: argparse.Namespace, command: str) -> Config:
+    """The config of ``--config``, or the embedded default's only if its data exists.
+
+    For every command but ``serve``: they never create a demo folder by guessing.  Using
+    the embedded default is said on stderr.
+
+    Raises:
+        ConfigError: no ``--config`` and no embedded default's data (``--data``) here.
+
+    """
+    if args.config is not None:
+        return config_mod.load(args.config)
+    data = args.data.resolve()
+    if not (data / "users").is_file():
+        raise ConfigError(
+            f"no --config FILE given, and no embedded default's data in {data}: name the"
+            " server's configuration with --config FILE"
+        )
+    print(  # noqa: T201 (a note for the person at the terminal)
+        f"pop3d {command}: no --config: using the embedded default's data in {data}",
+        file=sys.stderr,
+    )
     return demo.default_config(data)
 
 
@@ -107,12 +134,41 @@ def _raise_file_limit() -> None:
             log.debug("open files limit raised from %d to %d", soft, hard)
 
 
-def _bind_lmtp(cfg: Config) -> list[socket.socket]:
-    if not cfg.lmtp.listen:
-        return []
-    from pop3d.lmtp import bind_lmtp  # noqa: PLC0415
+class _OpenSessionsTicker:
+    """Reports ``len(ctx.connections)`` to :func:`metrics.sessions_open` once a second."""
 
-    return bind_lmtp(cfg)
+    def __init__(self, loop: asyncio.AbstractEventLoop, ctx: ServerContext) -> None:
+        self.loop = loop
+        self.ctx = ctx
+        self.handle: asyncio.TimerHandle | None = None
+        self.tick()
+
+    def tick(self) -> None:
+        metrics.sessions_open(len(self.ctx.connections))
+        self.handle = self.loop.call_later(1.0, self.tick)
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+        metrics.sessions_open(0)
+
+
+def worker_main(
+    cfg: Config,
+    sockets: list[tuple[socket.socket, bool]],
+    lmtp: list[socket.socket],
+    tls: TlsContexts | None,
+    hooks: WorkerHooks,
+) -> int:
+    """Serve as a forked worker (privileges already dropped); return the exit status."""
+    _install_uvloop()
+    keep_chunk_buffers_in_heap()
+    try:
+        asyncio.run(serve_forever(cfg, sockets, lmtp_sockets=lmtp, tls=tls, hooks=hooks))
+    except ConfigError as exc:
+        log.error("configuration: %s", exc)  # noqa: TRY400
+        return EX_CONFIG
+    return 0
 
 
 def _install_uvloop() -> None:
@@ -130,15 +186,37 @@ async def serve_forever(
     ready: asyncio.Future[ServerContext] | None = None,
     stop: asyncio.Event | None = None,
     lmtp_sockets: list[socket.socket] | None = None,
+    tls: TlsContexts | None = None,
+    hooks: WorkerHooks | None = None,
 ) -> None:
     """Serve on ``sockets`` until ``stop`` is set or SIGTERM/SIGINT arrives.
 
     ``lmtp_sockets`` are the ``[lmtp]`` sockets bound before workers forked; without
-    them, LMTP addresses are bound here (one process).  The loop's INFO log lines are
-    written in batches (:func:`logsetup.buffered_for`).
+    them, LMTP addresses are bound here (one process).  ``tls`` are contexts loaded
+    before privileges were dropped (built here from ``cfg.tls`` when ``None``).
+    ``hooks`` connect a worker to its supervisor (readiness, SIGQUIT to retire, the
+    admin socket).  The loop's INFO log lines are written in batches
+    (:func:`logsetup.buffered_for`).
     """
     with logsetup.buffered_for(asyncio.get_running_loop()):
-        await _serve(cfg, sockets, ready=ready, stop=stop, lmtp_sockets=lmtp_sockets)
+        await _serve(
+            cfg, sockets, ready=ready, stop=stop, lmtp_sockets=lmtp_sockets, tls=tls,
+            hooks=hooks or WorkerHooks(),
+        )
+
+
+class WorkerHooks:
+    """What a worker tells its supervisor, and the admin socket it answers on."""
+
+    def __init__(self, status_fd: int | None = None, admin: socket.socket | None = None) -> None:
+        self.status_fd = status_fd
+        self.admin = admin
+
+    def tell(self, what: bytes) -> None:
+        """Send one status octet (``R`` ready, ``Q`` no longer accepting) to the supervisor."""
+        if self.status_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self.status_fd, what)
 
 
 async def _serve(
@@ -148,9 +226,12 @@ async def _serve(
     ready: asyncio.Future[ServerContext] | None,
     stop: asyncio.Event | None,
     lmtp_sockets: list[socket.socket] | None,
+    tls: TlsContexts | None,
+    hooks: WorkerHooks,
 ) -> None:
     loop = asyncio.get_running_loop()
-    tls = TlsContexts(cfg.tls) if cfg.tls is not None else None
+    if tls is None and cfg.tls is not None:
+        tls = TlsContexts(cfg.tls)
     authenticator = build_authenticator(cfg)
     store = build_store(cfg)
     backends = Backends(
@@ -169,12 +250,14 @@ async def _serve(
     )
     ctx = ServerContext(cfg, backends, tls)
     stop = stop or asyncio.Event()
+    retire = asyncio.Event()
     signals = False
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
-        if tls is not None:
-            loop.add_signal_handler(signal.SIGHUP, tls.reload)
+        loop.add_signal_handler(signal.SIGQUIT, retire.set)
+        if tls is not None and hooks.status_fd is None:
+            loop.add_signal_handler(signal.SIGHUP, tls.reload)  # alone: reload in place
         signals = True
     servers = await start_listeners(ctx, sockets)
     lmtp_servers: list[Any] = []
@@ -182,152 +265,78 @@ async def _serve(
         from pop3d.lmtp import start_lmtp  # noqa: PLC0415
 
         lmtp_servers = await start_lmtp(cfg, authenticator, store, sockets=lmtp_sockets)
+        if lmtp_sockets is not None:
+            for address in cfg.lmtp.listen:
+                log.info("LMTP listening on %s", address)
+    ticker = _OpenSessionsTicker(loop, ctx) if metrics.enabled() else None
+    admin_server = None
+    if hooks.admin is not None:
+        from pop3d import admin  # noqa: PLC0415
+
+        admin_server = await admin.serve(ctx, hooks.admin)
     if ready is not None:
         ready.set_result(ctx)
+    hooks.tell(b"R")
     try:
-        await stop.wait()
+        waiters = [loop.create_task(stop.wait()), loop.create_task(retire.wait())]
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if retire.is_set() and not stop.is_set():
+            # A reload: the new workers accept from now on; sessions here end by themselves.
+            for server in [*servers, *lmtp_servers]:
+                server.close()
+            hooks.tell(b"Q")
+            log.info("retiring: no longer accepting; %d session(s) left", len(ctx.connections))
+            while ctx.connections and not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(waiters[0], 1.0)
+        for waiter in waiters:
+            waiter.cancel()
     finally:
         log.info("stopping")
         for server in [*servers, *lmtp_servers]:
             server.close()
-        await ctx.shutdown()
+        hooks.tell(b"Q")
+        if admin_server is not None:
+            admin_server.close()
+        if ticker is not None:
+            ticker.cancel()
+        await ctx.shutdown(grace=cfg.service.shutdown_grace)
         for server in [*servers, *lmtp_servers]:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(server.wait_closed(), 1)
         if signals:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT):
                 loop.remove_signal_handler(sig)
         close = getattr(authenticator, "close", None)
         if close is not None:  # stop the hashing thread pool
             close()
 
 
-def _worker(
-    cfg: Config, sockets: list[tuple[socket.socket, bool]], lmtp: list[socket.socket]
-) -> int:
-    _install_uvloop()
-    keep_chunk_buffers_in_heap()
-    try:
-        asyncio.run(serve_forever(cfg, sockets, lmtp_sockets=lmtp))
-    except ConfigError as exc:
-        log.error("%s", exc)  # noqa: TRY400
-        return EX_CONFIG
-    return 0
-
-
-def _die_with_parent() -> None:
-    """Have the kernel SIGKILL this worker when the supervisor dies.
-
-    ``kill -9`` of the server's PID then ends every process of it at once, exactly as
-    for a single-process server: no orphan keeps a port or a maildrop lock.
-    """
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: orphans stop at their next SIGTERM
-        return
-    if os.getppid() == 1:  # the supervisor died before prctl took effect
-        os._exit(1)
-
-
-def _fork_worker(
-    cfg: Config, sockets: list[tuple[socket.socket, bool]], lmtp: list[socket.socket]
-) -> int:
-    pid = os.fork()
-    if pid == 0:  # child: restore default signal handling, serve, never return
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)
-        _die_with_parent()
-        status = 1
-        try:
-            status = _worker(cfg, sockets, lmtp)
-        finally:
-            os._exit(status)
-    return pid
-
-
-def _supervise(
-    cfg: Config,
-    sockets: list[tuple[socket.socket, bool]],
-    lmtp: list[socket.socket],
-    workers: int,
-) -> int:
-    """Fork ``workers`` processes sharing ``sockets``; forward signals; replace crashed ones.
-
-    A worker that dies while the server is not stopping (a crash, an OOM kill) is
-    replaced, at most once a second so that a worker failing at start cannot spin.
-    """
-    stopping = False
-    pids: set[int] = set()
-
-    def forward(sig: int, _frame: object) -> None:
-        nonlocal stopping
-        if sig in (signal.SIGTERM, signal.SIGINT):
-            stopping = True
-        for pid in list(pids):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(sig, forward)
-    for _ in range(workers):
-        pids.add(_fork_worker(cfg, sockets, lmtp))
-    log.info("started %d workers: %s", workers, " ".join(map(str, sorted(pids))))
-    status = 0
-    last_respawn = 0.0
-    while pids:
-        try:
-            pid, code = os.wait()
-        except ChildProcessError:
-            break
-        except InterruptedError:
-            continue
-        if pid not in pids:
-            continue
-        pids.discard(pid)
-        exit_code = os.waitstatus_to_exitcode(code)
-        if stopping:
-            if exit_code not in (0, -signal.SIGTERM, -signal.SIGINT):
-                status = 1
-            continue
-        if exit_code == EX_CONFIG:
-            log.error("worker %d exited: configuration error", pid)
-            forward(signal.SIGTERM, None)
-            status = EX_CONFIG
-            continue
-        if exit_code == 0:  # stopped on its own (a SIGTERM sent to the worker alone)
-            log.warning("worker %d stopped without the supervisor; starting a new one", pid)
-        else:
-            log.error("worker %d died (status %d); starting a new one", pid, exit_code)
-        wait = last_respawn + 1.0 - time.monotonic()
-        if wait > 0:
-            time.sleep(wait)
-        last_respawn = time.monotonic()
-        pids.add(_fork_worker(cfg, sockets, lmtp))
-    return status
-
-
 def run(args: argparse.Namespace) -> int:
-    """Run ``pop3d serve``."""
-    logsetup.setup(args.log_level)
+    """Run ``pop3d serve``: check the config, bind, then supervise the workers."""
+    logsetup.setup(args.log_level or "INFO")
     _raise_file_limit()
     try:
         cfg = load_config(args)
-        build_authenticator(cfg)  # fail fast on a missing passwd-file
-        if cfg.tls is not None:
-            TlsContexts(cfg.tls)  # and on unreadable certificates
+        logsetup.configure(cfg.log, level=args.log_level)
     except ConfigError as exc:
         log.error("configuration: %s", exc)  # noqa: TRY400
         return EX_CONFIG
-    except OSError as exc:
-        log.error("configuration: %s", exc)  # noqa: TRY400
+    problems = checkconfig.check(cfg, bind=False)
+    if problems:
+        for problem in problems:
+            log.error("configuration: %s", problem)
         return EX_CONFIG
-    workers = cfg.server.workers or process.usable_cpus()
+    identity = privileges.resolve(cfg.service)
+    if identity is None and os.geteuid() == 0:
+        log.warning(
+            "running as root: [server] user is not set, so every process keeps root;"
+            " set user (and group) to serve mail without it"
+        )
     try:
-        sockets = bind_all(cfg, reuse_port=False)
-        lmtp = _bind_lmtp(cfg)
-    except OSError as exc:
-        log.error("cannot listen: %s", exc)  # noqa: TRY400
+        listeners = supervisor.bind_listeners(cfg)
+    except supervisor.BindError as exc:
+        log.error("%s", exc)  # noqa: TRY400
         return EX_OSERR
     if args.config is None:
         addr = cfg.server.listen[0]
@@ -339,6 +348,6 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    if workers > 1:
-        return _supervise(cfg, sockets, lmtp, workers)
-    return _worker(cfg, sockets, lmtp)
+    return supervisor.Supervisor(
+        lambda: load_config(args), cfg, listeners, identity, log_level=args.log_level
+    ).run()

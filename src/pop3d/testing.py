@@ -89,7 +89,8 @@ LOOPBACK = "127.0.0.1"
 _SECTION_OF: Mapping[str, str] = {
     **dict.fromkeys(
         ("idle_timeout", "max_connections", "max_connections_per_ip", "greeting",
-         "hostname", "workers", "tls_listen", "login_timeout"),
+         "hostname", "workers", "tls_listen", "login_timeout", "proxy_protocol_from",
+         "handshake_timeout", "max_tls_handshakes"),
         "server",
     ),
     **dict.fromkeys(

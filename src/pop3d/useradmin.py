@@ -29,6 +29,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -93,7 +94,7 @@ def _fail(status: int, text: str) -> int:
 def _config(args: argparse.Namespace) -> Any:
     from pop3d import serve  # noqa: PLC0415
 
-    return serve.load_config(args)
+    return serve.load_existing_config(args, str(getattr(args, "command", "user")))
 
 
 def _passwd_file(cfg: Any) -> Path:
@@ -145,9 +146,20 @@ def _set_password(args: argparse.Namespace, *, adding: bool) -> int:
     if not adding and args.name not in known:
         return _fail(EX_NOUSER, f"no such user {args.name}")
     try:
-        password = read_password(args.password_stdin)
+        with warnings.catch_warnings():
+            # getpass without a terminal warns, then reads stdin: that is not a prompt.
+            warnings.simplefilter("error", getpass.GetPassWarning)
+            password = read_password(args.password_stdin)
+    except getpass.GetPassWarning:
+        return _fail(
+            EX_FAIL,
+            "no terminal to ask the password on: give it on standard input with"
+            " --password-stdin",
+        )
     except ValueError:
         return _fail(EX_FAIL, "the password may not be empty")
+    except (EOFError, KeyboardInterrupt):
+        return _fail(EX_FAIL, "no password given")
     if password is None:
         return _fail(EX_FAIL, "the passwords do not match")
     try:

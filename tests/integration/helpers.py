@@ -8,6 +8,7 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -134,3 +135,28 @@ def cpu_affinity(cpus: set[int]) -> Iterator[None]:
         yield
     finally:
         os.sched_setaffinity(0, mine)
+
+
+def children(pid: int) -> set[int]:
+    """PIDs whose parent is ``pid`` (from /proc)."""
+    kids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            # the command may contain spaces: the fields after the last ")" are fixed
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                kids.add(int(entry.name))
+    return kids
+
+
+def wait_until(cond: Callable[[], object], timeout: float = 10.0) -> bool:
+    """Poll ``cond`` every 50 ms (at most ``timeout`` s) until it is true."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return bool(cond())

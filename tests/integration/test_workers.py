@@ -9,7 +9,6 @@ import resource
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,31 +16,7 @@ import pytest
 
 from pop3d.testing import Pop3ServeProcess, wait_for_port
 
-from .helpers import RawClient, cpu_affinity
-
-
-def _children(pid: int) -> set[int]:
-    """PIDs whose parent is ``pid`` (from /proc)."""
-    kids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            # the command may contain spaces: the fields after the last ")" are fixed
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                kids.add(int(entry.name))
-    return kids
-
-
-def _wait_until(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return cond()
+from .helpers import RawClient, children, cpu_affinity, wait_until
 
 
 def _login_ok(proc: Pop3ServeProcess) -> bool:
@@ -56,10 +31,10 @@ def _login_ok(proc: Pop3ServeProcess) -> bool:
 def test_crashed_worker_is_replaced(serve: Callable[..., Pop3ServeProcess]) -> None:
     """A worker killed under the server is replaced and the server keeps serving."""
     proc = serve(workers=2)
-    assert _wait_until(lambda: len(_children(proc.pid)) == 2)
-    victim = min(_children(proc.pid))
+    assert wait_until(lambda: len(children(proc.pid)) == 2)
+    victim = min(children(proc.pid))
     os.kill(victim, signal.SIGKILL)
-    assert _wait_until(lambda: len(_children(proc.pid) - {victim}) == 2)
+    assert wait_until(lambda: len(children(proc.pid) - {victim}) == 2)
     for _ in range(6):
         assert _login_ok(proc)
     assert proc.stop() == 0
@@ -67,26 +42,29 @@ def test_crashed_worker_is_replaced(serve: Callable[..., Pop3ServeProcess]) -> N
 
 
 def test_auto_workers_are_one_per_usable_cpu(serve: Callable[..., Pop3ServeProcess]) -> None:
-    """workers = "auto" under a one-CPU mask runs one process; under two, two workers."""
+    """workers = "auto" under a one-CPU mask runs one worker; under two, two workers.
+
+    The supervisor is always there (it binds, reads keys, reloads; it serves no client).
+    """
     mine = sorted(os.sched_getaffinity(0))
     with cpu_affinity({mine[0]}):
         single = serve()
     assert _login_ok(single)
-    assert _children(single.pid) == set()  # no supervisor: the server is the worker
+    assert wait_until(lambda: len(children(single.pid)) == 1)
     if len(mine) > 1:
         with cpu_affinity(set(mine[:2])):
             pair = serve()
-        assert _wait_until(lambda: len(_children(pair.pid)) == 2)
+        assert wait_until(lambda: len(children(pair.pid)) == 2)
         assert _login_ok(pair)
 
 
 def test_kill_9_of_supervisor_ends_every_worker(serve: Callable[..., Pop3ServeProcess]) -> None:
     """kill -9 of the server's PID leaves no worker holding the port or a lock."""
     proc = serve(workers=2)
-    assert _wait_until(lambda: len(_children(proc.pid)) == 2)
-    workers = _children(proc.pid)
+    assert wait_until(lambda: len(children(proc.pid)) == 2)
+    workers = children(proc.pid)
     proc.kill()
-    assert _wait_until(lambda: not any(Path(f"/proc/{w}").exists() for w in workers))
+    assert wait_until(lambda: not any(Path(f"/proc/{w}").exists() for w in workers))
     with socket.socket() as s:
         s.settimeout(2)
         assert s.connect_ex((proc.host, proc.port)) != 0
@@ -131,7 +109,7 @@ def _worker_of(proc: Pop3ServeProcess, client: RawClient) -> int:
         ):
             inode = fields[9]
     assert inode is not None, "the server side of the connection was not found"
-    [worker] = [w for w in _children(proc.pid) if f"socket:[{inode}]" in _fd_targets(w)]
+    [worker] = [w for w in children(proc.pid) if f"socket:[{inode}]" in _fd_targets(w)]
     return worker
 
 
@@ -141,7 +119,7 @@ def test_a_session_locks_the_maildrop_on_every_worker(
     """Each worker locks through its own descriptors of the lock table: a session held
     by one worker gets [IN-USE] on the other, and the maildrop is free once it ends."""
     proc = serve(workers=2)
-    assert _wait_until(lambda: len(_children(proc.pid)) == 2)
+    assert wait_until(lambda: len(children(proc.pid)) == 2)
     holder = RawClient(proc.host, proc.port)
     assert holder.login(b"alice", b"secret").startswith(b"+OK")
     held_by = _worker_of(proc, holder)
@@ -158,7 +136,7 @@ def test_a_session_locks_the_maildrop_on_every_worker(
         assert other.login(b"alice", b"secret").startswith(b"+OK")
         # alice's byte lives in one file of the table: each worker opened it once
         table = str(proc.root / "mail" / ".pop3d-locks") + "/"
-        for worker in _children(proc.pid):
+        for worker in children(proc.pid):
             files = [t for t in _fd_targets(worker) if t.startswith(table)]
             assert len(files) == 1
         assert not any(t.startswith(table) for t in _fd_targets(proc.pid))  # never locks
@@ -196,10 +174,10 @@ def test_worker_stopped_alone_is_replaced_without_an_error(
     """SIGTERM to one worker (not the server) stops it cleanly; the supervisor replaces it
     and says so as a warning, not as a crash."""
     proc = serve(workers=2)
-    assert _wait_until(lambda: len(_children(proc.pid)) == 2)
-    victim = min(_children(proc.pid))
+    assert wait_until(lambda: len(children(proc.pid)) == 2)
+    victim = min(children(proc.pid))
     os.kill(victim, signal.SIGTERM)
-    assert _wait_until(lambda: len(_children(proc.pid) - {victim}) == 2)
+    assert wait_until(lambda: len(children(proc.pid) - {victim}) == 2)
     assert _login_ok(proc)
     assert proc.stop() == 0
     log = proc.log_text()
@@ -212,8 +190,8 @@ def test_session_lines_name_the_worker_that_served(
 ) -> None:
     """Each log line carries its own process's pid: kept by pop3d, renewed in forked workers."""
     proc = serve(workers=2)
-    assert _wait_until(lambda: len(_children(proc.pid)) == 2)
-    workers = _children(proc.pid)
+    assert wait_until(lambda: len(children(proc.pid)) == 2)
+    workers = children(proc.pid)
     for _ in range(10):
         assert _login_ok(proc)
     assert proc.stop() == 0

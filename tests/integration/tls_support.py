@@ -78,3 +78,13 @@ class TlsRawClient(RawClient):
         """Do the TLS handshake on the current socket; anything still buffered is an error."""
         assert self.buf == b"", f"unread plaintext before the handshake: {self.buf!r}"
         self.sock = context.wrap_socket(self.sock, server_hostname=server_hostname)
+
+
+def assert_treated_as_tls(client: RawClient) -> None:
+    """The session counts as encrypted: CAPA offers USER but no STLS, and USER/PASS works."""
+    client.send(b"CAPA\r\n")
+    assert client.line().startswith(b"+OK")
+    capa = client.multiline()
+    assert b"STLS" not in capa
+    assert b"USER" in capa
+    assert client.login(b"alice", b"secret").startswith(b"+OK")

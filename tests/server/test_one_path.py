@@ -1,9 +1,9 @@
 """One path per request (``session.Backends``): nothing done twice, every defence on it.
 
 Fakes of the authenticator and the store count their calls: a fast path that answers is
-not followed by its async twin, one that gives up (an ``Unfinished``, or ``WouldWait`` before any work) is
-followed by it exactly once; the brute-force slots and penalties hold whatever the
-client does.
+not followed by its async twin, one that gives up (an ``Unfinished``, or ``WouldWait``
+before any work) is followed by it exactly once; the brute-force slots and penalties
+hold whatever the client does.
 """
 
 from __future__ import annotations

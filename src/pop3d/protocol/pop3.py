@@ -447,6 +447,17 @@ class Pop3Connection:
         """
         return self._hang_up("shutdown", "server shutting down", RespCode.SYS_TEMP)
 
+    def kicked(self) -> bytes:
+        """An administrator ended the session (``pop3d kick``): close without UPDATE.
+
+        Returns the last bytes to send.
+
+        Raises:
+            LocalProtocolError: the session is in UPDATE (let it finish instead).
+
+        """
+        return self._hang_up("kicked", "session ended by the administrator", RespCode.SYS_TEMP)
+
     def _hang_up(self, reason: str, text: str, code: RespCode | None) -> bytes:
         if self.state is State.UPDATE:
             raise LocalProtocolError("a session in UPDATE is let finish")

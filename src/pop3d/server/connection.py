@@ -69,12 +69,13 @@ from pop3d.protocol.events import Event
 from pop3d.protocol.pop3 import Deadline
 from pop3d.protocol.replies import RespCode, err
 from pop3d.protocol.states import State
-from pop3d.server.tls import certificate_identity
+from pop3d.server.tls import certificate_identity, start_tls
 from pop3d.session import AuthRequest, Later
 from pop3d.storage.base import InlineRead
 
 if TYPE_CHECKING:
     from pop3d.auth.base import Principal
+    from pop3d.server.accept import Client
     from pop3d.server.listener import ServerContext
     from pop3d.storage.base import Maildrop
 
@@ -95,6 +96,7 @@ _ENDED = {
     "tls failed": "error",
     "too many errors": "error",
     "auth failures": "error",
+    "kicked": "kicked",
 }
 
 
@@ -123,6 +125,7 @@ class Pop3Protocol(asyncio.Protocol):
         "_task",
         "_write_paused",
         "address",
+        "client",
         "core",
         "deadline",
         "implicit_tls",
@@ -141,8 +144,12 @@ class Pop3Protocol(asyncio.Protocol):
         *,
         implicit_tls: bool,
         loop: asyncio.AbstractEventLoop | None = None,
+        client: Client | None = None,
     ) -> None:
         self.server = server
+        #: Set by the accept path (PROXY header, implicit TLS), which admitted the
+        #: connection and knows the client's address; None: read the peer address.
+        self.client = client
         self.implicit_tls = implicit_tls
         # The listener passes its loop: get_running_loop() costs a getpid() system call
         # (CPython's fork check), once per connection on the login path.
@@ -190,9 +197,13 @@ class Pop3Protocol(asyncio.Protocol):
         """Admit the client (its deadlines count from now) and send the greeting."""
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods
         self.transport = transport = cast("asyncio.Transport", base_transport)
-        peer = transport.get_extra_info("peername")
-        self.address = str(peer[0]) if peer else "local"
-        self.peer = f"{self.address}:{peer[1]}" if peer else "local"
+        client = self.client
+        if client is None:
+            peer = transport.get_extra_info("peername")
+            self.address = str(peer[0]) if peer else "local"
+            self.peer = f"{self.address}:{peer[1]}" if peer else "local"
+        else:
+            self.address, self.peer = client.address, client.peer
         refusal = self.server.admit(self)
         if refusal is not None:
             log.warning("refused %s: %s", self.peer, refusal)
@@ -572,15 +583,16 @@ class Pop3Protocol(asyncio.Protocol):
             raise LocalProtocolError("STLS without a TLS context")
         self._handshaking = True
         try:
-            new = await self.loop.start_tls(
+            # tls.start_tls: loop.start_tls with a lean TLS layer (docs/tls.md)
+            new = await start_tls(
+                self.loop,
                 transport,
                 self,
                 context,
-                server_side=True,
-                ssl_handshake_timeout=limits.STLS_HANDSHAKE_TIMEOUT,
+                handshake_timeout=limits.STLS_HANDSHAKE_TIMEOUT,
             )
         except (OSError, ssl.SSLError, ConnectionError, TimeoutError):
-            metrics.tls_handshake(False)  # noqa: FBT003
+            # (counted by tls.start_tls, as every outcome)
             log.info("TLS handshake failed with %s", self.peer)
             self._result = "tls failed"
             self._closing = True
@@ -590,10 +602,8 @@ class Pop3Protocol(asyncio.Protocol):
         finally:
             self._handshaking = False
         if new is None:
-            metrics.tls_handshake(False)  # noqa: FBT003
             self._abort("tls failed")
             return
-        metrics.tls_handshake(True)  # noqa: FBT003
         self.transport = new
         core.tls_established(self._client_identity(new))
 
@@ -651,6 +661,13 @@ class Pop3Protocol(asyncio.Protocol):
         if self._closing or core is None or self._in_update():
             return
         self._hang_up("shutdown", core.shutdown(), abort=self._handshaking)
+
+    def kick(self) -> None:
+        """An administrator ends this session (``pop3d kick``): close without UPDATE."""
+        core = self.core
+        if self._closing or core is None or self._in_update():
+            return
+        self._hang_up("kicked", core.kicked(), abort=self._handshaking)
 
     def _hang_up(self, reason: str, last_words: bytes, *, abort: bool) -> None:
         """Send ``last_words`` (unless the peer cannot take them), close, stop the request."""
@@ -735,10 +752,16 @@ class Pop3Protocol(asyncio.Protocol):
         metrics.session_ended(ended)
         if log.isEnabledFor(logging.INFO):
             deleted = core.deleted_count if result == "quit" else 0
+            transport = self.transport
+            ssl_object = (
+                transport.get_extra_info("ssl_object") if transport is not None else None
+            )
+            tls = (ssl_object.version() if ssl_object is not None else None) or "no"
             logsetup.info(
                 log,
                 f"session peer={self.peer} user={self.username or '-'} via={self._mechanism}"
-                f" result={result} retr={core.messages_sent} octets={core.octets_sent}"
+                f" tls={tls} result={result} retr={core.messages_sent}"
+                f" octets={core.octets_sent}"
                 f" deleted={deleted} secs={time.monotonic() - self._started:.3f}",
             )
 

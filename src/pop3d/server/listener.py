@@ -1,7 +1,10 @@
 """Listening sockets, the connection table and its caps, graceful stop.
 
 A :class:`ServerContext` is what every connection shares: backends, TLS contexts, the
-per-connection settings, and the counts behind the connection limits.  :func:`bind_all`
+per-connection settings, and the counts behind the connection limits.  Connections are
+counted from accept: sessions, and connections still in their PROXY header or implicit-TLS
+handshake (:mod:`pop3d.server.accept`), which is where a flood of silent connections to
+the POP3S port is stopped.  :func:`bind_all`
 binds every configured address (before workers fork), :func:`start_listeners` serves on
 them, and :meth:`ServerContext.shutdown` closes open sessions without UPDATE (a session
 already in UPDATE is given :data:`limits.SHUTDOWN_GRACE` to finish).
@@ -16,14 +19,15 @@ import logging
 import secrets
 import socket
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
-from pop3d import __version__, limits, process
+from pop3d import __version__, limits, metrics, process
 from pop3d.config import Config, ListenAddress
 from pop3d.protocol import Pop3Settings
+from pop3d.server.accept import REFUSALS, AcceptProtocol, HandshakeSlots
 from pop3d.server.connection import Pop3Protocol
-from pop3d.server.tls import TlsContexts
+from pop3d.server.tls import TlsContexts, check_tls_support
 from pop3d.session import Backends
 
 log = logging.getLogger("pop3d.server")
@@ -68,7 +72,15 @@ class ServerContext:
         self.login_timeout = config.server.login_timeout
         self.line_timeout = min(limits.COMMAND_LINE_TIMEOUT, self.idle_timeout)
         self.connections: set[Pop3Protocol] = set()
+        #: Connections accepted and not yet closed: sessions and pre-sessions.
+        self.open = 0
+        #: Connections between accept and their session (header, TLS handshake).
+        self.pre_sessions: set[AcceptProtocol] = set()
+        #: Open connections per client address (a balancer's own address not counted).
         self.per_address: dict[str, int] = {}
+        self.handshake_timeout = config.server.handshake_timeout
+        self.handshakes = HandshakeSlots(config.server.max_tls_handshakes)
+        self._proxies = config.server.proxy_protocol_from
         self._tasks: set[asyncio.Task[None]] = set()
         self._secure = config.auth.secure_networks
         #: Made after the fork: each worker has its own pid and its own randomness.
@@ -121,28 +133,73 @@ class ServerContext:
             conn.check_deadlines(now)
         self._sweep = loop.call_later(self._sweep_every, self._sweep_idle, loop)
 
+    def reserve(self, address: str | None) -> str | None:
+        """Count a connection in at accept; return the cap that refuses it, or None.
+
+        ``address`` None counts against the total only (a balancer's connection, whose
+        client is known once its PROXY header is read: :meth:`reserve_address`).
+        """
+        cfg = self.config.server
+        if self.open >= cfg.max_connections:
+            return "total"
+        if address is not None:
+            held = self.per_address.get(address, 0)
+            if held >= cfg.max_connections_per_ip:
+                return "per_ip"
+            self.per_address[address] = held + 1
+        self.open += 1
+        return None
+
+    def reserve_address(self, address: str) -> str | None:
+        """Count a connection already in the total against ``address``; or refuse it."""
+        held = self.per_address.get(address, 0)
+        if held >= self.config.server.max_connections_per_ip:
+            return "per_ip"
+        self.per_address[address] = held + 1
+        return None
+
+    def unreserve(self, address: str | None) -> None:
+        """Count a connection out (``address`` as it was counted in)."""
+        self.open -= 1
+        if address is not None:
+            left = self.per_address.get(address, 1) - 1
+            if left:
+                self.per_address[address] = left
+            else:
+                self.per_address.pop(address, None)
+
     def admit(self, conn: Pop3Protocol) -> str | None:
-        """Count a new connection in; return the refusal text when over a limit."""
+        """Count a new session in; return the refusal text when over a limit.
+
+        A session started by the accept path (``conn.client`` set) was counted there.
+        """
         if self._sweep is None:
             self._sweep = conn.loop.call_later(self._sweep_every, self._sweep_idle, conn.loop)
-        cfg = self.config.server
-        if len(self.connections) >= cfg.max_connections:
-            return "too many connections"
-        if self.per_address.get(conn.address, 0) >= cfg.max_connections_per_ip:
-            return "too many connections from your address"
+        if conn.client is None:
+            cap = self.reserve(conn.address)
+            if cap is not None:
+                metrics.connection_refused(cap)
+                return REFUSALS[cap]
         self.connections.add(conn)
-        self.per_address[conn.address] = self.per_address.get(conn.address, 0) + 1
         return None
 
     def release(self, conn: Pop3Protocol) -> None:
-        """Count a finished connection out."""
+        """Count a finished session out."""
         if conn in self.connections:
             self.connections.discard(conn)
-            left = self.per_address.get(conn.address, 1) - 1
-            if left:
-                self.per_address[conn.address] = left
-            else:
-                self.per_address.pop(conn.address, None)
+            self.unreserve(conn.address)
+
+    def is_proxy(self, address: str) -> bool:
+        """Whether ``address`` is a balancer of ``proxy_protocol_from``."""
+        if not self._proxies:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return any(ip in net for net in self._proxies)
 
     def is_secure(self, address: str) -> bool:
         """Whether ``address`` is in ``secure_networks`` (cached per address)."""
@@ -228,11 +285,13 @@ class ServerContext:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def shutdown(self) -> None:
-        """Close every open session without UPDATE; wait for lock releases."""
+    async def shutdown(self, grace: float = limits.SHUTDOWN_GRACE) -> None:
+        """Close every open session without UPDATE; wait ``grace`` s for UPDATEs, locks."""
+        for pre in list(self.pre_sessions):
+            pre.abort()
         for conn in list(self.connections):
             conn.shutdown()
-        deadline = time.monotonic() + limits.SHUTDOWN_GRACE
+        deadline = time.monotonic() + grace
         while (self.connections or self._tasks) and time.monotonic() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)  # a poll bounded by the grace period
         # Replies queued in this very turn (a QUIT's sign-off) go out before the loop ends.
@@ -274,25 +333,33 @@ def bind_all(config: Config, *, reuse_port: bool = False) -> list[tuple[socket.s
 async def start_listeners(
     ctx: ServerContext, sockets: list[tuple[socket.socket, bool]]
 ) -> list[asyncio.Server]:
-    """Start serving POP3 (and POP3S) on already-bound sockets."""
+    """Start serving POP3 (and POP3S) on already-bound sockets.
+
+    Every listener accepts plain TCP: admission comes first, TLS after it
+    (:mod:`pop3d.server.accept`).  A cleartext listener with no ``proxy_protocol_from``
+    makes sessions directly, as fast as before.
+    """
     loop = asyncio.get_running_loop()
     servers = []
+    proxies = bool(ctx.config.server.proxy_protocol_from)
     for sock, implicit_tls in sockets:
-        ssl_ctx = ctx.tls_context() if implicit_tls else None
-        if implicit_tls and ssl_ctx is None:
-            msg = "tls_listen needs a [tls] section"
-            raise RuntimeError(msg)
+        if implicit_tls:
+            if ctx.tls_context() is None:
+                msg = "tls_listen needs a [tls] section"
+                raise RuntimeError(msg)
+            check_tls_support(loop)
+        factory: Callable[[], asyncio.Protocol]
+        if implicit_tls or proxies:
 
-        def factory(*, tls: bool = implicit_tls) -> Pop3Protocol:
-            return Pop3Protocol(ctx, implicit_tls=tls, loop=loop)
+            def factory(*, tls: bool = implicit_tls) -> asyncio.Protocol:
+                return AcceptProtocol(ctx, implicit_tls=tls, loop=loop)
 
-        server = await loop.create_server(
-            factory,
-            sock=sock,
-            ssl=ssl_ctx,
-            ssl_handshake_timeout=limits.TLS_HANDSHAKE_TIMEOUT if implicit_tls else None,
-            backlog=1024,
-        )
+        else:
+
+            def factory() -> asyncio.Protocol:
+                return Pop3Protocol(ctx, implicit_tls=False, loop=loop)
+
+        server = await loop.create_server(factory, sock=sock, backlog=1024)
         servers.append(server)
         name = sock.getsockname()
         log.info("listening on %s:%s%s", name[0], name[1], " (TLS)" if implicit_tls else "")

@@ -15,16 +15,27 @@ Built on the stdlib ``ssl`` module only.  Rules:
 * With a client CA, a certificate is requested but optional (``CERT_OPTIONAL``): clients
   without one still log in with passwords; one that is presented must verify, or the
   handshake fails.
+* The TLS layer of a connection is the event loop's own ``SSLProtocol`` (asyncio's or
+  uvloop's), built here (:func:`ssl_protocol_class`, :func:`start_tls`) rather than by
+  ``loop.start_tls`` or ``create_server(ssl=...)``: asyncio's allocates and zeroes a
+  256 KiB read buffer per connection, which made an idle TLS session cost 280 KiB;
+  ours reads into :data:`~pop3d.limits.TLS_READ_BUFFER`.  Only the documented
+  ``Protocol`` interface of that class is used (``connection_made``, ``get_buffer``,
+  ``buffer_updated``, the application side's ``connection_made``), and its constructor,
+  which asyncio and uvloop share.
 """
 
 from __future__ import annotations
 
+import asyncio
+import asyncio.sslproto
 import logging
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from pop3d import limits, metrics
 from pop3d.config import CertPair, TlsConfig
 
 log = logging.getLogger("pop3d.tls")
@@ -110,3 +121,116 @@ class TlsContexts:
         self._default, self._by_name = default, by_name
         log.info("TLS certificates reloaded")
         return True
+
+
+# ---------------------------------------------------------------------- the TLS layer
+
+
+class _LeanSSLProtocol(asyncio.sslproto.SSLProtocol):
+    """asyncio's TLS protocol with a read buffer sized for POP3, not 256 KiB."""
+
+    max_size = limits.TLS_READ_BUFFER
+
+
+def ssl_protocol_class(loop: asyncio.AbstractEventLoop) -> Any | None:
+    """The server-side TLS protocol class of ``loop``'s implementation, if it is known."""
+    if isinstance(loop, asyncio.BaseEventLoop):
+        return _LeanSSLProtocol
+    if type(loop).__module__.startswith("uvloop"):
+        import uvloop.loop  # noqa: PLC0415 (only where uvloop runs)
+
+        # uvloop's SSLProtocol allocates its 256 KiB read buffer with malloc: the pages a
+        # short read never touches are never resident (an idle session costs ~30 KiB).
+        return getattr(uvloop.loop, "SSLProtocol", None)
+    return None
+
+
+def check_tls_support(loop: asyncio.AbstractEventLoop) -> None:
+    """Raise RuntimeError when implicit TLS cannot be served on ``loop``."""
+    if ssl_protocol_class(loop) is None:
+        raise RuntimeError(f"implicit TLS needs asyncio's or uvloop's event loop, not {loop!r}")
+
+
+class HandshakeEnd(asyncio.Protocol):
+    """A TLS protocol's application side until its handshake completes.
+
+    Its ``connection_made`` (the handshake's success) calls ``on_made`` with the TLS
+    transport, which sets the real protocol on it at once; nothing else reaches this.
+    """
+
+    __slots__ = ("_on_made",)
+
+    def __init__(self, on_made: Callable[[asyncio.BaseTransport], None]) -> None:
+        self._on_made = on_made
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """The handshake completed."""
+        self._on_made(transport)
+
+
+async def start_tls(
+    loop: asyncio.AbstractEventLoop,
+    transport: asyncio.Transport,
+    protocol: asyncio.BaseProtocol,
+    context: ssl.SSLContext,
+    *,
+    handshake_timeout: float,
+) -> asyncio.Transport:
+    """``loop.start_tls(..., server_side=True)`` with the TLS layer of :func:`ssl_protocol_class`.
+
+    For STLS.  Application data that arrives with the client's last handshake message is
+    delivered to ``protocol`` before this returns, as with ``loop.start_tls``.  The
+    outcome is counted with :func:`pop3d.metrics.tls_handshake`.
+
+    Raises:
+        ConnectionError, OSError, ssl.SSLError, TimeoutError: the handshake failed.
+
+    """
+    factory = ssl_protocol_class(loop)
+    if factory is None:  # another event loop: its own start_tls
+        new = await loop.start_tls(
+            transport,
+            protocol,
+            context,
+            server_side=True,
+            ssl_handshake_timeout=handshake_timeout,
+        )
+        if new is None:
+            metrics.tls_handshake(False)  # noqa: FBT003
+            raise ConnectionResetError("closed during the TLS handshake")
+        metrics.tls_handshake(True)  # noqa: FBT003
+        return new
+    made: list[asyncio.Transport] = []
+
+    def on_made(app_transport: asyncio.BaseTransport) -> None:
+        app_transport.set_protocol(protocol)
+        made.append(app_transport)  # type: ignore[arg-type]
+
+    waiter: asyncio.Future[None] = loop.create_future()
+    tls = factory(
+        loop,
+        HandshakeEnd(on_made),
+        context,
+        waiter,
+        server_side=True,
+        call_connection_made=True,
+        ssl_handshake_timeout=handshake_timeout,
+    )
+    # As loop.start_tls: nothing may be read before the TLS layer's connection_made.
+    transport.pause_reading()
+    transport.set_protocol(tls)
+    conmade = loop.call_soon(tls.connection_made, transport)
+    resume = loop.call_soon(transport.resume_reading)
+    try:
+        await waiter
+    except BaseException:
+        metrics.tls_handshake(False)  # noqa: FBT003
+        transport.close()
+        conmade.cancel()
+        resume.cancel()
+        raise
+    if not made:  # the peer went away during the handshake
+        metrics.tls_handshake(False)  # noqa: FBT003
+        raise ConnectionResetError("closed during the TLS handshake")
+    metrics.tls_handshake(True)  # noqa: FBT003
+    return made[0]

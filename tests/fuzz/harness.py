@@ -25,7 +25,7 @@ from pathlib import Path
 CORPUS = Path(__file__).parent / "corpus"
 
 #: The targets, by the name of their module without ``fuzz_``.
-TARGETS = ("commands", "core", "sasl", "passwd", "maildir_names", "mbox", "lmtp")
+TARGETS = ("commands", "core", "sasl", "passwd", "maildir_names", "mbox", "lmtp", "proxy")
 
 
 def main(module_name: str) -> None:

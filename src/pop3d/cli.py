@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     from pop3d import (  # noqa: PLC0415 (each subcommand loads only what it needs)
         admin,
         checkconfig,
+        dbadmin,
+        dbimport,
         deliver,
         serve,
         useradmin,
@@ -32,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     deliver.add_parser(sub)
     useradmin.add_parser(sub)
     admin.add_parser(sub)
+    dbadmin.add_parser(sub)
+    dbimport.add_parser(sub)
     from pop3d import bench  # noqa: PLC0415 (each subcommand loads only what it needs)
 
     bench.add_parser(sub)

@@ -103,9 +103,15 @@ class AuthConfig:
     #: The secret key every worker derives SCRAM salts and decoys from (created once, mode
     #: 0600); ``None``: ``pop3d-auth.key`` next to ``passwd_file``.
     key_file: Path | None = None
-
     #: IPv6 addresses sharing one failure penalty: this many leading bits.
     ipv6_penalty_prefix: int = limits.DEFAULT_IPV6_PENALTY_PREFIX
+    #: Where users come from: ``"passwd-file"`` or ``"postgresql"`` (:mod:`pop3d.auth.sql`).
+    backend: str = "passwd-file"
+    #: SQL returning ``username, password`` (plus optional fields) for ``%(user)s``;
+    #: ``None``: the query on the schema ``pop3d db init`` creates.
+    password_query: str | None = None
+    #: SQL returning the user without a password (LMTP, EXTERNAL); ``None``: derived.
+    user_query: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +130,27 @@ class StorageConfig:
     #: ``"per-mailbox"`` for one lock file per maildrop, or ``None`` for the default
     #: (``.pop3d-locks`` in the template's static folder).
     lock_table: Path | Literal["per-mailbox"] | None = None
+    #: ``"maildir"``, ``"mbox"`` (chosen by their template keys) or ``"postgresql"``.
+    backend: str = "maildir"
+    #: The maildrop lock: ``"local"`` (flock) or ``"postgresql"`` (cluster-wide lease,
+    #: :mod:`pop3d.cluster_lock`); ``None``: ``"postgresql"`` when ``[database]`` is set.
+    lock: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DatabaseConfig:
+    """``[database]``: the PostgreSQL that users, mail and cluster locks live in."""
+
+    #: psycopg 3 conninfo or URL.
+    url: str
+    #: Connections each process keeps open (at least) and may open (at most).
+    pool_min: int = 1
+    pool_max: int = 10
+    #: Seconds a query (or waiting for a pooled connection) may take before the reply
+    #: is ``-ERR [SYS/TEMP]``.
+    timeout: float = 5.0
+    #: Seconds a maildrop lease outlives the last heartbeat of the node holding it.
+    lock_ttl: float = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +222,7 @@ class Config:
     auth: AuthConfig = AuthConfig()
     storage: StorageConfig = StorageConfig(maildir="mail/%u/Maildir")
     lmtp: LmtpConfig = LmtpConfig()
+    database: DatabaseConfig | None = None
     #: The file this was read from (``None`` for the embedded default).
     path: Path | None = None
     service: ServiceConfig = ServiceConfig()
@@ -387,14 +415,18 @@ def _auth(data: Mapping[str, Any], base: Path) -> AuthConfig:
         login_delay=sec.get("login_delay", int, d.login_delay),
         login_stamps=_path(base, sec.get("login_stamps", str, str(d.login_stamps))),
         key_file=_path(base, kf) if (kf := sec.get("key_file", str, None)) else None,
-
         ipv6_penalty_prefix=sec.get("ipv6_penalty_prefix", int, d.ipv6_penalty_prefix),
+        backend=sec.get("backend", str, d.backend),
+        password_query=sec.get("password_query", str, None),
+        user_query=sec.get("user_query", str, None),
     )
     sec.done()
     if not 0 <= cfg.ipv6_penalty_prefix <= 128:
         raise ConfigError("[auth] ipv6_penalty_prefix: must be 0-128")
     if cfg.failure_delay < 0 or cfg.max_failure_delay < 0:
         raise ConfigError("[auth] failure_delay and max_failure_delay must not be negative")
+    if cfg.backend not in ("passwd-file", "postgresql"):
+        raise ConfigError('[auth] backend must be "passwd-file" or "postgresql"')
     if cfg.login_delay < 0:
         raise ConfigError("[auth] login_delay: must be 0 (none) or a number of seconds")
     return cfg
@@ -407,8 +439,17 @@ def _storage(data: Mapping[str, Any], base: Path, path: Path | None = None) -> S
     quota = sec.get("quota", (int, str), None)
     quota_exit = sec.get("quota_exit", int, 75)
     lock_table = sec.get("lock_table", str, None)
+    backend = sec.get("backend", str, "mbox" if mbox is not None else "maildir")
+    lock = sec.get("lock", str, None)
     sec.done()
-    if (maildir is None) == (mbox is None):
+    if lock not in (None, "local", "postgresql"):
+        raise ConfigError('[storage] lock must be "local" or "postgresql"')
+    if backend == "postgresql":
+        if maildir is not None or mbox is not None:
+            raise ConfigError('[storage] backend = "postgresql" takes no maildir or mbox')
+    elif backend not in ("maildir", "mbox"):
+        raise ConfigError('[storage] backend must be "maildir", "mbox" or "postgresql"')
+    elif (maildir is None) == (mbox is None):
         raise ConfigError("[storage] needs exactly one of maildir and mbox")
     # A template that could share or leak mail is refused here, naming file and key.
     for key, template in (("maildir", maildir), ("mbox", mbox)):
@@ -429,7 +470,30 @@ def _storage(data: Mapping[str, Any], base: Path, path: Path | None = None) -> S
             else "per-mailbox" if lock_table == "per-mailbox"
             else _path(base, lock_table)
         ),
+        backend=backend,
+        lock=lock,
     )
+
+
+def _database(data: Mapping[str, Any]) -> DatabaseConfig:
+    sec = _Section(data, "database")
+    url = sec.get("url", str, None)
+    d = DatabaseConfig(url="")
+    cfg = DatabaseConfig(
+        url=url or "",
+        pool_min=sec.get("pool_min", int, d.pool_min),
+        pool_max=sec.get("pool_max", int, d.pool_max),
+        timeout=float(sec.get("timeout", (int, float), d.timeout)),
+        lock_ttl=float(sec.get("lock_ttl", (int, float), d.lock_ttl)),
+    )
+    sec.done()
+    if not cfg.url:
+        raise ConfigError("[database] url is required")
+    if not 0 <= cfg.pool_min <= cfg.pool_max or cfg.pool_max < 1:
+        raise ConfigError("[database] needs 0 <= pool_min <= pool_max and pool_max >= 1")
+    if cfg.timeout <= 0 or cfg.lock_ttl < 3 * cfg.timeout:
+        raise ConfigError("[database] timeout must be positive and lock_ttl at least 3 x timeout")
+    return cfg
 
 
 def _lmtp(data: Mapping[str, Any]) -> LmtpConfig:
@@ -534,7 +598,8 @@ def _log(data: Mapping[str, Any], base: Path) -> LogConfig:
 
 def from_mapping(data: Mapping[str, Any], base: Path, path: Path | None = None) -> Config:
     """Build a :class:`Config` from parsed TOML, resolving paths against ``base``."""
-    unknown = set(data) - {"server", "tls", "auth", "storage", "lmtp", "metrics", "log"}
+    unknown = set(data) - {"server", "tls", "auth", "storage", "lmtp", "metrics", "log",
+                           "database"}
     if unknown:
         raise ConfigError(f"unknown section(s) {', '.join(sorted(unknown))}")
     server = data.get("server", {})
@@ -542,7 +607,7 @@ def from_mapping(data: Mapping[str, Any], base: Path, path: Path | None = None) 
         raise ConfigError("[server] must be a table")
     service = {k: v for k, v in server.items() if k in _SERVICE_KEYS}
     server = {k: v for k, v in server.items() if k not in _SERVICE_KEYS}
-    return Config(
+    cfg = Config(
         service=_service(service, base),
         metrics=_metrics(data.get("metrics", {})),
         log=_log(data.get("log", {}), base),
@@ -551,8 +616,12 @@ def from_mapping(data: Mapping[str, Any], base: Path, path: Path | None = None) 
         auth=_auth(data.get("auth", {}), base),
         storage=_storage(data.get("storage", {"maildir": "mail/%u/Maildir"}), base, path),
         lmtp=_lmtp(data.get("lmtp", {})),
+        database=_database(data["database"]) if "database" in data else None,
         path=path,
     )
+    if cfg.database is None and "postgresql" in (cfg.auth.backend, cfg.storage.backend):
+        raise ConfigError('a "postgresql" backend needs [database] url')
+    return cfg
 
 
 def load(path: Path) -> Config:

@@ -100,6 +100,10 @@ def load_existing_config(args: argparse.Namespace, command: str) -> Config:
 
 def build_store(cfg: Config) -> Any:
     """Return the mail store of ``[storage]`` (Maildir or mbox)."""
+    from pop3d import pgbackends  # noqa: PLC0415 (PostgreSQL store or cluster-wide locks)
+
+    if pgbackends.uses_database(cfg):
+        return pgbackends.build_store(cfg)
     if cfg.storage.mbox is not None:
         from pop3d.storage.mbox import MboxStore  # noqa: PLC0415
 
@@ -112,6 +116,11 @@ def build_store(cfg: Config) -> Any:
 def build_authenticator(cfg: Config) -> Any:
     """Return the authenticator of ``[auth]``."""
     from pop3d.auth.passwd_file import PasswdFileAuthenticator  # noqa: PLC0415
+
+    if cfg.auth.backend == "postgresql":
+        from pop3d import pgbackends  # noqa: PLC0415
+
+        return pgbackends.build_authenticator(cfg)
 
     if cfg.auth.passwd_file is None:
         raise ConfigError("[auth] passwd_file is required")
@@ -310,6 +319,9 @@ async def _serve(
         close = getattr(authenticator, "close", None)
         if close is not None:  # stop the hashing thread pool
             close()
+        from pop3d import pgbackends  # noqa: PLC0415
+
+        await pgbackends.shutdown()  # release cluster leases, close the database pool
 
 
 def run(args: argparse.Namespace) -> int:

@@ -121,6 +121,14 @@ class _Address:
         self.waiters: deque[asyncio.Future[None]] = deque()
 
 
+def _backend_failed(exc: Exception) -> None:
+    """Log an authentication backend failure: one line when expected (a database down)."""
+    if isinstance(exc, TemporaryBackendError):
+        log.warning("authentication backend unavailable: %s", exc)
+    else:
+        log.error("authentication backend failed", exc_info=exc)
+
+
 @dataclass
 class FailureDelays:
     """The brute-force penalty per source address (see the module head).
@@ -311,12 +319,13 @@ class Backends:
         start = delays.clock()
         try:
             verdict = verify_now.begin(event.username, event.password)
-        except Exception:
-            log.exception("authentication backend failed")
+        except Exception as exc:
+            _backend_failed(exc)
             return self._verdict(request, key, RespCode.SYS_TEMP, start)
         if isinstance(verdict, Unfinished):  # the task finishes it: nothing is redone
             delays.take(key)
-            return Later(self._shielded(self._judge(request, key, verdict)))
+            return Later(self._delivered(self._shielded(self._judge(request, key, verdict)),
+                                         key, event.username))
         if isinstance(verdict, Principal):
             return self._verdict(request, key, verdict, start)
         # A refusal: judged now, answered after the delay (the slot is held until then).
@@ -327,7 +336,8 @@ class Backends:
 
     async def _authenticate_later(self, request: AuthRequest, key: str) -> AuthAnswer:
         await self.delays.acquire(key)  # cancelled while waiting: nothing was judged
-        return await self._shielded(self._judge(request, key))
+        work = self._shielded(self._judge(request, key))
+        return await self._delivered(work, key, request.event.username)
 
     def _shielded(self, work: Coroutine[Any, Any, AuthAnswer]) -> Coroutine[Any, Any, AuthAnswer]:
         """Start ``work`` now, in a task that the client hanging up does not cancel.
@@ -360,10 +370,13 @@ class Backends:
         except asyncio.CancelledError:  # the server is stopping
             delays.release(key)
             raise
-        except Exception:
-            log.exception("authentication backend failed")
+        except Exception as exc:
+            _backend_failed(exc)
             found = RespCode.SYS_TEMP
-        answer = self._verdict(request, key, found, start)
+        # A success from a penalised address forgets the user's failures only once its
+        # reply is due to a client still there (_delivered): one that hangs up at once,
+        # as a guesser does, must not see the penalty vanish after a right guess.
+        answer = self._verdict(request, key, found, start, credit=not penalised)
         if isinstance(answer, Principal) and not penalised:
             wait = 0.0
         return await self._hold(key, start + wait, answer)
@@ -391,15 +404,34 @@ class Backends:
                 return await self.authenticator.lookup(username)
         return None  # pragma: no cover (the match is exhaustive)
 
+    async def _delivered(
+        self, work: Coroutine[Any, Any, AuthAnswer], key: str, username: str
+    ) -> AuthAnswer:
+        """Await ``work`` for the connection; a success it receives forgets the user's failures.
+
+        Cancelled with a client that hung up: then nothing is forgotten.
+        """
+        answer = await work
+        if isinstance(answer, Principal):
+            self.delays.succeeded(key, username)
+        return answer
+
     def _verdict(
-        self, request: AuthRequest, key: str, found: Principal | RespCode | None, start: float
+        self,
+        request: AuthRequest,
+        key: str,
+        found: Principal | RespCode | None,
+        start: float,
+        *,
+        credit: bool = True,
     ) -> AuthAnswer:
         """Record a verdict where it is reached: penalty, audit line, metrics."""
         event = request.event
         mechanism = _mechanism(event)
         seconds = self.delays.clock() - start
         if isinstance(found, Principal):
-            self.delays.succeeded(key, event.username)
+            if credit:
+                self.delays.succeeded(key, event.username)
             metrics.login(mechanism, "ok", seconds)
             return found
         if found is RespCode.SYS_TEMP:
@@ -424,8 +456,8 @@ class Backends:
         """
         try:
             secret = await self.authenticator.secret_for(username, scheme)
-        except Exception:
-            log.exception("authentication backend failed")
+        except Exception as exc:
+            _backend_failed(exc)
             return RespCode.SYS_TEMP
         if secret is None and scheme == "SCRAM-SHA-256":
             authenticator = self.authenticator

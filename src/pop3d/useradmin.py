@@ -127,6 +127,10 @@ def read_password(from_stdin: bool) -> bytes | None:
 
 
 def _set_password(args: argparse.Namespace, *, adding: bool) -> int:
+    from pop3d import dbadmin  # noqa: PLC0415 ([auth] backend = "postgresql")
+
+    if (sql := dbadmin.user_command(args, "add" if adding else "passwd")) is not None:
+        return sql
     from pop3d.auth import schemes  # noqa: PLC0415
     from pop3d.auth.passwd_file import list_users, update_user, valid_username  # noqa: PLC0415
 
@@ -186,6 +190,10 @@ def run_passwd(args: argparse.Namespace) -> int:
 
 def run_del(args: argparse.Namespace) -> int:
     """``pop3d user del NAME``."""
+    from pop3d import dbadmin  # noqa: PLC0415 ([auth] backend = "postgresql")
+
+    if (sql := dbadmin.user_command(args, "del")) is not None:
+        return sql
     from pop3d.auth.passwd_file import update_user  # noqa: PLC0415
 
     try:
@@ -206,6 +214,10 @@ def run_del(args: argparse.Namespace) -> int:
 
 def run_list(args: argparse.Namespace) -> int:
     """``pop3d user list``: one user a line, with password scheme and quota field."""
+    from pop3d import dbadmin  # noqa: PLC0415 ([auth] backend = "postgresql")
+
+    if (sql := dbadmin.user_command(args, "list")) is not None:
+        return sql
     from pop3d.auth.passwd_file import list_users  # noqa: PLC0415
     from pop3d.storage.quota import QUOTA_FIELDS  # noqa: PLC0415
 
@@ -242,14 +254,17 @@ def run_stat(args: argparse.Namespace) -> int:
             limit = quota_for(principal.attributes, cfg.storage.quota)
         except TemporaryBackendError:
             return _fail(EX_TEMPFAIL, "the user's quota field cannot be read")
+        path_for = getattr(store, "path_for", None)  # the PostgreSQL store has no paths
         try:
-            path = store.path_for(principal.username)
+            path = path_for(principal.username) if path_for else None
         except TemporaryBackendError:
             return _fail(EX_TEMPFAIL, "the user name cannot name a maildrop")
         try:
             stats = await store.stat(principal)
         except TemporaryBackendError as exc:
-            if not await asyncio.to_thread(os.path.lexists, path):
+            if getattr(exc, "missing_maildrop", False) or (
+                path is not None and not await asyncio.to_thread(os.path.lexists, path)
+            ):
                 count, size, oldest, note = 0, 0, None, "no maildrop yet"
             else:
                 return _fail(EX_TEMPFAIL, f"cannot read the maildrop: {exc}")

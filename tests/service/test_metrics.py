@@ -102,6 +102,11 @@ def test_scrape_counts_open_sessions_across_two_workers(tmp_path: Path) -> None:
             for sock in open_sessions:
                 sock.close()
         assert wait_until(lambda: value(scrape(metrics_port), "pop3d_sessions_open") == 0)
+        # The transport's own calls, summed over both workers: every login and every end.
+        text = scrape(metrics_port)
+        assert value(text, "pop3d_logins_total", mechanism="USER", result="ok") == SESSIONS
+        # (plus the readiness probe of Pop3ServeProcess, which connects and hangs up)
+        assert SESSIONS <= value(text, "pop3d_sessions_total", result="disconnect") <= SESSIONS + 1
         workers = children(proc.pid)
         assert len(workers) == 3  # two workers and the metrics process
         assert proc.stop() == 0

@@ -1,0 +1,201 @@
+"""Start the cluster of deploy/: a throwaway PostgreSQL, three ``pop3d serve`` nodes, HAProxy.
+
+Every configuration comes from deploy/ (templated addresses), so the files operators
+copy are the files tested.  All servers listen on 127.0.0.1 only, on free ports.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import string
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from tests.pgserver import PgServer, start_or_skip
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+#: Seconds a maildrop lease outlives its node's last heartbeat, in the suite.
+LOCK_TTL = 5.0
+#: [database] timeout of the nodes.
+DB_TIMEOUT = 1.0
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_port(port: int, timeout: float = 20.0) -> None:
+    """Wait until something accepts on 127.0.0.1:``port``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def pop3d(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the ``pop3d`` command line."""
+    return subprocess.run(
+        [sys.executable, "-m", "pop3d", *args], input=stdin, capture_output=True, text=True,
+        check=False, timeout=60,
+    )  # fmt: skip
+
+
+@dataclass
+class Node:
+    """One ``pop3d serve`` process."""
+
+    name: str
+    config: Path
+    pop3_port: int
+    lmtp_port: int
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        """Start the node and wait until it listens."""
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "pop3d", "serve", "--config", str(self.config)],
+                stdout=log, stderr=log,
+            )  # fmt: skip
+        wait_port(self.pop3_port)
+        wait_port(self.lmtp_port)
+
+    def kill(self) -> None:
+        """SIGKILL the node (a crash: nothing is cleaned up)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def stop(self) -> None:
+        """SIGTERM the node and wait for it."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def alive(self) -> bool:
+        """Whether the process runs."""
+        return self.proc is not None and self.proc.poll() is None
+
+
+@dataclass
+class Cluster:
+    """PostgreSQL + three nodes + HAProxy, and how to reach them."""
+
+    pg: PgServer
+    url: str
+    root: Path
+    nodes: list[Node]
+    front_port: int
+    lmtp_front_port: int
+    haproxy: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+    def node_config(self) -> Path:
+        """A node's config file (any node's: they share users and mail)."""
+        return self.nodes[0].config
+
+    def ensure_nodes(self) -> None:
+        """Restart any node a test killed; wait until HAProxy sees all of them."""
+        restarted = False
+        for node in self.nodes:
+            if not node.alive():
+                node.start()
+                restarted = True
+        if restarted:
+            time.sleep(2.5)  # HAProxy's check: inter 1s, rise 1
+
+
+def _start_haproxy(cluster: Cluster) -> None:
+    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+    if not Path(haproxy).exists():
+        pytest.skip("haproxy is not installed (scripts/setup.sh installs it)")
+    env = os.environ | {
+        "POP3D_FRONT": f"127.0.0.1:{cluster.front_port}",
+        "POP3D_LMTP_FRONT": f"127.0.0.1:{cluster.lmtp_front_port}",
+    }
+    for i, node in enumerate(cluster.nodes, start=1):
+        env[f"POP3D_NODE{i}"] = f"127.0.0.1:{node.pop3_port}"
+        env[f"POP3D_LMTP{i}"] = f"127.0.0.1:{node.lmtp_port}"
+    cfg = DEPLOY / "haproxy" / "haproxy.cfg"
+    check = subprocess.run([haproxy, "-c", "-f", str(cfg)], env=env, capture_output=True,
+                           check=False)
+    assert check.returncode == 0, check.stderr.decode()
+    log = (cluster.root / "haproxy.log").open("ab")
+    cluster.haproxy = subprocess.Popen([haproxy, "-db", "-f", str(cfg)], env=env,
+                                       stdout=log, stderr=log)
+    log.close()
+    wait_port(cluster.front_port)
+    wait_port(cluster.lmtp_front_port)
+    time.sleep(1.5)  # the first health checks
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """The running cluster, its schema created with ``pop3d db init``."""
+    pg = start_or_skip(preload=("pg_stat_statements",))
+    root = tmp_path_factory.mktemp("cluster")
+    try:
+        url = pg.create_database("pop3d")
+        nodes = []
+        template = string.Template((DEPLOY / "pop3d" / "node.toml").read_text())
+        for i in range(1, 4):
+            pop3_port, lmtp_port = free_port(), free_port()
+            config = root / f"node{i}.toml"
+            config.write_text(template.substitute(
+                POP3_LISTEN=f"127.0.0.1:{pop3_port}", LMTP_LISTEN=f"127.0.0.1:{lmtp_port}",
+                DATABASE_URL=url, LOCK_TTL=LOCK_TTL, DB_TIMEOUT=DB_TIMEOUT,
+            ))  # fmt: skip
+            nodes.append(Node(f"node{i}", config, pop3_port, lmtp_port, root / f"node{i}.log"))
+        init = pop3d("db", "init", "--config", str(nodes[0].config))
+        assert init.returncode == 0, init.stderr
+        import psycopg  # noqa: PLC0415
+
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        cluster = Cluster(pg, url, root, nodes, free_port(), free_port())
+        for node in nodes:
+            node.start()
+        _start_haproxy(cluster)
+        yield cluster
+    finally:
+        if "cluster" in locals():
+            if cluster.haproxy is not None:
+                cluster.haproxy.terminate()
+                cluster.haproxy.wait(10)
+            for node in cluster.nodes:
+                node.stop()
+        pg.destroy()
+
+
+@pytest.fixture
+def live(cluster: Cluster) -> Cluster:
+    """The cluster with every node running (a test before may have killed one)."""
+    if cluster.pg._proc is None:
+        cluster.pg.start()
+    cluster.ensure_nodes()
+    return cluster

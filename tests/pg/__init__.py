@@ -1,0 +1,1 @@
+"""Tests of the PostgreSQL backends against a throwaway PostgreSQL."""

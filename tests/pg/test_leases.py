@@ -1,0 +1,121 @@
+"""The cluster-wide maildrop lease: taken, renewed, lost, taken over, fenced."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pop3d.cluster_lock import LeasedStore, LeaseLost, LeaseManager
+from pop3d.database import Database
+from pop3d.errors import MaildropLocked, TemporaryBackendError
+from pop3d.storage.maildir import MaildirStore
+from pop3d.storage.postgresql import PostgresStore
+from tests.storage.contract import chunks_of, read_all, user
+
+
+def _count(url: str) -> int:
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM messages").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+async def _two_nodes(database: Database, ttl: float) -> tuple[PostgresStore, PostgresStore]:
+    one = PostgresStore(database, LeaseManager(database, ttl))
+    two = PostgresStore(database, LeaseManager(database, ttl))
+    await one.deliver(user(), chunks_of(b"a\n"))
+    await one.deliver(user(), chunks_of(b"b\n"))
+    return one, two
+
+
+def test_heartbeat_keeps_the_lease_past_its_ttl(database: Database) -> None:
+    """A live node renews: its session keeps the maildrop well past one TTL."""
+
+    async def go() -> None:
+        one, two = await _two_nodes(database, ttl=0.6)
+        md = await one.open(user())
+        await asyncio.sleep(1.5)
+        with pytest.raises(MaildropLocked):
+            await two.open(user())
+        await md.close()
+        again = await two.open(user())
+        await again.close()
+
+    asyncio.run(go())
+
+
+def test_a_node_that_stops_renewing_loses_the_maildrop(database: Database) -> None:
+    """Without renewals (a node cut off) the lease lapses: another node takes it, and the
+    first session may neither read nor UPDATE."""
+
+    async def go() -> None:
+        one, two = await _two_nodes(database, ttl=0.5)
+        md = await one.open(user())
+        uids = [i.uid for i in md.listing()]
+        heartbeat = one.leases._heartbeat
+        assert heartbeat is not None
+        heartbeat.cancel()
+        await asyncio.sleep(0.7)
+        other = await two.open(user())
+        with pytest.raises(LeaseLost):
+            await read_all(md, uids[0])
+        with pytest.raises(TemporaryBackendError):
+            await md.commit(uids)
+        await md.close()
+        assert [i.uid for i in other.listing()] == uids
+        await other.close()
+
+    asyncio.run(go())
+    assert _count(database.config.url) == 2
+
+
+def test_the_database_fences_a_session_whose_lease_was_taken(database: Database) -> None:
+    """Even a node whose clock says the lease holds cannot UPDATE once another took it."""
+
+    async def go() -> None:
+        one, two = await _two_nodes(database, ttl=0.5)
+        md = await one.open(user())
+        uids = [i.uid for i in md.listing()]
+        heartbeat = one.leases._heartbeat
+        assert heartbeat is not None
+        heartbeat.cancel()
+        await asyncio.sleep(0.7)
+        other = await two.open(user())
+        md._lease.deadline = float("inf")
+        with pytest.raises(TemporaryBackendError):
+            await md.commit(uids)
+        await other.close()
+        await md.close()
+
+    asyncio.run(go())
+    assert _count(database.config.url) == 2
+
+
+def test_maildir_on_shared_storage_is_leased(database: Database, tmp_path: Path) -> None:
+    """Two nodes over one Maildir tree: the second open is [IN-USE] until the first closes."""
+    (tmp_path / "alice" / "Maildir" / "new").mkdir(parents=True)
+    for folder in ("cur", "tmp"):
+        (tmp_path / "alice" / "Maildir" / folder).mkdir()
+
+    def node() -> LeasedStore:
+        return LeasedStore(MaildirStore("%u/Maildir", tmp_path),
+                           LeaseManager(database, 5.0))
+
+    async def go() -> None:
+        one, two = node(), node()
+        await one.deliver(user(), chunks_of(b"hello\n"))
+        md = await one.open(user())
+        with pytest.raises(MaildropLocked):
+            await two.open(user())
+        with pytest.raises(MaildropLocked):  # refused by the lease, not only the local lock
+            await two.manager.acquire("alice")
+        await md.commit([i.uid for i in md.listing()])
+        await md.close()
+        again = await two.open(user())
+        assert list(again.listing()) == []
+        await again.close()
+
+    asyncio.run(go())

@@ -23,3 +23,28 @@ bench-dovecot:
 
 comma := ,
 BENCH_SERVERS = $(if $(wildcard bench/.venv/bin/twistd),--servers=pop3d$(comma)dovecot$(comma)twisted$(comma)twisted-tuned)
+
+# The no-loss soak (issue 15): SOAK_MINUTES per store (default 10), on Maildir then mbox;
+# SOAK_ARGS="--seed N" reruns a seed.  `make soak-ci` is the CI length (tests/soak).
+SOAK_MINUTES ?= 10
+SOAK_STORES ?= maildir mbox
+SOAK_ARGS ?=
+
+.PHONY: soak soak-ci
+soak:
+	$(PY) -m tests.soak.run --minutes $(SOAK_MINUTES) $(foreach s,$(SOAK_STORES),--store $(s)) $(SOAK_ARGS)
+
+soak-ci:
+	$(PY) -bb -m pytest -q -p no:randomly tests/soak
+
+# Coverage-guided fuzzing (issue 15): every target for FUZZ_SECONDS (default 300) with
+# atheris; findings go to .fuzz/artifacts/.  `make fuzz-ci` is the CI run (tests/fuzz).
+FUZZ_SECONDS ?= 300
+FUZZ_TARGETS ?=
+
+.PHONY: fuzz fuzz-ci
+fuzz:
+	$(PY) -m tests.fuzz.run --seconds $(FUZZ_SECONDS) $(FUZZ_TARGETS)
+
+fuzz-ci:
+	$(PY) -bb -m pytest -q -p no:randomly tests/fuzz

@@ -103,9 +103,9 @@ def run(args: argparse.Namespace) -> int:
         source = open_message(args.message)
     except OSError as exc:
         return _fail(EX_NOINPUT, f"cannot read the message: {exc.strerror}")
-    try:
-        return asyncio.run(
-            deliver(
+    async def once() -> int:
+        try:
+            return await deliver(
                 authenticator,
                 store,
                 args.user,
@@ -113,7 +113,16 @@ def run(args: argparse.Namespace) -> int:
                 sender=args.sender,
                 quota_exit=cfg.storage.quota_exit,
             )
-        )
+        finally:
+            if pgbackends.uses_database(cfg):
+                # The pool's connections and leases end with this loop, not at its
+                # teardown (where a pool still connecting would be waited for forever).
+                await pgbackends.shutdown()
+
+    from pop3d import pgbackends  # noqa: PLC0415 (PostgreSQL backends, when configured)
+
+    try:
+        return asyncio.run(once())
     finally:
         if args.message is not None:
             os.close(source)

@@ -38,9 +38,12 @@ SAMPLES = 200
 #: Bounds on the differences between classes (see the module head).  On a loaded machine
 #: socket timings are bimodal (a sample that was preempted or not), which makes a median
 #: jump by tens of percent between runs; the probability of superiority stays near 0.5
-#: for equal classes (about +-0.03 at 200 samples) and is the sharper test.
+#: for equal classes (about +-0.03 at 200 samples) and is the sharper test.  Operations of
+#: a few tens of microseconds (a CRAM-MD5 context) differ by a microsecond or two between
+#: classes for reasons no network client can see (a dictionary hit or miss), which moved
+#: it to 0.21 once in a loaded full run; the leaks this guards against sat at 0.0 or 1.0.
 MAX_MEDIAN_RATIO = 2.0
-SUPERIORITY = (0.25, 0.75)
+SUPERIORITY = (0.15, 0.85)
 
 
 def assert_alike(times: dict[str, list[float]]) -> None:

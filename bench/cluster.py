@@ -35,32 +35,14 @@ sys.path[:0] = [str(REPO), str(REPO / "bench")]
 from tests.pgserver import start_or_skip  # noqa: E402
 
 import mkdata  # noqa: E402
+from pop3d.testing import free_port, wait_for_port  # noqa: E402
 
 DEPLOY = REPO / "deploy"
 PY = sys.executable
 
 
-def _free_port() -> int:
-    import socket  # noqa: PLC0415
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _wait(port: int, timeout: float = 30.0) -> None:
-    import socket  # noqa: PLC0415
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+def _wait(port: int) -> None:
+    wait_for_port("127.0.0.1", port, 30.0, expect=b"")
 
 
 def _pop3d(*args: str, stdin: str | None = None) -> None:
@@ -92,7 +74,7 @@ class Nodes:
         template = string.Template((DEPLOY / "pop3d" / "node.toml").read_text())
         pop3, lmtp = [], []
         for i in range(count):
-            p, lm = _free_port(), _free_port()
+            p, lm = free_port(), free_port()
             cfg = work / f"node{i}.toml"
             cfg.write_text(template.substitute(
                 POP3_LISTEN=f"127.0.0.1:{p}", LMTP_LISTEN=f"127.0.0.1:{lm}", DATABASE_URL=url,
@@ -106,9 +88,9 @@ class Nodes:
             lmtp.append(lm)
         for p in pop3:
             _wait(p)
-        self.front = _free_port()
+        self.front = free_port()
         env = os.environ | {"POP3D_FRONT": f"127.0.0.1:{self.front}",
-                            "POP3D_LMTP_FRONT": f"127.0.0.1:{_free_port()}"}
+                            "POP3D_LMTP_FRONT": f"127.0.0.1:{free_port()}"}
         for i in range(3):  # fewer nodes than server lines: the lines repeat the nodes
             env[f"POP3D_NODE{i + 1}"] = f"127.0.0.1:{pop3[i % count]}"
             env[f"POP3D_LMTP{i + 1}"] = f"127.0.0.1:{lmtp[i % count]}"

@@ -21,13 +21,14 @@ import contextlib
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
+
+from pop3d.testing import free_port
 
 #: Where Debian puts the server binaries, newest version first.
 _BIN_GLOB = "/usr/lib/postgresql/*/bin"
@@ -47,13 +48,6 @@ def find_bindir() -> Path | None:
     return Path(found).resolve().parent if found else None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 class PgServer:
     """One PostgreSQL cluster in a temporary folder: start, stop, destroy."""
 
@@ -62,7 +56,7 @@ class PgServer:
         self.root = Path(tempfile.mkdtemp(prefix="pop3d-pg-"))
         self.data = self.root / "data"
         self.socket_dir = self.root / "run"
-        self.port = _free_port()
+        self.port = free_port()
         self.user = "postgres"
         self._as_root = os.geteuid() == 0
         self._proc: subprocess.Popen[bytes] | None = None

@@ -94,7 +94,10 @@ def run(args: argparse.Namespace) -> int:
         identity = privileges.resolve(cfg.service)
         if identity is not None and os.geteuid() == 0:
             # Started as root (a pipe transport without user=): mail is the mail user's.
-            privileges.drop(identity)
+            privileges.drop(
+                identity,
+                privileges.PRELOAD_DATABASE if cfg.database is not None else (),
+            )
         authenticator = serve.build_authenticator(cfg)
         store = serve.build_store(cfg)
     except (ConfigError, OSError) as exc:

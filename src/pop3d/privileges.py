@@ -100,15 +100,25 @@ _PRELOAD = (
     "email.headerregistry", "uvloop", "wsgiref.simple_server", "http.server",
     "pop3d.lmtp", "pop3d.admin", "pop3d.metrics", "pop3d.auth.passwd_file",
     "pop3d.auth.schemes", "pop3d.protocol.sasl", "pop3d.storage.maildir",
-    "pop3d.storage.mbox", "pop3d.storage.quota", "pop3d.login_delay",
+    "pop3d.storage.mbox", "pop3d.storage.quota", "pop3d.storage.beneath", "pop3d.login_delay",
+    "pop3d.audit", "pop3d.auth.decoys", "pop3d.auth.verdict", "pop3d.server.accept",
+    "pop3d.server.proxy_protocol", "pop3d.server.tls", "pop3d.pgbackends",
     "prometheus_client", "prometheus_client.exposition", "prometheus_client.multiprocess",
     "prometheus_client.openmetrics.exposition",
 )
 
 
-def preload() -> None:
+#: What a worker of a config with ``[database]`` imports lazily as well (psycopg is
+#: loaded only by the processes that use it).
+PRELOAD_DATABASE = (
+    "psycopg", "psycopg_pool", "pop3d.database", "pop3d.auth.sql",
+    "pop3d.storage.postgresql", "pop3d.cluster_lock",
+)
+
+
+def preload(extra: tuple[str, ...] = ()) -> None:
     """Import what a worker may need later, while every file is still readable."""
-    for name in _PRELOAD:
+    for name in (*_PRELOAD, *extra):
         with contextlib.suppress(ImportError):
             importlib.import_module(name)
     with contextlib.suppress(Exception):  # libpass picks each hash's backend at first use
@@ -118,15 +128,17 @@ def preload() -> None:
             handler.get_backend()
 
 
-def drop(identity: Identity) -> None:
+def drop(identity: Identity, preload_also: tuple[str, ...] = ()) -> None:
     """Become ``identity`` for good, with no capability; verify it.
+
+    Imports :data:`_PRELOAD` and ``preload_also`` first (see :func:`preload`).
 
     Raises:
         PermissionError: not root (and not already ``identity``), or the result is not
             what was asked.
 
     """
-    preload()
+    preload(preload_also)
     if os.geteuid() == 0:
         _drop_bounding_set()  # while CAP_SETPCAP is still held
     if os.geteuid() != identity.uid:

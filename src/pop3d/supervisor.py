@@ -82,6 +82,11 @@ class Listeners:
             self.metrics.close()
 
 
+def _preload_for(cfg: Config) -> tuple[str, ...]:
+    """The modules a worker of ``cfg`` needs beyond the usual, imported before the drop."""
+    return privileges.PRELOAD_DATABASE if cfg.database is not None else ()
+
+
 def bind_listeners(cfg: Config) -> Listeners:
     """Bind every address of the config, or take the sockets systemd passed.
 
@@ -418,7 +423,7 @@ class Supervisor:
         if self.identity is None:
             return True
         try:
-            privileges.drop(self.identity)
+            privileges.drop(self.identity, _preload_for(self.cfg))
         except OSError as exc:  # never serve with the privileges we meant to drop
             log.error("cannot become %s: %s", self.identity, exc)  # noqa: TRY400
             return False

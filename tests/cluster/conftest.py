@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import string
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from pop3d.testing import LOOPBACK, free_port, wait_for_port
 from tests.pgserver import PgServer, start_or_skip
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -29,25 +29,9 @@ LOCK_TTL = 5.0
 DB_TIMEOUT = 1.0
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def wait_port(port: int, timeout: float = 20.0) -> None:
-    """Wait until something accepts on 127.0.0.1:``port``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+def wait_port(port: int) -> None:
+    """Wait until something accepts on 127.0.0.1:``port`` (a node, or HAProxy)."""
+    wait_for_port(LOOPBACK, port, 20.0, expect=b"")
 
 
 def pop3d(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pop3d.testing import Pop3ServeProcess, free_port
+from pop3d.testing import Pop3ServeProcess, free_port, wait_for_port
 from tests.integration.helpers import WAIT, RawClient
 from tests.integration.tls_support import Pki, assert_treated_as_tls, make_pki
 
@@ -60,17 +60,10 @@ def pki(tmp_path: Path) -> Pki:
 
 
 def _wait_listening(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + WAIT
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"haproxy exited: {log.read_text(errors='replace')}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
+    try:
+        wait_for_port("127.0.0.1", port, WAIT, process=process, expect=b"")
+    except RuntimeError:
+        raise RuntimeError(f"haproxy exited: {log.read_text(errors='replace')}") from None
 
 
 @pytest.fixture

@@ -11,7 +11,6 @@ same worker is served meanwhile.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import socket
@@ -26,6 +25,7 @@ import pytest
 
 from pop3d.storage.maildir import INDEX_NAME
 from pop3d.testing import Pop3ServeProcess
+from tests.tree_snapshot import snapshot
 
 from .helpers import WAIT, RawClient, ServeFactory
 
@@ -33,16 +33,6 @@ pytestmark = pytest.mark.timeout(90)
 
 SECRET = b"root:TOPSECRET-HASH:19000:0:99999:7:::"
 OLD = 1_600_000_000
-
-
-def snapshot(tree: Path) -> dict[str, tuple[int, int, str]]:
-    """(mode, mtime_ns, sha256) of everything under ``tree``, links not followed."""
-    out: dict[str, tuple[int, int, str]] = {}
-    for path in sorted([tree, *tree.rglob("*")]):
-        s = path.lstat()
-        digest = hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(s.st_mode) else ""
-        out[str(path)] = (s.st_mode, s.st_mtime_ns, digest)
-    return out
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import hashlib
 import logging
 import os
 import shutil
@@ -29,6 +28,7 @@ from pop3d.storage import beneath, blocking, maildir
 from pop3d.storage.beneath import MailRoot, open_beneath
 from pop3d.storage.maildir import INDEX_NAME, MaildirStore
 from pop3d.storage.mbox import MboxStore
+from tests.tree_snapshot import snapshot
 
 from .contract import chunks_of, read_all, run, user
 
@@ -45,16 +45,6 @@ def bounded(coro: Coroutine[Any, Any, T]) -> T:
         return await asyncio.wait_for(coro, BOUND)
 
     return run(go())
-
-
-def snapshot(tree: Path) -> dict[str, tuple[int, int, str]]:
-    """(mode, mtime_ns, sha256) of everything under ``tree`` (links not followed)."""
-    out: dict[str, tuple[int, int, str]] = {}
-    for path in sorted([tree, *tree.rglob("*")]):
-        s = path.lstat()
-        digest = hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(s.st_mode) else ""
-        out[str(path)] = (s.st_mode, s.st_mtime_ns, digest)
-    return out
 
 
 @pytest.fixture

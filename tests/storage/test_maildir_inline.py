@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pop3d.errors import MessageVanished, TemporaryBackendError
-from pop3d.storage import maildir
+from pop3d.storage import blocking, maildir
 from pop3d.storage.maildir import MaildirMaildrop
 from pop3d.storage.wire import to_wire
 
@@ -97,7 +97,7 @@ def test_big_message_read_paths_agree(
 
         monkeypatch.setattr(os, "preadv", would_block)
     elif mode == "unsupported":
-        monkeypatch.setattr(maildir, "_NOWAIT", False)
+        monkeypatch.setattr(blocking, "_nowait", False)
     h = MaildirHarness(tmp_path)
     h.put("alice", body)
     drop = _open(h)

@@ -71,6 +71,38 @@ def fsync_dir(path: Path) -> None:
 _nowait = hasattr(os, "RWF_NOWAIT")
 
 
+def nowait_reads() -> bool:
+    """Whether reads from the page cache without waiting (:func:`preadv_nowait`) work here."""
+    return _nowait
+
+
+def preadv_nowait(fd: int, buffer: bytearray, offset: int) -> int | None:
+    """Fill ``buffer`` from ``offset`` if the page cache can answer at once, else ``None``.
+
+    Returns the octets read (short at the end of the file, or where only part of the
+    range is cached).  ``None`` also where the kernel or the file system cannot tell (an
+    old kernel, tmpfs): the caller reads in a thread.
+
+    Raises:
+        OSError: the read failed for another reason.
+
+    """
+    global _nowait  # noqa: PLW0603 (learned once per process)
+    if not _nowait:
+        return None
+    try:
+        return os.preadv(fd, [buffer], offset, os.RWF_NOWAIT)
+    except BlockingIOError:
+        return None
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOSYS):
+            _nowait = False  # a kernel without RWF_NOWAIT
+            return None
+        if exc.errno == errno.EOPNOTSUPP:
+            return None  # this file system (tmpfs) cannot tell: the caller uses a thread
+        raise
+
+
 def pread_nowait(fd: int, size: int, offset: int) -> bytes | None:
     """Read up to ``size`` octets at ``offset`` if the page cache has them all, else ``None``.
 
@@ -81,21 +113,10 @@ def pread_nowait(fd: int, size: int, offset: int) -> bytes | None:
         OSError: the read failed for another reason.
 
     """
-    global _nowait  # noqa: PLW0603 (learned once per process)
-    if not _nowait:
-        return None
     buffer = bytearray(size)
-    try:
-        n = os.preadv(fd, [buffer], offset, os.RWF_NOWAIT)
-    except BlockingIOError:
+    n = preadv_nowait(fd, buffer, offset)
+    if n is None:
         return None
-    except OSError as exc:
-        if exc.errno in (errno.EINVAL, errno.ENOSYS):
-            _nowait = False  # a kernel without RWF_NOWAIT
-            return None
-        if exc.errno == errno.EOPNOTSUPP:
-            return None  # this file system (tmpfs) cannot tell: the caller uses a thread
-        raise
     if n < size and n < os.fstat(fd).st_size - offset:
         return None
     return bytes(buffer) if n == size else bytes(memoryview(buffer)[:n])

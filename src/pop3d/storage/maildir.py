@@ -116,7 +116,7 @@ from pop3d.errors import (
 )
 from pop3d.storage.base import MailboxStats, MessageInfo
 from pop3d.storage.beneath import DIR_FLAGS, MailRoot, is_link_refusal
-from pop3d.storage.blocking import in_thread, pread_nowait, write_all
+from pop3d.storage.blocking import in_thread, nowait_reads, pread_nowait, preadv_nowait, write_all
 from pop3d.storage.lock_table import LockTable, TableLock
 from pop3d.storage.locking import SessionLock, SessionLocks, session_locks_for, take_lock
 from pop3d.storage.quota import charge, quota_for
@@ -158,8 +158,6 @@ _INLINE_MEASURE_BYTES = 1024 * 1024
 _INLINE_READ_BYTES = 64 * 1024
 #: Maildirs whose last listing a process remembers (see _ListingCache).
 _LISTING_CACHE = 10_000
-#: Whether ``preadv(..., RWF_NOWAIT)`` works here; cleared if the kernel refuses it.
-_NOWAIT = hasattr(os, "RWF_NOWAIT")
 #: Commits deleting more messages than this run in a thread.
 _INLINE_COMMIT = 64
 #: Chunk size used to measure a file's wire size (memory only, nothing is kept).
@@ -1339,7 +1337,7 @@ class MaildirMaildrop:
         """
         self._check_open()
         entry = self._by_uid[uid]
-        if entry.file_size > _INLINE_READ_BYTES or not _NOWAIT:
+        if entry.file_size > _INLINE_READ_BYTES or not nowait_reads():
             return None
         # One read of file_size + 1 octets sees the whole file and its end at once.
         reader = _MessageReader(self._where, self._by_uid, uid, entry.file_size + 1)
@@ -1634,22 +1632,11 @@ class _MessageReader:
 
     def _read_nowait(self) -> bytes | None:
         """The next chunk if the page cache has it (RWF_NOWAIT), else ``None``."""
-        global _NOWAIT  # noqa: PLW0603 (learned once per process)
-        if not _NOWAIT:
-            return None
         if self._buffer is None:
             self._buffer = bytearray(self._chunk_size)
-        try:
-            n = os.preadv(self._fd, [self._buffer], self._offset, os.RWF_NOWAIT)
-        except BlockingIOError:
+        n = preadv_nowait(self._fd, self._buffer, self._offset)
+        if n is None:
             return None
-        except OSError as exc:
-            if exc.errno in (errno.EINVAL, errno.ENOSYS):
-                _NOWAIT = False  # a kernel without RWF_NOWAIT
-                return None
-            if exc.errno == errno.EOPNOTSUPP:
-                return None  # this file system (tmpfs) cannot tell: read in a thread
-            raise
         if n == len(self._buffer):
             # A full chunk is normalised straight from the buffer, without a copy out of
             # it: the normaliser returns a new object for a bytearray (bytearray methods

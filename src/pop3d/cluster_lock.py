@@ -47,10 +47,10 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pop3d.auth.base import Principal
 from pop3d.database import Database
 from pop3d.errors import LocalProtocolError, MaildropLocked, TemporaryBackendError
-from pop3d.storage.base import MailboxStats, Maildrop, MessageInfo
+from pop3d.protocol.values import MessageInfo, Principal
+from pop3d.storage.base import MailboxStats, Maildrop
 from pop3d.storage.template import check_username
 
 __all__ = ["Lease", "LeaseLost", "LeaseManager", "LeasedStore"]

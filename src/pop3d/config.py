@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pop3d import limits
 from pop3d.errors import ConfigError
+from pop3d.protocol import limits
 from pop3d.storage.template import check_template
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network

@@ -27,8 +27,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pop3d.auth.base import Principal
 from pop3d.errors import ConfigError, MaildropLocked, TemporaryBackendError
+from pop3d.protocol.values import Principal
 
 log = logging.getLogger("pop3d.import")
 

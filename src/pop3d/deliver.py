@@ -14,7 +14,7 @@ Rules of this file:
   because of us); over quota 75 or 77 (EX_NOPERM, a bounce) per ``[storage] quota_exit``;
   64 (EX_USAGE) bad arguments; 66 (EX_NOINPUT) MESSAGE_FILE cannot be opened; 78
   (EX_CONFIG) the configuration cannot be loaded.
-* The message is streamed in :data:`pop3d.limits.READ_CHUNK` pieces: its size does not
+* The message is streamed in :data:`pop3d.protocol.limits.READ_CHUNK` pieces: its size does not
   change our memory use.  A leading mbox ``From `` envelope line (as ``procmail`` and
   some ``mailbox_command`` setups pass) is not part of the message: it is dropped, and
   its sender is the envelope sender unless ``-f`` gives one (dovecot-lda does the same).
@@ -38,9 +38,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pop3d import limits, privileges
-from pop3d.auth.base import Authenticator, Principal
+from pop3d import privileges
+from pop3d.auth.base import Authenticator
 from pop3d.errors import ConfigError, QuotaExceeded, TemporaryBackendError
+from pop3d.protocol import limits
+from pop3d.protocol.values import Principal
 
 log = logging.getLogger("pop3d.deliver")
 
@@ -154,7 +156,7 @@ async def deliver(
         store: a ``Deliverer`` (an :class:`~pop3d.storage.mbox.MboxStore` also gets the
             envelope sender).
         username: the recipient.
-        fd: where the message is read from, in :data:`~pop3d.limits.READ_CHUNK` pieces.
+        fd: where the message is read from, in :data:`~pop3d.protocol.limits.READ_CHUNK` pieces.
         sender: the envelope sender, if known.
         quota_exit: the status for a delivery over quota (75 or 77).
 

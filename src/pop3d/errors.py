@@ -1,29 +1,31 @@
 """The exception hierarchy.
 
-Two sides, as in h11: a :class:`RemoteProtocolError` is the peer's fault (answered with
-``-ERR``), a :class:`LocalProtocolError` is ours (the connection is closed and the
-traceback logged locally).  Backend errors carry the RFC 2449/3206 response code the
-driver maps them to.  Only the driver turns exceptions into replies, and no reply ever
-carries exception text.
+Backend errors carry the RFC 2449/3206 response code the session maps them to
+(:mod:`pop3d.session`); no reply ever carries exception text.  The core's
+own error, :class:`~pop3d.protocol.errors.LocalProtocolError` (a bug: the connection is
+closed), lives in the core and is re-exported here.
 """
 
 from __future__ import annotations
 
+from pop3d.protocol.errors import LocalProtocolError
+
+__all__ = [
+    "BackendError",
+    "ConfigError",
+    "LocalProtocolError",
+    "MaildropLocked",
+    "MessageVanished",
+    "PermanentBackendError",
+    "Pop3dError",
+    "QuotaExceeded",
+    "TemporaryBackendError",
+    "WouldWait",
+]
+
 
 class Pop3dError(Exception):
     """Base of every error pop3d raises on purpose."""
-
-
-class ProtocolError(Pop3dError):
-    """The POP3 conversation went wrong."""
-
-
-class RemoteProtocolError(ProtocolError):
-    """The peer broke the protocol; it gets ``-ERR`` (or a close past the error budget)."""
-
-
-class LocalProtocolError(ProtocolError):
-    """pop3d misused its own core: a bug.  The connection is closed."""
 
 
 class BackendError(Pop3dError):

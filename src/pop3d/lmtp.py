@@ -58,11 +58,13 @@ from typing import IO, Any
 
 from aiosmtpd.lmtp import LMTP
 
-from pop3d import limits, metrics
-from pop3d.auth.base import Authenticator, Principal
+from pop3d import metrics
+from pop3d.auth.base import Authenticator
 from pop3d.config import Config, parse_address
 from pop3d.deliver import find_user
 from pop3d.errors import PermanentBackendError, QuotaExceeded
+from pop3d.protocol import limits
+from pop3d.protocol.values import Principal
 from pop3d.storage.base import Deliverer
 
 __all__ = [

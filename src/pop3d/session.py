@@ -43,9 +43,9 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
-from pop3d import audit, limits, metrics
+from pop3d import audit, metrics
 from pop3d.auth import schemes
-from pop3d.auth.base import Authenticator, Principal, ScramSaltKey
+from pop3d.auth.base import Authenticator, ScramSaltKey
 from pop3d.auth.verdict import InlineVerify, Unfinished
 from pop3d.errors import (
     MaildropLocked,
@@ -54,8 +54,10 @@ from pop3d.errors import (
     WouldWait,
 )
 from pop3d.login_delay import LoginDelay
+from pop3d.protocol import limits
 from pop3d.protocol.events import ApopAuthenticate, PasswordAuthenticate, SaslOutcome
 from pop3d.protocol.replies import RespCode
+from pop3d.protocol.values import Principal
 from pop3d.storage.base import InlineCommit, InlineOpen, Maildrop, MailStore
 
 log = logging.getLogger("pop3d.session")

@@ -11,7 +11,8 @@ import asyncio
 from collections.abc import Mapping
 from pathlib import Path
 
-from pop3d.auth.base import Authenticator, Principal
+from pop3d.auth.base import Authenticator
+from pop3d.protocol.values import Principal
 
 #: Fixed hashes of the password b"secret" (doveadm pw).
 SECRET_HASHES = {

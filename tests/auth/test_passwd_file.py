@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from pop3d.auth import passwd_file, schemes
-from pop3d.auth.base import Principal
 from pop3d.auth.passwd_file import PasswdFileAuthenticator, list_users, update_user
 from pop3d.auth.verdict import Refused, Unfinished
 from pop3d.errors import ConfigError, TemporaryBackendError, WouldWait
+from pop3d.protocol.values import Principal
 
 from .contract import SECRET_HASHES, AuthenticatorContract
 

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from pop3d.auth.base import Principal
 from pop3d.cli import main
 from pop3d.errors import TemporaryBackendError
+from pop3d.protocol.values import Principal
 from pop3d.storage.maildir import MaildirStore
 from pop3d.storage.mbox import MboxStore
 from pop3d.storage.wire import to_wire

@@ -11,8 +11,8 @@ Properties, for any octets cut into any chunks:
 
 from __future__ import annotations
 
-from pop3d import limits
 from pop3d.protocol import commands as c
+from pop3d.protocol import limits
 from pop3d.protocol.lines import OVERLONG, LineBuffer, Overlong
 from tests.fuzz import harness
 

@@ -24,10 +24,10 @@ import threading
 from collections.abc import AsyncIterable
 from pathlib import Path
 
-from pop3d.auth.base import Principal
 from pop3d.auth.passwd_file import PasswdFileAuthenticator
 from pop3d.config import Config, LmtpConfig
 from pop3d.lmtp import start_lmtp
+from pop3d.protocol.values import Principal
 from tests.fuzz import harness
 
 _REPLY = re.compile(rb"[2-5][0-9][0-9](?:[ -][\x20-\x7e]*)?\r\n")

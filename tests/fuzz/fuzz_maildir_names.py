@@ -26,9 +26,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from pop3d import limits
-from pop3d.auth.base import Principal
 from pop3d.errors import TemporaryBackendError
+from pop3d.protocol import limits
+from pop3d.protocol.values import Principal
 from pop3d.storage import maildir
 from tests.fuzz import harness
 

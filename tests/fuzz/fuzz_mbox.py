@@ -29,8 +29,8 @@ import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from pop3d.auth.base import Principal
 from pop3d.errors import TemporaryBackendError
+from pop3d.protocol.values import Principal
 from pop3d.storage.mbox import MboxStore
 from tests.fuzz import harness
 from tests.fuzz.fuzz_maildir_names import reference_wire

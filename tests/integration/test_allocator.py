@@ -13,7 +13,7 @@ import pytest
 # reports the minor page faults that cost, before and after the tuning.
 _PROBE = """
 import collections, json, resource
-from pop3d import limits
+from pop3d.protocol import limits
 from pop3d.server.allocator import keep_chunk_buffers_in_heap
 
 def faults():

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
-from pop3d.auth.base import Principal
 from pop3d.auth.passwd_file import PasswdFileAuthenticator
 from pop3d.config import Config, LmtpConfig
 from pop3d.errors import TemporaryBackendError
 from pop3d.lmtp import bind_lmtp, start_lmtp
+from pop3d.protocol.values import Principal
 from pop3d.storage.maildir import MaildirStore
 from pop3d.storage.mbox import MboxStore
 from pop3d.storage.wire import to_wire

@@ -96,10 +96,10 @@ def test_database_without_schema_is_a_temporary_error(
     """Logins against a database without the schema: SYS/TEMP and one hint in the log."""
     import asyncio  # noqa: PLC0415
 
-    from pop3d.auth.base import Principal  # noqa: PLC0415
     from pop3d.cluster_lock import LeaseManager  # noqa: PLC0415
     from pop3d.config import DatabaseConfig  # noqa: PLC0415
     from pop3d.database import Database  # noqa: PLC0415
+    from pop3d.protocol.values import Principal  # noqa: PLC0415
     from pop3d.storage.postgresql import PostgresStore  # noqa: PLC0415
     from tests.pgserver import PgServer  # noqa: PLC0415
 

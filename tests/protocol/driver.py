@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pop3d.auth.base import Principal
 from pop3d.protocol import (
     ApopAuthenticate,
     AuthRefused,
@@ -26,7 +25,7 @@ from pop3d.protocol import (
     Update,
 )
 from pop3d.protocol.replies import RespCode
-from pop3d.storage.base import MessageInfo
+from pop3d.protocol.values import MessageInfo, Principal
 
 
 def wire(message: bytes) -> bytes:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pytest
 
-from pop3d.auth.base import Principal
 from pop3d.errors import LocalProtocolError
 from pop3d.protocol import (
     AuthRefused,
@@ -25,7 +24,7 @@ from pop3d.protocol import (
     Update,
 )
 from pop3d.protocol.states import State
-from pop3d.storage.base import MessageInfo
+from pop3d.protocol.values import MessageInfo, Principal
 
 from .driver import FakeDriver, transcript
 

@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from pop3d.auth.schemes import ScramSecret, cram_md5_context
 from pop3d.protocol import (
     AuthRefused,
     NeedData,
@@ -19,6 +18,7 @@ from pop3d.protocol import (
     StartTls,
     sasl,
 )
+from pop3d.protocol.digests import ScramSecret, cram_md5_context
 from pop3d.protocol.replies import RespCode
 from pop3d.protocol.states import State
 from tests.protocol.driver import FakeDriver

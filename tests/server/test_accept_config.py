@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pop3d import limits
 from pop3d.config import from_mapping
 from pop3d.errors import ConfigError
+from pop3d.protocol import limits
 
 
 def _server(**keys: object) -> dict[str, dict[str, object]]:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from pop3d.auth.base import Principal
 from pop3d.config import from_mapping
 from pop3d.errors import ConfigError, MaildropLocked
 from pop3d.login_delay import LoginDelay
 from pop3d.protocol.replies import RespCode
+from pop3d.protocol.values import Principal
 from pop3d.session import Backends, FailureDelays, resolve
 
 

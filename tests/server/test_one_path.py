@@ -14,13 +14,13 @@ from collections.abc import Collection, Sequence
 
 import pytest
 
-from pop3d.auth.base import Principal
 from pop3d.auth.verdict import InlineVerify, Refused, Unfinished, Verdict
 from pop3d.errors import MaildropLocked
 from pop3d.protocol.events import PasswordAuthenticate
 from pop3d.protocol.replies import RespCode
+from pop3d.protocol.values import MessageInfo, Principal
 from pop3d.session import AuthRequest, Backends, FailureDelays, Later, resolve
-from pop3d.storage.base import InlineCommit, InlineOpen, MessageInfo
+from pop3d.storage.base import InlineCommit, InlineOpen
 
 
 class Auth:

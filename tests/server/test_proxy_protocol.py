@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pop3d import limits
+from pop3d.protocol import limits
 from pop3d.server.proxy_protocol import (
     MAX_HEADER,
     PP2_CLIENT_SSL,

@@ -23,7 +23,6 @@ from typing import Any, Protocol, TypeVar
 
 import pytest
 
-from pop3d.auth.base import Principal
 from pop3d.errors import (
     LocalProtocolError,
     MaildropLocked,
@@ -31,6 +30,7 @@ from pop3d.errors import (
     QuotaExceeded,
     TemporaryBackendError,
 )
+from pop3d.protocol.values import Principal
 from pop3d.storage.base import Deliverer, MailboxInspector, Maildrop, MailStore
 from pop3d.storage.wire import to_wire
 

@@ -22,8 +22,8 @@ from typing import Any, TypeVar
 
 import pytest
 
-from pop3d.auth.base import Principal
 from pop3d.errors import PermanentBackendError, TemporaryBackendError
+from pop3d.protocol.values import Principal
 from pop3d.storage import beneath, blocking, maildir
 from pop3d.storage.beneath import MailRoot, open_beneath
 from pop3d.storage.maildir import INDEX_NAME, MaildirStore

@@ -488,7 +488,7 @@ LOCK_HOLDER = textwrap.dedent(
     """
     import asyncio, sys, time
     from pathlib import Path
-    from pop3d.auth.base import Principal
+    from pop3d.protocol.values import Principal
     from pop3d.config import StorageConfig
     from pop3d.storage.maildir import MaildirStore
 
@@ -748,7 +748,7 @@ COMMITTER = textwrap.dedent(
     """
     import asyncio, sys
     from pathlib import Path
-    from pop3d.auth.base import Principal
+    from pop3d.protocol.values import Principal
     from pop3d.storage.maildir import MaildirStore
 
     async def main():

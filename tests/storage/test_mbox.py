@@ -446,7 +446,7 @@ def test_session_lock_dies_with_its_holder(tmp_path: Path, mode: str) -> None:
     code = textwrap.dedent(f"""
         import asyncio, sys, time
         from pathlib import Path
-        from pop3d.auth.base import Principal
+        from pop3d.protocol.values import Principal
         from pop3d.config import StorageConfig
         from pop3d.storage.mbox import MboxStore
         async def main():
@@ -548,7 +548,7 @@ def test_in_place_rewrite_by_another_program_is_caught(h: MboxHarness) -> None:
 KILLER = textwrap.dedent("""
     import asyncio, os, signal, sys
     from pathlib import Path
-    from pop3d.auth.base import Principal
+    from pop3d.protocol.values import Principal
     from pop3d.storage import mbox
 
     point = sys.argv[2]
@@ -632,7 +632,7 @@ def test_disk_full_during_commit_leaves_the_mbox_intact(h: MboxHarness) -> None:
         f"""
         import asyncio
         from pathlib import Path
-        from pop3d.auth.base import Principal
+        from pop3d.protocol.values import Principal
         from pop3d.errors import TemporaryBackendError
         from pop3d.storage.mbox import MboxStore
         async def main():
@@ -658,7 +658,7 @@ def test_disk_full_during_delivery_leaves_no_partial_message(h: MboxHarness) -> 
         f"""
         import asyncio
         from pathlib import Path
-        from pop3d.auth.base import Principal
+        from pop3d.protocol.values import Principal
         from pop3d.errors import TemporaryBackendError
         from pop3d.storage.mbox import MboxStore
         async def chunks():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from pop3d.auth.base import Authenticator, Principal
+from pop3d.auth.base import Authenticator
+from pop3d.protocol.values import Principal
 
 __all__ = ["Authenticator", "Principal"]

@@ -10,19 +10,9 @@ the backend itself is broken and is answered ``-ERR [SYS/TEMP]``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """An authenticated (or looked-up) user."""
-
-    #: The canonical user name, as the backend spells it.
-    username: str
-    #: Extra fields of the user's record (home, quota, ...); opaque to the protocol core.
-    attributes: Mapping[str, str] = field(default_factory=dict)
+from pop3d.protocol.values import Principal
 
 
 class Authenticator(Protocol):

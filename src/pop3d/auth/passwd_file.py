@@ -59,11 +59,11 @@ from typing import TypeVar
 
 from pop3d import process
 from pop3d.auth import schemes
-from pop3d.auth.base import Principal
 from pop3d.auth.decoys import PLAIN_SCRAM_SHAPE, Decoys, load_or_create_key
 from pop3d.auth.verdict import Refused, Unfinished, Verdict
 from pop3d.config import AuthConfig
 from pop3d.errors import ConfigError, TemporaryBackendError, WouldWait
+from pop3d.protocol.values import Principal
 
 __all__ = [
     "PasswdFileAuthenticator",

@@ -46,10 +46,10 @@ import psycopg
 
 from pop3d import process
 from pop3d.auth import schemes
-from pop3d.auth.base import Principal
 from pop3d.auth.passwd_file import valid_username
 from pop3d.database import Database
 from pop3d.errors import TemporaryBackendError
+from pop3d.protocol.values import Principal
 
 __all__ = ["DEFAULT_LOGIN_QUERY", "DEFAULT_USER_QUERY", "SqlAuthenticator"]
 

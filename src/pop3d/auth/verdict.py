@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from pop3d.auth.base import Principal
+from pop3d.protocol.values import Principal
 
 __all__ = ["InlineVerify", "Refused", "Unfinished", "Verdict"]
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from pop3d import limits
+from pop3d.protocol import limits
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pop3d.auth.base import Principal
+from pop3d.protocol.values import Principal
 
 
 @dataclass(frozen=True, slots=True)

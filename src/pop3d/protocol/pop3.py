@@ -41,11 +41,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from pop3d import limits
-from pop3d.auth.base import Principal
-from pop3d.errors import LocalProtocolError
 from pop3d.protocol import commands as c
-from pop3d.protocol import sasl
+from pop3d.protocol import limits, sasl
+from pop3d.protocol.errors import LocalProtocolError
 from pop3d.protocol.events import (
     ApopAuthenticate,
     AuthRefused,
@@ -64,7 +62,7 @@ from pop3d.protocol.events import (
 from pop3d.protocol.lines import OVERLONG, LineBuffer
 from pop3d.protocol.replies import DotStuffer, Piece, RespCode, TopFilter, err, multiline, ok
 from pop3d.protocol.states import COMMANDS, State
-from pop3d.storage.base import MessageInfo
+from pop3d.protocol.values import MessageInfo, Principal
 
 _NEED_DATA = NeedData()
 _FLUSH = Flush()

@@ -30,7 +30,7 @@ import hmac
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from pop3d.auth.schemes import ScramSecret, verify_cram_md5
+from pop3d.protocol.digests import ScramSecret, verify_cram_md5
 
 #: Longest user name a mechanism accepts (octets of UTF-8): far above any real one, and
 #: small enough to keep every log line and lookup bounded.

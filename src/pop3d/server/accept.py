@@ -24,7 +24,7 @@ that path costs nothing more than it did.  Otherwise the listener's protocol is
    ``max_tls_handshakes`` run at once per worker; the others wait, reading paused, for a
    slot.  The loop's own ``SSLProtocol`` is built here rather than by ``loop.start_tls``
    so that octets already read (the ClientHello after a PROXY header) can be handed to
-   it, and so that, on asyncio, its read buffer is :data:`~pop3d.limits.TLS_READ_BUFFER`
+   it, and so that, on asyncio, its read buffer is :data:`~pop3d.protocol.limits.TLS_READ_BUFFER`
    instead of 256 KiB per connection (:func:`pop3d.server.tls.ssl_protocol_class`).  Outcomes go to
    :func:`pop3d.metrics.tls_handshake`.
 4. One deadline, ``handshake_timeout`` from accept, covers the header and the handshake
@@ -47,7 +47,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
-from pop3d import limits, metrics
+from pop3d import metrics
+from pop3d.protocol import limits
 from pop3d.protocol.replies import RespCode, err
 from pop3d.server.connection import Pop3Protocol
 from pop3d.server.proxy_protocol import (

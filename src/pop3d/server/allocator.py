@@ -1,6 +1,6 @@
 """Keep the buffers of big replies in the heap (glibc's ``mallopt``).
 
-A RETR of a big message makes a few buffers of about :data:`~pop3d.limits.READ_CHUNK`
+A RETR of a big message makes a few buffers of about :data:`~pop3d.protocol.limits.READ_CHUNK`
 octets per chunk: the read, its CRLF form, its stuffed form.  glibc serves an allocation
 above ``M_MMAP_THRESHOLD`` with a fresh ``mmap`` and gives freed heap above
 ``M_TRIM_THRESHOLD`` back to the kernel, so every chunk paid one page fault per 4 KiB page
@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import logging
 
-from pop3d import limits
+from pop3d.protocol import limits
 
 __all__ = ["MMAP_THRESHOLD", "TRIM_THRESHOLD", "keep_chunk_buffers_in_heap"]
 

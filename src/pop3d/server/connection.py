@@ -48,7 +48,7 @@ import ssl
 import time
 from typing import TYPE_CHECKING, Any, cast
 
-from pop3d import audit, limits, logsetup, metrics
+from pop3d import audit, logsetup, metrics
 from pop3d.errors import LocalProtocolError, MessageVanished
 from pop3d.protocol import (
     ApopAuthenticate,
@@ -64,6 +64,7 @@ from pop3d.protocol import (
     SendMessage,
     StartTls,
     Update,
+    limits,
 )
 from pop3d.protocol.events import Event
 from pop3d.protocol.pop3 import Deadline
@@ -74,7 +75,7 @@ from pop3d.session import AuthRequest, Later
 from pop3d.storage.base import InlineRead
 
 if TYPE_CHECKING:
-    from pop3d.auth.base import Principal
+    from pop3d.protocol.values import Principal
     from pop3d.server.accept import Client
     from pop3d.server.listener import ServerContext
     from pop3d.storage.base import Maildrop

@@ -22,9 +22,9 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from pop3d import __version__, limits, metrics, process
+from pop3d import __version__, metrics, process
 from pop3d.config import Config, ListenAddress
-from pop3d.protocol import Pop3Settings
+from pop3d.protocol import Pop3Settings, limits
 from pop3d.server.accept import REFUSALS, AcceptProtocol, HandshakeSlots
 from pop3d.server.connection import Pop3Protocol
 from pop3d.server.tls import TlsContexts, check_tls_support

@@ -18,7 +18,7 @@ Rules:
   address block as long as its family needs, the TLVs exactly filling the rest.
 * **Bounded.**  A version 1 line is at most :data:`V1_MAX_LINE` (107) octets; a version 2
   header is 16 octets plus its length, and that length is at most
-  :data:`~pop3d.limits.PROXY_V2_MAX_LENGTH`.  The caller never needs to hold more than
+  :data:`~pop3d.protocol.limits.PROXY_V2_MAX_LENGTH`.  The caller never needs to hold more than
   :data:`MAX_HEADER` octets to get a verdict.
 * **Falls back where the specification says to.**  A LOCAL command (a health check of the
   balancer itself), ``UNKNOWN``, the UNSPEC family or protocol, a datagram protocol and
@@ -40,7 +40,7 @@ import ipaddress
 import struct
 from dataclasses import dataclass
 
-from pop3d import limits
+from pop3d.protocol import limits
 
 __all__ = [
     "MAX_HEADER",

@@ -19,7 +19,7 @@ Built on the stdlib ``ssl`` module only.  Rules:
   uvloop's), built here (:func:`ssl_protocol_class`, :func:`start_tls`) rather than by
   ``loop.start_tls`` or ``create_server(ssl=...)``: asyncio's allocates and zeroes a
   256 KiB read buffer per connection, which made an idle TLS session cost 280 KiB;
-  ours reads into :data:`~pop3d.limits.TLS_READ_BUFFER`.  Only the documented
+  ours reads into :data:`~pop3d.protocol.limits.TLS_READ_BUFFER`.  Only the documented
   ``Protocol`` interface of that class is used (``connection_made``, ``get_buffer``,
   ``buffer_updated``, the application side's ``connection_made``), and its constructor,
   which asyncio and uvloop share.
@@ -35,8 +35,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from pop3d import limits, metrics
+from pop3d import metrics
 from pop3d.config import CertPair, TlsConfig
+from pop3d.protocol import limits
 
 log = logging.getLogger("pop3d.tls")
 

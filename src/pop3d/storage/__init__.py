@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from pop3d.storage.base import Deliverer, Maildrop, MailStore, MessageInfo
+from pop3d.protocol.values import MessageInfo
+from pop3d.storage.base import Deliverer, Maildrop, MailStore
 
 __all__ = ["Deliverer", "MailStore", "Maildrop", "MessageInfo"]

@@ -21,17 +21,7 @@ from collections.abc import AsyncIterable, AsyncIterator, Collection, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from pop3d.auth.base import Principal
-
-
-@dataclass(frozen=True, slots=True)
-class MessageInfo:
-    """One message of a maildrop, as the session sees it."""
-
-    #: 1-70 characters in 0x21-0x7E, stable across sessions (RFC 1939 §7).
-    uid: str
-    #: Octets as sent: CRLF line ends, before byte-stuffing, final CRLF included.
-    size: int
+from pop3d.protocol.values import MessageInfo, Principal
 
 
 class Maildrop(Protocol):

@@ -103,8 +103,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self, cast
 
-from pop3d import limits
-from pop3d.auth.base import Principal
 from pop3d.config import StorageConfig
 from pop3d.errors import (
     LocalProtocolError,
@@ -114,7 +112,9 @@ from pop3d.errors import (
     TemporaryBackendError,
     WouldWait,
 )
-from pop3d.storage.base import MailboxStats, MessageInfo
+from pop3d.protocol import limits
+from pop3d.protocol.values import MessageInfo, Principal
+from pop3d.storage.base import MailboxStats
 from pop3d.storage.beneath import DIR_FLAGS, MailRoot, is_link_refusal
 from pop3d.storage.blocking import in_thread, nowait_reads, pread_nowait, preadv_nowait, write_all
 from pop3d.storage.lock_table import LockTable, TableLock

@@ -112,8 +112,6 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, 
 from dataclasses import dataclass
 from pathlib import Path
 
-from pop3d import limits
-from pop3d.auth.base import Principal
 from pop3d.config import StorageConfig
 from pop3d.errors import (
     LocalProtocolError,
@@ -122,8 +120,10 @@ from pop3d.errors import (
     QuotaExceeded,
     TemporaryBackendError,
 )
+from pop3d.protocol import limits
+from pop3d.protocol.values import MessageInfo, Principal
 from pop3d.storage import lock_table
-from pop3d.storage.base import MailboxStats, MessageInfo
+from pop3d.storage.base import MailboxStats
 from pop3d.storage.beneath import DIR_FLAGS, MailRoot, is_link_refusal
 from pop3d.storage.blocking import in_thread, pread_nowait, write_all
 from pop3d.storage.locking import SessionLock, SessionLocks, session_locks_for, take_lock

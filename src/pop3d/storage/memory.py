@@ -22,8 +22,6 @@ import itertools
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Sequence
 
-from pop3d import limits
-from pop3d.auth.base import Principal
 from pop3d.errors import (
     LocalProtocolError,
     MaildropLocked,
@@ -31,7 +29,9 @@ from pop3d.errors import (
     QuotaExceeded,
     TemporaryBackendError,
 )
-from pop3d.storage.base import MailboxStats, MessageInfo
+from pop3d.protocol import limits
+from pop3d.protocol.values import MessageInfo, Principal
+from pop3d.storage.base import MailboxStats
 from pop3d.storage.quota import quota_for
 from pop3d.storage.template import check_username
 from pop3d.storage.wire import CrlfNormaliser, wire_size

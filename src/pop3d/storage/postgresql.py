@@ -34,8 +34,6 @@ from typing import Any
 
 import psycopg
 
-from pop3d import limits
-from pop3d.auth.base import Principal
 from pop3d.cluster_lock import Lease, LeaseManager
 from pop3d.database import Database
 from pop3d.errors import (
@@ -45,7 +43,9 @@ from pop3d.errors import (
     QuotaExceeded,
     TemporaryBackendError,
 )
-from pop3d.storage.base import MailboxStats, MessageInfo
+from pop3d.protocol import limits
+from pop3d.protocol.values import MessageInfo, Principal
+from pop3d.storage.base import MailboxStats
 from pop3d.storage.quota import quota_for
 from pop3d.storage.template import check_username
 from pop3d.storage.wire import CrlfNormaliser, WireCounter

@@ -29,12 +29,12 @@ from typing import Any
 
 from pop3d import config as config_mod
 from pop3d import logsetup
+from pop3d.app import build_authenticator, build_store
 from pop3d.protocol import Pop3Connection, Pop3Settings
 from pop3d.protocol.events import Closed, NeedData, OpenMaildrop, PasswordAuthenticate, Update
 from pop3d.protocol.values import MessageInfo, Principal
-from pop3d.serve import build_authenticator, build_store
 from pop3d.server.connection import Pop3Protocol
-from pop3d.server.listener import ServerContext
+from pop3d.server.context import ServerContext
 from pop3d.session import Backends, FailureDelays
 
 USERS = 1000

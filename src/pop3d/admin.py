@@ -146,24 +146,24 @@ def ask(folder: Path, request: dict[str, object], timeout: float = 5.0) -> list[
 
 def add_parser(sub: Any) -> None:
     """Register ``who`` and ``kick``."""
-    from pop3d import serve as serve_mod  # noqa: PLC0415
+    from pop3d import app  # noqa: PLC0415
 
     p = sub.add_parser("who", help="list the sessions of the running server")
-    serve_mod.add_config_arguments(p)
+    app.add_config_arguments(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=run_who)
     p = sub.add_parser("kick", help="end a user's sessions (without UPDATE: nothing is deleted)")
-    serve_mod.add_config_arguments(p)
+    app.add_config_arguments(p)
     p.add_argument("user", help="the user whose sessions end")
     p.set_defaults(run=run_kick)
 
 
 def _folder(args: argparse.Namespace, command: str) -> Path | int:
-    from pop3d import checkconfig, serve  # noqa: PLC0415
+    from pop3d import app, checkconfig  # noqa: PLC0415
     from pop3d.errors import ConfigError  # noqa: PLC0415
 
     try:
-        cfg = serve.load_existing_config(args, command)
+        cfg = app.load_existing_config(args, command)
     except ConfigError as exc:
         print(f"pop3d {command}: {exc}", file=sys.stderr)  # noqa: T201
         return EX_CONFIG

@@ -42,13 +42,13 @@ EX_CONFIG = 78
 
 def add_parser(sub: Any) -> None:
     """Register ``check-config``."""
-    from pop3d import serve  # noqa: PLC0415
+    from pop3d import app  # noqa: PLC0415
 
     p = sub.add_parser(
         "check-config",
         help="check a configuration as serve would; exit 0, or 78 naming what is wrong",
     )
-    serve.add_config_arguments(p)
+    app.add_config_arguments(p)
     p.add_argument("--show", action="store_true", help="print the effective settings")
     p.add_argument(
         "--no-bind",
@@ -60,10 +60,10 @@ def add_parser(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``pop3d check-config``."""
-    from pop3d import serve  # noqa: PLC0415
+    from pop3d import app  # noqa: PLC0415
 
     try:
-        cfg = serve.load_existing_config(args, "check-config")
+        cfg = app.load_existing_config(args, "check-config")
     except ConfigError as exc:
         print(f"pop3d check-config: {exc}", file=sys.stderr)  # noqa: T201
         return EX_CONFIG

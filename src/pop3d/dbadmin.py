@@ -118,7 +118,7 @@ async def migrate(conn: Any) -> list[str]:
 
 def add_parser(sub: Any) -> None:
     """Register ``db`` (init, migrate, status, schema)."""
-    from pop3d import serve  # noqa: PLC0415
+    from pop3d import app  # noqa: PLC0415
 
     db = sub.add_parser("db", help="create or upgrade the PostgreSQL schema")
     db_sub = db.add_subparsers(dest="db_command", required=True, metavar="ACTION")
@@ -128,7 +128,7 @@ def add_parser(sub: Any) -> None:
         ("status", "print the schema version of the database and of this pop3d"),
     ):
         p = db_sub.add_parser(name, help=text)
-        serve.add_config_arguments(p)
+        app.add_config_arguments(p)
         p.set_defaults(run=run, db_action=name)
     p = db_sub.add_parser("schema", help="print the SQL of the schema")
     p.set_defaults(run=run_schema)
@@ -163,10 +163,10 @@ def run(args: argparse.Namespace) -> int:
     """``pop3d db init|migrate|status``."""
     import psycopg  # noqa: PLC0415
 
-    from pop3d import serve  # noqa: PLC0415
+    from pop3d import app  # noqa: PLC0415
 
     try:
-        db = database_of(serve.load_existing_config(args, "db"))
+        db = database_of(app.load_existing_config(args, "db"))
     except ConfigError as exc:
         return _fail(EX_CONFIG, f"configuration: {exc}")
     shipped = migrations()[-1].version
@@ -236,62 +236,3 @@ async def list_users(db: Any) -> list[tuple[str, str, str | None]]:
     async with db.long_connection() as conn:
         cur = await conn.execute("SELECT username, password, quota FROM users ORDER BY username")
         return [(str(n), str(p), q) for n, p, q in await cur.fetchall()]
-
-
-def user_command(args: argparse.Namespace, action: str) -> int | None:
-    """``pop3d user add|passwd|del|list`` against PostgreSQL; ``None``: not configured so.
-
-    Called first by :mod:`pop3d.useradmin`; with ``[auth] backend = "postgresql"`` the
-    ``users`` table of ``pop3d db init`` is managed instead of the passwd-file (exit
-    codes as there).
-    """
-    from pop3d import serve, useradmin  # noqa: PLC0415
-    from pop3d.auth import schemes  # noqa: PLC0415
-    from pop3d.auth.passwd_file import valid_username  # noqa: PLC0415
-
-    if args.config is None:
-        return None  # the embedded default keeps its users in a passwd-file
-    try:
-        cfg = serve.load_config(args)
-    except ConfigError:
-        return None  # useradmin reports it
-    if cfg.auth.backend != "postgresql":
-        return None
-    try:
-        db = database_of(cfg)
-    except ConfigError as exc:
-        return useradmin._fail(EX_CONFIG, f"configuration: {exc}")  # noqa: SLF001
-    fail = useradmin._fail  # noqa: SLF001
-    try:
-        if action == "list":
-            for name, stored, quota in asyncio.run(list_users(db)):
-                scheme = schemes.scheme_of(stored) if stored else "-"
-                print(f"{name}\t{scheme}\t{f'quota={quota}' if quota else ''}".rstrip())  # noqa: T201
-            return 0
-        if not valid_username(args.name):
-            return fail(EX_FAIL, "invalid user name")
-        if action == "del":
-            if not asyncio.run(delete_user(db, args.name)):
-                return fail(useradmin.EX_NOUSER, f"no such user {args.name}")
-            print(f"deleted {args.name} (their mail is kept)")  # noqa: T201
-            return 0
-        try:
-            password = useradmin.read_password(args.password_stdin)
-        except ValueError:
-            return fail(EX_FAIL, "the password may not be empty")
-        if password is None:
-            return fail(EX_FAIL, "the passwords do not match")
-        try:
-            stored = schemes.hash_password(cfg.auth.default_scheme, password)
-        except ValueError:
-            return fail(EX_CONFIG, f"[auth] default_scheme {cfg.auth.default_scheme} "
-                        "cannot hash")
-        adding = action == "add"
-        if not asyncio.run(set_user_password(db, args.name, stored, adding=adding)):
-            if adding:
-                return fail(EX_FAIL, f"user {args.name} already exists")
-            return fail(useradmin.EX_NOUSER, f"no such user {args.name}")
-        print(f"{'added' if adding else 'changed the password of'} {args.name}")  # noqa: T201
-    except TemporaryBackendError as exc:
-        return fail(EX_TEMPFAIL, str(exc))
-    return 0

@@ -38,10 +38,10 @@ EX_CONFIG = 78
 
 def add_parser(sub: Any) -> None:
     """Register ``import``."""
-    from pop3d import serve  # noqa: PLC0415
+    from pop3d import app  # noqa: PLC0415
 
     p = sub.add_parser("import", help="copy Maildir/mbox maildrops into PostgreSQL")
-    serve.add_config_arguments(p)
+    app.add_config_arguments(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--maildir", help="template of the source Maildirs (%%u, %%n, %%d)")
     source.add_argument("--mbox", help="template of the source mbox files (%%u, %%n, %%d)")
@@ -93,11 +93,11 @@ def _source_store(args: argparse.Namespace) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``pop3d import``."""
-    from pop3d import pgbackends, serve  # noqa: PLC0415
+    from pop3d import app, pgbackends  # noqa: PLC0415
 
     logging.basicConfig(level=logging.WARNING)
     try:
-        cfg = serve.load_existing_config(args, "import")
+        cfg = app.load_existing_config(args, "import")
     except ConfigError as exc:
         _say(f"pop3d import: configuration: {exc}")
         return EX_CONFIG

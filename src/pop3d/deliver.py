@@ -39,10 +39,9 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from pop3d import privileges
-from pop3d.auth.base import Authenticator
+from pop3d.auth.base import find_user
 from pop3d.errors import ConfigError, QuotaExceeded, TemporaryBackendError
 from pop3d.protocol import limits
-from pop3d.protocol.values import Principal
 
 log = logging.getLogger("pop3d.deliver")
 
@@ -60,14 +59,14 @@ _MAX_ENVELOPE_LINE = 4096
 
 def add_parser(sub: Any) -> None:
     """Register ``deliver`` on the ``pop3d`` sub-command parsers."""
-    from pop3d import serve  # noqa: PLC0415 (--config and --data are read as serve reads them)
+    from pop3d import app  # noqa: PLC0415 (--config and --data are read as serve reads them)
 
     p = sub.add_parser(
         "deliver",
         help="deliver one message from a file or stdin (an LDA for Postfix/Exim)",
         description="Deliver one message into USER's maildrop; exit with a sysexits code.",
     )
-    serve.add_config_arguments(p)
+    app.add_config_arguments(p)
     p.add_argument("-f", "--from", dest="sender", help="envelope sender (mbox From_ line)")
     p.add_argument("user", help="recipient: a user of the passwd-file")
     p.add_argument("message", nargs="?", type=Path, help="message file (default: stdin)")
@@ -89,10 +88,10 @@ def _fail(status: int, reason: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``pop3d deliver``; return its sysexits status."""
-    from pop3d import serve  # noqa: PLC0415 (config loading and store building are shared)
+    from pop3d import app  # noqa: PLC0415 (config loading and store building are shared)
 
     try:
-        cfg = serve.load_existing_config(args, "deliver")
+        cfg = app.load_existing_config(args, "deliver")
         identity = privileges.resolve(cfg.service)
         if identity is not None and os.geteuid() == 0:
             # Started as root (a pipe transport without user=): mail is the mail user's.
@@ -100,8 +99,8 @@ def run(args: argparse.Namespace) -> int:
                 identity,
                 privileges.PRELOAD_DATABASE if cfg.database is not None else (),
             )
-        authenticator = serve.build_authenticator(cfg)
-        store = serve.build_store(cfg)
+        authenticator = app.build_authenticator(cfg)
+        store = app.build_store(cfg)
     except (ConfigError, OSError) as exc:
         return _fail(EX_CONFIG, f"configuration: {exc}")
     try:
@@ -193,20 +192,6 @@ async def deliver(
         log.exception("delivery failed")
         return _fail(EX_TEMPFAIL, f"internal error: {type(exc).__name__}")
     return EX_OK
-
-
-async def find_user(authenticator: Authenticator, address: str) -> Principal | None:
-    """The user ``local@domain`` if it exists, else the user ``local``; ``None`` if neither.
-
-    The rule of the SPEC for LMTP recipients, which ``deliver`` shares so that a Postfix
-    pipe transport may pass ``${recipient}`` or ``${user}`` alike.
-    """
-    found: Principal | None = await authenticator.lookup(address)
-    if found is None and "@" in address:
-        local = address.rpartition("@")[0]
-        if local:
-            found = await authenticator.lookup(local)
-    return found
 
 
 def _envelope(fd: int, sender: str | None) -> tuple[bytes, str | None]:

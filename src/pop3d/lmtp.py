@@ -59,9 +59,8 @@ from typing import IO, Any
 from aiosmtpd.lmtp import LMTP
 
 from pop3d import metrics
-from pop3d.auth.base import Authenticator
+from pop3d.auth.base import Authenticator, find_user
 from pop3d.config import Config, parse_address
-from pop3d.deliver import find_user
 from pop3d.errors import PermanentBackendError, QuotaExceeded
 from pop3d.protocol import limits
 from pop3d.protocol.values import Principal

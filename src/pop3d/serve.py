@@ -22,18 +22,16 @@ import resource
 import signal
 import socket
 import sys
-from pathlib import Path
 from typing import Any
 
-from pop3d import checkconfig, demo, logsetup, metrics, privileges, supervisor
-from pop3d import config as config_mod
+from pop3d import app, checkconfig, demo, logsetup, metrics, privileges, supervisor
 from pop3d.config import Config
 from pop3d.errors import ConfigError
-from pop3d.login_delay import LoginDelay
 from pop3d.server.allocator import keep_chunk_buffers_in_heap
-from pop3d.server.listener import ServerContext, start_listeners
+from pop3d.server.context import ServerContext
+from pop3d.server.listener import start_listeners
 from pop3d.server.tls import TlsContexts
-from pop3d.session import Backends, FailureDelays
+from pop3d.supervisor import WorkerHooks
 
 log = logging.getLogger("pop3d.server")
 
@@ -45,88 +43,11 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 def add_parser(sub: Any) -> None:
     """Register ``serve``."""
     p = sub.add_parser("serve", help="run the POP3 server in the foreground")
-    add_config_arguments(p)
+    app.add_config_arguments(p)
     p.add_argument(
         "--log-level", default=None, help="DEBUG, INFO, WARNING, ERROR (default: [log] level)"
     )
     p.set_defaults(run=run)
-
-
-def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    """Add ``--config`` and ``--data``, which :func:`load_config` reads."""
-    p.add_argument("--config", type=Path, help="TOML config (default: the embedded demo)")
-    p.add_argument(
-        "--data",
-        type=Path,
-        default=Path(os.environ.get("POP3D_DATA", "pop3d-data")),
-        help="data folder of the embedded default (default: ./pop3d-data)",
-    )
-
-
-def load_config(args: argparse.Namespace) -> Config:
-    """Return the config named by ``--config``, or the embedded default (creating its data)."""
-    if args.config is not None:
-        return config_mod.load(args.config)
-    data = args.data.resolve()
-    if demo.ensure_demo_data(data):
-        log.info("created demo data in %s", data)
-    return demo.default_config(data)
-
-
-def load_existing_config(args: argparse.Namespace, command: str) -> Config:
-    """The config of ``--config``, or the embedded default's only if its data exists.
-
-    For every command but ``serve``: they never create a demo folder by guessing.  Using
-    the embedded default is said on stderr.
-
-    Raises:
-        ConfigError: no ``--config`` and no embedded default's data (``--data``) here.
-
-    """
-    if args.config is not None:
-        return config_mod.load(args.config)
-    data = args.data.resolve()
-    if not (data / "users").is_file():
-        raise ConfigError(
-            f"no --config FILE given, and no embedded default's data in {data}: name the"
-            " server's configuration with --config FILE"
-        )
-    print(  # noqa: T201 (a note for the person at the terminal)
-        f"pop3d {command}: no --config: using the embedded default's data in {data}",
-        file=sys.stderr,
-    )
-    return demo.default_config(data)
-
-
-def build_store(cfg: Config) -> Any:
-    """Return the mail store of ``[storage]`` (Maildir or mbox)."""
-    from pop3d import pgbackends  # noqa: PLC0415 (PostgreSQL store or cluster-wide locks)
-
-    if pgbackends.uses_database(cfg):
-        return pgbackends.build_store(cfg)
-    if cfg.storage.mbox is not None:
-        from pop3d.storage.mbox import MboxStore  # noqa: PLC0415
-
-        return MboxStore.from_config(cfg.storage)
-    from pop3d.storage.maildir import MaildirStore  # noqa: PLC0415
-
-    return MaildirStore.from_config(cfg.storage)
-
-
-def build_authenticator(cfg: Config) -> Any:
-    """Return the authenticator of ``[auth]``."""
-    from pop3d.auth.passwd_file import PasswdFileAuthenticator  # noqa: PLC0415
-
-    if cfg.auth.backend == "postgresql":
-        from pop3d import pgbackends  # noqa: PLC0415
-
-        return pgbackends.build_authenticator(cfg)
-
-    if cfg.auth.passwd_file is None:
-        raise ConfigError("[auth] passwd_file is required")
-    if not cfg.auth.passwd_file.is_file():
-        raise ConfigError(f"[auth] passwd_file {cfg.auth.passwd_file} does not exist")
-    return PasswdFileAuthenticator.from_config(cfg.auth)
 
 
 def _raise_file_limit() -> None:
@@ -214,20 +135,6 @@ async def serve_forever(
         )
 
 
-class WorkerHooks:
-    """What a worker tells its supervisor, and the admin socket it answers on."""
-
-    def __init__(self, status_fd: int | None = None, admin: socket.socket | None = None) -> None:
-        self.status_fd = status_fd
-        self.admin = admin
-
-    def tell(self, what: bytes) -> None:
-        """Send one status octet (``R`` ready, ``Q`` no longer accepting) to the supervisor."""
-        if self.status_fd is not None:
-            with contextlib.suppress(OSError):
-                os.write(self.status_fd, what)
-
-
 async def _serve(
     cfg: Config,
     sockets: list[tuple[socket.socket, bool]],
@@ -241,22 +148,9 @@ async def _serve(
     loop = asyncio.get_running_loop()
     if tls is None and cfg.tls is not None:
         tls = TlsContexts(cfg.tls)
-    authenticator = build_authenticator(cfg)
-    store = build_store(cfg)
-    backends = Backends(
-        authenticator=authenticator,
-        store=store,
-        delays=FailureDelays(
-            cfg.auth.failure_delay,
-            cfg.auth.max_failure_delay,
-            ipv6_prefix=cfg.auth.ipv6_penalty_prefix,
-        ),
-        login_delay=(
-            LoginDelay(cfg.auth.login_delay, cfg.auth.login_stamps)
-            if cfg.auth.login_delay
-            else None
-        ),
-    )
+    authenticator = app.build_authenticator(cfg)
+    store = app.build_store(cfg)
+    backends = app.build_backends(cfg, authenticator, store)
     ctx = ServerContext(cfg, backends, tls)
     stop = stop or asyncio.Event()
     retire = asyncio.Event()
@@ -329,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     logsetup.setup(args.log_level or "INFO")
     _raise_file_limit()
     try:
-        cfg = load_config(args)
+        cfg = app.load_config(args)
         logsetup.configure(cfg.log, level=args.log_level)
     except ConfigError as exc:
         log.error("configuration: %s", exc)  # noqa: TRY400
@@ -361,5 +255,6 @@ def run(args: argparse.Namespace) -> int:
             flush=True,
         )
     return supervisor.Supervisor(
-        lambda: load_config(args), cfg, listeners, identity, log_level=args.log_level
+        lambda: app.load_config(args), cfg, listeners, identity, worker=worker_main,
+        log_level=args.log_level,
     ).run()

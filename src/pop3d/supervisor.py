@@ -191,6 +191,29 @@ class _Child:
     admin_path: Path | None = None
 
 
+class WorkerHooks:
+    """What a worker tells its supervisor, and the admin socket it answers on."""
+
+    def __init__(self, status_fd: int | None = None, admin: socket.socket | None = None) -> None:
+        self.status_fd = status_fd
+        self.admin = admin
+
+    def tell(self, what: bytes) -> None:
+        """Send one status octet (``R`` ready, ``Q`` no longer accepting) to the supervisor."""
+        if self.status_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(self.status_fd, what)
+
+
+#: A worker's body (:func:`pop3d.serve.worker_main`): it serves the sockets as the
+#: config says until told to stop, and returns the process's exit status.
+Worker = Callable[
+    [Config, list[tuple[socket.socket, bool]], list[socket.socket], TlsContexts | None,
+     WorkerHooks],
+    int,
+]
+
+
 class Supervisor:
     """Forks and watches the workers (see the module's docstring)."""
 
@@ -200,9 +223,12 @@ class Supervisor:
         cfg: Config,
         listeners: Listeners,
         identity: privileges.Identity | None,
+        *,
+        worker: Worker,
         log_level: str | None = None,
     ) -> None:
         self.load = load
+        self.worker = worker
         self.cfg = cfg
         self.listeners = listeners
         self.identity = identity
@@ -431,12 +457,10 @@ class Supervisor:
 
     def _worker_child(self, status_w: int, admin_dir: Path) -> int:
         from pop3d import admin  # noqa: PLC0415
-        from pop3d.serve import WorkerHooks, worker_main  # noqa: PLC0415
-
         admin_sock = admin.bind(admin_dir / f"{os.getpid()}.sock")  # as root: 0600 root's
         if not self._drop():
             return EX_CONFIG
-        return worker_main(
+        return self.worker(
             self.cfg,
             self.listeners.pop3,
             self.listeners.lmtp,

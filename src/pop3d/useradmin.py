@@ -77,9 +77,9 @@ def add_parser(sub: Any) -> None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    from pop3d import serve  # noqa: PLC0415
+    from pop3d import app  # noqa: PLC0415
 
-    serve.add_config_arguments(p)
+    app.add_config_arguments(p)
 
 
 def _say(text: str, stream: TextIO | None = None) -> None:
@@ -92,9 +92,9 @@ def _fail(status: int, text: str) -> int:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from pop3d import serve  # noqa: PLC0415
+    from pop3d import app  # noqa: PLC0415
 
-    return serve.load_existing_config(args, str(getattr(args, "command", "user")))
+    return app.load_existing_config(args, str(getattr(args, "command", "user")))
 
 
 def _passwd_file(cfg: Any) -> Path:
@@ -127,9 +127,7 @@ def read_password(from_stdin: bool) -> bytes | None:
 
 
 def _set_password(args: argparse.Namespace, *, adding: bool) -> int:
-    from pop3d import dbadmin  # noqa: PLC0415 ([auth] backend = "postgresql")
-
-    if (sql := dbadmin.user_command(args, "add" if adding else "passwd")) is not None:
+    if (sql := _sql_user_command(args, "add" if adding else "passwd")) is not None:
         return sql
     from pop3d.auth import schemes  # noqa: PLC0415
     from pop3d.auth.passwd_file import list_users, update_user, valid_username  # noqa: PLC0415
@@ -190,9 +188,7 @@ def run_passwd(args: argparse.Namespace) -> int:
 
 def run_del(args: argparse.Namespace) -> int:
     """``pop3d user del NAME``."""
-    from pop3d import dbadmin  # noqa: PLC0415 ([auth] backend = "postgresql")
-
-    if (sql := dbadmin.user_command(args, "del")) is not None:
+    if (sql := _sql_user_command(args, "del")) is not None:
         return sql
     from pop3d.auth.passwd_file import update_user  # noqa: PLC0415
 
@@ -214,9 +210,7 @@ def run_del(args: argparse.Namespace) -> int:
 
 def run_list(args: argparse.Namespace) -> int:
     """``pop3d user list``: one user a line, with password scheme and quota field."""
-    from pop3d import dbadmin  # noqa: PLC0415 ([auth] backend = "postgresql")
-
-    if (sql := dbadmin.user_command(args, "list")) is not None:
+    if (sql := _sql_user_command(args, "list")) is not None:
         return sql
     from pop3d.auth.passwd_file import list_users  # noqa: PLC0415
     from pop3d.storage.quota import QUOTA_FIELDS  # noqa: PLC0415
@@ -236,13 +230,13 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_stat(args: argparse.Namespace) -> int:
     """``pop3d mailbox stat USER``."""
-    from pop3d import serve  # noqa: PLC0415
+    from pop3d import app  # noqa: PLC0415
     from pop3d.storage.quota import quota_for  # noqa: PLC0415
 
     try:
         cfg = _config(args)
-        authenticator = serve.build_authenticator(cfg)
-        store = serve.build_store(cfg)
+        authenticator = app.build_authenticator(cfg)
+        store = app.build_store(cfg)
     except (ConfigError, OSError) as exc:
         return _fail(EX_CONFIG, f"configuration: {exc}")
 
@@ -321,3 +315,62 @@ def _human(octets: float) -> str:
             return f"{octets:.0f} {unit}" if unit == "B" else f"{octets:.1f} {unit}"
         octets /= 1024
     return f"{octets:.1f} TiB"  # pragma: no cover
+
+
+def _sql_user_command(args: argparse.Namespace, action: str) -> int | None:
+    """``pop3d user add|passwd|del|list`` against PostgreSQL; ``None``: not configured so.
+
+    Tried first; with ``[auth] backend = "postgresql"`` the
+    ``users`` table of ``pop3d db init`` is managed instead of the passwd-file (exit
+    codes as there).
+    """
+    from pop3d import app, dbadmin  # noqa: PLC0415
+    from pop3d.auth import schemes  # noqa: PLC0415
+    from pop3d.auth.passwd_file import valid_username  # noqa: PLC0415
+
+    if args.config is None:
+        return None  # the embedded default keeps its users in a passwd-file
+    try:
+        cfg = app.load_config(args)
+    except ConfigError:
+        return None  # useradmin reports it
+    if cfg.auth.backend != "postgresql":
+        return None
+    try:
+        db = dbadmin.database_of(cfg)
+    except ConfigError as exc:
+        return _fail(EX_CONFIG, f"configuration: {exc}")
+    fail = _fail
+    try:
+        if action == "list":
+            for name, stored, quota in asyncio.run(dbadmin.list_users(db)):
+                scheme = schemes.scheme_of(stored) if stored else "-"
+                print(f"{name}\t{scheme}\t{f'quota={quota}' if quota else ''}".rstrip())  # noqa: T201
+            return 0
+        if not valid_username(args.name):
+            return fail(EX_FAIL, "invalid user name")
+        if action == "del":
+            if not asyncio.run(dbadmin.delete_user(db, args.name)):
+                return fail(EX_NOUSER, f"no such user {args.name}")
+            print(f"deleted {args.name} (their mail is kept)")  # noqa: T201
+            return 0
+        try:
+            password = read_password(args.password_stdin)
+        except ValueError:
+            return fail(EX_FAIL, "the password may not be empty")
+        if password is None:
+            return fail(EX_FAIL, "the passwords do not match")
+        try:
+            stored = schemes.hash_password(cfg.auth.default_scheme, password)
+        except ValueError:
+            return fail(EX_CONFIG, f"[auth] default_scheme {cfg.auth.default_scheme} "
+                        "cannot hash")
+        adding = action == "add"
+        if not asyncio.run(dbadmin.set_user_password(db, args.name, stored, adding=adding)):
+            if adding:
+                return fail(EX_FAIL, f"user {args.name} already exists")
+            return fail(EX_NOUSER, f"no such user {args.name}")
+        print(f"{'added' if adding else 'changed the password of'} {args.name}")  # noqa: T201
+    except TemporaryBackendError as exc:
+        return fail(EX_TEMPFAIL, str(exc))
+    return 0

@@ -22,6 +22,7 @@ from pop3d.bench import client as client_mod
 from pop3d.bench import loadgen, report
 from pop3d.bench.client import Pop3Client, count_stuffed
 from pop3d.bench.manifest import Manifest, stuff, to_wire, wire_entry
+from pop3d.bench.options import Options
 from pop3d.cli import main
 
 MESSAGES = [
@@ -171,7 +172,7 @@ def test_wrong_bytes_fail_the_run(mode: str, manifest: Path,
 
 def test_idle_holds_and_probes(fake: FakePop3) -> None:
     """idle holds its connections for the run and times NOOPs on the probe session."""
-    opts = loadgen.Options(host="127.0.0.1", port=fake.port, users=tuple(USERS),
+    opts = Options(host="127.0.0.1", port=fake.port, users=tuple(USERS),
                            password="x", scenario="idle", idle_conns=3, duration=0.3)
     summary = loadgen.run(opts)
     assert summary["idle"] == {"requested": 3, "held": 3}
@@ -202,7 +203,7 @@ def test_canned_login_server_passes_the_login_checks(manifest: Path, tmp_path: P
                              "--login", str(manifest), "--seconds", "30"])
     try:
         wait_for_port("127.0.0.1", port)
-        opts = loadgen.Options(host="127.0.0.1", port=port, users=tuple(USERS), password="x",
+        opts = Options(host="127.0.0.1", port=port, users=tuple(USERS), password="x",
                                scenario="login", count=40, duration=10,
                                manifest=manifest)
         summary = loadgen.run(opts)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from pop3d.config import from_mapping
 from pop3d.serve import serve_forever
-from pop3d.server.listener import ServerContext, bind_all
+from pop3d.server.context import ServerContext
+from pop3d.server.listener import bind_all
 
 from .helpers import RawClient, ServerFactory
 

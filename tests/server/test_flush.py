@@ -10,7 +10,7 @@ import pytest
 
 from pop3d.config import from_mapping
 from pop3d.server.connection import Pop3Protocol
-from pop3d.server.listener import ServerContext
+from pop3d.server.context import ServerContext
 from pop3d.session import Backends
 
 

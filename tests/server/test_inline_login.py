@@ -13,10 +13,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
+from pop3d.app import build_authenticator, build_store
 from pop3d.config import from_mapping
-from pop3d.serve import build_authenticator, build_store
 from pop3d.server.connection import Pop3Protocol
-from pop3d.server.listener import ServerContext
+from pop3d.server.context import ServerContext
 from pop3d.session import Backends, FailureDelays
 
 OLD = 1_600_000_000

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from pop3d.config import from_mapping
-from pop3d.server.listener import ServerContext
+from pop3d.server.context import ServerContext
 from pop3d.session import Backends
 
 

@@ -36,6 +36,20 @@ class Authenticator(Protocol):
         ...
 
 
+async def find_user(authenticator: Authenticator, address: str) -> Principal | None:
+    """The user ``local@domain`` if it exists, else the user ``local``; ``None`` if neither.
+
+    The rule for LMTP recipients, which ``pop3d deliver`` shares so that a Postfix
+    pipe transport may pass ``${recipient}`` or ``${user}`` alike.
+    """
+    found: Principal | None = await authenticator.lookup(address)
+    if found is None and "@" in address:
+        local = address.rpartition("@")[0]
+        if local:
+            found = await authenticator.lookup(local)
+    return found
+
+
 # ---------------------------------------------------------------------------- fast paths
 
 

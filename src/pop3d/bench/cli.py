@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from pop3d.bench.options import Options
 from pop3d.bench.scenarios import SCENARIOS
 
 _EPILOG = """\
@@ -117,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     procs = max(1, args.procs)
     if args.scenario != "idle":
         procs = min(procs, max(1, args.concurrency))
-    opts = loadgen.Options(
+    opts = Options(
         host=args.host, port=args.port, users=users, password=args.password,
         scenario=args.scenario, concurrency=max(1, args.concurrency), duration=args.duration,
         count=args.count, procs=procs, manifest=args.manifest, probe=args.probe,

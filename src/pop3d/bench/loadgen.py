@@ -22,14 +22,12 @@ import os
 import resource
 import sys
 import time
-from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pop3d.bench import report
 from pop3d.bench.client import Pop3Client
 from pop3d.bench.manifest import Manifest
+from pop3d.bench.options import Options
 from pop3d.bench.scenarios import SESSIONS, Context, Stats, open_session, probe
 
 #: Seconds the wind-down may take before unfinished sessions are cancelled.
@@ -40,49 +38,6 @@ TICK = 0.25
 
 #: Shared counters a child publishes, in this order.
 FIELDS = ("sessions", "failures", "messages", "octets", "verify_failures", "held", "probes")
-
-
-@dataclass(frozen=True)
-class Options:
-    """Everything a run needs; picklable, so children get a copy."""
-
-    host: str
-    port: int
-    users: tuple[str, ...]
-    password: str
-    scenario: str
-    concurrency: int = 10
-    duration: float = 10.0
-    count: int | None = None
-    procs: int = 1
-    manifest: Path | None = None
-    #: Time a NOOP on an extra session throughout the run (idle and storm always do).
-    probe: bool = False
-    probe_user: str | None = None
-    probe_interval: float = 0.01
-    #: idle: connections to hold.
-    idle_conns: int = 100
-    ramp_timeout: float = 120.0
-    #: Upper bound of a ``count`` run.
-    timeout: float = 300.0
-    auth: str = "user"
-    #: Upper bound of one session (a hung server must not stall a ``count`` run).
-    session_timeout: float = 60.0
-    loop: str = "auto"
-    repeat: int = 1
-    progress: bool = False
-    ready_file: Path | None = None
-
-    def pool(self) -> tuple[str, ...]:
-        """The users the workers and idle connections use (all but the probe's)."""
-        probe_user = self.probe_user_name()
-        return tuple(u for u in self.users if u != probe_user)
-
-    def probe_user_name(self) -> str | None:
-        """The probe session's user: given, or the last user of the list."""
-        if not (self.probe or self.scenario in ("idle", "storm")):
-            return None
-        return self.probe_user or self.users[-1]
 
 
 def raise_nofile() -> int:
@@ -359,13 +314,3 @@ def run(opts: Options) -> dict[str, Any]:
     cpu_parent = _cpu() - cpu_self0
     return report.summarize(opts, collected, setup_time=setup_time, cpu_parent=cpu_parent,
                             cores=len(os.sched_getaffinity(0)))
-
-
-def merge_errors(results: list[dict[str, Any]]) -> dict[str, int]:
-    """Add up the error texts of every child."""
-    total: Counter[str] = Counter()
-    for r in results:
-        total.update(r.get("errors", {}))
-        if "fatal" in r:
-            total[f"load generator process failed: {r['fatal']}"] += 1
-    return dict(total.most_common())

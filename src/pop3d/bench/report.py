@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import math
 from array import array
+from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pop3d.bench.loadgen import Options
+    from pop3d.bench.options import Options
 
 #: Load generator utilisation (of the cores it may run on) above which it may be the bottleneck.
 BUSY = 0.9
@@ -44,8 +45,6 @@ def _latency(raw: list[bytes]) -> dict[str, float] | None:
 def summarize(opts: Options, results: list[dict[str, Any]], *, setup_time: float,
               cpu_parent: float, cores: int) -> dict[str, Any]:
     """Add up the children's results into the summary dict."""
-    from pop3d.bench.loadgen import merge_errors  # noqa: PLC0415 (import cycle)
-
     ok = [r for r in results if "fatal" not in r]
 
     def total(key: str) -> int:
@@ -187,3 +186,13 @@ def table(summary: dict[str, Any]) -> str:
     rows.extend((f"error x{n}", text) for text, n in list(s["errors"].items())[:10])
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def merge_errors(results: list[dict[str, Any]]) -> dict[str, int]:
+    """Add up the error texts of every child."""
+    total: Counter[str] = Counter()
+    for r in results:
+        total.update(r.get("errors", {}))
+        if "fatal" in r:
+            total[f"load generator process failed: {r['fatal']}"] += 1
+    return dict(total.most_common())

@@ -43,14 +43,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from collections import deque
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from pop3d import metrics
 from pop3d.protocol import limits
 from pop3d.protocol.replies import RespCode, err
 from pop3d.server.connection import Pop3Protocol
+from pop3d.server.context import REFUSALS, Client
 from pop3d.server.proxy_protocol import (
     MAX_HEADER,
     ProxyHeaderError,
@@ -60,57 +59,14 @@ from pop3d.server.proxy_protocol import (
 from pop3d.server.tls import HandshakeEnd, ssl_protocol_class
 
 if TYPE_CHECKING:
-    from pop3d.server.listener import ServerContext
+    from pop3d.server.context import ServerContext
 
 log = logging.getLogger("pop3d.session")
 
-__all__ = ["AcceptProtocol", "Client", "HandshakeSlots"]
-
-#: What a refused client is told on a cleartext listener, by the cap that refused it.
-REFUSALS = {
-    "total": "too many connections",
-    "per_ip": "too many connections from your address",
-}
+__all__ = ["AcceptProtocol"]
 
 #: The first octet of a TLS record carrying a handshake message (RFC 8446 §5.1).
 _TLS_HANDSHAKE_RECORD = 0x16
-
-
-@dataclass(frozen=True, slots=True)
-class Client:
-    """Who a session is with, as the accept path established it."""
-
-    #: The client's IP address as text: the PROXY header's source, else the peer's.
-    address: str
-    #: ``address:port`` for log lines.
-    peer: str
-
-
-class HandshakeSlots:
-    """The bound on implicit-TLS handshakes in progress in this worker, and its queue."""
-
-    __slots__ = ("in_use", "limit", "waiting")
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.in_use = 0
-        self.waiting: deque[AcceptProtocol] = deque()
-
-    def acquire(self) -> bool:
-        """Take a slot if one is free."""
-        if self.in_use < self.limit:
-            self.in_use += 1
-            return True
-        return False
-
-    def release(self) -> None:
-        """Give a slot back; the longest-waiting live connection takes it."""
-        self.in_use -= 1
-        while self.waiting and self.in_use < self.limit:
-            nxt = self.waiting.popleft()
-            if nxt.waiting_for_slot():
-                self.in_use += 1
-                nxt.start_tls()
 
 
 # States of an AcceptProtocol.

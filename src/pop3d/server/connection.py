@@ -76,8 +76,7 @@ from pop3d.storage.base import InlineRead
 
 if TYPE_CHECKING:
     from pop3d.protocol.values import Principal
-    from pop3d.server.accept import Client
-    from pop3d.server.listener import ServerContext
+    from pop3d.server.context import Client, ServerContext
     from pop3d.storage.base import Maildrop
 
 log = logging.getLogger("pop3d.session")

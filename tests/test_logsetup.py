@@ -8,6 +8,8 @@ import logging
 import os
 import re
 import select
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -74,7 +76,7 @@ def logged(restore_pop3d_logger: logging.Logger) -> tuple[_Writes, logging.Logge
     """pop3d's logging set up at INFO into a fresh stream, and the session logger."""
     stream = _Writes()
     logsetup.setup("INFO", stream)
-    return stream, logging.getLogger("pop3d.session")
+    return stream, logsetup.get_logger("pop3d.session")
 
 
 class _Records(logging.Handler):
@@ -93,28 +95,62 @@ def _messages(text: str) -> list[str]:
     return [line.split(": ", 1)[1] for line in text.splitlines()]
 
 
-def test_the_session_line_reads_as_a_record_would(
+def test_the_session_line_reads_as_the_standard_formatter_writes_it(
     logged: tuple[_Writes, logging.Logger],
 ) -> None:
-    """info() writes the line the formatter would write for the same record."""
+    """pop3d's lean logger and formatter write what logging's defaults would."""
     stream, session = logged
-    logsetup.info(session, "session peer=a user=b")
-    session.info("%s", "session peer=a user=b")
-    direct, record = stream.getvalue().splitlines(keepends=True)
-    assert (m := _LINE.fullmatch(direct)) is not None
+    session.info("session peer=%s user=%s", "a", "b")
+    (line,) = stream.getvalue().splitlines(keepends=True)
+    assert (m := _LINE.fullmatch(line)) is not None
     assert m.groups() == (str(process.pid()), "session peer=a user=b")
-    assert direct[23:] == record[23:]  # all but the time
+    standard = logging.Formatter("%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    record = logging.LogRecord(
+        "pop3d.session", logging.INFO, __file__, 1, "session peer=%s user=%s", ("a", "b"), None
+    )
+    assert standard.format(record)[23:] == line[23:].rstrip("\n")  # all but the time
+
+
+def test_only_pop3d_loggers_are_lean() -> None:
+    """get_logger's class is pop3d's for that logger only; pop3d's modules use it."""
+    code = (
+        "import logging, pop3d.serve\n"
+        "from pop3d import logsetup\n"
+        "lean = logsetup._LeanLogger\n"
+        "assert all(isinstance(logging.getLogger(n), lean)"
+        " for n in ('pop3d.session', 'pop3d.auth'))\n"
+        "assert type(logging.getLogger('someone.else')) is logging.Logger\n"
+        "assert logging.getLoggerClass() is logging.Logger\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_the_lean_record_keeps_extra_fields_and_refuses_overwrites(
+    logged: tuple[_Writes, logging.Logger],
+) -> None:
+    _, session = logged
+    theirs = _Records()
+    session.addHandler(theirs)
+    try:
+        session.warning("x %(a)s", {"a": 1}, extra={"audit": {"event": "e"}})
+        with pytest.raises(KeyError):
+            session.warning("y", extra={"msg": "no"})
+    finally:
+        session.removeHandler(theirs)
+    (record,) = theirs.records
+    assert record.getMessage() == "x 1"
+    assert record.audit == {"event": "e"}  # type: ignore[attr-defined]
 
 
 def test_the_session_line_is_an_ordinary_record_under_another_setup(
     logged: tuple[_Writes, logging.Logger],
 ) -> None:
-    """With a handler of someone else's on the way, info() makes a record for it."""
+    """A handler of someone else's on the way gets the record as well."""
     stream, session = logged
     theirs = _Records()
     session.addHandler(theirs)
     try:
-        logsetup.info(session, "session peer=a")
+        session.info("session peer=a")
     finally:
         session.removeHandler(theirs)
     assert [r.getMessage() for r in theirs.records] == ["session peer=a"]
@@ -124,7 +160,7 @@ def test_the_session_line_is_an_ordinary_record_under_another_setup(
 def test_below_info_nothing_is_written(restore_pop3d_logger: logging.Logger) -> None:
     stream = io.StringIO()
     logsetup.setup("WARNING", stream)
-    logsetup.info(logging.getLogger("pop3d.session"), "session peer=a")
+    logging.getLogger("pop3d.session").info("session peer=a")
     assert stream.getvalue() == ""
 
 
@@ -137,14 +173,14 @@ def test_lines_of_the_loop_wait_and_leave_together_in_order(
 
     async def main() -> None:
         with logsetup.buffered_for(asyncio.get_running_loop()):
-            logsetup.info(session, "one")
+            session.info("one")
             session.info("two")
             await asyncio.sleep(0)
-            logsetup.info(session, "three")
+            session.info("three")
             seen.append(stream.getvalue())  # nothing written yet, turns later
             await asyncio.sleep(0.2)
             seen.append(stream.getvalue())
-            logsetup.info(session, "four")
+            session.info("four")
         seen.append(stream.getvalue())  # leaving writes what is pending
 
     asyncio.run(main())
@@ -161,7 +197,7 @@ def test_a_warning_is_written_at_once_after_what_is_pending(
 
     async def main() -> str:
         with logsetup.buffered_for(asyncio.get_running_loop()):
-            logsetup.info(session, "before")
+            session.info("before")
             session.warning("refused")
             return stream.getvalue()
 
@@ -169,13 +205,36 @@ def test_a_warning_is_written_at_once_after_what_is_pending(
     assert _messages(written) == ["before", "refused"]
 
 
+def test_only_session_lines_wait_audit_and_other_lines_are_written_at_once(
+    logged: tuple[_Writes, logging.Logger],
+) -> None:
+    stream, session = logged
+
+    async def main() -> list[str]:
+        seen = []
+        with logsetup.buffered_for(asyncio.get_running_loop()):
+            session.info("session waits")
+            seen.append(stream.getvalue())
+            logging.getLogger("pop3d.auth").info("auth ok")  # an audit line
+            seen.append(stream.getvalue())
+            session.info("session waits again")
+            logging.getLogger("pop3d.server").info("listening")
+            seen.append(stream.getvalue())
+        return seen
+
+    seen = asyncio.run(main())
+    assert seen[0] == ""
+    assert _messages(seen[1]) == ["session waits", "auth ok"]
+    assert _messages(seen[2]) == ["session waits", "auth ok", "session waits again", "listening"]
+
+
 def test_other_threads_write_at_once(logged: tuple[_Writes, logging.Logger]) -> None:
     stream, session = logged
 
     async def main() -> str:
         with logsetup.buffered_for(asyncio.get_running_loop()):
-            logsetup.info(session, "loop")
-            worker = threading.Thread(target=logsetup.info, args=(session, "thread"))
+            session.info("loop")
+            worker = threading.Thread(target=session.info, args=("thread",))
             worker.start()
             worker.join()
             return stream.getvalue()
@@ -192,7 +251,7 @@ def test_writes_hold_whole_lines_within_pipe_buf(logged: tuple[_Writes, logging.
     async def main() -> None:
         with logsetup.buffered_for(asyncio.get_running_loop()):
             for name in names:
-                logsetup.info(session, name)
+                session.info(name)
 
     asyncio.run(main())
     assert len(stream.calls) > 1
@@ -212,7 +271,7 @@ def test_a_forked_child_does_not_write_the_parents_pending_lines(
 
         async def main() -> None:
             with logsetup.buffered_for(asyncio.get_running_loop()):
-                logsetup.info(session, "pending in the parent")
+                session.info("pending in the parent")
                 child = os.fork()
                 if child == 0:  # pragma: no cover (the child)
                     logging.getLogger("pop3d").handlers[0].flush()
@@ -245,7 +304,7 @@ def test_one_timer_writes_what_the_full_batches_left(
         monkeypatch.setattr(loop, "call_later", counting)
         with logsetup.buffered_for(loop):
             for name in names:
-                logsetup.info(session, name)
+                session.info(name)
             written.append(stream.getvalue())
             await asyncio.sleep(0.2)
             written.append(stream.getvalue())

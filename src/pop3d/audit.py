@@ -16,9 +16,9 @@ word: ``bad-password``, ``unknown-mech``, ``cleartext-refused``, ``too-many-atte
 
 from __future__ import annotations
 
-import logging
+from pop3d import logsetup
 
-log = logging.getLogger("pop3d.auth")
+log = logsetup.get_logger("pop3d.auth")
 
 
 def quote(text: str) -> str:

@@ -3,23 +3,22 @@
 Passwords never reach a log call (the core's events hide them in ``repr``; a test greps
 the log of a whole session for the password).
 
-Each line names the process (``pop3d[pid]``: workers share stderr).  The pid comes from
-:mod:`pop3d.process`, not from the kernel for every record as :mod:`logging` does by
-default (a ``getpid`` system call a session, on the login path).
+Only :mod:`logging`'s extension points are used, and only on pop3d's own loggers:
 
-While a server's event loop runs (:func:`buffered_for`), INFO lines logged in its
-thread are gathered for up to a tenth of a second and written together (nginx's
-``access_log ... buffer= flush=``), instead of one ``write`` each: a write per login was
-6 % of a login's CPU time in the benchmark, with about one session ending per turn of the
-loop.  Warnings and errors are written at once (after what is pending), and so are lines
-of other threads.  Every write is at most ``PIPE_BUF`` octets of whole lines, so workers
-sharing a pipe never interleave inside a line.  A ``kill -9`` can lose the INFO lines of
-the last tenth of a second; a stop writes them.
-
-The session line (:func:`info`) skips :mod:`logging`'s per-record machinery when pop3d's
-own handler is the one that would write it: at one line a login, a record, its dispatch
-and its formatting were a fifth of a login's CPU time in the benchmark.  The line reads
-exactly as a record's would; with any other logging set-up it is an ordinary record.
+* :class:`_Formatter` writes the standard line (``asctime levelname name[pid]: message``)
+  with the time of day formatted once a second and the pid from :mod:`pop3d.process`.
+* pop3d's busy loggers (:func:`get_logger`) are of a class of ours, :class:`_LeanLogger`,
+  made with :func:`logging.setLoggerClass` for them only: their records
+  (:class:`_Record`) skip what no pop3d line shows, the caller's file and line, the thread
+  and the process name.
+* :class:`_Handler` writes the session lines (INFO of ``pop3d.session``) logged in the
+  event loop's thread in batches (:func:`buffered_for`): gathered for up to
+  :data:`_WRITE_AFTER` and written together (nginx's ``access_log ... buffer= flush=``),
+  instead of one ``write`` each.  Every other line, the audit lines of ``pop3d.auth``
+  above all, is written at once (after what is pending).  Every write is at most
+  ``PIPE_BUF`` octets of whole lines, so workers sharing a pipe never interleave inside a
+  line.  A ``kill -9`` can lose the session lines of the last tenth of a second; a stop
+  writes them.  (What batching is worth: docs/performance.md.)
 """
 
 from __future__ import annotations
@@ -35,8 +34,8 @@ import select
 import sys
 import threading
 import time
-from collections.abc import Iterator
-from typing import TextIO
+from collections.abc import Iterator, Mapping
+from typing import Any, TextIO
 
 from pop3d import process
 from pop3d.config import LogConfig
@@ -48,13 +47,108 @@ _ATOMIC_WRITE = getattr(select, "PIPE_BUF", 512)
 #: How long a line of the loop's thread may wait for others to be written with (s).
 _WRITE_AFTER = 0.1
 
-#: What a line shows; :func:`_line` writes it (the formatter and :func:`info` alike).
+#: What a line shows; :func:`_line` writes it.
 _FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 
 def _line(asctime: str, levelname: str, name: str, message: str) -> str:
     """A line of :data:`_FORMAT`, with the pid this module keeps."""
     return f"{asctime} {levelname} {name}[{process.pid()}]: {message}"
+
+
+#: Which lines wait for a batch: the session lines (INFO), in the loop's thread.
+_BATCHED = "pop3d.session"
+
+_START = time.time()
+
+
+class _Record(logging.LogRecord):
+    """A record with what pop3d's lines show: no caller, thread or process name.
+
+    As :mod:`logging` makes it with ``logThreads``, ``logMultiprocessing`` and
+    ``logProcesses`` off, and the pid of :mod:`pop3d.process`.
+    """
+
+    def __init__(  # noqa: PLR0917 (LogRecord's signature)
+        self,
+        name: str,
+        level: int,
+        pathname: str,
+        lineno: int,
+        msg: object,
+        args: Any,
+        exc_info: Any,
+        func: str | None = None,
+        sinfo: str | None = None,
+    ) -> None:
+        created = time.time()
+        self.name = name
+        self.msg = msg
+        if args and len(args) == 1 and isinstance(args[0], Mapping) and args[0]:
+            args = args[0]  # as LogRecord: logger.info("%(a)s", {"a": 1})
+        self.args = args
+        self.levelname = logging.getLevelName(level)
+        self.levelno = level
+        self.pathname = pathname
+        self.filename = pathname
+        self.module = "(unknown module)"
+        self.exc_info = exc_info
+        self.exc_text = None
+        self.stack_info = sinfo
+        self.lineno = lineno
+        self.funcName = func or "(unknown function)"
+        self.created = created
+        self.msecs = (created - int(created)) * 1000
+        self.relativeCreated = (created - _START) * 1000
+        self.thread = None
+        self.threadName = None
+        self.processName = None
+        self.process = process.pid()
+        self.taskName = None
+
+
+class _LeanLogger(logging.Logger):
+    """A logger that makes :class:`_Record` records and does not look for its caller."""
+
+    def findCaller(  # noqa: N802 (logging's name)
+        self, stack_info: bool = False, stacklevel: int = 1  # noqa: ARG002 (its signature)
+    ) -> tuple[str, int, str, str | None]:
+        return "(unknown file)", 0, "(unknown function)", None
+
+    def makeRecord(  # noqa: N802, PLR0917 (logging's name and signature)
+        self,
+        name: str,
+        level: int,
+        fn: str,
+        lno: int,
+        msg: object,
+        args: Any,
+        exc_info: Any,
+        func: str | None = None,
+        extra: Mapping[str, object] | None = None,
+        sinfo: str | None = None,
+    ) -> logging.LogRecord:
+        record = _Record(name, level, fn, lno, msg, args, exc_info, func, sinfo)
+        if extra is not None:
+            for key, value in extra.items():
+                if key in ("message", "asctime") or key in record.__dict__:
+                    raise KeyError(f"Attempt to overwrite {key!r} in LogRecord")
+                record.__dict__[key] = value
+        return record
+
+
+def get_logger(name: str) -> logging.Logger:
+    """pop3d's logger ``name``, a :class:`_LeanLogger` (unless something made it before).
+
+    The logger class is pop3d's only while this logger is made: other loggers of the
+    process stay as they are.
+    """
+    previous = logging.getLoggerClass()
+    logging.setLoggerClass(_LeanLogger)
+    try:
+        return logging.getLogger(name)
+    finally:
+        logging.setLoggerClass(previous)
 
 
 class _Clock:
@@ -98,7 +192,7 @@ class _Formatter(logging.Formatter):
 
 
 class _Handler(logging.StreamHandler[TextIO]):
-    """A stream handler whose INFO lines, in the loop's thread, wait to be written together."""
+    """A stream handler whose session lines, in the loop's thread, are written together."""
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
@@ -114,12 +208,12 @@ class _Handler(logging.StreamHandler[TextIO]):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             line = self.format(record) + "\n"
-            if record.levelno >= logging.WARNING:
-                # A warning or an error is on its way out before anything else happens.
+            if record.name == _BATCHED and record.levelno == logging.INFO:
+                self.write_line(line)
+            else:
+                # Anything else (an audit line, a warning) is out before anything happens.
                 self._write_pending()
                 self._write_now(line)
-            else:
-                self.write_line(line)
         except RecursionError:
             raise
         except Exception:
@@ -183,17 +277,8 @@ _handler: _Handler | None = None
 
 
 def setup(level: str = "INFO", stream: TextIO | None = None) -> None:
-    """Send pop3d's logs to ``stream`` (stderr when ``None``) at ``level``.
-
-    Only what the line shows is gathered for a record: :mod:`logging` by default also
-    walks the stack for the caller's file and line, and looks up the thread and the
-    multiprocessing process name (the "Optimization" section of its HOWTO).
-    """
+    """Send pop3d's logs to ``stream`` (stderr when ``None``) at ``level``."""
     global _handler  # noqa: PLW0603 (one handler per process)
-    logging.logProcesses = False  # the formatter above fills the pid in
-    logging.logThreads = False
-    logging.logMultiprocessing = False
-    logging._srcfile = None  # noqa: SLF001 (the switch the HOWTO names)
     if _handler is not None:
         with contextlib.suppress(OSError, ValueError):  # as logging.shutdown: closed stream
             _handler.flush()
@@ -207,7 +292,7 @@ def setup(level: str = "INFO", stream: TextIO | None = None) -> None:
 
 @contextlib.contextmanager
 def buffered_for(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
-    """While inside, INFO lines of this thread wait up to :data:`_WRITE_AFTER` for others.
+    """While inside, session lines of this thread wait up to :data:`_WRITE_AFTER` for others.
 
     Leaving writes what is pending.
     """
@@ -220,40 +305,6 @@ def buffered_for(loop: asyncio.AbstractEventLoop) -> Iterator[None]:
         yield
     finally:
         handler.bind(None)
-
-
-def info(logger: logging.Logger, message: str) -> None:
-    """Log ``message``, already formatted, at INFO on ``logger`` (a child of ``pop3d``).
-
-    Written straight into pop3d's handler when that handler alone would write the record
-    (:func:`setup` ran and nothing was added or filtered since); an ordinary record
-    otherwise.
-    """
-    if not logger.isEnabledFor(logging.INFO):
-        return
-    handler = _handler
-    parent = logger.parent
-    if (
-        handler is None
-        or logger.handlers
-        or logger.filters
-        or not logger.propagate
-        or parent is None
-        or len(parent.handlers) != 1
-        or parent.handlers[0] is not handler
-        or parent.filters
-        or handler.filters
-        or handler.level > logging.INFO
-    ):
-        logger.info("%s", message)
-        return
-    formatter = handler.formatter
-    if not isinstance(formatter, _Formatter):  # JSON lines: an ordinary record
-        logger.info("%s", message)
-        return
-    now = time.time_ns()
-    stamp = formatter.clock.text(now // 1_000_000_000, now % 1_000_000_000 // 1_000_000)
-    handler.write_line(_line(stamp, "INFO", logger.name, message) + "\n")
 
 
 # ---------------------------------------------------------------------- [log] targets

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import logging
 import os
 import time
 from collections import deque
@@ -43,12 +42,13 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar, cast
 
-from pop3d import audit, metrics
+from pop3d import audit, logsetup, metrics
 from pop3d.auth import schemes
 from pop3d.auth.base import Authenticator, ScramSaltKey
 from pop3d.auth.verdict import InlineVerify, Unfinished
 from pop3d.errors import (
     MaildropLocked,
+    MessageVanished,
     PermanentBackendError,
     TemporaryBackendError,
     WouldWait,
@@ -60,7 +60,7 @@ from pop3d.protocol.replies import RespCode
 from pop3d.protocol.values import Principal
 from pop3d.storage.base import InlineCommit, InlineOpen, Maildrop, MailStore
 
-log = logging.getLogger("pop3d.session")
+log = logsetup.get_logger("pop3d.session")
 
 _T = TypeVar("_T")
 
@@ -593,3 +593,11 @@ async def _await_credited(
     if isinstance(answer, Principal):
         delays.succeeded(key, username)
     return answer
+
+
+def read_failed(uid: str, username: str, exc: Exception) -> bool:
+    """Whether a message that could not be read vanished (else it is broken: logged)."""
+    if isinstance(exc, MessageVanished):
+        return True
+    log.warning("cannot read message %s for %s", uid, username, exc_info=exc)
+    return False

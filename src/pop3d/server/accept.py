@@ -41,11 +41,10 @@ No task is created on any of these paths; the only timer is the deadline.
 from __future__ import annotations
 
 import asyncio
-import logging
 import ssl
 from typing import TYPE_CHECKING, cast
 
-from pop3d import metrics
+from pop3d import logsetup, metrics
 from pop3d.protocol import limits
 from pop3d.protocol.replies import RespCode, err
 from pop3d.server.connection import Pop3Protocol
@@ -61,7 +60,7 @@ from pop3d.server.tls import HandshakeEnd, ssl_protocol_class
 if TYPE_CHECKING:
     from pop3d.server.context import ServerContext
 
-log = logging.getLogger("pop3d.session")
+log = logsetup.get_logger("pop3d.session")
 
 __all__ = ["AcceptProtocol"]
 

@@ -49,7 +49,7 @@ import time
 from typing import TYPE_CHECKING, Any, cast
 
 from pop3d import audit, logsetup, metrics
-from pop3d.errors import LocalProtocolError, MessageVanished
+from pop3d.errors import LocalProtocolError
 from pop3d.protocol import (
     ApopAuthenticate,
     AuthRefused,
@@ -71,7 +71,7 @@ from pop3d.protocol.pop3 import Deadline
 from pop3d.protocol.replies import RespCode, err
 from pop3d.protocol.states import State
 from pop3d.server.tls import certificate_identity, start_tls
-from pop3d.session import AuthRequest, Later
+from pop3d.session import AuthRequest, Later, read_failed
 from pop3d.storage.base import InlineRead
 
 if TYPE_CHECKING:
@@ -79,7 +79,7 @@ if TYPE_CHECKING:
     from pop3d.server.context import Client, ServerContext
     from pop3d.storage.base import Maildrop
 
-log = logging.getLogger("pop3d.session")
+log = logsetup.get_logger("pop3d.session")
 
 #: Whether each maildrop type offers :class:`InlineRead` (isinstance on a Protocol is slow).
 _INLINE_READ: dict[type, bool] = {}
@@ -562,11 +562,7 @@ class Pop3Protocol(asyncio.Protocol):
 
     def _read_failed(self, core: Pop3Connection, uid: str, exc: Exception) -> None:
         """Report a message that could not be read: vanished, or broken (logged)."""
-        if isinstance(exc, MessageVanished):
-            core.message_failed(vanished=True)
-            return
-        log.warning("cannot read message %s for %s", uid, self.username, exc_info=exc)
-        core.message_failed(vanished=False)
+        core.message_failed(vanished=read_failed(uid, self.username, exc))
 
     async def _drain(self) -> None:
         self._drained = self.loop.create_future()
@@ -757,12 +753,11 @@ class Pop3Protocol(asyncio.Protocol):
                 transport.get_extra_info("ssl_object") if transport is not None else None
             )
             tls = (ssl_object.version() if ssl_object is not None else None) or "no"
-            logsetup.info(
-                log,
-                f"session peer={self.peer} user={self.username or '-'} via={self._mechanism}"
-                f" tls={tls} result={result} retr={core.messages_sent}"
-                f" octets={core.octets_sent}"
-                f" deleted={deleted} secs={time.monotonic() - self._started:.3f}",
+            log.info(
+                "session peer=%s user=%s via=%s tls=%s result=%s retr=%d octets=%d"
+                " deleted=%d secs=%.3f",
+                self.peer, self.username or "-", self._mechanism, tls, result,
+                core.messages_sent, core.octets_sent, deleted, time.monotonic() - self._started,
             )
 
 

@@ -10,9 +10,9 @@ Rules of this file:
   whole transaction (aiosmtpd issue #517), which an LMTP client reads as the answer for
   the first recipient only and then waits for the rest: our DATA never does that.
 * **RCPT** ``local@domain`` is the passwd-file user of that exact name if there is one,
-  else the user ``local`` (SPEC); a bare ``local`` is the user ``local``.  Unknown:
-  ``550 5.1.1``.  A failing user lookup: ``451 4.3.0`` (the client retries).  More than
-  :data:`MAX_RECIPIENTS` in one transaction: ``452 4.5.3``.
+  else the user ``local`` (:func:`~pop3d.auth.base.find_user`); a bare ``local`` is the
+  user ``local``.  Unknown: ``550 5.1.1``.  A failing user lookup: ``451 4.3.0`` (the
+  client retries).  More than :data:`MAX_RECIPIENTS` in one transaction: ``452 4.5.3``.
 * **DATA streams**: the message goes, dot-unstuffed, into an unlinked spool file, in
   buffered writes, never into memory whole.  Lines of any length are accepted (the
   mailbox is not an SMTP relay; Dovecot's LMTP accepts them too).

@@ -36,11 +36,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from pop3d.protocol import sasl
+
 log = logging.getLogger("pop3d.metrics")
 
-_MECHANISMS = frozenset(
-    {"USER", "APOP", "PLAIN", "LOGIN", "CRAM-MD5", "SCRAM-SHA-256", "EXTERNAL"}
-)
+_MECHANISMS = frozenset({"USER", "APOP", *sasl.REGISTRY})
 _LOGIN_RESULTS = frozenset({"ok", "failed", "tempfail"})
 _SESSION_RESULTS = frozenset(
     {"quit", "quit_auth", "timeout", "disconnect", "error", "shutdown", "kicked"}

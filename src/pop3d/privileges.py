@@ -16,7 +16,7 @@ that cannot drop exits rather than serve as root.  The supervisor keeps root: it
 no client, and it needs root to re-read certificates on SIGHUP and to fork new workers.
 
 ``[server] user = "root"`` is refused unless ``allow_root = true``.  Without ``user``, pop3d
-runs as whoever started it (root included, with a warning: the SPEC's embedded default, CI).
+runs as whoever started it (root included, with a warning: the embedded default, CI).
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def _settings(flags: int) -> Pop3Settings:
         tls_available=bool(flags & 2),
         tls_active=bool(flags & 4),
         plaintext_allowed=bool(flags & 8),
-        sasl_mechanisms=sasl_mod.ALL if flags & 16 else ("PLAIN", "LOGIN"),
+        sasl_mechanisms=tuple(sasl_mod.REGISTRY) if flags & 16 else ("PLAIN", "LOGIN"),
         sasl_nonce="nonce123" if flags & 32 else "",
         client_identity="alice" if flags & 64 else None,
         login_delay=5 if flags & 128 else 0,

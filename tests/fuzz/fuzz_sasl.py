@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 
 from pop3d.auth.schemes import ScramSecret
-from pop3d.protocol import sasl
+from pop3d.protocol import limits, sasl
 from tests.fuzz import harness
 
 _SCRAM = ScramSecret.derive(b"pencil", b"salt-for-fuzzing", 4096, "sha256").encode()
@@ -37,7 +37,7 @@ def _mechanism(kind: int) -> sasl.Mechanism:
 
 def _check_identity(name: str) -> None:
     assert name.isprintable(), "an identity with control characters"
-    assert 0 < len(name.encode()) <= sasl.MAX_USERNAME, "an identity of the wrong length"
+    assert 0 < len(name.encode()) <= limits.MAX_USERNAME, "an identity of the wrong length"
 
 
 def test_one_input(data: bytes) -> None:

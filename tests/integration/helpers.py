@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import socket
 import struct
 import time
@@ -55,6 +56,10 @@ class RawClient:
     def send(self, data: bytes) -> None:
         """Send raw bytes."""
         self.sock.sendall(data)
+
+    def has_data(self) -> bool:
+        """Whether something was received and not read yet (without waiting)."""
+        return bool(self.buf) or bool(select.select([self.sock], [], [], 0)[0])
 
     def _fill(self) -> bool:
         chunk = self.sock.recv(1 << 16)

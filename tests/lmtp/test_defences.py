@@ -110,7 +110,7 @@ def test_total_cap_refuses_at_accept(tmp_path: Path, counted: dict[str, list[str
 
 
 def test_caps_come_from_the_config(tmp_path: Path) -> None:
-    """[lmtp] max_connections_per_ip defaults to 64 (SPEC); both keys are read."""
+    """[lmtp] max_connections_per_ip defaults to 64; both keys are read."""
     from pop3d import config  # noqa: PLC0415
 
     assert config.LmtpConfig().max_connections_per_ip == 64

@@ -14,7 +14,7 @@ URL = "postgresql:///pop3d?host=/run/postgresql"
 
 
 def test_full_postgresql_config() -> None:
-    """SPEC's keys parse; the store is built under leases, the authenticator in SQL."""
+    """The [database] keys parse; the store is built under leases, the authenticator in SQL."""
     cfg = from_mapping(
         {
             "database": {"url": URL, "timeout": 2, "lock_ttl": 10, "pool_max": 4},

@@ -13,7 +13,7 @@ from pop3d.errors import ConfigError
 def test_login_timeout_defaults_to_the_smaller_of_60_s_and_three_idle_timeouts(
     tmp_path: Path,
 ) -> None:
-    """SPEC: an unauthenticated connection is closed after min(60 s, 3 x idle_timeout)."""
+    """An unauthenticated connection is closed after min(60 s, 3 x idle_timeout)."""
     assert from_mapping({}, tmp_path).server.login_timeout == 60
     short = from_mapping({"server": {"idle_timeout": 5}}, tmp_path)
     assert short.server.login_timeout == 15

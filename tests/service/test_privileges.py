@@ -146,7 +146,7 @@ def test_user_root_is_refused_unless_allowed(tmp_path: Path) -> None:
 def test_root_without_user_keeps_working_with_a_warning(
     serve: Callable[..., Pop3ServeProcess],
 ) -> None:
-    """No [server] user, started as root: it serves (the SPEC's default) and warns once."""
+    """No [server] user, started as root: it serves (the embedded default's way) and warns once."""
     proc = serve(workers=1)
     assert wait_until(lambda: "running as root" in proc.log_text())
     client = poplib.POP3(proc.host, proc.port, timeout=20)

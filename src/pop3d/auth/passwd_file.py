@@ -63,6 +63,7 @@ from pop3d.auth.decoys import PLAIN_SCRAM_SHAPE, Decoys, load_or_create_key
 from pop3d.auth.verdict import Refused, Unfinished, Verdict
 from pop3d.config import AuthConfig
 from pop3d.errors import ConfigError, TemporaryBackendError, WouldWait
+from pop3d.protocol import limits
 from pop3d.protocol.values import Principal
 
 __all__ = [
@@ -78,10 +79,6 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-#: Longest user name we look up: far above any real mailbox name, and it keeps a hostile
-#: name from costing more than a dictionary miss.
-MAX_USERNAME = 255
-
 #: The shared key's file name next to the passwd-file, unless ``[auth] key_file`` says.
 DEFAULT_KEY_FILE = "pop3d-auth.key"
 
@@ -96,11 +93,12 @@ _FORBIDDEN = frozenset(":/\\")
 def valid_username(name: str) -> bool:
     """Whether ``name`` can be a user name (else it never matches and cannot be added).
 
-    1-255 printable characters; no ``:``, ``/``, backslash, white space or control
+    1 to :data:`~pop3d.protocol.limits.MAX_USERNAME` octets of printable UTF-8; no ``:``,
+    ``/``, backslash, white space or control
     characters; not starting with ``#`` or ``.`` (``%u`` makes it a folder name).
     """
     return (
-        0 < len(name) <= MAX_USERNAME
+        0 < len(name.encode("utf-8", "surrogatepass")) <= limits.MAX_USERNAME
         and name.isprintable()
         and not any(c in _FORBIDDEN or c.isspace() for c in name)
         and not name.startswith(("#", "."))

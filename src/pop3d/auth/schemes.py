@@ -224,8 +224,8 @@ def _verify_bcrypt(data: bytes, password: bytes) -> bool:
 
 #: The Argon2 hashes verified by libsodium (Dovecot's own Argon2 library): version 19, one
 #: lane, a 16-octet salt and a 16- to 32-octet hash, the shape Dovecot's ``doveadm pw`` and
-#: ours make.  libsodium's build is about 1.7x faster here than argon2-cffi's (84 vs 147
-#: ms for Dovecot's default cost), so a storm of logins goes that much faster.  Every
+#: ours make.  libsodium's build is faster than argon2-cffi's (docs/performance.md), so a
+#: storm of logins goes faster.  Every
 #: shape in this set is checked against argon2-cffi in the tests; the rest (several
 #: lanes, other lengths, which libsodium refuses or may not verify) goes to argon2-cffi.
 _SODIUM_ARGON2 = re.compile(

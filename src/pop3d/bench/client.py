@@ -10,9 +10,9 @@ fixed amount of memory and two passes over bytes that are still in the CPU cache
 * CRC-32 over the body exactly as it came on the wire (still stuffed), which the
   manifest knows in advance (:func:`pop3d.bench.manifest.wire_entry`).  zlib-ng's
   ``crc32`` is used when the ``zlib-ng`` package is installed (``bench/.venv`` has it): the
-  same CRC-32 as ``zlib.crc32``, computed with carry-less multiplication instead of tables,
-  about 4x faster here (11.4 against 2.5 GB/s on the bench's 20 MiB message), which keeps
-  the checksum from capping what one core of the generator can take in.
+  same CRC-32 as ``zlib.crc32``, computed with carry-less multiplication instead of tables
+  and several times faster (docs/performance.md), which keeps the checksum from capping
+  what one core of the generator can take in.
 
 The end of a multi-line response is found in O(1) per chunk: the client never pipelines, so
 the server sends nothing after ``CRLF.CRLF`` and the terminator can only be at the end of

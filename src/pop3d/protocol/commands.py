@@ -139,8 +139,6 @@ class ParseError:
     """A line that is not a valid command; ``reason`` is our text for the ``-ERR``."""
 
     reason: str
-    #: True when the keyword itself is unknown (as opposed to bad arguments).
-    unknown: bool = False
 
 
 #: Printable ASCII, for ``bytes.translate`` to delete: what is left was not printable
@@ -270,7 +268,7 @@ def parse(line: bytes, *, utf8: bool = False) -> Command | ParseError:
     """
     keyword, sep, rest_or_empty = line.partition(b" ")
     if not 3 <= len(keyword) <= 4 or not keyword.isalnum() or not keyword.isascii():
-        return ParseError("unknown command", unknown=True)
+        return ParseError("unknown command")
     rest: bytes | None = rest_or_empty if sep else None
     if rest is not None and not rest:
         return ParseError("trailing space after command")  # "CMD " with nothing after
@@ -278,7 +276,7 @@ def parse(line: bytes, *, utf8: bool = False) -> Command | ParseError:
         return ParseError("NUL in command")
     parser = _PARSERS.get(keyword.upper())
     if parser is None:
-        return ParseError("unknown command", unknown=True)
+        return ParseError("unknown command")
     return parser(rest, utf8)
 
 

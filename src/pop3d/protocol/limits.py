@@ -36,7 +36,7 @@ IDLE_SWEEP_INTERVAL = 1.0
 
 #: ``[server] login_timeout`` default: a connection not logged in after this long is
 #: closed, whatever it sends (Dovecot closes them after a fixed time too).  The smaller of
-#: this and 3 x ``idle_timeout`` (SPEC): a real client logs in within seconds, while a
+#: this and 3 x ``idle_timeout``: a real client logs in within seconds, while a
 #: connection that only talks (``CAPA`` every few seconds) or trickles bytes could
 #: otherwise hold a slot for ever.
 DEFAULT_LOGIN_TIMEOUT = 60.0
@@ -84,9 +84,9 @@ MAX_AUTH_IN_FLIGHT_PER_ADDRESS = 2
 DEFAULT_IPV6_PENALTY_PREFIX = 64
 
 #: Size of the chunks a big message is read and sent in: large enough that RETR does few
-#: system calls and Python steps (1 MiB measured 20-25 % less server CPU per octet than
-#: 256 KiB on a 20 MiB RETR), small enough that a streaming session holds a few MiB at
-#: most (the chunk, its CRLF and stuffed forms, the socket buffer below its high water).
+#: system calls and Python steps (against 256 KiB: docs/performance.md), small enough
+#: that a streaming session holds a few MiB at most (the chunk, its CRLF and stuffed
+#: forms, the socket buffer below its high water).
 READ_CHUNK = 1024 * 1024
 
 #: A message's bytes are passed to the socket once this much is queued: a small message
@@ -117,6 +117,12 @@ OUTPUT_BUDGET = WRITE_HIGH_WATER + 2 * WRITE_COALESCE
 #: backlog is answered, so a flood costs bounded memory.
 MAX_PENDING_INPUT = 64 * 1024
 
+#: Longest user name, in octets of UTF-8, wherever one is taken (USER, APOP, a SASL
+#: identity, the passwd-file, ``pop3d user add``): one path component once ``%u`` puts it
+#: in a path (NAME_MAX on Linux, ext4, XFS and btrfs alike), far above any real name, and
+#: it keeps every log line and lookup bounded.
+MAX_USERNAME = 255
+
 #: Upper bound of a message number.  RFC 1939 numbers are positive decimals; anything
 #: longer than this many digits cannot name a message in any real maildrop.
 MAX_NUMBER_DIGITS = 10
@@ -131,7 +137,7 @@ CLOSE_GRACE = 5.0
 #: Time given to open sessions to finish after SIGTERM before they are cut.
 SHUTDOWN_GRACE = 5.0
 
-#: LMTP connections one client address may hold at once (SPEC: ``[lmtp]
+#: LMTP connections one client address may hold at once (``[lmtp]
 #: max_connections_per_ip``).  An MTA opens few: Postfix's default per-destination
 #: concurrency is 20, so 64 leaves room for three of them behind one address, and a
 #: runaway or hostile client cannot hold every slot.

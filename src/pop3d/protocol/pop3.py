@@ -652,19 +652,14 @@ class Pop3Connection:
 
     def _mechanisms(self) -> list[str]:
         """The SASL mechanisms usable on this connection now, in configured order."""
-        usable = []
-        for name in self.settings.sasl_mechanisms:
-            if name in ("PLAIN", "LOGIN"):
-                ok_here = self._plaintext_ok()
-            elif name in ("CRAM-MD5", "SCRAM-SHA-256"):
-                ok_here = bool(self.settings.sasl_nonce)
-            elif name == "EXTERNAL":
-                ok_here = self._client_identity is not None
-            else:
-                ok_here = False
-            if ok_here:
-                usable.append(name)
-        return usable
+        plaintext_ok = self._plaintext_ok()
+        nonce = bool(self.settings.sasl_nonce)
+        certificate = self._client_identity is not None
+        return [
+            name for name in self.settings.sasl_mechanisms
+            if (mech := sasl.REGISTRY.get(name)) is not None
+            and sasl.usable(mech, plaintext_ok=plaintext_ok, nonce=nonce, certificate=certificate)
+        ]
 
     def _auth(self, mechanism: str | None, initial: bytes | None) -> Event | None:
         usable = self._mechanisms()
@@ -673,7 +668,8 @@ class Pop3Connection:
             self._emit(multiline(ok(), [m.encode() for m in usable]))
             return None
         if mechanism not in usable:
-            if mechanism in ("PLAIN", "LOGIN") and mechanism in self.settings.sasl_mechanisms:
+            known = sasl.REGISTRY.get(mechanism)
+            if known is not None and known.plaintext and mechanism in self.settings.sasl_mechanisms:
                 # The response is not read.
                 return self._refuse_plaintext("AUTH " + mechanism, mechanism)
             self._refuse("unsupported authentication mechanism")
@@ -694,19 +690,8 @@ class Pop3Connection:
         unique = self.settings.sasl_nonce
         if self._sasl_count > 1:
             unique += f".{self._sasl_count}"
-        match name:
-            case "PLAIN":
-                return sasl.Plain()
-            case "LOGIN":
-                return sasl.Login()
-            case "CRAM-MD5":
-                return sasl.CramMd5(f"<{unique}@{self.settings.hostname}>".encode())
-            case "SCRAM-SHA-256":
-                return sasl.ScramSha256(unique)
-            case "EXTERNAL":
-                assert self._client_identity is not None
-                return sasl.External(self._client_identity)
-        raise LocalProtocolError(f"no mechanism {name}")
+        setting = sasl.Setting(unique, self.settings.hostname, self._client_identity)
+        return sasl.REGISTRY[name].create(setting)
 
     def _sasl_line(self, line: bytes) -> Event | None:
         """One client line inside an exchange: ``*``, or a base64 response."""

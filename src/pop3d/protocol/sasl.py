@@ -25,17 +25,14 @@ from __future__ import annotations
 
 import base64
 import binascii
+import enum
 import hashlib
 import hmac
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from pop3d.protocol.digests import ScramSecret, verify_cram_md5
-
-#: Longest user name a mechanism accepts (octets of UTF-8): far above any real one, and
-#: small enough to keep every log line and lookup bounded.
-MAX_USERNAME = 255
-
+from pop3d.protocol.limits import MAX_USERNAME
 
 # --------------------------------------------------------------------------- steps
 
@@ -107,14 +104,41 @@ def _username(raw: bytes) -> str | None:
 # --------------------------------------------------------------------------- the base
 
 
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """What a connection gives a new exchange (see :meth:`Mechanism.create`)."""
+
+    #: Unique to the exchange and unguessable (the core's ``sasl_nonce``, plus a counter).
+    nonce: str
+    #: The server's host name (CRAM-MD5's challenge).
+    hostname: str
+    #: The verified TLS client certificate's user name, if any.
+    client_identity: str | None
+
+
 class Mechanism:
-    """One SASL exchange.  Subclasses implement :meth:`start` and :meth:`step`."""
+    """One SASL exchange.  Subclasses implement :meth:`start` and :meth:`step`.
+
+    Each class declares what it needs of the connection (:attr:`plaintext`,
+    :attr:`needs_nonce`, :attr:`needs_certificate`); the core offers a mechanism where
+    those are met (:func:`usable`).  :data:`REGISTRY` names them all.
+    """
 
     #: The IANA name, as in ``AUTH name`` and in CAPA's ``SASL`` line.
     name: ClassVar[str] = ""
     #: Whether the mechanism sends a password the server sees in the clear (RFC 4616 §4:
     #: such mechanisms need a protected channel: the plaintext policy applies to them).
     plaintext: ClassVar[bool] = False
+    #: Whether its challenge must be unique to the exchange (CRAM-MD5, SCRAM).
+    needs_nonce: ClassVar[bool] = False
+    #: Whether it authenticates by the verified TLS client certificate (EXTERNAL).
+    needs_certificate: ClassVar[bool] = False
+
+    @classmethod
+    def create(cls, setting: Setting) -> Mechanism:
+        """A new exchange on a connection with ``setting``."""
+        del setting
+        return cls()
 
     def start(self, initial: bytes | None) -> Step:
         """Begin; ``initial`` is the decoded initial response (``None``: none was sent)."""
@@ -198,6 +222,12 @@ class CramMd5(Mechanism):
     """RFC 2195: the server sends a unique challenge; the client answers ``user hexdigest``."""
 
     name = "CRAM-MD5"
+    needs_nonce = True
+
+    @classmethod
+    def create(cls, setting: Setting) -> Mechanism:
+        """The challenge is ``<nonce@hostname>`` (RFC 2195)."""
+        return cls(f"<{setting.nonce}@{setting.hostname}>".encode())
 
     def __init__(self, challenge: bytes) -> None:
         #: ``<unique.timestamp@host>``, made by the core from its nonce.
@@ -263,16 +293,32 @@ def _saslname(value: str) -> str | None:
     return out
 
 
+class _Scram(enum.Enum):
+    """Where a SCRAM exchange is: what it waits for next."""
+
+    FIRST = enum.auto()  # the client-first message
+    SECRET = enum.auto()  # the user's secret (NeedSecret)
+    FINAL = enum.auto()  # the client-final message
+    VERIFIED = enum.auto()  # the client's empty answer to the server-final message
+    DONE = enum.auto()
+
+
 class ScramSha256(Mechanism):
     """RFC 5802 with SHA-256 (RFC 7677), without channel binding (no ``-PLUS``)."""
 
     name = "SCRAM-SHA-256"
+    needs_nonce = True
     hash_name: ClassVar[str] = "sha256"
+
+    @classmethod
+    def create(cls, setting: Setting) -> Mechanism:
+        """The server nonce is the connection's."""
+        return cls(setting.nonce)
 
     def __init__(self, server_nonce: str) -> None:
         #: Printable, no comma (RFC 5802 §5.1 ``r=``); made by the core from its nonce.
         self.server_nonce = server_nonce
-        self._state = "first"
+        self._state = _Scram.FIRST
         self._username = ""
         self._gs2_header = b""
         self._client_first_bare = b""
@@ -287,16 +333,16 @@ class ScramSha256(Mechanism):
     def step(self, response: bytes) -> Step:
         """client-first, then client-final, then the empty answer to the server-final."""
         match self._state:
-            case "first":
+            case _Scram.FIRST:
                 return self._client_first(response)
-            case "final":
+            case _Scram.FINAL:
                 return self._client_final(response)
-            case "verified":
+            case _Scram.VERIFIED:
                 # RFC 5034 has no "additional data with success": the server-final went
                 # out as a challenge, and the client acknowledges it with an empty line.
                 if response:
                     return Failed("unexpected SCRAM message")
-                self._state = "done"
+                self._state = _Scram.DONE
                 return Outcome(self._username, success=True)
         return Failed("unexpected SCRAM message")
 
@@ -327,7 +373,7 @@ class ScramSha256(Mechanism):
         self._gs2_header = flag + b"," + authzid_field + b","
         self._client_first_bare = bare
         self._nonce = client_nonce + self.server_nonce
-        self._state = "secret"
+        self._state = _Scram.SECRET
         return NeedSecret(username, self.name)
 
     def secret(self, secret: bytes | None) -> Step:
@@ -337,7 +383,7 @@ class ScramSha256(Mechanism):
         fake secret with a stable salt (RFC 5802 §5.1), so the challenge does not tell
         who exists.  ``None`` is still handled: the exchange fails at once.
         """
-        if self._state != "secret":
+        if self._state is not _Scram.SECRET:
             return Failed("unexpected secret")
         parsed = (
             ScramSecret.decode(secret, hashlib.new(self.hash_name).digest_size)
@@ -351,7 +397,7 @@ class ScramSha256(Mechanism):
             f"r={self._nonce},s={base64.b64encode(parsed.salt).decode('ascii')},"
             f"i={parsed.iterations}"
         ).encode()
-        self._state = "final"
+        self._state = _Scram.FINAL
         return Challenge(self._server_first)
 
     def _client_final(self, message: bytes) -> Step:
@@ -379,7 +425,7 @@ class ScramSha256(Mechanism):
         if not hmac.compare_digest(stored, secret.stored_key):
             return Outcome(self._username, success=False, reason="wrong proof")
         server_signature = hmac.digest(secret.server_key, auth_message, self.hash_name)
-        self._state = "verified"
+        self._state = _Scram.VERIFIED
         return Challenge(b"v=" + base64.b64encode(server_signature))
 
 
@@ -390,6 +436,14 @@ class External(Mechanism):
     """RFC 4422 Appendix A: the identity is the verified TLS client certificate's."""
 
     name = "EXTERNAL"
+    needs_certificate = True
+
+    @classmethod
+    def create(cls, setting: Setting) -> Mechanism:
+        """The identity is the certificate's (offered only with one: :func:`usable`)."""
+        if setting.client_identity is None:
+            raise ValueError("EXTERNAL needs a verified client certificate")
+        return cls(setting.client_identity)
 
     def __init__(self, identity: str) -> None:
         #: The user name the driver took from the verified client certificate.
@@ -411,8 +465,21 @@ class External(Mechanism):
         return Outcome(self.identity, success=True)
 
 
-#: Every mechanism pop3d implements, by name, in the order CAPA lists them.
-ALL: tuple[str, ...] = ("SCRAM-SHA-256", "CRAM-MD5", "PLAIN", "LOGIN", "EXTERNAL")
+#: Every mechanism pop3d implements, by name.
+REGISTRY: dict[str, type[Mechanism]] = {
+    m.name: m for m in (ScramSha256, CramMd5, Plain, Login, External)
+}
+
+
+def usable(
+    mechanism: type[Mechanism], *, plaintext_ok: bool, nonce: bool, certificate: bool
+) -> bool:
+    """Whether ``mechanism`` can run on a connection with these properties."""
+    return (
+        (plaintext_ok or not mechanism.plaintext)
+        and (nonce or not mechanism.needs_nonce)
+        and (certificate or not mechanism.needs_certificate)
+    )
 
 
 def decode_response(line: bytes) -> bytes | None:

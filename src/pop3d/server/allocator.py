@@ -4,9 +4,9 @@ A RETR of a big message makes a few buffers of about :data:`~pop3d.protocol.limi
 octets per chunk: the read, its CRLF form, its stuffed form.  glibc serves an allocation
 above ``M_MMAP_THRESHOLD`` with a fresh ``mmap`` and gives freed heap above
 ``M_TRIM_THRESHOLD`` back to the kernel, so every chunk paid one page fault per 4 KiB page
-it touched: 553,000 minor faults for 9 GB sent, and 16 % of the 20 MiB RETR rate
-(docs/performance.md).  Fixed thresholds a few chunks high keep those buffers in the heap,
-reused from one chunk to the next; a worker then keeps at most ``TRIM`` octets of free heap.
+it touched (what that cost: docs/performance.md).  Fixed thresholds a few chunks high
+keep those buffers in the heap, reused from one chunk to the next; a worker then keeps at
+most ``TRIM`` octets of free heap.
 
 Only the allocator's tuning changes: nothing is allocated here.  Elsewhere than glibc
 (musl, macOS) this does nothing.

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from pop3d import __version__, metrics, process
 from pop3d.config import Config
-from pop3d.protocol import Pop3Settings, limits
+from pop3d.protocol import Pop3Settings, limits, sasl
 from pop3d.server.tls import TlsContexts
 from pop3d.session import Backends
 
@@ -126,10 +126,6 @@ class _RandomTokens:
         return base64.urlsafe_b64encode(chunk).rstrip(b"=").decode("ascii")
 
 
-#: SASL mechanisms whose challenge carries a per-connection nonce.
-_NONCE_MECHANISMS = frozenset({"CRAM-MD5", "SCRAM-SHA-256"})
-
-
 class ServerContext:
     """State shared by all connections of one server process."""
 
@@ -158,7 +154,10 @@ class ServerContext:
         self._random = _RandomTokens()
         self._secure_cache: dict[str, bool] = {}
         #: CRAM-MD5 and SCRAM need a nonce unique to each connection.
-        self._nonce_needed = any(m in _NONCE_MECHANISMS for m in config.auth.mechanisms)
+        self._nonce_needed = any(
+            (m := sasl.REGISTRY.get(name)) is not None and m.needs_nonce
+            for name in config.auth.mechanisms
+        )
         self._shared_settings: dict[tuple[bool, bool], Pop3Settings] = {}
         #: Connections with replies to write at the end of this turn of the loop.
         self._to_flush: list[Session] = []

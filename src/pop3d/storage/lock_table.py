@@ -49,9 +49,8 @@ Rules of this file:
   close), and no descriptor per session.  The kernel keeps one list of the locks of an
   inode and every ``F_OFD_SETLK`` walks it (under the inode's spinlock), so on a single
   file a lock and unlock cost more the more sessions hold bytes of it, all processes
-  together (measured on the 2-vCPU development VM: 8 us with none held, 100 us with
-  5,000, 280 us with 9,000).  Spreading the bytes over :data:`SHARDS` files divides
-  those lists: see docs/performance.md for the figures with shards.
+  together.  Spreading the bytes over :data:`SHARDS` files divides those lists
+  (docs/performance.md has the figures, with and without shards).
 * **Where it works.**  ``struct flock`` is packed for 64-bit Linux (``x86_64``,
   ``aarch64``: two shorts, padding, two 64-bit offsets, the pid, padding; 32 octets).
   Elsewhere :data:`AVAILABLE` is false and stores use per-mailbox lock files

@@ -55,7 +55,7 @@ Rules of this file:
   ``pop3d.lock`` itself.  Either belongs to an open file description, so two sessions
   conflict even in one process, workers in different processes conflict, and the lock
   dies with its holder (kill -9 included).  It is local to the host (NFS is a cluster
-  lock's job, see SPEC).
+  lock's job: ``[storage] lock = "postgresql"``).
 * **Read** streams chunks of about ``chunk_size`` raw octets.  Before the first chunk the
   file is ``fstat``-ed: if it is not the file that was listed and its wire size changed,
   :class:`TemporaryBackendError` is raised before anything is sent.  A file changed

@@ -170,7 +170,7 @@ _FROM_DATE = re.compile(
 )
 _MONTHS = (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun",
            b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec")  # fmt: skip
-_X_UIDL = re.compile(rb"(?im)^X-UIDL:[ \t]*([\x21-\x7e]{1,70})[ \t]*\r?$")
+_X_UIDL = re.compile(rb"(?im)^X-UIDL:[ \t]*([\x21-\x7e]{1,%d})[ \t]*\r?$" % limits.MAX_UIDL)
 _RETURN_PATH = re.compile(rb"(?im)^Return-Path:[ \t]*<([^<>\s]*)>")
 _LONE_CRLF = re.compile(rb"(?<!\r)\r\n")
 _HEADER_END = re.compile(rb"\n\r?\n")

@@ -37,10 +37,7 @@ import re
 from pathlib import Path
 
 from pop3d.errors import ConfigError, TemporaryBackendError
-
-#: Longest user name accepted, in UTF-8 octets: one path component (NAME_MAX on Linux,
-#: ext4, XFS and btrfs alike).
-MAX_USERNAME_OCTETS = 255
+from pop3d.protocol import limits
 
 _ESCAPES = frozenset("und%")
 #: Splits a checked template into literal text (even items) and escapes (odd items).
@@ -68,7 +65,7 @@ def check_username(username: str) -> None:
     """
     if not username:
         raise UnsafeUserName("empty user name")
-    if len(username.encode("utf-8", "surrogatepass")) > MAX_USERNAME_OCTETS:
+    if len(username.encode("utf-8", "surrogatepass")) > limits.MAX_USERNAME:
         raise UnsafeUserName("user name too long")
     # isprintable() is False for every control (Cc), format (Cf), separator other than
     # the ASCII space, surrogate and unassigned code point, NUL included.

@@ -20,7 +20,7 @@ import pytest
 from pop3d.storage import maildir
 from pop3d.testing import Pop3ServeProcess, Pop3TestServer
 
-from .helpers import WAIT, RawClient, ServeFactory, ServerFactory
+from .helpers import WAIT, RawClient, ServeFactory, ServerFactory, wait_until
 from .messages import wire
 
 pytestmark = pytest.mark.timeout(90)
@@ -31,6 +31,15 @@ MESSAGES = [b"Subject: m%d\n\nbody of message %d\n" % (i, i) for i in range(1, 6
 def fill(srv: Pop3TestServer | Pop3ServeProcess, user: str = "alice") -> None:
     for data in MESSAGES:
         srv.add_message(user, data)
+
+
+def _refuses(port: int) -> bool:
+    """Whether a connection to ``port`` is refused (the listener is closed)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
+    except OSError:
+        return True
+    return False
 
 
 def login_when_free(srv: Pop3TestServer | Pop3ServeProcess) -> RawClient:
@@ -92,9 +101,9 @@ def test_activity_resets_idle_timer(pop3_server_factory: ServerFactory) -> None:
     with RawClient(srv.host, srv.port) as client:
         assert client.login(b"alice", b"secret").startswith(b"+OK")
         end = time.monotonic() + 2.0
-        while time.monotonic() < end:
+        while time.monotonic() < end:  # twice the idle timeout, in short steps
             assert client.cmd(b"NOOP") == b"+OK\r\n"
-            time.sleep(0.3)  # client think time, well under the 1 s timeout
+            time.sleep(0.05)  # client think time, far under the 1 s timeout
         assert client.cmd(b"DELE 1").startswith(b"+OK")
         assert client.cmd(b"QUIT").startswith(b"+OK")
     assert srv.messages("alice") == MESSAGES[1:]
@@ -112,11 +121,8 @@ def test_sigterm_exits_zero_and_closes_sessions_without_update(
     assert trans.cmd(b"DELE 1").startswith(b"+OK")
     auth = RawClient(proc.host, proc.port)
     assert auth.cmd(b"USER bob").startswith(b"+OK")
-    start = time.monotonic()
-    status = proc.stop(signal.SIGTERM, timeout=15)
-    elapsed = time.monotonic() - start
+    status = proc.stop(signal.SIGTERM, timeout=15)  # bounded: fails if it takes longer
     assert status == 0, proc.log_text()
-    assert elapsed < 6.0
     for client in (trans, auth):
         with client:
             rest = client.wait_eof(timeout=5)
@@ -296,9 +302,7 @@ def test_stop_signal_during_stalled_retr(serve: ServeFactory, sig: int) -> None:
         assert client.cmd(b"DELE 2").startswith(b"+OK")
         client.send(b"RETR 1\r\n")
         assert client.line().startswith(b"+OK")  # the transfer has begun
-        start = time.monotonic()
-        assert proc.stop(sig, timeout=15) == 0, proc.log_text()
-        assert time.monotonic() - start < 7.0
+        assert proc.stop(sig, timeout=15) == 0, proc.log_text()  # bounded
     assert proc.messages("alice") == [big, MESSAGES[0]]
     assert "Traceback" not in proc.log_text()
 
@@ -370,7 +374,8 @@ def test_stop_during_update_lets_it_finish_and_signs_off(
     assert entered.wait(WAIT)
     stopper = threading.Thread(target=pop3_server.stop)
     stopper.start()
-    time.sleep(0.3)  # the stop is under way while the UPDATE still waits
+    # The stop is under way (the listener is closed) while the UPDATE still waits.
+    assert wait_until(lambda: _refuses(pop3_server.port))
     assert stopper.is_alive()
     release.set()
     with client:
@@ -399,7 +404,10 @@ def test_idle_timeout_never_cuts_an_update(
         assert client.login(b"alice", b"secret").startswith(b"+OK")
         assert client.cmd(b"DELE 1").startswith(b"+OK")
         client.send(b"QUIT\r\n")
-        time.sleep(2.5)  # two and a half idle timeouts pass while UPDATE waits
+        # A connection opened now is closed by the idle sweep after the QUIT's deadline
+        # has passed too: then the UPDATE has outlasted the idle timeout.
+        with RawClient(srv.host, srv.port) as idle:
+            assert idle.wait_eof(timeout=WAIT).startswith(b"-ERR")
         release.set()
         assert client.line().startswith(b"+OK"), "the idle timeout cut the UPDATE"
     assert srv.messages("alice") == MESSAGES[1:]
@@ -413,12 +421,12 @@ def test_idle_sweep_closes_every_idle_session_and_only_those(
     idle = [RawClient(srv.host, srv.port) for _ in range(20)]
     with RawClient(srv.host, srv.port) as active:
         assert active.login(b"alice", b"secret").startswith(b"+OK")
-        start = time.monotonic()
-        for _ in range(8):
+        deadline = time.monotonic() + WAIT
+        while not all(client.has_data() for client in idle):  # their farewells (bounded)
+            assert time.monotonic() < deadline, "the idle sessions were not closed"
             assert active.cmd(b"NOOP") == b"+OK\r\n"
-            time.sleep(0.3)
+            time.sleep(0.05)
         for client in idle:
             with client:
                 assert client.wait_eof(timeout=WAIT).startswith(b"-ERR")
-        assert time.monotonic() - start < WAIT
         assert active.cmd(b"NOOP") == b"+OK\r\n"

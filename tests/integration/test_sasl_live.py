@@ -16,7 +16,7 @@ import pytest
 from pop3d.auth.schemes import hash_password
 from pop3d.session import FailureDelays
 from pop3d.testing import Pop3TestServer
-from tests.integration.helpers import WAIT, RawClient
+from tests.integration.helpers import RawClient
 from tests.integration.tls_support import Pki, TlsRawClient, make_pki
 
 pytestmark = pytest.mark.timeout(60)
@@ -268,29 +268,30 @@ def test_auth_attempt_cap_closes_the_connection(
 def test_failure_delay_doubles_per_address_without_blocking_others(
     pop3_server_factory: Factory,
 ) -> None:
-    """Failures from one address wait longer each time; other sessions are served meanwhile."""
-    srv = pop3_server_factory(failure_delay=0.2, max_failure_delay=0.8)
+    """Failures from one address wait longer each time; other sessions are served meanwhile.
+
+    The delays are checked as lower bounds, which load cannot break; that another session
+    is served while the attacker waits is checked during the longest delay (1.6 s), not
+    inside the first one.
+    """
+    srv = pop3_server_factory(failure_delay=0.2, max_failure_delay=1.6)
     durations = []
-    for _ in range(4):
+    for round_ in range(4):
         with RawClient(srv.host, srv.port) as attacker:
             attacker.send(b"USER alice\r\nPASS wrong\r\n")
             assert attacker.line() == b"+OK send PASS\r\n"
             started = time.monotonic()
-            # While the attacker waits, another session is served at once.
-            with RawClient(srv.host, srv.port) as other:
-                assert other.cmd(b"NOOP") == b"-ERR command not valid in this state\r\n"
-                attacker.sock.settimeout(0)  # non-blocking
-                with pytest.raises(BlockingIOError):
-                    attacker.sock.recv(1)  # the attacker's answer is still being delayed
-                attacker.sock.settimeout(WAIT)
+            if round_ == 3:
+                with RawClient(srv.host, srv.port) as other:
+                    assert other.cmd(b"NOOP") == b"-ERR command not valid in this state\r\n"
+                    assert not attacker.has_data()  # its answer is still being delayed
             assert attacker.line() == b"-ERR [AUTH] invalid password\r\n"
             durations.append(time.monotonic() - started)
-    # 0.2, 0.4, 0.8, 0.8 (capped): lower bounds only, and the order, so load cannot flake it.
+    # 0.2, 0.4, 0.8, 1.6: lower bounds only, so load cannot flake them.
     assert durations[0] >= 0.19
     assert durations[1] >= 0.39
     assert durations[2] >= 0.79
-    assert durations[3] >= 0.79
-    assert durations[0] < durations[2]
+    assert durations[3] >= 1.59
 
 
 def test_failure_delays_policy() -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from unittest.mock import patch
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -21,11 +23,60 @@ KEYWORDS = [b"USER alice", b"PASS secret", b"STAT", b"LIST", b"LIST 1", b"RETR 1
 
 
 def _replies_well_formed(out: bytes) -> None:
-    """Every reply line is +OK/-ERR, or a multi-line body item, or the terminator."""
+    """Every reply line is +OK/-ERR, or a multi-line body item, or the terminator.
+
+    The lines are walked in order: a multi-line reply (its status line is one of the
+    commands that have one) runs to its ``.`` line, and its items are dot-stuffed; every
+    other line is a status line of its own, or a SASL challenge (``+ ...``).
+    """
     assert out.startswith(b"+OK")
     assert out.endswith(b"\r\n")
-    assert b"Traceback" not in out
-    assert b"Error" not in out
+    lines = out.split(b"\r\n")[:-1]
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        assert line.startswith((b"+OK", b"-ERR", b"+ ")) or line == b"+", line
+        assert not any(bad in line for bad in (b"\r", b"\n", b"Traceback", b"Error")), line
+        i += 1
+        if line.startswith(b"+OK") and i < len(lines) and _opens_body(line, lines[i:]):
+            while lines[i] != b".":  # the body, up to its terminator
+                assert not lines[i].startswith(b".") or lines[i].startswith(b".."), lines[i]
+                i += 1
+                assert i < len(lines), "a multi-line reply without its terminator"
+            i += 1
+
+
+#: The status lines of pop3d's multi-line replies (CAPA, LIST, UIDL, RETR, TOP).
+_MULTILINE = re.compile(
+    rb"\+OK (Capability list follows|unique-id listing follows|top of message follows"
+    rb"|\d+ octets|\d+ messages? \(\d+ octets\))"
+)
+
+
+def _opens_body(status: bytes, rest: list[bytes]) -> bool:
+    """Whether the +OK line ``status`` begins a multi-line reply.
+
+    A bare ``+OK`` does for AUTH without a mechanism (the mechanisms' names follow) and
+    does not for NOOP and the others (a status line follows, or nothing).
+    """
+    if _MULTILINE.fullmatch(status):
+        return True
+    return status == b"+OK" and bool(rest) and (
+        rest[0] == b"." or re.fullmatch(rb"[A-Z0-9_-]+", rest[0]) is not None
+    )
+
+
+def test_the_reply_check_reads_every_line() -> None:
+    """The check above fails on a bad line anywhere, not only at the ends."""
+    _replies_well_formed(b"+OK hi\r\n+OK 2 octets\r\n..x\r\n.\r\n-ERR no\r\n+OK\r\nPLAIN\r\n.\r\n")
+    for broken in (
+        b"+OK hi\r\nnot a reply\r\n+OK bye\r\n",
+        b"+OK 2 octets\r\n.x\r\n.\r\n+OK\r\n",  # an unstuffed dot line
+        b"+OK hi\r\n+OK 2 octets\r\nab\r\n",  # no terminator
+        b"+OK hi\r\n-ERR Traceback (most recent call last)\r\n",
+    ):
+        with pytest.raises(AssertionError):
+            _replies_well_formed(broken)
 
 
 @settings(max_examples=300, deadline=None)

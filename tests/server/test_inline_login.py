@@ -125,7 +125,9 @@ def test_refusals_take_the_task_and_get_the_same_answers(tmp_path: Path) -> None
         holder.data_received(b"USER alice\r\nPASS alice-pass\r\n")
         locked = await _session(ctx, b"USER alice", b"PASS alice-pass", b"QUIT")
         holder.connection_lost(None)
-        await asyncio.sleep(0.01)  # the holder's lock is released by a task
+        # The holder's lock is released by a task of the context: wait for it to end.
+        await asyncio.wait_for(asyncio.gather(*ctx._tasks), 10)
+        assert not ctx._tasks
         return [wrong, locked]
 
     (wrong, wrong_tasks), (locked, locked_tasks) = asyncio.run(main())

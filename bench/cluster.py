@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import string
 import subprocess
@@ -32,6 +31,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "bench")]
 
+from tests.haproxy import start_haproxy  # noqa: E402
 from tests.pgserver import start_or_skip  # noqa: E402
 
 import mkdata  # noqa: E402
@@ -89,17 +89,14 @@ class Nodes:
         for p in pop3:
             _wait(p)
         self.front = free_port()
-        env = os.environ | {"POP3D_FRONT": f"127.0.0.1:{self.front}",
-                            "POP3D_LMTP_FRONT": f"127.0.0.1:{free_port()}"}
+        lmtp_front = free_port()
+        env = {"POP3D_FRONT": f"127.0.0.1:{self.front}",
+               "POP3D_LMTP_FRONT": f"127.0.0.1:{lmtp_front}"}
         for i in range(3):  # fewer nodes than server lines: the lines repeat the nodes
             env[f"POP3D_NODE{i + 1}"] = f"127.0.0.1:{pop3[i % count]}"
             env[f"POP3D_LMTP{i + 1}"] = f"127.0.0.1:{lmtp[i % count]}"
-        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
-        log = (work / "haproxy.log").open("ab")
-        self.procs.append(subprocess.Popen(
-            [haproxy, "-db", "-f", str(DEPLOY / "haproxy" / "haproxy.cfg")], env=env,
-            stdout=log, stderr=log))  # fmt: skip
-        _wait(self.front)
+        self.procs.append(start_haproxy(
+            DEPLOY / "haproxy" / "haproxy.cfg", env, work / "haproxy.log", [self.front]))
         time.sleep(1.5)
 
     def stop(self) -> None:

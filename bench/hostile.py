@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from pop3d.testing import Pop3ServeProcess
 
@@ -48,7 +49,7 @@ def rss(pid: int) -> int:
     return 0
 
 
-def server(loop: str, root: Path, **keys: object) -> Pop3ServeProcess:
+def server(loop: str, root: Path, **keys: Any) -> Pop3ServeProcess:
     """A server (not started yet) with alice and bob."""
     cls = AsyncioServe if loop == "asyncio" else Pop3ServeProcess
     return cls(root, users=USERS, workers=1, **keys)
@@ -131,8 +132,16 @@ def stalled_reader(proc: Pop3ServeProcess) -> str:
     return f"{freed}; server side 7 s later: {kept}"
 
 
-def guessing(proc: Pop3ServeProcess, seconds: float = 6.0, parallel: int = 50) -> str:
-    """Parallel guessers that reset after PASS (the right one every 25th)."""
+def guessers(
+    proc: Pop3ServeProcess, parallel: int, seconds: float, right_every: int = 0, wait: float = 0.05
+) -> list[int]:
+    """Guess alice's password from ``parallel`` connections that reset after PASS.
+
+    Every ``right_every``-th guess of a connection is the right password (0: never).
+    Returns [attempts sent, right-password confirmations seen].  Each guesser waits only
+    ``wait`` seconds for an answer before it resets, as a client that does not wait for
+    -ERR would.  Bounded by ``seconds``.
+    """
     stop = time.monotonic() + seconds
     counts = [0, 0]
     lock = threading.Lock()
@@ -141,12 +150,13 @@ def guessing(proc: Pop3ServeProcess, seconds: float = 6.0, parallel: int = 50) -
         n = 0
         while time.monotonic() < stop:
             n += 1
-            password = b"secret" if n % 25 == 0 else b"wrong%d" % n
+            right = right_every and n % right_every == 0
+            password = b"secret" if right else b"wrong%d" % n
             try:
                 sock = socket.create_connection((proc.host, proc.port), timeout=2)
                 sock.recv(200)
                 sock.sendall(b"USER alice\r\nPASS " + password + b"\r\n")
-                sock.settimeout(0.05)
+                sock.settimeout(wait)
                 got = b""
                 with contextlib.suppress(OSError):
                     while got.count(b"\r\n") < 2:
@@ -167,6 +177,12 @@ def guessing(proc: Pop3ServeProcess, seconds: float = 6.0, parallel: int = 50) -
         t.start()
     for t in threads:
         t.join()
+    return counts
+
+
+def guessing(proc: Pop3ServeProcess, seconds: float = 6.0, parallel: int = 50) -> str:
+    """Parallel guessers that reset after PASS (the right one every 25th)."""
+    counts = guessers(proc, parallel, seconds, right_every=25)
     time.sleep(1)
     verdicts = proc.log_text().count("auth failed")
     return (

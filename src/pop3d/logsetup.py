@@ -182,6 +182,14 @@ class _Formatter(logging.Formatter):
         super().__init__(_FORMAT)
         self.clock = _Clock()
 
+    def format(self, record: logging.LogRecord) -> str:
+        """The line; a record with an exception or a stack goes the standard way."""
+        if record.exc_info or record.exc_text or record.stack_info:
+            return super().format(record)
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record)
+        return self.formatMessage(record)
+
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802
         return _line(record.asctime, record.levelname, record.name, record.message)
 
@@ -204,6 +212,17 @@ class _Handler(logging.StreamHandler[TextIO]):
         self._pending_octets = 0
         #: The one timer that writes them (armed by the first line with none armed).
         self._timer: asyncio.TimerHandle | None = None
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        """As :meth:`logging.Handler.handle`, but the lock is taken only to write.
+
+        A session line of the loop's thread is formatted and queued without it (only
+        that thread touches the queue); :meth:`_write_now` holds it for the write.
+        """
+        passed = self.filter(record)
+        if passed:
+            self.emit(record)
+        return bool(passed)
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

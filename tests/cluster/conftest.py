@@ -6,8 +6,6 @@ copy are the files tested.  All servers listen on 127.0.0.1 only, on free ports.
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import string
 import subprocess
@@ -20,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from pop3d.testing import LOOPBACK, free_port, wait_for_port
+from tests.haproxy import haproxy_binary, start_haproxy
 from tests.pgserver import PgServer, start_or_skip
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -115,26 +114,19 @@ class Cluster:
 
 
 def _start_haproxy(cluster: Cluster) -> None:
-    haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
-    if not Path(haproxy).exists():
+    if haproxy_binary() is None:
         pytest.skip("haproxy is not installed (scripts/setup.sh installs it)")
-    env = os.environ | {
+    env = {
         "POP3D_FRONT": f"127.0.0.1:{cluster.front_port}",
         "POP3D_LMTP_FRONT": f"127.0.0.1:{cluster.lmtp_front_port}",
     }
     for i, node in enumerate(cluster.nodes, start=1):
         env[f"POP3D_NODE{i}"] = f"127.0.0.1:{node.pop3_port}"
         env[f"POP3D_LMTP{i}"] = f"127.0.0.1:{node.lmtp_port}"
-    cfg = DEPLOY / "haproxy" / "haproxy.cfg"
-    check = subprocess.run([haproxy, "-c", "-f", str(cfg)], env=env, capture_output=True,
-                           check=False)
-    assert check.returncode == 0, check.stderr.decode()
-    log = (cluster.root / "haproxy.log").open("ab")
-    cluster.haproxy = subprocess.Popen([haproxy, "-db", "-f", str(cfg)], env=env,
-                                       stdout=log, stderr=log)
-    log.close()
-    wait_port(cluster.front_port)
-    wait_port(cluster.lmtp_front_port)
+    cluster.haproxy = start_haproxy(
+        DEPLOY / "haproxy" / "haproxy.cfg", env, cluster.root / "haproxy.log",
+        [cluster.front_port, cluster.lmtp_front_port],
+    )
     time.sleep(1.5)  # the first health checks
 
 

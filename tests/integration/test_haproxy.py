@@ -9,7 +9,6 @@ passed through to pop3d, and TLS ended at HAProxy (``send-proxy-v2-ssl``).
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import socket
@@ -22,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from pop3d.testing import Pop3ServeProcess, free_port, wait_for_port
+from pop3d.testing import Pop3ServeProcess, free_port
+from tests.haproxy import haproxy_binary, start_haproxy
 from tests.integration.helpers import WAIT, RawClient
 from tests.integration.tls_support import Pki, assert_treated_as_tls, make_pki
 
@@ -59,18 +59,10 @@ def pki(tmp_path: Path) -> Pki:
     return make_pki(tmp_path / "pki")
 
 
-def _wait_listening(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
-    try:
-        wait_for_port("127.0.0.1", port, WAIT, process=process, expect=b"")
-    except RuntimeError:
-        raise RuntimeError(f"haproxy exited: {log.read_text(errors='replace')}") from None
-
-
 @pytest.fixture
 def behind_haproxy(tmp_path: Path, pki: Pki) -> Iterator[Callable[..., Setup]]:
     """Start pop3d (``pop3d serve``) and HAProxy in front: ``behind_haproxy(send_proxy=...)``."""
-    haproxy = shutil.which("haproxy")
-    if haproxy is None:
+    if haproxy_binary() is None:
         pytest.skip("haproxy is not installed (scripts/setup.sh installs it)")
     started: list[tuple[Pop3ServeProcess, subprocess.Popen[bytes]]] = []
 
@@ -93,7 +85,6 @@ def behind_haproxy(tmp_path: Path, pki: Pki) -> Iterator[Callable[..., Setup]]:
         pem.write_bytes(cert.read_bytes() + key.read_bytes())
         ports = [free_port() for _ in range(3)]
         env = {
-            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
             "POP3D_BIND_POP3": f"127.0.0.1:{ports[0]}",
             "POP3D_BIND_POP3S": f"127.0.0.1:{ports[1]}",
             "POP3D_BIND_OFFLOAD": f"127.0.0.1:{ports[2]}",
@@ -105,17 +96,12 @@ def behind_haproxy(tmp_path: Path, pki: Pki) -> Iterator[Callable[..., Setup]]:
             "POP3D_MAXCONN": "1000",
         }
         log = tmp_path / f"haproxy-{n}.log"
-        with log.open("wb") as out:
-            process = subprocess.Popen(
-                [haproxy, "-f", str(CONFIG), "-db"],
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=out,
-            )
+        try:
+            process = start_haproxy(CONFIG, env, log, ports)
+        except RuntimeError:
+            pop3d.kill()
+            raise
         started.append((pop3d, process))
-        for port in ports:
-            _wait_listening(port, process, log)
         return Setup(pop3d, HAProxy(process, ports[0], ports[1], ports[2], log))
 
     yield factory

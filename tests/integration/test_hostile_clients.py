@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import struct
 import sys
 import threading
 import time
@@ -19,6 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from bench.hostile import guessers
 
 from pop3d.testing import Pop3ServeProcess
 
@@ -304,49 +304,6 @@ def test_a_quiet_logged_in_session_lives_until_its_idle_timeout(
 # ---------------------------------------------------------------------------- brute force
 
 
-def guessers(proc: Pop3ServeProcess, parallel: int, seconds: float, right: bool) -> list[int]:
-    """Guess alice's password from ``parallel`` connections that reset after PASS.
-
-    Returns [attempts sent, right-password confirmations seen].  Each guesser waits only a
-    moment for an answer before it resets, as a client that does not wait for -ERR would.
-    """
-    stop = time.monotonic() + seconds
-    counts = [0, 0]
-    lock = threading.Lock()
-
-    def guess() -> None:
-        n = 0
-        while time.monotonic() < stop:
-            n += 1
-            password = b"secret" if right and n % 10 == 0 else b"wrong%d" % n
-            try:
-                sock = socket.create_connection((proc.host, proc.port), timeout=2)
-                sock.recv(200)
-                sock.sendall(b"USER alice\r\nPASS " + password + b"\r\n")
-                sock.settimeout(0.02)
-                got = b""
-                with contextlib.suppress(OSError):
-                    while got.count(b"\r\n") < 2:
-                        more = sock.recv(200)
-                        if not more:
-                            break
-                        got += more
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                sock.close()
-            except OSError:
-                continue
-            with lock:
-                counts[0] += 1
-                counts[1] += b"maildrop has" in got
-
-    threads = [threading.Thread(target=guess) for _ in range(parallel)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return counts
-
-
 @pytest.mark.parametrize("loop", LOOPS)
 def test_parallel_guessing_gets_few_verdicts_each_logged(
     server: ServerMaker, loop: str
@@ -355,7 +312,7 @@ def test_parallel_guessing_gets_few_verdicts_each_logged(
     cap, window = 0.5, 4.0
     keys = {"failure_delay": 0.1, "max_failure_delay": cap}
     with server(loop, **keys) as proc:
-        attempts, confirmed = guessers(proc, parallel=20, seconds=window, right=True)
+        attempts, confirmed = guessers(proc, parallel=20, seconds=window, right_every=10, wait=0.02)
         time.sleep(cap * 3)  # verdicts already reached finish their penalty
         verdicts = proc.log_text().count("auth failed: ")
         # Two slots per address, each busy for its penalty: about 2 x window / cap verdicts

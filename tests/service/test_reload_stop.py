@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import poplib
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -99,9 +98,9 @@ def test_sigterm_closes_sessions_without_update_and_exits_0(tmp_path: Path) -> N
         client.user("alice")
         client.pass_("secret")
         client.dele(1)
-        started = time.monotonic()
+        # Bounded by the stop's timeout: a server waiting for the idle session (600 s)
+        # instead of its 3 s shutdown_grace fails it.
         assert proc.stop(signal.SIGTERM, timeout=20) == 0
-        assert time.monotonic() - started < 3 + 5
         with pytest.raises((poplib.error_proto, OSError, EOFError)):
             client.quit()
         client.close()

@@ -457,3 +457,24 @@ def test_events_hide_passwords() -> None:
     """Password-carrying events and steps never show the password in their repr."""
     assert "tanstaaf" not in repr(sasl.CheckPassword("tim", b"tanstaaf"))
     assert "tanstaaf" not in repr(PasswordAuthenticate("tim", b"tanstaaf", "PLAIN"))
+
+
+def test_the_registry_says_what_each_mechanism_needs() -> None:
+    """The core offers a mechanism by what its class declares, not by a list of names."""
+    assert list(sasl.REGISTRY) == ["SCRAM-SHA-256", "CRAM-MD5", "PLAIN", "LOGIN", "EXTERNAL"]
+    plaintext = {n for n, m in sasl.REGISTRY.items() if m.plaintext}
+    nonce = {n for n, m in sasl.REGISTRY.items() if m.needs_nonce}
+    certificate = {n for n, m in sasl.REGISTRY.items() if m.needs_certificate}
+    assert (plaintext, nonce, certificate) == (
+        {"PLAIN", "LOGIN"}, {"CRAM-MD5", "SCRAM-SHA-256"}, {"EXTERNAL"}
+    )
+    nothing = {"plaintext_ok": False, "nonce": False, "certificate": False}
+    assert not any(sasl.usable(m, **nothing) for m in sasl.REGISTRY.values())
+    everything = dict.fromkeys(nothing, True)
+    assert all(sasl.usable(m, **everything) for m in sasl.REGISTRY.values())
+    setting = sasl.Setting("n1", "example.org", None)
+    cram = sasl.REGISTRY["CRAM-MD5"].create(setting)
+    assert isinstance(cram, sasl.CramMd5)
+    assert cram.challenge == b"<n1@example.org>"
+    with pytest.raises(ValueError):
+        sasl.REGISTRY["EXTERNAL"].create(setting)  # no certificate

@@ -230,7 +230,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 def run_stat(args: argparse.Namespace) -> int:
     """``pop3d mailbox stat USER``."""
-    from pop3d import app  # noqa: PLC0415
+    from pop3d import app, pgbackends  # noqa: PLC0415
     from pop3d.storage.quota import quota_for  # noqa: PLC0415
 
     try:
@@ -267,8 +267,16 @@ def run_stat(args: argparse.Namespace) -> int:
         _report(args, count=count, size=size, oldest=oldest, limit=limit, note=note)
         return 0
 
+    async def look_and_close() -> int:
+        try:
+            return await look()
+        finally:
+            # A PostgreSQL pool ends with this loop, not at its teardown (where a pool
+            # still connecting would be waited for forever), as in ``pop3d deliver``.
+            await pgbackends.shutdown()
+
     try:
-        return asyncio.run(look())
+        return asyncio.run(look_and_close())
     finally:
         close = getattr(authenticator, "close", None)
         if close is not None:

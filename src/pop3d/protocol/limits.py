@@ -49,10 +49,6 @@ LOGIN_TIMEOUT_IDLE_FACTOR = 3.0
 #: under 70 bit/s.
 COMMAND_LINE_TIMEOUT = 30.0
 
-#: Time allowed for the TLS handshake that follows STLS: a real client finishes in a
-#: round trip or two; the connection is not logged in yet and holds a slot meanwhile.
-STLS_HANDSHAKE_TIMEOUT = 10.0
-
 #: Delay before answering a failed PASS/APOP/AUTH, as Dovecot's auth_failure_delay.
 DEFAULT_AUTH_FAILURE_DELAY = 2.0
 
@@ -151,7 +147,8 @@ LMTP_MAX_CONNECTIONS = 1000
 # (src/pop3d/server/accept.py: what a connection may cost before its POP3 session starts)
 
 #: Time from accept until the POP3 session starts on a connection that must first send a
-#: PROXY header or complete an implicit-TLS handshake (``[server] handshake_timeout``).
+#: PROXY header or complete an implicit-TLS handshake, and time allowed for the TLS
+#: handshake that follows STLS (``[server] handshake_timeout``, both).
 #: Both take one or two round trips (a TLS 1.2 handshake two, plus the client's key
 #: exchange), well under a second on any real link; 10 s leaves room for a lossy mobile
 #: link while a client that connects and says nothing is gone in 10 s, not 30 or never.

@@ -585,7 +585,7 @@ class Pop3Protocol(asyncio.Protocol):
                 transport,
                 self,
                 context,
-                handshake_timeout=limits.STLS_HANDSHAKE_TIMEOUT,
+                handshake_timeout=self.server.handshake_timeout,
             )
         except (OSError, ssl.SSLError, ConnectionError, TimeoutError):
             # (counted by tls.start_tls, as every outcome)

@@ -27,6 +27,8 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 LOCK_TTL = 5.0
 #: [database] timeout of the nodes.
 DB_TIMEOUT = 1.0
+#: A user every node can log in as, to see that it works (cheap {PLAIN} password).
+PROBE_USER, PROBE_PASSWORD = "probe", "probe-pw"
 
 
 def wait_port(port: int) -> None:
@@ -98,10 +100,37 @@ class Cluster:
     lmtp_front_port: int
     haproxy: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    #: The PostgreSQL process the nodes' pools were last seen working with.
+    settled_pg: object = None
 
     def node_config(self) -> Path:
         """A node's config file (any node's: they share users and mail)."""
         return self.nodes[0].config
+
+    def settle(self) -> None:
+        """After PostgreSQL restarted: wait until every node's pool works again.
+
+        A node's idle connections broke with the server; each node answers a login of
+        the probe user once its pool has replaced them (bounded).
+        """
+        import poplib  # noqa: PLC0415
+
+        for node in self.nodes:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    client = poplib.POP3(LOOPBACK, node.pop3_port, timeout=20)
+                    try:
+                        client.user(PROBE_USER)
+                        client.pass_(PROBE_PASSWORD)
+                        client.quit()
+                    finally:
+                        client.close()
+                    break
+                except (poplib.error_proto, OSError):
+                    assert time.monotonic() < deadline, f"{node.name} did not recover"
+                    time.sleep(0.1)
+        self.settled_pg = self.pg._proc
 
     def ensure_nodes(self) -> None:
         """Restart any node a test killed; wait until HAProxy sees all of them."""
@@ -161,6 +190,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            conn.execute("INSERT INTO users (username, password) VALUES (%s, %s)",
+                         (PROBE_USER, "{PLAIN}" + PROBE_PASSWORD))
+            conn.execute("INSERT INTO mailboxes (name) VALUES (%s)", (PROBE_USER,))
         cluster = Cluster(pg, url, root, nodes, free_port(), free_port())
         for node in nodes:
             node.start()
@@ -182,4 +214,6 @@ def live(cluster: Cluster) -> Cluster:
     if cluster.pg._proc is None:
         cluster.pg.start()
     cluster.ensure_nodes()
+    if cluster.settled_pg is not cluster.pg._proc:  # first use, or restarted by a test
+        cluster.settle()
     return cluster

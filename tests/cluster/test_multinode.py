@@ -15,8 +15,10 @@ import poplib
 import re
 import smtplib
 import time
+from pathlib import Path
 
 import psycopg
+import pytest
 
 from .conftest import DEPLOY, LOCK_TTL, Cluster, pop3d
 
@@ -268,8 +270,9 @@ def test_login_costs_at_most_two_round_trips(live: Cluster) -> None:
 
 
 def test_session_cut_off_past_its_lease_cannot_update(live: Cluster) -> None:
-    """A session whose node lost the database for longer than the lease TTL gets -ERR at
-    QUIT and deletes nothing, even once the database is back."""
+    """A session whose node lost the database for longer than the lease TTL gets
+    -ERR [SYS/TEMP] at its next command and deletes nothing, even once the database is
+    back."""
     add_user(live, "olga")
     deliver(live, "olga", ["cut1", "cut2"])
     client = login(live.nodes[0].pop3_port, "olga")
@@ -280,15 +283,64 @@ def test_session_cut_off_past_its_lease_cannot_update(live: Cluster) -> None:
     finally:
         live.pg.start()
     try:
-        reply = client.quit()
-    except poplib.error_proto as exc:
-        reply = exc.args[0]
+        with pytest.raises(poplib.error_proto) as refused:
+            client.stat()  # the next command, whatever it is: no more service
     finally:
         client.close()
-    assert reply.startswith(b"-ERR"), reply
+    assert refused.value.args[0].startswith(b"-ERR [SYS/TEMP]"), refused.value
     wait_login(live.nodes[1].pop3_port, "olga", bound=3 * LOCK_TTL + 5)
     after = login(live.nodes[1].pop3_port, "olga")
     try:
         assert message_ids(after) == ["cut1", "cut2"]
     finally:
         after.quit()
+
+
+def wait_for_log(node_log: Path, text: str, bound: float) -> None:
+    """Wait until ``text`` appears in a node's log (bounded)."""
+    deadline = time.monotonic() + bound
+    while text not in node_log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"{text!r} not logged within {bound} s"
+        time.sleep(0.05)
+
+
+def hold_login(port: int, user: str, bound: float = 20.0) -> poplib.POP3:
+    """A login kept open, retried while the node's pool reconnects ([SYS/TEMP])."""
+    deadline = time.monotonic() + bound
+    while True:
+        try:
+            return login(port, user)
+        except poplib.error_proto as exc:
+            if b"[SYS/TEMP]" not in exc.args[0] or time.monotonic() > deadline:
+                raise
+        time.sleep(0.1)
+
+
+def test_session_whose_lease_was_taken_stops_serving(live: Cluster) -> None:
+    """The lease row expired under an open session and another node took the maildrop:
+    the first session's next command is -ERR [SYS/TEMP], its connection closes, and its
+    DELE is never applied."""
+    add_user(live, "lisa")
+    deliver(live, "lisa", ["lost1", "lost2"])
+    first = hold_login(live.nodes[0].pop3_port, "lisa")
+    first.dele(1)
+    assert first.stat()[0] == 1
+    with psycopg.connect(live.url, autocommit=True) as conn:  # as if its node had stalled
+        conn.execute("UPDATE maildrop_leases SET expires = clock_timestamp() - "
+                     "interval '1 second' WHERE mailbox = 'lisa'")
+    second = hold_login(live.nodes[1].pop3_port, "lisa")  # takes the expired lease over
+    try:
+        wait_for_log(live.nodes[0].log, "lease of lisa lost", bound=3 * LOCK_TTL)
+        with pytest.raises(poplib.error_proto) as refused:
+            first.stat()
+        assert refused.value.args[0].startswith(b"-ERR [SYS/TEMP]"), refused.value
+        assert first.file.readline() == b""  # closed by the node
+        first.close()
+        assert message_ids(second) == ["lost1", "lost2"]
+    finally:
+        second.quit()
+    again = login(live.nodes[2].pop3_port, "lisa")
+    try:
+        assert message_ids(again) == ["lost1", "lost2"]
+    finally:
+        again.quit()

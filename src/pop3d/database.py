@@ -74,7 +74,6 @@ class Database:
         }
         self._logged_down = False
         self._refusals: set[str | None] = set()
-        self._checks: set[asyncio.Task[None]] = set()
 
     async def _get_pool(self) -> psycopg_pool.AsyncConnectionPool[Any]:
         loop = asyncio.get_running_loop()
@@ -112,7 +111,6 @@ class Database:
             if not self._logged_down:
                 self._logged_down = True
                 log.error("database unavailable: %s", type(exc).__name__)  # noqa: TRY400
-                self._check_soon()
             raise DatabaseUnavailable("database unavailable") from exc
         except psycopg.Error as exc:  # refused by the server: a schema or query mistake
             self._refused(exc)
@@ -121,20 +119,6 @@ class Database:
             if self._logged_down:
                 self._logged_down = False
                 log.warning("database available again")
-
-    def _check_soon(self) -> None:
-        """After a first failure, test the idle pooled connections in the background.
-
-        A restarted server leaves every idle connection broken; without this each would
-        fail one more request before the pool replaced it.  The check costs a round trip
-        per idle connection, once per outage, never per request.
-        """
-        pool = self._pool
-        if pool is None or self._pool_loop is not asyncio.get_running_loop():
-            return
-        task = asyncio.get_running_loop().create_task(_check(pool))
-        self._checks.add(task)
-        task.add_done_callback(self._checks.discard)
 
     def _refused(self, exc: psycopg.Error) -> None:
         """Log a refused statement once per SQLSTATE (never its parameters)."""
@@ -168,16 +152,6 @@ class Database:
 
     async def close(self) -> None:
         """Close the pool (at shutdown)."""
-        for task in list(self._checks):
-            task.cancel()
         pool, self._pool = self._pool, None
         if pool is not None and self._pool_loop is asyncio.get_running_loop():
             await pool.close(timeout=1)
-
-
-async def _check(pool: psycopg_pool.AsyncConnectionPool[Any]) -> None:
-    """The pool's check, its failure only logged (the database may still be down)."""
-    try:
-        await pool.check()
-    except Exception as exc:  # a background check: nobody awaits it
-        log.debug("pool check failed: %s", type(exc).__name__)

@@ -14,6 +14,8 @@ import contextlib
 import poplib
 import re
 import smtplib
+import socket
+import ssl
 import time
 from pathlib import Path
 
@@ -344,3 +346,44 @@ def test_session_whose_lease_was_taken_stops_serving(live: Cluster) -> None:
         assert message_ids(again) == ["lost1", "lost2"]
     finally:
         again.quit()
+
+
+#: The client address each PROXY variant's test connects from (all loopback).
+CLIENT_SOURCES = {"send-proxy-v2": "127.0.0.21", "send-proxy": "127.0.0.22",
+                  "send-proxy-v2-ssl": "127.0.0.23"}
+
+
+@pytest.mark.parametrize("variant", list(CLIENT_SOURCES))
+def test_nodes_see_the_real_client_address(live: Cluster, variant: str) -> None:
+    """Through each HAProxy of deploy/haproxy/haproxy.cfg (PROXY v2, v1, v2 with TLS ended
+    at HAProxy), the node's session line and its failed-login line (the address the
+    penalty counts) name the client's address, not HAProxy's 127.0.0.2."""
+    name = f"px-{variant}"
+    add_user(live, name)
+    source = CLIENT_SOURCES[variant]
+    raw = socket.create_connection(("127.0.0.1", live.fronts[variant]), 20,
+                                   source_address=(source, 0))
+    if variant.endswith("-ssl"):
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        raw = context.wrap_socket(raw, server_hostname="localhost")
+    port = raw.getsockname()[1]
+    with raw, raw.makefile("rb") as replies:
+        assert replies.readline().startswith(b"+OK")
+        for line, expect in ((f"USER {name}", b"+OK"), ("PASS wrong", b"-ERR [AUTH]"),
+                             (f"USER {name}", b"+OK"), (f"PASS {PASSWORD}", b"+OK"),
+                             ("QUIT", b"+OK")):
+            raw.sendall(line.encode() + b"\r\n")
+            assert replies.readline().startswith(expect), line
+    logs = [node.log for node in live.nodes]
+    wait_for_any_log(logs, f"session peer={source}:{port} user={name}", bound=20)
+    wait_for_any_log(logs, f'auth failed: user="{name}" rip={source} ', bound=20)
+
+
+def wait_for_any_log(node_logs: list[Path], text: str, bound: float) -> None:
+    """Wait until ``text`` appears in one of the nodes' logs (bounded)."""
+    deadline = time.monotonic() + bound
+    while not any(text in log.read_text(errors="replace") for log in node_logs):
+        assert time.monotonic() < deadline, f"{text!r} not logged within {bound} s"
+        time.sleep(0.05)

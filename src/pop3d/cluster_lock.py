@@ -244,7 +244,7 @@ class LeasedMaildrop:
         """The inner maildrop's listing."""
         return self._inner.listing()
 
-    def held(self) -> bool:
+    def still_held(self) -> bool:
         """Whether the session's lease still holds (:class:`~pop3d.storage.base.Fenced`)."""
         return self._lease.valid()
 

@@ -535,10 +535,10 @@ class Backends:
         """The lock of ``maildrop`` that can be lost while it is open, or None.
 
         A cluster lease (``cluster_lock.py``) can expire or be taken under an open
-        session; the connection asks :meth:`Fenced.held` before each batch of commands
-        and, once it is False, tells the core (``maildrop_lost``): the next command is
-        refused ``[SYS/TEMP]`` and the session ends without UPDATE.  A local lock cannot
-        be lost: None, and nothing is asked.
+        session; the connection asks :meth:`Fenced.still_held` before each batch of
+        commands and, once it is False, tells the core (``maildrop_lost``): the next
+        command is refused ``[SYS/TEMP]`` and the session ends without UPDATE.  A local
+        lock cannot be lost: None, and nothing is asked.
         """
         kind = type(maildrop)
         known = self._fenced.get(kind)

@@ -290,7 +290,7 @@ class Pop3Protocol(asyncio.Protocol):
         assert core is not None
         assert self.transport is not None
         fence = self._fence
-        if fence is not None and not fence.held():
+        if fence is not None and not fence.still_held():
             self._fence = None
             log.warning("maildrop lock of %s lost; session of %s ends without UPDATE",
                         self.username, self.peer)

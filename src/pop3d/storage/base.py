@@ -149,7 +149,7 @@ class InlineCommit(Protocol):
 class Fenced(Protocol):
     """A :class:`Maildrop` whose lock can be lost while it is open (a cluster lease)."""
 
-    def held(self) -> bool:
+    def still_held(self) -> bool:
         """Whether the session still holds the maildrop's lock (no I/O: a clock read).
 
         False once the lock expired or was taken: the session must stop serving it.

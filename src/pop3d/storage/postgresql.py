@@ -355,7 +355,7 @@ class PostgresMaildrop:
         if sent != size:
             raise MessageVanished("message removed while it was read")
 
-    def held(self) -> bool:
+    def still_held(self) -> bool:
         """Whether the session's lease still holds (:class:`~pop3d.storage.base.Fenced`)."""
         return self._lease.valid()
 

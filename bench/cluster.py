@@ -11,14 +11,22 @@ through HAProxy, every byte checked against the manifest.  Each row also gives t
 database statements per session, counted by ``pg_stat_statements``.
 
 The figures mean something only on an otherwise idle machine with the nodes, HAProxy,
-PostgreSQL and the load generator on separate cores (``--loadgen-cpus``); the Dovecot
-``pgsql`` comparison of issue 17 is not part of this script.
+PostgreSQL and the load generator on separate cores (``--loadgen-cpus``).
+
+``--versus-dovecot`` runs logins only, in interleaved rounds: through HAProxy (PROXY v2)
+to 1, 2 and 3 nodes, then straight to Dovecot 2.3 whose ``passdb { driver = sql }``
+(Debian's ``dovecot-pgsql``) reads the very same ``users`` rows, and its mail from the
+Maildirs the PostgreSQL store was imported from.  Each row gives the server side's CPU
+seconds (the nodes' processes, or Dovecot's master and all its children) and logins per
+CPU second: on a shared machine that per-core figure compares, where sessions/s swings.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import string
 import subprocess
@@ -75,12 +83,12 @@ class Nodes:
         pop3, lmtp = [], []
         for i in range(count):
             p, lm = free_port(), free_port()
-            cfg = work / f"node{i}.toml"
+            cfg = work / f"node{count}-{i}.toml"
             cfg.write_text(template.substitute(
                 POP3_LISTEN=f"127.0.0.1:{p}", LMTP_LISTEN=f"127.0.0.1:{lm}", DATABASE_URL=url,
-                LOCK_TTL=30, DB_TIMEOUT=5))  # fmt: skip
+                LOCK_TTL=30, DB_TIMEOUT=5, PROXY_FROM="127.0.0.2/32"))  # fmt: skip
             pin = ["taskset", "-c", cpus] if cpus else []
-            log = (work / f"node{i}.log").open("ab")
+            log = (work / f"node{count}-{i}.log").open("ab")
             self.procs.append(subprocess.Popen(
                 [*pin, PY, "-m", "pop3d", "serve", "--config", str(cfg), "--log-level",
                  "WARNING"], stdout=log, stderr=log))  # fmt: skip
@@ -89,9 +97,9 @@ class Nodes:
         for p in pop3:
             _wait(p)
         self.front = free_port()
-        lmtp_front = free_port()
         env = {"POP3D_FRONT": f"127.0.0.1:{self.front}",
-               "POP3D_LMTP_FRONT": f"127.0.0.1:{lmtp_front}"}
+               "POP3D_LMTP_FRONT": f"127.0.0.1:{free_port()}",
+               "POP3D_SOURCE": "127.0.0.2"}
         for i in range(3):  # fewer nodes than server lines: the lines repeat the nodes
             env[f"POP3D_NODE{i + 1}"] = f"127.0.0.1:{pop3[i % count]}"
             env[f"POP3D_LMTP{i + 1}"] = f"127.0.0.1:{lmtp[i % count]}"
@@ -108,6 +116,136 @@ class Nodes:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _tree_cpu(root_pids: list[int]) -> float:
+    """CPU seconds of the process trees under ``root_pids``: each live process's own
+    user+system time, plus what the roots' reaped children used (Dovecot's per-session
+    processes that have exited)."""
+    stats: dict[int, tuple[int, list[str]]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        stats[int(entry.name)] = (int(fields[1]), fields)
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total = 0
+    todo = list(root_pids)
+    seen: set[int] = set()
+    while todo:
+        pid = todo.pop()
+        if pid in seen or pid not in stats:
+            continue
+        seen.add(pid)
+        fields = stats[pid][1]
+        total += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])
+        todo += children.get(pid, [])
+    return total / _TICK
+
+
+class Dovecot:
+    """Dovecot 2.3 with passdb { driver = sql } (dovecot-pgsql) on the same database."""
+
+    def __init__(self, work: Path, pg: Any, cpus: str | None) -> None:
+        self.root = work / "dovecot"
+        self.root.mkdir()
+        work.chmod(0o711)  # mkdtemp's 0700: Dovecot's mail processes run as "dovecot"
+        (self.root / "run").mkdir()
+        (self.root / "state").mkdir()
+        self.port = free_port()
+        sql = self.root / "dovecot-sql.conf.ext"
+        # The same users table and rows pop3d reads (its {SCHEME} prefix is Dovecot's).
+        sql.write_text(
+            f"driver = pgsql\n"
+            f"connect = host={pg.socket_dir} port={pg.port} dbname=pop3d user={pg.user}\n"
+            "default_pass_scheme = PLAIN\n"
+            "password_query = SELECT username AS user, password FROM users "
+            "WHERE username = '%u'\n")
+        # The bench's Maildirs (already copied into PostgreSQL for pop3d): same messages,
+        # checked by the same manifest.  Dovecot's mail processes run as "dovecot".
+        mail = work / "mail"
+        subprocess.run(["chown", "-R", "dovecot:dovecot", str(mail)], check=True)
+        conf = self.root / "dovecot.conf"
+        conf.write_text(f"""
+protocols = pop3
+listen = 127.0.0.1
+base_dir = {self.root}/run
+state_dir = {self.root}/state
+instance_name = popbench-pg-{self.port}
+log_path = {self.root}/dovecot.log
+default_internal_user = root
+default_internal_group = root
+default_login_user = dovenull
+first_valid_uid = 0
+first_valid_gid = 0
+default_process_limit = 2000
+default_client_limit = 4000
+mail_max_userip_connections = 100000
+auth_failure_delay = 0
+disable_plaintext_auth = no
+auth_mechanisms = plain login
+ssl = no
+passdb {{
+  driver = sql
+  args = {sql}
+}}
+userdb {{
+  driver = static
+  args = uid=dovecot gid=dovecot home={mail}/%u
+}}
+mail_location = maildir:~/Maildir
+pop3_uidl_format = %08Xu%08Xv
+pop3_lock_session = yes
+service pop3-login {{
+  chroot =
+  inet_listener pop3 {{
+    address = 127.0.0.1
+    port = {self.port}
+  }}
+  service_count = 0
+  process_min_avail = 2
+}}
+service imap-login {{
+  inet_listener imap {{
+    port = 0
+  }}
+  inet_listener imaps {{
+    port = 0
+  }}
+}}
+""")
+        pin = ["taskset", "-c", cpus] if cpus else []
+        dovecot = shutil.which("dovecot") or "/usr/sbin/dovecot"
+        subprocess.run([*pin, dovecot, "-c", str(conf)], check=True)
+        _wait(self.port)
+        pidfile = self.root / "run" / "master.pid"
+        for _ in range(100):
+            if pidfile.exists():
+                break
+            time.sleep(0.1)
+        self.pid = int(pidfile.read_text().split()[0])
+
+    def stop(self) -> None:
+        """Stop the master (it stops its children); its errors go to stderr."""
+        with contextlib.suppress(OSError):
+            errors = [line for line in (self.root / "dovecot.log").read_text().splitlines()
+                      if "Error" in line or "Fatal" in line]
+            if errors:
+                print(f"dovecot: {len(errors)} errors, last: {errors[-1]}", file=sys.stderr)
+        with contextlib.suppress(OSError):
+            os.kill(self.pid, 15)
+        for _ in range(100):
+            if not Path(f"/proc/{self.pid}").exists():
+                return
+            time.sleep(0.1)
 
 
 def _statements(url: str) -> int:
@@ -135,6 +273,10 @@ def main() -> int:
     ap.add_argument("--fetch-users", type=int, default=64)
     ap.add_argument("--node-cpus", help="taskset CPU list for the nodes")
     ap.add_argument("--loadgen-cpus", help="taskset CPU list for the load generator")
+    ap.add_argument("--versus-dovecot", action="store_true",
+                    help="login only, interleaved rounds: pop3d through HAProxy to each "
+                         "node count, and Dovecot with its pgsql passdb on the same users")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pop3d-bench-pg-"))
     ds = mkdata.build(work, login_users=args.login_users, fetch_users=args.fetch_users,
@@ -148,6 +290,9 @@ def main() -> int:
         config.write_text(f'[auth]\nbackend = "postgresql"\n[storage]\nbackend = "postgresql"\n'
                           f'[database]\nurl = "{url}"\n')
         _load(url, work, ds.users, config)
+        if args.versus_dovecot:
+            _versus_dovecot(args, work, pg, url)
+            return 0
         for count in (int(n) for n in args.nodes.split(",")):
             nodes = Nodes(work, url, count, args.node_cpus)
             try:
@@ -177,6 +322,73 @@ def main() -> int:
         pg.destroy()
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _login(port: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    pin = ["taskset", "-c", args.loadgen_cpus] if args.loadgen_cpus else []
+    res = subprocess.run(
+        [*pin, PY, "-m", "pop3d.bench", "login", "-p", str(port),
+         "--manifest", str(work / "manifest.json"), "--json", "--users", "login%d",
+         "--user-count", str(args.login_users), "--password", "pw-%u",
+         "--concurrency", "32", "--duration", str(args.duration)],
+        capture_output=True, text=True, check=False)  # fmt: skip
+    out: dict[str, Any] = json.loads(res.stdout) if res.stdout.strip() else {}
+    return out
+
+
+def _versus_dovecot(args: argparse.Namespace, work: Path, pg: Any, url: str) -> None:
+    """Interleaved rounds of logins: pop3d (1, 2, 3 nodes) and Dovecot, same users table.
+
+    Each row gives the server side's CPU seconds (every process of the nodes, or of
+    Dovecot's master and children; HAProxy and PostgreSQL not included) and the logins
+    per CPU second, the per-core figure that a shared, noisy machine can still compare.
+    """
+    counts = [int(n) for n in args.nodes.split(",")]
+    setups: dict[int, Nodes] = {}
+    dovecot: Dovecot | None = None
+    try:
+        for n in counts:
+            setups[n] = Nodes(work, url, n, args.node_cpus)
+        dovecot = Dovecot(work, pg, args.node_cpus)
+        targets: list[tuple[str, int, list[int]]] = [
+            (f"pop3d-{n}-node", setups[n].front, [p.pid for p in setups[n].procs[:-1]])
+            for n in counts
+        ] + [("dovecot-pgsql", dovecot.port, [dovecot.pid])]
+        per: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in targets}
+        for _name, port, _ in targets:  # warm-up: pools, Dovecot's login processes
+            _login(port, argparse.Namespace(**{**vars(args), "duration": 1.0}), work)
+        for round_ in range(args.rounds):
+            for name, port, pids in targets:
+                _reset(url)
+                before = _tree_cpu(pids)
+                out = _login(port, args, work)
+                cpu = _tree_cpu(pids) - before
+                sessions = int(out.get("sessions", 0))
+                row = {"round": round_, "server": name,
+                       "sessions_per_s": out.get("sessions_per_s"),
+                       "failures": out.get("failures"), "errors": out.get("errors"),
+                       "server_cpu_s": round(cpu, 2),
+                       "logins_per_cpu_s": round(sessions / cpu, 1) if cpu else None,
+                       "db_statements_per_login": round(_statements(url) / (sessions or 1), 2)}
+                per[name].append(row)
+                print(json.dumps(row), flush=True)
+    finally:
+        if dovecot is not None:
+            dovecot.stop()
+        for setup in setups.values():
+            setup.stop()
+
+    def median(name: str, key: str) -> float:
+        values = sorted(float(r[key] or 0) for r in per[name])
+        return values[len(values) // 2]
+
+    base = median("dovecot-pgsql", "logins_per_cpu_s") or 1.0
+    for name, _, _ in targets:
+        print(json.dumps({"summary": name,
+                          "median_sessions_per_s": median(name, "sessions_per_s"),
+                          "median_logins_per_cpu_s": median(name, "logins_per_cpu_s"),
+                          "per_cpu_ratio_vs_dovecot": round(
+                              median(name, "logins_per_cpu_s") / base, 2)}), flush=True)
 
 
 if __name__ == "__main__":

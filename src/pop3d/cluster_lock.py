@@ -25,9 +25,12 @@ The rules:
 * **A node cut off** from the database cannot renew: each lease counts as lost locally
   once ``ttl`` has passed since the *start* of its last successful renewal -- never after
   the database's expiry, which is ``ttl`` after that renewal *committed*.  A session whose
-  lease is lost is refused every read and its UPDATE (``-ERR [SYS/TEMP]``, nothing
-  deleted).  The PostgreSQL store also fences in the database: ``pop3d_commit`` deletes
-  only while the session's lease is live there, under a row lock.
+  lease is lost stops: its next command is answered ``-ERR [SYS/TEMP]`` and the
+  connection closes without UPDATE (the maildrops are :class:`~pop3d.storage.base.Fenced`:
+  the connection asks :meth:`Lease.valid` before each batch of commands); a read or an
+  UPDATE already running is refused (nothing deleted).  The PostgreSQL store also
+  fences in the database: ``pop3d_commit`` deletes only while the session's lease is
+  live there, under a row lock.
 * Maildir on storage shared by all nodes is wrapped by :class:`LeasedStore`: the lease
   first, then the Maildir's own open (and its local lock); UPDATE renews the lease in the
   database (proving it is still held, for ``ttl`` more seconds) before touching a file.
@@ -240,6 +243,10 @@ class LeasedMaildrop:
     def listing(self) -> Sequence[MessageInfo]:
         """The inner maildrop's listing."""
         return self._inner.listing()
+
+    def still_held(self) -> bool:
+        """Whether the session's lease still holds (:class:`~pop3d.storage.base.Fenced`)."""
+        return self._lease.valid()
 
     def read(self, uid: str) -> AsyncIterator[bytes]:
         """The inner read, refused once the lease is lost."""

@@ -151,6 +151,9 @@ class DatabaseConfig:
     timeout: float = 5.0
     #: Seconds a maildrop lease outlives the last heartbeat of the node holding it.
     lock_ttl: float = 30.0
+    #: Seconds ``pop3d deliver`` may take in all (however many statements, however slow
+    #: the server) before it gives up with EX_TEMPFAIL (75): the MTA retries later.
+    deliver_timeout: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -485,6 +488,7 @@ def _database(data: Mapping[str, Any]) -> DatabaseConfig:
         pool_max=sec.get("pool_max", int, d.pool_max),
         timeout=float(sec.get("timeout", (int, float), d.timeout)),
         lock_ttl=float(sec.get("lock_ttl", (int, float), d.lock_ttl)),
+        deliver_timeout=float(sec.get("deliver_timeout", (int, float), d.deliver_timeout)),
     )
     sec.done()
     if not cfg.url:
@@ -493,6 +497,8 @@ def _database(data: Mapping[str, Any]) -> DatabaseConfig:
         raise ConfigError("[database] needs 0 <= pool_min <= pool_max and pool_max >= 1")
     if cfg.timeout <= 0 or cfg.lock_ttl < 3 * cfg.timeout:
         raise ConfigError("[database] timeout must be positive and lock_ttl at least 3 x timeout")
+    if cfg.deliver_timeout < cfg.timeout:
+        raise ConfigError("[database] deliver_timeout must be at least timeout")
     return cfg
 
 

@@ -14,6 +14,10 @@ Rules of this file:
   because of us); over quota 75 or 77 (EX_NOPERM, a bounce) per ``[storage] quota_exit``;
   64 (EX_USAGE) bad arguments; 66 (EX_NOINPUT) MESSAGE_FILE cannot be opened; 78
   (EX_CONFIG) the configuration cannot be loaded.
+* With ``[database]``, the whole delivery is bounded: past ``deliver_timeout`` it is
+  cancelled (75), and a watchdog thread ends the process (75) one ``timeout`` later if
+  the cancel itself is stuck (a server that answers nothing).  A PostgreSQL delivery is
+  one transaction: it is stored whole or not at all.
 * The message is streamed in :data:`pop3d.protocol.limits.READ_CHUNK` pieces: its size does not
   change our memory use.  A leading mbox ``From `` envelope line (as ``procmail`` and
   some ``mailbox_command`` setups pass) is not part of the message: it is dropped, and
@@ -34,6 +38,7 @@ import asyncio
 import logging
 import os
 import sys
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -99,37 +104,96 @@ def run(args: argparse.Namespace) -> int:
                 identity,
                 privileges.PRELOAD_DATABASE if cfg.database is not None else (),
             )
-        authenticator = app.build_authenticator(cfg)
-        store = app.build_store(cfg)
+        authenticator, store = _backends(cfg)
     except (ConfigError, OSError) as exc:
         return _fail(EX_CONFIG, f"configuration: {exc}")
     try:
         source = open_message(args.message)
     except OSError as exc:
         return _fail(EX_NOINPUT, f"cannot read the message: {exc.strerror}")
-    async def once() -> int:
-        try:
-            return await deliver(
-                authenticator,
-                store,
-                args.user,
-                source,
-                sender=args.sender,
-                quota_exit=cfg.storage.quota_exit,
-            )
-        finally:
-            if pgbackends.uses_database(cfg):
-                # The pool's connections and leases end with this loop, not at its
-                # teardown (where a pool still connecting would be waited for forever).
-                await pgbackends.shutdown()
-
     from pop3d import pgbackends  # noqa: PLC0415 (PostgreSQL backends, when configured)
 
+    # [database] deliver_timeout bounds the whole delivery against a database that is
+    # slow, down or restarting: 75 (the MTA retries), never a hang.
+    deadline = cfg.database.deliver_timeout if cfg.database is not None else None
+
+    async def once() -> int:
+        try:
+            async with asyncio.timeout(deadline):
+                return await deliver(
+                    authenticator,
+                    store,
+                    args.user,
+                    source,
+                    sender=args.sender,
+                    quota_exit=cfg.storage.quota_exit,
+                )
+        except TimeoutError:
+            return _fail(EX_TEMPFAIL, f"temporary failure: database deadline "
+                                      f"({deadline:g} s) passed")
+        finally:
+            if pgbackends.uses_database(cfg):
+                await pgbackends.shutdown()
+
+    # Past the deadline, cancelling the database work may take one more [database]
+    # timeout; then the watchdog ends the process whatever it waits for.
+    watchdog = (
+        _Watchdog(cfg.database.deliver_timeout + cfg.database.timeout)
+        if cfg.database is not None
+        else None
+    )
     try:
         return asyncio.run(once())
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         if args.message is not None:
             os.close(source)
+
+
+class _Watchdog:
+    """Exit 75 at once if the delivery is still running ``after`` seconds from now.
+
+    A thread, so that nothing the event loop waits for (a stopped server, a blocking
+    read) can hold it off.  The uncommitted transaction dies with the connection: the
+    mail is stored whole or not at all (at worst twice, if a commit was already on its
+    way when the deadline passed and the MTA retries).
+    """
+
+    def __init__(self, after: float) -> None:
+        self._timer = threading.Timer(after, self._expired)
+        self._timer.daemon = True
+        self._timer.start()
+
+    @staticmethod
+    def _expired() -> None:
+        _fail(EX_TEMPFAIL, "temporary failure: database deadline passed, giving up")
+        sys.stderr.flush()
+        os._exit(EX_TEMPFAIL)
+
+    def cancel(self) -> None:
+        """The delivery ended in time."""
+        self._timer.cancel()
+
+
+def _backends(cfg: Any) -> tuple[Any, Any]:
+    """The authenticator and the store, without a connection pool.
+
+    One delivery is one or two requests: each opens its own connection, bounded by
+    ``[database] timeout``, and closes it; no pool task outlives the delivery or is
+    waited for at its end.
+    """
+    from pop3d import app, pgbackends  # noqa: PLC0415
+
+    if cfg.auth.backend == "postgresql":
+        authenticator = pgbackends.build_authenticator(cfg, pooled=False)
+    else:
+        authenticator = app.build_authenticator(cfg)
+    if pgbackends.uses_database(cfg):
+        store = pgbackends.build_store(cfg, pooled=False)
+    else:
+        store = app.build_store(cfg)
+    return authenticator, store
 
 
 def open_message(path: Path | None) -> int:
@@ -162,6 +226,8 @@ async def deliver(
     """
     try:
         principal = await find_user(authenticator, username)
+    except TemporaryBackendError as exc:  # expected (a database down): one line
+        return _fail(EX_TEMPFAIL, f"temporary failure: user lookup: {exc}")
     except Exception as exc:
         log.exception("user lookup failed")
         return _fail(EX_TEMPFAIL, f"user lookup failed: {type(exc).__name__}")

@@ -58,7 +58,7 @@ from pop3d.protocol import limits
 from pop3d.protocol.events import ApopAuthenticate, PasswordAuthenticate, SaslOutcome
 from pop3d.protocol.replies import RespCode
 from pop3d.protocol.values import Principal
-from pop3d.storage.base import InlineCommit, InlineOpen, Maildrop, MailStore
+from pop3d.storage.base import Fenced, InlineCommit, InlineOpen, Maildrop, MailStore
 
 log = logsetup.get_logger("pop3d.session")
 
@@ -295,6 +295,7 @@ class Backends:
         )
         self._open_now = self.store if isinstance(self.store, InlineOpen) else None
         self._commit_now: dict[type, bool] = {}
+        self._fenced: dict[type, bool] = {}
 
     # ---------------------------------------------------------------- authenticate
 
@@ -531,6 +532,21 @@ class Backends:
             return RespCode.SYS_PERM if permanent else RespCode.SYS_TEMP
         log.warning("maildrop of %s cannot be opened", principal.username, exc_info=exc)
         return RespCode.SYS_TEMP
+
+    def fence(self, maildrop: Maildrop) -> Fenced | None:
+        """The lock of ``maildrop`` that can be lost while it is open, or None.
+
+        A cluster lease (``cluster_lock.py``) can expire or be taken under an open
+        session; the connection asks :meth:`Fenced.still_held` before each batch of
+        commands and, once it is False, tells the core (``maildrop_lost``): the next
+        command is refused ``[SYS/TEMP]`` and the session ends without UPDATE.  A local
+        lock cannot be lost: None, and nothing is asked.
+        """
+        kind = type(maildrop)
+        known = self._fenced.get(kind)
+        if known is None:
+            known = self._fenced[kind] = isinstance(maildrop, Fenced)
+        return cast("Fenced", maildrop) if known else None
 
     # ---------------------------------------------------------------- update
 

@@ -26,6 +26,11 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 LOCK_TTL = 5.0
 #: [database] timeout of the nodes.
 DB_TIMEOUT = 1.0
+#: HAProxy's address towards the nodes (POP3D_SOURCE), their proxy_protocol_from; the
+#: tests connect to the nodes directly from 127.0.0.1, which sends no header.
+PROXY_SOURCE = "127.0.0.2"
+#: A user every node can log in as, to see that it works (cheap {PLAIN} password).
+PROBE_USER, PROBE_PASSWORD = "probe", "probe-pw"
 
 
 def wait_port(port: int) -> None:
@@ -97,10 +102,41 @@ class Cluster:
     lmtp_front_port: int
     haproxy: subprocess.Popen[bytes] | None = None
     env: dict[str, str] = field(default_factory=dict)
+    #: HAProxy's POP3 front per PROXY variant: send-proxy-v2 (front_port), send-proxy,
+    #: send-proxy-v2-ssl (TLS ended at HAProxy).
+    fronts: dict[str, int] = field(default_factory=dict)
+    proxies: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    #: The PostgreSQL process the nodes' pools were last seen working with.
+    settled_pg: object = None
 
     def node_config(self) -> Path:
         """A node's config file (any node's: they share users and mail)."""
         return self.nodes[0].config
+
+    def settle(self) -> None:
+        """After PostgreSQL restarted: wait until every node's pool works again.
+
+        A node's idle connections broke with the server; each node answers a login of
+        the probe user once its pool has replaced them (bounded).
+        """
+        import poplib  # noqa: PLC0415
+
+        for node in self.nodes:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    client = poplib.POP3(LOOPBACK, node.pop3_port, timeout=20)
+                    try:
+                        client.user(PROBE_USER)
+                        client.pass_(PROBE_PASSWORD)
+                        client.quit()
+                    finally:
+                        client.close()
+                    break
+                except (poplib.error_proto, OSError):
+                    assert time.monotonic() < deadline, f"{node.name} did not recover"
+                    time.sleep(0.1)
+        self.settled_pg = self.pg._proc
 
     def ensure_nodes(self) -> None:
         """Restart any node a test killed; wait until HAProxy sees all of them."""
@@ -113,21 +149,27 @@ class Cluster:
             time.sleep(2.5)  # HAProxy's check: inter 1s, rise 1
 
 
-def _start_haproxy(cluster: Cluster) -> None:
+def _start_haproxy(cluster: Cluster, send_proxy: str, front: int, lmtp_front: int,
+                   offload: tuple[int, Path] | None = None) -> subprocess.Popen[bytes]:
+    """One HAProxy from deploy/haproxy/haproxy.cfg, sending ``send_proxy`` headers."""
     if haproxy_binary() is None:
         pytest.skip("haproxy is not installed (scripts/setup.sh installs it)")
     env = {
-        "POP3D_FRONT": f"127.0.0.1:{cluster.front_port}",
-        "POP3D_LMTP_FRONT": f"127.0.0.1:{cluster.lmtp_front_port}",
+        "POP3D_FRONT": f"127.0.0.1:{front}",
+        "POP3D_LMTP_FRONT": f"127.0.0.1:{lmtp_front}",
+        "POP3D_SOURCE": PROXY_SOURCE,
+        "POP3D_SEND_PROXY": send_proxy,
     }
+    if offload is not None:
+        env["POP3D_OFFLOAD"] = f"127.0.0.1:{offload[0]}"
+        env["POP3D_CERT"] = str(offload[1])
     for i, node in enumerate(cluster.nodes, start=1):
         env[f"POP3D_NODE{i}"] = f"127.0.0.1:{node.pop3_port}"
         env[f"POP3D_LMTP{i}"] = f"127.0.0.1:{node.lmtp_port}"
-    cluster.haproxy = start_haproxy(
-        DEPLOY / "haproxy" / "haproxy.cfg", env, cluster.root / "haproxy.log",
-        [cluster.front_port, cluster.lmtp_front_port],
+    return start_haproxy(
+        DEPLOY / "haproxy" / "haproxy.cfg", env, cluster.root / f"haproxy-{send_proxy}.log",
+        [front],
     )
-    time.sleep(1.5)  # the first health checks
 
 
 @pytest.fixture(scope="session")
@@ -145,6 +187,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             config.write_text(template.substitute(
                 POP3_LISTEN=f"127.0.0.1:{pop3_port}", LMTP_LISTEN=f"127.0.0.1:{lmtp_port}",
                 DATABASE_URL=url, LOCK_TTL=LOCK_TTL, DB_TIMEOUT=DB_TIMEOUT,
+                PROXY_FROM=f"{PROXY_SOURCE}/32",
             ))  # fmt: skip
             nodes.append(Node(f"node{i}", config, pop3_port, lmtp_port, root / f"node{i}.log"))
         init = pop3d("db", "init", "--config", str(nodes[0].config))
@@ -153,16 +196,34 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            conn.execute("INSERT INTO users (username, password) VALUES (%s, %s)",
+                         (PROBE_USER, "{PLAIN}" + PROBE_PASSWORD))
+            conn.execute("INSERT INTO mailboxes (name) VALUES (%s)", (PROBE_USER,))
         cluster = Cluster(pg, url, root, nodes, free_port(), free_port())
         for node in nodes:
             node.start()
-        _start_haproxy(cluster)
+        from tests.integration.tls_support import make_pki  # noqa: PLC0415
+
+        cert, key = make_pki(root / "pki").issue("haproxy", "localhost")
+        pem = root / "haproxy.pem"
+        pem.write_bytes(cert.read_bytes() + key.read_bytes())
+        offload = free_port()
+        cluster.haproxy = _start_haproxy(cluster, "send-proxy-v2", cluster.front_port,
+                                         cluster.lmtp_front_port, (offload, pem))
+        v1 = free_port()
+        cluster.proxies = [cluster.haproxy,
+                           _start_haproxy(cluster, "send-proxy", v1, free_port())]
+        cluster.fronts = {"send-proxy-v2": cluster.front_port, "send-proxy": v1,
+                          "send-proxy-v2-ssl": offload}
+        wait_port(cluster.lmtp_front_port)
+        wait_port(offload)
+        time.sleep(1.5)  # the first health checks
         yield cluster
     finally:
         if "cluster" in locals():
-            if cluster.haproxy is not None:
-                cluster.haproxy.terminate()
-                cluster.haproxy.wait(10)
+            for proxy in cluster.proxies:
+                proxy.terminate()
+                proxy.wait(10)
             for node in cluster.nodes:
                 node.stop()
         pg.destroy()
@@ -174,4 +235,6 @@ def live(cluster: Cluster) -> Cluster:
     if cluster.pg._proc is None:
         cluster.pg.start()
     cluster.ensure_nodes()
+    if cluster.settled_pg is not cluster.pg._proc:  # first use, or restarted by a test
+        cluster.settle()
     return cluster

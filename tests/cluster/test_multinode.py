@@ -14,9 +14,13 @@ import contextlib
 import poplib
 import re
 import smtplib
+import socket
+import ssl
 import time
+from pathlib import Path
 
 import psycopg
+import pytest
 
 from .conftest import DEPLOY, LOCK_TTL, Cluster, pop3d
 
@@ -268,8 +272,9 @@ def test_login_costs_at_most_two_round_trips(live: Cluster) -> None:
 
 
 def test_session_cut_off_past_its_lease_cannot_update(live: Cluster) -> None:
-    """A session whose node lost the database for longer than the lease TTL gets -ERR at
-    QUIT and deletes nothing, even once the database is back."""
+    """A session whose node lost the database for longer than the lease TTL gets
+    -ERR [SYS/TEMP] at its next command and deletes nothing, even once the database is
+    back."""
     add_user(live, "olga")
     deliver(live, "olga", ["cut1", "cut2"])
     client = login(live.nodes[0].pop3_port, "olga")
@@ -280,15 +285,105 @@ def test_session_cut_off_past_its_lease_cannot_update(live: Cluster) -> None:
     finally:
         live.pg.start()
     try:
-        reply = client.quit()
-    except poplib.error_proto as exc:
-        reply = exc.args[0]
+        with pytest.raises(poplib.error_proto) as refused:
+            client.stat()  # the next command, whatever it is: no more service
     finally:
         client.close()
-    assert reply.startswith(b"-ERR"), reply
+    assert refused.value.args[0].startswith(b"-ERR [SYS/TEMP]"), refused.value
     wait_login(live.nodes[1].pop3_port, "olga", bound=3 * LOCK_TTL + 5)
     after = login(live.nodes[1].pop3_port, "olga")
     try:
         assert message_ids(after) == ["cut1", "cut2"]
     finally:
         after.quit()
+
+
+def wait_for_log(node_log: Path, text: str, bound: float) -> None:
+    """Wait until ``text`` appears in a node's log (bounded)."""
+    deadline = time.monotonic() + bound
+    while text not in node_log.read_text(errors="replace"):
+        assert time.monotonic() < deadline, f"{text!r} not logged within {bound} s"
+        time.sleep(0.05)
+
+
+def hold_login(port: int, user: str, bound: float = 20.0) -> poplib.POP3:
+    """A login kept open, retried while the node's pool reconnects ([SYS/TEMP])."""
+    deadline = time.monotonic() + bound
+    while True:
+        try:
+            return login(port, user)
+        except poplib.error_proto as exc:
+            if b"[SYS/TEMP]" not in exc.args[0] or time.monotonic() > deadline:
+                raise
+        time.sleep(0.1)
+
+
+def test_session_whose_lease_was_taken_stops_serving(live: Cluster) -> None:
+    """The lease row expired under an open session and another node took the maildrop:
+    the first session's next command is -ERR [SYS/TEMP], its connection closes, and its
+    DELE is never applied."""
+    add_user(live, "lisa")
+    deliver(live, "lisa", ["lost1", "lost2"])
+    first = hold_login(live.nodes[0].pop3_port, "lisa")
+    first.dele(1)
+    assert first.stat()[0] == 1
+    with psycopg.connect(live.url, autocommit=True) as conn:  # as if its node had stalled
+        conn.execute("UPDATE maildrop_leases SET expires = clock_timestamp() - "
+                     "interval '1 second' WHERE mailbox = 'lisa'")
+    second = hold_login(live.nodes[1].pop3_port, "lisa")  # takes the expired lease over
+    try:
+        wait_for_log(live.nodes[0].log, "lease of lisa lost", bound=3 * LOCK_TTL)
+        with pytest.raises(poplib.error_proto) as refused:
+            first.stat()
+        assert refused.value.args[0].startswith(b"-ERR [SYS/TEMP]"), refused.value
+        assert first.file.readline() == b""  # closed by the node
+        first.close()
+        assert message_ids(second) == ["lost1", "lost2"]
+    finally:
+        second.quit()
+    again = login(live.nodes[2].pop3_port, "lisa")
+    try:
+        assert message_ids(again) == ["lost1", "lost2"]
+    finally:
+        again.quit()
+
+
+#: The client address each PROXY variant's test connects from (all loopback).
+CLIENT_SOURCES = {"send-proxy-v2": "127.0.0.21", "send-proxy": "127.0.0.22",
+                  "send-proxy-v2-ssl": "127.0.0.23"}
+
+
+@pytest.mark.parametrize("variant", list(CLIENT_SOURCES))
+def test_nodes_see_the_real_client_address(live: Cluster, variant: str) -> None:
+    """Through each HAProxy of deploy/haproxy/haproxy.cfg (PROXY v2, v1, v2 with TLS ended
+    at HAProxy), the node's session line and its failed-login line (the address the
+    penalty counts) name the client's address, not HAProxy's 127.0.0.2."""
+    name = f"px-{variant}"
+    add_user(live, name)
+    source = CLIENT_SOURCES[variant]
+    raw = socket.create_connection(("127.0.0.1", live.fronts[variant]), 20,
+                                   source_address=(source, 0))
+    if variant.endswith("-ssl"):
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        raw = context.wrap_socket(raw, server_hostname="localhost")
+    port = raw.getsockname()[1]
+    with raw, raw.makefile("rb") as replies:
+        assert replies.readline().startswith(b"+OK")
+        for line, expect in ((f"USER {name}", b"+OK"), ("PASS wrong", b"-ERR [AUTH]"),
+                             (f"USER {name}", b"+OK"), (f"PASS {PASSWORD}", b"+OK"),
+                             ("QUIT", b"+OK")):
+            raw.sendall(line.encode() + b"\r\n")
+            assert replies.readline().startswith(expect), line
+    logs = [node.log for node in live.nodes]
+    wait_for_any_log(logs, f"session peer={source}:{port} user={name}", bound=20)
+    wait_for_any_log(logs, f'auth failed: user="{name}" rip={source} ', bound=20)
+
+
+def wait_for_any_log(node_logs: list[Path], text: str, bound: float) -> None:
+    """Wait until ``text`` appears in one of the nodes' logs (bounded)."""
+    deadline = time.monotonic() + bound
+    while not any(text in log.read_text(errors="replace") for log in node_logs):
+        assert time.monotonic() < deadline, f"{text!r} not logged within {bound} s"
+        time.sleep(0.05)

@@ -86,22 +86,6 @@ async def _chunks(data: bytes):  # type: ignore[no-untyped-def]
     yield data
 
 
-def test_pop3d_deliver_into_postgresql(tmp_path: Path, database: Database) -> None:
-    """`pop3d deliver` stores into the PostgreSQL store (67 for an unknown user)."""
-    with psycopg.connect(database.config.url, autocommit=True) as conn:
-        conn.execute("INSERT INTO users (username, password) VALUES ('carol', '{PLAIN}x')")
-    cfg = tmp_path / "pop3d.toml"
-    cfg.write_text(f'[auth]\nbackend = "postgresql"\n[storage]\nbackend = "postgresql"\n'
-                   f'[database]\nurl = "{database.config.url}"\n')
-    message = tmp_path / "msg"
-    message.write_bytes(b"From sender@example.org Mon Jan  1 00:00:00 2024\nSubject: hi\n\nbody\n")
-    assert main(["deliver", "--config", str(cfg), "carol@example.org", str(message)]) == 0
-    assert main(["deliver", "--config", str(cfg), "nobody", str(message)]) == 67
-    [(_, size, body)] = _pg_listing(database, "carol")
-    assert body == b"Subject: hi\r\n\r\nbody\r\n"
-    assert size == len(body)
-
-
 def test_mailbox_stat_on_postgresql(tmp_path: Path, database: Database) -> None:
     """`pop3d mailbox stat` counts a PostgreSQL maildrop; a missing one is empty."""
     import subprocess  # noqa: PLC0415

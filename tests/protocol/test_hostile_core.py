@@ -128,6 +128,30 @@ def test_shutdown_is_an_input_too() -> None:
     assert conn.next_event() == Closed("shutdown")
 
 
+def test_lost_maildrop_refuses_the_next_command_and_skips_update() -> None:
+    """A lock lost under the session (a cluster lease): the next command, even QUIT after
+    a DELE, gets -ERR [SYS/TEMP] and the session closes without an Update event."""
+    conn = logged_in()
+    conn.receive_data(b"DELE 1\r\nSTAT\r\n")
+    assert isinstance(conn.next_event(), NeedData)
+    assert conn.data_to_send() == b"+OK message 1 deleted\r\n+OK 1 200\r\n"
+    conn.maildrop_lost()
+    conn.receive_data(b"QUIT\r\nSTAT\r\n")
+    assert conn.next_event() == Closed("lock lost")
+    assert conn.data_to_send() == (
+        b"-ERR [SYS/TEMP] maildrop lock lost, closing without update\r\n"
+    )
+
+
+def test_lost_maildrop_outside_transaction_changes_nothing() -> None:
+    conn = Pop3Connection(Pop3Settings())
+    conn.data_to_send()
+    conn.maildrop_lost()
+    conn.receive_data(b"USER alice\r\n")
+    assert isinstance(conn.next_event(), NeedData)
+    assert conn.data_to_send() == b"+OK send PASS\r\n"
+
+
 def test_no_timeout_in_update() -> None:
     """An UPDATE is let finish: the driver may not time it out."""
     conn = logged_in()

@@ -137,6 +137,7 @@ class Pop3Connection:
         "_listing",
         "_live_count",
         "_live_size",
+        "_lost",
         "_out",
         "_out_size",
         "_pending",
@@ -191,6 +192,8 @@ class Pop3Connection:
         self._deleted: dict[int, None] = {}
         self._live_count = 0
         self._live_size = 0
+        #: The maildrop's lock was lost (a cluster lease): the next command ends the session.
+        self._lost = False
         # The message being streamed.
         self._stuffer: DotStuffer | None = None
         self._top: TopFilter | None = None
@@ -421,6 +424,17 @@ class Pop3Connection:
 
     # ---------------------------------------------------------------- driver inputs
 
+    def maildrop_lost(self) -> None:
+        """The maildrop's lock is gone (a cluster lease expired or was taken).
+
+        The session may no longer act on the maildrop: its next command, whatever it is,
+        is answered ``-ERR [SYS/TEMP]`` and the session closes without UPDATE, so nothing
+        marked deleted is removed.  A request in progress is let finish (the backend
+        fences its own reads and UPDATE).  Outside TRANSACTION this does nothing.
+        """
+        if self.state is State.TRANSACTION:
+            self._lost = True
+
     def timeout(self, deadline: Deadline) -> bytes:
         """One of the driver's deadlines expired: close without UPDATE.
 
@@ -518,6 +532,10 @@ class Pop3Connection:
         return self.tls_active or self.settings.plaintext_allowed
 
     def _dispatch(self, line: bytes) -> Event | None:
+        if self._lost:
+            self._emit(err("maildrop lock lost, closing without update", RespCode.SYS_TEMP))
+            self._close("lock lost")
+            return None
         cmd = c.parse(line, utf8=self._utf8)
         if isinstance(cmd, c.ParseError):
             self._bad(cmd.reason)

@@ -77,7 +77,7 @@ from pop3d.storage.base import InlineRead
 if TYPE_CHECKING:
     from pop3d.protocol.values import Principal
     from pop3d.server.context import Client, ServerContext
-    from pop3d.storage.base import Maildrop
+    from pop3d.storage.base import Fenced, Maildrop
 
 log = logsetup.get_logger("pop3d.session")
 
@@ -97,6 +97,7 @@ _ENDED = {
     "too many errors": "error",
     "auth failures": "error",
     "kicked": "kicked",
+    "lock lost": "error",
 }
 
 
@@ -110,6 +111,7 @@ class Pop3Protocol(asyncio.Protocol):
         "_closing",
         "_commands_seen",
         "_drained",
+        "_fence",
         "_flush_queued",
         "_handshaking",
         "_last_words",
@@ -161,6 +163,8 @@ class Pop3Protocol(asyncio.Protocol):
         self.maildrop: Maildrop | None = None
         #: The maildrop's fast path for small messages, if it has one (see _send_inline).
         self._read_inline: InlineRead | None = None
+        #: The maildrop's lock if it can be lost (a cluster lease), asked before each batch.
+        self._fence: Fenced | None = None
         self._task: asyncio.Task[None] | None = None
         #: The unfinished backend request the task awaits (cancelled if we hang up).
         self._later: Later[Any] | None = None
@@ -285,6 +289,12 @@ class Pop3Protocol(asyncio.Protocol):
         core = self.core
         assert core is not None
         assert self.transport is not None
+        fence = self._fence
+        if fence is not None and not fence.still_held():
+            self._fence = None
+            log.warning("maildrop lock of %s lost; session of %s ends without UPDATE",
+                        self.username, self.peer)
+            core.maildrop_lost()
         try:
             return self._advance_events(core)
         except LocalProtocolError:
@@ -385,6 +395,7 @@ class Pop3Protocol(asyncio.Protocol):
                 # The lock is released before the sign-off goes out: a client that logs
                 # in again the moment it reads "+OK" must not find its maildrop locked.
                 self.maildrop = None
+                self._fence = None
                 done = backends.update(maildrop, deleted)
                 if isinstance(done, Later):
                     return done
@@ -505,6 +516,7 @@ class Pop3Protocol(asyncio.Protocol):
         if inline is None:
             inline = _INLINE_READ[kind] = isinstance(opened, InlineRead)
         self._read_inline = cast("InlineRead", opened) if inline else None
+        self._fence = self.server.backends.fence(opened)
         core.maildrop_opened(opened.listing())
 
     @staticmethod
@@ -736,6 +748,7 @@ class Pop3Protocol(asyncio.Protocol):
         self._closing = True
         self.server.release(self)
         maildrop, self.maildrop = self.maildrop, None
+        self._fence = None
         if maildrop is not None:
             self.server.spawn(_close_maildrop(maildrop, self._task))
         result = self._result

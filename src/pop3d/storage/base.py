@@ -135,6 +135,18 @@ class InlineCommit(Protocol):
         ...
 
 
+@runtime_checkable
+class Fenced(Protocol):
+    """A :class:`Maildrop` whose lock can be lost while it is open (a cluster lease)."""
+
+    def still_held(self) -> bool:
+        """Whether the session still holds the maildrop's lock (no I/O: a clock read).
+
+        False once the lock expired or was taken: the session must stop serving it.
+        """
+        ...
+
+
 class Deliverer(Protocol):
     """Something that puts new mail into maildrops (LDA, LMTP)."""
 

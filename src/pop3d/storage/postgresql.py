@@ -355,6 +355,10 @@ class PostgresMaildrop:
         if sent != size:
             raise MessageVanished("message removed while it was read")
 
+    def still_held(self) -> bool:
+        """Whether the session's lease still holds (:class:`~pop3d.storage.base.Fenced`)."""
+        return self._lease.valid()
+
     async def commit(self, deleted: Collection[str]) -> None:
         """Delete the messages in one transaction, fenced by the session's lease."""
         self._check_open()

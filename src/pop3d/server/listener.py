@@ -63,6 +63,12 @@ _NONCE_MECHANISMS = frozenset({"CRAM-MD5", "SCRAM-SHA-256"})
 class ServerContext:
     """State shared by all connections of one server process."""
 
+    #: Installed only by :mod:`pop3d.testing`'s test server (None in production): called
+    #: with each session and its transport (at connection, and again after STLS), it
+    #: returns the transport the session writes to, one that records a transcript and
+    #: applies wire faults.  Production pays one attribute test per connection.
+    wire: Callable[[Pop3Protocol, asyncio.Transport], asyncio.Transport] | None = None
+
     def __init__(self, config: Config, backends: Backends, tls: TlsContexts | None) -> None:
         self.config = config
         self.backends = backends

@@ -70,10 +70,13 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from pop3d import config as config_mod
 from pop3d.config import Config
+
+if TYPE_CHECKING:
+    from pop3d.server.listener import ServerContext
 
 __all__ = [
     "Pop3ServeProcess",
@@ -331,6 +334,8 @@ class Pop3TestServer(_Mailboxes):
         self._stop_event: asyncio.Event | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None
+        #: What the connections share, once started (its backends, TLS contexts).
+        self.context: ServerContext | None = None
 
     def start(self) -> Self:
         """Bind, start the server thread, and wait until it serves."""
@@ -376,12 +381,15 @@ class Pop3TestServer(_Mailboxes):
         self._stop_event = asyncio.Event()
         ready: asyncio.Future[Any] = loop.create_future()
         server = loop.create_task(
-            serve_forever(self.config, sockets, ready=ready, stop=self._stop_event)
+            serve_forever(
+                self.config, sockets, ready=ready, stop=self._stop_event, **self._serve_options()
+            )
         )
         await asyncio.wait({ready, server}, return_when=asyncio.FIRST_COMPLETED)
         authenticator = None
         if ready.done():
-            authenticator = ready.result().backends.authenticator
+            self.context = ready.result()
+            authenticator = self.context.backends.authenticator
             self._started.set()
         try:
             await server
@@ -389,6 +397,10 @@ class Pop3TestServer(_Mailboxes):
             close = getattr(authenticator, "close", None)
             if close is not None:
                 close()
+
+    def _serve_options(self) -> dict[str, Any]:
+        """More keyword arguments of ``serve_forever`` (for subclasses)."""
+        return {}
 
     def _join(self) -> None:
         if self._thread is not None:

@@ -9,9 +9,10 @@ cd "$(dirname "$0")/.."
 # haproxy: the PROXY protocol tests and the multi-node suite run pop3d behind a real
 # HAProxy; postgresql: a throwaway PostgreSQL for the SQL users, store and cluster locks;
 # fail2ban: fail2ban-regex checks deploy/fail2ban against real log lines; prometheus: its
-# promtool checks the /metrics exposition (Debian ships promtool only in that package)
+# promtool checks the /metrics exposition (Debian ships promtool only in that package);
+# chromium: the testserver web page test drives it headless through Playwright
 APT_PACKAGES=(curl openssl mpop fetchmail getmail6 swaks dovecot-pop3d procmail haproxy
-              postgresql fail2ban prometheus)
+              postgresql fail2ban prometheus chromium)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -114,7 +114,7 @@ def _command(value: object) -> str | None:
     if value is None:
         return None
     text = _str(value, "command")
-    return "greeting" if text.lower() == "greeting" else text.upper()
+    return text.upper()
 
 
 # ------------------------------------------------------------------ the kinds

@@ -34,6 +34,7 @@ from email.message import EmailMessage, Message
 from pathlib import Path
 from typing import Any
 
+from pop3d import config as config_mod
 from pop3d.testing import Pop3TestServer
 from pop3d.testing.backends import ScriptedContext
 from pop3d.testing.faults import FaultTable
@@ -102,6 +103,7 @@ class ScriptedPop3Server(Pop3TestServer):
         root: folder for the passwd-file, the Maildirs and the certificates.
         users: user name -> password (more are made by :meth:`deliver`, :meth:`password`).
         tls: make a throwaway CA and serve STLS and implicit TLS (needs ``trustme``).
+        port, tls_port: where to listen (0: a free port the kernel picks).
         **overrides: config keys of ``[server]``, ``[auth]``, ``[storage]`` (as
             :class:`~pop3d.testing.Pop3TestServer`).
 
@@ -113,6 +115,8 @@ class ScriptedPop3Server(Pop3TestServer):
         users: Mapping[str, str] | None = None,
         *,
         tls: bool = True,
+        port: int = 0,
+        tls_port: int = 0,
         sections: Mapping[str, Mapping[str, object]] | None = None,
         start_timeout: float = 10.0,
         **overrides: object,
@@ -127,6 +131,12 @@ class ScriptedPop3Server(Pop3TestServer):
             )
             overrides.setdefault("tls_listen", [f"{CERT_HOST}:0"])
         super().__init__(root, users, sections=more, start_timeout=start_timeout, **overrides)
+        if port or tls_port:  # fixed ports (pop3d testserver --pop3-port ...)
+            server = self._sections["server"]
+            server["listen"] = [f"{self.host}:{port}"]
+            if tls:
+                server["tls_listen"] = [f"{self.host}:{tls_port}"]
+            self.config = config_mod.from_mapping(self._sections, self.root)
         #: The faults in force (:mod:`pop3d.testing.faults`).
         self.faults = FaultTable()
         self.faults.on_change = self._faults_changed

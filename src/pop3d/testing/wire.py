@@ -632,6 +632,14 @@ class WireTap(asyncio.Transport):
         """As the real transport."""
         return self.inner.get_write_buffer_limits()
 
+    def _force_close(self, exc: BaseException | None) -> None:
+        """What asyncio's TLS layer calls on its transport after a failed handshake."""
+        force = getattr(self.inner, "_force_close", None)
+        if force is not None:
+            force(exc)
+        else:
+            self.inner.abort()
+
     def can_write_eof(self) -> bool:
         """As the real transport."""
         return self.inner.can_write_eof()

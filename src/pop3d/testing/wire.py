@@ -428,7 +428,7 @@ class WireTap(asyncio.Transport):
             text = line.rstrip(b"\r\n") + b" "
             line = text + b"x" * max(0, overlong.params["length"] - len(text) - 2) + b"\r\n"
             self.record.add("*", f"fault {overlong.id}: first line made {len(line)} octets")
-        if ok and name == "RETR":
+        if ok and name in ("RETR", "TOP"):  # fetchmail reads messages with TOP n 99999999
             cut = self._take("cut_retr")
             if cut is not None:
                 self._cut_left = cut.params["after"]

@@ -46,8 +46,12 @@ def _refused(call: object, text: str) -> None:
 
 def _poplib_login(srv: ScriptedPop3Server, timeout: float = 10) -> poplib.POP3:
     client = poplib.POP3(srv.host, srv.port, timeout=timeout)
-    client.user("alice")
-    client.pass_(srv.password("alice"))
+    try:
+        client.user("alice")
+        client.pass_(srv.password("alice"))
+    except BaseException:
+        client.close()
+        raise
     return client
 
 

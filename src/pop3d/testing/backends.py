@@ -20,6 +20,7 @@ import asyncio
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
+from pop3d import limits
 from pop3d.auth.base import Authenticator, Principal
 from pop3d.auth.passwd_file import PasswdFileAuthenticator
 from pop3d.config import Config
@@ -155,6 +156,11 @@ class ScriptedContext(ServerContext):
         self.faults = faults
         self.recorder = recorder
         self.wire = self._wire
+
+    async def shutdown(self, grace: float = limits.SHUTDOWN_GRACE) -> None:
+        """As the server's, then drop connections still closing (held back by latency)."""
+        await super().shutdown(grace)
+        self.recorder.abort_all()
 
     def _wire(self, session: Pop3Protocol, transport: asyncio.Transport) -> asyncio.Transport:
         return self.recorder.tap(session, transport)

@@ -202,6 +202,8 @@ class Recorder:
         self._live: dict[int, Session] = {}
         #: Numbers each session's UIDL rewriting (``uidl_change``).
         self.generations = itertools.count(1)
+        #: Taps whose connection is not closed yet (a closing one may hold delayed output).
+        self.taps: set[WireTap] = set()
 
     def tap(self, session: Pop3Protocol, transport: asyncio.Transport) -> WireTap:
         """Wrap a session's transport (new connection, or after STLS)."""
@@ -215,7 +217,14 @@ class Recorder:
             record.tls = True
             if resumed:
                 record.add("*", "TLS established")
-        return WireTap(self, session, transport, record, greeting=not resumed)
+        tap = WireTap(self, session, transport, record, greeting=not resumed)
+        self.taps.add(tap)
+        return tap
+
+    def abort_all(self) -> None:
+        """The server stops: drop every connection still open (delayed output too)."""
+        for tap in list(self.taps):
+            tap.abort()
 
     def ended(self, session: Pop3Protocol) -> None:
         """The session's connection is gone."""
@@ -338,6 +347,7 @@ class WireTap(asyncio.Transport):
 
     def lost(self) -> None:
         """The connection is gone."""
+        self.recorder.taps.discard(self)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -595,6 +605,7 @@ class WireTap(asyncio.Transport):
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         """Another protocol takes the socket (the TLS layer, after STLS): step aside."""
+        self.recorder.taps.discard(self)  # the TLS transport's tap takes over
         if self._queue:
             self.inner.writelines(self._queue)
             self._queue = []

@@ -23,7 +23,7 @@ def curl(srv: ScriptedPop3Server, user: str, path: str = "", *args: str,
     port = srv.tls_port if scheme == "pop3s" else srv.port
     host = "localhost" if scheme == "pop3s" or "--ssl-reqd" in args else srv.host
     url = f"{scheme}://{user}:{srv.password(user)}@{host}:{port}/{path}"
-    done = subprocess.run(  # noqa: S603
+    done = subprocess.run(
         ["curl", "-sS", "--max-time", str(timeout), "--cacert", str(srv.ca_cert_path),
          *args, url],
         capture_output=True, text=True, timeout=timeout + 5, check=False,
@@ -60,7 +60,7 @@ def fetchmail(srv: ScriptedPop3Server, user: str, work: Path, *options: str,
     )
     rc.chmod(0o600)
     env = {**os.environ, "HOME": str(work)}
-    done = subprocess.run(  # noqa: S603
+    done = subprocess.run(
         ["fetchmail", "--nodetach", "-f", str(rc), "--idfile", str(work / "ids"),
          "--pidfile", str(work / "pid"), "-v"],
         capture_output=True, text=True, timeout=timeout * 3 + 10, check=False, env=env,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import email
 import email.policy
+import email.utils
 import json
 import re
 import signal
@@ -78,6 +79,8 @@ def _to_message(body: bytes, content_type: str) -> bytes:
     message["From"] = str(spec.get("from", "sender@example.org"))
     message["To"] = str(spec.get("to", "user@example.org"))
     message["Subject"] = str(spec.get("subject", ""))
+    message["Date"] = email.utils.formatdate(localtime=True)
+    message["Message-ID"] = email.utils.make_msgid(domain="pop3d.test")
     message.set_content(str(spec.get("body", "")))
     return message.as_bytes()
 

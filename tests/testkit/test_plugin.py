@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import subprocess
 import poplib
 from email.message import EmailMessage
+from pathlib import Path
 
 import pytest
 
@@ -102,3 +104,37 @@ def test_session_server_is_shared_and_resets(pop3_server_session: ScriptedPop3Se
     assert pop3_server_session.mailbox("erin") == []
     assert len(pop3_server_session.faults) == 0
     assert len(pop3_server_session.transcript) == 0
+
+
+@pytest.mark.client
+def test_mpop_over_stls_through_the_recording_wire(
+    pop3_server: ScriptedPop3Server, tmp_path: Path
+) -> None:
+    """mpop (GnuTLS) sends CAPA in the flight that ends its handshake: still answered."""
+    pop3_server.deliver("alice", "Subject: m\n\nfor mpop\n")
+    maildir = tmp_path / "Maildir"
+    for sub in ("tmp", "new", "cur"):
+        (maildir / sub).mkdir(parents=True)
+    rc = tmp_path / "mpoprc"
+    rc.write_text(
+        f"account test\nhost 127.0.0.1\nport {pop3_server.port}\nuser alice\n"
+        f"password {pop3_server.password('alice')}\ntls on\ntls_starttls on\n"
+        f"tls_trust_file {pop3_server.ca_cert_path}\ntls_host_override localhost\n"
+        f"auth user\ndelivery maildir {maildir}\nkeep on\nonly_new off\n"
+        f"uidls_file {tmp_path / 'uidls'}\n",
+        encoding="utf-8",
+    )
+    rc.chmod(0o600)
+    run = subprocess.run(
+        ["mpop", "-C", str(rc), "-a", "-q"], capture_output=True, text=True, timeout=30,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    got = list((maildir / "new").iterdir())
+    assert len(got) == 1
+    assert got[0].read_bytes().endswith(b"for mpop\n")
+    pop3_server.wait_idle()
+    lines = pop3_server.transcript.lines()
+    assert "*: TLS established" in lines
+    assert "C: PASS ****" in lines
+    assert pop3_server.transcript.sessions[0].tls

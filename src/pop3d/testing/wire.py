@@ -217,6 +217,13 @@ class Recorder:
             record.tls = True
             if resumed:
                 record.add("*", "TLS established")
+                early = session.core.buffered if session.core is not None else 0
+                if early:
+                    # GnuTLS clients (mpop) send CAPA in the flight that ends the
+                    # handshake: it reached the session before this tap; its reply is
+                    # recorded, line by line, without the command.
+                    record.add("*", f"{early} octets came with the TLS handshake "
+                                    "(answered; not shown)")
         tap = WireTap(self, session, transport, record, greeting=not resumed)
         self.taps.add(tap)
         return tap

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import base64
-import subprocess
 import poplib
+import subprocess
 from email.message import EmailMessage
 from pathlib import Path
 

@@ -9,6 +9,12 @@ Two ways to run one, with the same mailbox helpers:
   config file written for it, for tests that need a real process: signals, ``kill -9``,
   its memory use, its log on stderr.
 
+For testing a mail *client* there is more (docs/testing-clients.md):
+:class:`ScriptedPop3Server` (:mod:`pop3d.testing.scripted`) adds ``deliver``, parsed
+mailboxes, transcripts, TLS from a throwaway CA and faults on demand
+(:mod:`pop3d.testing.faults`); the pytest plugin (:mod:`pop3d.testing.plugin`) makes it
+the ``pop3_server`` fixture; :mod:`pop3d.testing.http` is ``pop3d testserver``.
+
 Both create, under a folder you give them (pytest's ``tmp_path``), a Dovecot passwd-file
 with your users and a Maildir per user, and both offer:
 
@@ -81,9 +87,19 @@ if TYPE_CHECKING:
 __all__ = [
     "Pop3ServeProcess",
     "Pop3TestServer",
+    "ScriptedPop3Server",
     "free_port",
     "wait_for_port",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``ScriptedPop3Server``, imported when first asked for (it brings the fault wire)."""
+    if name == "ScriptedPop3Server":
+        from pop3d.testing.scripted import ScriptedPop3Server  # noqa: PLC0415
+
+        return ScriptedPop3Server
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: The host every test server listens on.
 LOOPBACK = "127.0.0.1"

@@ -63,16 +63,24 @@ def _message_json(srv: ScriptedPop3Server, user: str, index: int, *, raw: bool) 
     return out
 
 
+def _json_object(body: bytes) -> dict[str, Any]:
+    """The request's body as a JSON object (an empty body: an empty object)."""
+    if not body:
+        return {}
+    try:
+        value = json.loads(body)
+    except ValueError:
+        raise _HttpError(HTTPStatus.BAD_REQUEST, "the body is not JSON") from None
+    if not isinstance(value, dict):
+        raise _HttpError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
+    return value
+
+
 def _to_message(body: bytes, content_type: str) -> bytes:
     """A message to deliver: raw RFC 5322, or JSON ``{"raw"}`` / ``{"subject", ...}``."""
     if not content_type.startswith("application/json"):
         return body
-    try:
-        spec = json.loads(body)
-    except ValueError:
-        raise _HttpError(HTTPStatus.BAD_REQUEST, "the body is not JSON") from None
-    if not isinstance(spec, dict):
-        raise _HttpError(HTTPStatus.BAD_REQUEST, "the body must be a JSON object")
+    spec = _json_object(body)
     if "raw" in spec:
         return str(spec["raw"]).encode("utf-8")
     message = EmailMessage()
@@ -115,8 +123,7 @@ class TestServerApi:
                 return [{"user": u, "password": p, "messages": len(srv.message_paths(u))}
                         for u, p in srv.users.items()]
             case "POST", ["api", "users", user]:
-                spec = json.loads(body or b"{}") if body else {}
-                password = spec.get("password") if isinstance(spec, dict) else None
+                password = _json_object(body).get("password")
                 if password:
                     srv.set_user(user, str(password))
                 return {"user": user, "password": srv.password(user)}
@@ -161,13 +168,7 @@ class TestServerApi:
                 return describe()
             case "POST", ["api", "faults"]:
                 try:
-                    spec = json.loads(body)
-                except ValueError:
-                    raise _HttpError(HTTPStatus.BAD_REQUEST, "the body is not JSON") from None
-                if not isinstance(spec, dict):
-                    raise _HttpError(HTTPStatus.BAD_REQUEST, "a fault is a JSON object")
-                try:
-                    return srv.faults.add(spec).to_json()
+                    return srv.faults.add(_json_object(body)).to_json()
                 except FaultError as exc:
                     raise _HttpError(HTTPStatus.BAD_REQUEST, str(exc)) from None
             case "DELETE", ["api", "faults"]:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from pop3d import limits
 from pop3d.auth.base import Authenticator, Principal
-from pop3d.auth.passwd_file import PasswdFileAuthenticator
+from pop3d.auth.passwd_file import DEFAULT_KEY_FILE, PasswdFileAuthenticator
 from pop3d.config import Config
 from pop3d.errors import MaildropLocked, PermanentBackendError, TemporaryBackendError
 from pop3d.login_delay import LoginDelay
@@ -141,10 +141,13 @@ class ScriptedContext(ServerContext):
         recorder: Recorder,
     ) -> None:
         authenticator: Authenticator = backends.authenticator
-        if isinstance(authenticator, PasswdFileAuthenticator) and config.auth.passwd_file:
+        passwd_file = config.auth.passwd_file
+        if isinstance(authenticator, PasswdFileAuthenticator) and passwd_file is not None:
             # Users the test adds are seen at the next login, not a second later.
             authenticator = PasswdFileAuthenticator(
-                config.auth.passwd_file, check_interval=0, key_file=config.auth.key_file
+                passwd_file,
+                check_interval=0,
+                key_file=config.auth.key_file or passwd_file.parent / DEFAULT_KEY_FILE,
             )
         wrapped = Backends(
             authenticator=FaultAuthenticator(authenticator, faults),

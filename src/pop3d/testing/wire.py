@@ -347,9 +347,12 @@ class WireTap(asyncio.Transport):
             if command.name in ("USER", "APOP") and command.arg:
                 self._user_hint = command.arg.split(" ", 1)[0]
             elif command.name == "AUTH" and command.arg:
-                self._in_sasl = True
                 mech, _, initial = command.arg.partition(" ")
-                if mech.upper() == "PLAIN" and initial:
+                mech = mech.upper()
+                # PLAIN and EXTERNAL with an initial response are one step: no SASL
+                # lines follow, and a pipelined command after them is a command.
+                self._in_sasl = not (initial and mech in ("PLAIN", "EXTERNAL"))
+                if mech == "PLAIN" and initial:
                     self._user_hint = _plain_user(initial) or self._user_hint
 
     def lost(self) -> None:

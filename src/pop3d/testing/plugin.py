@@ -27,11 +27,12 @@ from __future__ import annotations
 import poplib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from pop3d.testing.scripted import ScriptedPop3Server
+if TYPE_CHECKING:  # the server is imported when a fixture is first used, not by pytest
+    from pop3d.testing.scripted import ScriptedPop3Server
 
 __all__ = ["pop3_client", "pop3_server", "pop3_server_session"]
 
@@ -55,6 +56,8 @@ def _options(request: pytest.FixtureRequest) -> dict[str, Any]:
 @pytest.fixture
 def pop3_server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ScriptedPop3Server]:
     """A real pop3d of its own for this test (see the module head)."""
+    from pop3d.testing.scripted import ScriptedPop3Server  # noqa: PLC0415
+
     with ScriptedPop3Server(tmp_path / "pop3d", **_options(request)) as srv:
         yield srv
 
@@ -64,6 +67,8 @@ def pop3_server_session(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[ScriptedPop3Server]:
     """One real pop3d for the whole test session; ``srv.reset()`` empties it."""
+    from pop3d.testing.scripted import ScriptedPop3Server  # noqa: PLC0415
+
     with ScriptedPop3Server(tmp_path_factory.mktemp("pop3d")) as srv:
         yield srv
 

@@ -79,7 +79,7 @@ def test_pip_install_then_pytest_finds_the_fixtures(tmp_path: Path) -> None:
     assert missing.returncode != 0  # the venv starts without pop3d
 
     subprocess.run(
-        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q",
+        [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-compile",
          "--no-deps", "--no-build-isolation", "--no-index", str(source)],
         check=True, capture_output=True, timeout=150,
     )

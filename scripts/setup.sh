@@ -10,9 +10,10 @@ cd "$(dirname "$0")/.."
 # HAProxy; postgresql: a throwaway PostgreSQL for the SQL users, store and cluster locks;
 # fail2ban: fail2ban-regex checks deploy/fail2ban against real log lines; prometheus: its
 # promtool checks the /metrics exposition (Debian ships promtool only in that package);
-# dovecot-pgsql: Dovecot's SQL passdb beside pop3d's in bench/cluster.py --versus-dovecot
+# dovecot-pgsql: Dovecot's SQL passdb beside pop3d's in bench/cluster.py --versus-dovecot;
+# chromium: the testserver web page test drives it headless through Playwright
 APT_PACKAGES=(curl openssl mpop fetchmail getmail6 swaks dovecot-pop3d procmail haproxy
-              postgresql fail2ban prometheus dovecot-pgsql)
+              postgresql fail2ban prometheus dovecot-pgsql chromium)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from pop3d import __version__
 
@@ -39,7 +41,33 @@ def build_parser() -> argparse.ArgumentParser:
     from pop3d import bench  # noqa: PLC0415 (each subcommand loads only what it needs)
 
     bench.add_parser(sub)
+    _add_testserver(sub)
     return parser
+
+
+def _add_testserver(sub: Any) -> None:
+    """Register ``testserver`` (pop3d.testing.http; loaded only when it runs)."""
+    p = sub.add_parser(
+        "testserver",
+        help="a throwaway POP3 server for tests, driven over a JSON HTTP API",
+        description="Run a test server (Maildirs in a temporary folder, TLS from a "
+        "throwaway CA) until SIGTERM/SIGINT; print one JSON line with its ports and users.",
+    )
+    p.add_argument("--user", action="append", default=[], metavar="NAME[:PASSWORD]",
+                   help="a user (repeatable); without a password one is made")
+    p.add_argument("--pop3-port", type=int, default=0, help="cleartext POP3 (0: any free)")
+    p.add_argument("--pop3s-port", type=int, default=0, help="implicit TLS (0: any free)")
+    p.add_argument("--http-port", type=int, default=0, help="HTTP API and page (0: any free)")
+    p.add_argument("--root", type=Path, default=None,
+                   help="folder for users, mail, certificates (default: a temporary one)")
+    p.add_argument("--no-tls", action="store_true", help="no STLS, no POP3S")
+    p.set_defaults(run=_run_testserver)
+
+
+def _run_testserver(args: argparse.Namespace) -> int:
+    from pop3d.testing import http  # noqa: PLC0415 (each subcommand loads only what it needs)
+
+    return http.run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

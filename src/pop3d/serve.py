@@ -22,6 +22,7 @@ import resource
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from pop3d import app, checkconfig, demo, logsetup, metrics, privileges, supervisor
@@ -31,6 +32,7 @@ from pop3d.server.allocator import keep_chunk_buffers_in_heap
 from pop3d.server.context import ServerContext
 from pop3d.server.listener import start_listeners
 from pop3d.server.tls import TlsContexts
+from pop3d.session import Backends
 from pop3d.supervisor import WorkerHooks
 
 log = logging.getLogger("pop3d.server")
@@ -38,6 +40,9 @@ log = logging.getLogger("pop3d.server")
 EX_CONFIG = 78
 EX_OSERR = 71
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+#: What makes the context the connections share (:func:`serve_forever`'s ``context``).
+ContextFactory = Callable[[Config, Backends, TlsContexts | None], ServerContext]
 
 
 def add_parser(sub: Any) -> None:
@@ -118,6 +123,7 @@ async def serve_forever(
     lmtp_sockets: list[socket.socket] | None = None,
     tls: TlsContexts | None = None,
     hooks: WorkerHooks | None = None,
+    context: ContextFactory = ServerContext,
 ) -> None:
     """Serve on ``sockets`` until ``stop`` is set or SIGTERM/SIGINT arrives.
 
@@ -125,13 +131,15 @@ async def serve_forever(
     them, LMTP addresses are bound here (one process).  ``tls`` are contexts loaded
     before privileges were dropped (built here from ``cfg.tls`` when ``None``).
     ``hooks`` connect a worker to its supervisor (readiness, SIGQUIT to retire, the
-    admin socket).  The loop's INFO log lines are written in batches
-    (:func:`logsetup.buffered_for`).
+    admin socket).  ``context`` makes the :class:`ServerContext` every connection shares
+    (:mod:`pop3d.testing`'s test server passes one that wraps the backends and the wire
+    with its faults; production uses the class itself).  The loop's INFO log lines are
+    written in batches (:func:`logsetup.buffered_for`).
     """
     with logsetup.buffered_for(asyncio.get_running_loop()):
         await _serve(
             cfg, sockets, ready=ready, stop=stop, lmtp_sockets=lmtp_sockets, tls=tls,
-            hooks=hooks or WorkerHooks(),
+            hooks=hooks or WorkerHooks(), context=context,
         )
 
 
@@ -144,6 +152,7 @@ async def _serve(
     lmtp_sockets: list[socket.socket] | None,
     tls: TlsContexts | None,
     hooks: WorkerHooks,
+    context: ContextFactory,
 ) -> None:
     loop = asyncio.get_running_loop()
     if tls is None and cfg.tls is not None:
@@ -151,7 +160,7 @@ async def _serve(
     authenticator = app.build_authenticator(cfg)
     store = app.build_store(cfg)
     backends = app.build_backends(cfg, authenticator, store)
-    ctx = ServerContext(cfg, backends, tls)
+    ctx = context(cfg, backends, tls)
     stop = stop or asyncio.Event()
     retire = asyncio.Event()
     signals = False

@@ -200,7 +200,10 @@ class Pop3Protocol(asyncio.Protocol):
     def connection_made(self, base_transport: asyncio.BaseTransport) -> None:
         """Admit the client (its deadlines count from now) and send the greeting."""
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods
-        self.transport = transport = cast("asyncio.Transport", base_transport)
+        transport = cast("asyncio.Transport", base_transport)
+        if self.server.wire is not None:  # a test server's transcript and wire faults
+            transport = self.server.wire(self, transport)
+        self.transport = transport
         client = self.client
         if client is None:
             peer = transport.get_extra_info("peername")
@@ -612,6 +615,8 @@ class Pop3Protocol(asyncio.Protocol):
         if new is None:
             self._abort("tls failed")
             return
+        if self.server.wire is not None:  # a test server's transcript and wire faults
+            new = self.server.wire(self, new)
         self.transport = new
         core.tls_established(self._client_identity(new))
 

@@ -18,7 +18,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -128,6 +128,13 @@ class _RandomTokens:
 
 class ServerContext:
     """State shared by all connections of one server process."""
+
+    #: Installed only by :mod:`pop3d.testing`'s test server (None in production): called
+    #: with each session and its transport (at connection, and again after STLS), it
+    #: returns the transport the session writes to, one that records a transcript and
+    #: applies wire faults.  Production pays one attribute test per connection.  (The
+    #: session is a ``connection.Pop3Protocol``: typed Any, as this module may not import it.)
+    wire: Callable[[Any, asyncio.Transport], asyncio.Transport] | None = None
 
     def __init__(self, config: Config, backends: Backends, tls: TlsContexts | None) -> None:
         self.config = config

@@ -9,6 +9,12 @@ Two ways to run one, with the same mailbox helpers:
   config file written for it, for tests that need a real process: signals, ``kill -9``,
   its memory use, its log on stderr.
 
+For testing a mail *client* there is more (docs/testing-clients.md):
+:class:`ScriptedPop3Server` (:mod:`pop3d.testing.scripted`) adds ``deliver``, parsed
+mailboxes, transcripts, TLS from a throwaway CA and faults on demand
+(:mod:`pop3d.testing.faults`); the pytest plugin (:mod:`pop3d.testing.plugin`) makes it
+the ``pop3_server`` fixture; :mod:`pop3d.testing.http` is ``pop3d testserver``.
+
 Both create, under a folder you give them (pytest's ``tmp_path``), a Dovecot passwd-file
 with your users and a Maildir per user, and both offer:
 
@@ -70,17 +76,30 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 from pop3d import config as config_mod
 from pop3d.config import Config
 
+if TYPE_CHECKING:
+    from pop3d.server.context import ServerContext
+
 __all__ = [
     "Pop3ServeProcess",
     "Pop3TestServer",
+    "ScriptedPop3Server",
     "free_port",
     "wait_for_port",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """``ScriptedPop3Server``, imported when first asked for (it brings the fault wire)."""
+    if name == "ScriptedPop3Server":
+        from pop3d.testing.scripted import ScriptedPop3Server  # noqa: PLC0415
+
+        return ScriptedPop3Server
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: The host every test server listens on.
 LOOPBACK = "127.0.0.1"
@@ -331,6 +350,8 @@ class Pop3TestServer(_Mailboxes):
         self._stop_event: asyncio.Event | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None
+        #: What the connections share, once started (its backends, TLS contexts).
+        self.context: ServerContext | None = None
 
     def start(self) -> Self:
         """Bind, start the server thread, and wait until it serves."""
@@ -376,12 +397,15 @@ class Pop3TestServer(_Mailboxes):
         self._stop_event = asyncio.Event()
         ready: asyncio.Future[Any] = loop.create_future()
         server = loop.create_task(
-            serve_forever(self.config, sockets, ready=ready, stop=self._stop_event)
+            serve_forever(
+                self.config, sockets, ready=ready, stop=self._stop_event, **self._serve_options()
+            )
         )
         await asyncio.wait({ready, server}, return_when=asyncio.FIRST_COMPLETED)
         authenticator = None
         if ready.done():
-            authenticator = ready.result().backends.authenticator
+            self.context = ready.result()
+            authenticator = self.context.backends.authenticator
             self._started.set()
         try:
             await server
@@ -389,6 +413,10 @@ class Pop3TestServer(_Mailboxes):
             close = getattr(authenticator, "close", None)
             if close is not None:
                 close()
+
+    def _serve_options(self) -> dict[str, Any]:
+        """More keyword arguments of ``serve_forever`` (for subclasses)."""
+        return {}
 
     def _join(self) -> None:
         if self._thread is not None:

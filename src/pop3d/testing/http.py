@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from pop3d import __version__
-from pop3d.testing import LOOPBACK
+from pop3d.testing.embedded import LOOPBACK
 from pop3d.testing.faults import KINDS, FaultError, describe
 from pop3d.testing.scripted import ScriptedPop3Server
 

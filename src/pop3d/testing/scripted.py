@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from pop3d import config as config_mod
-from pop3d.testing import Pop3TestServer
 from pop3d.testing.backends import ScriptedContext
+from pop3d.testing.embedded import Pop3TestServer
 from pop3d.testing.faults import FaultTable
 from pop3d.testing.wire import Recorder, Transcript
 

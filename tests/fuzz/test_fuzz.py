@@ -74,7 +74,6 @@ def test_lmtp_replies_echo_nothing() -> None:
 #: the short fuzzing run steps over them (``harness.tolerated``), so that it looks for
 #: new ones.  Remove a name when its bug is fixed.
 KNOWN_BUGS = (
-    "crlf-append",  # mbox: an append after CRLF CRLF lengthens the last message
     "rcpt-echo",  # lmtp: 550 echoes the RCPT address, control octets and all
     "exception-text",  # lmtp: aiosmtpd answers an exception with its text (MAIL FROM:<)
 )

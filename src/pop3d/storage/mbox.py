@@ -40,9 +40,11 @@ Rules of this file:
     with its holder (kill -9 included).  It is not the mbox lock: MDAs keep delivering
     while a session is open.
   - the *mbox lock*, taken briefly to scan, append and rewrite, and respected by MTAs and
-    mail readers: first the dotlock ``<mbox>.lock`` (created with ``O_EXCL``, holding
-    ``pid:host``, refreshed while held; one older than :data:`STALE_DOTLOCK_AGE` or whose
-    process on this host is dead is stale and broken, as procmail and Dovecot do), then
+    mail readers: first the dotlock ``<mbox>.lock`` (holding ``pid:host``: written to a
+    temporary file of an unpredictable name, then hard-linked to the lock name, so that
+    it is never seen empty; refreshed while held; one whose process on this host is dead
+    is stale at once, one without a readable pid after :data:`STALE_DOTLOCK_AGE`, and a
+    stale one is broken, as procmail and Dovecot do), then
     a write (or read) ``fcntl`` lock on the whole file -- an open-file-description lock
     (``F_OFD_SETLK``) where the kernel has it, which conflicts with classic ``fcntl``/
     ``lockf`` locks of other processes but is not silently dropped when another thread
@@ -558,6 +560,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 _OPEN_FILE = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+#: What ``link()`` fails with where a file system has no hard links.
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -715,35 +719,73 @@ class _MboxLock:
             raise
 
     def _take_dotlock(self, deadline: float) -> None:
-        content = f"{os.getpid()}:{_host()}\n".encode()
         while True:
-            try:
-                fd = os.open(
-                    self.dotlock,
-                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FILE,
-                    0o644,
-                    dir_fd=self.dir_fd,
-                )
-            except FileExistsError:
-                stale = _dotlock_stale(self.dotlock, self.dir_fd, self.stale_age)
-                if stale is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        again = _lstat(self.dotlock, self.dir_fd)
-                        if (again.st_ino, again.st_mtime_ns) == (stale.st_ino, stale.st_mtime_ns):
-                            log.warning("%s.lock: breaking a stale dotlock", self.path)
-                            os.unlink(self.dotlock, dir_fd=self.dir_fd)
-                    continue
-                if time.monotonic() >= deadline:
-                    raise TemporaryBackendError("timed out waiting for the mbox dotlock") from None
-                time.sleep(LOCK_RETRY)
+            ino = self._link_dotlock()
+            if ino is not None:
+                self._dot_ino = ino
+                self._refreshed = time.monotonic()
+                return
+            stale = _dotlock_stale(self.dotlock, self.dir_fd, self.stale_age)
+            if stale is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    again = _lstat(self.dotlock, self.dir_fd)
+                    if (again.st_ino, again.st_mtime_ns) == (stale.st_ino, stale.st_mtime_ns):
+                        log.warning("%s.lock: breaking a stale dotlock", self.path)
+                        os.unlink(self.dotlock, dir_fd=self.dir_fd)
                 continue
+            if time.monotonic() >= deadline:
+                raise TemporaryBackendError("timed out waiting for the mbox dotlock") from None
+            time.sleep(LOCK_RETRY)
+
+    def _link_dotlock(self) -> int | None:
+        """Try once to create the dotlock, never empty; its inode, or None if it is held.
+
+        ``pid:host`` goes into a new file of an unpredictable name (``O_EXCL``,
+        ``O_NOFOLLOW``), which is then hard-linked to the lock name: the link is atomic
+        and fails if the name exists (a link included, never followed), so the lock
+        appears with its content or not at all -- a holder killed at any point leaves
+        either no lock or one naming its dead pid, which the next taker breaks at once.
+        Where the file system has no hard links, ``O_EXCL`` on the lock name itself.
+        """
+        content = f"{os.getpid()}:{_host()}\n".encode()
+        temp = f".{self.dotlock}.{secrets.token_hex(8)}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FILE
+        fd = os.open(temp, flags, 0o644, dir_fd=self.dir_fd)
+        try:
             try:
-                os.write(fd, content)
-                self._dot_ino = os.fstat(fd).st_ino
+                write_all(fd, content)
+                ino = os.fstat(fd).st_ino
+                try:
+                    os.link(temp, self.dotlock, src_dir_fd=self.dir_fd,
+                            dst_dir_fd=self.dir_fd, follow_symlinks=False)  # fmt: skip
+                except FileExistsError:
+                    return None
+                except OSError as exc:
+                    if exc.errno not in _NO_HARD_LINKS:
+                        raise
+                    return self._create_dotlock(content)
+                return ino
             finally:
-                os.close(fd)
-            self._refreshed = time.monotonic()
-            return
+                with contextlib.suppress(OSError):
+                    os.unlink(temp, dir_fd=self.dir_fd)
+        finally:
+            os.close(fd)
+
+    def _create_dotlock(self, content: bytes) -> int | None:
+        """The dotlock by ``O_EXCL`` create, then write (no hard links here)."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FILE
+        try:
+            fd = os.open(self.dotlock, flags, 0o644, dir_fd=self.dir_fd)
+        except FileExistsError:
+            return None
+        try:
+            write_all(fd, content)
+            return os.fstat(fd).st_ino
+        except BaseException:
+            os.unlink(self.dotlock, dir_fd=self.dir_fd)
+            raise
+        finally:
+            os.close(fd)
 
     def _take_fcntl(self, deadline: float) -> None:
         kind = fcntl.F_WRLCK if self.exclusive else fcntl.F_RDLCK
@@ -1155,11 +1197,7 @@ class MboxStore:
                 used = sum(m.size for m in _scan(fd, size, lock.refresh).messages)
                 if used + job.wire > limit:
                     raise QuotaExceeded("message exceeds the mailbox quota")
-            tail = os.pread(fd, 2, size - 2) if size >= 2 else os.pread(fd, 1, 0)
-            if size == 0 or tail.endswith(b"\n\n"):
-                lead = b""
-            else:
-                lead = b"\n" if tail.endswith(b"\n") else b"\n\n"
+            lead = _append_lead(os.pread(fd, 3, max(0, size - 3)))
             try:
                 out = _pwrite_all(fd, lead + job.from_line, size)
                 _copy(job.spool, fd, start=0, length=job.length, out=out, tick=lock.refresh)
@@ -1178,6 +1216,19 @@ class MboxStore:
             raise _os_error("delivery failed", exc) from None
         finally:
             lock.release()
+
+
+def _append_lead(tail: bytes) -> bytes:
+    """What goes before an appended From_ line, given the file's last three octets.
+
+    The empty line that ends the file (LF or CRLF, which the scan leaves out of the last
+    message) becomes the separator as it is; a file ending a line gets the empty line;
+    one ending mid-line gets the line end and the empty line.  So an append never moves
+    an earlier message's end: its octets and UIDL stay, in a CRLF mbox too.
+    """
+    if not tail or tail.endswith((b"\n\n", b"\n\r\n")):
+        return b""
+    return b"\n" if tail.endswith(b"\n") else b"\n\n"
 
 
 def _rewrite(lock: _MboxLock, deleted: frozenset[str]) -> None:

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
 from pop3d import limits, metrics
-from pop3d.protocol.replies import RespCode, err
+from pop3d.protocol import Cap, refusal
 from pop3d.server.connection import Pop3Protocol
 from pop3d.server.proxy_protocol import (
     MAX_HEADER,
@@ -64,12 +64,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("pop3d.session")
 
 __all__ = ["AcceptProtocol", "Client", "HandshakeSlots"]
-
-#: What a refused client is told on a cleartext listener, by the cap that refused it.
-REFUSALS = {
-    "total": "too many connections",
-    "per_ip": "too many connections from your address",
-}
 
 #: The first octet of a TLS record carrying a handshake message (RFC 8446 §5.1).
 _TLS_HANDSHAKE_RECORD = 0x16
@@ -394,13 +388,13 @@ class AcceptProtocol(asyncio.Protocol):
             metrics.tls_handshake(False)  # noqa: FBT003
         self._close("timeout")
 
-    def _refuse(self, cap: str) -> None:
-        """Refused by a connection cap: say so on a cleartext listener, and close."""
+    def _refuse(self, cap: Cap) -> None:
+        """Refused by a connection cap: the core's refusal on a cleartext listener; close."""
         metrics.connection_refused(cap)
-        log.warning("refused %s: %s", self.peer, REFUSALS[cap])
+        log.warning("refused %s: over the %s connection cap", self.peer, cap)
         transport = self._transport()
         if not self.implicit_tls:
-            transport.write(err(REFUSALS[cap], RespCode.SYS_TEMP))
+            transport.write(refusal(cap))
         self._drop()
         self._state = _CLOSED
         transport.close()

@@ -24,8 +24,8 @@ from typing import Any
 
 from pop3d import __version__, limits, metrics, process
 from pop3d.config import Config, ListenAddress
-from pop3d.protocol import Pop3Settings
-from pop3d.server.accept import REFUSALS, AcceptProtocol, HandshakeSlots
+from pop3d.protocol import Cap, Pop3Settings
+from pop3d.server.accept import AcceptProtocol, HandshakeSlots
 from pop3d.server.connection import Pop3Protocol
 from pop3d.server.tls import TlsContexts, check_tls_support
 from pop3d.session import Backends
@@ -133,7 +133,7 @@ class ServerContext:
             conn.check_deadlines(now)
         self._sweep = loop.call_later(self._sweep_every, self._sweep_idle, loop)
 
-    def reserve(self, address: str | None) -> str | None:
+    def reserve(self, address: str | None) -> Cap | None:
         """Count a connection in at accept; return the cap that refuses it, or None.
 
         ``address`` None counts against the total only (a balancer's connection, whose
@@ -150,7 +150,7 @@ class ServerContext:
         self.open += 1
         return None
 
-    def reserve_address(self, address: str) -> str | None:
+    def reserve_address(self, address: str) -> Cap | None:
         """Count a connection already in the total against ``address``; or refuse it."""
         held = self.per_address.get(address, 0)
         if held >= self.config.server.max_connections_per_ip:
@@ -168,8 +168,8 @@ class ServerContext:
             else:
                 self.per_address.pop(address, None)
 
-    def admit(self, conn: Pop3Protocol) -> str | None:
-        """Count a new session in; return the refusal text when over a limit.
+    def admit(self, conn: Pop3Protocol) -> Cap | None:
+        """Count a new session in; return the cap it is over (and do not count it).
 
         A session started by the accept path (``conn.client`` set) was counted there.
         """
@@ -179,7 +179,7 @@ class ServerContext:
             cap = self.reserve(conn.address)
             if cap is not None:
                 metrics.connection_refused(cap)
-                return REFUSALS[cap]
+                return cap
         self.connections.add(conn)
         return None
 

@@ -633,7 +633,6 @@ class Report:
             (f"  lost: {c['lost']}, duplicated: {c['duplicated']}, corrupt or unknown: "
              f"{c['corrupt']}, resurrected: {c['resurrected']}"),
             f"  other events: {other or 'none'}",
-            f"  known bugs stepped over: {c['known bug: empty dotlock removed']} empty dotlocks",
             f"  verdict: {verdict}",
         ]
         lines += [f"  - {f}" for f in self.failures]

@@ -130,7 +130,14 @@ from pop3d.storage.beneath import DIR_FLAGS, MailRoot, is_link_refusal
 from pop3d.storage.blocking import in_thread, pread_nowait, write_all
 from pop3d.storage.locking import SessionLock, SessionLocks, session_locks_for, take_lock
 from pop3d.storage.quota import quota_for
-from pop3d.storage.template import check_template, mail_path, mail_rel, mail_root
+from pop3d.storage.template import (
+    check_template,
+    home_root,
+    mail_path,
+    mail_rel,
+    mail_root,
+    uses_home,
+)
 from pop3d.storage.wire import CrlfNormaliser, WireCounter
 
 __all__ = ["MboxMaildrop", "MboxStore"]
@@ -983,29 +990,36 @@ class MboxStore:
         locks = session_locks_for(config.mbox, config.base, config.lock_table)
         return cls(config.mbox, config.base, quota=config.quota, session_locks=locks)
 
-    def path_for(self, username: str) -> Path:
-        """Return the user's mbox path.
+    def path_for(self, username: str, home: str | None = None) -> Path:
+        """Return the user's mbox path (``home``: the user's, for a ``%h`` template).
 
         Raises:
             UnsafeUserName: the name could escape the mail root.
+            NoHome: the template uses ``%h`` and the user has no usable home.
 
         """
-        path = mail_path(self.template, username, self.base)
+        path = mail_path(self.template, username, self.base, home)
         if path.name.endswith(".lock"):
             # It would be another user's dotlock in a shared spool (/var/mail/bob.lock).
             raise TemporaryBackendError("an mbox name may not end in .lock")
         return path
 
-    def _place(self, username: str) -> _Place:
-        """Where the user's mbox is, below the mail root.
+    def _place(self, principal: Principal) -> _Place:
+        """Where the user's mbox is, below the mail root (for ``%h``, the user's home).
 
         Raises:
             UnsafeUserName: the name could escape the mail root.
+            NoHome: the template uses ``%h`` and the user has no usable home.
             TemporaryBackendError: the name would be another mbox's dotlock.
 
         """
-        path = self.path_for(username)
-        folder, _, name = mail_rel(self.template, username).rpartition("/")
+        username, home = principal.username, principal.attributes.get("home")
+        path = self.path_for(username, home)
+        folder, _, name = mail_rel(self.template, username, home).rpartition("/")
+        if uses_home(self.template):
+            # Opened for this use and closed with it (one folder a user, not one a store).
+            root = MailRoot(Path(home_root(home)), may_create=False)
+            return _Place(root, folder, name, path)
         return _Place(self.mail_root, folder, name, path)
 
     def lock_for(self, place: _Place, *, exclusive: bool) -> _MboxLock:
@@ -1032,7 +1046,7 @@ class MboxStore:
                 obtained in time, or the user name is unsafe.
 
         """
-        place = self._place(principal.username)
+        place = self._place(principal)
         _check_exists(place)
         session = self._session_lock(place)
 
@@ -1096,7 +1110,7 @@ class MboxStore:
             TemporaryBackendError: the mbox is missing or unreadable, or the name unsafe.
 
         """
-        place = self._place(principal.username)
+        place = self._place(principal)
         try:
             _check_exists(place)
         except PermanentBackendError as exc:  # the inspector's contract has one error
@@ -1147,7 +1161,7 @@ class MboxStore:
                 timeout, or an unsafe user name; nothing of the message is left behind.
 
         """
-        place = self._place(principal.username)
+        place = self._place(principal)
         limit = quota_for(principal.attributes, self.quota)
         spool = _Spool(place)
         try:

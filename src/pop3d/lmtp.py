@@ -77,6 +77,7 @@ from pop3d.config import Config, parse_address
 from pop3d.deliver import find_user
 from pop3d.errors import PermanentBackendError, QuotaExceeded
 from pop3d.storage.base import Deliverer
+from pop3d.storage.template import NoHome
 
 __all__ = [
     "MAX_RECIPIENTS",
@@ -377,6 +378,10 @@ class LmtpServerProtocol(LMTP):
         except QuotaExceeded:
             log.info("<%s>: over quota", rcpt)
             return _OVER_QUOTA
+        except NoHome as exc:
+            # The user database's to fix (a home for a %h template): retried, not bounced.
+            log.warning("<%s>: %s", rcpt, exc)
+            return _TEMPFAIL
         except PermanentBackendError:
             log.exception("<%s>: permanent delivery failure", rcpt)
             return _FAILED

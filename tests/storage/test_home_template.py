@@ -156,6 +156,19 @@ def test_a_user_without_a_home_gets_sys_perm(served: Served) -> None:
     assert "homeless" in line
 
 
+def test_delivery_to_a_user_without_a_home_is_retried(served: Served) -> None:
+    """LMTP answers ``451 4.3.0`` (the MTA retries once the home is set), not a bounce."""
+    with smtplib.LMTP("127.0.0.1", served.lmtp_port, timeout=10) as lmtp:
+        with pytest.raises(smtplib.SMTPDataError) as info:
+            lmtp.sendmail("x@example.org", ["homeless"], "Subject: x\r\n\r\nx\r\n")
+        assert info.value.smtp_code == 451
+    done = subprocess.run(
+        [sys.executable, "-m", "pop3d", "deliver", "--config", str(served.config), "homeless"],
+        input=b"Subject: x\n\nx\n", capture_output=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 75, done.stderr
+
+
 def test_check_config_accepts_home(served: Served, tmp_path: Path) -> None:
     """``pop3d check-config`` takes ``%h`` as the per-user variable."""
     config = tmp_path / "pop3d.toml"  # the served one's ports are taken

@@ -509,6 +509,74 @@ def test_deliver_killed_holding_the_dotlock(h: MboxHarness) -> None:
     assert sorted(p.name for p in h.path("alice").parent.iterdir()) == ["alice"]
 
 
+def killed_mid_append(h: MboxHarness, body: bytes, after: int) -> None:
+    """A process that delivers ``body`` and is SIGKILLed once ``after`` octets of the
+    message proper are written (``after=0``: right after its From_ line)."""
+    code = textwrap.dedent(f"""
+        import asyncio, os, signal
+        from pathlib import Path
+        from pop3d.auth.base import Principal
+        from pop3d.storage import mbox
+        real = mbox._copy
+        def dying(src, dst, *, start, length, out, tick):
+            if {after}:
+                real(src, dst, start=start, length={after}, out=out, tick=tick)
+            os.kill(os.getpid(), signal.SIGKILL)
+        mbox._copy = dying
+        async def chunks():
+            yield {body!r}
+        store = mbox.MboxStore({TEMPLATE!r}, Path({str(h.base)!r}))
+        asyncio.run(store.deliver(Principal("alice"), chunks(), sender="killed@example.org"))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], check=False, timeout=60)
+    assert done.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("after", [0, 7])
+def test_a_delivery_killed_mid_append_is_cut_off(h: MboxHarness, after: int) -> None:
+    """``pop3d``'s own append killed with SIGKILL half way: the next taker of the lock (a
+    POP3 session's snapshot here) cuts the partial message off; the others are intact."""
+    h.put("alice", b"first\n")
+    before = run(uids(h.store))
+    size = h.path("alice").stat().st_size
+    killed_mid_append(h, b"Subject: killed\n\nthis body is never finished\n", after)
+    assert h.path("alice").stat().st_size > size  # the partial message is there
+    assert run(uids(h.store)) == before
+    assert h.path("alice").stat().st_size == size
+    assert not h.path("alice").with_name(".alice.pop3d-append").exists()
+    run(h.store.deliver(user(), chunks_of(b"second\n")))
+    assert h.stored("alice") == [b"first\n", b"second\n"]
+
+
+def test_a_complete_append_is_never_cut(h: MboxHarness) -> None:
+    """A journal left behind a complete append (killed before it was removed): the
+    message is whole, so it stays."""
+    h.put("alice", b"first\n")
+    size = h.path("alice").stat().st_size
+    run(h.store.deliver(user(), chunks_of(b"second\n"), sender="s@example.org"))
+    data = h.path("alice").read_bytes()
+    from_line = data[size:].split(b"second")[0]
+    assert from_line.startswith(b"From s@example.org ")
+    journal = h.path("alice").with_name(".alice.pop3d-append")
+    ino = h.path("alice").stat().st_ino
+    length = len(data) - size - len(from_line) - 1
+    journal.write_text(f"{ino} {size} {length} {from_line.hex()}\n")
+    assert len(run(uids(h.store))) == 2
+    assert not journal.exists()
+    assert h.stored("alice") == [b"first\n", b"second\n"]
+
+
+def test_another_users_journal_is_ignored(h: MboxHarness) -> None:
+    """A journal that is not a regular file of ours (a link planted in a shared spool) is
+    neither read nor followed, nor does it cut anything; delivery goes on without one."""
+    h.put("alice", b"first\n")
+    journal = h.path("alice").with_name(".alice.pop3d-append")
+    journal.symlink_to(h.path("alice"))
+    run(h.store.deliver(user(), chunks_of(b"second\n")))
+    assert h.stored("alice") == [b"first\n", b"second\n"]
+    assert journal.is_symlink()
+
+
 def test_append_to_a_crlf_mbox_keeps_every_message(h: MboxHarness) -> None:
     """An mbox written with CRLF line ends (ending ``\\r\\n\\r\\n``): an append keeps the
     earlier messages' octets and UIDLs (the final empty line becomes the separator)."""

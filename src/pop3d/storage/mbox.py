@@ -688,6 +688,7 @@ class _MboxLock:
                     self.release()
                     return False
             self._take_dotlock(deadline)
+            self._recover_append(deadline)
             while True:
                 flags = (os.O_RDWR if self.exclusive else os.O_RDONLY) | _OPEN_FILE
                 try:
@@ -793,6 +794,111 @@ class _MboxLock:
             raise
         finally:
             os.close(fd)
+
+    @property
+    def journal(self) -> str:
+        """The name of the append journal of this mbox (see :meth:`begin_append`)."""
+        return f".{self.name}.pop3d-append"
+
+    def begin_append(self, size: int, head: bytes, length: int) -> bool:
+        """Before appending ``head`` + ``length`` octets at ``size``: say so in the journal.
+
+        A writer killed mid-append (SIGKILL: no ``except`` runs to truncate back) leaves
+        a partial message; the journal lets the next taker of the lock cut it off
+        (:meth:`_recover_append`).  It is not fsynced: it guards against a killed
+        process, whose writes the page cache keeps, not against a power cut.  False: a
+        file we may not replace is at the journal's name (the append goes on without).
+        """
+        record = f"{os.fstat(self.fd).st_ino} {size} {length} {head.hex()}\n".encode()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FILE
+        try:
+            fd = os.open(self.journal, flags, 0o600, dir_fd=self.dir_fd)
+        except FileExistsError:
+            log.warning("%s: %s exists and is not ours: appending without a journal",
+                        self.path, self.journal)  # fmt: skip
+            return False
+        try:
+            write_all(fd, record)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(self.journal, dir_fd=self.dir_fd)
+            raise
+        finally:
+            os.close(fd)
+        return True
+
+    def end_append(self) -> None:
+        """The append is durable (or truncated back): forget the journal.
+
+        A journal that cannot be removed does no harm: a complete append is never cut.
+        """
+        try:
+            os.unlink(self.journal, dir_fd=self.dir_fd)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("%s: cannot remove %s: %s", self.path, self.journal, exc.strerror)
+
+    def _recover_append(self, deadline: float) -> None:
+        """Under the dotlock: cut off the partial message of a writer killed mid-append.
+
+        The journal counts only if it is a regular file of ours (our uid, or the mbox
+        owner's: ``pop3d deliver`` run as the recipient), names the mbox's inode, and
+        what lies past the size it recorded is a prefix of the append it announced (its
+        From_ line, then at most the message's length): then the mbox is truncated back
+        to that size under a write ``fcntl`` lock.  A complete append (its final line end
+        written, fsynced or not) is never cut: it is whole, merely unacknowledged.  Any
+        other journal of ours is removed unused.  If the mbox cannot be written here (a
+        reader without the right), the journal stays for the next writer.
+        """
+        try:
+            found = _lstat(self.journal, self.dir_fd)
+        except FileNotFoundError:
+            return
+        try:
+            mbox = _lstat(self.name, self.dir_fd)
+        except FileNotFoundError:
+            mbox = None
+        if not st.S_ISREG(found.st_mode) or found.st_uid not in (
+            os.geteuid(), mbox.st_uid if mbox is not None else os.geteuid()
+        ):
+            return  # not ours: left alone (begin_append then appends without one)
+        fd = os.open(self.journal, os.O_RDONLY | _OPEN_FILE, dir_fd=self.dir_fd)
+        try:
+            text = os.read(fd, 4096).decode("ascii", "replace").split()
+        finally:
+            os.close(fd)
+        if mbox is not None and len(text) == 4 and all(t.isdigit() for t in text[:3]):
+            try:
+                self._cut_back(int(text[0]), int(text[1]), int(text[2]), text[3], deadline)
+            except OSError as exc:
+                log.warning("%s: cannot cut off a delivery killed mid-append: %s",
+                            self.path, exc.strerror)  # fmt: skip
+                return
+        self.end_append()
+
+    def _cut_back(self, ino: int, size: int, length: int, head_hex: str, deadline: float) -> None:
+        try:
+            head = bytes.fromhex(head_hex)
+        except ValueError:
+            return
+        fd = os.open(self.name, os.O_RDWR | _OPEN_FILE, dir_fd=self.dir_fd)
+        self.fd, saved = fd, self.exclusive
+        self.exclusive = True
+        try:
+            self._take_fcntl(deadline)
+            now = os.fstat(fd)
+            past = now.st_size - size
+            if now.st_ino != ino or not 0 < past < len(head) + length + 1:
+                return
+            if os.pread(fd, min(past, len(head)), size) != head[:past]:
+                return
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+            log.warning("%s: cut off %d octets of a delivery killed mid-append", self.path, past)
+        finally:
+            self.fd, self.exclusive = -1, saved
+            os.close(fd)  # drops the fcntl lock
 
     def _take_fcntl(self, deadline: float) -> None:
         kind = fcntl.F_WRLCK if self.exclusive else fcntl.F_RDLCK
@@ -1212,6 +1318,7 @@ class MboxStore:
                 if used + job.wire > limit:
                     raise QuotaExceeded("message exceeds the mailbox quota")
             lead = _append_lead(os.pread(fd, 3, max(0, size - 3)))
+            journal = lock.begin_append(size, lead + job.from_line, job.length)
             try:
                 out = _pwrite_all(fd, lead + job.from_line, size)
                 _copy(job.spool, fd, start=0, length=job.length, out=out, tick=lock.refresh)
@@ -1223,7 +1330,11 @@ class MboxStore:
                     os.fsync(fd)
                 except OSError:
                     log.exception("%s: could not truncate a failed delivery", path)
+                    journal = False  # kept: the next taker of the lock cuts it off
                 raise
+            finally:
+                if journal:
+                    lock.end_append()
             if created:
                 os.fsync(lock.dir_fd)
         except OSError as exc:

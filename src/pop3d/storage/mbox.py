@@ -75,7 +75,14 @@ Rules of this file:
   mbox lock, a From_ line, the spooled body and the separating empty line are appended
   (an empty line is first added if the file does not end with one), and the file fsynced.
   Any failure (disk full, file size limit, quota) truncates the file back to its
-  previous length: no partial message is ever left.
+  previous length.  A writer killed with SIGKILL cannot truncate: before appending it
+  writes the *append journal* ``.<name>.pop3d-append`` (the mbox's inode, its size, the
+  From_ line, the message's length), and removes it once the append is fsynced; the next
+  pop3d to take the mbox lock (a session's scan, a delivery, a commit) finds it and cuts
+  the partial message off (:meth:`_MboxLock._recover_append`).  A complete append is
+  never cut, and a journal that is not a regular file of ours is ignored (another user
+  may create files in a shared spool).  So no partial message of ours is left, except
+  after a power cut (the journal is not fsynced) or for a foreign MDA's crash.
 * **Quota** is counted in wire octets like the Maildir store's
   (:mod:`pop3d.storage.quota`); checking it costs a scan of the mbox under the lock.
 * **Blocking I/O** (scans, copies, fsyncs, lock waits) runs in the default executor,

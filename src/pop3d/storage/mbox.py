@@ -849,8 +849,8 @@ class _MboxLock:
     def _recover_append(self, deadline: float) -> None:
         """Under the dotlock: cut off the partial message of a writer killed mid-append.
 
-        The journal counts only if it is a regular file of ours (our uid, or the mbox
-        owner's: ``pop3d deliver`` run as the recipient), names the mbox's inode, and
+        The journal counts only if it is a regular file of ours (our uid, root's, or the
+        mbox owner's: ``pop3d deliver`` run as the recipient), names the mbox's inode, and
         what lies past the size it recorded is a prefix of the append it announced (its
         From_ line, then at most the message's length): then the mbox is truncated back
         to that size under a write ``fcntl`` lock.  A complete append (its final line end
@@ -867,7 +867,7 @@ class _MboxLock:
         except FileNotFoundError:
             mbox = None
         if not st.S_ISREG(found.st_mode) or found.st_uid not in (
-            os.geteuid(), mbox.st_uid if mbox is not None else os.geteuid()
+            0, os.geteuid(), mbox.st_uid if mbox is not None else os.geteuid()
         ):
             return  # not ours: left alone (begin_append then appends without one)
         fd = os.open(self.journal, os.O_RDONLY | _OPEN_FILE, dir_fd=self.dir_fd)

@@ -70,6 +70,7 @@ from pathlib import Path
 from typing import IO, Any, AnyStr
 
 from aiosmtpd.lmtp import LMTP
+from aiosmtpd.smtp import syntax
 
 from pop3d import limits, metrics
 from pop3d.auth.base import Authenticator, Principal
@@ -265,6 +266,7 @@ class LmtpServerProtocol(LMTP):
         lhlo = self._in_lhlo and line.startswith(b"250")
         await super().push(line if greeting or lhlo else wire_reply(line))
 
+    @syntax("LHLO hostname")
     async def smtp_LHLO(self, arg: str) -> None:  # noqa: N802 (aiosmtpd's verb method)
         """LHLO, its 250 reply marked as such (no enhanced status codes: RFC 2034 §3)."""
         self._in_lhlo = True
@@ -273,6 +275,7 @@ class LmtpServerProtocol(LMTP):
         finally:
             self._in_lhlo = False
 
+    @syntax("VRFY <address>")
     async def smtp_VRFY(self, arg: str) -> None:  # noqa: N802
         """VRFY verifies nothing (RFC 5321 §3.5.3 allows 252) and echoes nothing."""
         if await self.check_auth_needed("VRFY"):

@@ -134,6 +134,9 @@ def test_lhlo_reply_is_unchanged(served: Served) -> None:
         assert not ENHANCED.match(text.splitlines()[0])
         assert client.has_extn("enhancedstatuscodes")
         assert client.has_extn("pipelining")
+        code, text = client.docmd("HELP")
+        assert code == 250
+        assert {b"LHLO", b"VRFY", b"MAIL", b"RCPT", b"DATA"} <= set(text.split())
     finally:
         client.close()
 

@@ -307,6 +307,7 @@ class LmtpServerProtocol(LMTP):
         log.error("LMTP session with %s: unexpected error", peer, exc_info=error)
         return "451 4.3.0 Internal error, try again later"
 
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:  # noqa: N802 (aiosmtpd's verb method)
         """Receive the message into a spool, then deliver and reply for each recipient."""
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):

@@ -278,7 +278,7 @@ def _check_passwd_file(
 
 
 def _check_storage(cfg: Config, identity: privileges.Identity | None) -> list[str]:
-    from pop3d.storage.template import check_template, static_prefix  # noqa: PLC0415
+    from pop3d.storage.template import check_template, static_prefix, uses_home  # noqa: PLC0415
 
     if cfg.storage.maildir is None and cfg.storage.mbox is None:
         return []  # mail in a database ([storage] backend)
@@ -288,6 +288,8 @@ def _check_storage(cfg: Config, identity: privileges.Identity | None) -> list[st
         check_template(template)
     except ConfigError as exc:
         return [f"[storage] {key}: {exc}"]
+    if uses_home(template):
+        return []  # each user's home, from the user database: no folder of ours to check
     static = Path(static_prefix(template))
     folder = static if static.is_absolute() else cfg.storage.base / static
     while not folder.exists() and folder != folder.parent:

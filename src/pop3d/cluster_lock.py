@@ -300,9 +300,9 @@ class LeasedStore:
         stats: MailboxStats = await self.inner.stat(principal)
         return stats
 
-    def path_for(self, username: str) -> Any:
+    def path_for(self, username: str, home: str | None = None) -> Any:
         """The inner store's path of ``username``'s maildrop."""
-        return self.inner.path_for(username)
+        return self.inner.path_for(username, home)
 
     async def close(self) -> None:
         """Release every lease."""

@@ -25,7 +25,19 @@ Rules of this file:
   cannot be written, every recipient gets ``451 4.3.0``.
 * **Headers added** per recipient, as Dovecot's LMTP does: ``Return-Path: <sender>``
   then ``Delivered-To: rcpt``, in front of the message as received.
-* **Replies never carry exception text**; failures are logged with the recipient.
+* **Replies never carry exception text**; failures are logged with the recipient.  An
+  exception that escapes a command anyway is logged once and answered with a fixed
+  ``451 4.3.0`` (:meth:`LmtpServerProtocol.handle_exception`; aiosmtpd's own answer
+  would be ``500 Error: (Type) text``).
+* **Every reply line is printable ASCII**: any other octet (a control octet of an echoed
+  address or command, a non-UTF-8 or non-ASCII octet) goes out as ``?``, and an unknown
+  command or a VRFY argument is not echoed at all (:func:`wire_reply`).
+* **Every reply carries an enhanced status code** (RFC 2034 §3; the greeting and LHLO's
+  reply aside): aiosmtpd's own replies, which have none, get the RFC 3463 code of their
+  reply code (``501 5.5.4`` for a syntax error...).
+* **Addresses**: a ``MAIL``/``RCPT`` address that is not valid UTF-8 is refused
+  (``553 5.1.7`` / ``553 5.1.3``); one the stdlib address parser cannot read (it raises
+  on ``MAIL FROM:<``, bpo-27931) is a syntax error, ``501 5.5.4``.
 * ``LHLO`` advertises ``PIPELINING`` and ``ENHANCEDSTATUSCODES``, which RFC 2033 §5
   requires of every LMTP server; aiosmtpd reads pipelined commands in order.
 * **Connection caps** (``[lmtp] max_connections``, ``max_connections_per_ip``) are
@@ -48,15 +60,17 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import socket
 import stat
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, AnyStr
 
 from aiosmtpd.lmtp import LMTP
+from aiosmtpd.smtp import syntax
 
 from pop3d import metrics
 from pop3d.auth.base import Authenticator, find_user
@@ -65,6 +79,7 @@ from pop3d.errors import PermanentBackendError, QuotaExceeded
 from pop3d.protocol import limits
 from pop3d.protocol.values import Principal
 from pop3d.storage.base import Deliverer
+from pop3d.storage.template import NoHome
 
 __all__ = [
     "MAX_RECIPIENTS",
@@ -73,6 +88,7 @@ __all__ = [
     "LmtpServerProtocol",
     "bind_lmtp",
     "start_lmtp",
+    "wire_reply",
 ]
 
 log = logging.getLogger("pop3d.lmtp")
@@ -115,7 +131,10 @@ class LmtpHandler:
     async def handle_MAIL(  # noqa: N802
         self, _server: Any, _session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
-        """Accept the sender (``<>`` included)."""
+        """Accept the sender (``<>`` included); ``553 5.1.7`` if it is not valid UTF-8."""
+        if not _is_utf8(address):
+            log.info("MAIL: a sender address that is not valid UTF-8 refused")
+            return "553 5.1.7 Sender address is not valid UTF-8"
         envelope.mail_from = address
         envelope.mail_options.extend(options)
         envelope.principals = []
@@ -124,15 +143,22 @@ class LmtpHandler:
     async def handle_RCPT(  # noqa: N802
         self, _server: Any, _session: Any, envelope: Any, address: str, options: list[str]
     ) -> str:
-        """Look the recipient up: ``550 5.1.1`` if unknown, ``451 4.3.0`` if lookup fails."""
+        """Look the recipient up: ``550 5.1.1`` if unknown, ``451 4.3.0`` if lookup fails.
+
+        An address that is not valid UTF-8 names nobody: ``553 5.1.3``.
+        """
         principals: list[Principal] = getattr(envelope, "principals", [])
         if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
             metrics.lmtp_delivery("tempfail")
             return "452 4.5.3 Too many recipients"
+        if not _is_utf8(address):
+            log.info("RCPT: a recipient address that is not valid UTF-8 refused")
+            metrics.lmtp_delivery("unknown_user")
+            return "553 5.1.3 Recipient address is not valid UTF-8"
         try:
             principal = await self.find_user(address)
         except Exception:
-            log.exception("user lookup failed for <%s>", address)
+            log.exception("user lookup failed for <%s>", _printable(address))
             metrics.lmtp_delivery("tempfail")
             return f"451 4.3.0 <{address}> Temporary user lookup failure"
         if principal is None:
@@ -230,6 +256,59 @@ class LmtpServerProtocol(LMTP):
             return False
         return super().eof_received()
 
+    #: Whether the reply being sent answers LHLO (its 250 lines carry no enhanced codes).
+    _in_lhlo = False
+
+    async def push(self, status: AnyStr) -> None:
+        """Send one reply line as :func:`wire_reply` makes it (every reply passes here)."""
+        assert self.session is not None
+        line = wire_reply(status, enhanced=False)
+        greeting = not self.session.host_name and line.startswith(b"220")
+        lhlo = self._in_lhlo and line.startswith(b"250")
+        await super().push(line if greeting or lhlo else wire_reply(line))
+
+    @syntax("LHLO hostname")
+    async def smtp_LHLO(self, arg: str) -> None:  # noqa: N802 (aiosmtpd's verb method)
+        """LHLO, its 250 reply marked as such (no enhanced status codes: RFC 2034 §3)."""
+        self._in_lhlo = True
+        try:
+            await super().smtp_LHLO(arg)
+        finally:
+            self._in_lhlo = False
+
+    @syntax("VRFY <address>")
+    async def smtp_VRFY(self, arg: str) -> None:  # noqa: N802
+        """VRFY verifies nothing (RFC 5321 §3.5.3 allows 252) and echoes nothing."""
+        if await self.check_auth_needed("VRFY"):
+            return
+        if arg:
+            await self.push("252 2.5.2 Cannot VRFY user, but will accept message "
+                            "and attempt delivery")  # fmt: skip
+        else:
+            await self.push("501 5.5.4 Syntax: VRFY <address>")
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """Parse an address as aiosmtpd does; a parser exception is a syntax error.
+
+        (The stdlib's parser raises ``IndexError`` on ``<`` alone, bpo-27931.)  An empty
+        address makes aiosmtpd answer ``501``.
+        """
+        try:
+            return super()._getaddr(arg)
+        except Exception:
+            log.info("an address the parser cannot read: a syntax error")
+            return "", ""
+
+    async def handle_exception(self, error: Exception) -> str:
+        """An exception escaped a command: log it once, answer ``451 4.3.0``, no text of it.
+
+        (aiosmtpd's default answers ``500 Error: (Type) text`` and logs it itself.)
+        """
+        peer = self.session.peer if self.session is not None else None
+        log.error("LMTP session with %s: unexpected error", peer, exc_info=error)
+        return "451 4.3.0 Internal error, try again later"
+
+    @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:  # noqa: N802 (aiosmtpd's verb method)
         """Receive the message into a spool, then deliver and reply for each recipient."""
         if await self.check_helo_needed() or await self.check_auth_needed("DATA"):
@@ -298,12 +377,16 @@ class LmtpServerProtocol(LMTP):
             return _TOO_BIG
         if spool.failed:
             return _TEMPFAIL
-        head = f"Return-Path: <{sender}>\r\nDelivered-To: {rcpt}\r\n".encode()
         try:
+            head = f"Return-Path: <{sender}>\r\nDelivered-To: {rcpt}\r\n".encode()
             await self.event_handler.deliverer.deliver(principal, spool.stream(head))
         except QuotaExceeded:
             log.info("<%s>: over quota", rcpt)
             return _OVER_QUOTA
+        except NoHome as exc:
+            # The user database's to fix (a home for a %h template): retried, not bounced.
+            log.warning("<%s>: %s", rcpt, exc)
+            return _TEMPFAIL
         except PermanentBackendError:
             log.exception("<%s>: permanent delivery failure", rcpt)
             return _FAILED
@@ -312,6 +395,61 @@ class LmtpServerProtocol(LMTP):
             return _TEMPFAIL
         log.info("<%s>: delivered %d octets", rcpt, spool.size + len(head))
         return _SAVED
+
+
+#: Octets a reply line may carry: printable ASCII.
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+#: A reply with its RFC 3463 enhanced status code already.
+_HAS_ENHANCED = re.compile(r"[245][0-9][0-9](?:[ -]|$)[245]\.[0-9]{1,3}\.[0-9]{1,3}(?: |$)")
+#: A reply code that takes an enhanced status code (2xx, 4xx, 5xx: RFC 2034 §3).
+_TAKES_ENHANCED = re.compile(r"[245][0-9][0-9](?:[ -]|$)")
+#: The enhanced status code of aiosmtpd's own replies, by reply code (RFC 3463); others
+#: get ``X.0.0``.
+_ENHANCED = {
+    "500": "5.5.2",  # unknown command, bad syntax, line too long
+    "501": "5.5.4",  # syntax error in the arguments
+    "502": "5.5.1",  # command not implemented (EXPN)
+    "503": "5.5.1",  # bad sequence of commands
+    "504": "5.5.4",
+    "552": "5.3.4",  # message too big (MAIL ... SIZE=)
+    "553": "5.1.3",  # malformed address
+    "555": "5.5.4",  # unknown MAIL/RCPT parameters
+}
+#: aiosmtpd's reply to an unknown command, which echoes it.
+_UNKNOWN_COMMAND = re.compile(r'500 Error: command ".*" not recognized')
+
+
+def _printable(text: str) -> str:
+    """``text`` with every character outside printable ASCII as ``?``."""
+    return _UNPRINTABLE.sub("?", text)
+
+
+def _is_utf8(address: str) -> bool:
+    """Whether an address aiosmtpd decoded (UTF-8, surrogateescape) was valid UTF-8."""
+    try:
+        address.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def wire_reply(status: str | bytes, *, enhanced: bool = True) -> bytes:
+    """One reply line as it goes on the wire (without its CRLF).
+
+    Every octet outside printable ASCII becomes ``?`` (control octets, CR and LF of an
+    echoed client string included: no reply can be split or carry terminal escapes);
+    aiosmtpd's echo of an unknown command is replaced by fixed text; with ``enhanced``
+    a 2xx/4xx/5xx reply without an enhanced status code gets one (:data:`_ENHANCED`).
+    """
+    text = status.decode("latin-1") if isinstance(status, bytes) else status
+    text = _printable(text)
+    if _UNKNOWN_COMMAND.fullmatch(text):
+        text = "500 Error: command not recognized"
+    if enhanced and _TAKES_ENHANCED.match(text) and not _HAS_ENHANCED.match(text):
+        code, rest = text[:3], text[4:]
+        extended = _ENHANCED.get(code, f"{code[0]}.0.0")
+        text = f"{code}{text[3:4] or ' '}{extended}" + (f" {rest}" if rest else "")
+    return text.encode("ascii")
 
 
 @dataclass(frozen=True, slots=True)

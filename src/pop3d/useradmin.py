@@ -33,7 +33,7 @@ import warnings
 from pathlib import Path
 from typing import Any, TextIO
 
-from pop3d.errors import ConfigError, TemporaryBackendError
+from pop3d.errors import ConfigError, PermanentBackendError, TemporaryBackendError
 
 EX_FAIL = 1
 EX_NOUSER = 67
@@ -250,7 +250,10 @@ def run_stat(args: argparse.Namespace) -> int:
             return _fail(EX_TEMPFAIL, "the user's quota field cannot be read")
         path_for = getattr(store, "path_for", None)  # the PostgreSQL store has no paths
         try:
-            path = path_for(principal.username) if path_for else None
+            home = principal.attributes.get("home")
+            path = path_for(principal.username, home) if path_for else None
+        except PermanentBackendError as exc:
+            return _fail(EX_TEMPFAIL, f"the user's maildrop has no path: {exc}")
         except TemporaryBackendError:
             return _fail(EX_TEMPFAIL, "the user name cannot name a maildrop")
         try:

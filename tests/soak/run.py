@@ -337,7 +337,6 @@ class Context:
     deadline: float
     max_deliveries: int
     kill_gap: tuple[float, float]
-    tolerate: frozenset[str] = frozenset()
 
     def running(self) -> bool:
         return not self.stop.is_set() and time.monotonic() < self.deadline
@@ -634,7 +633,6 @@ class Report:
             (f"  lost: {c['lost']}, duplicated: {c['duplicated']}, corrupt or unknown: "
              f"{c['corrupt']}, resurrected: {c['resurrected']}"),
             f"  other events: {other or 'none'}",
-            f"  known bugs stepped over: {c['known bug: empty dotlock removed']} empty dotlocks",
             f"  verdict: {verdict}",
         ]
         lines += [f"  - {f}" for f in self.failures]
@@ -648,9 +646,8 @@ def final_check(ctx: Context) -> None:
     for user in USERS:
         try:
             refused = _read_all(ctx, user, present)
-            if refused is not None and _known_lock(ctx, user):
-                refused = _read_all(ctx, user, present)
             if refused is not None:
+                _empty_dotlock(ctx, user)
                 ledger.fail(f"{user}: cannot log in after the final restart (a lock left "
                             f"behind?): {refused!r}")
         except (OSError, ValueError, IndexError) as exc:
@@ -684,35 +681,16 @@ def final_check(ctx: Context) -> None:
         ledger.fail("the ledger does not add up")
 
 
-#: Known bugs a run may be told to step over (``tolerate=``), each reported: the soak then
-#: counts them, repairs what they left, and checks everything else.
-KNOWN_BUGS = {
-    "empty-dotlock": (
-        "storage/mbox.py creates the dotlock with O_EXCL and writes its pid:host after: a "
-        "SIGKILL in between leaves an empty dotlock nobody breaks for STALE_DOTLOCK_AGE "
-        "(300 s), and the user can neither log in nor receive mail meanwhile"
-    ),
-}
-
-
-def _known_lock(ctx: Context, user: str) -> bool:
-    """After a refused login: an empty mbox dotlock (a known bug), removed if tolerated."""
+def _empty_dotlock(ctx: Context, user: str) -> None:
+    """After a refused login: say so if an empty mbox dotlock is why (a regression: pop3d
+    links its dotlock into place with its pid already written, so a SIGKILL cannot leave
+    one empty)."""
     if ctx.server.store != "mbox":
-        return False
+        return
     dotlock = ctx.server.root / "mbox" / f"{user}.lock"
-    try:
-        empty = dotlock.stat().st_size == 0
-    except FileNotFoundError:
-        return False
-    if not empty:
-        return False
-    if "empty-dotlock" not in ctx.tolerate:
-        ctx.ledger.fail(f"{user}: an empty dotlock was left behind: "
-                        f"{KNOWN_BUGS['empty-dotlock']}")
-        return False
-    ctx.ledger.count("known bug: empty dotlock removed")
-    dotlock.unlink()
-    return True
+    with contextlib.suppress(FileNotFoundError):
+        if dotlock.stat().st_size == 0:
+            ctx.ledger.fail(f"{user}: an empty dotlock was left behind")
 
 
 def _check_log(ctx: Context) -> None:
@@ -769,7 +747,6 @@ def run_soak(
     workers: int = 2,
     kill_gap: tuple[float, float] = (1.0, 8.0),
     max_deliveries: int = 20000,
-    tolerate: frozenset[str] = frozenset(),
     log: Callable[[str], None] = print,
 ) -> Report:
     """Run the soak for ``seconds`` in the folder ``root``; return the verdict."""
@@ -781,7 +758,7 @@ def run_soak(
     ledger = Ledger()
     started = time.monotonic()
     ctx = Context(seed, server, ledger, threading.Event(), started + seconds, max_deliveries,
-                  kill_gap, frozenset(tolerate))
+                  kill_gap)
 
     def rng(name: str) -> random.Random:
         return random.Random(f"{seed}/{name}")
@@ -832,14 +809,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, help="seed of every random choice")
     parser.add_argument("--workdir", help="keep the run's files here (default: a temp dir)")
     parser.add_argument("--workers", type=int, default=2, help="[server] workers")
-    parser.add_argument("--tolerate", action="append", default=[], choices=sorted(KNOWN_BUGS),
-                        help="step over a known, reported bug (repeatable)")
     args = parser.parse_args(argv)
     ok = True
     for store in args.store or ["maildir", "mbox"]:
         with _workdir(args.workdir and str(Path(args.workdir) / store)) as root:
             report = run_soak(store, args.minutes * 60, root, seed=args.seed,
-                              workers=args.workers, tolerate=frozenset(args.tolerate))
+                              workers=args.workers)
             print(report.text(), flush=True)
             ok = ok and report.ok
     return 0 if ok else 1

@@ -29,9 +29,6 @@ def test_no_mail_lost_through_kills(store: str, tmp_path: Path) -> None:
         seed=seed,
         kill_gap=(1.0, 5.0),
         workers=1 if store == "maildir" else 2,
-        # Reported (storage/mbox.py): until fixed, CI steps over it and checks the rest;
-        # `make soak` does not.
-        tolerate=frozenset({"empty-dotlock"}),
         log=lambda _: None,
     )
     print(report.text())

@@ -8,6 +8,7 @@ pop3d.storage.mbox, and reads them back the same way.
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import itertools
 import os
@@ -435,6 +436,159 @@ def test_dotlock_of_a_dead_process_is_broken_at_once(h: MboxHarness) -> None:
     store = MboxStore(TEMPLATE, h.base, lock_timeout=0.5)
     run(store.deliver(user(), chunks_of(b"second\n")))
     assert h.stored("alice") == [b"first\n", b"second\n"]
+
+
+def test_fresh_empty_dotlock_is_waited_for_until_stale(h: MboxHarness) -> None:
+    """An empty dotlock (another program's, or a pre-link pop3d killed mid-create) names no
+    process: it is respected until it is :data:`STALE_DOTLOCK_AGE` old, then broken."""
+    h.put("alice", b"first\n")
+    lock = h.path("alice").with_name("alice.lock")
+    lock.write_bytes(b"")
+    with pytest.raises(TemporaryBackendError):
+        run(MboxStore(TEMPLATE, h.base, lock_timeout=0.3).deliver(user(), chunks_of(b"x\n")))
+    assert lock.exists()
+    store = MboxStore(TEMPLATE, h.base, lock_timeout=10, stale_dotlock_age=0.5)
+    run(store.deliver(user(), chunks_of(b"second\n")))
+    assert not lock.exists()
+    assert h.stored("alice") == [b"first\n", b"second\n"]
+
+
+def test_dotlock_is_never_left_empty(h: MboxHarness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writing the dotlock's pid fails (disk full): no lock is left behind, empty or not,
+    and the next delivery goes through at once (the pid is written before the lock name
+    exists: a temporary file, then ``link()``)."""
+    h.put("alice", b"first\n")
+    real_write = os.write
+    mine = f"{os.getpid()}:".encode()
+
+    def full(fd: int, data: bytes | memoryview) -> int:
+        if bytes(data).startswith(mine):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(TemporaryBackendError):
+        run(h.store.deliver(user(), chunks_of(b"lost\n")))
+    monkeypatch.setattr(os, "write", real_write)
+    assert sorted(p.name for p in h.path("alice").parent.iterdir()) == ["alice"]
+    run(MboxStore(TEMPLATE, h.base, lock_timeout=0.5).deliver(user(), chunks_of(b"second\n")))
+    assert h.stored("alice") == [b"first\n", b"second\n"]
+
+
+def test_deliver_killed_holding_the_dotlock(h: MboxHarness) -> None:
+    """``pop3d deliver`` killed with SIGKILL while it holds the dotlock (it waits for an
+    MDA's ``fcntl`` lock, which comes after the dotlock): the dotlock it leaves names its
+    dead pid and the next delivery breaks it at once."""
+    h.put("alice", b"first\n")
+    (h.base / "users").write_text("alice:{PLAIN}x\n")
+    config = h.base / "pop3d.toml"
+    config.write_text(f'[auth]\npasswd_file = "users"\n[storage]\nmbox = "{TEMPLATE}"\n')
+    holder = lock_holder(h.path("alice"), "fcntl", 60.0)
+    lock = h.path("alice").with_name("alice.lock")
+    try:
+        deliver = subprocess.Popen(
+            [sys.executable, "-m", "pop3d", "deliver", "--config", str(config), "alice"],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        assert deliver.stdin is not None
+        deliver.stdin.write(b"killed\n")
+        deliver.stdin.close()
+        deadline = time.monotonic() + 30
+        while not lock.exists() and deliver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert lock.read_bytes() == f"{deliver.pid}:{mbox._host()}\n".encode()
+        deliver.send_signal(signal.SIGKILL)
+        assert deliver.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        holder.kill()
+        holder.wait()
+    assert lock.exists()
+    run(MboxStore(TEMPLATE, h.base, lock_timeout=1).deliver(user(), chunks_of(b"second\n")))
+    assert not lock.exists()
+    assert h.stored("alice") == [b"first\n", b"second\n"]
+    assert sorted(p.name for p in h.path("alice").parent.iterdir()) == ["alice"]
+
+
+def killed_mid_append(h: MboxHarness, body: bytes, after: int) -> None:
+    """A process that delivers ``body`` and is SIGKILLed once ``after`` octets of the
+    message proper are written (``after=0``: right after its From_ line)."""
+    code = textwrap.dedent(f"""
+        import asyncio, os, signal
+        from pathlib import Path
+        from pop3d.auth.base import Principal
+        from pop3d.storage import mbox
+        real = mbox._copy
+        def dying(src, dst, *, start, length, out, tick):
+            if {after}:
+                real(src, dst, start=start, length={after}, out=out, tick=tick)
+            os.kill(os.getpid(), signal.SIGKILL)
+        mbox._copy = dying
+        async def chunks():
+            yield {body!r}
+        store = mbox.MboxStore({TEMPLATE!r}, Path({str(h.base)!r}))
+        asyncio.run(store.deliver(Principal("alice"), chunks(), sender="killed@example.org"))
+    """)
+    done = subprocess.run([sys.executable, "-c", code], check=False, timeout=60)
+    assert done.returncode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("after", [0, 7])
+def test_a_delivery_killed_mid_append_is_cut_off(h: MboxHarness, after: int) -> None:
+    """``pop3d``'s own append killed with SIGKILL half way: the next taker of the lock (a
+    POP3 session's snapshot here) cuts the partial message off; the others are intact."""
+    h.put("alice", b"first\n")
+    before = run(uids(h.store))
+    size = h.path("alice").stat().st_size
+    killed_mid_append(h, b"Subject: killed\n\nthis body is never finished\n", after)
+    assert h.path("alice").stat().st_size > size  # the partial message is there
+    assert run(uids(h.store)) == before
+    assert h.path("alice").stat().st_size == size
+    assert not h.path("alice").with_name(".alice.pop3d-append").exists()
+    run(h.store.deliver(user(), chunks_of(b"second\n")))
+    assert h.stored("alice") == [b"first\n", b"second\n"]
+
+
+def test_a_complete_append_is_never_cut(h: MboxHarness) -> None:
+    """A journal left behind a complete append (killed before it was removed): the
+    message is whole, so it stays."""
+    h.put("alice", b"first\n")
+    size = h.path("alice").stat().st_size
+    run(h.store.deliver(user(), chunks_of(b"second\n"), sender="s@example.org"))
+    data = h.path("alice").read_bytes()
+    from_line = data[size:].split(b"second")[0]
+    assert from_line.startswith(b"From s@example.org ")
+    journal = h.path("alice").with_name(".alice.pop3d-append")
+    ino = h.path("alice").stat().st_ino
+    length = len(data) - size - len(from_line) - 1
+    journal.write_text(f"{ino} {size} {length} {from_line.hex()}\n")
+    assert len(run(uids(h.store))) == 2
+    assert not journal.exists()
+    assert h.stored("alice") == [b"first\n", b"second\n"]
+
+
+def test_another_users_journal_is_ignored(h: MboxHarness) -> None:
+    """A journal that is not a regular file of ours (a link planted in a shared spool) is
+    neither read nor followed, nor does it cut anything; delivery goes on without one."""
+    h.put("alice", b"first\n")
+    journal = h.path("alice").with_name(".alice.pop3d-append")
+    journal.symlink_to(h.path("alice"))
+    run(h.store.deliver(user(), chunks_of(b"second\n")))
+    assert h.stored("alice") == [b"first\n", b"second\n"]
+    assert journal.is_symlink()
+
+
+def test_append_to_a_crlf_mbox_keeps_every_message(h: MboxHarness) -> None:
+    """An mbox written with CRLF line ends (ending ``\\r\\n\\r\\n``): an append keeps the
+    earlier messages' octets and UIDLs (the final empty line becomes the separator)."""
+    h.create("alice")
+    h.path("alice").write_bytes(
+        b"From a@b Mon Jan  1 00:00:00 2024\r\nSubject: c\r\n\r\nbody\r\n\r\n"
+    )
+    before = run(uids(h.store)), run(bodies(h.store))
+    run(h.store.deliver(user(), chunks_of(b"next\n")))
+    after = run(uids(h.store)), run(bodies(h.store))
+    assert after[0][:1] == before[0]
+    assert after[1] == [*before[1], b"next\r\n"]
 
 
 @pytest.mark.parametrize("mode", ["table", "per-mailbox"])

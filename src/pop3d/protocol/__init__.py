@@ -20,12 +20,13 @@ from pop3d.protocol.events import (
     StartTls,
     Update,
 )
-from pop3d.protocol.pop3 import Pop3Connection, Pop3Settings
+from pop3d.protocol.pop3 import Cap, Pop3Connection, Pop3Settings, refusal
 from pop3d.protocol.replies import RespCode
 
 __all__ = [
     "ApopAuthenticate",
     "AuthRefused",
+    "Cap",
     "Closed",
     "Event",
     "Flush",
@@ -40,4 +41,5 @@ __all__ = [
     "SendMessage",
     "StartTls",
     "Update",
+    "refusal",
 ]

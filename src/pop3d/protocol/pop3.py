@@ -20,6 +20,8 @@ Rules this file keeps:
   64 lines handled by itself) the core stops and returns :class:`Flush`; it answers more
   only when asked again, so a driver that stops asking while its peer does not read
   holds a bounded amount, whatever is pipelined.
+* A connection refused at accept (a connection cap) gets its one line from the core too,
+  :func:`refusal`, without a session: the transport writes no POP3 text of its own.
 * Deadlines and shutdown are the driver's inputs (:meth:`Pop3Connection.timeout`,
   :meth:`Pop3Connection.shutdown`): the core closes without UPDATE and says what may still
   be sent (nothing in the middle of a message).  The core counts its own refusals
@@ -81,6 +83,25 @@ _DEADLINE_TEXT: dict[str, str] = {
     "line": "command line timeout",
     "send": "output not read",
 }
+
+
+#: The connection caps the transport counts at accept: ``total`` (``max_connections``),
+#: ``per_ip`` (``max_connections_per_ip``).
+Cap = Literal["total", "per_ip"]
+
+_REFUSAL_TEXT: dict[str, str] = {
+    "total": "too many connections",
+    "per_ip": "too many connections from your address",
+}
+
+
+def refusal(cap: Cap) -> bytes:
+    """The one line a connection refused by ``cap`` gets instead of the greeting.
+
+    No session starts for it: the transport writes these bytes (on a cleartext
+    listener; a TLS one cannot speak before its handshake) and closes.
+    """
+    return err(_REFUSAL_TEXT[cap], RespCode.SYS_TEMP)
 
 
 @dataclass(frozen=True, slots=True)

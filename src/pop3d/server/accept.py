@@ -45,10 +45,9 @@ import ssl
 from typing import TYPE_CHECKING, cast
 
 from pop3d import logsetup, metrics
-from pop3d.protocol import limits
-from pop3d.protocol.replies import RespCode, err
+from pop3d.protocol import Cap, limits, refusal
 from pop3d.server.connection import Pop3Protocol
-from pop3d.server.context import REFUSALS, Client
+from pop3d.server.context import Client
 from pop3d.server.proxy_protocol import (
     MAX_HEADER,
     ProxyHeaderError,
@@ -350,13 +349,13 @@ class AcceptProtocol(asyncio.Protocol):
             metrics.tls_handshake(False)  # noqa: FBT003
         self._close("timeout")
 
-    def _refuse(self, cap: str) -> None:
-        """Refused by a connection cap: say so on a cleartext listener, and close."""
+    def _refuse(self, cap: Cap) -> None:
+        """Refused by a connection cap: the core's refusal on a cleartext listener; close."""
         metrics.connection_refused(cap)
-        log.warning("refused %s: %s", self.peer, REFUSALS[cap])
+        log.warning("refused %s: over the %s connection cap", self.peer, cap)
         transport = self._transport()
         if not self.implicit_tls:
-            transport.write(err(REFUSALS[cap], RespCode.SYS_TEMP))
+            transport.write(refusal(cap))
         self._drop()
         self._state = _CLOSED
         transport.close()

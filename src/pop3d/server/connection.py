@@ -65,10 +65,11 @@ from pop3d.protocol import (
     StartTls,
     Update,
     limits,
+    refusal,
 )
 from pop3d.protocol.events import Event
 from pop3d.protocol.pop3 import Deadline
-from pop3d.protocol.replies import RespCode, err
+from pop3d.protocol.replies import RespCode
 from pop3d.protocol.states import State
 from pop3d.server.tls import certificate_identity, start_tls
 from pop3d.session import AuthRequest, Later, read_failed
@@ -211,10 +212,10 @@ class Pop3Protocol(asyncio.Protocol):
             self.peer = f"{self.address}:{peer[1]}" if peer else "local"
         else:
             self.address, self.peer = client.address, client.peer
-        refusal = self.server.admit(self)
-        if refusal is not None:
-            log.warning("refused %s: %s", self.peer, refusal)
-            transport.write(err(refusal, RespCode.SYS_TEMP))
+        cap = self.server.admit(self)
+        if cap is not None:
+            log.warning("refused %s: over the %s connection cap", self.peer, cap)
+            transport.write(refusal(cap))
             self._result = "refused"
             self._closing = True
             transport.close()

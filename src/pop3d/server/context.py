@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 from pop3d import __version__, metrics, process
 from pop3d.config import Config
-from pop3d.protocol import Pop3Settings, limits, sasl
+from pop3d.protocol import Cap, Pop3Settings, limits, sasl
 from pop3d.server.tls import TlsContexts
 from pop3d.session import Backends
 
@@ -58,12 +58,6 @@ class PreSession(Protocol):
     def waiting_for_slot(self) -> bool: ...  # noqa: D102
     def start_tls(self) -> None: ...  # noqa: D102
 
-
-#: What a refused client is told on a cleartext listener, by the cap that refused it.
-REFUSALS = {
-    "total": "too many connections",
-    "per_ip": "too many connections from your address",
-}
 
 @dataclass(frozen=True, slots=True)
 class Client:
@@ -209,7 +203,7 @@ class ServerContext:
             conn.check_deadlines(now)
         self._sweep = loop.call_later(self._sweep_every, self._sweep_idle, loop)
 
-    def reserve(self, address: str | None) -> str | None:
+    def reserve(self, address: str | None) -> Cap | None:
         """Count a connection in at accept; return the cap that refuses it, or None.
 
         ``address`` None counts against the total only (a balancer's connection, whose
@@ -226,7 +220,7 @@ class ServerContext:
         self.open += 1
         return None
 
-    def reserve_address(self, address: str) -> str | None:
+    def reserve_address(self, address: str) -> Cap | None:
         """Count a connection already in the total against ``address``; or refuse it."""
         held = self.per_address.get(address, 0)
         if held >= self.config.server.max_connections_per_ip:
@@ -244,8 +238,8 @@ class ServerContext:
             else:
                 self.per_address.pop(address, None)
 
-    def admit(self, conn: Session) -> str | None:
-        """Count a new session in; return the refusal text when over a limit.
+    def admit(self, conn: Session) -> Cap | None:
+        """Count a new session in; return the cap it is over (and do not count it).
 
         A session started by the accept path (``conn.client`` set) was counted there.
         """
@@ -255,7 +249,7 @@ class ServerContext:
             cap = self.reserve(conn.address)
             if cap is not None:
                 metrics.connection_refused(cap)
-                return REFUSALS[cap]
+                return cap
         self.connections.add(conn)
         return None
 

@@ -127,13 +127,16 @@ class MailRoot:
 
     Args:
         path: the root folder (the template's static folder, see
-            :func:`pop3d.storage.template.mail_root`).
+            :func:`pop3d.storage.template.mail_root`, or a user's home).
+        may_create: whether :meth:`fd` may create it (not a user's home: that is the
+            user database's business).
 
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, may_create: bool = True) -> None:
         #: The folder.
         self.path = path
+        self.may_create = may_create
         self._fd = -1
         self._guard = threading.Lock()
 
@@ -149,7 +152,7 @@ class MailRoot:
             return fd
         with self._guard:
             if self._fd < 0:
-                if create:
+                if create and self.may_create:
                     self.path.mkdir(mode=0o755, parents=True, exist_ok=True)
                 self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             return self._fd

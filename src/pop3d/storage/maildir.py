@@ -120,7 +120,14 @@ from pop3d.storage.blocking import in_thread, nowait_reads, pread_nowait, preadv
 from pop3d.storage.lock_table import LockTable, TableLock
 from pop3d.storage.locking import SessionLock, SessionLocks, session_locks_for, take_lock
 from pop3d.storage.quota import charge, quota_for
-from pop3d.storage.template import check_template, mail_path, mail_rel, mail_root
+from pop3d.storage.template import (
+    check_template,
+    home_root,
+    mail_path,
+    mail_rel,
+    mail_root,
+    uses_home,
+)
 from pop3d.storage.wire import CrlfNormaliser, WireCounter
 
 __all__ = [
@@ -898,23 +905,32 @@ class MaildirStore:
         locks = session_locks_for(config.maildir, config.base, config.lock_table)
         return cls(config.maildir, config.base, quota=config.quota, session_locks=locks)
 
-    def path_for(self, username: str) -> Path:
-        """Return the user's Maildir path.
+    def path_for(self, username: str, home: str | None = None) -> Path:
+        """Return the user's Maildir path (``home``: the user's, for a ``%h`` template).
 
         Raises:
             UnsafeUserName: the name could escape the mail root.
+            NoHome: the template uses ``%h`` and the user has no usable home.
 
         """
-        return mail_path(self.template, username, self.base)
+        return mail_path(self.template, username, self.base, home)
 
-    def _where(self, username: str) -> _Where:
-        """Where the user's Maildir is, below the mail root.
+    def _where(self, principal: Principal) -> _Where:
+        """Where the user's Maildir is, below the mail root (for ``%h``, the user's home).
 
         Raises:
             UnsafeUserName: the name could escape the mail root.
+            NoHome: the template uses ``%h`` and the user has no usable home.
 
         """
-        return _Where(self.mail_root, mail_rel(self.template, username), self.path_for(username))
+        username, home = principal.username, principal.attributes.get("home")
+        path = self.path_for(username, home)
+        rel = mail_rel(self.template, username, home)
+        if uses_home(self.template):
+            # Opened for this use and closed with it (one folder a user, not one a store).
+            root = MailRoot(Path(home_root(home)), may_create=False)
+            return _Where(root, rel, path)
+        return _Where(self.mail_root, rel, path)
 
     # -------------------------------------------------------------- MailStore
 
@@ -929,7 +945,7 @@ class MaildirStore:
                 symbolic link (or not a folder).
 
         """
-        where = self._where(principal.username)
+        where = self._where(principal)
         dirs = _Dirs(_open_folder(where), where.path)
         try:
             cur, new = _check_maildir(dirs.md)
@@ -1037,7 +1053,7 @@ class MaildirStore:
             MaildropLocked, TemporaryBackendError, PermanentBackendError: as :meth:`open`.
 
         """
-        where = self._where(principal.username)
+        where = self._where(principal)
         md = _open_folder(where)
         try:
             cur, new = _check_maildir(md)
@@ -1093,7 +1109,7 @@ class MaildirStore:
                 a symbolic link included), or the name unsafe.
 
         """
-        where = self._where(principal.username)
+        where = self._where(principal)
         try:
             return await in_thread(lambda: self._stat_sync(where))
         except PermanentBackendError as exc:  # the inspector's contract has one error
@@ -1127,7 +1143,7 @@ class MaildirStore:
                 left behind.
 
         """
-        where = self._where(principal.username)
+        where = self._where(principal)
         limit = quota_for(principal.attributes, self.quota)
         dirs = _make_maildir(where)
         try:

@@ -40,9 +40,11 @@ Rules of this file:
     with its holder (kill -9 included).  It is not the mbox lock: MDAs keep delivering
     while a session is open.
   - the *mbox lock*, taken briefly to scan, append and rewrite, and respected by MTAs and
-    mail readers: first the dotlock ``<mbox>.lock`` (created with ``O_EXCL``, holding
-    ``pid:host``, refreshed while held; one older than :data:`STALE_DOTLOCK_AGE` or whose
-    process on this host is dead is stale and broken, as procmail and Dovecot do), then
+    mail readers: first the dotlock ``<mbox>.lock`` (holding ``pid:host``: written to a
+    temporary file of an unpredictable name, then hard-linked to the lock name, so that
+    it is never seen empty; refreshed while held; one whose process on this host is dead
+    is stale at once, one without a readable pid after :data:`STALE_DOTLOCK_AGE`, and a
+    stale one is broken, as procmail and Dovecot do), then
     a write (or read) ``fcntl`` lock on the whole file -- an open-file-description lock
     (``F_OFD_SETLK``) where the kernel has it, which conflicts with classic ``fcntl``/
     ``lockf`` locks of other processes but is not silently dropped when another thread
@@ -73,7 +75,14 @@ Rules of this file:
   mbox lock, a From_ line, the spooled body and the separating empty line are appended
   (an empty line is first added if the file does not end with one), and the file fsynced.
   Any failure (disk full, file size limit, quota) truncates the file back to its
-  previous length: no partial message is ever left.
+  previous length.  A writer killed with SIGKILL cannot truncate: before appending it
+  writes the *append journal* ``.<name>.pop3d-append`` (the mbox's inode, its size, the
+  From_ line, the message's length), and removes it once the append is fsynced; the next
+  pop3d to take the mbox lock (a session's scan, a delivery, a commit) finds it and cuts
+  the partial message off (:meth:`_MboxLock._recover_append`).  A complete append is
+  never cut, and a journal that is not a regular file of ours is ignored (another user
+  may create files in a shared spool).  So no partial message of ours is left, except
+  after a power cut (the journal is not fsynced) or for a foreign MDA's crash.
 * **Quota** is counted in wire octets like the Maildir store's
   (:mod:`pop3d.storage.quota`); checking it costs a scan of the mbox under the lock.
 * **Blocking I/O** (scans, copies, fsyncs, lock waits) runs in the default executor,
@@ -128,7 +137,14 @@ from pop3d.storage.beneath import DIR_FLAGS, MailRoot, is_link_refusal
 from pop3d.storage.blocking import in_thread, pread_nowait, write_all
 from pop3d.storage.locking import SessionLock, SessionLocks, session_locks_for, take_lock
 from pop3d.storage.quota import quota_for
-from pop3d.storage.template import check_template, mail_path, mail_rel, mail_root
+from pop3d.storage.template import (
+    check_template,
+    home_root,
+    mail_path,
+    mail_rel,
+    mail_root,
+    uses_home,
+)
 from pop3d.storage.wire import CrlfNormaliser, WireCounter
 
 __all__ = ["MboxMaildrop", "MboxStore"]
@@ -558,6 +574,8 @@ def _pid_alive(pid: int) -> bool:
 
 
 _OPEN_FILE = os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+#: What ``link()`` fails with where a file system has no hard links.
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -677,6 +695,7 @@ class _MboxLock:
                     self.release()
                     return False
             self._take_dotlock(deadline)
+            self._recover_append(deadline)
             while True:
                 flags = (os.O_RDWR if self.exclusive else os.O_RDONLY) | _OPEN_FILE
                 try:
@@ -715,35 +734,178 @@ class _MboxLock:
             raise
 
     def _take_dotlock(self, deadline: float) -> None:
-        content = f"{os.getpid()}:{_host()}\n".encode()
         while True:
-            try:
-                fd = os.open(
-                    self.dotlock,
-                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FILE,
-                    0o644,
-                    dir_fd=self.dir_fd,
-                )
-            except FileExistsError:
-                stale = _dotlock_stale(self.dotlock, self.dir_fd, self.stale_age)
-                if stale is not None:
-                    with contextlib.suppress(FileNotFoundError):
-                        again = _lstat(self.dotlock, self.dir_fd)
-                        if (again.st_ino, again.st_mtime_ns) == (stale.st_ino, stale.st_mtime_ns):
-                            log.warning("%s.lock: breaking a stale dotlock", self.path)
-                            os.unlink(self.dotlock, dir_fd=self.dir_fd)
-                    continue
-                if time.monotonic() >= deadline:
-                    raise TemporaryBackendError("timed out waiting for the mbox dotlock") from None
-                time.sleep(LOCK_RETRY)
+            ino = self._link_dotlock()
+            if ino is not None:
+                self._dot_ino = ino
+                self._refreshed = time.monotonic()
+                return
+            stale = _dotlock_stale(self.dotlock, self.dir_fd, self.stale_age)
+            if stale is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    again = _lstat(self.dotlock, self.dir_fd)
+                    if (again.st_ino, again.st_mtime_ns) == (stale.st_ino, stale.st_mtime_ns):
+                        log.warning("%s.lock: breaking a stale dotlock", self.path)
+                        os.unlink(self.dotlock, dir_fd=self.dir_fd)
                 continue
+            if time.monotonic() >= deadline:
+                raise TemporaryBackendError("timed out waiting for the mbox dotlock") from None
+            time.sleep(LOCK_RETRY)
+
+    def _link_dotlock(self) -> int | None:
+        """Try once to create the dotlock, never empty; its inode, or None if it is held.
+
+        ``pid:host`` goes into a new file of an unpredictable name (``O_EXCL``,
+        ``O_NOFOLLOW``), which is then hard-linked to the lock name: the link is atomic
+        and fails if the name exists (a link included, never followed), so the lock
+        appears with its content or not at all -- a holder killed at any point leaves
+        either no lock or one naming its dead pid, which the next taker breaks at once.
+        Where the file system has no hard links, ``O_EXCL`` on the lock name itself.
+        """
+        content = f"{os.getpid()}:{_host()}\n".encode()
+        temp = f".{self.dotlock}.{secrets.token_hex(8)}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FILE
+        fd = os.open(temp, flags, 0o644, dir_fd=self.dir_fd)
+        try:
             try:
-                os.write(fd, content)
-                self._dot_ino = os.fstat(fd).st_ino
+                write_all(fd, content)
+                ino = os.fstat(fd).st_ino
+                try:
+                    os.link(temp, self.dotlock, src_dir_fd=self.dir_fd,
+                            dst_dir_fd=self.dir_fd, follow_symlinks=False)  # fmt: skip
+                except FileExistsError:
+                    return None
+                except OSError as exc:
+                    if exc.errno not in _NO_HARD_LINKS:
+                        raise
+                    return self._create_dotlock(content)
+                return ino
             finally:
-                os.close(fd)
-            self._refreshed = time.monotonic()
+                with contextlib.suppress(OSError):
+                    os.unlink(temp, dir_fd=self.dir_fd)
+        finally:
+            os.close(fd)
+
+    def _create_dotlock(self, content: bytes) -> int | None:
+        """The dotlock by ``O_EXCL`` create, then write (no hard links here)."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FILE
+        try:
+            fd = os.open(self.dotlock, flags, 0o644, dir_fd=self.dir_fd)
+        except FileExistsError:
+            return None
+        try:
+            write_all(fd, content)
+            return os.fstat(fd).st_ino
+        except BaseException:
+            os.unlink(self.dotlock, dir_fd=self.dir_fd)
+            raise
+        finally:
+            os.close(fd)
+
+    @property
+    def journal(self) -> str:
+        """The name of the append journal of this mbox (see :meth:`begin_append`)."""
+        return f".{self.name}.pop3d-append"
+
+    def begin_append(self, size: int, head: bytes, length: int) -> bool:
+        """Before appending ``head`` + ``length`` octets at ``size``: say so in the journal.
+
+        A writer killed mid-append (SIGKILL: no ``except`` runs to truncate back) leaves
+        a partial message; the journal lets the next taker of the lock cut it off
+        (:meth:`_recover_append`).  It is not fsynced: it guards against a killed
+        process, whose writes the page cache keeps, not against a power cut.  False: a
+        file we may not replace is at the journal's name (the append goes on without).
+        """
+        record = f"{os.fstat(self.fd).st_ino} {size} {length} {head.hex()}\n".encode()
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _OPEN_FILE
+        try:
+            fd = os.open(self.journal, flags, 0o600, dir_fd=self.dir_fd)
+        except FileExistsError:
+            log.warning("%s: %s exists and is not ours: appending without a journal",
+                        self.path, self.journal)  # fmt: skip
+            return False
+        try:
+            write_all(fd, record)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(self.journal, dir_fd=self.dir_fd)
+            raise
+        finally:
+            os.close(fd)
+        return True
+
+    def end_append(self) -> None:
+        """The append is durable (or truncated back): forget the journal.
+
+        A journal that cannot be removed does no harm: a complete append is never cut.
+        """
+        try:
+            os.unlink(self.journal, dir_fd=self.dir_fd)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("%s: cannot remove %s: %s", self.path, self.journal, exc.strerror)
+
+    def _recover_append(self, deadline: float) -> None:
+        """Under the dotlock: cut off the partial message of a writer killed mid-append.
+
+        The journal counts only if it is a regular file of ours (our uid, root's, or the
+        mbox owner's: ``pop3d deliver`` run as the recipient), names the mbox's inode, and
+        what lies past the size it recorded is a prefix of the append it announced (its
+        From_ line, then at most the message's length): then the mbox is truncated back
+        to that size under a write ``fcntl`` lock.  A complete append (its final line end
+        written, fsynced or not) is never cut: it is whole, merely unacknowledged.  Any
+        other journal of ours is removed unused.  If the mbox cannot be written here (a
+        reader without the right), the journal stays for the next writer.
+        """
+        try:
+            found = _lstat(self.journal, self.dir_fd)
+        except FileNotFoundError:
             return
+        try:
+            mbox = _lstat(self.name, self.dir_fd)
+        except FileNotFoundError:
+            mbox = None
+        if not st.S_ISREG(found.st_mode) or found.st_uid not in (
+            0, os.geteuid(), mbox.st_uid if mbox is not None else os.geteuid()
+        ):
+            return  # not ours: left alone (begin_append then appends without one)
+        fd = os.open(self.journal, os.O_RDONLY | _OPEN_FILE, dir_fd=self.dir_fd)
+        try:
+            text = os.read(fd, 4096).decode("ascii", "replace").split()
+        finally:
+            os.close(fd)
+        if mbox is not None and len(text) == 4 and all(t.isdigit() for t in text[:3]):
+            try:
+                self._cut_back(int(text[0]), int(text[1]), int(text[2]), text[3], deadline)
+            except OSError as exc:
+                log.warning("%s: cannot cut off a delivery killed mid-append: %s",
+                            self.path, exc.strerror)  # fmt: skip
+                return
+        self.end_append()
+
+    def _cut_back(self, ino: int, size: int, length: int, head_hex: str, deadline: float) -> None:
+        try:
+            head = bytes.fromhex(head_hex)
+        except ValueError:
+            return
+        fd = os.open(self.name, os.O_RDWR | _OPEN_FILE, dir_fd=self.dir_fd)
+        self.fd, saved = fd, self.exclusive
+        self.exclusive = True
+        try:
+            self._take_fcntl(deadline)
+            now = os.fstat(fd)
+            past = now.st_size - size
+            if now.st_ino != ino or not 0 < past < len(head) + length + 1:
+                return
+            if os.pread(fd, min(past, len(head)), size) != head[:past]:
+                return
+            os.ftruncate(fd, size)
+            os.fsync(fd)
+            log.warning("%s: cut off %d octets of a delivery killed mid-append", self.path, past)
+        finally:
+            self.fd, self.exclusive = -1, saved
+            os.close(fd)  # drops the fcntl lock
 
     def _take_fcntl(self, deadline: float) -> None:
         kind = fcntl.F_WRLCK if self.exclusive else fcntl.F_RDLCK
@@ -941,29 +1103,36 @@ class MboxStore:
         locks = session_locks_for(config.mbox, config.base, config.lock_table)
         return cls(config.mbox, config.base, quota=config.quota, session_locks=locks)
 
-    def path_for(self, username: str) -> Path:
-        """Return the user's mbox path.
+    def path_for(self, username: str, home: str | None = None) -> Path:
+        """Return the user's mbox path (``home``: the user's, for a ``%h`` template).
 
         Raises:
             UnsafeUserName: the name could escape the mail root.
+            NoHome: the template uses ``%h`` and the user has no usable home.
 
         """
-        path = mail_path(self.template, username, self.base)
+        path = mail_path(self.template, username, self.base, home)
         if path.name.endswith(".lock"):
             # It would be another user's dotlock in a shared spool (/var/mail/bob.lock).
             raise TemporaryBackendError("an mbox name may not end in .lock")
         return path
 
-    def _place(self, username: str) -> _Place:
-        """Where the user's mbox is, below the mail root.
+    def _place(self, principal: Principal) -> _Place:
+        """Where the user's mbox is, below the mail root (for ``%h``, the user's home).
 
         Raises:
             UnsafeUserName: the name could escape the mail root.
+            NoHome: the template uses ``%h`` and the user has no usable home.
             TemporaryBackendError: the name would be another mbox's dotlock.
 
         """
-        path = self.path_for(username)
-        folder, _, name = mail_rel(self.template, username).rpartition("/")
+        username, home = principal.username, principal.attributes.get("home")
+        path = self.path_for(username, home)
+        folder, _, name = mail_rel(self.template, username, home).rpartition("/")
+        if uses_home(self.template):
+            # Opened for this use and closed with it (one folder a user, not one a store).
+            root = MailRoot(Path(home_root(home)), may_create=False)
+            return _Place(root, folder, name, path)
         return _Place(self.mail_root, folder, name, path)
 
     def lock_for(self, place: _Place, *, exclusive: bool) -> _MboxLock:
@@ -990,7 +1159,7 @@ class MboxStore:
                 obtained in time, or the user name is unsafe.
 
         """
-        place = self._place(principal.username)
+        place = self._place(principal)
         _check_exists(place)
         session = self._session_lock(place)
 
@@ -1054,7 +1223,7 @@ class MboxStore:
             TemporaryBackendError: the mbox is missing or unreadable, or the name unsafe.
 
         """
-        place = self._place(principal.username)
+        place = self._place(principal)
         try:
             _check_exists(place)
         except PermanentBackendError as exc:  # the inspector's contract has one error
@@ -1105,7 +1274,7 @@ class MboxStore:
                 timeout, or an unsafe user name; nothing of the message is left behind.
 
         """
-        place = self._place(principal.username)
+        place = self._place(principal)
         limit = quota_for(principal.attributes, self.quota)
         spool = _Spool(place)
         try:
@@ -1155,11 +1324,8 @@ class MboxStore:
                 used = sum(m.size for m in _scan(fd, size, lock.refresh).messages)
                 if used + job.wire > limit:
                     raise QuotaExceeded("message exceeds the mailbox quota")
-            tail = os.pread(fd, 2, size - 2) if size >= 2 else os.pread(fd, 1, 0)
-            if size == 0 or tail.endswith(b"\n\n"):
-                lead = b""
-            else:
-                lead = b"\n" if tail.endswith(b"\n") else b"\n\n"
+            lead = _append_lead(os.pread(fd, 3, max(0, size - 3)))
+            journal = lock.begin_append(size, lead + job.from_line, job.length)
             try:
                 out = _pwrite_all(fd, lead + job.from_line, size)
                 _copy(job.spool, fd, start=0, length=job.length, out=out, tick=lock.refresh)
@@ -1171,13 +1337,30 @@ class MboxStore:
                     os.fsync(fd)
                 except OSError:
                     log.exception("%s: could not truncate a failed delivery", path)
+                    journal = False  # kept: the next taker of the lock cuts it off
                 raise
+            finally:
+                if journal:
+                    lock.end_append()
             if created:
                 os.fsync(lock.dir_fd)
         except OSError as exc:
             raise _os_error("delivery failed", exc) from None
         finally:
             lock.release()
+
+
+def _append_lead(tail: bytes) -> bytes:
+    """What goes before an appended From_ line, given the file's last three octets.
+
+    The empty line that ends the file (LF or CRLF, which the scan leaves out of the last
+    message) becomes the separator as it is; a file ending a line gets the empty line;
+    one ending mid-line gets the line end and the empty line.  So an append never moves
+    an earlier message's end: its octets and UIDL stay, in a CRLF mbox too.
+    """
+    if not tail or tail.endswith((b"\n\n", b"\n\r\n")):
+        return b""
+    return b"\n" if tail.endswith(b"\n") else b"\n\n"
 
 
 def _rewrite(lock: _MboxLock, deleted: frozenset[str]) -> None:

@@ -16,6 +16,7 @@ __all__ = [
     "LocalProtocolError",
     "MaildropLocked",
     "MessageVanished",
+    "NoHome",
     "PermanentBackendError",
     "Pop3dError",
     "QuotaExceeded",
@@ -38,6 +39,10 @@ class TemporaryBackendError(BackendError):
 
 class PermanentBackendError(BackendError):
     """A failure that will not go away by retrying: answered ``-ERR [SYS/PERM]``."""
+
+
+class NoHome(PermanentBackendError):
+    """The template uses ``%h`` and the user database gives this user no usable home."""
 
 
 class MaildropLocked(BackendError):

@@ -75,11 +75,10 @@ from aiosmtpd.smtp import syntax
 from pop3d import metrics
 from pop3d.auth.base import Authenticator, find_user
 from pop3d.config import Config, parse_address
-from pop3d.errors import PermanentBackendError, QuotaExceeded
+from pop3d.errors import NoHome, PermanentBackendError, QuotaExceeded
 from pop3d.protocol import limits
 from pop3d.protocol.values import Principal
 from pop3d.storage.base import Deliverer
-from pop3d.storage.template import NoHome
 
 __all__ = [
     "MAX_RECIPIENTS",

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from pop3d.errors import ConfigError, PermanentBackendError
-from pop3d.storage.template import NoHome, check_template, mail_path, mail_rel
+from pop3d.errors import ConfigError, NoHome, PermanentBackendError
+from pop3d.storage.template import check_template, mail_path, mail_rel
 from pop3d.testing import free_port, wait_for_port
 
 BASE = Path("/srv/pop3d")

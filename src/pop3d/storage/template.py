@@ -45,7 +45,7 @@ import functools
 import re
 from pathlib import Path
 
-from pop3d.errors import ConfigError, PermanentBackendError, TemporaryBackendError
+from pop3d.errors import ConfigError, NoHome, TemporaryBackendError
 from pop3d.protocol import limits
 
 _ESCAPES = frozenset("undh%")
@@ -57,10 +57,6 @@ _ESCAPE = re.compile(r"(%.)", re.DOTALL)
 
 class UnsafeUserName(TemporaryBackendError):
     """The user name cannot safely be part of a path (it could escape the mail root)."""
-
-
-class NoHome(PermanentBackendError):
-    """The template uses ``%h`` and the user database gives this user no usable home."""
 
 
 def uses_home(template: str) -> bool:

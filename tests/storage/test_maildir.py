@@ -703,6 +703,11 @@ def test_stopping_early_releases_the_file(h: MaildirHarness) -> None:
 
     async def go() -> None:
         md = await h.make_store(chunk_size=1000).open(user())
+        outside = fds()
+        async for _ in md.read(md.listing()[0].uid):
+            pass
+        # the session keeps cur/ open for its reads, until it closes
+        assert fds() == outside + 1
         before = fds()
         it = md.read(md.listing()[0].uid)
         await anext(it)
@@ -710,6 +715,7 @@ def test_stopping_early_releases_the_file(h: MaildirHarness) -> None:
         await it.aclose()  # type: ignore[attr-defined]
         assert fds() == before
         await md.close()
+        assert fds() < outside  # cur/ closed with the session (and its lock released)
 
     run(go())
 

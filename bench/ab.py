@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="pop3d-ab-", dir="/tmp"))
     live: list[servers.Server] = []
     try:
-        mkdata.build(work / "data", login_users=200, fetch_users=32, large_users=4,
+        mkdata.build(work / "data", login_users=200, fetch_users=32, large_users=4, dots_users=4,
                      idle_users=1, storm_users=1, storm_hash="{PLAIN}storm",
                      large_size=args.large_mib << 20)
         ns = argparse.Namespace(loadgen_cpus=args.loadgen_cpus, server_cpus=args.server_cpus,

@@ -1589,6 +1589,11 @@ class _MessageReader:
         #: Whether ``_buffer`` is lent (:meth:`borrow`): what is read is copied out of it.
         self._borrowed = False
 
+    def shrink(self) -> None:
+        """Drop the read buffer (the peer stalls); the next read makes a new one."""
+        if not self._borrowed:
+            self._buffer = None
+
     def borrow(self, buffer: memoryview) -> None:
         """Read into ``buffer`` (``chunk_size`` octets), which stays its lender's."""
         self._buffer = buffer

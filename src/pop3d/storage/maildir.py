@@ -1337,8 +1337,9 @@ class MaildirMaildrop:
 
     def _close_folders(self) -> None:
         folders, self._folders = self._folders, None
-        for fd in (folders or {}).values():
-            os.close(fd)
+        if folders:
+            for fd in folders.values():
+                os.close(fd)
 
     def listing(self) -> Sequence[MessageInfo]:
         """Return the messages as they were at open, in delivery order."""

@@ -1,6 +1,6 @@
 """Measure issue 14's hostile-client attacks against a real ``pop3d serve`` (one worker).
 
-    .venv/bin/python bench/hostile.py [uvloop,asyncio] [retr,capa,trickle,stall,guess]
+    .venv/bin/python bench/hostile.py [uvloop,asyncio] [retr,capa,trickle,stall,stallmem,guess]
 
 Figures, not timings: server RSS growth under a flood, seconds until a trickling, chatty or
 stalled client is let go, verdicts (audit lines) under parallel guessing.  Every loop is
@@ -132,6 +132,41 @@ def stalled_reader(proc: Pop3ServeProcess) -> str:
     return f"{freed}; server side 7 s later: {kept}"
 
 
+STALLERS = 16
+#: A 20 MiB message stored with LF line ends, as an MTA writes it (so it is converted).
+BIG = (b"x" * 998 + b"\n") * 21_000
+
+
+def tree_rss(pid: int) -> int:
+    """RSS of ``pid`` and its children (the supervisor and its worker), in octets."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    kids = [int(k) for k in children.read_text().split()] if children.exists() else []
+    return rss(pid) + sum(rss(k) for k in kids)
+
+
+def stalled_memory(proc: Pop3ServeProcess) -> str:
+    """``STALLERS`` clients RETR a 20 MiB message and never read: server memory each."""
+    base = tree_rss(proc.pid)
+    socks = []
+    try:
+        for i in range(1, STALLERS + 1):
+            sock = socket.create_connection((proc.host, proc.port), timeout=5)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.recv(100)
+            sock.sendall(b"USER stall%d\r\nPASS pw\r\nRETR 1\r\n" % i)
+            socks.append(sock)
+            # one at a time: what a stalled client frees, the next one's RETR can reuse
+            # (freed heap is not given back to the kernel, so RSS shows only what is kept)
+            time.sleep(0.5)
+        time.sleep(2)
+        held = tree_rss(proc.pid)
+    finally:
+        for sock in socks:
+            sock.close()
+    return (f"{STALLERS} stalled RETRs of 20 MiB: server RSS "
+            f"+{(held - base) / STALLERS / (1 << 20):.2f} MiB each (kernel buffers not included)")
+
+
 def guessers(
     proc: Pop3ServeProcess, parallel: int, seconds: float, right_every: int = 0, wait: float = 0.05
 ) -> list[int]:
@@ -205,7 +240,14 @@ def main() -> None:
                 keys["idle_timeout"] = 5
             if attack == "guess":
                 keys.update(failure_delay=2, max_failure_delay=15)
-            proc = server(loop, tmp / f"{loop}-{attack}", **keys)
+            if attack == "stallmem":
+                cls = AsyncioServe if loop == "asyncio" else Pop3ServeProcess
+                proc = cls(tmp / f"{loop}-{attack}", workers=1,
+                           users={f"stall{i}": "pw" for i in range(1, STALLERS + 1)})
+                for i in range(1, STALLERS + 1):
+                    proc.add_message(f"stall{i}", BIG)
+            else:
+                proc = server(loop, tmp / f"{loop}-{attack}", **keys)
             if attack == "retr":
                 proc.add_message("alice", MESSAGE)
             if attack == "stall":
@@ -223,6 +265,8 @@ def main() -> None:
                     )
                 elif attack == "stall":
                     result = stalled_reader(proc)
+                elif attack == "stallmem":
+                    result = stalled_memory(proc)
                 else:
                     result = guessing(proc)
             finally:

@@ -86,6 +86,33 @@ def make_large(rng: random.Random, target: int) -> bytes:
     return b"\n".join(lines) + b"\n"
 
 
+def make_dotty(rng: random.Random, target: int, share: float) -> bytes:
+    """A ~``target``-octet plain-text message, ``share`` of its lines starting with ``.``.
+
+    Quoted logs, ASCII art, signatures: prose lines of 40-76 octets, a ``share`` of them
+    led by a dot (``.``, ``..``, ``.foo``); ``share`` 1 makes every line start with one.
+    """
+    head = make_message(rng, 2000, 999_998).rstrip(b"\n").split(b"\n")
+    pool = []
+    for _ in range(4096):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(7, 12))]
+        pool.append(" ".join(words).encode()[:76])
+    leads = (b".", b"..", b". ", b"...")
+    lines = [*head, b""]
+    size = sum(len(x) + 2 for x in lines)
+    i = 0
+    while size < target:
+        line = pool[i % len(pool)]
+        if rng.random() < share:
+            line = leads[i % len(leads)] + line[: 76 - 3]
+        if i % 701 == 0:
+            line = b"."  # a lone dot, the terminator's look-alike
+        lines.append(line)
+        size += len(line) + 2
+        i += 1
+    return b"\n".join(lines) + b"\n"
+
+
 @dataclass
 class Dataset:
     """What :func:`build` made."""
@@ -125,7 +152,8 @@ def _maildir(mail: Path, user: str) -> Path:
 
 
 def build(root: Path, *, login_users: int, fetch_users: int, large_users: int,
-          idle_users: int, storm_users: int, storm_hash: str, large_size: int) -> Dataset:
+          idle_users: int, storm_users: int, storm_hash: str, large_size: int,
+          dots_users: int = 0) -> Dataset:
     """Create ``root/mail/<user>/Maildir`` trees, ``root/users`` and ``root/manifest.json``."""
     rng = random.Random(1939)
     ds = Dataset(root)
@@ -142,6 +170,9 @@ def build(root: Path, *, login_users: int, fetch_users: int, large_users: int,
     fetch = box("fetch100", [make_message(rng, 4096, 100 + i) for i in range(100)])
     one = box("one", [make_message(rng, 2500, 7)])
     large = box("large", [make_large(rng, large_size)])
+    # text a client cannot choose: 11 % of the lines led by a dot, and every line
+    dots = box("dots", [make_dotty(rng, large_size, 0.11)]) if dots_users else []
+    alldots = box("alldots", [make_dotty(rng, large_size, 1.0)]) if dots_users else []
 
     def group(prefix: str, count: int, files: list[tuple[Path, str]], boxname: str,
               password: str | None = None) -> None:
@@ -157,6 +188,9 @@ def build(root: Path, *, login_users: int, fetch_users: int, large_users: int,
     group("login", login_users, small, "small")
     group("fetch", fetch_users, fetch, "fetch100")
     group("large", large_users, large, "large")
+    if dots_users:
+        group("dots", dots_users, dots, "dots")
+        group("alldots", dots_users, alldots, "alldots")
     # idle: one more user than connections, the last one is the NOOP probe's
     group("idle", idle_users + 1, one, "one")
     group("storm", storm_users + 1, small, "small", password=storm_hash)

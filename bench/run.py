@@ -32,7 +32,9 @@ from pop3d.bench import report
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BENCH_VENV = ROOT / "bench" / ".venv"
-SCENARIOS = ("login", "fetch", "retr-large", "idle", "storm")
+SCENARIOS = ("login", "fetch", "retr-large", "retr-dots", "retr-alldots", "idle", "storm")
+#: Scenarios that are another scenario of the load generator on other users.
+_LOADGEN_SCENARIO = {"retr-dots": "retr-large", "retr-alldots": "retr-large"}
 STORM_PASSWORD = "storm-secret"
 
 
@@ -97,7 +99,8 @@ class Runner:
         self.ceiling_parts: dict[str, list[dict[str, Any]]] = {}
 
     def bench_cmd(self, server_dir: Path, port: int, scenario: str, **opt: Any) -> list[str]:
-        cmd = ["taskset", "-c", self.args.loadgen_cpus, self.py, "-m", "pop3d.bench", scenario,
+        cmd = ["taskset", "-c", self.args.loadgen_cpus, self.py, "-m", "pop3d.bench",
+               _LOADGEN_SCENARIO.get(scenario, scenario),
                "-p", str(port), "--manifest", str(server_dir / "manifest.json"), "--json",
                "-j", str(opt.pop("procs", self.ncpu))]
         if self.args.progress:
@@ -124,8 +127,10 @@ class Runner:
         if scenario == "fetch":
             return {"users": "fetch%d", "user_count": p.fetch_users, "password": "pw-%u",
                     "concurrency": 16, "duration": d}
-        if scenario == "retr-large":
-            return {"users": "large%d", "user_count": p.large_users, "password": "pw-%u",
+        if scenario in ("retr-large", "retr-dots", "retr-alldots"):
+            users = {"retr-large": "large%d", "retr-dots": "dots%d",
+                     "retr-alldots": "alldots%d"}[scenario]
+            return {"users": users, "user_count": p.large_users, "password": "pw-%u",
                     "concurrency": 2, "duration": d, "repeat": 4, "procs": 1}
         if scenario == "idle":
             return {"users": "idle%d", "user_count": p.idle_conns + 1, "password": "pw-%u",
@@ -136,14 +141,14 @@ class Runner:
 
     def warm_up(self, server_dir: Path, port: int) -> None:
         """One pass over every mailbox but the idle ones, so Dovecot's indexes exist."""
-        for scenario in ("login", "fetch", "retr-large", "storm"):
+        for scenario in ("login", "fetch", "retr-large", "retr-dots", "retr-alldots", "storm"):
             if scenario not in self.args.scenarios:
                 continue
             opt = self.scenario_opts(scenario)
             opt.pop("duration")
             opt["count"] = opt["user_count"]
             opt["timeout"] = 300
-            if scenario == "retr-large":
+            if scenario.startswith("retr-"):
                 opt["repeat"] = 1
             if scenario == "storm":
                 opt["probe_user"] = "storm1"  # the probe takes no part in a warm-up
@@ -371,6 +376,8 @@ def rows_of(results: dict[str, Any], names: list[str], ceiling: float,
     add("retr-large", "MB/s", ("mb_per_s",))
     rows.append(("retr-large", "loopback ceiling MB/s", [ceiling] * len(names), 0))
     rows.append(("retr-large", "canned-server ceiling MB/s", [gen_rate] * len(names), 0))
+    add("retr-dots", "MB/s (11 % dot lines)", ("mb_per_s",))
+    add("retr-alldots", "MB/s (every line a dot)", ("mb_per_s",))
     add("idle", "connections held", ("idle", "held"))
     add("idle", "RSS KiB/conn", ("server_memory", "rss_per_conn_kib"), 1)
     add("idle", "PSS KiB/conn", ("server_memory", "pss_per_conn_kib"), 1)
@@ -380,7 +387,7 @@ def rows_of(results: dict[str, Any], names: list[str], ceiling: float,
     add("storm", "NOOP p50 ms", ("probe", "p50_ms"), 2)
     add("storm", "NOOP p99 ms", ("probe", "p99_ms"), 2)
     for scenario in SCENARIOS:
-        if scenario in ("fetch", "retr-large"):
+        if scenario in ("fetch", "retr-large", "retr-dots", "retr-alldots"):
             add(scenario, "verified msgs", ("verified",))
         add(scenario, "verify failures", ("verify_failures",))
         add(scenario, "failed sessions", ("failures",))
@@ -483,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         mkdata.build(work / "data", login_users=plan.login_users,
                      fetch_users=plan.fetch_users, large_users=plan.large_users,
                      idle_users=plan.idle_conns, storm_users=plan.storm_users,
-                     storm_hash=hashed, large_size=plan.large_size)
+                     storm_hash=hashed, large_size=plan.large_size,
+                     dots_users=plan.large_users)
         runner = Runner(args, plan, work)
         results: dict[str, Any] = {}
         under_test: dict[str, tuple[servers.Server, Path]] = {}

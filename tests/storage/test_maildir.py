@@ -20,7 +20,7 @@ import pytest
 from pop3d.config import StorageConfig
 from pop3d.errors import MaildropLocked, PermanentBackendError, TemporaryBackendError
 from pop3d.storage import maildir
-from pop3d.storage.base import MailStore
+from pop3d.storage.base import MailStore, Shrinkable
 from pop3d.storage.lock_table import LockTable
 from pop3d.storage.locking import PER_MAILBOX_LOCKS, TABLE_NAME, SessionLocks
 from pop3d.storage.maildir import (
@@ -694,6 +694,24 @@ def test_big_message_streams_in_bounded_memory(h: MaildirHarness) -> None:
     run(go())
 
 
+def test_a_shrunk_stream_reads_on_with_a_new_buffer(h: MaildirHarness) -> None:
+    """shrink() (the peer stalls) drops the read buffer; the bytes that follow are right."""
+    body = b"".join(b"line %d\n" % i for i in range(3000))
+    write(h, "cur", "1700000000.M1P1.host:2,", body)
+
+    async def go() -> None:
+        md = await h.make_store(chunk_size=1000).open(user())
+        it = md.read(md.listing()[0].uid)
+        got = [await anext(it)]
+        assert isinstance(it, Shrinkable)
+        it.shrink()
+        got += [chunk async for chunk in it]
+        assert b"".join(got) == body.replace(b"\n", b"\r\n")
+        await md.close()
+
+    run(go())
+
+
 def test_stopping_early_releases_the_file(h: MaildirHarness) -> None:
     """aclose() on a half-read message closes its file descriptor."""
     write(h, "cur", "1700000000.M1P1.host:2,", b"line\n" * 100_000)
@@ -703,6 +721,11 @@ def test_stopping_early_releases_the_file(h: MaildirHarness) -> None:
 
     async def go() -> None:
         md = await h.make_store(chunk_size=1000).open(user())
+        outside = fds()
+        async for _ in md.read(md.listing()[0].uid):
+            pass
+        # the session keeps cur/ open for its reads, until it closes
+        assert fds() == outside + 1
         before = fds()
         it = md.read(md.listing()[0].uid)
         await anext(it)
@@ -710,6 +733,7 @@ def test_stopping_early_releases_the_file(h: MaildirHarness) -> None:
         await it.aclose()  # type: ignore[attr-defined]
         assert fds() == before
         await md.close()
+        assert fds() < outside  # cur/ closed with the session (and its lock released)
 
     run(go())
 

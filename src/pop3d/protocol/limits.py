@@ -92,6 +92,13 @@ WRITE_COALESCE = 64 * 1024
 #: Transport high-water mark: the driver waits for the socket to drain past this.
 WRITE_HIGH_WATER = 512 * 1024
 
+#: A RETR whose peer has not drained its output for this long drops its read buffer
+#: (``READ_CHUNK``) until the peer reads again: a client that stalls a big RETR costs
+#: about one chunk beyond the kernel's socket buffers, not three.  Short enough that a
+#: stalled reader frees it at once, long enough that a fast client, whose output drains
+#: within milliseconds, keeps its buffer.
+SHRINK_AFTER_STALL = 0.25
+
 #: Coalesced writes (of :data:`WRITE_COALESCE` octets) one connection makes before the
 #: others get their turn of the event loop: while the kernel keeps taking a pipelining
 #: client's replies, it is answered 256 KiB at a time, not for seconds on end.

@@ -160,7 +160,6 @@ class Pop3Connection:
         "_live_size",
         "_lost",
         "_out",
-        "_out_size",
         "_pending",
         "_queued",
         "_refused",
@@ -175,6 +174,7 @@ class Pop3Connection:
         "deleted_count",
         "messages_sent",
         "octets_sent",
+        "pending_output",
         "principal",
         "settings",
         "state",
@@ -188,8 +188,10 @@ class Pop3Connection:
         self._lines = LineBuffer()
         #: Replies, and the pieces of a message being sent, in order.
         self._out: list[Piece] = []
-        #: Octets in ``_out``: what the driver's output budget counts.
-        self._out_size = 0
+        #: Octets in ``_out``, queued for the peer and not yet taken by
+        #: :meth:`data_to_send`: what the driver's output budget counts (an attribute,
+        #: not a property: the driver reads it after every event).
+        self.pending_output = 0
         #: Whether the command being handled was refused (it counts against the budget).
         self._refused = False
         self._eof = False
@@ -247,7 +249,7 @@ class Pop3Connection:
         first = out[0]
         data = first if len(out) == 1 and isinstance(first, bytes) else b"".join(out)
         out.clear()
-        self._out_size = 0
+        self.pending_output = 0
         return data
 
     def pieces_to_send(self) -> list[Piece]:
@@ -257,7 +259,7 @@ class Pop3Connection:
         chunk then goes out without being copied into one buffer first.
         """
         out, self._out = self._out, []
-        self._out_size = 0
+        self.pending_output = 0
         return out
 
     def next_event(self) -> Event:
@@ -276,7 +278,7 @@ class Pop3Connection:
             return queued
         answered = 0
         while self.state is not State.CLOSED:
-            if self._out_size >= self.settings.output_chunk or answered >= _LINES_PER_EVENT:
+            if self.pending_output >= self.settings.output_chunk or answered >= _LINES_PER_EVENT:
                 # Answer no more until the driver has taken these (and let others run).
                 return _FLUSH
             answered += 1
@@ -301,11 +303,6 @@ class Pop3Connection:
                 self._pending = event
                 return event
         return Closed(self._close_reason)
-
-    @property
-    def pending_output(self) -> int:
-        """Octets queued for the peer and not yet taken by :meth:`data_to_send`."""
-        return self._out_size
 
     @property
     def buffered(self) -> int:
@@ -388,7 +385,7 @@ class Pop3Connection:
         self.octets_sent += len(chunk)
         pieces = self._stuffer.feed(chunk)
         self._out += pieces
-        self._out_size += sum(map(len, pieces))
+        self.pending_output += sum(map(len, pieces))
         return top is None or not top.done
 
     def message_end(self) -> None:
@@ -502,7 +499,7 @@ class Pop3Connection:
             self._status_line = b""
             if mid_message:
                 self._out.clear()
-                self._out_size = 0
+                self.pending_output = 0
             else:
                 self._emit(err(text, code))
             self._close(reason)
@@ -527,7 +524,7 @@ class Pop3Connection:
     def _emit(self, reply: bytes) -> None:
         """Queue one reply (or piece of one) for the peer."""
         self._out.append(reply)
-        self._out_size += len(reply)
+        self.pending_output += len(reply)
 
     def _refuse(self, reason: str, code: RespCode | None = None) -> None:
         """Answer the command being handled with ``-ERR``; it counts as a bad command."""

@@ -73,7 +73,7 @@ from pop3d.protocol.replies import RespCode
 from pop3d.protocol.states import State
 from pop3d.server.tls import certificate_identity, start_tls
 from pop3d.session import AuthRequest, Later, read_failed
-from pop3d.storage.base import InlineRead
+from pop3d.storage.base import InlineRead, Shrinkable
 
 if TYPE_CHECKING:
     from pop3d.protocol.values import Principal
@@ -559,7 +559,7 @@ class Pop3Protocol(asyncio.Protocol):
                 if core.pending_output >= limits.WRITE_COALESCE:
                     self.transport.writelines(core.pieces_to_send())
                 if self._write_paused:
-                    await self._drain()
+                    await self._drain(chunks)
                 if self._closing:
                     return
                 if not more:
@@ -580,10 +580,15 @@ class Pop3Protocol(asyncio.Protocol):
         """Report a message that could not be read: vanished, or broken (logged)."""
         core.message_failed(vanished=read_failed(uid, self.username, exc))
 
-    async def _drain(self) -> None:
-        self._drained = self.loop.create_future()
+    async def _drain(self, stream: object = None) -> None:
+        """Wait until the peer reads; a ``stream`` it stalls drops its read buffer."""
+        self._drained = drained = self.loop.create_future()
         try:
-            await self._drained
+            if isinstance(stream, Shrinkable):
+                done, _ = await asyncio.wait((drained,), timeout=limits.SHRINK_AFTER_STALL)
+                if not done:
+                    stream.shrink()
+            await drained
         finally:
             self._drained = None
 

@@ -101,6 +101,15 @@ class InlineOpen(Protocol):
 
 
 @runtime_checkable
+class Shrinkable(Protocol):
+    """A message stream (what :meth:`Maildrop.read` returns) that can drop its buffers."""
+
+    def shrink(self) -> None:
+        """Free the memory kept for the next read while the peer is not reading."""
+        ...
+
+
+@runtime_checkable
 class InlineRead(Protocol):
     """A :class:`Maildrop` that can read a small message whole, at once."""
 

@@ -59,12 +59,15 @@ def _load_syscall() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     if not sys.platform.startswith("linux") or ctypes.sizeof(ctypes.c_void_p) != 8:
         return None
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
+        # PyDLL: the call keeps the GIL.  ``openat2`` of a cached path takes a few µs;
+        # releasing and taking back the GIL around it is not worth it on the event loop.
+        libc = ctypes.PyDLL(None, use_errno=True)
         func = libc.syscall
     except (OSError, AttributeError):
         return None
     func.restype = ctypes.c_long
-    func.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p,
+    # the ``open_how`` goes by address (an int): no ``byref`` object per call
+    func.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t,
                      ctypes.c_size_t)
     return func
 
@@ -72,6 +75,18 @@ def _load_syscall() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
 _syscall = _load_syscall()
 #: Whether ``openat2`` is used; cleared at its first ENOSYS/EPERM (seccomp) refusal.
 _openat2 = _syscall is not None
+_HOW_SIZE = ctypes.sizeof(_OpenHow)
+#: One ``open_how`` per (flags, mode), kept with its address: built once, not per open.
+_hows: dict[tuple[int, int], tuple[_OpenHow, int]] = {}
+
+
+def _how(flags: int, mode: int) -> int:
+    """The address of a kept ``open_how`` for ``flags`` and ``mode``."""
+    kept = _hows.get((flags, mode))
+    if kept is None:
+        how = _OpenHow(flags, mode, _RESOLVE)
+        kept = _hows[flags, mode] = (how, ctypes.addressof(how))
+    return kept[1]
 
 
 def is_link_refusal(exc: OSError) -> bool:
@@ -90,13 +105,13 @@ def open_beneath(dir_fd: int, rel: str, flags: int, mode: int = 0o600) -> int:
 
     """
     global _openat2  # noqa: PLW0603 (learned once per process)
-    if not rel or rel.startswith("/") or ".." in rel.split("/"):
+    if not rel or rel[0] == "/" or (".." in rel and ".." in rel.split("/")):
         raise OSError(errno.EINVAL, "not a path below the mail root", rel)
     flags |= os.O_NOFOLLOW | os.O_CLOEXEC
     if _openat2 and _syscall is not None:
-        how = _OpenHow(flags, mode if flags & os.O_CREAT else 0, _RESOLVE)
-        fd = _syscall(_SYS_OPENAT2, dir_fd, os.fsencode(rel), ctypes.byref(how),
-                      ctypes.sizeof(how))
+        how = _how(flags, mode if flags & os.O_CREAT else 0)
+        fd = _syscall(_SYS_OPENAT2, dir_fd, rel.encode("utf-8", "surrogateescape"), how,
+                      _HOW_SIZE)
         if fd >= 0:
             return int(fd)
         err = ctypes.get_errno()

@@ -76,7 +76,7 @@ def nowait_reads() -> bool:
     return _nowait
 
 
-def preadv_nowait(fd: int, buffer: bytearray, offset: int) -> int | None:
+def preadv_nowait(fd: int, buffer: bytearray | memoryview, offset: int) -> int | None:
     """Fill ``buffer`` from ``offset`` if the page cache can answer at once, else ``None``.
 
     Returns the octets read (short at the end of the file, or where only part of the

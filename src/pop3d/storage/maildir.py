@@ -96,10 +96,12 @@ import re
 import secrets
 import socket
 import stat as st
+import threading
 import time
 import zlib
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Self, cast
 
@@ -1323,6 +1325,37 @@ class MaildirMaildrop:
         self._chunk_size = chunk_size
         self._listings = listings
         self._commit: asyncio.Future[None] | None = None
+        #: ``cur/`` and ``new/`` opened below the mail root (no link followed) at the
+        #: session's first read, so that a message is one ``openat`` of its name
+        #: (``O_NOFOLLOW``) and not an ``openat2`` of its whole path; None once closed.
+        self._folders: dict[str, int] | None = {}
+
+    def _open_message(self, folder: str, name: str) -> tuple[int, os.stat_result]:
+        """:func:`_open_message` through the session's open ``folder``.
+
+        Raises:
+            FileNotFoundError: the file is gone.
+            OSError: anything else, including a symbolic link (ELOOP).
+
+        """
+        folders = self._folders
+        fd = None if folders is None else folders.get(folder)
+        if fd is None:
+            if folders is None or folder not in _FOLDER_NAMES:
+                return _open_message(self._where, folder, name)
+            try:
+                fd = folders[folder] = self._where.root.open(
+                    f"{self._where.rel}/{folder}", DIR_FLAGS
+                )
+            except OSError:
+                return _open_message(self._where, folder, name)  # its error, as before
+        return _checked_regular(os.open(name, _OPEN_READ, dir_fd=fd))
+
+    def _close_folders(self) -> None:
+        folders, self._folders = self._folders, None
+        if folders:
+            for fd in folders.values():
+                os.close(fd)
 
     def listing(self) -> Sequence[MessageInfo]:
         """Return the messages as they were at open, in delivery order."""
@@ -1341,7 +1374,8 @@ class MaildirMaildrop:
 
         """
         self._check_open()
-        return _MessageReader(self._where, self._by_uid, uid, self._chunk_size, self._heal)
+        return _MessageReader(self._where, self._by_uid, uid, self._chunk_size, self._heal,
+                              opener=self._open_message)
 
     def read_inline(self, uid: str) -> bytes | None:
         """Return message ``uid`` whole, read now, if it is small and cached; else ``None``.
@@ -1355,8 +1389,11 @@ class MaildirMaildrop:
         entry = self._by_uid[uid]
         if entry.file_size > _INLINE_READ_BYTES or not nowait_reads():
             return None
-        # One read of file_size + 1 octets sees the whole file and its end at once.
-        reader = _MessageReader(self._where, self._by_uid, uid, entry.file_size + 1)
+        # One read of file_size + 1 octets sees the whole file and its end at once, into
+        # the thread's scratch buffer: no zero-filled buffer per message.
+        reader = _MessageReader(self._where, self._by_uid, uid, entry.file_size + 1,
+                                opener=self._open_message)
+        reader.borrow(_scratch(entry.file_size + 1))
         try:
             if not reader.open():
                 return None  # changed since listed: measured off the loop by read()
@@ -1455,6 +1492,7 @@ class MaildirMaildrop:
     async def close(self) -> None:
         """Release the lock (after a commit still running in a thread).  Changes nothing."""
         lock, self._lock = self._lock, None
+        self._close_folders()
         if lock is None:
             return
         if self._commit is not None and not self._commit.done():
@@ -1465,6 +1503,7 @@ class MaildirMaildrop:
     def release(self) -> None:
         """Release the lock synchronously (for cleanup paths without an event loop)."""
         lock, self._lock = self._lock, None
+        self._close_folders()
         if lock is not None:
             lock.close()
 
@@ -1513,6 +1552,23 @@ def _commit_sync(where: _Where, targets: Sequence[_Entry]) -> None:
         raise TemporaryBackendError(f"{failed} of {len(targets)} messages could not be removed")
 
 
+_scratches = threading.local()
+
+
+def _scratch(size: int) -> memoryview:
+    """``size`` octets of this thread's scratch buffer (for ``read_inline``'s one read)."""
+    buffer: bytearray | None = getattr(_scratches, "buffer", None)
+    if buffer is None:
+        buffer = _scratches.buffer = bytearray(_INLINE_READ_BYTES + 1)
+    return memoryview(buffer)[:size]
+
+
+#: Opens a message file by folder and name: ``(fd, fstat)`` of a regular file.
+_Opener = Callable[[str, str], tuple[int, os.stat_result]]
+#: The folders a message may be in.
+_FOLDER_NAMES = frozenset({"cur", "new"})
+
+
 class _SizeMismatch(TemporaryBackendError):
     """A message's octets did not add up to its listed size."""
 
@@ -1527,8 +1583,11 @@ class _MessageReader:
         uid: str,
         chunk_size: int,
         heal: Callable[[_Entry], None] | None = None,
+        *,
+        opener: _Opener | None = None,
     ) -> None:
         self._where = where
+        self._opener: _Opener = opener or partial(_open_message, where)
         #: The session's entries (a rename is recorded there, in a copy: see _Listing).
         self._by_uid = by_uid
         self._entry = entry = by_uid[uid]
@@ -1543,7 +1602,19 @@ class _MessageReader:
         self._inflight: asyncio.Future[bytes] | None = None
         #: Where the next read starts (pread: no shared file position to go wrong).
         self._offset = 0
-        self._buffer: bytearray | None = None
+        self._buffer: bytearray | memoryview | None = None
+        #: Whether ``_buffer`` is lent (:meth:`borrow`): what is read is copied out of it.
+        self._borrowed = False
+
+    def shrink(self) -> None:
+        """Drop the read buffer (the peer stalls); the next read makes a new one."""
+        if not self._borrowed:
+            self._buffer = None
+
+    def borrow(self, buffer: memoryview) -> None:
+        """Read into ``buffer`` (``chunk_size`` octets), which stays its lender's."""
+        self._buffer = buffer
+        self._borrowed = True
 
     @property
     def entry(self) -> _Entry:
@@ -1603,7 +1674,7 @@ class _MessageReader:
         e = self._entry
         try:
             # One openat2 from the mail root: no link followed, nothing outside it.
-            self._fd, s = _open_message(self._where, e.folder, e.name)
+            self._fd, s = self._opener(e.folder, e.name)
         except FileNotFoundError:
             try:
                 moved = _find_renamed(self._where, e)
@@ -1612,7 +1683,7 @@ class _MessageReader:
             if moved is None:
                 raise MessageVanished("message file is gone") from None
             try:
-                self._fd, s = _open_message(self._where, moved.folder, moved.name)
+                self._fd, s = self._opener(moved.folder, moved.name)
             except FileNotFoundError:
                 raise MessageVanished("message file is gone") from None
             except OSError as exc:
@@ -1648,19 +1719,20 @@ class _MessageReader:
 
     def _read_nowait(self) -> bytes | None:
         """The next chunk if the page cache has it (RWF_NOWAIT), else ``None``."""
-        if self._buffer is None:
-            self._buffer = bytearray(self._chunk_size)
-        n = preadv_nowait(self._fd, self._buffer, self._offset)
+        buffer = self._buffer
+        if buffer is None:
+            buffer = self._buffer = bytearray(self._chunk_size)
+        n = preadv_nowait(self._fd, buffer, self._offset)
         if n is None:
             return None
-        if n == len(self._buffer):
+        if n == len(buffer) and not self._borrowed:
             # A full chunk is normalised straight from the buffer, without a copy out of
             # it: the normaliser returns a new object for a bytearray (bytearray methods
             # never return self), so the buffer is free for the next read.  The chunks
             # that go on are bytearrays, which every later step (stuffing, the core's
             # output, the transport) treats as bytes.
-            return cast("bytes", self._buffer)
-        return bytes(memoryview(self._buffer)[:n])
+            return cast("bytes", buffer)
+        return bytes(buffer[:n]) if self._borrowed else bytes(memoryview(buffer)[:n])
 
     def step(self) -> bytes:
         """Read and normalise the next chunk; b"" with ``done`` set at the end."""

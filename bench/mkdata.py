@@ -198,3 +198,52 @@ def build(root: Path, *, login_users: int, fetch_users: int, large_users: int,
     (root / "users").write_text("\n".join(lines) + "\n", encoding="utf-8")
     ds.manifest.dump(root / "manifest.json")
     return ds
+
+
+_MBOX_FROM = b"From MAILER-DAEMON@example.org Tue Nov 26 14:00:00 2024\n"
+
+
+def mbox_file(messages: list[bytes]) -> bytes:
+    """An mbox as an MDA appends: a From_ line per message and an empty line after it.
+
+    The bench's messages hold no ``From `` line to quote (mboxo and mboxrd agree on them):
+    asserted, so that both servers must return each message's bytes unchanged.
+    """
+    out = bytearray()
+    for m in messages:
+        if m.startswith(b"From ") or b"\nFrom " in m or b"\n>From " in m:
+            raise ValueError("a bench message needs From_ quoting")
+        out += _MBOX_FROM + m + (b"" if m.endswith(b"\n") else b"\n") + b"\n"
+    return bytes(out)
+
+
+def build_mbox(root: Path, *, login_users: int, fetch_users: int, large_users: int,
+               large_size: int = 20 << 20) -> Dataset:
+    """``root/mail/<user>/mbox`` for the login, fetch and large groups, plus users/manifest.
+
+    The messages are :func:`build`'s (same seed, same order).  Every user gets a file of
+    its own, not a hard link: Dovecot writes its X-UID/X-IMAPbase headers into the file.
+    """
+    rng = random.Random(1939)
+    ds = Dataset(root)
+    mail = root / "mail"
+    small = [make_message(rng, rng.choice((1500, 3000, 6000, 12000)), i) for i in range(5)]
+    fetch = [make_message(rng, 4096, 100 + i) for i in range(100)]
+    make_message(rng, 2500, 7)  # build's "one" box, drawn to keep the random sequence
+    large = [make_large(rng, large_size)]
+    for prefix, count, messages, boxname in (("login", login_users, small, "small"),
+                                             ("fetch", fetch_users, fetch, "fetch100"),
+                                             ("large", large_users, large, "large")):
+        ds.manifest.mailboxes[boxname] = Counter(wire_entry(m) for m in messages)
+        data = mbox_file(messages)
+        names = [f"{prefix}{i}" for i in range(1, count + 1)]
+        ds.groups[prefix] = names
+        for user in names:
+            (mail / user).mkdir(parents=True, exist_ok=True)
+            (mail / user / "mbox").write_bytes(data)
+            ds.manifest.users[user] = boxname
+            ds.users[user] = "{PLAIN}pw-" + user
+    lines = [f"{u}:{p}::::::" for u, p in ds.users.items()]
+    (root / "users").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    ds.manifest.dump(root / "manifest.json")
+    return ds

@@ -32,9 +32,32 @@ from pop3d.bench import report
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 BENCH_VENV = ROOT / "bench" / ".venv"
-SCENARIOS = ("login", "fetch", "retr-large", "retr-dots", "retr-alldots", "idle", "storm")
-#: Scenarios that are another scenario of the load generator on other users.
-_LOADGEN_SCENARIO = {"retr-dots": "retr-large", "retr-alldots": "retr-large"}
+SCENARIOS = ("login", "fetch", "retr-large", "retr-dots", "retr-alldots", "idle", "storm",
+             "login-tls", "login-tls-resume", "retr-large-tls",
+             "login-mbox", "fetch-mbox", "retr-large-mbox", "login-2w", "retr-large-2w")
+#: Scenarios that are another scenario of the load generator (other users, POP3S, mbox
+#: servers, two-worker servers).
+_LOADGEN_SCENARIO = {"retr-dots": "retr-large", "retr-alldots": "retr-large",
+                     "login-tls": "login", "login-tls-resume": "login",
+                     "retr-large-tls": "retr-large",
+                     "login-mbox": "login", "fetch-mbox": "fetch", "retr-large-mbox": "retr-large",
+                     "login-2w": "login", "retr-large-2w": "retr-large"}
+#: POP3S scenarios: on the servers' implicit-TLS port, with the load generator's flag.
+_TLS = {"login-tls": "tls", "login-tls-resume": "tls_resume", "retr-large-tls": "tls"}
+#: Scenarios run on servers of their own, after the Maildir servers: mbox maildrops, and
+#: pop3d with two workers (beside Dovecot) on both CPUs.
+MBOX = ("login-mbox", "fetch-mbox", "retr-large-mbox")
+TWO_WORKERS = ("login-2w", "retr-large-2w")
+
+
+def _users_of(scenario: str) -> str:
+    """The scenario whose users and options ``scenario`` takes (itself for most)."""
+    return scenario if scenario in ("retr-dots", "retr-alldots") else (
+        _LOADGEN_SCENARIO.get(scenario, scenario))
+
+
+#: Servers that take part in the mbox and two-worker passes (Twisted reads Maildir only).
+_PASS_SERVERS = ("pop3d", "dovecot")
 STORM_PASSWORD = "storm-secret"
 
 
@@ -106,7 +129,8 @@ class Runner:
         if self.args.progress:
             cmd.append("--progress")
         for key, value in opt.items():
-            cmd += [f"--{key.replace('_', '-')}", str(value)]
+            flag = f"--{key.replace('_', '-')}"
+            cmd += [flag] if value is True else [flag, str(value)]
         return cmd
 
     def loadgen(self, cmd: list[str], timeout: float) -> dict[str, Any]:
@@ -119,6 +143,12 @@ class Runner:
         return out
 
     def scenario_opts(self, scenario: str) -> dict[str, Any]:
+        base = _users_of(scenario)
+        if base != scenario:
+            opt = self.scenario_opts(base)
+            if scenario in _TLS:
+                opt[_TLS[scenario]] = True
+            return opt
         p = self.plan
         d = p.duration
         if scenario == "login":
@@ -139,20 +169,25 @@ class Runner:
         return {"users": "storm%d", "user_count": p.storm_users + 1, "password": STORM_PASSWORD,
                 "concurrency": 8, "duration": d}
 
-    def warm_up(self, server_dir: Path, port: int) -> None:
+    def warm_up(self, server_dir: Path, port: int, scenarios: list[str]) -> None:
         """One pass over every mailbox but the idle ones, so Dovecot's indexes exist."""
-        for scenario in ("login", "fetch", "retr-large", "retr-dots", "retr-alldots", "storm"):
-            if scenario not in self.args.scenarios:
+        done = set()
+        for scenario in scenarios:
+            if scenario in ("idle", *_TLS):  # POP3S runs on the Maildir users warmed here
                 continue
-            opt = self.scenario_opts(scenario)
+            key = _users_of(scenario)
+            if key in done:
+                continue
+            done.add(key)
+            opt = {k: v for k, v in self.scenario_opts(key).items() if k not in _TLS.values()}
             opt.pop("duration")
             opt["count"] = opt["user_count"]
             opt["timeout"] = 300
-            if scenario.startswith("retr-"):
+            if key.startswith("retr-"):
                 opt["repeat"] = 1
-            if scenario == "storm":
+            if key == "storm":
                 opt["probe_user"] = "storm1"  # the probe takes no part in a warm-up
-            self.loadgen(self.bench_cmd(server_dir, port, scenario, **opt), timeout=400)
+            self.loadgen(self.bench_cmd(server_dir, port, key, **opt), timeout=400)
 
     def _canned(self, canned_args: list[str], scenario: str, data: Path,
                 duration: float) -> dict[str, Any]:
@@ -254,7 +289,8 @@ class Runner:
         if scenario == "idle":
             out = self.run_idle(server, server_dir, opt)
         else:
-            cmd = self.bench_cmd(server_dir, server.port, scenario, **opt)
+            port = server.tls_port if scenario in _TLS else server.port
+            cmd = self.bench_cmd(server_dir, port, scenario, **opt)
             out = self.loadgen(cmd, timeout=opt["duration"] + 300)
         out["server_cpu_s"] = servers.cpu_seconds(server.pid) - cpu0
         if out.get("elapsed_s"):
@@ -264,7 +300,7 @@ class Runner:
         return out
 
     def run_servers(self, under_test: dict[str, tuple[servers.Server, Path]],
-                    ) -> dict[str, dict[str, Any]]:
+                    scenarios: list[str]) -> dict[str, dict[str, Any]]:
         """Every scenario against every server, all of them started side by side.
 
         ``idle`` runs first, on each fresh server in turn: the memory a server holds per
@@ -286,24 +322,25 @@ class Runner:
                 else:
                     log(f"{name}: not measured: {server.error}")
                     results[name] = {"error": server.error}
-            if "idle" in self.args.scenarios:
+            if "idle" in scenarios:
                 for name in live:
                     log(f"{name}: idle")
                     server, sdir = under_test[name]
                     results[name]["idle"] = self.measure(server, sdir, "idle",
                                                          self.scenario_opts("idle"))
-            timed = [s for s in self.args.scenarios if s != "idle"]
+            timed = [s for s in scenarios if s != "idle"]
             if timed:
                 for name in live:
                     log(f"{name}: warm-up pass over the mailboxes")
                     server, sdir = under_test[name]
-                    self.warm_up(sdir, server.port)
+                    self.warm_up(sdir, server.port, timed)
             rounds = self.args.rounds
             for scenario in timed:
                 opt = self.scenario_opts(scenario)
                 opt["duration"] /= rounds
-                parts: dict[str, list[dict[str, Any]]] = {name: [] for name in live}
-                contestants = [_CEILINGS, *live]
+                able = [n for n in live if scenario not in _TLS or under_test[n][0].tls]
+                parts: dict[str, list[dict[str, Any]]] = {name: [] for name in able}
+                contestants = [_CEILINGS, *able]
                 for r in range(rounds):
                     for name in contestants if r % 2 == 0 else contestants[::-1]:
                         if name == _CEILINGS:
@@ -313,7 +350,7 @@ class Runner:
                             + (f" (round {r + 1} of {rounds})" if rounds > 1 else ""))
                         server, sdir = under_test[name]
                         parts[name].append(self.measure(server, sdir, scenario, dict(opt)))
-                for name in live:
+                for name in able:
                     results[name][scenario] = merge_slices(parts[name])
         finally:
             for name in live:
@@ -386,8 +423,23 @@ def rows_of(results: dict[str, Any], names: list[str], ceiling: float,
     add("storm", "sessions/s", ("sessions_per_s",), 1)
     add("storm", "NOOP p50 ms", ("probe", "p50_ms"), 2)
     add("storm", "NOOP p99 ms", ("probe", "p99_ms"), 2)
+    add("login-tls", "sessions/s (full handshake)", ("sessions_per_s",))
+    add("login-tls", "latency p99 ms", ("latency", "p99_ms"), 2)
+    add("login-tls-resume", "sessions/s (ticket offered)", ("sessions_per_s",))
+    resumed = [get(n, "login-tls-resume", "tls_resumed") for n in names]
+    done = [get(n, "login-tls-resume", "sessions") for n in names]
+    rows.append(("login-tls-resume", "resumed %",
+                 [100 * r / d if r is not None and d else None
+                  for r, d in zip(resumed, done, strict=True)], 0))
+    add("retr-large-tls", "MB/s", ("mb_per_s",))
+    add("login-mbox", "sessions/s", ("sessions_per_s",))
+    add("fetch-mbox", "messages/s", ("messages_per_s",))
+    add("fetch-mbox", "MB/s", ("mb_per_s",), 1)
+    add("retr-large-mbox", "MB/s", ("mb_per_s",))
+    add("login-2w", "sessions/s (2 workers, 2 CPUs)", ("sessions_per_s",))
+    add("retr-large-2w", "MB/s (2 workers, 2 CPUs)", ("mb_per_s",))
     for scenario in SCENARIOS:
-        if scenario in ("fetch", "retr-large", "retr-dots", "retr-alldots"):
+        if _LOADGEN_SCENARIO.get(scenario, scenario) in ("fetch", "retr-large"):
             add(scenario, "verified msgs", ("verified",))
         add(scenario, "verify failures", ("verify_failures",))
         add(scenario, "failed sessions", ("failures",))
@@ -399,7 +451,7 @@ def rows_of(results: dict[str, Any], names: list[str], ceiling: float,
 
 _NO_RATIO = {
     "canned-server ceiling", "loopback ceiling MB/s", "canned-server ceiling MB/s",
-    "connections held", "verified msgs",
+    "connections held", "verified msgs", "resumed %",
     "verify failures", "failed sessions", "loadgen CPU %", "server CPU %",
 }
 
@@ -456,6 +508,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-cpus", default="0")
     ap.add_argument("--loadgen-cpus", default="1")
     ap.add_argument("--workers", type=int, default=1, help="pop3d worker processes (1)")
+    ap.add_argument("--two-worker-cpus", default="0-1",
+                    help="CPUs of the servers in the login-2w and retr-large-2w scenarios "
+                         "(pop3d with workers = 2, Dovecot beside it) (0-1)")
     ap.add_argument("--rounds", type=int,
                     help="slices each timed scenario is cut into, servers taking turns "
                          "(2; quick: 1)")
@@ -493,18 +548,38 @@ def main(argv: list[str] | None = None) -> int:
                      storm_hash=hashed, large_size=plan.large_size,
                      dots_users=plan.large_users)
         runner = Runner(args, plan, work)
-        results: dict[str, Any] = {}
-        under_test: dict[str, tuple[servers.Server, Path]] = {}
-        for name in names:
-            sdir = work / name
-            sdir.mkdir()
-            # each server gets its own tree (hard links: same bytes, separate directories)
-            subprocess.run(["cp", "-al", str(work / "data" / "mail"), str(sdir / "mail")],
-                           check=True)
-            for f in ("users", "manifest.json"):
-                shutil.copy(work / "data" / f, sdir / f)
-            under_test[name] = (make_server(name, sdir, args), sdir)
-        results.update(runner.run_servers(under_test))
+        tls = servers.make_cert(work)
+        results: dict[str, Any] = {name: {} for name in names}
+        maildir = [s for s in args.scenarios if s not in MBOX and s not in TWO_WORKERS]
+        mbox = [s for s in args.scenarios if s in MBOX]
+        two = [s for s in args.scenarios if s in TWO_WORKERS]
+        passes: list[tuple[str, list[str], list[str]]] = [("", names, maildir)]
+        if mbox:
+            mkdata.build_mbox(work / "mboxdata", login_users=plan.login_users,
+                              fetch_users=plan.fetch_users, large_users=plan.large_users,
+                              large_size=plan.large_size)
+            passes.append(("mbox", [n for n in names if n in _PASS_SERVERS], mbox))
+        if two:
+            passes.append(("2w", [n for n in names if n in _PASS_SERVERS], two))
+        for kind, pass_names, scenarios in passes:
+            if not scenarios or not pass_names:
+                continue
+            if kind:
+                log(f"--- {kind} pass: {', '.join(pass_names)}: {', '.join(scenarios)}")
+            data = work / ("mboxdata" if kind == "mbox" else "data")
+            under_test: dict[str, tuple[servers.Server, Path]] = {}
+            for name in pass_names:
+                sdir = work / (f"{name}-{kind}" if kind else name)
+                sdir.mkdir()
+                # each server gets its own tree (Maildir: hard links, same bytes, separate
+                # directories; mbox: copies, Dovecot writes its headers into the files)
+                subprocess.run(["cp", "-a" if kind == "mbox" else "-al", str(data / "mail"),
+                                str(sdir / "mail")], check=True)
+                for f in ("users", "manifest.json"):
+                    shutil.copy(data / f, sdir / f)
+                under_test[name] = (make_server(name, sdir, args, kind, tls), sdir)
+            for name, got in runner.run_servers(under_test, scenarios).items():
+                results[name].update(got)
         ceiling, generator, login_ceiling = runner.ceilings()
         text = table(results, names, ceiling, args.scenarios, generator, login_ceiling)
         machine = (f"{os.cpu_count()} CPUs ({_cpu_model()}), server on CPU {args.server_cpus}, "
@@ -542,12 +617,18 @@ def _cpu_model() -> str:
     return "unknown CPU"
 
 
-def make_server(name: str, sdir: Path, args: argparse.Namespace) -> servers.Server:
+def make_server(name: str, sdir: Path, args: argparse.Namespace, kind: str = "",
+                tls: tuple[Path, Path] | None = None) -> servers.Server:
+    """Server ``name`` for a pass: ``""`` (Maildir, POP3S too), ``"mbox"`` or ``"2w"``."""
     port = servers.free_port()
+    store = "mbox" if kind == "mbox" else "maildir"
+    # two workers: the servers get both CPUs (the load generator shares the second)
+    cpus = args.two_worker_cpus if kind == "2w" else args.server_cpus
     if name == "pop3d":
-        return servers.Pop3d(sdir, port, args.server_cpus, workers=args.workers)
+        return servers.Pop3d(sdir, port, cpus, workers=2 if kind == "2w" else args.workers,
+                             tls=tls if not kind else None, store=store)
     if name == "dovecot":
-        return servers.Dovecot(sdir, port, args.server_cpus)
+        return servers.Dovecot(sdir, port, cpus, tls=tls if not kind else None, store=store)
     if name == "twisted":
         return servers.Twisted(sdir, port, args.server_cpus)
     if name == "twisted-tuned":

@@ -113,15 +113,36 @@ def cpu_seconds(pid: int) -> float:
     return total / tick
 
 
+def make_cert(folder: Path) -> tuple[Path, Path]:
+    """A self-signed ECDSA P-256 certificate for ``localhost`` (certbot's default key type)."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    if not cert.exists():
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+             "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=localhost",
+             "-keyout", str(key), "-out", str(cert)],
+            check=True, capture_output=True, timeout=60)
+        key.chmod(0o644)  # Dovecot's login processes read it as dovenull
+    return cert, key
+
+
 class Server:
-    """A server under test: ``start()``, ``pid`` (the root of its process tree), ``stop()``."""
+    """A server under test: ``start()``, ``pid`` (the root of its process tree), ``stop()``.
+
+    ``tls`` (certificate, key) opens a POP3S (implicit TLS) listener on ``tls_port`` too;
+    ``store`` is ``"maildir"`` (``mail/<user>/Maildir``) or ``"mbox"`` (``mail/<user>/mbox``).
+    """
 
     name = "server"
 
-    def __init__(self, work: Path, port: int, cpus: str) -> None:
+    def __init__(self, work: Path, port: int, cpus: str, *,
+                 tls: tuple[Path, Path] | None = None, store: str = "maildir") -> None:
         self.work = work
         self.port = port
         self.cpus = cpus
+        self.tls = tls
+        self.tls_port = free_port() if tls else 0
+        self.store = store
         self.pid: int | None = None
         self.error = ""
 
@@ -145,8 +166,9 @@ class Server:
 class _ProcessServer(Server):
     """A server that is one foreground process pinned with taskset, logging to a file."""
 
-    def __init__(self, work: Path, port: int, cpus: str) -> None:
-        super().__init__(work, port, cpus)
+    def __init__(self, work: Path, port: int, cpus: str, *,
+                 tls: tuple[Path, Path] | None = None, store: str = "maildir") -> None:
+        super().__init__(work, port, cpus, tls=tls, store=store)
         self.proc: subprocess.Popen[bytes] | None = None
 
     def _spawn(self, command: list[str], log_name: str) -> bool:
@@ -179,24 +201,31 @@ class Pop3d(_ProcessServer):
 
     name = "pop3d"
 
-    def __init__(self, work: Path, port: int, cpus: str, workers: int = 1) -> None:
-        super().__init__(work, port, cpus)
+    def __init__(self, work: Path, port: int, cpus: str, workers: int = 1, *,
+                 tls: tuple[Path, Path] | None = None, store: str = "maildir") -> None:
+        super().__init__(work, port, cpus, tls=tls, store=store)
         self.workers = workers
 
     def start(self) -> bool:
         cfg = self.work / "pop3d.toml"
+        tls_listen = f'tls_listen = ["127.0.0.1:{self.tls_port}"]\n' if self.tls else ""
+        tls = f'[tls]\ncert = "{self.tls[0]}"\nkey = "{self.tls[1]}"\n' if self.tls else ""
+        storage = ('mbox = "mail/%u/mbox"\n' if self.store == "mbox"
+                   else 'maildir = "mail/%u/Maildir"\n')
         cfg.write_text(
             "[server]\n"
             f'listen = ["127.0.0.1:{self.port}"]\n'
-            f"workers = {self.workers}\n"
+            + tls_listen
+            + f"workers = {self.workers}\n"
             "idle_timeout = 600\n"
             "max_connections = 30000\n"
             "max_connections_per_ip = 30000\n"
-            "[auth]\n"
+            + tls
+            + "[auth]\n"
             'passwd_file = "users"\n'
             "failure_delay = 0\n"
             "[storage]\n"
-            'maildir = "mail/%u/Maildir"\n',
+            + storage,
             encoding="utf-8",
         )
         return self._spawn(
@@ -217,6 +246,12 @@ class Dovecot(Server):
         for sub in ("run", "state"):
             (self.work / sub).mkdir(parents=True, exist_ok=True)
         conf = (BENCH / "dovecot.conf").read_text(encoding="utf-8")
+        ssl = (f"yes\nssl_cert = <{self.tls[0]}\nssl_key = <{self.tls[1]}" if self.tls
+               else "no")
+        location = ("mbox:@ROOT@/mail/%u/folders:INBOX=@ROOT@/mail/%u/mbox"
+                    if self.store == "mbox" else "maildir:@ROOT@/mail/%u/Maildir")
+        conf = (conf.replace("@SSL@", ssl).replace("@MAIL_LOCATION@", location)
+                .replace("@TLSPORT@", str(self.tls_port)))
         conf = conf.replace("@ROOT@", str(self.work)).replace("@PORT@", str(self.port))
         path = self.work / "dovecot.conf"
         path.write_text(conf, encoding="utf-8")

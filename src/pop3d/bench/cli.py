@@ -88,6 +88,10 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="seconds between probe NOOPs (0.01)")
     p.add_argument("--ready-file", type=Path,
                    help="write this file when setup is done (idle: all connections held)")
+    p.add_argument("--tls", action="store_true",
+                   help="POP3S: implicit TLS on --port, a full handshake per session")
+    p.add_argument("--tls-resume", action="store_true",
+                   help="POP3S offering the last session's ticket (TLS session resumption)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     prog = p.add_mutually_exclusive_group()
     prog.add_argument("--progress", dest="progress", action="store_true", default=None,
@@ -126,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         idle_conns=args.idle_conns, ramp_timeout=args.ramp_timeout, timeout=args.timeout,
         auth=args.auth, session_timeout=args.session_timeout, loop=args.loop,
         repeat=max(1, args.repeat), progress=progress,
-        ready_file=args.ready_file,
+        ready_file=args.ready_file, tls=args.tls, tls_resume=args.tls_resume,
     )
     pool = opts.pool()
     if not pool:

@@ -23,8 +23,9 @@ by the size check against LIST and by the checksum.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from dataclasses import dataclass
-from typing import Self, cast
+from typing import Any, Self, cast
 
 try:
     from zlib_ng.zlib_ng import crc32
@@ -37,6 +38,8 @@ __all__ = [
     "NegativeReply",
     "Pop3Client",
     "ProtocolFailure",
+    "ResumingContext",
+    "client_context",
     "count_stuffed",
     "crc32",
     "unstuff",
@@ -73,6 +76,36 @@ class Body:
     data: bytes | None = None
 
 
+class ResumingContext(ssl.SSLContext):
+    """A client TLS context that offers the last session it was given (``session``).
+
+    asyncio and uvloop wrap each connection with ``wrap_bio`` and pass no session, so
+    resumption is offered here, as a client that keeps its session ticket between polls
+    (Thunderbird, K-9, fetchmail through OpenSSL) does.  ``session`` stays ``None`` for
+    full handshakes.
+    """
+
+    session: ssl.SSLSession | None = None
+    #: Keep each connection's session for the next (``Pop3Client.connect``).
+    keep_session = False
+
+    def wrap_bio(self, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO,
+                 server_side: bool = False, server_hostname: Any = None,
+                 session: ssl.SSLSession | None = None) -> ssl.SSLObject:
+        """Wrap as asked, offering :attr:`session` when the caller gave none."""
+        return super().wrap_bio(incoming, outgoing, server_side, server_hostname,
+                                session or self.session)
+
+
+def client_context(resume: bool = False) -> ResumingContext:
+    """TLS for loopback benchmarks: no certificate check (self-signed), sessions kept."""
+    ctx = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.keep_session = resume
+    return ctx
+
+
 class Pop3Client(asyncio.Protocol):
     """One POP3 connection.  Use :meth:`connect`, then :meth:`command` / :meth:`multi`."""
 
@@ -95,20 +128,38 @@ class Pop3Client(asyncio.Protocol):
         self._parts: list[bytes] = []
         #: Octets received on this connection (wire bytes, all responses).
         self.bytes_in = 0
+        #: POP3S: the TLS handshake resumed a session.
+        self.resumed = False
 
     # --- public API -------------------------------------------------------------------------
 
     @classmethod
     async def connect(
-        cls, host: str, port: int, loop: asyncio.AbstractEventLoop | None = None
+        cls, host: str, port: int, loop: asyncio.AbstractEventLoop | None = None,
+        tls: ResumingContext | None = None,
     ) -> tuple[Pop3Client, bytes]:
-        """Open a connection and read the greeting; return the client and the greeting."""
+        """Open a connection (implicit TLS with ``tls``: POP3S) and read the greeting.
+
+        With a ``tls`` context made for resumption, the session (the TLS 1.3 ticket comes
+        with the greeting) is kept for the next connection, and :attr:`resumed` tells
+        whether this one resumed.
+        """
         loop = loop or asyncio.get_running_loop()
-        _, client = await loop.create_connection(lambda: cls(loop), host, port)
+        if tls is None:
+            _, client = await loop.create_connection(lambda: cls(loop), host, port)
+        else:
+            _, client = await loop.create_connection(lambda: cls(loop), host, port, ssl=tls,
+                                                     server_hostname="localhost")
         greeting = await client.reply()
         if not greeting.startswith(b"+OK"):
             client.abort()
             raise NegativeReply(f"greeting: {greeting[:80]!r}")
+        if tls is not None:
+            tls_object = client.transport_info("ssl_object")
+            if tls_object is not None:
+                client.resumed = bool(tls_object.session_reused)
+                if tls.keep_session and tls_object.session is not None:
+                    tls.session = tls_object.session
         return client, greeting
 
     async def command(self, line: bytes) -> bytes:
@@ -160,6 +211,10 @@ class Pop3Client(asyncio.Protocol):
         """Drop the connection when the block failed; a clean exit leaves it as it is."""
         if kind is not None:
             self.abort()
+
+    def transport_info(self, name: str) -> Any:
+        """The transport's ``get_extra_info(name)`` (``None`` once closed)."""
+        return self._transport.get_extra_info(name) if self._transport is not None else None
 
     def close(self) -> None:
         """Close the transport (after what was written is flushed)."""

@@ -25,7 +25,7 @@ import time
 from typing import Any
 
 from pop3d.bench import report
-from pop3d.bench.client import Pop3Client
+from pop3d.bench.client import Pop3Client, client_context
 from pop3d.bench.manifest import Manifest
 from pop3d.bench.options import Options
 from pop3d.bench.scenarios import SESSIONS, Context, Stats, open_session, probe
@@ -78,8 +78,9 @@ class _Child:
         self.go = go
         self.stats = Stats()
         manifest = Manifest.load(opts.manifest) if opts.manifest else None
+        tls = client_context(opts.tls_resume) if opts.tls or opts.tls_resume else None
         self.ctx = Context(opts.host, opts.port, opts.password, self.stats, manifest,
-                           opts.auth, opts.repeat)
+                           opts.auth, opts.repeat, tls)
         self.stop = asyncio.Event()
         self.remaining = self._my_share(opts.count) if opts.count is not None else None
 
@@ -198,7 +199,8 @@ class _Child:
         return {
             "sessions": s.sessions, "failures": s.failures, "messages": s.messages,
             "octets": s.octets, "verified": s.verified, "verify_failures": s.verify_failures,
-            "held": s.held, "latencies": s.latencies.tobytes(), "probe": s.probe.tobytes(),
+            "held": s.held, "resumed": s.resumed, "latencies": s.latencies.tobytes(),
+            "probe": s.probe.tobytes(),
             "errors": dict(s.errors), "elapsed": elapsed, "cpu_run": cpu_run,
         }
 

@@ -36,6 +36,9 @@ class Options:
     repeat: int = 1
     progress: bool = False
     ready_file: Path | None = None
+    #: POP3S: implicit TLS on ``port``; ``tls_resume`` offers the last session each time.
+    tls: bool = False
+    tls_resume: bool = False
 
     def pool(self) -> tuple[str, ...]:
         """The users the workers and idle connections use (all but the probe's)."""

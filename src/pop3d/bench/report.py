@@ -76,6 +76,7 @@ def summarize(opts: Options, results: list[dict[str, Any]], *, setup_time: float
         "mb_per_s": octets * per_s / 1e6,
         "verified": total("verified"),
         "verify_failures": total("verify_failures"),
+        "tls_resumed": total("resumed"),
         "idle": ({"requested": opts.idle_conns, "held": total("held")}
                  if opts.scenario == "idle" else None),
         "probe": _latency([r["probe"] for r in ok]),
@@ -117,7 +118,7 @@ def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
         return sum(p.get(key) or 0 for p in parts)
 
     for key in ("setup_s", "elapsed_s", "sessions", "failures", "messages", "octets",
-                "verified", "verify_failures"):
+                "verified", "verify_failures", "tls_resumed"):
         out[key] = total(key)
     per_s = 1 / out["elapsed_s"] if out["elapsed_s"] > 0 else 0.0
     out["sessions_per_s"] = out["sessions"] * per_s

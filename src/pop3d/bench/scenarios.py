@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-from pop3d.bench.client import Body, Pop3Client, unstuff
+from pop3d.bench.client import Body, Pop3Client, ResumingContext, unstuff
 from pop3d.bench.manifest import Manifest
 
 #: Scenario names, in the order the runner and the help list them.
@@ -41,6 +41,8 @@ class Stats:
     verified: int = 0
     verify_failures: int = 0
     held: int = 0
+    #: POP3S sessions whose handshake resumed a TLS session.
+    resumed: int = 0
     latencies: array[float] = field(default_factory=lambda: array("d"))
     probe: array[float] = field(default_factory=lambda: array("d"))
     errors: Counter[str] = field(default_factory=Counter)
@@ -69,6 +71,8 @@ class Context:
     auth: str = "user"
     #: RETRs of the first message per retr-large session.
     repeat: int = 1
+    #: POP3S (implicit TLS) when set; offers the last session when made for resumption.
+    tls: ResumingContext | None = None
 
     def password_for(self, user: str) -> bytes:
         """The password of ``user``: ``%u`` in the pattern stands for the user name."""
@@ -80,7 +84,8 @@ Session = Callable[[Context, str], Awaitable[None]]
 
 async def open_session(ctx: Context, user: str) -> tuple[Pop3Client, int, int]:
     """Connect, authenticate, STAT; return the client and STAT's count and size."""
-    client, _ = await Pop3Client.connect(ctx.host, ctx.port)
+    client, _ = await Pop3Client.connect(ctx.host, ctx.port, tls=ctx.tls)
+    ctx.stats.resumed += client.resumed
     async with client:
         name = user.encode()
         if ctx.auth == "plain":

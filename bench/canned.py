@@ -7,12 +7,14 @@ limit: with zlib-ng's CRC-32 in the generator (bench/.venv) it is the canned ser
 core, the generator then being at about two thirds of its own; with plain zlib it was the
 generator.  A real server that comes near this figure is near what the rig can measure.
 
-``--login MANIFEST``: answers login sessions (greeting, USER, PASS, STAT from the
+``--login MANIFEST [--tls CERT KEY]``: answers login sessions (greeting, USER, PASS, STAT from the
 manifest, QUIT) from an asyncio protocol on uvloop, with no password check, no storage
 and no logging: what the load generator can drive.  On the development VM the generator
 reaches its whole core first (the canned server used 84 µs of CPU a session, so it could
 go faster); no real server can pass this figure, and the ratio to it shows how far a
-server is from being limited by the generator.
+server is from being limited by the generator.  With ``--tls`` the same over POP3S: the
+ceiling of ``login-tls`` and ``login-tls-resume`` (TLS 1.3 tickets on, as Python's ssl
+issues them), with the server's TLS handshake in it as any server's.
 
 127.0.0.1 only; stops after ``--seconds``.
 """
@@ -23,6 +25,7 @@ import argparse
 import asyncio
 import contextlib
 import socket
+import ssl
 import threading
 import time
 from collections import Counter
@@ -85,8 +88,9 @@ class LoginProtocol(asyncio.Protocol):
                 t.write(b"+OK\r\n")
 
 
-def serve_logins(port: int, manifest: Path, seconds: float) -> None:
-    """Run the canned login server for ``seconds``."""
+def serve_logins(port: int, manifest: Path, seconds: float,
+                 tls: tuple[Path, Path] | None = None) -> None:
+    """Run the canned login server for ``seconds`` (POP3S with ``tls``: certificate, key)."""
     known = Manifest.load(manifest)
     stats = {}
     for user in known.users:
@@ -96,8 +100,12 @@ def serve_logins(port: int, manifest: Path, seconds: float) -> None:
 
     async def run() -> None:
         loop = asyncio.get_running_loop()
+        context = None
+        if tls is not None:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(tls[0], tls[1])
         server = await loop.create_server(
-            lambda: LoginProtocol(stats), "127.0.0.1", port, backlog=1024
+            lambda: LoginProtocol(stats), "127.0.0.1", port, backlog=1024, ssl=context
         )
         async with server:
             await asyncio.sleep(seconds)
@@ -115,10 +123,12 @@ def main() -> None:
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--message", type=Path, help="serve this message (retr-large)")
     what.add_argument("--login", type=Path, metavar="MANIFEST", help="serve login sessions")
+    ap.add_argument("--tls", type=Path, nargs=2, metavar=("CERT", "KEY"),
+                    help="--login over implicit TLS (POP3S), Python's ssl as pop3d uses it")
     ap.add_argument("--seconds", type=float, default=120)
     a = ap.parse_args()
     if a.login is not None:
-        serve_logins(a.port, a.login, a.seconds)
+        serve_logins(a.port, a.login, a.seconds, tuple(a.tls) if a.tls else None)
         return
     wire = to_wire(a.message.read_bytes())
     retr = b"+OK\r\n" + stuff(wire) + b".\r\n"

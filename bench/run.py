@@ -190,7 +190,7 @@ class Runner:
             self.loadgen(self.bench_cmd(server_dir, port, key, **opt), timeout=400)
 
     def _canned(self, canned_args: list[str], scenario: str, data: Path,
-                duration: float) -> dict[str, Any]:
+                duration: float, tls: bool = False) -> dict[str, Any]:
         """Run ``scenario`` for ``duration`` s against bench/canned.py with ``canned_args``."""
         port = servers.free_port()
         d = duration
@@ -200,7 +200,7 @@ class Runner:
              "--seconds", str(d + 60)],
             stdin=subprocess.DEVNULL, env=self.env)
         try:
-            if not servers.wait_greeting(port, 20):
+            if not servers.wait_greeting(port, 20, tls=tls):
                 return {"error": "canned server did not start"}
             opt = {**self.scenario_opts(scenario), "duration": d}
             return self.loadgen(self.bench_cmd(data, port, scenario, **opt), timeout=d + 60)
@@ -224,6 +224,13 @@ class Runner:
         data = self.work / "data"
         return self._canned(["--login", str(data / "manifest.json")], "login", data, duration)
 
+    def tls_login_ceiling(self, scenario: str, duration: float) -> dict[str, Any]:
+        """login-tls(-resume) against bench/canned.py over POP3S: the generator's TLS ceiling."""
+        data = self.work / "data"
+        cert, key = servers.make_cert(self.work)
+        return self._canned(["--login", str(data / "manifest.json"), "--tls", str(cert),
+                             str(key)], scenario, data, duration, tls=True)
+
     def measure_ceilings(self, scenario: str, duration: float) -> None:
         """One round of the ceilings beside ``scenario``: loopback and a canned server."""
         if scenario == "retr-large":
@@ -234,6 +241,11 @@ class Runner:
             log(f"ceilings: raw loopback {rate:,.0f} MB/s; a canned server "
                 f"{out.get('mb_per_s', 0):,.0f} MB/s, load generator at "
                 f"{out.get('loadgen_cpu', {}).get('utilization', 0):.0%} of its CPU")
+        elif scenario in ("login-tls", "login-tls-resume"):
+            out = self.tls_login_ceiling(scenario, duration)
+            log(f"ceiling: a canned uvloop POP3S server {out.get('sessions_per_s', 0):,.0f} "
+                f"sessions/s, load generator at "
+                f"{out.get('loadgen_cpu', {}).get('utilization', 0):.0%} of its CPU")
         elif scenario == "login":
             out = self.login_ceiling(duration)
             log(f"ceiling: a canned uvloop server {out.get('sessions_per_s', 0):,.0f} "
@@ -242,6 +254,10 @@ class Runner:
         else:
             return
         self.ceiling_parts.setdefault(scenario, []).append(out)
+
+    def tls_ceilings(self) -> dict[str, dict[str, Any]]:
+        """The canned POP3S server's login-tls and login-tls-resume, over all rounds."""
+        return {k: merge_slices(v) for k, v in self.ceiling_parts.items() if k in _TLS}
 
     def ceilings(self) -> tuple[float, dict[str, Any], dict[str, Any]]:
         """The loopback rate, and the canned server's retr-large and login, over all rounds."""
@@ -388,6 +404,7 @@ def _fmt(v: float | None, digits: int = 0) -> str:
 
 def rows_of(results: dict[str, Any], names: list[str], ceiling: float,
             gen_rate: float | None, login_rate: float | None = None,
+            tls_ceilings: dict[str, dict[str, Any]] | None = None,
             ) -> list[tuple[str, str, list[float | None], int]]:
     """(scenario, metric, value per server, digits) rows of the table."""
 
@@ -423,9 +440,18 @@ def rows_of(results: dict[str, Any], names: list[str], ceiling: float,
     add("storm", "sessions/s", ("sessions_per_s",), 1)
     add("storm", "NOOP p50 ms", ("probe", "p50_ms"), 2)
     add("storm", "NOOP p99 ms", ("probe", "p99_ms"), 2)
+    def tls_ceiling(scenario: str) -> None:
+        out = (tls_ceilings or {}).get(scenario, {})
+        rate = out.get("sessions_per_s")
+        busy = (out.get("loadgen_cpu") or {}).get("utilization")
+        rows.append((scenario, "canned POP3S ceiling", [rate] * len(names), 0))
+        rows.append((scenario, "its loadgen CPU %", [busy] * len(names), 0))
+
     add("login-tls", "sessions/s (full handshake)", ("sessions_per_s",))
+    tls_ceiling("login-tls")
     add("login-tls", "latency p99 ms", ("latency", "p99_ms"), 2)
     add("login-tls-resume", "sessions/s (ticket offered)", ("sessions_per_s",))
+    tls_ceiling("login-tls-resume")
     resumed = [get(n, "login-tls-resume", "tls_resumed") for n in names]
     done = [get(n, "login-tls-resume", "sessions") for n in names]
     rows.append(("login-tls-resume", "resumed %",
@@ -451,7 +477,7 @@ def rows_of(results: dict[str, Any], names: list[str], ceiling: float,
 
 _NO_RATIO = {
     "canned-server ceiling", "loopback ceiling MB/s", "canned-server ceiling MB/s",
-    "connections held", "verified msgs", "resumed %",
+    "connections held", "verified msgs", "resumed %", "canned POP3S ceiling", "its loadgen CPU %",
     "verify failures", "failed sessions", "loadgen CPU %", "server CPU %",
 }
 
@@ -464,7 +490,8 @@ def _ratio(shown: list[float | None], names: list[str], other: str, metric: str)
 
 def table(results: dict[str, Any], names: list[str], ceiling: float,
           scenarios: list[str], generator: dict[str, Any],
-          login_ceiling: dict[str, Any] | None = None) -> str:
+          login_ceiling: dict[str, Any] | None = None,
+          tls_ceilings: dict[str, dict[str, Any]] | None = None) -> str:
     header = ["scenario", "metric", *names]
     with_ratio = "pop3d" in names and "dovecot" in names
     if with_ratio:
@@ -476,7 +503,7 @@ def table(results: dict[str, Any], names: list[str], ceiling: float,
     gen_rate = generator.get("mb_per_s")
     login_rate = (login_ceiling or {}).get("sessions_per_s")
     for scenario, metric, values, digits in rows_of(results, names, ceiling, gen_rate,
-                                                    login_rate):
+                                                    login_rate, tls_ceilings):
         if scenario not in scenarios or all(v is None for v in values):
             continue
         scale = 100 if metric.endswith("CPU %") else 1
@@ -581,7 +608,9 @@ def main(argv: list[str] | None = None) -> int:
             for name, got in runner.run_servers(under_test, scenarios).items():
                 results[name].update(got)
         ceiling, generator, login_ceiling = runner.ceilings()
-        text = table(results, names, ceiling, args.scenarios, generator, login_ceiling)
+        tls_ceilings = runner.tls_ceilings()
+        text = table(results, names, ceiling, args.scenarios, generator, login_ceiling,
+                     tls_ceilings)
         machine = (f"{os.cpu_count()} CPUs ({_cpu_model()}), server on CPU {args.server_cpus}, "
                    f"load generator on CPU {args.loadgen_cpus} "
                    f"({'uvloop venv' if runner.py != sys.executable else 'asyncio'}), "
@@ -593,6 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         (RESULTS / f"{stamp}.json").write_text(json.dumps(
             {"machine": machine, "plan": plan.__dict__, "loopback_mb_s": ceiling,
              "generator_ceiling": generator, "login_ceiling": login_ceiling,
+             "tls_login_ceilings": tls_ceilings,
              "results": results}, indent=2), encoding="utf-8")
         (RESULTS / "latest.txt").write_text(f"{machine}\n\n{text}\n", encoding="utf-8")
         bad = any(isinstance(r, dict) and r.get("verify_failures")

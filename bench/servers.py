@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -28,12 +29,18 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_greeting(port: int, timeout: float) -> bool:
-    """Wait until a POP3 greeting comes from 127.0.0.1:port (bounded by ``timeout``)."""
+def wait_greeting(port: int, timeout: float, tls: bool = False) -> bool:
+    """Wait until a POP3 greeting comes from 127.0.0.1:port (POP3S with ``tls``; bounded
+    by ``timeout``)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            with socket.create_connection(("127.0.0.1", port), timeout=2) as raw, (
+                context.wrap_socket(raw) if tls else contextlib.nullcontext(raw)
+            ) as s:
                 if s.recv(512).startswith(b"+OK"):
                     return True
         except OSError:

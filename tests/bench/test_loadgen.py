@@ -6,6 +6,9 @@ A tiny POP3 responder in a thread plays the server; ``mode`` makes it misbehave.
 from __future__ import annotations
 
 import asyncio
+import json
+import ssl
+import subprocess
 import threading
 import zlib
 from array import array
@@ -36,8 +39,9 @@ USERS = [f"u{i}" for i in range(1, 5)]
 class FakePop3:
     """A minimal POP3 server; ``mode`` is "ok", "flip" (one wrong byte) or "nostuff"."""
 
-    def __init__(self, mode: str = "ok") -> None:
+    def __init__(self, mode: str = "ok", tls: ssl.SSLContext | None = None) -> None:
         self.mode = mode
+        self.tls = tls
         self.wire = [to_wire(m) for m in MESSAGES]
         self.port = 0
         self._loop = asyncio.new_event_loop()
@@ -56,7 +60,7 @@ class FakePop3:
     def _run(self) -> None:
         asyncio.set_event_loop(self._loop)
         server = self._loop.run_until_complete(
-            asyncio.start_server(self._handle, "127.0.0.1", 0))
+            asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.tls))
         self.port = server.sockets[0].getsockname()[1]
         self._ready.set()
         self._loop.run_forever()
@@ -168,6 +172,28 @@ def test_wrong_bytes_fail_the_run(mode: str, manifest: Path,
         assert _bench(srv.port, manifest) == 1
     out = capsys.readouterr().out
     assert '"verify_failures": 4' in out
+
+
+@pytest.mark.parametrize(("flag", "resumed"), [("--tls", 0), ("--tls-resume", 3)])
+def test_pop3s_full_handshakes_or_resumed(flag: str, resumed: int, manifest: Path,
+                                          tmp_path: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """POP3S: --tls makes a full handshake each session; --tls-resume offers the ticket
+    the first session brought, and the server's resumptions are counted."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
+                    "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    with FakePop3(tls=context) as srv:
+        assert main(["bench", "fetch", "-p", str(srv.port), "-u", ",".join(USERS), "-c", "1",
+                     "--count", "4", "-j", "1", "--manifest", str(manifest), "--no-progress",
+                     "--json", flag]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["verified"] == 12
+    assert out["tls_resumed"] == resumed
 
 
 def test_idle_holds_and_probes(fake: FakePop3) -> None:

@@ -158,7 +158,8 @@ class Pop3Client(asyncio.Protocol):
             tls_object = client.transport_info("ssl_object")
             if tls_object is not None:
                 client.resumed = bool(tls_object.session_reused)
-                if tls.keep_session and tls_object.session is not None:
+                # a resumed session's ticket stays good: only a full handshake brings one
+                if tls.keep_session and not client.resumed and tls_object.session is not None:
                     tls.session = tls_object.session
         return client, greeting
 

@@ -227,7 +227,7 @@ class Runner:
     def tls_login_ceiling(self, scenario: str, duration: float) -> dict[str, Any]:
         """login-tls(-resume) against bench/canned.py over POP3S: the generator's TLS ceiling."""
         data = self.work / "data"
-        cert, key = servers.make_cert(self.work)
+        cert, key = servers.make_cert(self.work, self.args.tls_key)
         return self._canned(["--login", str(data / "manifest.json"), "--tls", str(cert),
                              str(key)], scenario, data, duration, tls=True)
 
@@ -535,6 +535,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--server-cpus", default="0")
     ap.add_argument("--loadgen-cpus", default="1")
     ap.add_argument("--workers", type=int, default=1, help="pop3d worker processes (1)")
+    ap.add_argument("--tls-key", choices=("ec", "rsa"), default="ec",
+                    help="POP3S certificate: ECDSA P-256 or RSA 2048 (ec)")
     ap.add_argument("--two-worker-cpus", default="0-1",
                     help="CPUs of the servers in the login-2w and retr-large-2w scenarios "
                          "(pop3d with workers = 2, Dovecot beside it) (0-1)")
@@ -575,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
                      storm_hash=hashed, large_size=plan.large_size,
                      dots_users=plan.large_users)
         runner = Runner(args, plan, work)
-        tls = servers.make_cert(work)
+        tls = servers.make_cert(work, args.tls_key)
         results: dict[str, Any] = {name: {} for name in names}
         maildir = [s for s in args.scenarios if s not in MBOX and s not in TWO_WORKERS]
         mbox = [s for s in args.scenarios if s in MBOX]
@@ -615,6 +617,8 @@ def main(argv: list[str] | None = None) -> int:
                    f"load generator on CPU {args.loadgen_cpus} "
                    f"({'uvloop venv' if runner.py != sys.executable else 'asyncio'}), "
                    f"{'quick' if args.quick else 'full'} run, {plan.duration:g} s per scenario"
+                   + (f", POP3S certificate {args.tls_key.upper()}"
+                      if any(s in _TLS for s in args.scenarios) else "")
                    + (f" in {args.rounds} rounds, servers taking turns" if args.rounds > 1 else ""))
         print(f"\n{machine}\n\n{text}")
         RESULTS.mkdir(exist_ok=True)

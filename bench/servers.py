@@ -120,14 +120,16 @@ def cpu_seconds(pid: int) -> float:
     return total / tick
 
 
-def make_cert(folder: Path) -> tuple[Path, Path]:
-    """A self-signed ECDSA P-256 certificate for ``localhost`` (certbot's default key type)."""
-    cert, key = folder / "cert.pem", folder / "key.pem"
+def make_cert(folder: Path, kind: str = "ec") -> tuple[Path, Path]:
+    """A self-signed certificate for ``localhost``: ECDSA P-256 (``ec``, certbot's default
+    key type) or RSA 2048 (``rsa``, the older default, still common)."""
+    cert, key = folder / f"cert-{kind}.pem", folder / f"key-{kind}.pem"
+    key_opts = (["-newkey", "rsa:2048"] if kind == "rsa" else
+                ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"])
     if not cert.exists():
         subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
-             "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=localhost",
-             "-keyout", str(key), "-out", str(cert)],
+            ["openssl", "req", "-x509", *key_opts, "-nodes", "-days", "2",
+             "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
             check=True, capture_output=True, timeout=60)
         key.chmod(0o644)  # Dovecot's login processes read it as dovenull
     return cert, key

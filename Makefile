@@ -1,6 +1,6 @@
 # Benchmarks (issue 5).  `make bench` runs pop3d against Dovecot (and Twisted, stock and
 # tuned, when bench/.venv exists) and prints the table; `make bench-quick` is the
-# one-minute version.
+# short version (4.5 minutes here).
 PY ?= .venv/bin/python
 BENCH_ARGS ?=
 

@@ -303,6 +303,7 @@ class Runner:
         """Run one scenario against one server, with the server's CPU over the run."""
         assert server.pid is not None
         cpu0 = servers.cpu_seconds(server.pid)
+        each0 = servers.cpu_by_process(server.pid)
         if scenario == "idle":
             out = self.run_idle(server, server_dir, opt)
         else:
@@ -310,6 +311,11 @@ class Runner:
             cmd = self.bench_cmd(server_dir, port, scenario, **opt)
             out = self.loadgen(cmd, timeout=opt["duration"] + 300)
         out["server_cpu_s"] = servers.cpu_seconds(server.pid) - cpu0
+        # each process's share: how a multi-process server spread the work (workers = 2)
+        each = servers.cpu_by_process(server.pid)
+        out["server_cpu_by_process_s"] = sorted(
+            (round(t - each0.get(p, 0.0), 2) for p, t in each.items()
+             if t - each0.get(p, 0.0) >= 0.01), reverse=True)
         if out.get("elapsed_s"):
             out["server_cpu_util"] = out["server_cpu_s"] / out["elapsed_s"]
         if out.get("verify_failures"):
@@ -387,8 +393,9 @@ def merge_slices(parts: list[dict[str, Any]]) -> dict[str, Any]:
             out["server_cpu_s"] = sum(p.get("server_cpu_s", 0.0) for p in parts)
             if out.get("elapsed_s"):
                 out["server_cpu_util"] = out["server_cpu_s"] / out["elapsed_s"]
-        out["slices"] = [{k: p.get(k) for k in ("sessions_per_s", "messages_per_s", "mb_per_s",
-                                                 "server_cpu_util")} for p in parts]
+        keys = ("sessions_per_s", "messages_per_s", "mb_per_s", "server_cpu_util",
+                "server_cpu_by_process_s")
+        out["slices"] = [{k: p.get(k) for k in keys} for p in parts]
     return out
 
 

@@ -107,6 +107,19 @@ def memory_kib(pid: int) -> tuple[int, int, int]:
     return rss, pss, n
 
 
+def cpu_by_process(pid: int) -> dict[int, float]:
+    """User+system CPU seconds of ``pid`` and each live descendant, by PID."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for p in descendants(pid):
+        try:
+            f = Path(f"/proc/{p}/stat").read_text().rsplit(") ", 1)[1].split()
+        except OSError:
+            continue
+        out[p] = (int(f[11]) + int(f[12])) / tick
+    return out
+
+
 def cpu_seconds(pid: int) -> float:
     """User+system CPU seconds of ``pid`` and its live descendants (plus reaped children)."""
     tick = os.sysconf("SC_CLK_TCK")

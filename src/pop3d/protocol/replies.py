@@ -18,22 +18,22 @@ import enum
 import re
 
 CRLF = b"\r\n"
-#: A line that starts with a dot.  ``re.sub`` stuffs 3x faster than ``bytes.replace``
-#: (1.7 vs 0.5 GB/s measured on text with 1 % dot lines; 3.0 vs 1.1 GB/s with none):
-#: replace checks every LF as a candidate match, the regex engine scans for the pair.
+#: A line that starts with a dot.  ``re.sub`` stuffs faster than ``bytes.replace``:
+#: replace checks every LF as a candidate match, the regex engine scans for the pair
+#: (figures: docs/performance.md).
 _LINE_START_DOT = re.compile(rb"\n\.")
 #: Where dots are rarer than one per this many octets, :func:`_stuff` walks from dot to
-#: dot with ``bytes.find`` (memchr: 30+ GB/s) instead of the regex (2.7 GB/s, it looks at
-#: every LF).  A step of that walk costs about as much Python time as the regex spends
-#: on 256 octets, so a chunk never costs more than twice the regex alone.
+#: dot with ``bytes.find`` (memchr) instead of the regex (which looks at every LF).  A
+#: step of that walk costs about as much Python time as the regex spends on 256 octets,
+#: so a chunk never costs more than twice the regex alone.
 _SPARSE_DOTS = 256
 #: ... and where line-start dots are rarer than one per this many octets: each cut costs
 #: two pieces (Python work here, an iovec in the transport's ``writev``), so a chunk
-#: with more of them (quoted text, logs, ASCII art: 11 % of the lines of a 20 MiB text
-#: message made 90,000 pieces) goes to the regex, which returns one piece.
+#: with more of them (quoted text, logs, ASCII art) goes to the regex, which returns
+#: one piece.
 _SPARSE_CUTS = 16 * 1024
-#: Chunks shorter than this go to the regex: on a 4 KiB message with its ~20 dots the
-#: walk's per-dot Python costs more (5.9 vs 2.5 us measured); it pays on big chunks.
+#: Chunks shorter than this go to the regex: on a small message the walk's per-dot
+#: Python costs more than the regex; it pays on big chunks.
 _WALK_MIN = 64 * 1024
 TERMINATOR = b".\r\n"
 

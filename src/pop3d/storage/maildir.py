@@ -155,14 +155,13 @@ _MAX_INDEX_BYTES = 64 * 1024 * 1024
 _RACY_SECONDS = 2
 #: Above this directory size (``st_size`` of ``cur/`` or ``new/``, which grows with the
 #: number of entries on ext4, XFS, btrfs and tmpfs: 64 KiB is roughly 1-3 thousand
-#: names) the scan at open runs in a thread.  Measured on a 2-vCPU VM: a warm open of
-#: 100 messages takes ~0.7 ms inline (half of it the 100 lstat calls), an empty one
-#: ~0.08 ms, while one thread hop alone costs ~0.1 ms.
+#: names) the scan at open runs in a thread: below it, a warm scan inline costs about
+#: what one thread hop costs (figures: docs/performance.md).
 _INLINE_SCAN_DIR_SIZE = 64 * 1024
 #: Unindexed message octets read inline at open; above this, measuring goes to a thread.
 _INLINE_MEASURE_BYTES = 1024 * 1024
 #: Messages up to this size may be answered whole by ``read_inline`` (one page-cache
-#: read is cheaper than the ~0.1 ms thread hop); bigger ones are streamed, each chunk
+#: read is cheaper than a thread hop); bigger ones are streamed, each chunk
 #: read on the loop if the page cache holds it, else in a thread.
 _INLINE_READ_BYTES = 64 * 1024
 #: Maildirs whose last listing a process remembers (see _ListingCache).

@@ -437,6 +437,18 @@ def test_a_lying_w_size_is_corrected_from_the_file(
     assert (uid3, size3) == (uid1, 20)
 
 
+def test_a_name_the_index_cannot_hold_is_measured_not_believed(tmp_path: Path) -> None:
+    """A name with a line end cannot be recorded in the size index, so its W= is not
+    trusted: the message is measured and served at the first open, and at every next one
+    (found by the Maildir-name fuzzer: refused at every open)."""
+    root = maildir_of(tmp_path)
+    body = b"h]ello"
+    (root / "new" / "1700000000hello\nhost,S=6,W=8").write_bytes(body)
+    for _ in range(2):
+        _uid, size, data = bounded(session_of(store(tmp_path)))
+        assert (size, data) == (8, b"h]ello\r\n")
+
+
 async def session_of(s: MaildirStore) -> tuple[str, int, bytes]:
     md = await s.open(user())
     try:

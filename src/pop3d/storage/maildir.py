@@ -543,8 +543,19 @@ def _checked_regular(fd: int) -> tuple[int, os.stat_result]:
     return fd, s
 
 
+def _indexable(key: str) -> bool:
+    """Whether the size index (one line per key) can record ``key``."""
+    return "\n" not in key and "\r" not in key
+
+
 def _wire_from_name(entry: _Entry, fd: int, *, nowait: bool = False) -> int | None:
-    """Use Dovecot's ``W=`` when ``S=`` proves the name describes this file."""
+    """Use Dovecot's ``W=`` when ``S=`` proves the name describes this file.
+
+    Not for a name the size index cannot record: a wrong ``W=`` could never be corrected
+    there (:meth:`MaildirMaildrop._heal`), and the message would be refused at every open.
+    """
+    if not _indexable(entry.key):
+        return None
     s_size, w_size = _name_sizes(entry.name)
     if s_size is None or w_size is None or s_size != entry.file_size:
         return None
@@ -691,7 +702,7 @@ def _index_of(
     fresh: dict[str, _IndexRecord] = {}
     for e in entries:
         record = (e.ino, e.file_size, e.mtime_ns, e.wire)
-        if "\n" in e.key or "\r" in e.key:
+        if not _indexable(e.key):
             continue
         if e.mtime_ns < racy_after or known.get(e.key) == record:
             fresh[e.key] = record

@@ -16,13 +16,19 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as hs
 
-from pop3d.errors import MaildropLocked, MessageVanished, PermanentBackendError, WouldWait
+from pop3d.errors import (
+    MaildropLocked,
+    MessageVanished,
+    PermanentBackendError,
+    TemporaryBackendError,
+    WouldWait,
+)
 from pop3d.storage import mbox
 from pop3d.storage.mbox import MboxMaildrop, MboxStore
 from pop3d.storage.wire import to_wire
@@ -245,7 +251,7 @@ def test_a_remembered_mbox_opens_while_another_program_holds_its_lock(
     try:
         assert len(_listing(store)) == 1
         h.put("alice", b"Subject: 2\n\ntwo\n")  # an MDA ignoring its own lock, for the test
-        with pytest.raises(mbox.TemporaryBackendError, match="timed out"):
+        with pytest.raises(TemporaryBackendError, match="timed out"):
             _listing(store)
     finally:
         dotlock.unlink()
@@ -355,7 +361,7 @@ def test_read_inline_refuses_a_changed_message(tmp_path: Path) -> None:
         first, _ = drop.listing()
         path = h.path("alice")
         path.write_bytes(path.read_bytes().replace(b"body\n", b"bo\ndy"))  # same length
-        with pytest.raises(mbox.TemporaryBackendError, match="changed"):
+        with pytest.raises(TemporaryBackendError, match="changed"):
             drop.read_inline(first.uid)
     finally:
         run(drop.close())
@@ -381,7 +387,7 @@ def test_requoting_equals_one_regex_over_the_whole_text(data: bytes, cuts: list[
         out = []
         for chunk in chunks:
             buf = bytearray(chunk)  # the reader feeds its read buffer
-            got = r.feed(buf)
+            got = r.feed(cast("bytes", buf))
             out.append(bytes(got))
         assert b"".join(out) + r.finish() == expected
 

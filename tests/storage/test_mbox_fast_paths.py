@@ -422,3 +422,13 @@ def test_streamed_and_inline_reads_equal_the_wire_form(body: bytes, chunk_size: 
             assert inline is None or inline == streamed
         finally:
             run(drop.close())
+
+
+@settings(max_examples=400, deadline=None)
+@given(data=hs.binary(max_size=300).map(lambda b: bytes(b">>>>From x\n"[c % 11] for c in b)))
+def test_the_quoted_from_search_equals_in(data: bytes) -> None:
+    """The memchr walk over ``>`` finds ``>From `` exactly where ``in`` does, past its
+    first 16 ``>`` too."""
+    assert mbox._holds_quoted_from(data) == (b">From " in data)
+    assert mbox._holds_quoted_from(b">" * 40 + data) == (b">From " in b">" * 40 + data)
+    assert mbox._holds_quoted_from(b"> x " * 20 + b">From ")

@@ -55,6 +55,14 @@ Rules of this file:
   keeps its file descriptor: messages appended later lie beyond the scanned end and are
   neither listed nor touched.  Before a message is sent its From_ line is checked at its
   offset, so a file rewritten in place by another program is reported, not misread.
+* **Each worker remembers the last scan of an mbox** (:class:`_ScanCache`), valid while
+  the file keeps its (device, inode, size, mtime, ctime): any write changes mtime and
+  ctime (``utime`` can set back only the mtime), a rewrite by rename the inode.  A
+  login then takes the session lock, opens the mbox and ``fstat``-s it on the event loop
+  (:meth:`MboxStore.open_now`), with no mbox lock, thread or scan: what it serves is the
+  octets scanned under the lock, unchanged since.  As for Maildir's listing cache, a
+  scan is remembered only when mtime and ctime are older than :data:`_RACY_SECONDS`.  A
+  session that finds its mbox not as scanned drops the entry; our own UPDATE does too.
 * **Commit (UPDATE) rewrites by copy and rename**, the choice of stdlib ``mailbox`` and
   mutt-style writers, over in-place compaction (qpopper, Dovecot): under the mbox lock
   the file is scanned again (so mail appended during the session is found and kept, and
@@ -88,7 +96,9 @@ Rules of this file:
 * **Blocking I/O** (scans, copies, fsyncs, lock waits) runs in the default executor,
   each locked step as one call that takes and releases its locks, so a cancelled caller
   never leaves a lock behind.  Message reads on the event loop are
-  ``preadv(RWF_NOWAIT)``: what the page cache does not hold is read in a thread.
+  ``preadv(RWF_NOWAIT)``: what the page cache does not hold is read in a thread.  A
+  small message is read whole (:meth:`MboxMaildrop.read_inline`) and a QUIT without
+  deletions answered (``commit_now``) on the loop.
 * **No link is followed** below the template's mail root
   (:mod:`pop3d.storage.beneath`): the mbox's folder is opened with
   ``openat2(RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH)``, and the mbox, its dotlock, the
@@ -187,7 +197,7 @@ MAX_HEADER_HASH = 64 * 1024
 #: mboxes whose last scan a process remembers (see :class:`_ScanCache`)...
 _SCAN_CACHE = 10_000
 #: ...and the messages they may list in total (an mbox with more is not remembered).
-_SCAN_CACHE_MESSAGES = 500_000
+_SCAN_CACHE_MESSAGES = 200_000
 #: An mbox changed this recently is not remembered: the racy rule of the Maildir listing
 #: cache and size index (storage/maildir.py), for file systems whose timestamps are coarse.
 _RACY_SECONDS = 2

@@ -34,6 +34,7 @@ from pop3d.storage.mbox import MboxMaildrop, MboxStore
 from pop3d.storage.wire import to_wire
 
 from .contract import chunks_of, read_all, run, user
+from .test_maildir_inline import SHAPES as MAILDIR_SHAPES
 from .test_mbox import QUOTE, UNQUOTE, MboxHarness
 
 OLD = 1_600_000_000
@@ -315,17 +316,9 @@ def test_a_scan_too_big_to_remember_is_not_kept(
 # ---------------------------------------------------------------------------- read_inline
 
 SHAPES = [
-    b"",
-    b".",
-    b".\n",
-    b"a\r\nb\r\n",
-    b"bare\nlf\n",
-    b"mixed\r\nends\nhere",
-    b"lone\rcr\r",
-    b"\x00\xff 8-bit\n",
+    *MAILDIR_SHAPES,  # the last is over the inline limit: streamed instead
     b"From me\n>From you\n>>From them\n\nFrom 12:00\n",
     b">",
-    b"x" * 70_000,  # over the inline limit: streamed instead
 ]
 
 

@@ -674,8 +674,8 @@ class _ScanCache:
     scan): a write within the file system's timestamp granularity of it could otherwise
     leave both unchanged.  What a stale entry could still cost is bounded by the checks
     every session keeps: a message is sent only if its From_ line is at its offset and its
-    octets add up to its listed size, and UPDATE scans again under the lock and deletes
-    by UIDL (content), so no message is ever deleted that the client did not see.
+    octets add up to its listed size, and UPDATE never uses the cache: it scans again
+    under the lock and deletes by UIDL, as when a file changes during a session.
     """
 
     def __init__(self) -> None:

@@ -21,9 +21,9 @@ from pathlib import Path
 from login_cost import _Transport
 from pop3d import config as config_mod
 from pop3d import logsetup
-from pop3d.serve import build_authenticator, build_store
+from pop3d.app import build_authenticator, build_store
 from pop3d.server.connection import Pop3Protocol
-from pop3d.server.listener import ServerContext
+from pop3d.server.context import ServerContext
 from pop3d.session import Backends, FailureDelays
 
 
@@ -33,10 +33,12 @@ async def _main(folder: Path, mode: str, n: int) -> None:
                         delays=FailureDelays(0, 0))
     ctx = ServerContext(cfg, backends, None)
     loop = asyncio.get_running_loop()
+    # 1,000 login users in a full run's data, fewer in a quick run's
+    logins = sum(1 for p in (folder / "mail").iterdir() if p.name.startswith("login")) or 1000
 
     async def one(i: int) -> None:
         if mode == "login":
-            user = f"login{i % 1000 + 1}".encode()
+            user = f"login{i % logins + 1}".encode()
             cmds = b"STAT\r\nQUIT\r\n"
         else:
             user = f"fetch{i % 4 + 1}".encode()
@@ -54,7 +56,7 @@ async def _main(folder: Path, mode: str, n: int) -> None:
 
     with logsetup.buffered_for(loop):
         for _ in range(2):  # the second pass finds every listing remembered
-            for i in range(1000 if mode == "login" else 8):
+            for i in range(logins if mode == "login" else 8):
                 await one(i)
             await asyncio.sleep(2.1)  # maildir._RACY_SECONDS: then a listing is kept
         for i in range(n):

@@ -5,7 +5,8 @@ three messages (any octets, delivered in chunks cut anywhere), in a real mbox fi
 ``/dev/shm`` where there is one):
 
 * opening never raises but ``TemporaryBackendError``, and every listed message reads as
-  exactly its listed size;
+  exactly its listed size, the same by the RETR fast path (``read_inline``) when it
+  answers;
 * after the deliveries, the file lists the old messages, then one message per delivery,
   each reading back byte for byte as the wire form of what was delivered (mboxrd quoting
   is reversed exactly; bare LF as CRLF, final CRLF);
@@ -50,6 +51,8 @@ async def _read_all(store: MboxStore) -> Listing:
         for info in drop.listing():
             data = b"".join([chunk async for chunk in drop.read(info.uid)])
             assert len(data) == info.size, "listed size differs from what RETR sends"
+            inline = drop.read_inline(info.uid)
+            assert inline is None or inline == data, "the RETR fast path differs"
             out.append((info.uid, info.size, data))
         return out
     finally:

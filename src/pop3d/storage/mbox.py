@@ -55,6 +55,14 @@ Rules of this file:
   keeps its file descriptor: messages appended later lie beyond the scanned end and are
   neither listed nor touched.  Before a message is sent its From_ line is checked at its
   offset, so a file rewritten in place by another program is reported, not misread.
+* **Each worker remembers the last scan of an mbox** (:class:`_ScanCache`), valid while
+  the file keeps its (device, inode, size, mtime, ctime): any write changes mtime and
+  ctime (``utime`` can set back only the mtime), a rewrite by rename the inode.  A
+  login then takes the session lock, opens the mbox and ``fstat``-s it on the event loop
+  (:meth:`MboxStore.open_now`), with no mbox lock, thread or scan: what it serves is the
+  octets scanned under the lock, unchanged since.  As for Maildir's listing cache, a
+  scan is remembered only when mtime and ctime are older than :data:`_RACY_SECONDS`.  A
+  session that finds its mbox not as scanned drops the entry; our own UPDATE does too.
 * **Commit (UPDATE) rewrites by copy and rename**, the choice of stdlib ``mailbox`` and
   mutt-style writers, over in-place compaction (qpopper, Dovecot): under the mbox lock
   the file is scanned again (so mail appended during the session is found and kept, and
@@ -88,7 +96,9 @@ Rules of this file:
 * **Blocking I/O** (scans, copies, fsyncs, lock waits) runs in the default executor,
   each locked step as one call that takes and releases its locks, so a cancelled caller
   never leaves a lock behind.  Message reads on the event loop are
-  ``preadv(RWF_NOWAIT)``: what the page cache does not hold is read in a thread.
+  ``preadv(RWF_NOWAIT)``: what the page cache does not hold is read in a thread.  A
+  small message is read whole (:meth:`MboxMaildrop.read_inline`) and a QUIT without
+  deletions answered (``commit_now``) on the loop.
 * **No link is followed** below the template's mail root
   (:mod:`pop3d.storage.beneath`): the mbox's folder is opened with
   ``openat2(RESOLVE_NO_SYMLINKS | RESOLVE_BENEATH)``, and the mbox, its dotlock, the
@@ -120,6 +130,7 @@ from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from pop3d.config import StorageConfig
 from pop3d.errors import (
@@ -128,13 +139,20 @@ from pop3d.errors import (
     PermanentBackendError,
     QuotaExceeded,
     TemporaryBackendError,
+    WouldWait,
 )
 from pop3d.protocol import limits
 from pop3d.protocol.values import MessageInfo, Principal
 from pop3d.storage import lock_table
 from pop3d.storage.base import MailboxStats
 from pop3d.storage.beneath import DIR_FLAGS, MailRoot, is_link_refusal
-from pop3d.storage.blocking import in_thread, pread_nowait, write_all
+from pop3d.storage.blocking import (
+    in_thread,
+    nowait_reads,
+    pread_nowait,
+    preadv_nowait,
+    write_all,
+)
 from pop3d.storage.locking import SessionLock, SessionLocks, session_locks_for, take_lock
 from pop3d.storage.quota import quota_for
 from pop3d.storage.template import (
@@ -145,7 +163,7 @@ from pop3d.storage.template import (
     mail_root,
     uses_home,
 )
-from pop3d.storage.wire import CrlfNormaliser, WireCounter
+from pop3d.storage.wire import CrlfNormaliser, WireCounter, to_wire
 
 __all__ = ["MboxMaildrop", "MboxStore"]
 
@@ -176,6 +194,17 @@ MAX_FROM_LINE = 4096
 #: Header octets searched for X-UIDL (and Return-Path when appending).
 MAX_HEADER_HASH = 64 * 1024
 
+#: mboxes whose last scan a process remembers (see :class:`_ScanCache`)...
+_SCAN_CACHE = 10_000
+#: ...and the messages they may list in total (an mbox with more is not remembered).
+_SCAN_CACHE_MESSAGES = 200_000
+#: An mbox changed this recently is not remembered: the racy rule of the Maildir listing
+#: cache and size index (storage/maildir.py), for file systems whose timestamps are coarse.
+_RACY_SECONDS = 2
+#: Messages up to this many octets in the file (From_ line included) may be answered whole
+#: by :meth:`MboxMaildrop.read_inline` (one read from the page cache, on the loop).
+_INLINE_READ_BYTES = 64 * 1024
+
 _SEPARATOR = b"\nFrom "
 #: What makes a From_ line a separator (beside the empty line before it): a time.
 _FROM_LINE = re.compile(rb"From [^\n]*[0-9]:[0-9][0-9]")
@@ -195,22 +224,61 @@ _FROM = b"From "
 
 # ----------------------------------------------------------------------------- quoting
 
+#: The lines to requote, each with the line end before it (see :class:`_Requoter`).
+_UNQUOTE_LINES = re.compile(rb"\n>(>*From )")
+_QUOTE_LINES = re.compile(rb"\n(>*From )")
+#: The same over a whole message (rarely run: only on one that holds ``>From``).
+_UNQUOTE_WHOLE = re.compile(rb"(?m)^>(>*From )")
+
+
+def _holds_quoted_from(data: bytes) -> bool:
+    """Whether ``data`` holds ``>From `` (what every line to unquote holds).
+
+    Each ``>`` is found with ``memchr`` and looked behind: mail has few (addresses in
+    headers, quoted replies), base64 none, and this costs a fraction of ``in``, whose
+    search for a six-octet needle steps through text octet by octet (2 ns an octet here).
+    After a few ``>``, a dense run of them goes to ``bytes.find``.
+    """
+    find = data.find
+    at = find(b">")
+    for _ in range(16):
+        if at < 0:
+            return False
+        if data.startswith(_FROM, at + 1):
+            return True
+        at = find(b">", at + 1)
+    return at >= 0 and find(b">From ", at) >= 0
+
+
+def _unquote_whole(data: bytes) -> bytes:
+    """A whole message as stored, with one ``>`` taken off each ``>+From `` line."""
+    if not _holds_quoted_from(data):
+        return data
+    return _UNQUOTE_WHOLE.sub(rb"\1", data)
+
 
 class _Requoter:
     """Adds (``unquote=False``) or removes one ``>`` on lines matching ``>*From ``.
 
     Removing applies to ``>+From `` only, so the two directions are exact inverses.
-    Complete lines are rewritten with one regular expression per chunk; only the head
-    of a line cut by a chunk boundary goes through the small state machine below, whose
-    state is two integers (however many ``>`` the line starts with).
+    A chunk in which no line changes is returned as it is, the same object, after a few
+    C-level searches (:meth:`_untouched`): most chunks of most messages cost no copy.
+    Otherwise complete lines are rewritten with one regular expression per chunk,
+    anchored on the line end before each line (a literal the regex engine searches fast,
+    unlike a multi-line ``^``); only the head of a line cut by a chunk boundary goes
+    through the small state machine below, whose state is two integers (however many
+    ``>`` the line starts with).
     """
 
-    __slots__ = ("_bol", "_gts", "_matched", "_pattern", "_repl", "_unquote")
+    __slots__ = ("_bol", "_gts", "_leads", "_matched", "_pattern", "_repl", "_unquote")
 
     def __init__(self, *, unquote: bool) -> None:
         self._unquote = unquote
-        self._pattern = re.compile(rb"(?m)^>(>*From )" if unquote else rb"(?m)^(>*From )")
-        self._repl = rb"\1" if unquote else rb">\1"
+        self._pattern = _UNQUOTE_LINES if unquote else _QUOTE_LINES
+        self._repl = rb"\n\1" if unquote else rb"\n>\1"
+        # A line starting with none of these is never changed; one to change holds
+        # ">From " (unquoting) or "From " (quoting).
+        self._leads: tuple[bytes, ...] = (b">",) if unquote else (b">", b"F")
         self._bol = True  # the next byte starts a line
         self._gts = -1  # >= 0: in an undecided line head: '>' seen so far...
         self._matched = 0  # ...then this many octets of "From "
@@ -224,8 +292,29 @@ class _Requoter:
             return b">" * max(gts - 1, 0) + _FROM
         return b">" * (gts + 1) + _FROM
 
+    def _untouched(self, data: bytes) -> bool:
+        """Whether no line of ``data`` changes: none is ``>*From ``, whole or cut off.
+
+        Three C-level searches: the first line (if it starts here) and the last (if the
+        chunk cuts it) must not start with a lead, and no line in between may hold the
+        needle (a line to change holds it; base64 has no ``>`` at all).
+        """
+        if self._gts >= 0 or (self._bol and data[:1] in self._leads):
+            return False
+        if _holds_quoted_from(data) if self._unquote else _FROM in data:
+            return False
+        last = data.rfind(b"\n")
+        return last < 0 or data[last + 1 : last + 2] not in self._leads
+
     def feed(self, data: bytes) -> bytes:
-        """Return ``data`` requoted, given everything fed before."""
+        """Return ``data`` requoted, given everything fed before.
+
+        ``data`` itself is returned when nothing in it changes (a ``bytearray`` too).
+        """
+        if self._untouched(data):
+            if data:
+                self._bol = data[-1] == 0x0A  # '\n'
+            return data
         out: list[bytes] = []
         i, n = 0, len(data)
         while i < n:
@@ -249,9 +338,13 @@ class _Requoter:
                 out.append(data[i:])
                 break
             last = data.rfind(b"\n")
-            out.append(data[i : first + 1])
             if last > first:
-                out.append(self._pattern.sub(self._repl, data[first + 1 : last + 1]))
+                # The lines between: each led by the "\n" before it, which the pattern
+                # starts with.
+                out.append(data[i:first])
+                out.append(self._pattern.sub(self._repl, data[first : last + 1]))
+            else:
+                out.append(data[i : first + 1])
             i = last + 1
             self._bol = True
         return b"".join(out)
@@ -544,6 +637,89 @@ def _scan(fd: int, limit: int | None = None, tick: Callable[[], None] | None = N
     scan = _Scanner(fd, limit, tick).run()
     _assign_uids(scan.messages)
     return scan
+
+
+class _Snapshot:
+    """The messages one scan found, as sessions use them; shared, and never changed."""
+
+    __slots__ = ("by_uid", "infos", "messages")
+
+    def __init__(self, messages: list[_Message]) -> None:
+        #: In file order.
+        self.messages = messages
+        #: Each message by its UID.
+        self.by_uid = {m.uid: m for m in messages}
+        #: What a session lists.
+        self.infos = tuple(MessageInfo(m.uid, m.size) for m in messages)
+
+
+#: What identifies one state of an mbox: device, inode, size, mtime and ctime (ns).
+_FileKey = tuple[int, int, int, int, int]
+
+
+def _file_key(s: os.stat_result) -> _FileKey:
+    return s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns, s.st_ctime_ns
+
+
+class _ScanCache:
+    """The last scan of each mbox in this process, valid while the file stays the same.
+
+    Any write to the file (an append, an in-place rewrite, even one of the same size)
+    changes its mtime and ctime, and a rewrite by rename (ours at UPDATE, mutt's) its
+    inode; ``utime`` can set an mtime back, never a ctime.  So an unchanged (device,
+    inode, size, mtime, ctime) means unchanged octets, and a login opens the mbox, checks
+    that with one ``fstat`` and skips the mbox lock and the scan.  As for the Maildir
+    listing cache, a scan is remembered only when the file's mtime and ctime are older than
+    :data:`_RACY_SECONDS` when its ``fstat`` is taken (under the mbox lock, before the
+    scan): a write within the file system's timestamp granularity of it could otherwise
+    leave both unchanged.  What a stale entry could still cost is bounded by the checks
+    every session keeps: a message is sent only if its From_ line is at its offset and its
+    octets add up to its listed size, and UPDATE never uses the cache: it scans again
+    under the lock and deletes by UIDL, as when a file changes during a session.
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[Path, tuple[_FileKey, _Snapshot]] = {}
+        self._messages = 0
+        self._guard = threading.Lock()  # remember() runs in executor threads
+
+    def knows(self, path: Path) -> bool:
+        """Whether a scan of ``path`` is remembered (cheap: no system call)."""
+        return path in self._known
+
+    def recall(self, path: Path, s: os.stat_result) -> _Snapshot | None:
+        """The remembered scan of ``path`` if ``s`` (its ``fstat`` now) is of the same file."""
+        known = self._known.get(path)
+        if known is None or known[0] != _file_key(s):
+            return None
+        return known[1]
+
+    def remember(self, path: Path, s: os.stat_result, snapshot: _Snapshot, now_ns: int) -> None:
+        """Remember ``snapshot``, the scan of ``path`` in the state ``s``, if it is not racy.
+
+        ``now_ns`` is the time just before ``s`` was taken.
+        """
+        racy_after = now_ns - _RACY_SECONDS * 1_000_000_000
+        count = len(snapshot.messages)
+        with self._guard:
+            self._drop(path)
+            if max(s.st_mtime_ns, s.st_ctime_ns) >= racy_after or count > _SCAN_CACHE_MESSAGES:
+                return
+            if len(self._known) >= _SCAN_CACHE or self._messages + count > _SCAN_CACHE_MESSAGES:
+                self._known.clear()
+                self._messages = 0
+            self._known[path] = (_file_key(s), snapshot)
+            self._messages += count
+
+    def forget(self, path: Path) -> None:
+        """Drop what is remembered of ``path`` (changed by us, or found wrong)."""
+        with self._guard:
+            self._drop(path)
+
+    def _drop(self, path: Path) -> None:
+        known = self._known.pop(path, None)
+        if known is not None:
+            self._messages -= len(known[1].messages)
 
 
 # ----------------------------------------------------------------------------- locking
@@ -1090,6 +1266,7 @@ class MboxStore:
         self.lock_timeout = lock_timeout
         self.stale_dotlock_age = stale_dotlock_age
         self.chunk_size = chunk_size
+        self._scans = _ScanCache()
         #: How sessions lock an mbox.
         self.session_locks: SessionLocks = (
             session_locks if session_locks is not None else session_locks_for(template, base)
@@ -1135,6 +1312,10 @@ class MboxStore:
             return _Place(root, folder, name, path)
         return _Place(self.mail_root, folder, name, path)
 
+    def forget(self, path: Path) -> None:
+        """Drop the remembered scan of the mbox ``path`` (found changed, or rewritten)."""
+        self._scans.forget(path)
+
     def lock_for(self, place: _Place, *, exclusive: bool) -> _MboxLock:
         """The mbox lock of ``place`` with this store's timeouts (not yet taken)."""
         return _MboxLock(
@@ -1159,25 +1340,34 @@ class MboxStore:
                 obtained in time, or the user name is unsafe.
 
         """
+        with contextlib.suppress(WouldWait):
+            return self.open_now(principal)
         place = self._place(principal)
         _check_exists(place)
         session = self._session_lock(place)
+        scans = self._scans
 
         def snapshot() -> MboxMaildrop:
             lock = self.lock_for(place, exclusive=False)
+            preamble = 0
             try:
                 if not lock.acquire(create=False):
                     raise TemporaryBackendError("the mbox does not exist")
-                found = _scan(lock.fd, tick=lock.refresh)
+                now = time.time_ns()
+                s = os.fstat(lock.fd)
+                found = scans.recall(place.path, s)
+                if found is None:
+                    scan = _scan(lock.fd, s.st_size, tick=lock.refresh)
+                    found, preamble = _Snapshot(scan.messages), scan.preamble
+                    scans.remember(place.path, s, found, now)
                 fd = _reopen(lock)
             except OSError as exc:
                 raise _os_error("cannot read the mbox", exc) from None
             finally:
                 lock.release()
-            if found.preamble:
-                log.warning("%s: %d octets before the first From_ line", place.path,
-                            found.preamble)
-            return MboxMaildrop(place, self, session, fd, found.messages)
+            if preamble:
+                log.warning("%s: %d octets before the first From_ line", place.path, preamble)
+            return MboxMaildrop(place, self, session, fd, found)
 
         def late(done: asyncio.Future[MboxMaildrop]) -> None:
             if done.cancelled() or done.exception() is not None:
@@ -1193,22 +1383,66 @@ class MboxStore:
             session.close()
             raise
 
-    def _session_lock(self, place: _Place) -> SessionLock:
+    def open_now(self, principal: Principal) -> MboxMaildrop:
+        """:meth:`open` without waiting, when the mbox is the one last scanned.
+
+        The login fast path (see :class:`_ScanCache`): the session lock is taken, the
+        mbox opened and ``fstat``-ed; if it is the file remembered, its scan is the
+        session's listing, with no mbox lock, thread or read.  The session lock comes
+        first, as in :meth:`open`, so the file checked is the one after any UPDATE
+        that held it.
+
+        Raises:
+            WouldWait: the mbox must be scanned (or examined): use :meth:`open`; nothing
+                is left locked.
+            MaildropLocked, TemporaryBackendError: as :meth:`open`.
+
+        """
+        place = self._place(principal)
+        if not self._scans.knows(place.path):
+            raise WouldWait
+        try:
+            folder = place.open_folder()
+        except OSError:
+            raise WouldWait from None  # open() says what is wrong
+        try:
+            session = self._session_lock(place, folder)
+            fd = -1
+            try:
+                fd = os.open(place.name, os.O_RDONLY | _OPEN_FILE, dir_fd=folder)
+                s = os.fstat(fd)
+            except OSError:
+                found = None  # missing, a link...: open() says what is wrong
+            else:
+                found = self._scans.recall(place.path, s) if st.S_ISREG(s.st_mode) else None
+            if found is None:
+                if fd >= 0:
+                    os.close(fd)
+                session.close()
+                raise WouldWait
+            return MboxMaildrop(place, self, session, fd, found)
+        finally:
+            os.close(folder)
+
+    def _session_lock(self, place: _Place, folder: int | None = None) -> SessionLock:
         """Take the session lock ``.<name>.pop3d`` in the mbox's folder.
+
+        ``folder``: the mbox's folder, if it is open already.
 
         Raises:
             MaildropLocked: another session holds it.
             TemporaryBackendError: it cannot be taken.
 
         """
+        name = place.path.with_name(f".{place.name}.pop3d")
+        if folder is not None:
+            return take_lock(self.session_locks, name, folder)
         try:
             folder = place.open_folder()
         except OSError as exc:
             raise _os_error("cannot lock the mbox", exc) from None
         try:
-            return take_lock(
-                self.session_locks, place.path.with_name(f".{place.name}.pop3d"), folder
-            )
+            return take_lock(self.session_locks, name, folder)
         finally:
             os.close(folder)
 
@@ -1487,15 +1721,15 @@ class MboxMaildrop:
         store: MboxStore,
         session: SessionLock,
         fd: int,
-        messages: list[_Message],
+        snapshot: _Snapshot,
     ) -> None:
         self.path = place.path
         self._place = place
         self._store = store
         self._session: SessionLock | None = session
         self._fd = fd
-        self._by_uid = {m.uid: m for m in messages}
-        self._listing = tuple(MessageInfo(m.uid, m.size) for m in messages)
+        self._by_uid = snapshot.by_uid
+        self._listing = snapshot.infos
         self._commit: asyncio.Future[None] | None = None
 
     def listing(self) -> Sequence[MessageInfo]:
@@ -1513,48 +1747,57 @@ class MboxMaildrop:
 
         """
         self._check_open()
-        return self._stream(self._by_uid[uid])
+        return _MessageStream(self, self._by_uid[uid], self._store.chunk_size)
 
-    async def _stream(self, m: _Message) -> AsyncIterator[bytes]:
-        fd = self._fd
-        chunk = self._store.chunk_size
+    def read_inline(self, uid: str) -> bytes | None:
+        """Return message ``uid`` whole, read now, if it is small and cached; else ``None``.
+
+        The fast path of RETR/TOP for the common small message: one read of the message
+        and its From_ line from the page cache (``preadv(RWF_NOWAIT)``) on the event loop,
+        no task and no iterator; ``None`` if it is big or the read would wait for the
+        disk (:meth:`read` then does it).  Same checks and errors as :meth:`read`, all
+        made before anything is sent.
+        """
+        self._check_open()
+        m = self._by_uid[uid]
+        size = m.end - m.start
+        if size > _INLINE_READ_BYTES or not nowait_reads():
+            return None
         try:
-            head = pread_nowait(fd, len(m.from_line), m.start)
-            if head is None:
-                head = await in_thread(lambda: os.pread(fd, len(m.from_line), m.start))
-            if head != m.from_line:
-                raise MessageVanished("the mbox was changed by another program")
+            data = pread_nowait(self._fd, size, m.start)
         except OSError as exc:
             raise _os_error("cannot read the mbox", exc) from None
-        unquote = _Requoter(unquote=True)
-        crlf = CrlfNormaliser()
-        remaining = m.size
-        pos = m.body
-        while pos < m.end:
-            n = min(chunk, m.end - pos)
-            try:
-                # From the page cache on the loop; from the disk in a thread.
-                found = pread_nowait(fd, n, pos)
-                data = found if found is not None else await in_thread(
-                    functools.partial(os.pread, fd, n, pos)
-                )
-            except OSError as exc:
-                raise _os_error("cannot read the mbox", exc) from None
-            if not data:
-                raise TemporaryBackendError("the mbox shrank while a message was sent")
-            pos += len(data)
-            out = crlf.feed(unquote.feed(data))
-            remaining -= len(out)
-            if remaining < 0:
-                raise TemporaryBackendError("the message changed while it was sent")
-            if out:
-                yield out
-        out = crlf.feed(unquote.finish()) + crlf.finish()
-        remaining -= len(out)
-        if remaining != 0:
-            raise TemporaryBackendError("the message changed while it was sent")
-        if out:
-            yield out
+        if data is None or len(data) < size:
+            return None  # not cached, or cut short: the stream reads (and reports) it
+        head = len(m.from_line)
+        if data[:head] != m.from_line:
+            self.changed()
+            raise MessageVanished("the mbox was changed by another program")
+        out = to_wire(_unquote_whole(data[head:]))
+        if len(out) != m.size:
+            self.changed()
+            raise TemporaryBackendError("the message changed since the mbox was opened")
+        return out
+
+    @property
+    def fd(self) -> int:
+        """The session's descriptor of the mbox (read-only); -1 once released."""
+        return self._fd
+
+    def changed(self) -> None:
+        """The mbox was found not as scanned: the next session scans it again."""
+        self._store.forget(self.path)
+
+    def commit_now(self, deleted: Collection[str]) -> None:
+        """:meth:`commit` without waiting: done when nothing of the listing is deleted.
+
+        Raises:
+            WouldWait: the mbox must be rewritten (copies, fsyncs: in a thread).
+
+        """
+        self._check_open()
+        if any(uid in self._by_uid for uid in deleted):
+            raise WouldWait
 
     async def commit(self, deleted: Collection[str]) -> None:
         """Remove the messages ``deleted`` (UIDs of the listing; others are ignored).
@@ -1570,7 +1813,10 @@ class MboxMaildrop:
             return
         lock = self._store.lock_for(self._place, exclusive=True)
         self._commit = asyncio.get_running_loop().run_in_executor(None, _rewrite, lock, targets)
-        await asyncio.shield(self._commit)
+        try:
+            await asyncio.shield(self._commit)
+        finally:
+            self.changed()  # a new file (its key differs): the old scan is of no use
 
     async def close(self) -> None:
         """Release the session lock (after a commit still running).  Changes nothing."""
@@ -1591,3 +1837,113 @@ class MboxMaildrop:
     def _check_open(self) -> None:
         if self._session is None:
             raise LocalProtocolError("maildrop used after close()")
+
+
+class _MessageStream:
+    """The async iterator of :meth:`MboxMaildrop.read`: one message's wire form in chunks.
+
+    The From_ line is checked at the message's offset first.  Then ``chunk_size`` octets
+    at a time are read into one buffer kept for the stream, from the page cache on the
+    loop (``preadv(RWF_NOWAIT)``; a thread hop costs more than such a read) or, what
+    would wait for the disk, in a thread; unquoted (a chunk without ``>From`` goes through
+    as it is) and CRLF-normalised into a new object, so the buffer is free for the next
+    read.  The octets sent never exceed the listed size; a message that does not add up
+    to it raises :class:`TemporaryBackendError` (after what was sent: the caller drops
+    the connection).  A stream the peer stalls drops its buffer (``Shrinkable``).
+    """
+
+    __slots__ = ("_buffer", "_chunk", "_crlf", "_done", "_drop", "_m", "_pos", "_remaining",
+                 "_unquote")  # fmt: skip
+
+    def __init__(self, drop: MboxMaildrop, m: _Message, chunk_size: int) -> None:
+        self._drop = drop
+        self._m = m
+        self._chunk = chunk_size
+        self._pos = -1  # the From_ line is not checked yet
+        self._remaining = m.size
+        self._unquote = _Requoter(unquote=True)
+        self._crlf = CrlfNormaliser()
+        self._buffer: bytearray | None = None
+        self._done = False
+
+    def __aiter__(self) -> _MessageStream:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            while not self._done:
+                out = await self._step()
+                if out:
+                    return out
+        except BaseException:
+            self._done = True
+            self._buffer = None
+            raise
+        raise StopAsyncIteration
+
+    def shrink(self) -> None:
+        """Drop the read buffer (the peer stalls); the next read makes a new one."""
+        self._buffer = None
+
+    async def aclose(self) -> None:
+        """Stop early (TOP, a dropped client)."""
+        self._done = True
+        self._buffer = None
+
+    async def _step(self) -> bytes:
+        """The next piece of the message (possibly empty); ``_done`` set at its end."""
+        m = self._m
+        fd = self._drop.fd  # -1 once released: reads fail (EBADF), never another file
+        if self._pos < 0:
+            try:
+                head = pread_nowait(fd, len(m.from_line), m.start)
+                if head is None:
+                    head = await in_thread(lambda: os.pread(fd, len(m.from_line), m.start))
+            except OSError as exc:
+                raise _os_error("cannot read the mbox", exc) from None
+            if head != m.from_line:
+                self._drop.changed()
+                raise MessageVanished("the mbox was changed by another program")
+            self._pos = m.body
+        pos = self._pos
+        if pos >= m.end:
+            self._done = True
+            out = self._crlf.feed(self._unquote.finish()) + self._crlf.finish()
+            if len(out) != self._remaining:
+                self._mismatch()
+            return out
+        data = await self._read(fd, min(self._chunk, m.end - pos), pos)
+        if not data:
+            self._drop.changed()
+            raise TemporaryBackendError("the mbox shrank while a message was sent")
+        self._pos = pos + len(data)
+        out = self._crlf.feed(self._unquote.feed(data))
+        self._remaining -= len(out)
+        if self._remaining < 0:
+            self._mismatch()
+        return out
+
+    def _mismatch(self) -> None:
+        self._drop.changed()
+        raise TemporaryBackendError("the message changed while it was sent")
+
+    async def _read(self, fd: int, n: int, pos: int) -> bytes:
+        """Up to ``n`` octets at ``pos`` (fewer at the end of the file or of what is cached).
+
+        A full chunk is the stream's buffer itself (a ``bytearray``): whatever is made of
+        it must be a new object (the unquoter may return it; the normaliser never does).
+        """
+        buffer = self._buffer
+        if buffer is None or len(buffer) < n:
+            buffer = self._buffer = bytearray(max(n, min(self._chunk, self._m.end - pos)))
+        try:
+            view = memoryview(buffer)[:n] if n < len(buffer) else buffer
+            got = preadv_nowait(fd, view, pos)
+            if got is None:  # would wait for the disk
+                return await in_thread(functools.partial(os.pread, fd, n, pos))
+        except OSError as exc:
+            raise _os_error("cannot read the mbox", exc) from None
+        if got == len(buffer):
+            return cast("bytes", buffer)
+        return bytes(memoryview(buffer)[:got])
+

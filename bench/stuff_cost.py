@@ -9,7 +9,12 @@ line every 997), ``dots`` (text, 11 % of lines led by a dot), ``alldots`` (every
 The output is checked against a one-line-at-a-time reference.  Best of ``--repeat`` runs
 (the machine is shared: the minimum is the least disturbed)::
 
-    .venv/bin/python bench/stuff_cost.py [--repeat 7] [--size-mib 20]
+    .venv/bin/python bench/stuff_cost.py [--repeat 7] [--size-mib 20] [--cache DIR]
+
+Instruction counts, steadier on a shared machine (``--only``; subtract the ``none`` run)::
+
+    valgrind --tool=callgrind --callgrind-out-file=/dev/null \\
+        .venv/bin/python bench/stuff_cost.py --cache /tmp/stuffdata --only dots simd
 """
 
 from __future__ import annotations
@@ -67,24 +72,46 @@ def _run(data: bytes, dense: DenseStuffer | None) -> tuple[float, float, bytes]:
     return t_norm, t_stuff, b"".join(pieces)
 
 
-def main() -> None:
-    """Print ns an octet for each message and each stuffer."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeat", type=int, default=7)
-    ap.add_argument("--size-mib", type=int, default=20)
-    args = ap.parse_args()
+def _messages(size: int, cache: Path | None) -> dict[str, bytes]:
+    """The bench's three messages, from ``cache`` if it has them (written there if not)."""
+    names = ("large", "dots", "alldots")
+    if cache is not None and all((cache / f"{n}-{size}").exists() for n in names):
+        return {n: (cache / f"{n}-{size}").read_bytes() for n in names}
     rng = random.Random(1939)
-    size = args.size_mib << 20
     messages = {
         "large": make_large(rng, size),
         "dots": make_dotty(rng, size, 0.11),
         "alldots": make_dotty(rng, size, 1.0),
     }
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        for n, data in messages.items():
+            (cache / f"{n}-{size}").write_bytes(data)
+    return messages
+
+
+def main() -> None:
+    """Print ns an octet for each message and each stuffer."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--size-mib", type=int, default=20)
+    ap.add_argument("--cache", type=Path, help="keep the generated messages in this folder")
+    ap.add_argument("--only", nargs=2, metavar=("MESSAGE", "STUFFER"),
+                    help="one run of one message (large/dots/alldots) with one stuffer "
+                    "(regex/simd/none: read only), no check: for callgrind's instruction "
+                    "counts, the difference of STUFFER and none")
+    args = ap.parse_args()
+    messages = _messages(args.size_mib << 20, args.cache)
     stuffers: dict[str, DenseStuffer | None] = {"regex": stuff_dense}
     if simdtext.AVAILABLE:
         stuffers["simd"] = simdtext.stuff_dense
     else:
         print("StringZilla is not installed: the regex only", file=sys.stderr)
+    if args.only:
+        name, label = args.only
+        if label != "none":
+            _run(messages[name], stuffers[label])
+        return
     print(f"{'message':8} {'stuffer':6} {'CRLF':>6} {'stuff':>6} {'total':>6}  ns/octet of wire")
     for name, data in messages.items():
         expected = _reference(data)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import cast
 from unittest.mock import patch
 
 import pytest
@@ -139,7 +140,9 @@ def wire_path(stored: bytes, step: int, top_lines: int | None) -> bytes:
     top = TopFilter(top_lines) if top_lines is not None else None
     stuffer = DotStuffer(simdtext.stuff_dense)
     out: list[Piece] = []
-    chunks = [normaliser.feed(bytearray(stored[i : i + step])) for i in range(0, len(stored), step)]
+    # the Maildir reader hands the normaliser its bytearray read buffer
+    chunks = [normaliser.feed(cast("bytes", bytearray(stored[i : i + step])))
+              for i in range(0, len(stored), step)]
     chunks.append(normaliser.finish())
     for chunk in chunks:
         if top is not None:

@@ -145,9 +145,7 @@ def wire_path(stored: bytes, step: int, top_lines: int | None) -> bytes:
               for i in range(0, len(stored), step)]
     chunks.append(normaliser.finish())
     for chunk in chunks:
-        if top is not None:
-            chunk = top.feed(chunk)
-        out += stuffer.feed(chunk)
+        out += stuffer.feed(chunk if top is None else top.feed(chunk))
         if top is not None and top.done:
             break
     out.append(stuffer.end())

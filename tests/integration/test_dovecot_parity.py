@@ -36,7 +36,20 @@ pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="the sandboxed Dovecot runs as root"),
 ]
 
-#: The shared tricky messages plus a few only this comparison needs.
+
+
+def _dotted(lines: int, every: int) -> bytes:
+    """A text of several 1 MiB read chunks, one line in ``every`` led by dots (1: all)."""
+    leads = (b".", b"..", b". ", b"...")
+    body = b"".join(
+        (leads[i % 4] if i % every == 0 else b"") + b"> quoted line %d of a long reply\n" % i
+        for i in range(lines)
+    )
+    return b"Subject: dots\n\n" + body + b".\n"
+
+
+#: The shared tricky messages plus a few only this comparison needs: the last two big and
+#: dense with line-start dots (the stuffing of pop3d[fast] for such chunks, pop3d.simdtext).
 PARITY: dict[str, bytes] = {
     **TRICKY,
     "headers-only": b"Subject: headers only\nFrom: a@example.org\n",
@@ -45,6 +58,8 @@ PARITY: dict[str, bytes] = {
     "long-line": b"Subject: long\n\n" + b"x" * 5000 + b"\n." + b"y" * 3000 + b"\n",
     "empty-lines-dots": b"\n\n.\n\n..\n",
     "empty-file": b"",
+    "dots-11-percent": _dotted(60_000, 9),
+    "dots-every-line": _dotted(60_000, 1),
 }
 NAMES = list(PARITY)
 NO_FINAL_NEWLINE = {n for n, d in PARITY.items() if d and not d.endswith(b"\n")}

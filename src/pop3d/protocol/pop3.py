@@ -62,7 +62,17 @@ from pop3d.protocol.events import (
     Update,
 )
 from pop3d.protocol.lines import OVERLONG, LineBuffer
-from pop3d.protocol.replies import DotStuffer, Piece, RespCode, TopFilter, err, multiline, ok
+from pop3d.protocol.replies import (
+    DenseStuffer,
+    DotStuffer,
+    Piece,
+    RespCode,
+    TopFilter,
+    err,
+    multiline,
+    ok,
+    stuff_dense,
+)
 from pop3d.protocol.states import COMMANDS, State
 from pop3d.protocol.values import MessageInfo, Principal
 
@@ -140,6 +150,9 @@ class Pop3Settings:
     #: Queued reply octets at which the core stops answering and asks for a :class:`Flush`.
     output_chunk: int = limits.WRITE_COALESCE
     max_auth_attempts: int = limits.MAX_AUTH_ATTEMPTS
+    #: What byte-stuffs the big chunks of a message that has many line-start dots (the
+    #: regex by default; the server passes :func:`pop3d.simdtext.stuff_dense` when it can).
+    stuff_dense: DenseStuffer = stuff_dense
 
 
 class Pop3Connection:
@@ -668,7 +681,7 @@ class Pop3Connection:
         return self._listing[n - 1]
 
     def _send(self, info: MessageInfo, status: bytes, body_lines: int | None) -> SendMessage:
-        self._stuffer = DotStuffer()
+        self._stuffer = DotStuffer(self.settings.stuff_dense)
         self._top = TopFilter(body_lines) if body_lines is not None else None
         # The +OK goes out with the first chunk, so that a message that cannot be
         # opened still gets a clean -ERR.

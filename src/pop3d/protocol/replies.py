@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Callable
 
 CRLF = b"\r\n"
 #: A line that starts with a dot.  ``re.sub`` stuffs faster than ``bytes.replace``:
@@ -74,16 +75,25 @@ def multiline(status: bytes, lines: list[bytes]) -> bytes:
 #: Pieces of output: a stuffed chunk is the pieces between its line-start dots, which a
 #: transport can write with one ``writev`` instead of joining them into a copy first.
 Piece = bytes | memoryview
+#: Stuffs every line-start dot of a big chunk except one at its very start (the caller
+#: adds that one), returning pieces.  The default is the regex; the server installs a
+#: faster one where it has one (:mod:`pop3d.simdtext`, ``Pop3Settings.stuff_dense``).
+DenseStuffer = Callable[[bytes], list[Piece]]
 
 
-def _stuff(chunk: bytes, *, first: bool) -> list[Piece]:
+def stuff_dense(chunk: bytes) -> list[Piece]:
+    """The :data:`DenseStuffer` of the standard library: one regex substitution."""
+    return [_LINE_START_DOT.sub(b"\n..", chunk)]
+
+
+def _stuff(chunk: bytes, *, first: bool, dense: DenseStuffer = stuff_dense) -> list[Piece]:
     """Return ``chunk`` with a dot added before every dot that starts a line, as pieces.
 
     Every LF ends a line (input is CRLF-normalised), so a dot after an LF starts one;
     ``first`` says whether the chunk itself starts at a line start.  Dots are found with
     ``bytes.find`` and the chunk is cut before each line-start dot, with an extra ``.``
     between the pieces (mail is mostly attachments and prose, where dots are sparse); a
-    chunk dense with dots, or a small one, goes to the regex.
+    chunk dense with dots goes to ``dense``, a small one to the regex.
     """
     if len(chunk) < _WALK_MIN:
         out = _LINE_START_DOT.sub(b"\n..", chunk)
@@ -99,8 +109,8 @@ def _stuff(chunk: bytes, *, first: bool) -> list[Piece]:
             cut_budget -= 1
         budget -= 1
         if budget < 0 or cut_budget < 0:
-            out = _LINE_START_DOT.sub(b"\n..", chunk)
-            return [b".", out] if cuts and cuts[0] == 0 else [out]  # no copy for the dot
+            stuffed = dense(chunk)
+            return [b".", *stuffed] if cuts and cuts[0] == 0 else stuffed  # no copy
         pos = find(b".", pos + 1)
     if not cuts:
         return [chunk]
@@ -114,10 +124,11 @@ def _stuff(chunk: bytes, *, first: bool) -> list[Piece]:
 class DotStuffer:
     """Byte-stuffs a CRLF-normalised stream given in chunks of any size."""
 
-    __slots__ = ("_at_line_start",)
+    __slots__ = ("_at_line_start", "_dense")
 
-    def __init__(self) -> None:
+    def __init__(self, dense: DenseStuffer = stuff_dense) -> None:
         self._at_line_start = True
+        self._dense = dense
 
     def feed(self, chunk: bytes) -> list[Piece]:
         """Return ``chunk`` stuffed, as pieces to send in order (a big chunk is not copied).
@@ -126,7 +137,7 @@ class DotStuffer:
         """
         if not chunk:
             return []
-        out = _stuff(chunk, first=self._at_line_start)
+        out = _stuff(chunk, first=self._at_line_start, dense=self._dense)
         self._at_line_start = chunk[-1] == 0x0A
         return out
 

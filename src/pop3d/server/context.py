@@ -22,7 +22,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from pop3d import __version__, metrics, process
+from pop3d import __version__, metrics, process, simdtext
 from pop3d.config import Config
 from pop3d.protocol import Cap, Pop3Settings, limits, sasl
 from pop3d.server.tls import TlsContexts
@@ -343,6 +343,7 @@ class ServerContext:
             hostname=self.config.server.hostname,
             client_identity=client_identity,
             login_delay=self.config.auth.login_delay,
+            stuff_dense=simdtext.STUFF_DENSE,
         )
 
     def tls_context(self) -> Any:

@@ -282,3 +282,59 @@ def test_merged_percentiles_never_understate(slices: list[list[float]]) -> None:
     assert merged is not None
     for key in ("p50_ms", "p90_ms", "p99_ms", "max_ms"):
         assert merged[key] >= whole[key]
+
+
+def _self_signed(folder: Path) -> tuple[Path, Path]:
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj",
+                    "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+def _handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> ssl.SSLObject:
+    """One TLS handshake in memory, then a server greeting (which brings the tickets)."""
+    c_in, c_out, s_in, s_out = (ssl.MemoryBIO() for _ in range(4))
+    tls = client.wrap_bio(c_in, c_out, server_hostname="localhost")
+    srv = server.wrap_bio(s_in, s_out, server_side=True)
+    done = [False, False]
+    for _ in range(10):
+        for i, (end, out, peer_in) in enumerate(((tls, c_out, s_in), (srv, s_out, c_in))):
+            if not done[i]:
+                try:
+                    end.do_handshake()
+                    done[i] = True
+                except ssl.SSLWantReadError:
+                    pass
+            peer_in.write(out.read())
+        if all(done):
+            break
+    srv.write(b"+OK\r\n")
+    c_in.write(s_out.read())
+    assert tls.read(100) == b"+OK\r\n"
+    return tls
+
+
+def test_resuming_context_offers_its_session_without_a_copy(tmp_path: Path) -> None:
+    """The generator offers its kept session through OpenSSL directly (CPython's setter
+    copies and re-decodes it each time), and the server resumes it; a session from
+    another context is refused by the layout check, so CPython's setter takes over."""
+    cert, key = _self_signed(tmp_path)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert, key)
+    ctx = client_mod.client_context(resume=True)
+    first = _handshake(server, ctx)
+    assert not first.session_reused
+    session = first.session
+    assert session is not None
+    ctx.session = session
+    bare = ssl.MemoryBIO(), ssl.MemoryBIO()
+    probe = ssl.SSLContext.wrap_bio(ctx, *bare, server_hostname="localhost")
+    assert client_mod._set_session(ctx, probe, session)  # the fast path is taken here
+    assert _handshake(server, ctx).session_reused
+    other = client_mod.client_context(resume=True)
+    probe = ssl.SSLContext.wrap_bio(other, *bare, server_hostname="localhost")
+    assert not client_mod._set_session(other, probe, session)
+    with pytest.raises(ValueError, match="different SSLContext"):
+        probe.session = session

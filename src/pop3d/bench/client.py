@@ -22,8 +22,11 @@ by the size check against LIST and by the checksum.
 
 from __future__ import annotations
 
+import _ssl
 import asyncio
+import ctypes
 import ssl
+import sys
 from dataclasses import dataclass
 from typing import Any, Self, cast
 
@@ -76,6 +79,61 @@ class Body:
     data: bytes | None = None
 
 
+class _SetSession:
+    """``SSL_set_session`` on a ``_ssl`` object, without CPython's copy of the session.
+
+    CPython's ``session`` setter (and ``wrap_bio(session=...)``) copies the session with
+    ``i2d_SSL_SESSION``/``d2i_SSL_SESSION`` before handing it to OpenSSL, which decodes the
+    server's certificate again: on OpenSSL 3.0 that copy cost the load generator ~250 µs of
+    every resumed session, a quarter of all its work per session, and made it the limit of
+    ``login-tls-resume``.  The generator only reads the session it offers, so OpenSSL's own
+    reference counting (``SSL_set_session`` takes a reference) is all it needs.
+
+    The pointers are read from the ``_ssl`` objects' C structs (``PySSLSocket``: head, weak
+    socket, ``SSL *``, context; ``PySSLSession``: head, ``SSL_SESSION *``, context).  The
+    layout is checked on every call by reading only inside the objects: each struct's
+    context field must hold the address of the context that made it.  Where it does not
+    (another Python, another build), ``__call__`` returns False and the caller falls back
+    to CPython's setter, which is slower but the same handshake.
+    """
+
+    _HEAD = ctypes.sizeof(ctypes.c_ssize_t) + ctypes.sizeof(ctypes.c_void_p)
+    _PTR = ctypes.sizeof(ctypes.c_void_p)
+
+    def __init__(self) -> None:
+        self._set: Any = None
+        if sys.implementation.name != "cpython":
+            return
+        try:
+            # dlsym through _ssl's own handle finds the libssl it is linked with
+            fn = ctypes.CDLL(_ssl.__file__).SSL_set_session
+        except (OSError, AttributeError):
+            return
+        fn.argtypes = (ctypes.c_void_p, ctypes.c_void_p)
+        fn.restype = ctypes.c_int
+        self._set = fn
+
+    def _field(self, obj: object, index: int) -> int:
+        return ctypes.c_void_p.from_address(id(obj) + self._HEAD + index * self._PTR).value or 0
+
+    def __call__(self, context: ssl.SSLContext, tls: ssl.SSLObject,
+                 session: ssl.SSLSession) -> bool:
+        """Offer ``session`` on ``tls`` (made by ``context``, no handshake yet).
+
+        False when this Python's objects are not laid out as expected.
+        """
+        raw = getattr(tls, "_sslobj", None)
+        if self._set is None or raw is None:
+            return False
+        # PySSLSocket: Socket, ssl, ctx; PySSLSession: session, ctx
+        if self._field(raw, 2) != id(context) or self._field(session, 1) != id(context):
+            return False
+        return bool(self._set(self._field(raw, 1), self._field(session, 0)))
+
+
+_set_session = _SetSession()
+
+
 class ResumingContext(ssl.SSLContext):
     """A client TLS context that offers the last session it was given (``session``).
 
@@ -93,12 +151,19 @@ class ResumingContext(ssl.SSLContext):
                  server_side: bool = False, server_hostname: Any = None,
                  session: ssl.SSLSession | None = None) -> ssl.SSLObject:
         """Wrap as asked, offering :attr:`session` when the caller gave none."""
-        return super().wrap_bio(incoming, outgoing, server_side, server_hostname,
-                                session or self.session)
+        offer = session or self.session
+        tls = super().wrap_bio(incoming, outgoing, server_side, server_hostname)
+        if offer is not None and not _set_session(self, tls, offer):
+            tls.session = offer  # CPython's setter: a copy of the session each time
+        return tls
 
 
 def client_context(resume: bool = False) -> ResumingContext:
-    """TLS for loopback benchmarks: no certificate check (self-signed), sessions kept."""
+    """TLS for loopback benchmarks: no certificate check (self-signed), sessions kept.
+
+    TLS 1.3 with OpenSSL's default groups: the one key share it sends is X25519, as
+    Thunderbird's, K-9's and OpenSSL-based clients' first share is.
+    """
     ctx = ResumingContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE

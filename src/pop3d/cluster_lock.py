@@ -10,7 +10,9 @@ Why a lease row and not a session-level advisory lock: an advisory lock lives on
 connection, so each node would pin a connection for all its sessions and serialise every
 login through it, and the lock could not be taken in the same statement as the listing.
 A lease row is taken by any pooled connection, in the login's second round trip
-(``pop3d_open`` leases and lists in one call, see migrations/0001_initial.sql).
+(``pop3d_leases`` leases and lists in one call, see migrations/0002_lease_batches.sql;
+the opens and releases of all the sessions of a process waiting at one moment share one
+such call).
 
 The rules:
 
@@ -106,11 +108,14 @@ class LeaseManager:
     _serial: itertools.count[int] = field(default_factory=itertools.count)
     _heartbeat: asyncio.Task[None] | None = None
     _heartbeat_loop: asyncio.AbstractEventLoop | None = None
-    #: Leases waiting for the next release statement, with what their callers await.
-    _releasing: list[tuple[Lease, asyncio.Future[BaseException | None]]] = field(
+    #: Leases waiting for the next batch to release them, with what their callers await
+    #: (None: no one awaits, an open abandoned by its session).
+    _releasing: list[tuple[str, str, asyncio.Future[BaseException | None] | None]] = field(
         default_factory=list)
-    _releaser: asyncio.Task[None] | None = None
-    _releaser_loop: asyncio.AbstractEventLoop | None = None
+    #: Maildrops waiting for the next batch to lease and list them (:meth:`open`).
+    _opening: list[tuple[str, str, asyncio.Future[Any]]] = field(default_factory=list)
+    _batcher: asyncio.Task[None] | None = None
+    _batcher_loop: asyncio.AbstractEventLoop | None = None
 
     def new_owner(self) -> str:
         """A fresh owner name for one session."""
@@ -142,25 +147,59 @@ class LeaseManager:
             raise MaildropLocked("maildrop in use on another node")
         return self.held(mailbox, owner, started)
 
+    async def open(self, mailbox: str) -> tuple[Lease, list[tuple[int, str, int]]]:
+        """Lease ``mailbox`` and list its messages (id, UIDL, size) in one round trip.
+
+        The sessions of this process that open or end while one lease statement is on
+        its way share the next one (``pop3d_leases``, migration 0002): under load a login
+        costs a fraction of a statement here, and alone exactly one.
+
+        Raises:
+            MaildropLocked: a live lease of another session holds it.
+            LookupError: the maildrop does not exist.
+            TemporaryBackendError: the database is unavailable.
+
+        """
+        owner = self.new_owner()
+        started = time.monotonic()
+        answer = self._loop_queue().create_future()
+        self._opening.append((mailbox, owner, answer))
+        self._kick()
+        try:
+            result = await asyncio.shield(answer)
+        except asyncio.CancelledError:  # the session went: give back what it may get
+            answer.add_done_callback(lambda done: self._abandoned(mailbox, owner, done))
+            raise
+        if isinstance(result, BaseException):
+            raise result
+        status, rows = result
+        if status == 1:
+            raise LookupError("no such maildrop")
+        if status == 2:
+            raise MaildropLocked("maildrop in use")
+        return self.held(mailbox, owner, started), rows
+
+    def _abandoned(self, mailbox: str, owner: str, done: asyncio.Future[Any]) -> None:
+        if done.cancelled():
+            return
+        result = done.result()
+        if isinstance(result, tuple) and result[0] == 0:
+            self._releasing.append((mailbox, owner, None))
+            self._kick()
+
     async def release(self, lease: Lease) -> None:
         """Give the lease back; return once it is deleted, or failed to be (then it expires).
 
-        Releases are grouped: the sessions that end while a release statement is on its
-        way are released together by the next one (one round trip for them all), so
-        under load a QUIT costs a fraction of a statement, and alone exactly one.
+        Releases share the lease statements of :meth:`open` (one round trip for all the
+        sessions that end together); the QUIT is answered after it.
         """
         if lease.released:
             return
         lease.released = True
         self._held.pop(lease.owner, None)
-        loop = asyncio.get_running_loop()
-        if self._releaser_loop is not loop:
-            self._releaser_loop, self._releasing, self._releaser = loop, [], None
-        done: asyncio.Future[BaseException | None] = loop.create_future()
-        self._releasing.append((lease, done))
-        if self._releaser is None or self._releaser.done():
-            self._releaser = loop.create_task(self._release_batches(),
-                                              name="pop3d-lease-release")
+        done: asyncio.Future[BaseException | None] = self._loop_queue().create_future()
+        self._releasing.append((lease.mailbox, lease.owner, done))
+        self._kick()
         failure = await asyncio.shield(done)
         if isinstance(failure, TemporaryBackendError):
             log.warning("lease of %s not released (database unavailable); it expires "
@@ -168,27 +207,57 @@ class LeaseManager:
         elif failure is not None:
             raise failure
 
-    async def _release_batches(self) -> None:
-        """Delete the leases waiting in :attr:`_releasing`, all at once, until none wait."""
-        while self._releasing:
-            batch, self._releasing = self._releasing, []
-            failure: BaseException | None = TemporaryBackendError("release cancelled")
+    def _loop_queue(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._batcher_loop is not loop:  # a new loop (tests): the old one's queue goes
+            self._batcher_loop, self._batcher = loop, None
+            self._releasing, self._opening = [], []
+        return loop
+
+    def _kick(self) -> None:
+        if self._batcher is None or self._batcher.done():
+            loop = asyncio.get_running_loop()
+            self._batcher = loop.create_task(self._batches(), name="pop3d-leases")
+
+    async def _batches(self) -> None:
+        """Send the waiting opens and releases, all in one statement, until none wait."""
+        while self._releasing or self._opening:
+            frees, self._releasing = self._releasing, []
+            opens, self._opening = self._opening, []
+            failure: BaseException | None = TemporaryBackendError("lease statement cancelled")
+            answers: dict[int, tuple[int, list[tuple[int, str, int]]]] = {}
             try:
                 async with self.database.connection() as conn:
-                    await conn.execute(
-                        "DELETE FROM maildrop_leases AS l USING unnest(%s::text[], "
-                        "%s::text[]) AS r (mailbox, owner) "
-                        "WHERE l.mailbox = r.mailbox AND l.owner = r.owner",
-                        ([lease.mailbox for lease, _ in batch],
-                         [lease.owner for lease, _ in batch]),
-                    )
+                    if opens:
+                        cur = await conn.execute(
+                            "SELECT k, status, id, uidl, size FROM pop3d_leases(%s, %s, "
+                            "%s, %s, %s, %s)",
+                            ([m for m, _, _ in frees], [o for _, o, _ in frees],
+                             [m for m, _, _ in opens], [o for _, o, _ in opens],
+                             self.node, self.ttl),
+                        )
+                        for k, status, message_id, uidl, size in await cur.fetchall():
+                            _, rows = answers.setdefault(int(k), (int(status), []))
+                            if message_id is not None:
+                                rows.append((int(message_id), str(uidl), int(size)))
+                    else:
+                        await conn.execute(
+                            "DELETE FROM maildrop_leases AS l USING unnest(%s::text[], "
+                            "%s::text[]) AS r (mailbox, owner) "
+                            "WHERE l.mailbox = r.mailbox AND l.owner = r.owner",
+                            ([m for m, _, _ in frees], [o for _, o, _ in frees]),
+                        )
                 failure = None
-            except Exception as exc:  # each waiter reports it (one line per lease)
+            except Exception as exc:  # each waiter reports it
                 failure = exc
             finally:  # also when cancelled (loop shutdown): no waiter is left hanging
-                for _, done in batch:
-                    if not done.done():
+                for _, _, done in frees:
+                    if done is not None and not done.done():
                         done.set_result(failure)
+                for k, (_, _, answer) in enumerate(opens, 1):
+                    if not answer.done():
+                        answer.set_result(failure if failure is not None else answers.get(
+                            k, TemporaryBackendError("no answer for the maildrop")))
 
     async def confirm(self, lease: Lease) -> None:
         """Renew ``lease`` in the database now, proving it is still held (before UPDATE).

@@ -207,7 +207,9 @@ class Database:
         """Keep ``conn`` for the next statement, or return it to the pool."""
         pool = self._pool
         lent = self._lent.get(conn)
-        if lent is None or pool is None:  # lent by a pool since replaced
+        if lent is None or pool is None:  # lent by a pool since closed or replaced
+            with contextlib.suppress(psycopg.Error, OSError):
+                await conn.close()
             return
         pgconn = conn.pgconn
         if (pgconn.status == _OK and pgconn.transaction_status == _IDLE

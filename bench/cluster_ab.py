@@ -3,13 +3,13 @@
     .venv/bin/python bench/cluster_ab.py --tree old=/tmp/old/src --tree new=src \\
         [--rounds 3] [--duration 5]
 
-Starts a throwaway PostgreSQL with the bench's users and mail (as bench/cluster.py), one
-pop3d node per tree behind its own HAProxy (``PYTHONPATH`` picks the tree), and runs
-``pop3d bench login`` (32 clients) against each in turn, round after round.  Each row
-gives the node's CPU per login (its worker's user and system time apart) and the
-database statements per login (``pg_stat_statements``): per-unit figures that a shared
-machine moves less than sessions/s.  ``git archive HEAD src | tar -x -C /tmp/old`` makes
-the old tree.
+Starts a throwaway PostgreSQL with the bench's users and mail (as bench/cluster.py),
+one pop3d node (or ``--nodes N``) per tree behind its own HAProxy (``PYTHONPATH`` picks
+the tree), and runs ``pop3d bench login`` (32 clients) against each in turn, round after
+round.  Each row gives the nodes' CPU per login (their workers' user and system time
+apart) and the database statements per login (``pg_stat_statements``): per-unit
+figures that a shared machine moves less than sessions/s.
+``git archive HEAD src | tar -x -C /tmp/old`` makes the old tree.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ def main() -> int:
     ap.add_argument("--tree", action="append", required=True, help="NAME=SRC_FOLDER")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--duration", type=float, default=5.0)
+    ap.add_argument("--nodes", type=int, default=1, help="nodes per tree behind HAProxy")
     args = ap.parse_args()
     trees = dict(t.split("=", 1) for t in args.tree)
     work = Path(tempfile.mkdtemp(prefix="pop3d-bench-pgab-"))
@@ -63,7 +64,7 @@ def main() -> int:
         for name, src in trees.items():
             os.environ["PYTHONPATH"] = str(Path(src).resolve())
             try:
-                setups[name] = cluster.Nodes(work, url, 1, None)
+                setups[name] = cluster.Nodes(work, url, args.nodes, None)
             finally:
                 del os.environ["PYTHONPATH"]
         opts = argparse.Namespace(loadgen_cpus=None, login_users=200, duration=1.0)
@@ -73,13 +74,13 @@ def main() -> int:
         per: dict[str, list[dict[str, Any]]] = {name: [] for name in setups}
         for round_ in range(args.rounds):
             for name, setup in setups.items():
-                supervisor = setup.procs[0].pid
+                supervisors = [p.pid for p in setup.procs[:-1]]  # the last is HAProxy
                 cluster.reset_statements(url)
-                user0, sys0 = _worker_times(supervisor)
-                before = cluster.tree_cpu([supervisor])
+                user0, sys0 = map(sum, zip(*map(_worker_times, supervisors), strict=True))
+                before = cluster.tree_cpu(supervisors)
                 out = cluster.run_login(setup.front, opts, work)
-                cpu = cluster.tree_cpu([supervisor]) - before
-                user1, sys1 = _worker_times(supervisor)
+                cpu = cluster.tree_cpu(supervisors) - before
+                user1, sys1 = map(sum, zip(*map(_worker_times, supervisors), strict=True))
                 n = int(out.get("sessions", 0)) or 1
                 row = {"round": round_, "tree": name, "sessions": out.get("sessions"),
                        "failures": out.get("failures"),

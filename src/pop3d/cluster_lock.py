@@ -65,6 +65,23 @@ __all__ = ["Lease", "LeaseLost", "LeaseManager", "LeasedStore"]
 log = logging.getLogger("pop3d.cluster_lock")
 
 
+def _own(shared: BaseException) -> BaseException:
+    """A fresh exception for one of the sessions that a shared statement failed.
+
+    One instance raised in several tasks would pile up their tracebacks.
+    """
+    own: BaseException
+    if isinstance(shared, TemporaryBackendError):
+        try:
+            own = type(shared)(*shared.args)
+        except TypeError:
+            own = TemporaryBackendError(str(shared))
+    else:
+        own = RuntimeError(f"lease statement failed: {type(shared).__name__}")
+    own.__cause__ = shared
+    return own
+
+
 class LeaseLost(TemporaryBackendError):
     """The session's maildrop lease expired or was taken: it may not read or UPDATE."""
 
@@ -171,7 +188,7 @@ class LeaseManager:
             answer.add_done_callback(lambda done: self._abandoned(mailbox, owner, done))
             raise
         if isinstance(result, BaseException):
-            raise result
+            raise _own(result)
         status, rows = result
         if status == 1:
             raise LookupError("no such maildrop")
@@ -205,7 +222,7 @@ class LeaseManager:
             log.warning("lease of %s not released (database unavailable); it expires "
                         "within %.0f s", lease.mailbox, self.ttl)
         elif failure is not None:
-            raise failure
+            raise _own(failure)
 
     def _loop_queue(self) -> asyncio.AbstractEventLoop:
         loop = asyncio.get_running_loop()

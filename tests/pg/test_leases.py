@@ -198,3 +198,22 @@ def test_an_open_given_up_by_its_session_is_released(db_config: DatabaseConfig) 
         await database.close()
 
     asyncio.run(go())
+
+
+def test_a_shared_statement_that_fails_fails_each_session_apart(tmp_path: Path) -> None:
+    """The database away: every open waiting on the shared statement gets its own
+    temporary error (-ERR [SYS/TEMP]), none hangs, and a release failing is only logged
+    (its lease expires)."""
+    url = f"postgresql://x@/pop3d?host={tmp_path}&port=1"
+    database = Database(DatabaseConfig(url=url, timeout=1.0), pooled=False)
+    store = PostgresStore(database, LeaseManager(database, 30.0))
+
+    async def go() -> None:
+        results = await asyncio.gather(*(store.open(user(n)) for n in ("a", "b", "c")),
+                                       return_exceptions=True)
+        assert all(isinstance(r, TemporaryBackendError) for r in results), results
+        assert len({id(r) for r in results}) == 3
+        lease = store.leases.held("a", store.leases.new_owner(), 0.0)
+        await store.leases.release(lease)  # logged, not raised
+
+    asyncio.run(go())

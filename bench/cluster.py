@@ -60,7 +60,7 @@ def _pop3d(*args: str, stdin: str | None = None) -> None:
         raise SystemExit(f"pop3d {' '.join(args)}: {done.stderr.strip()}")
 
 
-def _load(url: str, work: Path, users: dict[str, str], config: Path) -> None:
+def load_data(url: str, work: Path, users: dict[str, str], config: Path) -> None:
     import psycopg  # noqa: PLC0415
 
     _pop3d("db", "init", "--config", str(config))
@@ -121,7 +121,7 @@ class Nodes:
 _TICK = os.sysconf("SC_CLK_TCK")
 
 
-def _tree_cpu(root_pids: list[int]) -> float:
+def tree_cpu(root_pids: list[int]) -> float:
     """CPU seconds of the process trees under ``root_pids``: each live process's own
     user+system time, plus what the roots' reaped children used (Dovecot's per-session
     processes that have exited)."""
@@ -248,7 +248,7 @@ service imap-login {{
             time.sleep(0.1)
 
 
-def _statements(url: str) -> int:
+def statements(url: str) -> int:
     import psycopg  # noqa: PLC0415
 
     with psycopg.connect(url, autocommit=True) as conn:
@@ -257,7 +257,7 @@ def _statements(url: str) -> int:
         return int(row[0]) if row else 0
 
 
-def _reset(url: str) -> None:
+def reset_statements(url: str) -> None:
     import psycopg  # noqa: PLC0415
 
     with psycopg.connect(url, autocommit=True) as conn:
@@ -289,7 +289,7 @@ def main() -> int:
         config = work / "load.toml"
         config.write_text(f'[auth]\nbackend = "postgresql"\n[storage]\nbackend = "postgresql"\n'
                           f'[database]\nurl = "{url}"\n')
-        _load(url, work, ds.users, config)
+        load_data(url, work, ds.users, config)
         if args.versus_dovecot:
             _versus_dovecot(args, work, pg, url)
             return 0
@@ -298,7 +298,7 @@ def main() -> int:
             try:
                 for scenario, users, conc in (("login", ("login%d", args.login_users), 32),
                                               ("fetch", ("fetch%d", args.fetch_users), 16)):
-                    _reset(url)
+                    reset_statements(url)
                     pin = ["taskset", "-c", args.loadgen_cpus] if args.loadgen_cpus else []
                     res = subprocess.run(
                         [*pin, PY, "-m", "pop3d.bench", scenario, "-p", str(nodes.front),
@@ -314,7 +314,7 @@ def main() -> int:
                                                 "failures", "verify_failures")},
                         "p99_ms": (out.get("latency") or {}).get("p99_ms"),
                         "errors": out.get("errors"),
-                        "db_statements_per_session": round(_statements(url) / sessions, 2)})
+                        "db_statements_per_session": round(statements(url) / sessions, 2)})
                     print(json.dumps(rows[-1]), flush=True)
             finally:
                 nodes.stop()
@@ -324,7 +324,7 @@ def main() -> int:
     return 0
 
 
-def _login(port: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def run_login(port: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     pin = ["taskset", "-c", args.loadgen_cpus] if args.loadgen_cpus else []
     res = subprocess.run(
         [*pin, PY, "-m", "pop3d.bench", "login", "-p", str(port),
@@ -356,20 +356,20 @@ def _versus_dovecot(args: argparse.Namespace, work: Path, pg: Any, url: str) -> 
         ] + [("dovecot-pgsql", dovecot.port, [dovecot.pid])]
         per: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in targets}
         for _name, port, _ in targets:  # warm-up: pools, Dovecot's login processes
-            _login(port, argparse.Namespace(**{**vars(args), "duration": 1.0}), work)
+            run_login(port, argparse.Namespace(**{**vars(args), "duration": 1.0}), work)
         for round_ in range(args.rounds):
             for name, port, pids in targets:
-                _reset(url)
-                before = _tree_cpu(pids)
-                out = _login(port, args, work)
-                cpu = _tree_cpu(pids) - before
+                reset_statements(url)
+                before = tree_cpu(pids)
+                out = run_login(port, args, work)
+                cpu = tree_cpu(pids) - before
                 sessions = int(out.get("sessions", 0))
                 row = {"round": round_, "server": name,
                        "sessions_per_s": out.get("sessions_per_s"),
                        "failures": out.get("failures"), "errors": out.get("errors"),
                        "server_cpu_s": round(cpu, 2),
                        "logins_per_cpu_s": round(sessions / cpu, 1) if cpu else None,
-                       "db_statements_per_login": round(_statements(url) / (sessions or 1), 2)}
+                       "db_statements_per_login": round(statements(url) / (sessions or 1), 2)}
                 per[name].append(row)
                 print(json.dumps(row), flush=True)
     finally:

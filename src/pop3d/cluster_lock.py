@@ -10,14 +10,18 @@ Why a lease row and not a session-level advisory lock: an advisory lock lives on
 connection, so each node would pin a connection for all its sessions and serialise every
 login through it, and the lock could not be taken in the same statement as the listing.
 A lease row is taken by any pooled connection, in the login's second round trip
-(``pop3d_open`` leases and lists in one call, see migrations/0001_initial.sql).
+(``pop3d_leases`` leases and lists in one call, see migrations/0002_lease_batches.sql;
+the opens and releases of all the sessions of a process waiting at one moment share one
+such call).
 
 The rules:
 
 * **Taken** with ``INSERT ... ON CONFLICT DO UPDATE ... WHERE expires < now``: a live
   lease of another session refuses (``-ERR [IN-USE]``); an expired one is taken over.
 * **Released** at the end of the session (QUIT, a timeout, a closed connection), by
-  deleting the row.
+  deleting the row, before the QUIT is answered.  The sessions that end while one release
+  statement is on its way share the next one: under load a QUIT costs a fraction of a
+  round trip.
 * **Renewed** by one ``UPDATE ... WHERE node = me`` per process every ``ttl / 3``
   seconds, whatever the number of sessions.
 * **Dies with the node** within ``ttl``: a process killed with SIGKILL renews nothing,
@@ -59,6 +63,23 @@ from pop3d.storage.template import check_username
 __all__ = ["Lease", "LeaseLost", "LeaseManager", "LeasedStore"]
 
 log = logging.getLogger("pop3d.cluster_lock")
+
+
+def _own(shared: BaseException) -> BaseException:
+    """A fresh exception for one of the sessions that a shared statement failed.
+
+    One instance raised in several tasks would pile up their tracebacks.
+    """
+    own: BaseException
+    if isinstance(shared, TemporaryBackendError):
+        try:
+            own = type(shared)(*shared.args)
+        except TypeError:
+            own = TemporaryBackendError(str(shared))
+    else:
+        own = RuntimeError(f"lease statement failed: {type(shared).__name__}")
+    own.__cause__ = shared
+    return own
 
 
 class LeaseLost(TemporaryBackendError):
@@ -104,6 +125,14 @@ class LeaseManager:
     _serial: itertools.count[int] = field(default_factory=itertools.count)
     _heartbeat: asyncio.Task[None] | None = None
     _heartbeat_loop: asyncio.AbstractEventLoop | None = None
+    #: Leases waiting for the next batch to release them, with what their callers await
+    #: (None: no one awaits, an open abandoned by its session).
+    _releasing: list[tuple[str, str, asyncio.Future[BaseException | None] | None]] = field(
+        default_factory=list)
+    #: Maildrops waiting for the next batch to lease and list them (:meth:`open`).
+    _opening: list[tuple[str, str, asyncio.Future[Any]]] = field(default_factory=list)
+    _batcher: asyncio.Task[None] | None = None
+    _batcher_loop: asyncio.AbstractEventLoop | None = None
 
     def new_owner(self) -> str:
         """A fresh owner name for one session."""
@@ -135,21 +164,117 @@ class LeaseManager:
             raise MaildropLocked("maildrop in use on another node")
         return self.held(mailbox, owner, started)
 
+    async def open(self, mailbox: str) -> tuple[Lease, list[tuple[int, str, int]]]:
+        """Lease ``mailbox`` and list its messages (id, UIDL, size) in one round trip.
+
+        The sessions of this process that open or end while one lease statement is on
+        its way share the next one (``pop3d_leases``, migration 0002): under load a login
+        costs a fraction of a statement here, and alone exactly one.
+
+        Raises:
+            MaildropLocked: a live lease of another session holds it.
+            LookupError: the maildrop does not exist.
+            TemporaryBackendError: the database is unavailable.
+
+        """
+        owner = self.new_owner()
+        started = time.monotonic()
+        answer = self._loop_queue().create_future()
+        self._opening.append((mailbox, owner, answer))
+        self._kick()
+        try:
+            result = await asyncio.shield(answer)
+        except asyncio.CancelledError:  # the session went: give back what it may get
+            answer.add_done_callback(lambda done: self._abandoned(mailbox, owner, done))
+            raise
+        if isinstance(result, BaseException):
+            raise _own(result)
+        status, rows = result
+        if status == 1:
+            raise LookupError("no such maildrop")
+        if status == 2:
+            raise MaildropLocked("maildrop in use")
+        return self.held(mailbox, owner, started), rows
+
+    def _abandoned(self, mailbox: str, owner: str, done: asyncio.Future[Any]) -> None:
+        if done.cancelled():
+            return
+        result = done.result()
+        if isinstance(result, tuple) and result[0] == 0:
+            self._releasing.append((mailbox, owner, None))
+            self._kick()
+
     async def release(self, lease: Lease) -> None:
-        """Give the lease back (one round trip); a failure leaves it to expire."""
+        """Give the lease back; return once it is deleted, or failed to be (then it expires).
+
+        Releases share the lease statements of :meth:`open` (one round trip for all the
+        sessions that end together); the QUIT is answered after it.
+        """
         if lease.released:
             return
         lease.released = True
         self._held.pop(lease.owner, None)
-        try:
-            async with self.database.connection() as conn:
-                await conn.execute(
-                    "DELETE FROM maildrop_leases WHERE mailbox = %s AND owner = %s",
-                    (lease.mailbox, lease.owner),
-                )
-        except TemporaryBackendError:
+        done: asyncio.Future[BaseException | None] = self._loop_queue().create_future()
+        self._releasing.append((lease.mailbox, lease.owner, done))
+        self._kick()
+        failure = await asyncio.shield(done)
+        if isinstance(failure, TemporaryBackendError):
             log.warning("lease of %s not released (database unavailable); it expires "
                         "within %.0f s", lease.mailbox, self.ttl)
+        elif failure is not None:
+            raise _own(failure)
+
+    def _loop_queue(self) -> asyncio.AbstractEventLoop:
+        loop = asyncio.get_running_loop()
+        if self._batcher_loop is not loop:  # a new loop (tests): the old one's queue goes
+            self._batcher_loop, self._batcher = loop, None
+            self._releasing, self._opening = [], []
+        return loop
+
+    def _kick(self) -> None:
+        if self._batcher is None or self._batcher.done():
+            loop = asyncio.get_running_loop()
+            self._batcher = loop.create_task(self._batches(), name="pop3d-leases")
+
+    async def _batches(self) -> None:
+        """Send the waiting opens and releases, all in one statement, until none wait."""
+        while self._releasing or self._opening:
+            frees, self._releasing = self._releasing, []
+            opens, self._opening = self._opening, []
+            failure: BaseException | None = TemporaryBackendError("lease statement cancelled")
+            answers: dict[int, tuple[int, list[tuple[int, str, int]]]] = {}
+            try:
+                async with self.database.connection() as conn:
+                    if opens:
+                        cur = await conn.execute(
+                            "SELECT k, status, id, uidl, size FROM pop3d_leases(%s, %s, "
+                            "%s, %s, %s, %s)",
+                            ([m for m, _, _ in frees], [o for _, o, _ in frees],
+                             [m for m, _, _ in opens], [o for _, o, _ in opens],
+                             self.node, self.ttl),
+                        )
+                        for k, status, message_id, uidl, size in await cur.fetchall():
+                            _, rows = answers.setdefault(int(k), (int(status), []))
+                            if message_id is not None:
+                                rows.append((int(message_id), str(uidl), int(size)))
+                    else:
+                        await conn.execute(
+                            "DELETE FROM maildrop_leases AS l USING unnest(%s::text[], "
+                            "%s::text[]) AS r (mailbox, owner) "
+                            "WHERE l.mailbox = r.mailbox AND l.owner = r.owner",
+                            ([m for m, _, _ in frees], [o for _, o, _ in frees]),
+                        )
+                failure = None
+            except Exception as exc:  # each waiter reports it
+                failure = exc
+            finally:  # also when cancelled (loop shutdown): no waiter is left hanging
+                for _, _, done in frees:
+                    if done is not None and not done.done():
+                        done.set_result(failure)
+                for k, (_, _, answer) in enumerate(opens, 1):
+                    if not answer.done():
+                        answer.set_result(failure if failure is not None else answers.get(
+                            k, TemporaryBackendError("no answer for the maildrop")))
 
     async def confirm(self, lease: Lease) -> None:
         """Renew ``lease`` in the database now, proving it is still held (before UPDATE).

@@ -15,6 +15,13 @@ Rules of this module:
   broken state and opens new ones in the background, retrying with back-off; when the
   server comes back, the next request gets a working connection.  No check query is
   spent per request (that would be one more round trip per login).
+* **A statement does not pay for the pool.**  A connection the pool lent stays lent
+  while it works: given back by a statement, it waits in a short stack here for the
+  next one (no pool lock, no pool bookkeeping, no ``async with`` of the connection).
+  A request finding none idle asks the pool for one more (up to ``pool_max`` lent),
+  else waits for the next given back.  A connection goes back to the pool when it is not
+  idle and healthy (the pool repairs or replaces it), and after :data:`_LEND_FOR`
+  seconds (so the pool's own ageing and shrinking still apply).
 * **Autocommit.**  A single statement is its own transaction; the few multi-statement
   transactions (a delivery) say so with ``conn.transaction()``.
 * **Loops.**  A pool belongs to the event loop that opened it.  Short-lived commands and
@@ -25,8 +32,10 @@ Rules of this module:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -41,6 +50,12 @@ __all__ = ["Database", "DatabaseUnavailable"]
 log = logging.getLogger("pop3d.database")
 
 
+
+#: Seconds a connection stays lent from the pool before it is given back.
+_LEND_FOR = 60.0
+
+_OK = psycopg.pq.ConnStatus.OK
+_IDLE = psycopg.pq.TransactionStatus.IDLE
 
 #: SQLSTATEs of a missing table or function: the schema was not created.
 _NO_SCHEMA = frozenset({"42P01", "42883"})
@@ -74,11 +89,22 @@ class Database:
         }
         self._logged_down = False
         self._refusals: set[str | None] = set()
+        #: Connections lent by the pool, each with when it was lent.
+        self._lent: dict[psycopg.AsyncConnection[Any], float] = {}
+        #: Those of them idle, the most recently used last.
+        self._idle: list[psycopg.AsyncConnection[Any]] = []
+        #: Requests asking the pool for a loan now.
+        self._borrowing = 0
+        #: Requests waiting for a lent connection to be given back, first come first.
+        self._waiters: collections.deque[
+            asyncio.Future[psycopg.AsyncConnection[Any] | None]] = collections.deque()
 
     async def _get_pool(self) -> psycopg_pool.AsyncConnectionPool[Any]:
         loop = asyncio.get_running_loop()
         if self._pool is None or self._pool_loop is not loop:
             self._pool_loop = loop
+            # The old loop's connections are left behind with its pool.
+            self._lent, self._idle, self._waiters = {}, [], collections.deque()
             self._pool = psycopg_pool.AsyncConnectionPool(
                 self.config.url,
                 kwargs=self._kwargs,
@@ -100,9 +126,11 @@ class Database:
         try:
             async with asyncio.timeout(self.config.timeout):
                 if self.pooled:
-                    pool = await self._get_pool()
-                    async with pool.connection() as conn:
+                    conn = await self._borrow()
+                    try:
                         yield conn
+                    finally:
+                        await self._give_back(conn)
                 else:
                     conn = await psycopg.AsyncConnection.connect(self.config.url, **self._kwargs)
                     async with conn:
@@ -119,6 +147,83 @@ class Database:
             if self._logged_down:
                 self._logged_down = False
                 log.warning("database available again")
+
+    async def _borrow(self) -> psycopg.AsyncConnection[Any]:
+        """An idle lent connection, else a new loan from the pool, else the next one.
+
+        The next one: given back by another request, first come first served.  Every
+        wait is bounded by the caller's deadline.
+        """
+        pool = await self._get_pool()
+        while True:
+            if self._idle:
+                return self._idle.pop()
+            if len(self._lent) + self._borrowing < self.config.pool_max:
+                self._borrowing += 1
+                try:
+                    conn: psycopg.AsyncConnection[Any] = await pool.getconn()
+                except BaseException:
+                    self._wake_one()  # the loan it would have had is free again
+                    raise
+                finally:
+                    self._borrowing -= 1
+                self._lent[conn] = time.monotonic()
+                return conn
+            turn: asyncio.Future[psycopg.AsyncConnection[Any] | None] = \
+                asyncio.get_running_loop().create_future()
+            self._waiters.append(turn)
+            try:
+                handed = await turn
+            except asyncio.CancelledError:
+                if turn.done() and not turn.cancelled():  # served as it gave up: pass on
+                    given = turn.result()
+                    if given is None:
+                        self._wake_one()
+                    else:
+                        self._pass_on(given)
+                raise
+            if handed is not None:
+                return handed
+            # None: a loan ended, so the pool may lend again; try anew
+
+    def _wake_one(self) -> None:
+        """Tell the first waiter to ask the pool itself."""
+        while self._waiters:
+            turn = self._waiters.popleft()
+            if not turn.done():
+                turn.set_result(None)
+                return
+
+    def _pass_on(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Hand a healthy lent connection to the first waiter, else keep it idle."""
+        while self._waiters:
+            turn = self._waiters.popleft()
+            if not turn.done():
+                turn.set_result(conn)
+                return
+        self._idle.append(conn)
+
+    async def _give_back(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """Keep ``conn`` for the next statement, or return it to the pool."""
+        pool = self._pool
+        lent = self._lent.get(conn)
+        if lent is None or pool is None:  # lent by a pool since closed or replaced
+            with contextlib.suppress(psycopg.Error, OSError):
+                await conn.close()
+            return
+        pgconn = conn.pgconn
+        if (pgconn.status == _OK and pgconn.transaction_status == _IDLE
+                and time.monotonic() - lent < _LEND_FOR):
+            self._pass_on(conn)
+            idle = self._idle
+            if not idle or time.monotonic() - self._lent[idle[0]] < _LEND_FOR:
+                return
+            conn = idle.pop(0)  # the least used, lent long ago: let the pool age it
+        del self._lent[conn]
+        try:
+            await pool.putconn(conn)  # the pool repairs, replaces or keeps it
+        finally:
+            self._wake_one()  # the pool may lend again
 
     def _refused(self, exc: psycopg.Error) -> None:
         """Log a refused statement once per SQLSTATE (never its parameters)."""
@@ -153,5 +258,8 @@ class Database:
     async def close(self) -> None:
         """Close the pool (at shutdown)."""
         pool, self._pool = self._pool, None
+        idle, self._idle, self._lent = self._idle, [], {}
         if pool is not None and self._pool_loop is asyncio.get_running_loop():
+            for conn in idle:
+                await pool.putconn(conn)
             await pool.close(timeout=1)

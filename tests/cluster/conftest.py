@@ -7,6 +7,7 @@ copy are the files tested.  All servers listen on 127.0.0.1 only, on free ports.
 from __future__ import annotations
 
 import signal
+import socket
 import string
 import subprocess
 import sys
@@ -31,6 +32,14 @@ DB_TIMEOUT = 1.0
 PROXY_SOURCE = "127.0.0.2"
 #: A user every node can log in as, to see that it works (cheap {PLAIN} password).
 PROBE_USER, PROBE_PASSWORD = "probe", "probe-pw"
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=2):
+            return True
+    except OSError:
+        return False
 
 
 def wait_port(port: int) -> None:
@@ -68,11 +77,21 @@ class Node:
         wait_port(self.lmtp_port)
 
     def kill(self) -> None:
-        """SIGKILL the node (a crash: nothing is cleaned up)."""
+        """SIGKILL the node (a crash: nothing is cleaned up).
+
+        Returns once its worker is gone too: the kernel kills the worker when the
+        supervisor dies, but on a busy machine it may still accept for a moment, and a
+        ``start`` right after would take that for the new node listening.
+        """
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait()
         self.proc = None
+        for _ in range(200):  # bounded: 20 s
+            if not _accepts(self.pop3_port) and not _accepts(self.lmtp_port):
+                return
+            time.sleep(0.1)
+        raise AssertionError("the killed node's worker still accepts")
 
     def stop(self) -> None:
         """SIGTERM the node and wait for it."""

@@ -6,9 +6,10 @@ octets in rows of at most :data:`CHUNK_ROW`).
 
 Rules of this module:
 
-* **Login: one round trip.**  ``pop3d_open`` takes the maildrop's cluster lease
+* **Login: one round trip.**  ``pop3d_leases`` takes the maildrop's cluster lease
   (:mod:`pop3d.cluster_lock`) and returns the listing (id, UIDL, size) from one
-  index-only scan, in one call.  STAT, LIST and UIDL are answered from that listing.
+  index-only scan, in one call shared with the other sessions of the process opening or
+  ending at that moment.  STAT, LIST and UIDL are answered from that listing.
 * **RETR streams.**  A read fetches at most :data:`ROWS_PER_FETCH` chunk rows at a time
   (1 MiB), on a pooled connection given back between fetches, so neither a 1 GiB message
   nor a slow client holds memory or a connection.  Each fetch first checks the session
@@ -28,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
 from collections.abc import AsyncIterable, AsyncIterator, Collection, Sequence
 from typing import Any
 
@@ -117,21 +117,11 @@ class PostgresStore:
         """
         name = principal.username
         check_username(name)
-        owner = self.leases.new_owner()
-        started = time.monotonic()
-        async with self.database.connection() as conn:
-            try:
-                cur = await conn.execute(
-                    "SELECT id, uidl, size FROM pop3d_open(%s, %s, %s, %s)",
-                    (name, owner, self.leases.node, self.leases.ttl),
-                )
-                rows = await cur.fetchall()
-            except psycopg.Error as exc:
-                if conn.info.transaction_status == psycopg.pq.TransactionStatus.UNKNOWN:
-                    raise
-                _raise_for(exc)
-        lease = self.leases.held(name, owner, started)
-        return PostgresMaildrop(self, lease, [(int(i), str(u), int(s)) for i, u, s in rows])
+        try:
+            lease, rows = await self.leases.open(name)
+        except LookupError:
+            raise NoSuchMaildrop("no such maildrop") from None
+        return PostgresMaildrop(self, lease, rows)
 
     async def stat(self, principal: Principal) -> MailboxStats:
         """Count, wire size and oldest arrival, without the lease."""

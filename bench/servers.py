@@ -8,6 +8,7 @@ master PID from its pid file (the master takes its children down with it).
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
 import signal
@@ -30,14 +31,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_greeting(port: int, timeout: float, tls: bool = False) -> bool:
+def wait_greeting(port: int, timeout: float, tls: bool = False,
+                  proc: subprocess.Popen[bytes] | None = None) -> bool:
     """Wait until a POP3 greeting comes from 127.0.0.1:port (POP3S with ``tls``; bounded
-    by ``timeout``)."""
+    by ``timeout``, and by ``proc``'s exit when given)."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (proc is None or proc.poll() is None):
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=2) as raw, (
                 context.wrap_socket(raw) if tls else contextlib.nullcontext(raw)
@@ -204,7 +206,7 @@ class _ProcessServer(Server):
         )
         log.close()
         self.pid = self.proc.pid
-        if wait_greeting(self.port, 20):
+        if wait_greeting(self.port, 20, proc=self.proc):
             return True
         tail = (self.work / log_name).read_text(errors="replace")[-600:]
         self.error = f"{self.name} did not answer on port {self.port}: {tail.strip()}"
@@ -290,8 +292,9 @@ class Pop3d(_ProcessServer):
 
     def without_tls(self) -> Pop3d:
         """The same server without its POP3S listener (for a tree that cannot serve one)."""
-        return Pop3d(self.work, self.port, self.cpus, self.workers, store=self.store,
-                     src=self.src, label=self.name.partition("@")[2])
+        plain = copy.copy(self)
+        plain.tls, plain.tls_port, plain.proc, plain.pid, plain.error = None, 0, None, None, ""
+        return plain
 
 
 @contextlib.contextmanager

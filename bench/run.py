@@ -128,6 +128,13 @@ class Runner:
         self.ceiling_parts: dict[str, list[dict[str, Any]]] = {}
         #: the ceilings take a turn in each round unless ``--no-ceilings``
         self.with_ceilings = not getattr(args, "no_ceilings", False)
+        #: the scenarios the ``pop3d@NAME`` baselines take part in (None: all)
+        self.baseline_scenarios: set[str] | None = getattr(args, "baseline_scenarios", None)
+
+    def takes_part(self, name: str, scenario: str) -> bool:
+        """Whether server ``name`` runs ``scenario`` (a baseline may run fewer)."""
+        return (not name.startswith("pop3d@") or self.baseline_scenarios is None
+                or scenario in self.baseline_scenarios)
 
     def bench_cmd(self, server_dir: Path, port: int, scenario: str, **opt: Any) -> list[str]:
         cmd = ["taskset", "-c", self.args.loadgen_cpus, self.py, "-m", "pop3d.bench",
@@ -377,7 +384,7 @@ class Runner:
             live.extend(name for name in list(under_test)
                         if self.start(name, under_test, scenarios, results[name]))
             if "idle" in scenarios:
-                for name in live:
+                for name in (n for n in live if self.takes_part(n, "idle")):
                     log(f"{name}: idle")
                     server, sdir = under_test[name]
                     results[name]["idle"] = self.measure(server, sdir, "idle",
@@ -387,12 +394,14 @@ class Runner:
                 for name in live:
                     log(f"{name}: warm-up pass over the mailboxes")
                     server, sdir = under_test[name]
-                    self.warm_up(sdir, server.port, timed)
+                    self.warm_up(sdir, server.port,
+                                 [s for s in timed if self.takes_part(name, s)])
             rounds = self.args.rounds
             for scenario in timed:
                 opt = self.scenario_opts(scenario)
                 opt["duration"] /= rounds
-                able = [n for n in live if scenario not in _TLS or under_test[n][0].tls]
+                able = [n for n in live if self.takes_part(n, scenario)
+                        and (scenario not in _TLS or under_test[n][0].tls)]
                 parts: dict[str, list[dict[str, Any]]] = {name: [] for name in able}
                 contestants = [_CEILINGS, *able] if self.with_ceilings else able
                 for r in range(rounds):
@@ -635,6 +644,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="also run pop3d from git revision REV (checked out into a temporary "
                          "worktree) as server pop3d@NAME, taking turns with the others; the "
                          "table adds pop3d/pop3d@NAME (repeatable)")
+    ap.add_argument("--baseline-scenarios", metavar="LIST",
+                    help="the scenarios the baselines take part in (all of --scenarios); e.g. "
+                         "login,fetch,retr-large for a before/after beside a full run")
     ap.add_argument("--no-ceilings", action="store_true",
                     help="leave out the loopback and canned-server ceilings' turns")
     ap.add_argument("--server-cpus", default="0")
@@ -656,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     unknown = set(args.scenarios) - set(SCENARIOS)
+    if args.baseline_scenarios is not None:
+        args.baseline_scenarios = {s for s in args.baseline_scenarios.split(",") if s}
+        unknown |= args.baseline_scenarios - set(SCENARIOS)
     if unknown:
         ap.error(f"unknown scenario(s) {sorted(unknown)}")
     names = [s for s in args.servers.split(",") if s]
@@ -714,14 +729,20 @@ def main(argv: list[str] | None = None) -> int:
         maildir = [s for s in args.scenarios if s not in MBOX and s not in TWO_WORKERS]
         mbox = [s for s in args.scenarios if s in MBOX]
         two = [s for s in args.scenarios if s in TWO_WORKERS]
-        passes: list[tuple[str, list[str], list[str]]] = [("", names, maildir)]
+
+        def in_pass(name: str, scenarios: list[str]) -> bool:
+            return any(runner.takes_part(name, s) for s in scenarios)
+
+        passes: list[tuple[str, list[str], list[str]]] = [
+            ("", [n for n in names if in_pass(n, maildir)], maildir)]
         if mbox:
             mkdata.build_mbox(work / "mboxdata", login_users=plan.login_users,
                               fetch_users=plan.fetch_users, large_users=plan.large_users,
                               large_size=plan.large_size)
-            passes.append(("mbox", [n for n in names if _in_passes(n)], mbox))
+            passes.append(("mbox", [n for n in names if _in_passes(n) and in_pass(n, mbox)],
+                           mbox))
         if two:
-            passes.append(("2w", [n for n in names if _in_passes(n)], two))
+            passes.append(("2w", [n for n in names if _in_passes(n) and in_pass(n, two)], two))
         for kind, pass_names, scenarios in passes:
             if not scenarios or not pass_names:
                 continue
@@ -753,13 +774,16 @@ def main(argv: list[str] | None = None) -> int:
                       if any(s in _TLS for s in args.scenarios) else "")
                    + (f" in {args.rounds} rounds, servers taking turns" if args.rounds > 1 else "")
                    + "".join(f"; pop3d@{label} is {commit[:12]}"
-                             for label, commit in baselines.items()))
+                             for label, commit in baselines.items())
+                   + (f" (on {','.join(s for s in SCENARIOS if s in args.baseline_scenarios)}"
+                      " only)" if baselines and args.baseline_scenarios is not None else ""))
         print(f"\n{machine}\n\n{text}")
+        log(f"the run took {(time.time() - started) / 60:.1f} minutes")
         RESULTS.mkdir(exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
         (RESULTS / f"{stamp}.json").write_text(json.dumps(
             {"machine": machine, "plan": plan.__dict__, "loopback_mb_s": ceiling,
-             "baselines": baselines,
+             "baselines": baselines, "run_s": round(time.time() - started),
              "generator_ceiling": generator, "login_ceiling": login_ceiling,
              "tls_login_ceilings": tls_ceilings,
              "results": results}, indent=2), encoding="utf-8")

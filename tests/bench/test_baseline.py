@@ -149,3 +149,14 @@ def test_slices_add_each_process_cpu(bench_modules: tuple[ModuleType, ModuleType
     merged = run.merge_slices([{**part, "server_cpu_by_process_s": [0.6, 0.4]},
                                {**part, "server_cpu_by_process_s": [0.5, 0.3, 0.1]}])
     assert merged["server_cpu_by_process_s"] == [1.1, 0.7, 0.1]
+
+
+def test_baselines_may_run_fewer_scenarios(bench_modules: tuple[ModuleType, ModuleType],
+                                           tmp_path: Path) -> None:
+    run, _ = bench_modules
+    args = run.argparse.Namespace(loadgen_cpus="1", baseline_scenarios={"login"})
+    runner = run.Runner(args, run.QUICK, tmp_path)
+    assert runner.takes_part("pop3d@old", "login")
+    assert not runner.takes_part("pop3d@old", "fetch")
+    assert runner.takes_part("pop3d", "fetch")
+    assert runner.takes_part("dovecot", "fetch")

@@ -525,6 +525,15 @@ def rows_of(results: dict[str, Any], names: list[str], ceiling: float,
     add("fetch-mbox", "messages/s", ("messages_per_s",))
     add("fetch-mbox", "MB/s", ("mb_per_s",), 1)
     add("retr-large-mbox", "MB/s", ("mb_per_s",))
+    def cpu_a_unit(scenario: str, unit: str, key: str) -> None:
+        """The server's CPU µs a session or MB: the same with two workers as with one
+        when nothing they share (lock table, log) costs more."""
+        rates = [get(n, scenario, key) for n in names]
+        busy = [get(n, scenario, "server_cpu_util") for n in names]
+        rows.append((scenario, f"server CPU µs/{unit}",
+                     [1e6 * b / r if b is not None and r else None
+                      for b, r in zip(busy, rates, strict=True)], 0))
+
     def scaling(scenario: str, one: str, metric: str, path: tuple[str, ...]) -> None:
         """How ``scenario`` (workers = "auto" on the two-worker CPUs) grew from ``one``
         (one worker, one CPU), and how evenly a pop3d's busiest two processes shared it."""
@@ -533,6 +542,9 @@ def rows_of(results: dict[str, Any], names: list[str], ceiling: float,
         rows.append((scenario, f"x its {one} row (1 worker, 1 CPU)",
                      [a / b if a is not None and b else None
                       for a, b in zip(two, base, strict=True)], 2))
+        unit = "session" if one == "login" else "MB"
+        cpu_a_unit(one, unit, path[0])
+        cpu_a_unit(scenario, unit, path[0])
         add(scenario, "server processes", ("server_processes",))
         each = [results.get(n, {}).get(scenario, {}).get("server_cpu_by_process_s") or []
                 if n.startswith("pop3d") else [] for n in names]
@@ -556,7 +568,7 @@ _NO_RATIO = {
     "canned-server ceiling", "loopback ceiling MB/s", "canned-server ceiling MB/s",
     "connections held", "verified msgs", "resumed %", "canned POP3S ceiling", "its loadgen CPU %",
     "verify failures", "failed sessions", "loadgen CPU %", "server CPU %", "server processes",
-    "2nd busiest process CPU, % of 1st",
+    "2nd busiest process CPU, % of 1st", "server CPU µs/session", "server CPU µs/MB",
 }
 
 

@@ -129,8 +129,9 @@ def test_two_worker_rows_show_the_gain_and_the_split(
         bench_modules: tuple[ModuleType, ModuleType]) -> None:
     run, _ = bench_modules
     results = {
-        "pop3d": {"login": {"sessions_per_s": 1000.0},
+        "pop3d": {"login": {"sessions_per_s": 1000.0, "server_cpu_util": 0.5},
                   "login-2w": {"sessions_per_s": 1500.0, "server_processes": 3,
+                               "server_cpu_util": 1.0,
                                "server_cpu_by_process_s": [2.0, 1.5, 0.01]}},
         "dovecot": {"login": {"sessions_per_s": 100.0},
                     "login-2w": {"sessions_per_s": 160.0, "server_processes": 9,
@@ -141,6 +142,9 @@ def test_two_worker_rows_show_the_gain_and_the_split(
     # a worker's share is pop3d's; Dovecot's processes are not workers of one kind
     assert _row(text, "login-2w", "2nd busiest process CPU, % of 1st") == ["75", "-", "-"]
     assert _row(text, "login-2w", "server processes") == ["3", "9", "-"]
+    # the CPU a session with one worker and with two: what sharing costs
+    assert _row(text, "login", "server CPU µs/session") == ["500", "-", "-"]
+    assert _row(text, "login-2w", "server CPU µs/session") == ["667", "-", "-"]
 
 
 def test_slices_add_each_process_cpu(bench_modules: tuple[ModuleType, ModuleType]) -> None:

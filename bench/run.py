@@ -552,8 +552,10 @@ def rows_of(results: dict[str, Any], names: list[str], ceiling: float,
         add(scenario, "server processes", ("server_processes",))
         each = [results.get(n, {}).get(scenario, {}).get("server_cpu_by_process_s") or []
                 if n.startswith("pop3d") else [] for n in names]
+        # one busy process: the other worker had (next to) nothing, 0 %
         rows.append((scenario, "2nd busiest process CPU, % of 1st",
-                     [100 * e[1] / e[0] if len(e) > 1 and e[0] else None for e in each], 0))
+                     [100 * (e[1] if len(e) > 1 else 0.0) / e[0] if e and e[0] else None
+                      for e in each], 0))
 
     scaling("login-2w", "login", "sessions/s", ("sessions_per_s",))
     scaling("retr-large-2w", "retr-large", "MB/s", ("mb_per_s",))
@@ -682,6 +684,8 @@ def main(argv: list[str] | None = None) -> int:
                          "(2; quick: 1)")
     ap.add_argument("--progress", action="store_true", help="show the load generator's line")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="folder for the JSON and latest.txt (bench/results)")
     args = ap.parse_args(argv)
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     unknown = set(args.scenarios) - set(SCENARIOS)
@@ -796,15 +800,15 @@ def main(argv: list[str] | None = None) -> int:
                       " only)" if baselines and args.baseline_scenarios is not None else ""))
         print(f"\n{machine}\n\n{text}")
         log(f"the run took {(time.time() - started) / 60:.1f} minutes")
-        RESULTS.mkdir(exist_ok=True)
+        args.results.mkdir(exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
-        (RESULTS / f"{stamp}.json").write_text(json.dumps(
+        (args.results / f"{stamp}.json").write_text(json.dumps(
             {"machine": machine, "plan": plan.__dict__, "loopback_mb_s": ceiling,
              "baselines": baselines, "run_s": round(time.time() - started),
              "generator_ceiling": generator, "login_ceiling": login_ceiling,
              "tls_login_ceilings": tls_ceilings,
              "results": results}, indent=2), encoding="utf-8")
-        (RESULTS / "latest.txt").write_text(f"{machine}\n\n{text}\n", encoding="utf-8")
+        (args.results / "latest.txt").write_text(f"{machine}\n\n{text}\n", encoding="utf-8")
         bad = any(isinstance(r, dict) and r.get("verify_failures")
                   for s in results.values() for r in s.values())
         return 1 if bad else 0

@@ -42,12 +42,12 @@ def _assert_no_worktree_left(res: subprocess.CompletedProcess[str]) -> None:
     assert not Path(work).exists()
 
 
-def _bench(*args: str) -> subprocess.CompletedProcess[str]:
+def _bench(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--servers", "pop3d",
          "--scenarios", "login", "--duration", "1", "--no-ceilings", "--large-mib", "1",
-         "--idle", "1", *args],
-        capture_output=True, text=True, timeout=110, check=False, cwd=ROOT)
+         "--idle", "1", "--results", str(tmp_path), *args],
+        capture_output=True, text=True, timeout=230, check=False, cwd=ROOT)
 
 
 def _row(stdout: str, scenario: str, metric: str) -> list[str]:
@@ -62,10 +62,11 @@ def _header(stdout: str) -> list[str]:
     return next(x.split() for x in stdout.splitlines() if x.startswith("scenario "))
 
 
-def test_baselines_run_as_columns_beside_pop3d() -> None:
+@pytest.mark.timeout(240)  # ~20 s; a loaded 2-CPU machine has stretched it to 80
+def test_baselines_run_as_columns_beside_pop3d(tmp_path: Path) -> None:
     """HEAD runs as pop3d@head, taking its turns; the skeleton, which cannot serve, is n/a
     with its reason, and the run is still whole."""
-    res = _bench("--baseline", "head=HEAD", "--baseline", f"skel={SKELETON}")
+    res = _bench(tmp_path, "--baseline", "head=HEAD", "--baseline", f"skel={SKELETON}")
     assert res.returncode == 0, res.stderr[-2000:]
     assert _header(res.stdout) == ["scenario", "metric", "pop3d", "pop3d@head", "pop3d@skel",
                                    "pop3d/pop3d@head", "pop3d/pop3d@skel"]
@@ -81,10 +82,11 @@ def test_baselines_run_as_columns_beside_pop3d() -> None:
     assert "did not start" in note
     assert "Traceback" not in res.stdout
     _assert_no_worktree_left(res)
+    assert (tmp_path / "latest.txt").read_text().count("pop3d@head") >= 2
 
 
-def test_an_unknown_revision_is_refused_before_any_work() -> None:
-    res = _bench("--baseline", "x=no-such-revision-here")
+def test_an_unknown_revision_is_refused_before_any_work(tmp_path: Path) -> None:
+    res = _bench(tmp_path, "--baseline", "x=no-such-revision-here")
     assert res.returncode == 2
     assert "names no commit" in res.stderr
     assert "data:" not in res.stderr
@@ -128,7 +130,7 @@ def test_a_tree_without_pop3s_runs_its_other_rows(
 def test_two_worker_rows_show_the_gain_and_the_split(
         bench_modules: tuple[ModuleType, ModuleType]) -> None:
     run, _ = bench_modules
-    results = {
+    results: dict[str, dict[str, dict[str, Any]]] = {
         "pop3d": {"login": {"sessions_per_s": 1000.0, "server_cpu_util": 0.5},
                   "login-2w": {"sessions_per_s": 1500.0, "server_processes": 3,
                                "server_cpu_util": 1.0,
@@ -141,6 +143,10 @@ def test_two_worker_rows_show_the_gain_and_the_split(
     assert _row(text, "login-2w", "x its login row (1 worker, 1 CPU)") == ["1.50", "1.60", "-"]
     # a worker's share is pop3d's; Dovecot's processes are not workers of one kind
     assert _row(text, "login-2w", "2nd busiest process CPU, % of 1st") == ["75", "-", "-"]
+    # one worker took every connection: the other's share is 0
+    results["pop3d"]["login-2w"]["server_cpu_by_process_s"] = [2.0]
+    text = run.table(results, ["pop3d", "dovecot"], 0.0, ["login", "login-2w"], {})
+    assert _row(text, "login-2w", "2nd busiest process CPU, % of 1st") == ["0", "-", "-"]
     assert _row(text, "login-2w", "server processes") == ["3", "9", "-"]
     # the CPU a session with one worker and with two: what sharing costs
     assert _row(text, "login", "server CPU µs/session") == ["500", "-", "-"]

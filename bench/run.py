@@ -66,9 +66,11 @@ def _users_of(scenario: str) -> str:
 _PASS_SERVERS = ("pop3d", "dovecot")
 
 
+STORM_PASSWORD = "storm-secret"
+
+
 def _in_passes(name: str) -> bool:
     return name in _PASS_SERVERS or name.startswith("pop3d@")
-STORM_PASSWORD = "storm-secret"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 # Benchmarks (issue 5).  `make bench` runs pop3d against Dovecot (and Twisted, stock and
-# tuned, when bench/.venv exists) and prints the table; `make bench-quick` is the
-# short version (4.5 minutes here).
+# tuned, when bench/.venv exists) and prints the table (~18 minutes here); `make bench-quick`
+# is the short version (4.5 minutes).  BENCH_ARGS="--baseline pre14=87b09bf" adds pop3d as
+# of that revision as one more server (bench/README.md: recipes and run times).
 PY ?= .venv/bin/python
 BENCH_ARGS ?=
 

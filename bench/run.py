@@ -5,12 +5,17 @@ scenario with ``pop3d bench`` pinned to the load generator CPUs, verifies every 
 the manifest, and prints one table with the ratio pop3d/Dovecot.  Results also go to
 ``bench/results/`` (JSON and the table).  Every server listens on 127.0.0.1 only, every run
 is bounded in time, and only processes started here are stopped, by PID.
+
+``--baseline NAME=REV`` adds pop3d as of git revision REV (a temporary worktree) as server
+``pop3d@NAME``, taking its turns like the others, and the ratio pop3d/pop3d@NAME; what that
+tree cannot run is "n/a", with the reason under the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import resource
@@ -56,9 +61,16 @@ def _users_of(scenario: str) -> str:
         _LOADGEN_SCENARIO.get(scenario, scenario))
 
 
-#: Servers that take part in the mbox and two-worker passes (Twisted reads Maildir only).
+#: Servers that take part in the mbox and two-worker passes (Twisted reads Maildir only),
+#: with every ``pop3d@NAME`` baseline.
 _PASS_SERVERS = ("pop3d", "dovecot")
+
+
 STORM_PASSWORD = "storm-secret"
+
+
+def _in_passes(name: str) -> bool:
+    return name in _PASS_SERVERS or name.startswith("pop3d@")
 
 
 @dataclass(frozen=True)
@@ -120,6 +132,15 @@ class Runner:
         self.ncpu = len(servers.parse_cpus(args.loadgen_cpus))
         self.loopback_rates: list[float] = []
         self.ceiling_parts: dict[str, list[dict[str, Any]]] = {}
+        #: the ceilings take a turn in each round unless ``--no-ceilings``
+        self.with_ceilings = not getattr(args, "no_ceilings", False)
+        #: the scenarios the ``pop3d@NAME`` baselines take part in (None: all)
+        self.baseline_scenarios: set[str] | None = getattr(args, "baseline_scenarios", None)
+
+    def takes_part(self, name: str, scenario: str) -> bool:
+        """Whether server ``name`` runs ``scenario`` (a baseline may run fewer)."""
+        return (not name.startswith("pop3d@") or self.baseline_scenarios is None
+                or scenario in self.baseline_scenarios)
 
     def bench_cmd(self, server_dir: Path, port: int, scenario: str, **opt: Any) -> list[str]:
         cmd = ["taskset", "-c", self.args.loadgen_cpus, self.py, "-m", "pop3d.bench",
@@ -316,11 +337,40 @@ class Runner:
         out["server_cpu_by_process_s"] = sorted(
             (round(t - each0.get(p, 0.0), 2) for p, t in each.items()
              if t - each0.get(p, 0.0) >= 0.01), reverse=True)
+        out["server_processes"] = len(each)
         if out.get("elapsed_s"):
             out["server_cpu_util"] = out["server_cpu_s"] / out["elapsed_s"]
         if out.get("verify_failures"):
             log(f"{server.name}: {scenario}: {out['verify_failures']} VERIFY FAILURES")
         return out
+
+    @staticmethod
+    def start(name: str, under_test: dict[str, tuple[servers.Server, Path]],
+              scenarios: list[str], results: dict[str, Any]) -> bool:
+        """Start server ``name``; what it cannot run goes into ``results`` as "n/a".
+
+        A baseline tree that cannot serve POP3S is started without it (its POP3S rows
+        n/a); one that does not start at all has every scenario of the pass n/a.
+        """
+        server, sdir = under_test[name]
+        log(f"{name}: starting on 127.0.0.1:{server.port} (CPUs {server.cpus})")
+        if server.start():
+            return True
+        reason = _reason(server.error)
+        log(f"{name}: {server.error}")
+        if isinstance(server, servers.Pop3d) and server.src is not None and server.tls:
+            log(f"{name}: starting it without POP3S")
+            plain = server.without_tls()
+            under_test[name] = (plain, sdir)
+            if plain.start():
+                results.update({s: {"n/a": f"no POP3S: {reason}"} for s in scenarios
+                                if s in _TLS})
+                return True
+            reason = _reason(plain.error)
+            log(f"{name}: {plain.error}")
+        log(f"{name}: not measured")
+        results.update({s: {"n/a": f"did not start: {reason}"} for s in scenarios})
+        return False
 
     def run_servers(self, under_test: dict[str, tuple[servers.Server, Path]],
                     scenarios: list[str]) -> dict[str, dict[str, Any]]:
@@ -337,16 +387,10 @@ class Runner:
         results: dict[str, dict[str, Any]] = {name: {} for name in under_test}
         live: list[str] = []
         try:
-            for name, (server, _) in under_test.items():
-                log(f"{name}: starting on 127.0.0.1:{server.port} "
-                    f"(CPUs {self.args.server_cpus})")
-                if server.start():
-                    live.append(name)
-                else:
-                    log(f"{name}: not measured: {server.error}")
-                    results[name] = {"error": server.error}
+            live.extend(name for name in list(under_test)
+                        if self.start(name, under_test, scenarios, results[name]))
             if "idle" in scenarios:
-                for name in live:
+                for name in (n for n in live if self.takes_part(n, "idle")):
                     log(f"{name}: idle")
                     server, sdir = under_test[name]
                     results[name]["idle"] = self.measure(server, sdir, "idle",
@@ -356,14 +400,16 @@ class Runner:
                 for name in live:
                     log(f"{name}: warm-up pass over the mailboxes")
                     server, sdir = under_test[name]
-                    self.warm_up(sdir, server.port, timed)
+                    self.warm_up(sdir, server.port,
+                                 [s for s in timed if self.takes_part(name, s)])
             rounds = self.args.rounds
             for scenario in timed:
                 opt = self.scenario_opts(scenario)
                 opt["duration"] /= rounds
-                able = [n for n in live if scenario not in _TLS or under_test[n][0].tls]
+                able = [n for n in live if self.takes_part(n, scenario)
+                        and (scenario not in _TLS or under_test[n][0].tls)]
                 parts: dict[str, list[dict[str, Any]]] = {name: [] for name in able}
-                contestants = [_CEILINGS, *able]
+                contestants = [_CEILINGS, *able] if self.with_ceilings else able
                 for r in range(rounds):
                     for name in contestants if r % 2 == 0 else contestants[::-1]:
                         if name == _CEILINGS:
@@ -374,7 +420,10 @@ class Runner:
                         server, sdir = under_test[name]
                         parts[name].append(self.measure(server, sdir, scenario, dict(opt)))
                 for name in able:
-                    results[name][scenario] = merge_slices(parts[name])
+                    if all("error" in p for p in parts[name]):
+                        results[name][scenario] = {"n/a": _reason(parts[name][0]["error"])}
+                    else:
+                        results[name][scenario] = merge_slices(parts[name])
         finally:
             for name in live:
                 under_test[name][0].stop()
@@ -385,6 +434,13 @@ class Runner:
 _CEILINGS = ""
 
 
+def _reason(error: str) -> str:
+    """The last line of an error text (a log's tail: a traceback ends with its exception)."""
+    lines = [x.strip() for x in error.strip().splitlines() if x.strip()]
+    text = lines[-1] if lines else "unknown error"
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
 def merge_slices(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """One result from a scenario's slices against one server (report.merge, plus CPU)."""
     out = report.merge(parts)
@@ -393,6 +449,11 @@ def merge_slices(parts: list[dict[str, Any]]) -> dict[str, Any]:
             out["server_cpu_s"] = sum(p.get("server_cpu_s", 0.0) for p in parts)
             if out.get("elapsed_s"):
                 out["server_cpu_util"] = out["server_cpu_s"] / out["elapsed_s"]
+        # each process's CPU over all slices (sorted lists: the busiest with the busiest)
+        each = [p.get("server_cpu_by_process_s") or [] for p in parts]
+        if any(each):
+            out["server_cpu_by_process_s"] = [
+                round(sum(x), 2) for x in itertools.zip_longest(*each, fillvalue=0.0)]
         keys = ("sessions_per_s", "messages_per_s", "mb_per_s", "server_cpu_util",
                 "server_cpu_by_process_s")
         out["slices"] = [{k: p.get(k) for k in keys} for p in parts]
@@ -429,13 +490,17 @@ def rows_of(results: dict[str, Any], names: list[str], ceiling: float,
     def add(scenario: str, metric: str, path: tuple[str, ...], digits: int = 0) -> None:
         rows.append((scenario, metric, [get(n, scenario, *path) for n in names], digits))
 
-    def per_server_cpu(scenario: str, metric: str, key: str, scale: float = 1.0) -> None:
-        """``key`` (a count over the run) per CPU-second of the server's processes."""
-        values: list[float | None] = []
-        for n in names:
-            total, cpu = get(n, scenario, key), get(n, scenario, "server_cpu_s")
-            values.append(total * scale / cpu if total is not None and cpu else None)
-        rows.append((scenario, metric, values, 0))
+    def per_server_cpu(scenario: str, unit: str, key: str, scale: float = 1.0) -> None:
+        """``unit``s per CPU-second of all the server's processes (the rate at ``key``
+        divided by the server's CPU use): what one core of the server makes whichever side
+        saturated, steadier than a rate on a shared machine (the figure to compare trees
+        by), and beside the two-worker rows the same as with one worker when nothing the
+        workers share costs more."""
+        rates = [get(n, scenario, key) for n in names]
+        busy = [get(n, scenario, "server_cpu_util") for n in names]
+        rows.append((scenario, f"{unit} per server CPU-s",
+                     [r * scale / b if r is not None and b else None
+                      for r, b in zip(rates, busy, strict=True)], 0))
 
     def loadgen_cost(scenario: str) -> None:
         """The load generator's CPU per session, in microseconds."""
@@ -446,13 +511,15 @@ def rows_of(results: dict[str, Any], names: list[str], ceiling: float,
         rows.append((scenario, "loadgen CPU µs/session", values, 0))
 
     add("login", "sessions/s", ("sessions_per_s",))
-    per_server_cpu("login", "sessions per server CPU-s", "sessions")
+    per_server_cpu("login", "sessions", "sessions_per_s")
     rows.append(("login", "canned-server ceiling", [login_rate] * len(names), 0))
     add("login", "latency p50 ms", ("latency", "p50_ms"), 2)
     add("login", "latency p99 ms", ("latency", "p99_ms"), 2)
     add("fetch", "messages/s", ("messages_per_s",))
     add("fetch", "MB/s", ("mb_per_s",), 1)
+    per_server_cpu("fetch", "messages", "messages_per_s")
     add("retr-large", "MB/s", ("mb_per_s",))
+    per_server_cpu("retr-large", "MB", "mb_per_s")
     rows.append(("retr-large", "loopback ceiling MB/s", [ceiling] * len(names), 0))
     rows.append(("retr-large", "canned-server ceiling MB/s", [gen_rate] * len(names), 0))
     add("retr-dots", "MB/s (11 % dot lines)", ("mb_per_s",))
@@ -473,12 +540,12 @@ def rows_of(results: dict[str, Any], names: list[str], ceiling: float,
         rows.append((scenario, "its loadgen CPU %", [busy] * len(names), 0))
 
     add("login-tls", "sessions/s (full handshake)", ("sessions_per_s",))
-    per_server_cpu("login-tls", "sessions per server CPU-s", "sessions")
+    per_server_cpu("login-tls", "sessions", "sessions_per_s")
     loadgen_cost("login-tls")
     tls_ceiling("login-tls")
     add("login-tls", "latency p99 ms", ("latency", "p99_ms"), 2)
     add("login-tls-resume", "sessions/s (ticket offered)", ("sessions_per_s",))
-    per_server_cpu("login-tls-resume", "sessions per server CPU-s", "sessions")
+    per_server_cpu("login-tls-resume", "sessions", "sessions_per_s")
     loadgen_cost("login-tls-resume")
     tls_ceiling("login-tls-resume")
     resumed = [get(n, "login-tls-resume", "tls_resumed") for n in names]
@@ -487,13 +554,30 @@ def rows_of(results: dict[str, Any], names: list[str], ceiling: float,
                  [100 * r / d if r is not None and d else None
                   for r, d in zip(resumed, done, strict=True)], 0))
     add("retr-large-tls", "MB/s", ("mb_per_s",))
-    per_server_cpu("retr-large-tls", "MB per server CPU-s", "octets", 1e-6)
+    per_server_cpu("retr-large-tls", "MB", "mb_per_s")
     add("login-mbox", "sessions/s", ("sessions_per_s",))
     add("fetch-mbox", "messages/s", ("messages_per_s",))
     add("fetch-mbox", "MB/s", ("mb_per_s",), 1)
     add("retr-large-mbox", "MB/s", ("mb_per_s",))
-    add("login-2w", "sessions/s (2 workers, 2 CPUs)", ("sessions_per_s",))
-    add("retr-large-2w", "MB/s (2 workers, 2 CPUs)", ("mb_per_s",))
+    def scaling(scenario: str, one: str, metric: str, path: tuple[str, ...]) -> None:
+        """How ``scenario`` (workers = "auto" on the two-worker CPUs) grew from ``one``
+        (one worker, one CPU), and how evenly a pop3d's busiest two processes shared it."""
+        add(scenario, f"{metric} (workers = auto, 2 CPUs)", path)
+        two, base = ([get(n, s, *path) for n in names] for s in (scenario, one))
+        rows.append((scenario, f"x its {one} row (1 worker, 1 CPU)",
+                     [a / b if a is not None and b else None
+                      for a, b in zip(two, base, strict=True)], 2))
+        per_server_cpu(scenario, "sessions" if one == "login" else "MB", path[0])
+        add(scenario, "server processes", ("server_processes",))
+        each = [results.get(n, {}).get(scenario, {}).get("server_cpu_by_process_s") or []
+                if n.startswith("pop3d") else [] for n in names]
+        # one busy process: the other worker had (next to) nothing, 0 %
+        rows.append((scenario, "2nd busiest process CPU, % of 1st",
+                     [100 * (e[1] if len(e) > 1 else 0.0) / e[0] if e and e[0] else None
+                      for e in each], 0))
+
+    scaling("login-2w", "login", "sessions/s", ("sessions_per_s",))
+    scaling("retr-large-2w", "retr-large", "MB/s", ("mb_per_s",))
     for scenario in SCENARIOS:
         if _LOADGEN_SCENARIO.get(scenario, scenario) in ("fetch", "retr-large"):
             add(scenario, "verified msgs", ("verified",))
@@ -508,8 +592,8 @@ def rows_of(results: dict[str, Any], names: list[str], ceiling: float,
 _NO_RATIO = {
     "canned-server ceiling", "loopback ceiling MB/s", "canned-server ceiling MB/s",
     "connections held", "verified msgs", "resumed %", "canned POP3S ceiling", "its loadgen CPU %",
-    "verify failures", "failed sessions", "loadgen CPU %", "server CPU %",
-    "loadgen CPU µs/session",
+    "verify failures", "failed sessions", "loadgen CPU %", "server CPU %", "server processes",
+    "2nd busiest process CPU, % of 1st", "loadgen CPU µs/session",
 }
 
 #: What the table's two kinds of rate are, printed under it.
@@ -522,22 +606,46 @@ TABLE_NOTE = (
 )
 
 
-def _ratio(shown: list[float | None], names: list[str], other: str, metric: str) -> str:
-    """The cell pop3d/``other`` of one row: "-" for a metric without a ratio or a value."""
-    a, b = shown[names.index("pop3d")], shown[names.index(other)]
-    return f"{a / b:.2f}" if a is not None and b and metric not in _NO_RATIO else "-"
+def _ratio(shown: list[float | None], names: list[str], other: str, metric: str,
+           na: list[bool]) -> str:
+    """The cell pop3d/``other`` of one row: "-" for a metric without a ratio or a value,
+    "n/a" where ``other`` could not run the scenario."""
+    if metric in _NO_RATIO or metric.startswith("x its "):
+        return "-"
+    i = names.index(other)
+    a, b = shown[names.index("pop3d")], shown[i]
+    if na[i]:
+        return "n/a"
+    return f"{a / b:.2f}" if a is not None and b else "-"
+
+
+def not_run(results: dict[str, Any], names: list[str], scenarios: list[str]) -> list[str]:
+    """One line per server and reason: the scenarios it could not run ("n/a") and why."""
+    by_reason: dict[tuple[str, str], list[str]] = {}
+    for name in names:
+        for scenario in scenarios:
+            reason = (results.get(name, {}).get(scenario) or {}).get("n/a")
+            if reason is not None:
+                by_reason.setdefault((name, reason), []).append(scenario)
+    return [f"n/a: {name}: {', '.join(which)}: {reason}"
+            for (name, reason), which in by_reason.items()]
 
 
 def table(results: dict[str, Any], names: list[str], ceiling: float,
           scenarios: list[str], generator: dict[str, Any],
           login_ceiling: dict[str, Any] | None = None,
           tls_ceilings: dict[str, dict[str, Any]] | None = None) -> str:
+    """The table: a column per server, then pop3d's ratios to Dovecot, to each
+    ``pop3d@NAME`` baseline and to each Twisted peer; and the "n/a" lines under it."""
     header = ["scenario", "metric", *names]
     with_ratio = "pop3d" in names and "dovecot" in names
+    at = 3 + names.index("dovecot") if with_ratio else 0  # right after Dovecot's column
     if with_ratio:
-        header.insert(4, "pop3d/dovecot")
-    # pop3d against each Twisted peer present, after the servers' own columns
-    peers = [p for p in ("twisted", "twisted-tuned") if "pop3d" in names and p in names]
+        header.insert(at, "pop3d/dovecot")
+    # pop3d against each baseline and Twisted peer present, after the servers' own columns
+    peers = [p for p in names if p.startswith("pop3d@")] + [
+        p for p in ("twisted", "twisted-tuned") if p in names]
+    peers = [p for p in peers if "pop3d" in names]
     header += [f"pop3d/{p}" for p in peers]
     lines = []
     gen_rate = generator.get("mb_per_s")
@@ -548,10 +656,13 @@ def table(results: dict[str, Any], names: list[str], ceiling: float,
             continue
         scale = 100 if metric.endswith("CPU %") else 1
         shown = [None if v is None else v * scale for v in values]
-        cells = [scenario, metric, *(_fmt(v, digits) for v in shown)]
+        na = [v is None and "n/a" in (results.get(n, {}).get(scenario) or {})
+              for n, v in zip(names, values, strict=True)]
+        cells = [scenario, metric,
+                 *("n/a" if x else _fmt(v, digits) for v, x in zip(shown, na, strict=True))]
         if with_ratio:
-            cells.insert(4, _ratio(shown, names, "dovecot", metric))
-        cells += [_ratio(shown, names, p, metric) for p in peers]
+            cells.insert(at, _ratio(shown, names, "dovecot", metric, na))
+        cells += [_ratio(shown, names, p, metric, na) for p in peers]
         lines.append(cells)
     widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths, strict=True))]
@@ -560,42 +671,81 @@ def table(results: dict[str, Any], names: list[str], ceiling: float,
         left = [cells[0].ljust(widths[0]), cells[1].ljust(widths[1])]
         right = [c.rjust(w) for c, w in zip(cells[2:], widths[2:], strict=True)]
         out.append("  ".join(left + right))
-    return "\n".join(out)
+    notes = not_run(results, names, scenarios)
+    return "\n".join(out + (["", *notes] if notes else []))
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small run, about a minute")
+    ap.add_argument("--quick", action="store_true",
+                    help="small run (3 s a scenario, 500 idle connections)")
     ap.add_argument("--servers", default="pop3d,dovecot",
                     help="comma list of pop3d, dovecot, twisted, twisted-tuned (pop3d,dovecot)")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--duration", type=float, help="seconds per scenario")
     ap.add_argument("--idle", type=int, help="idle connections to hold (10000; quick: 500)")
+    ap.add_argument("--large-mib", type=int,
+                    help="size of the retr-* scenarios' messages in MiB (20)")
+    ap.add_argument("--baseline", action="append", default=[], metavar="NAME=REV",
+                    help="also run pop3d from git revision REV (checked out into a temporary "
+                         "worktree) as server pop3d@NAME, taking turns with the others; the "
+                         "table adds pop3d/pop3d@NAME (repeatable)")
+    ap.add_argument("--baseline-scenarios", metavar="LIST",
+                    help="the scenarios the baselines take part in (all of --scenarios); e.g. "
+                         "login,fetch,retr-large for a before/after beside a full run")
+    ap.add_argument("--no-ceilings", action="store_true",
+                    help="leave out the loopback and canned-server ceilings' turns")
     ap.add_argument("--server-cpus", default="0")
-    ap.add_argument("--loadgen-cpus", default="1")
+    ap.add_argument("--loadgen-cpus", default=default_loadgen_cpus(),
+                    help="CPUs of the load generator (the highest CPU: on 3+ CPUs apart from "
+                         "the two-worker servers' 0-1) (%(default)s)")
     ap.add_argument("--workers", type=int, default=1, help="pop3d worker processes (1)")
     ap.add_argument("--tls-key", choices=("ec", "rsa"), default="ec",
                     help="POP3S certificate: ECDSA P-256 or RSA 2048 (ec)")
     ap.add_argument("--two-worker-cpus", default="0-1",
                     help="CPUs of the servers in the login-2w and retr-large-2w scenarios "
-                         "(pop3d with workers = 2, Dovecot beside it) (0-1)")
+                         '(pop3d with workers = "auto", i.e. one per CPU given, Dovecot '
+                         "beside it) (0-1)")
     ap.add_argument("--rounds", type=int,
                     help="slices each timed scenario is cut into, servers taking turns "
                          "(2; quick: 1)")
     ap.add_argument("--progress", action="store_true", help="show the load generator's line")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="folder for the JSON and latest.txt (bench/results)")
     args = ap.parse_args(argv)
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     unknown = set(args.scenarios) - set(SCENARIOS)
+    if args.baseline_scenarios is not None:
+        args.baseline_scenarios = {s for s in args.baseline_scenarios.split(",") if s}
+        unknown |= args.baseline_scenarios - set(SCENARIOS)
     if unknown:
         ap.error(f"unknown scenario(s) {sorted(unknown)}")
     names = [s for s in args.servers.split(",") if s]
+    baselines: dict[str, str] = {}
+    for spec in args.baseline:
+        label, _, rev = spec.partition("=")
+        if not label or not rev or not label.replace("-", "").replace("_", "").isalnum():
+            ap.error(f"--baseline {spec!r}: give NAME=REV (NAME: letters, digits, - and _)")
+        if label in baselines:
+            ap.error(f"--baseline {label} given twice")
+        try:
+            baselines[label] = servers.resolve_rev(rev)
+        except servers.CheckoutError as exc:
+            ap.error(f"--baseline {spec}: {exc}")
+    unknown = [n for n in names if n not in _SERVERS]
+    if unknown:
+        ap.error(f"unknown server(s) {unknown}: pop3d@NAME comes from --baseline NAME=REV")
+    # each baseline's column beside pop3d's
+    at = names.index("pop3d") + 1 if "pop3d" in names else 0
+    names[at:at] = [f"pop3d@{label}" for label in baselines]
     plan = QUICK if args.quick else FULL
-    if args.duration or args.idle:
+    if args.duration or args.idle or args.large_mib:
         plan = Plan(**{**plan.__dict__,
                        "duration": args.duration or plan.duration,
-                       "idle_conns": args.idle or plan.idle_conns})
+                       "idle_conns": args.idle or plan.idle_conns,
+                       "large_size": (args.large_mib << 20) if args.large_mib else plan.large_size})
     if args.rounds is None:
         args.rounds = 1 if args.quick else 2
     if args.rounds < 1:
@@ -606,7 +756,13 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="pop3d-bench-", dir="/tmp"))
     work.chmod(0o755)  # Dovecot's mail processes run as the dovecot user
     started = time.time()
+    args.trees = {}
+    stack = contextlib.ExitStack()
     try:
+        for label, commit in baselines.items():
+            log(f"pop3d@{label}: checking out {commit[:12]}")
+            args.trees[label] = stack.enter_context(
+                servers.checkout(commit, work / f"tree-{label}"))
         scheme, hashed = slow_hash()
         log(f"data: {plan.login_users} login, {plan.fetch_users} fetch (100 x 4 KiB), "
             f"{plan.large_users} large ({plan.large_size >> 20} MiB), {plan.idle_conns} idle, "
@@ -622,14 +778,20 @@ def main(argv: list[str] | None = None) -> int:
         maildir = [s for s in args.scenarios if s not in MBOX and s not in TWO_WORKERS]
         mbox = [s for s in args.scenarios if s in MBOX]
         two = [s for s in args.scenarios if s in TWO_WORKERS]
-        passes: list[tuple[str, list[str], list[str]]] = [("", names, maildir)]
+
+        def in_pass(name: str, scenarios: list[str]) -> bool:
+            return any(runner.takes_part(name, s) for s in scenarios)
+
+        passes: list[tuple[str, list[str], list[str]]] = [
+            ("", [n for n in names if in_pass(n, maildir)], maildir)]
         if mbox:
             mkdata.build_mbox(work / "mboxdata", login_users=plan.login_users,
                               fetch_users=plan.fetch_users, large_users=plan.large_users,
                               large_size=plan.large_size)
-            passes.append(("mbox", [n for n in names if n in _PASS_SERVERS], mbox))
+            passes.append(("mbox", [n for n in names if _in_passes(n) and in_pass(n, mbox)],
+                           mbox))
         if two:
-            passes.append(("2w", [n for n in names if n in _PASS_SERVERS], two))
+            passes.append(("2w", [n for n in names if _in_passes(n) and in_pass(n, two)], two))
         for kind, pass_names, scenarios in passes:
             if not scenarios or not pass_names:
                 continue
@@ -659,21 +821,28 @@ def main(argv: list[str] | None = None) -> int:
                    f"{'quick' if args.quick else 'full'} run, {plan.duration:g} s per scenario"
                    + (f", POP3S certificate {args.tls_key.upper()}"
                       if any(s in _TLS for s in args.scenarios) else "")
-                   + (f" in {args.rounds} rounds, servers taking turns" if args.rounds > 1 else ""))
+                   + (f" in {args.rounds} rounds, servers taking turns" if args.rounds > 1 else "")
+                   + "".join(f"; pop3d@{label} is {commit[:12]}"
+                             for label, commit in baselines.items())
+                   + (f" (on {','.join(s for s in SCENARIOS if s in args.baseline_scenarios)}"
+                      " only)" if baselines and args.baseline_scenarios is not None else ""))
         text += "\n\n" + TABLE_NOTE
         print(f"\n{machine}\n\n{text}")
-        RESULTS.mkdir(exist_ok=True)
+        log(f"the run took {(time.time() - started) / 60:.1f} minutes")
+        args.results.mkdir(exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(started))
-        (RESULTS / f"{stamp}.json").write_text(json.dumps(
+        (args.results / f"{stamp}.json").write_text(json.dumps(
             {"machine": machine, "plan": plan.__dict__, "loopback_mb_s": ceiling,
+             "baselines": baselines, "run_s": round(time.time() - started),
              "generator_ceiling": generator, "login_ceiling": login_ceiling,
              "tls_login_ceilings": tls_ceilings,
              "results": results}, indent=2), encoding="utf-8")
-        (RESULTS / "latest.txt").write_text(f"{machine}\n\n{text}\n", encoding="utf-8")
+        (args.results / "latest.txt").write_text(f"{machine}\n\n{text}\n", encoding="utf-8")
         bad = any(isinstance(r, dict) and r.get("verify_failures")
                   for s in results.values() for r in s.values())
         return 1 if bad else 0
     finally:
+        stack.close()  # the baselines' worktrees go first, whatever happened
         if args.keep:
             log(f"work folder kept: {work}")
         else:
@@ -692,16 +861,33 @@ def _cpu_model() -> str:
     return "unknown CPU"
 
 
+_SERVERS = ("pop3d", "dovecot", "twisted", "twisted-tuned")
+
+
+def default_loadgen_cpus() -> str:
+    """The highest CPU this process may use: CPU 1 on a 2-CPU machine (shared with the
+    second worker in the two-worker rows), one apart from CPUs 0-1 on a bigger one."""
+    try:
+        return str(max(os.sched_getaffinity(0)))
+    except (AttributeError, OSError, ValueError):
+        return "1"
+
+
 def make_server(name: str, sdir: Path, args: argparse.Namespace, kind: str = "",
                 tls: tuple[Path, Path] | None = None) -> servers.Server:
-    """Server ``name`` for a pass: ``""`` (Maildir, POP3S too), ``"mbox"`` or ``"2w"``."""
+    """Server ``name`` for a pass: ``""`` (Maildir, POP3S too), ``"mbox"`` or ``"2w"``.
+
+    ``pop3d@NAME`` is pop3d from the baseline tree ``args.trees[NAME]``.
+    """
     port = servers.free_port()
     store = "mbox" if kind == "mbox" else "maildir"
-    # two workers: the servers get both CPUs (the load generator shares the second)
+    # two workers: the servers get both CPUs (on a 2-CPU machine the generator shares one)
     cpus = args.two_worker_cpus if kind == "2w" else args.server_cpus
-    if name == "pop3d":
-        return servers.Pop3d(sdir, port, cpus, workers=2 if kind == "2w" else args.workers,
-                             tls=tls if not kind else None, store=store)
+    if name == "pop3d" or name.startswith("pop3d@"):
+        label = name.partition("@")[2]
+        return servers.Pop3d(sdir, port, cpus, workers="auto" if kind == "2w" else args.workers,
+                             tls=tls if not kind else None, store=store,
+                             src=args.trees[label] if label else None, label=label)
     if name == "dovecot":
         return servers.Dovecot(sdir, port, cpus, tls=tls if not kind else None, store=store)
     if name == "twisted":

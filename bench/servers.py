@@ -8,6 +8,7 @@ master PID from its pid file (the master takes its children down with it).
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import shutil
 import signal
@@ -16,6 +17,7 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,14 +31,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_greeting(port: int, timeout: float, tls: bool = False) -> bool:
+def wait_greeting(port: int, timeout: float, tls: bool = False,
+                  proc: subprocess.Popen[bytes] | None = None) -> bool:
     """Wait until a POP3 greeting comes from 127.0.0.1:port (POP3S with ``tls``; bounded
-    by ``timeout``)."""
+    by ``timeout``, and by ``proc``'s exit when given)."""
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and (proc is None or proc.poll() is None):
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=2) as raw, (
                 context.wrap_socket(raw) if tls else contextlib.nullcontext(raw)
@@ -193,16 +196,17 @@ class _ProcessServer(Server):
         super().__init__(work, port, cpus, tls=tls, store=store)
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def _spawn(self, command: list[str], log_name: str) -> bool:
-        """Start ``command`` on our CPUs; True once the port greets."""
+    def _spawn(self, command: list[str], log_name: str,
+               env: dict[str, str] | None = None) -> bool:
+        """Start ``command`` on our CPUs (with ``env``, else ours); True once the port greets."""
         log = (self.work / log_name).open("wb")
         self.proc = subprocess.Popen(
             ["taskset", "-c", self.cpus, *command],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.work,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.work, env=env,
         )
         log.close()
         self.pid = self.proc.pid
-        if wait_greeting(self.port, 20):
+        if wait_greeting(self.port, 20, proc=self.proc):
             return True
         tail = (self.work / log_name).read_text(errors="replace")[-600:]
         self.error = f"{self.name} did not answer on port {self.port}: {tail.strip()}"
@@ -219,26 +223,57 @@ class _ProcessServer(Server):
 
 
 class Pop3d(_ProcessServer):
-    """``pop3d serve`` from this checkout, one worker, failure delay 0."""
+    """``pop3d serve``, failure delay 0: from this checkout, or from the source folder
+    ``src`` (another tree's ``src/``, see :func:`checkout`), then named ``pop3d@label``.
+
+    ``workers`` is a number or ``"auto"`` (one per CPU it is pinned to).
+    """
 
     name = "pop3d"
 
-    def __init__(self, work: Path, port: int, cpus: str, workers: int = 1, *,
-                 tls: tuple[Path, Path] | None = None, store: str = "maildir") -> None:
+    def __init__(self, work: Path, port: int, cpus: str, workers: int | str = 1, *,
+                 tls: tuple[Path, Path] | None = None, store: str = "maildir",
+                 src: Path | None = None, label: str = "") -> None:
         super().__init__(work, port, cpus, tls=tls, store=store)
         self.workers = workers
+        self.src = src
+        if label:
+            self.name = f"pop3d@{label}"
+
+    def _env(self) -> dict[str, str] | None:
+        """The environment that makes ``python -m pop3d`` import from ``src`` (None: ours)."""
+        if self.src is None:
+            return None
+        return {**os.environ, "PYTHONPATH": str(self.src)}
+
+    def _imports_from_src(self) -> bool:
+        """With ``src``: check that its ``pop3d`` package is the one imported, not ours."""
+        if self.src is None:
+            return True
+        res = subprocess.run([sys.executable, "-c", "import pop3d; print(pop3d.__file__)"],
+                             capture_output=True, text=True, env=self._env(), timeout=60,
+                             check=False)
+        found = Path(res.stdout.strip() or "?").resolve()
+        if res.returncode == 0 and found.is_relative_to(self.src.resolve()):
+            return True
+        self.error = (f"{self.name}: python imports pop3d from {found}, not from {self.src}"
+                      f" {res.stderr.strip()[-300:]}")
+        return False
 
     def start(self) -> bool:
+        if not self._imports_from_src():
+            return False
         cfg = self.work / "pop3d.toml"
         tls_listen = f'tls_listen = ["127.0.0.1:{self.tls_port}"]\n' if self.tls else ""
         tls = f'[tls]\ncert = "{self.tls[0]}"\nkey = "{self.tls[1]}"\n' if self.tls else ""
         storage = ('mbox = "mail/%u/mbox"\n' if self.store == "mbox"
                    else 'maildir = "mail/%u/Maildir"\n')
+        workers = f'"{self.workers}"' if isinstance(self.workers, str) else str(self.workers)
         cfg.write_text(
             "[server]\n"
             f'listen = ["127.0.0.1:{self.port}"]\n'
             + tls_listen
-            + f"workers = {self.workers}\n"
+            + f"workers = {workers}\n"
             "idle_timeout = 600\n"
             "max_connections = 30000\n"
             "max_connections_per_ip = 30000\n"
@@ -251,8 +286,49 @@ class Pop3d(_ProcessServer):
             encoding="utf-8",
         )
         return self._spawn(
-            [sys.executable, "-m", "pop3d", "serve", "--config", str(cfg)], "pop3d.log"
+            [sys.executable, "-m", "pop3d", "serve", "--config", str(cfg)], "pop3d.log",
+            env=self._env(),
         )
+
+    def without_tls(self) -> Pop3d:
+        """The same server without its POP3S listener (for a tree that cannot serve one)."""
+        plain = copy.copy(self)
+        plain.tls, plain.tls_port, plain.proc, plain.pid, plain.error = None, 0, None, None, ""
+        return plain
+
+
+@contextlib.contextmanager
+def checkout(rev: str, into: Path) -> Iterator[Path]:
+    """This repository's ``rev`` checked out at ``into`` (a temporary detached git
+    worktree, removed on exit); yields its ``src`` folder."""
+    git = ["git", "-C", str(ROOT)]
+    added = subprocess.run([*git, "worktree", "add", "--detach", "--quiet", str(into), rev],
+                           capture_output=True, text=True, timeout=300, check=False)
+    if added.returncode != 0:
+        raise CheckoutError(f"git worktree add {rev}: {added.stderr.strip()}")
+    try:
+        yield into / "src"
+    finally:
+        subprocess.run([*git, "worktree", "remove", "--force", str(into)],
+                       capture_output=True, timeout=300, check=False)
+        if into.exists():  # not a worktree any more, or git failed: our folder all the same
+            shutil.rmtree(into, ignore_errors=True)
+            subprocess.run([*git, "worktree", "prune"], capture_output=True, timeout=60,
+                           check=False)
+
+
+def resolve_rev(rev: str) -> str:
+    """The commit ``rev`` names in this repository (raises :class:`CheckoutError`)."""
+    res = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--verify", "--quiet",
+                          f"{rev}^{{commit}}"], capture_output=True, text=True, timeout=60,
+                         check=False)
+    if res.returncode != 0:
+        raise CheckoutError(f"{rev!r} names no commit of {ROOT}")
+    return res.stdout.strip()
+
+
+class CheckoutError(Exception):
+    """A revision that cannot be checked out."""
 
 
 class Dovecot(Server):

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"ab: {name}: {srv.error}")
             live.append(srv)
             under.append((name, srv, sdir))
-            runner.warm_up(sdir, srv.port)
+            runner.warm_up(sdir, srv.port, scenarios)
         for scenario in scenarios:
             opt = runner.scenario_opts(scenario)
             opt["duration"] = args.slice

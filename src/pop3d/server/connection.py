@@ -73,7 +73,7 @@ from pop3d.protocol.replies import RespCode
 from pop3d.protocol.states import State
 from pop3d.server.tls import certificate_identity, start_tls
 from pop3d.session import AuthRequest, Later, read_failed
-from pop3d.storage.base import InlineRead, Shrinkable
+from pop3d.storage.base import InlineRead, Paced
 
 if TYPE_CHECKING:
     from pop3d.protocol.values import Principal
@@ -548,28 +548,49 @@ class Pop3Protocol(asyncio.Protocol):
 
     async def _send_message(self, core: Pop3Connection, uid: str) -> None:
         assert self.maildrop is not None
-        assert self.transport is not None
+        transport = self.transport
+        assert transport is not None
         before = core.octets_sent
         chunks = self.maildrop.read(uid)
+        # While a message streams, the next chunk is made only once the kernel has taken
+        # all of the last one (whatever it leaves pauses us until it has gone; a high-water
+        # mark of 1, as asyncio's TLS layer pauses at 0 even when empty), so a peer that
+        # stops reading holds at most one chunk beyond the kernel's buffers.  Chunks start
+        # small and double while the kernel takes each whole at once; one it takes only
+        # part of says the peer is not keeping up, and the next starts small again
+        # (limits.FIRST_READ_CHUNK).
+        paced = chunks if isinstance(chunks, Paced) else None
+        size = limits.FIRST_READ_CHUNK
+        if paced is not None:
+            paced.pace(size)
+        transport.set_write_buffer_limits(high=1, low=0)
         try:
             async for chunk in chunks:
                 more = core.message_data(chunk)
                 # Small messages leave with their status line and terminator in one
                 # write (the flush after message_end); big ones go out chunk by chunk.
                 if core.pending_output >= limits.WRITE_COALESCE:
-                    self.transport.writelines(core.pieces_to_send())
+                    transport.writelines(core.pieces_to_send())
                 if self._write_paused:
+                    size = limits.FIRST_READ_CHUNK
+                    del chunk  # not held while the peer stalls (the transport has a copy)
                     await self._drain(chunks)
+                elif size < limits.READ_CHUNK:
+                    size *= 2
                 if self._closing:
                     return
                 if not more:
                     break
+                if paced is not None:
+                    paced.pace(size)
         except LocalProtocolError:
             raise
         except Exception as exc:
             self._read_failed(core, uid, exc)
             return
         finally:
+            if not transport.is_closing():
+                transport.set_write_buffer_limits(high=limits.WRITE_HIGH_WATER)
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:  # close the file now, not when the generator is collected
                 await aclose()
@@ -584,7 +605,7 @@ class Pop3Protocol(asyncio.Protocol):
         """Wait until the peer reads; a ``stream`` it stalls drops its read buffer."""
         self._drained = drained = self.loop.create_future()
         try:
-            if isinstance(stream, Shrinkable):
+            if isinstance(stream, Paced):
                 done, _ = await asyncio.wait((drained,), timeout=limits.SHRINK_AFTER_STALL)
                 if not done:
                     stream.shrink()

@@ -82,6 +82,11 @@ if TYPE_CHECKING:
 
 log = logsetup.get_logger("pop3d.session")
 
+# The limits the loop of every command reads (module constants: one lookup, not two).
+_WRITE_COALESCE = limits.WRITE_COALESCE
+_WRITES_PER_TURN = limits.WRITES_PER_TURN
+_COMMANDS_PER_TURN = limits.COMMANDS_PER_TURN
+
 #: Whether each maildrop type offers :class:`InlineRead` (isinstance on a Protocol is slow).
 _INLINE_READ: dict[type, bool] = {}
 
@@ -311,9 +316,9 @@ class Pop3Protocol(asyncio.Protocol):
 
     def _advance_events(self, core: Pop3Connection) -> tuple[Event, Later[Any]] | None:
         writes = 0
-        first = core.commands_received
+        turn_ends = core.commands_received + _COMMANDS_PER_TURN
         while True:
-            if core.pending_output >= limits.WRITE_COALESCE:
+            if core.pending_output >= _WRITE_COALESCE:
                 self.flush()
                 writes += 1
             if self._write_paused:
@@ -321,10 +326,7 @@ class Pop3Protocol(asyncio.Protocol):
                 self._blocked = True
                 self._pause_reading()
                 return None
-            if (
-                writes >= limits.WRITES_PER_TURN
-                or core.commands_received - first >= limits.COMMANDS_PER_TURN
-            ):
+            if writes >= _WRITES_PER_TURN or core.commands_received >= turn_ends:
                 # Fairness: a client whose replies the kernel keeps taking lets the others
                 # (and the accept) have the loop before it is answered further.
                 self._blocked = True

@@ -85,13 +85,13 @@ DEFAULT_IPV6_PENALTY_PREFIX = 64
 #: then holds is at most one such chunk beyond the kernel's buffers.
 READ_CHUNK = 1024 * 1024
 
-#: Size of a big message's first chunk, and of the next one whenever the kernel did not
-#: take the last whole (the peer is not keeping up; server/connection.py, which makes
-#: no chunk while any of the last is left).  Chunks double from it up to
-#: :data:`READ_CHUNK` only while the kernel takes each whole, so a slow peer is sent
-#: small chunks and one that stops reading holds at most one chunk (a stalled 20 MiB
-#: RETR held 2.0-2.1 MiB, with 1 MiB chunks and the high-water mark's worth more).
-#: Doubling from 64 KiB reaches full chunks after 1 MiB of the message.
+#: Size of a big message's first chunk, and of the next one after the peer stalled
+#: (:data:`SHRINK_AFTER_STALL`).  server/connection.py makes no chunk while any of the
+#: last is left with the transport, and doubles the size up to :data:`READ_CHUNK` only
+#: while the kernel takes each chunk whole at once, so a peer that stops reading holds
+#: at most one chunk (a stalled 20 MiB RETR held 2.0-2.1 MiB: a 1 MiB chunk, the
+#: high-water mark's worth more, the chunk kept across the wait).  Doubling from 64 KiB
+#: reaches full chunks after 1 MiB of the message.
 FIRST_READ_CHUNK = 64 * 1024
 
 #: A message's bytes are passed to the socket once this much is queued: a small message

@@ -558,9 +558,8 @@ class Pop3Protocol(asyncio.Protocol):
         # all of the last one (whatever it leaves pauses us until it has gone; a high-water
         # mark of 1, as asyncio's TLS layer pauses at 0 even when empty), so a peer that
         # stops reading holds at most one chunk beyond the kernel's buffers.  Chunks start
-        # small and double while the kernel takes each whole at once; one it takes only
-        # part of says the peer is not keeping up, and the next starts small again
-        # (limits.FIRST_READ_CHUNK).
+        # small and double while the kernel takes each whole at once; after a stall
+        # (limits.SHRINK_AFTER_STALL) they start small again (limits.FIRST_READ_CHUNK).
         paced = chunks if isinstance(chunks, Paced) else None
         size = limits.FIRST_READ_CHUNK
         if paced is not None:
@@ -574,9 +573,9 @@ class Pop3Protocol(asyncio.Protocol):
                 if core.pending_output >= limits.WRITE_COALESCE:
                     transport.writelines(core.pieces_to_send())
                 if self._write_paused:
-                    size = limits.FIRST_READ_CHUNK
                     del chunk  # not held while the peer stalls (the transport has a copy)
-                    await self._drain(chunks)
+                    if await self._drain(paced):
+                        size = limits.FIRST_READ_CHUNK  # it stalled: show again it reads
                 elif size < limits.READ_CHUNK:
                     size *= 2
                 if self._closing:
@@ -603,17 +602,29 @@ class Pop3Protocol(asyncio.Protocol):
         """Report a message that could not be read: vanished, or broken (logged)."""
         core.message_failed(vanished=read_failed(uid, self.username, exc))
 
-    async def _drain(self, stream: object = None) -> None:
-        """Wait until the peer reads; a ``stream`` it stalls drops its read buffer."""
+    async def _drain(self, stream: Paced | None) -> bool:
+        """Wait until the peer reads; True if it stalled (``stream`` then dropped its buffer).
+
+        A fast reader's stream waits here after most chunks (for the kernel to take the
+        rest of the last): one future and one timer a wait, no task.
+        """
         self._drained = drained = self.loop.create_future()
+        stalled: list[bool] = []
+        timer = None
+        if stream is not None:
+
+            def stall() -> None:
+                stalled.append(True)
+                stream.shrink()
+
+            timer = self.loop.call_later(limits.SHRINK_AFTER_STALL, stall)
         try:
-            if isinstance(stream, Paced):
-                done, _ = await asyncio.wait((drained,), timeout=limits.SHRINK_AFTER_STALL)
-                if not done:
-                    stream.shrink()
             await drained
         finally:
             self._drained = None
+            if timer is not None:
+                timer.cancel()
+        return bool(stalled)
 
     async def _start_tls(self, core: Pop3Connection) -> None:
         transport = self.transport

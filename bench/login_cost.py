@@ -29,13 +29,20 @@ from typing import Any
 
 from pop3d import config as config_mod
 from pop3d import logsetup
-from pop3d.app import build_authenticator, build_store
 from pop3d.protocol import Pop3Connection, Pop3Settings
 from pop3d.protocol.events import Closed, NeedData, OpenMaildrop, PasswordAuthenticate, Update
-from pop3d.protocol.values import MessageInfo, Principal
 from pop3d.server.connection import Pop3Protocol
-from pop3d.server.context import ServerContext
 from pop3d.session import Backends, FailureDelays
+
+try:
+    from pop3d.app import build_authenticator, build_store
+    from pop3d.protocol.values import MessageInfo, Principal
+    from pop3d.server.context import ServerContext
+except ImportError:  # a tree before issue 19's layout (87b09bf, the one compared with)
+    from pop3d.auth.base import Principal  # type: ignore[no-redef]
+    from pop3d.serve import build_authenticator, build_store  # type: ignore[attr-defined,no-redef]
+    from pop3d.server.listener import ServerContext  # type: ignore[attr-defined,no-redef]
+    from pop3d.storage.base import MessageInfo  # type: ignore[no-redef]
 
 USERS = 1000
 
@@ -84,26 +91,42 @@ class _Transport:
         pass
 
 
-async def _sessions(folder: Path, n: int, profile: cProfile.Profile | None) -> float:
+def server_context(folder: Path) -> ServerContext:
+    """What ``pop3d serve`` builds from ``folder/pop3d.toml``, without the failure delay."""
     cfg = config_mod.load(folder / "pop3d.toml")
     backends = Backends(
         authenticator=build_authenticator(cfg), store=build_store(cfg), delays=FailureDelays(0, 0)
     )
-    ctx = ServerContext(cfg, backends, None)
+    return ServerContext(cfg, backends, None)
+
+
+async def session(ctx: ServerContext, user: bytes, commands: bytes) -> None:
+    """One session through ``Pop3Protocol`` without a socket (``login_cost`` and
+    ``session_cost`` alike): greeting, USER and PASS (``pw-USER``, the bench's passwords),
+    then ``commands``, which end with QUIT, until the server closes."""
+    transport = _Transport()
+    proto = Pop3Protocol(ctx, implicit_tls=False, loop=asyncio.get_running_loop())
+    proto.connection_made(transport)  # type: ignore[arg-type]
+    proto.data_received(b"USER %s\r\nPASS pw-%s\r\n" % (user, user))
+    await transport.until(lambda: b"".join(transport.out).count(b"\r\n") >= 3)
+    if not transport.out[-1].startswith(b"+OK"):
+        raise SystemExit(f"login failed: {transport.out!r}")
+    proto.data_received(commands)
+    await transport.until(lambda: transport.closed)
+    proto.connection_lost(None)
+
+
+def login_user(i: int) -> bytes:
+    """The ``i``-th session's user: the bench's login users in turn."""
+    return f"login{i % USERS + 1}".encode()
+
+
+async def _sessions(folder: Path, n: int, profile: cProfile.Profile | None) -> float:
+    ctx = server_context(folder)
     loop = asyncio.get_running_loop()
 
     async def one(i: int) -> None:
-        user = f"login{i % USERS + 1}".encode()
-        transport = _Transport()
-        proto = Pop3Protocol(ctx, implicit_tls=False, loop=loop)
-        proto.connection_made(transport)  # type: ignore[arg-type]
-        proto.data_received(b"USER %s\r\nPASS pw-%s\r\n" % (user, user))
-        await transport.until(lambda: b"".join(transport.out).count(b"\r\n") >= 3)
-        if not transport.out[-1].startswith(b"+OK"):
-            raise SystemExit(f"login failed: {transport.out!r}")
-        proto.data_received(b"STAT\r\nQUIT\r\n")
-        await transport.until(lambda: transport.closed)
-        proto.connection_lost(None)
+        await session(ctx, login_user(i), b"STAT\r\nQUIT\r\n")
 
     with logsetup.buffered_for(loop):  # as `pop3d serve` logs
         for i in range(2 * USERS):  # warm: the listing cache holds every user

@@ -10,12 +10,16 @@ wall-clock threshold on a single operation.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import cast
 
 import pytest
 from bench.hostile import guessers
@@ -76,8 +80,9 @@ def server(tmp_path: Path) -> Iterator[ServerMaker]:
     def make(loop: str, messages: int = 0, **keys: object) -> Iterator[Pop3ServeProcess]:
         cls = AsyncioServeProcess if loop == "asyncio" else Pop3ServeProcess
         keys.setdefault("workers", 1)
-        proc = cls(tmp_path / f"srv-{len(started)}", users=USERS, **keys)  # type: ignore[arg-type]
-        for user in USERS:
+        users = cast("dict[str, str]", keys.pop("users", USERS))
+        proc = cls(tmp_path / f"srv-{len(started)}", users=users, **keys)  # type: ignore[arg-type]
+        for user in users:
             for _ in range(messages):
                 proc.add_message(user, MESSAGE)
         started.append(proc)
@@ -188,6 +193,77 @@ def test_pipelining_resumes_when_the_client_reads(
             assert len(client.raw_multiline()) >= 60002
         assert client.line() == b"+OK\r\n"
         assert client.cmd(b"QUIT").startswith(b"+OK")
+
+
+def tree_rss(pid: int) -> int:
+    """RSS of ``pid`` and its children (a supervisor and its worker), in octets."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    kids = [int(k) for k in children.read_text().split()] if children.exists() else []
+    return rss(pid) + sum(rss(k) for k in kids)
+
+
+def server_send_queue(proc: Pop3ServeProcess, client: socket.socket) -> int:
+    """Octets the server's kernel holds for ``client`` (``ss``'s Send-Q), -1 if not found."""
+    port = client.getsockname()[1]
+    out = subprocess.run(
+        ["ss", "-tnH", "state", "established", f"( sport = :{proc.port} and dport = :{port} )"],
+        capture_output=True, text=True, check=False,
+    ).stdout.split()
+    return int(out[1]) if len(out) > 1 else -1
+
+
+#: Per stalled 20 MiB RETR, what the server may keep beyond the kernel's buffers: one
+#: chunk (limits.READ_CHUNK; uvloop keeps the whole chunk behind the unsent tail of its
+#: last write) and slack.  Before the paced reads: 2.0-2.1 MiB on both loops.
+STALL_BOUND = 1.5 * (1 << 20)
+
+
+@pytest.mark.skipif(not shutil.which("ss"), reason="no ss (iproute2)")
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_stalled_big_retr_holds_about_one_chunk(
+    server: ServerMaker, loop: str, tmp_path: Path
+) -> None:
+    """Clients RETR a 20 MiB message and never read: each costs at most about 1 MiB more.
+
+    The clients stall one after the other (what one's RETR frees, the next one's reuses);
+    the growth per client is measured between the first few and the rest, so what the
+    first RETRs leave in the heap for good is not counted against the others.
+    """
+    first, more = 3, 8
+    users = [f"stall{i}" for i in range(first + more)]
+    big = (b"x" * 998 + b"\n") * 21_000  # LF line ends, as an MTA stores them: converted
+    with server(loop, users=dict.fromkeys(users, "pw")) as proc:
+        stored = proc.add_message(users[0], big)
+        for n, user in enumerate(users[1:]):
+            os.link(stored, proc.maildir(user) / "new" / f"{stored.name}{n}")
+        stalled: list[socket.socket] = []
+        try:
+            growth = []
+            for batch in (users[:first], users[first:]):
+                before = tree_rss(proc.pid)
+                for user in batch:
+                    sock = socket.create_connection((proc.host, proc.port), timeout=5)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                    stalled.append(sock)
+                    assert sock.recv(100).startswith(b"+OK")
+                    sock.sendall(b"USER %s\r\nPASS pw\r\nRETR 1\r\n" % user.encode())
+                    # Stalled once the server's kernel queue for it stops growing.
+                    last = -1
+                    for _ in range(100):
+                        time.sleep(0.05)
+                        queued = server_send_queue(proc, sock)
+                        if queued == last and queued > 1 << 20:
+                            break
+                        last = queued
+                    else:
+                        pytest.fail(f"{user}'s RETR never filled the kernel's queue")
+                    time.sleep(0.3)  # limits.SHRINK_AFTER_STALL: the read buffer goes
+                growth.append(tree_rss(proc.pid) - before)
+            each = growth[1] / more
+            assert each < STALL_BOUND, f"{each / (1 << 20):.2f} MiB a stalled RETR ({growth})"
+        finally:
+            for sock in stalled:
+                sock.close()
 
 
 # ---------------------------------------------------------------------------- deadlines

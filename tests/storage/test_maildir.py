@@ -20,7 +20,7 @@ import pytest
 from pop3d.config import StorageConfig
 from pop3d.errors import MaildropLocked, PermanentBackendError, TemporaryBackendError
 from pop3d.storage import maildir
-from pop3d.storage.base import MailStore, Shrinkable
+from pop3d.storage.base import MailStore, Paced
 from pop3d.storage.lock_table import LockTable
 from pop3d.storage.locking import PER_MAILBOX_LOCKS, TABLE_NAME, SessionLocks
 from pop3d.storage.maildir import (
@@ -703,10 +703,35 @@ def test_a_shrunk_stream_reads_on_with_a_new_buffer(h: MaildirHarness) -> None:
         md = await h.make_store(chunk_size=1000).open(user())
         it = md.read(md.listing()[0].uid)
         got = [await anext(it)]
-        assert isinstance(it, Shrinkable)
+        assert isinstance(it, Paced)
         it.shrink()
         got += [chunk async for chunk in it]
         assert b"".join(got) == body.replace(b"\n", b"\r\n")
+        await md.close()
+
+    run(go())
+
+
+def test_a_paced_stream_reads_what_it_is_asked_at_most_its_chunk_size(
+    h: MaildirHarness,
+) -> None:
+    """pace(n): the next reads take n raw octets, never more than the store's chunk size."""
+    body = b"".join(b"line %d\r\n" % i for i in range(3000))
+    write(h, "cur", "1700000000.M1P1.host:2,", body)
+
+    async def go() -> None:
+        md = await h.make_store(chunk_size=1000).open(user())
+        it = md.read(md.listing()[0].uid)
+        assert isinstance(it, Paced)
+        it.pace(100)
+        got = [await anext(it), await anext(it)]
+        it.pace(300)
+        got.append(await anext(it))
+        it.pace(1 << 20)
+        got.append(await anext(it))
+        assert [len(c) for c in got] == [100, 100, 300, 1000]
+        got += [chunk async for chunk in it]
+        assert b"".join(got) == body
         await md.close()
 
     run(go())

@@ -79,11 +79,20 @@ MAX_AUTH_IN_FLIGHT_PER_ADDRESS = 2
 #: whole /64 (RFC 6177), and could otherwise take a fresh address for every guess.
 DEFAULT_IPV6_PENALTY_PREFIX = 64
 
-#: Size of the chunks a big message is read and sent in: large enough that RETR does few
-#: system calls and Python steps (against 256 KiB: docs/performance.md), small enough
-#: that a streaming session holds a few MiB at most (the chunk, its CRLF and stuffed
-#: forms, the socket buffer below its high water).
+#: Largest chunk a big message is read and sent in, once the peer has shown it takes
+#: them (:data:`FIRST_READ_CHUNK`): large enough that RETR does few system calls and
+#: Python steps (against 256 KiB: docs/performance.md); what a peer that stops reading
+#: then holds is at most one such chunk beyond the kernel's buffers.
 READ_CHUNK = 1024 * 1024
+
+#: Size of a big message's first chunk, and of the next one after the peer stalled
+#: (:data:`SHRINK_AFTER_STALL`).  server/connection.py makes no chunk while any of the
+#: last is left with the transport, and doubles the size up to :data:`READ_CHUNK` only
+#: while the kernel takes each chunk whole at once, so a peer that stops reading holds
+#: at most one chunk (a stalled 20 MiB RETR held 2.0-2.1 MiB: a 1 MiB chunk, the
+#: high-water mark's worth more, the chunk kept across the wait).  Doubling from 64 KiB
+#: reaches full chunks after 1 MiB of the message.
+FIRST_READ_CHUNK = 64 * 1024
 
 #: A message's bytes are passed to the socket once this much is queued: a small message
 #: then leaves in one write with its status line and terminator.
@@ -93,8 +102,8 @@ WRITE_COALESCE = 64 * 1024
 WRITE_HIGH_WATER = 512 * 1024
 
 #: A RETR whose peer has not drained its output for this long drops its read buffer
-#: (``READ_CHUNK``) until the peer reads again: a client that stalls a big RETR costs
-#: about one chunk beyond the kernel's socket buffers, not three.  Short enough that a
+#: until the peer reads again: a client that stalls a big RETR costs at most the chunk
+#: the transport still holds beyond the kernel's socket buffers.  Short enough that a
 #: stalled reader frees it at once, long enough that a fast client, whose output drains
 #: within milliseconds, keeps its buffer.
 SHRINK_AFTER_STALL = 0.25

@@ -73,7 +73,7 @@ from pop3d.protocol.replies import RespCode
 from pop3d.protocol.states import State
 from pop3d.server.tls import certificate_identity, start_tls
 from pop3d.session import AuthRequest, Later, read_failed
-from pop3d.storage.base import InlineRead, Shrinkable
+from pop3d.storage.base import InlineRead, Paced
 
 if TYPE_CHECKING:
     from pop3d.protocol.values import Principal
@@ -81,6 +81,11 @@ if TYPE_CHECKING:
     from pop3d.storage.base import Fenced, Maildrop
 
 log = logsetup.get_logger("pop3d.session")
+
+# The limits the loop of every command reads (module constants: one lookup, not two).
+_WRITE_COALESCE = limits.WRITE_COALESCE
+_WRITES_PER_TURN = limits.WRITES_PER_TURN
+_COMMANDS_PER_TURN = limits.COMMANDS_PER_TURN
 
 #: Whether each maildrop type offers :class:`InlineRead` (isinstance on a Protocol is slow).
 _INLINE_READ: dict[type, bool] = {}
@@ -311,9 +316,9 @@ class Pop3Protocol(asyncio.Protocol):
 
     def _advance_events(self, core: Pop3Connection) -> tuple[Event, Later[Any]] | None:
         writes = 0
-        first = core.commands_received
+        turn_ends = core.commands_received + _COMMANDS_PER_TURN
         while True:
-            if core.pending_output >= limits.WRITE_COALESCE:
+            if core.pending_output >= _WRITE_COALESCE:
                 self.flush()
                 writes += 1
             if self._write_paused:
@@ -321,10 +326,7 @@ class Pop3Protocol(asyncio.Protocol):
                 self._blocked = True
                 self._pause_reading()
                 return None
-            if (
-                writes >= limits.WRITES_PER_TURN
-                or core.commands_received - first >= limits.COMMANDS_PER_TURN
-            ):
+            if writes >= _WRITES_PER_TURN or core.commands_received >= turn_ends:
                 # Fairness: a client whose replies the kernel keeps taking lets the others
                 # (and the accept) have the loop before it is answered further.
                 self._blocked = True
@@ -548,28 +550,48 @@ class Pop3Protocol(asyncio.Protocol):
 
     async def _send_message(self, core: Pop3Connection, uid: str) -> None:
         assert self.maildrop is not None
-        assert self.transport is not None
+        transport = self.transport
+        assert transport is not None
         before = core.octets_sent
         chunks = self.maildrop.read(uid)
+        # While a message streams, the next chunk is made only once the kernel has taken
+        # all of the last one (whatever it leaves pauses us until it has gone; a high-water
+        # mark of 1, as asyncio's TLS layer pauses at 0 even when empty), so a peer that
+        # stops reading holds at most one chunk beyond the kernel's buffers.  Chunks start
+        # small and double while the kernel takes each whole at once; after a stall
+        # (limits.SHRINK_AFTER_STALL) they start small again (limits.FIRST_READ_CHUNK).
+        paced = chunks if isinstance(chunks, Paced) else None
+        size = limits.FIRST_READ_CHUNK
+        if paced is not None:
+            paced.pace(size)
+        transport.set_write_buffer_limits(high=1, low=0)
         try:
             async for chunk in chunks:
                 more = core.message_data(chunk)
                 # Small messages leave with their status line and terminator in one
                 # write (the flush after message_end); big ones go out chunk by chunk.
                 if core.pending_output >= limits.WRITE_COALESCE:
-                    self.transport.writelines(core.pieces_to_send())
+                    transport.writelines(core.pieces_to_send())
                 if self._write_paused:
-                    await self._drain(chunks)
+                    del chunk  # not held while the peer stalls (the transport has a copy)
+                    if await self._drain(paced):
+                        size = limits.FIRST_READ_CHUNK  # it stalled: show again it reads
+                elif size < limits.READ_CHUNK:
+                    size *= 2
                 if self._closing:
                     return
                 if not more:
                     break
+                if paced is not None:
+                    paced.pace(size)
         except LocalProtocolError:
             raise
         except Exception as exc:
             self._read_failed(core, uid, exc)
             return
         finally:
+            if not transport.is_closing():
+                transport.set_write_buffer_limits(high=limits.WRITE_HIGH_WATER)
             aclose = getattr(chunks, "aclose", None)
             if aclose is not None:  # close the file now, not when the generator is collected
                 await aclose()
@@ -580,17 +602,29 @@ class Pop3Protocol(asyncio.Protocol):
         """Report a message that could not be read: vanished, or broken (logged)."""
         core.message_failed(vanished=read_failed(uid, self.username, exc))
 
-    async def _drain(self, stream: object = None) -> None:
-        """Wait until the peer reads; a ``stream`` it stalls drops its read buffer."""
+    async def _drain(self, stream: Paced | None) -> bool:
+        """Wait until the peer reads; True if it stalled (``stream`` then dropped its buffer).
+
+        A fast reader's stream waits here after most chunks (for the kernel to take the
+        rest of the last): one future and one timer a wait, no task.
+        """
         self._drained = drained = self.loop.create_future()
+        stalled: list[bool] = []
+        timer = None
+        if stream is not None:
+
+            def stall() -> None:
+                stalled.append(True)
+                stream.shrink()
+
+            timer = self.loop.call_later(limits.SHRINK_AFTER_STALL, stall)
         try:
-            if isinstance(stream, Shrinkable):
-                done, _ = await asyncio.wait((drained,), timeout=limits.SHRINK_AFTER_STALL)
-                if not done:
-                    stream.shrink()
             await drained
         finally:
             self._drained = None
+            if timer is not None:
+                timer.cancel()
+        return bool(stalled)
 
     async def _start_tls(self, core: Pop3Connection) -> None:
         transport = self.transport

@@ -101,8 +101,18 @@ class InlineOpen(Protocol):
 
 
 @runtime_checkable
-class Shrinkable(Protocol):
-    """A message stream (what :meth:`Maildrop.read` returns) that can drop its buffers."""
+class Paced(Protocol):
+    """A message stream (what :meth:`Maildrop.read` returns) whose reads the sender sizes.
+
+    The sender reads small chunks while the peer has not shown that it takes them, so
+    that a peer that stops reading is never made more than a small chunk beyond the
+    transport's high-water mark (``server/connection.py``), and drops the read buffer
+    while the peer stalls.
+    """
+
+    def pace(self, size: int) -> None:
+        """Read at most ``size`` octets for the next chunks (at most the store's chunk size)."""
+        ...
 
     def shrink(self) -> None:
         """Free the memory kept for the next read while the peer is not reading."""

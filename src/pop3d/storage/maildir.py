@@ -56,7 +56,8 @@ Rules of this file:
   conflict even in one process, workers in different processes conflict, and the lock
   dies with its holder (kill -9 included).  It is local to the host (NFS is a cluster
   lock's job: ``[storage] lock = "postgresql"``).
-* **Read** streams chunks of about ``chunk_size`` raw octets.  Before the first chunk the
+* **Read** streams chunks of at most ``chunk_size`` raw octets (smaller while the sender
+  asks so: :class:`~pop3d.storage.base.Paced`).  Before the first chunk the
   file is ``fstat``-ed: if it is not the file that was listed and its wire size changed,
   :class:`TemporaryBackendError` is raised before anything is sent.  A file changed
   *while* it is being sent (a rewrite in place, which no Maildir program does) cannot be
@@ -1601,7 +1602,8 @@ class _MessageReader:
         #: The session's entries (a rename is recorded there, in a copy: see _Listing).
         self._by_uid = by_uid
         self._entry = entry = by_uid[uid]
-        self._chunk_size = chunk_size
+        #: Raw octets the next read asks for (:meth:`pace`), at most ``_max_chunk``.
+        self._chunk_size = self._max_chunk = chunk_size
         self._heal = heal
         self._fd = -1
         self._size = entry.file_size
@@ -1615,6 +1617,13 @@ class _MessageReader:
         self._buffer: bytearray | memoryview | None = None
         #: Whether ``_buffer`` is lent (:meth:`borrow`): what is read is copied out of it.
         self._borrowed = False
+
+    def pace(self, size: int) -> None:
+        """Read at most ``size`` octets a chunk from now on (at most the store's chunk size)."""
+        size = min(max(size, 1), self._max_chunk)
+        if size != self._chunk_size:
+            self._chunk_size = size
+            self.shrink()  # the next read makes a buffer of the new size
 
     def shrink(self) -> None:
         """Drop the read buffer (the peer stalls); the next read makes a new one."""

@@ -137,7 +137,7 @@ from pop3d.storage.blocking import in_thread, pread_nowait, write_all
 from pop3d.storage.locking import SessionLock, SessionLocks, take_lock
 from pop3d.storage.quota import quota_for
 from pop3d.storage.templated import TemplatedStore
-from pop3d.storage.wire import CrlfNormaliser, WireCounter
+from pop3d.storage.wire import CrlfNormaliser, WireCounter, hold_cr
 
 __all__ = ["MboxMaildrop", "MboxStore"]
 
@@ -275,12 +275,7 @@ class _MboxWriter:
         self.wire = WireCounter()
 
     def _to_lf(self, data: bytes) -> bytes:
-        if self._held_cr:
-            data = b"\r" + data
-            self._held_cr = False
-        if data.endswith(b"\r"):
-            data = data[:-1]
-            self._held_cr = True
+        data, self._held_cr = hold_cr(data, self._held_cr)
         if self._last == b"\r" and data.startswith(b"\r\n"):
             out = b"\r\n" + _LONE_CRLF.sub(b"\n", data[2:])
         else:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import os
@@ -90,6 +91,17 @@ class _Records(logging.Handler):
         self.records.append(record)
 
 
+@contextlib.contextmanager
+def _theirs(logger: logging.Logger) -> Iterator[_Records]:
+    """Someone else's handler on ``logger`` while the block runs."""
+    theirs = _Records()
+    logger.addHandler(theirs)
+    try:
+        yield theirs
+    finally:
+        logger.removeHandler(theirs)
+
+
 def _messages(text: str) -> list[str]:
     """The messages of the log lines in ``text``, without what precedes them."""
     return [line.split(": ", 1)[1] for line in text.splitlines()]
@@ -129,14 +141,10 @@ def test_the_lean_record_keeps_extra_fields_and_refuses_overwrites(
     logged: tuple[_Writes, logging.Logger],
 ) -> None:
     _, session = logged
-    theirs = _Records()
-    session.addHandler(theirs)
-    try:
+    with _theirs(session) as theirs:
         session.warning("x %(a)s", {"a": 1}, extra={"audit": {"event": "e"}})
         with pytest.raises(KeyError):
             session.warning("y", extra={"msg": "no"})
-    finally:
-        session.removeHandler(theirs)
     (record,) = theirs.records
     assert record.getMessage() == "x 1"
     assert record.audit == {"event": "e"}  # type: ignore[attr-defined]
@@ -147,12 +155,8 @@ def test_the_session_line_is_an_ordinary_record_under_another_setup(
 ) -> None:
     """A handler of someone else's on the way gets the record as well."""
     stream, session = logged
-    theirs = _Records()
-    session.addHandler(theirs)
-    try:
+    with _theirs(session) as theirs:
         session.info("session peer=a")
-    finally:
-        session.removeHandler(theirs)
     assert [r.getMessage() for r in theirs.records] == ["session peer=a"]
     assert stream.getvalue().endswith(": session peer=a\n")  # and pop3d's line as well
 

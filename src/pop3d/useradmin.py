@@ -126,27 +126,13 @@ def read_password(from_stdin: bool) -> bytes | None:
     return password
 
 
-def _set_password(args: argparse.Namespace, *, adding: bool) -> int:
-    if (sql := _sql_user_command(args, "add" if adding else "passwd")) is not None:
-        return sql
-    from pop3d.auth import schemes  # noqa: PLC0415
-    from pop3d.auth.passwd_file import list_users, update_user, valid_username  # noqa: PLC0415
+def _new_password_hash(args: argparse.Namespace, scheme: str) -> str | int:
+    """Ask for the new password (:func:`read_password`) and hash it with ``scheme``.
 
-    try:
-        cfg = _config(args)
-        path = _passwd_file(cfg)
-    except ConfigError as exc:
-        return _fail(EX_CONFIG, f"configuration: {exc}")
-    if not valid_username(args.name):
-        return _fail(EX_FAIL, "invalid user name")
-    try:
-        known = {u.username for u in list_users(path)} if path.exists() else set()
-    except OSError as exc:
-        return _fail(EX_IOERR, f"cannot read {path}: {exc.strerror}")
-    if adding and args.name in known:
-        return _fail(EX_FAIL, f"user {args.name} already exists")
-    if not adding and args.name not in known:
-        return _fail(EX_NOUSER, f"no such user {args.name}")
+    Returns the stored form, or the exit status once the failure has been said.
+    """
+    from pop3d.auth import schemes  # noqa: PLC0415
+
     try:
         with warnings.catch_warnings():
             # getpass without a terminal warns, then reads stdin: that is not a prompt.
@@ -165,9 +151,34 @@ def _set_password(args: argparse.Namespace, *, adding: bool) -> int:
     if password is None:
         return _fail(EX_FAIL, "the passwords do not match")
     try:
-        stored = schemes.hash_password(cfg.auth.default_scheme, password)
+        return schemes.hash_password(scheme, password)
     except ValueError:
-        return _fail(EX_CONFIG, f"[auth] default_scheme {cfg.auth.default_scheme} cannot hash")
+        return _fail(EX_CONFIG, f"[auth] default_scheme {scheme} cannot hash")
+
+
+def _set_password(args: argparse.Namespace, *, adding: bool) -> int:
+    if (sql := _sql_user_command(args, "add" if adding else "passwd")) is not None:
+        return sql
+    from pop3d.auth.passwd_file import list_users, update_user, valid_username  # noqa: PLC0415
+
+    try:
+        cfg = _config(args)
+        path = _passwd_file(cfg)
+    except ConfigError as exc:
+        return _fail(EX_CONFIG, f"configuration: {exc}")
+    if not valid_username(args.name):
+        return _fail(EX_FAIL, "invalid user name")
+    try:
+        known = {u.username for u in list_users(path)} if path.exists() else set()
+    except OSError as exc:
+        return _fail(EX_IOERR, f"cannot read {path}: {exc.strerror}")
+    if adding and args.name in known:
+        return _fail(EX_FAIL, f"user {args.name} already exists")
+    if not adding and args.name not in known:
+        return _fail(EX_NOUSER, f"no such user {args.name}")
+    stored = _new_password_hash(args, cfg.auth.default_scheme)
+    if isinstance(stored, int):
+        return stored
     try:
         update_user(path, args.name, stored)
     except OSError as exc:
@@ -365,19 +376,11 @@ def _sql_user_command(args: argparse.Namespace, action: str) -> int | None:
                 return fail(EX_NOUSER, f"no such user {args.name}")
             print(f"deleted {args.name} (their mail is kept)")  # noqa: T201
             return 0
-        try:
-            password = read_password(args.password_stdin)
-        except ValueError:
-            return fail(EX_FAIL, "the password may not be empty")
-        if password is None:
-            return fail(EX_FAIL, "the passwords do not match")
-        try:
-            stored = schemes.hash_password(cfg.auth.default_scheme, password)
-        except ValueError:
-            return fail(EX_CONFIG, f"[auth] default_scheme {cfg.auth.default_scheme} "
-                        "cannot hash")
+        new_hash = _new_password_hash(args, cfg.auth.default_scheme)
+        if isinstance(new_hash, int):
+            return new_hash
         adding = action == "add"
-        if not asyncio.run(dbadmin.set_user_password(db, args.name, stored, adding=adding)):
+        if not asyncio.run(dbadmin.set_user_password(db, args.name, new_hash, adding=adding)):
             if adding:
                 return fail(EX_FAIL, f"user {args.name} already exists")
             return fail(EX_NOUSER, f"no such user {args.name}")

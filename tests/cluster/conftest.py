@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pop3d.testing import LOOPBACK, free_port, wait_for_port
-from tests.haproxy import haproxy_binary, start_haproxy
+from tests.haproxy import haproxy_binary, start_haproxy, wait_servers_up
 from tests.pgserver import PgServer, start_or_skip
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -165,7 +165,18 @@ class Cluster:
                 node.start()
                 restarted = True
         if restarted:
-            time.sleep(2.5)  # HAProxy's check: inter 1s, rise 1
+            self.wait_proxies()
+
+    def wait_proxies(self) -> None:
+        """Wait until every HAProxy's health checks have found every node up."""
+        for send_proxy in self.fronts:
+            if send_proxy != "send-proxy-v2-ssl":  # a backend of the send-proxy-v2 HAProxy
+                wait_servers_up(stats_socket(self.root, send_proxy))
+
+
+def stats_socket(root: Path, send_proxy: str) -> Path:
+    """The stats socket of the HAProxy sending ``send_proxy`` headers."""
+    return root / f"haproxy-{send_proxy}.sock"
 
 
 def _start_haproxy(cluster: Cluster, send_proxy: str, front: int, lmtp_front: int,
@@ -187,7 +198,7 @@ def _start_haproxy(cluster: Cluster, send_proxy: str, front: int, lmtp_front: in
         env[f"POP3D_LMTP{i}"] = f"127.0.0.1:{node.lmtp_port}"
     return start_haproxy(
         DEPLOY / "haproxy" / "haproxy.cfg", env, cluster.root / f"haproxy-{send_proxy}.log",
-        [front],
+        [front], stats=stats_socket(cluster.root, send_proxy),
     )
 
 
@@ -236,7 +247,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
                           "send-proxy-v2-ssl": offload}
         wait_port(cluster.lmtp_front_port)
         wait_port(offload)
-        time.sleep(1.5)  # the first health checks
+        cluster.wait_proxies()  # the first health checks
         yield cluster
     finally:
         if "cluster" in locals():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import shutil
 import socket
 import struct
 import time
@@ -12,6 +13,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+import pytest
 
 from pop3d.testing import Pop3ServeProcess, Pop3TestServer
 
@@ -165,3 +168,17 @@ def wait_until(cond: Callable[[], object], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return bool(cond())
+
+
+def need(tool: str) -> str:
+    """The path of the program ``tool``; the test is skipped where it is not installed."""
+    path = shutil.which(tool)
+    if path is None:
+        pytest.skip(f"{tool} is not installed (scripts/setup.sh installs it)")
+    return path
+
+
+def greets(srv: Pop3TestServer) -> bool:
+    """Whether a new connection is greeted ``+OK`` (a connection slot is free)."""
+    with RawClient(srv.host, srv.port) as client:
+        return client.greeting.startswith(b"+OK")

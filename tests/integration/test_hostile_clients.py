@@ -106,14 +106,22 @@ def rss(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def flood(sock: socket.socket, payload: bytes, seconds: float) -> int:
-    """Send ``payload`` again and again for ``seconds`` without reading; return octets sent."""
+def flood(sock: socket.socket, payload: bytes, seconds: float, quiet: float = 1.0) -> int:
+    """Send ``payload`` again and again without reading; return octets sent.
+
+    It stops once the server has stopped reading -- nothing could be sent for ``quiet``
+    seconds: its budget and the socket buffers are full, and a server that keeps reading
+    never gets there -- or after ``seconds`` in any case.
+    """
     sock.settimeout(0.05)
     sent = 0
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    now = time.monotonic()
+    deadline, last_progress = now + seconds, now
+    while now < deadline and now - last_progress < quiet:
         with contextlib.suppress(TimeoutError):
             sent += sock.send(payload)
+            last_progress = time.monotonic()
+        now = time.monotonic()
     return sent
 
 

@@ -19,7 +19,7 @@ import pytest
 
 from pop3d.testing import Pop3TestServer
 
-from .helpers import RawClient, ServeFactory, ServerFactory
+from .helpers import WAIT, RawClient, ServeFactory, ServerFactory, greets, wait_until
 from .messages import TRICKY, lines, wire
 
 pytestmark = pytest.mark.timeout(90)
@@ -305,13 +305,7 @@ def test_connection_cap_refuses_politely(pop3_server_factory: ServerFactory) -> 
             assert third.greeting.startswith(b"-ERR [SYS/TEMP]")
             assert third.wait_eof() == b""
         assert first.cmd(b"QUIT").startswith(b"+OK")
-    deadline = time.monotonic() + 10
-    while True:
-        with RawClient(srv.host, srv.port) as again:
-            if again.greeting.startswith(b"+OK"):
-                break
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    assert wait_until(lambda: greets(srv), WAIT), "the slot freed by QUIT never came back"
 
 
 def test_many_concurrent_sessions(pop3_server: Pop3TestServer) -> None:

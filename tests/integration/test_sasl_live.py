@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import logging
-import shutil
 import ssl
 import subprocess
 import time
@@ -16,7 +15,7 @@ import pytest
 from pop3d.auth.schemes import hash_password
 from pop3d.session import FailureDelays
 from pop3d.testing import Pop3TestServer
-from tests.integration.helpers import RawClient
+from tests.integration.helpers import RawClient, need
 from tests.integration.tls_support import Pki, TlsRawClient, make_pki
 
 pytestmark = pytest.mark.timeout(60)
@@ -52,13 +51,6 @@ def server(pop3_server_factory: Factory, pki: Pki) -> Pop3TestServer:
     for user in USERS:
         srv.add_message(user, MESSAGE)
     return srv
-
-
-def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        pytest.skip(f"{tool} is not installed (scripts/setup.sh installs it)")
-    return path
 
 
 def b64(data: bytes) -> bytes:

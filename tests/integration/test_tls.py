@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import poplib
-import shutil
 import ssl
 import subprocess
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pop3d.testing import Pop3ServeProcess, Pop3TestServer, free_port
-from tests.integration.helpers import WAIT, RawClient
+from tests.integration.helpers import WAIT, RawClient, greets, need, wait_until
 from tests.integration.tls_support import Pki, TlsRawClient, make_pki
 
 pytestmark = pytest.mark.timeout(60)
@@ -35,13 +34,6 @@ def tls_server(pop3_server_factory: Factory, pki: Pki) -> Pop3TestServer:
     srv = pop3_server_factory(sections={"tls": pki.tls_section()}, tls_listen=["127.0.0.1:0"])
     srv.add_message("alice", MESSAGE)
     return srv
-
-
-def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        pytest.skip(f"{tool} is not installed (scripts/setup.sh installs it)")
-    return path
 
 
 # --------------------------------------------------------------------------- real clients
@@ -434,7 +426,8 @@ def test_connection_limit_per_address(pop3_server_factory: Factory) -> None:
             assert third.wait_eof() == b""
         first.cmd(b"QUIT")
         first.wait_eof()
-        _retry_until_greeted(srv)
+        # The release of the slot is asynchronous: poll (bounded).
+        assert wait_until(lambda: greets(srv), WAIT), "the slot freed by QUIT never came back"
     finally:
         first.close()
         second.close()
@@ -448,17 +441,6 @@ def test_connection_limit_total(pop3_server_factory: Factory) -> None:
             assert second.greeting == b"-ERR [SYS/TEMP] too many connections\r\n"
             assert second.wait_eof() == b""
         assert first.cmd(b"NOOP") == b"-ERR command not valid in this state\r\n"
-
-
-def _retry_until_greeted(srv: Pop3TestServer) -> None:
-    """A slot freed by QUIT is usable again (the release is asynchronous: poll briefly)."""
-    deadline = time.monotonic() + WAIT
-    while True:
-        with RawClient(srv.host, srv.port) as client:
-            if client.greeting.startswith(b"+OK"):
-                return
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
 
 
 def test_command_in_same_flight_as_handshake_finish_is_answered(

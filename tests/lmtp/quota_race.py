@@ -9,6 +9,7 @@ how much each stored.  With ``PYTHONPATH=OTHER/src`` it measures another checkou
 
 from __future__ import annotations
 
+import platform
 import shutil
 import signal
 import smtplib
@@ -56,14 +57,41 @@ def lmtp_race(port: int) -> list[int]:
     return codes
 
 
-def deliver_race(config: Path, settle: float = 2.0) -> list[int]:
-    """Ten ``pop3d deliver`` processes get BIG at the same moment; their exit statuses."""
+#: The ``read`` system call's number, by machine (``/proc/PID/syscall`` names it so).
+_READ_SYSCALL = {"x86_64": 0, "aarch64": 63, "riscv64": 63, "ppc64le": 3, "s390x": 3}
+
+
+def reading_stdin(pid: int) -> bool:
+    """Whether process ``pid`` is blocked in ``read`` on its file descriptor 0 (Linux)."""
+    try:
+        fields = Path(f"/proc/{pid}/syscall").read_text().split()
+    except OSError:  # gone, or not Linux
+        return False
+    number = _READ_SYSCALL.get(platform.machine())
+    return len(fields) > 1 and fields[0] == str(number) and int(fields[1], 16) == 0
+
+
+def deliver_race(config: Path, bound: float = 60.0) -> list[int]:
+    """Ten ``pop3d deliver`` processes get BIG at the same moment; their exit statuses.
+
+    The message is written once every process waits in its first ``read`` of standard
+    input (it has looked the user up and is ready to deliver), however long a loaded
+    machine takes to start ten Pythons (bounded by ``bound`` seconds).
+    """
     command = [sys.executable, "-m", "pop3d", "deliver", "--config", str(config), "alice"]
     procs = [
         subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.DEVNULL)
         for _ in range(10)
     ]
-    time.sleep(settle)  # all started, waiting on stdin
+    deadline = time.monotonic() + bound
+    waiting = list(procs)
+    while waiting := [p for p in waiting if not reading_stdin(p.pid)]:
+        if any(p.poll() is not None for p in waiting) or time.monotonic() > deadline:
+            for p in procs:
+                p.kill()
+                p.wait()
+            raise AssertionError(f"{len(waiting)} of 10 `pop3d deliver` never read stdin")
+        time.sleep(0.01)
     for p in procs:
         assert p.stdin is not None
         p.stdin.write(BIG)

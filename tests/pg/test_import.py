@@ -110,3 +110,26 @@ def test_mailbox_stat_on_postgresql(tmp_path: Path, database: Database) -> None:
 
     assert "messages: 1" in stat("fay")
     assert "no maildrop yet" in stat("gus")
+
+
+def test_sql_user_add_without_terminal_or_password_stdin(
+    tmp_path: Path, database: Database
+) -> None:
+    """`pop3d user add` on the users table, no terminal and no --password-stdin: the
+    passwd-file's clear message (it once fell through getpass to a traceback), no user."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    cfg = tmp_path / "pop3d.toml"
+    cfg.write_text(f'[auth]\nbackend = "postgresql"\n[storage]\nbackend = "postgresql"\n'
+                   f'[database]\nurl = "{database.config.url}"\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "pop3d", "user", "add", "--config", str(cfg), "hal"],
+        capture_output=True, text=True, check=False, timeout=60, input="",
+        start_new_session=True,  # no controlling terminal, as under cron or CI
+    )
+    assert done.returncode == 1, done.stderr
+    assert "--password-stdin" in done.stderr
+    assert "Traceback" not in done.stderr
+    with psycopg.connect(database.config.url, autocommit=True) as conn:
+        assert conn.execute("SELECT 1 FROM users WHERE username = 'hal'").fetchone() is None

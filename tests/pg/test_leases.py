@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 import psycopg
@@ -13,7 +14,7 @@ from pop3d.config import DatabaseConfig
 from pop3d.database import Database
 from pop3d.errors import MaildropLocked, TemporaryBackendError
 from pop3d.storage.maildir import MaildirStore
-from pop3d.storage.postgresql import NoSuchMaildrop, PostgresStore
+from pop3d.storage.postgresql import NoSuchMaildrop, PostgresMaildrop, PostgresStore
 from tests.storage.contract import chunks_of, read_all, user
 
 
@@ -48,19 +49,32 @@ def test_heartbeat_keeps_the_lease_past_its_ttl(database: Database) -> None:
     asyncio.run(go())
 
 
+async def _taken_over(
+    database: Database,
+) -> tuple[PostgresMaildrop, PostgresMaildrop, list[str]]:
+    """Node one opens the maildrop and stops renewing (cut off); node two takes it over
+    as soon as the lease has lapsed.  Return node one's maildrop, node two's, the uids."""
+    one, two = await _two_nodes(database, ttl=0.5)
+    md = await one.open(user())
+    uids = [i.uid for i in md.listing()]
+    heartbeat = one.leases._heartbeat
+    assert heartbeat is not None
+    heartbeat.cancel()
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return md, await two.open(user()), uids
+        except MaildropLocked:
+            assert time.monotonic() < deadline, "the lease never lapsed"
+            await asyncio.sleep(0.05)
+
+
 def test_a_node_that_stops_renewing_loses_the_maildrop(database: Database) -> None:
     """Without renewals (a node cut off) the lease lapses: another node takes it, and the
     first session may neither read nor UPDATE."""
 
     async def go() -> None:
-        one, two = await _two_nodes(database, ttl=0.5)
-        md = await one.open(user())
-        uids = [i.uid for i in md.listing()]
-        heartbeat = one.leases._heartbeat
-        assert heartbeat is not None
-        heartbeat.cancel()
-        await asyncio.sleep(0.7)
-        other = await two.open(user())
+        md, other, uids = await _taken_over(database)
         with pytest.raises(LeaseLost):
             await read_all(md, uids[0])
         with pytest.raises(TemporaryBackendError):
@@ -77,14 +91,7 @@ def test_the_database_fences_a_session_whose_lease_was_taken(database: Database)
     """Even a node whose clock says the lease holds cannot UPDATE once another took it."""
 
     async def go() -> None:
-        one, two = await _two_nodes(database, ttl=0.5)
-        md = await one.open(user())
-        uids = [i.uid for i in md.listing()]
-        heartbeat = one.leases._heartbeat
-        assert heartbeat is not None
-        heartbeat.cancel()
-        await asyncio.sleep(0.7)
-        other = await two.open(user())
+        md, other, uids = await _taken_over(database)
         md._lease.deadline = float("inf")
         with pytest.raises(TemporaryBackendError):
             await md.commit(uids)

@@ -1,7 +1,7 @@
 """The no-loss soak (issue 15 item 4): real sessions, real deliveries, SIGKILLs, one ledger.
 
 ``python -m tests.soak.run --store maildir --minutes 10 [--seed N]`` (``make soak``) and the
-CI test (``tests/soak/test_soak.py``, about 30 s a store) run :func:`run_soak`:
+CI test (``tests/soak/test_soak.py``, about 10 s a store) run :func:`run_soak`:
 
 * a ``pop3d serve`` process (POP3 and ``[lmtp] listen``, its own process group) is killed
   with SIGKILL and restarted at random moments;

@@ -8,6 +8,7 @@ nothing from pop3d: the ``pytest11`` entry point alone brings the fixtures.
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -63,6 +64,9 @@ def _linked_dependencies(target: Path) -> Path:
 
 
 def test_pip_install_then_pytest_finds_the_fixtures(tmp_path: Path) -> None:
+    # The fresh venv sees only what is installed in it: not a PYTHONPATH of the caller's
+    # (a run against another checkout sets one).
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     source = _own_files(tmp_path / "source")
     deps = _linked_dependencies(tmp_path / "deps")
     env_dir = tmp_path / "venv"
@@ -70,30 +74,30 @@ def test_pip_install_then_pytest_finds_the_fixtures(tmp_path: Path) -> None:
     python = env_dir / "bin" / "python"
     purelib = subprocess.run(
         [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, env=env,
     ).stdout.strip()
     Path(purelib, "linked-deps.pth").write_text(f"{deps}\n", encoding="utf-8")
     missing = subprocess.run(
-        [python, "-c", "import pop3d"], capture_output=True, text=True, check=False
+        [python, "-c", "import pop3d"], capture_output=True, text=True, check=False, env=env
     )
     assert missing.returncode != 0  # the venv starts without pop3d
 
     subprocess.run(
         [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-compile",
          "--no-deps", "--no-build-isolation", "--no-index", str(source)],
-        check=True, capture_output=True, timeout=150,
+        check=True, capture_output=True, timeout=150, env=env,
     )
     project = tmp_path / "project"
     project.mkdir()
     (project / "test_mail.py").write_text(PROJECT_TEST, encoding="utf-8")
     run = subprocess.run(
         [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error"],
-        cwd=project, capture_output=True, text=True, timeout=120, check=False,
+        cwd=project, capture_output=True, text=True, timeout=120, check=False, env=env,
     )
     assert run.returncode == 0, run.stdout + run.stderr
     assert "2 passed" in run.stdout
     located = subprocess.run(
         [python, "-c", "import pop3d.testing.plugin as p; print(p.__file__)"],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True, check=True, env=env,
     ).stdout
     assert located.startswith(str(env_dir))  # the installed copy, not this tree

@@ -106,7 +106,6 @@ from functools import partial
 from pathlib import Path
 from typing import Self, cast
 
-from pop3d.config import StorageConfig
 from pop3d.errors import (
     LocalProtocolError,
     MessageVanished,
@@ -121,16 +120,9 @@ from pop3d.storage.base import MailboxStats
 from pop3d.storage.beneath import DIR_FLAGS, MailRoot, is_link_refusal
 from pop3d.storage.blocking import in_thread, nowait_reads, pread_nowait, preadv_nowait, write_all
 from pop3d.storage.lock_table import LockTable, TableLock
-from pop3d.storage.locking import SessionLock, SessionLocks, session_locks_for, take_lock
+from pop3d.storage.locking import SessionLock, SessionLocks, take_lock
 from pop3d.storage.quota import charge, quota_for
-from pop3d.storage.template import (
-    check_template,
-    home_root,
-    mail_path,
-    mail_rel,
-    mail_root,
-    uses_home,
-)
+from pop3d.storage.templated import TemplatedStore
 from pop3d.storage.wire import CrlfNormaliser, WireCounter
 
 __all__ = [
@@ -862,27 +854,19 @@ class _Listing:
         self.lock_offset: int | None = None
 
 
-class MaildirStore:
+class MaildirStore(TemplatedStore):
     """Users' Maildirs found by a path template.
 
     A ``MailStore``, a ``Deliverer`` and a ``MailboxInspector`` (storage/base.py).
 
     Args:
-        template: the ``%u``/``%n``/``%d`` template of a user's Maildir
-            (:mod:`pop3d.storage.template`).
-        base: folder a relative template is resolved against.
-        quota: default quota in wire octets (``None``: unlimited); a user's record may
-            override it (:mod:`pop3d.storage.quota`).
-        chunk_size: raw octets read per chunk by :meth:`MaildirMaildrop.read`.
+        template: the template of a user's Maildir; it, ``base``, ``quota``,
+            ``chunk_size`` and ``session_locks`` as :class:`TemplatedStore` takes them.
         hostname: host part of delivered file names (default: this host's name).
-        session_locks: how sessions lock a Maildir (:mod:`pop3d.storage.locking`);
-            default: the lock table of the template's static folder, as
-            ``[storage] lock_table`` unset.
-
-    Raises:
-        ConfigError: the template has an unknown escape.
 
     """
+
+    kind = "maildir"
 
     def __init__(
         self,
@@ -894,39 +878,11 @@ class MaildirStore:
         hostname: str | None = None,
         session_locks: SessionLocks | None = None,
     ) -> None:
-        check_template(template)
-        if chunk_size < 1:
-            raise ValueError("chunk_size must be positive")
-        self.template = template
-        self.base = base
-        #: The template's mail root, opened once; every path below it follows no link.
-        self.mail_root = MailRoot(mail_root(template, base))
-        self._listings = _ListingCache()
-        self.quota = quota
-        self.chunk_size = chunk_size
-        self.hostname = hostname if hostname is not None else _safe_hostname()
-        #: How sessions lock a Maildir.
-        self.session_locks: SessionLocks = (
-            session_locks if session_locks is not None else session_locks_for(template, base)
+        super().__init__(
+            template, base, quota=quota, chunk_size=chunk_size, session_locks=session_locks
         )
-
-    @classmethod
-    def from_config(cls, config: StorageConfig) -> MaildirStore:
-        """Build the store of a ``[storage]`` section with a ``maildir`` template."""
-        if config.maildir is None:
-            raise ValueError("[storage] has no maildir template")
-        locks = session_locks_for(config.maildir, config.base, config.lock_table)
-        return cls(config.maildir, config.base, quota=config.quota, session_locks=locks)
-
-    def path_for(self, username: str, home: str | None = None) -> Path:
-        """Return the user's Maildir path (``home``: the user's, for a ``%h`` template).
-
-        Raises:
-            UnsafeUserName: the name could escape the mail root.
-            NoHome: the template uses ``%h`` and the user has no usable home.
-
-        """
-        return mail_path(self.template, username, self.base, home)
+        self._listings = _ListingCache()
+        self.hostname = hostname if hostname is not None else _safe_hostname()
 
     def _where(self, principal: Principal) -> _Where:
         """Where the user's Maildir is, below the mail root (for ``%h``, the user's home).
@@ -936,14 +892,7 @@ class MaildirStore:
             NoHome: the template uses ``%h`` and the user has no usable home.
 
         """
-        username, home = principal.username, principal.attributes.get("home")
-        path = self.path_for(username, home)
-        rel = mail_rel(self.template, username, home)
-        if uses_home(self.template):
-            # Opened for this use and closed with it (one folder a user, not one a store).
-            root = MailRoot(Path(home_root(home)), may_create=False)
-            return _Where(root, rel, path)
-        return _Where(self.mail_root, rel, path)
+        return _Where(*self._located(principal))
 
     # -------------------------------------------------------------- MailStore
 

@@ -132,7 +132,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import cast
 
-from pop3d.config import StorageConfig
 from pop3d.errors import (
     LocalProtocolError,
     MessageVanished,
@@ -153,17 +152,10 @@ from pop3d.storage.blocking import (
     preadv_nowait,
     write_all,
 )
-from pop3d.storage.locking import SessionLock, SessionLocks, session_locks_for, take_lock
+from pop3d.storage.locking import SessionLock, SessionLocks, take_lock
 from pop3d.storage.quota import quota_for
-from pop3d.storage.template import (
-    check_template,
-    home_root,
-    mail_path,
-    mail_rel,
-    mail_root,
-    uses_home,
-)
-from pop3d.storage.wire import CrlfNormaliser, WireCounter, to_wire
+from pop3d.storage.templated import TemplatedStore
+from pop3d.storage.wire import CrlfNormaliser, WireCounter, hold_cr, to_wire
 
 __all__ = ["MboxMaildrop", "MboxStore"]
 
@@ -376,12 +368,7 @@ class _MboxWriter:
         self.wire = WireCounter()
 
     def _to_lf(self, data: bytes) -> bytes:
-        if self._held_cr:
-            data = b"\r" + data
-            self._held_cr = False
-        if data.endswith(b"\r"):
-            data = data[:-1]
-            self._held_cr = True
+        data, self._held_cr = hold_cr(data, self._held_cr)
         if self._last == b"\r" and data.startswith(b"\r\n"):
             out = b"\r\n" + _LONE_CRLF.sub(b"\n", data[2:])
         else:
@@ -1221,28 +1208,21 @@ def _os_error(what: str, exc: OSError) -> TemporaryBackendError:
 # ----------------------------------------------------------------------------- store
 
 
-class MboxStore:
+class MboxStore(TemplatedStore):
     """Users' mbox files found by a path template.
 
     A ``MailStore``, a ``Deliverer`` and a ``MailboxInspector`` (storage/base.py).
 
     Args:
-        template: the ``%u``/``%n``/``%d`` template of a user's mbox file
-            (:mod:`pop3d.storage.template`), e.g. ``/var/mail/%u``.
-        base: folder a relative template is resolved against.
-        quota: default quota in wire octets (``None``: unlimited); a user's record may
-            override it (:mod:`pop3d.storage.quota`).
+        template: the template of a user's mbox file, e.g. ``/var/mail/%u``; it,
+            ``base``, ``quota``, ``chunk_size`` and ``session_locks`` as
+            :class:`TemplatedStore` takes them.
         lock_timeout: seconds to wait for the mbox lock.
         stale_dotlock_age: age after which another program's dotlock is broken.
-        chunk_size: raw octets read per chunk by :meth:`MboxMaildrop.read`.
-        session_locks: how sessions lock an mbox (:mod:`pop3d.storage.locking`);
-            default: the lock table of the template's static folder, as
-            ``[storage] lock_table`` unset.
-
-    Raises:
-        ConfigError: the template has an unknown escape.
 
     """
+
+    kind = "mbox"
 
     def __init__(
         self,
@@ -1255,30 +1235,12 @@ class MboxStore:
         chunk_size: int = limits.READ_CHUNK,
         session_locks: SessionLocks | None = None,
     ) -> None:
-        check_template(template)
-        if chunk_size < 1:
-            raise ValueError("chunk_size must be positive")
-        self.template = template
-        self.base = base
-        #: The template's mail root, opened once; every path below it follows no link.
-        self.mail_root = MailRoot(mail_root(template, base))
-        self.quota = quota
+        super().__init__(
+            template, base, quota=quota, chunk_size=chunk_size, session_locks=session_locks
+        )
         self.lock_timeout = lock_timeout
         self.stale_dotlock_age = stale_dotlock_age
-        self.chunk_size = chunk_size
         self._scans = _ScanCache()
-        #: How sessions lock an mbox.
-        self.session_locks: SessionLocks = (
-            session_locks if session_locks is not None else session_locks_for(template, base)
-        )
-
-    @classmethod
-    def from_config(cls, config: StorageConfig) -> MboxStore:
-        """Build the store of a ``[storage]`` section with an ``mbox`` template."""
-        if config.mbox is None:
-            raise ValueError("[storage] has no mbox template")
-        locks = session_locks_for(config.mbox, config.base, config.lock_table)
-        return cls(config.mbox, config.base, quota=config.quota, session_locks=locks)
 
     def path_for(self, username: str, home: str | None = None) -> Path:
         """Return the user's mbox path (``home``: the user's, for a ``%h`` template).
@@ -1286,9 +1248,10 @@ class MboxStore:
         Raises:
             UnsafeUserName: the name could escape the mail root.
             NoHome: the template uses ``%h`` and the user has no usable home.
+            TemporaryBackendError: the name would be another mbox's dotlock.
 
         """
-        path = mail_path(self.template, username, self.base, home)
+        path = super().path_for(username, home)
         if path.name.endswith(".lock"):
             # It would be another user's dotlock in a shared spool (/var/mail/bob.lock).
             raise TemporaryBackendError("an mbox name may not end in .lock")
@@ -1303,14 +1266,9 @@ class MboxStore:
             TemporaryBackendError: the name would be another mbox's dotlock.
 
         """
-        username, home = principal.username, principal.attributes.get("home")
-        path = self.path_for(username, home)
-        folder, _, name = mail_rel(self.template, username, home).rpartition("/")
-        if uses_home(self.template):
-            # Opened for this use and closed with it (one folder a user, not one a store).
-            root = MailRoot(Path(home_root(home)), may_create=False)
-            return _Place(root, folder, name, path)
-        return _Place(self.mail_root, folder, name, path)
+        root, rel, path = self._located(principal)
+        folder, _, name = rel.rpartition("/")
+        return _Place(root, folder, name, path)
 
     def forget(self, path: Path) -> None:
         """Drop the remembered scan of the mbox ``path`` (found changed, or rewritten)."""

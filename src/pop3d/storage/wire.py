@@ -22,6 +22,19 @@ def wire_size(data: bytes) -> int:
     return len(data) + bare_lf + (0 if data.endswith(b"\n") else 2)
 
 
+def hold_cr(data: bytes, held: bool) -> tuple[bytes, bool]:
+    """One chunk of a stream whose line ends are converted, and whether a CR is now held.
+
+    ``held``: the previous chunk ended in a CR, held back until this chunk shows whether
+    an LF follows it; it is put back in front.  A CR ending ``data`` is held in turn.
+    """
+    if held:
+        data = b"\r" + data
+    if data.endswith(b"\r"):
+        return data[:-1], True
+    return data, False
+
+
 def to_wire(data: bytes) -> bytes:
     """Return ``data`` with bare LFs as CRLF and a final CRLF if it lacks a line end."""
     normaliser = CrlfNormaliser()
@@ -52,12 +65,7 @@ class CrlfNormaliser:
             return b""
         self._nonempty = True
         self._ends_lf = data.endswith(b"\n")
-        if self._held_cr:
-            data = b"\r" + data
-            self._held_cr = False
-        if data.endswith(b"\r"):
-            data = data[:-1]
-            self._held_cr = True
+        data, self._held_cr = hold_cr(data, self._held_cr)
         if b"\r" not in data:
             return data.replace(b"\n", b"\r\n")
         # CRLF -> LF -> CRLF keeps the existing CRLFs, converts bare LFs and leaves lone

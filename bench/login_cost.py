@@ -44,7 +44,10 @@ except ImportError:  # a tree before issue 19's layout (87b09bf, the one compare
     from pop3d.server.listener import ServerContext  # type: ignore[attr-defined,no-redef]
     from pop3d.storage.base import MessageInfo  # type: ignore[no-redef]
 
-USERS = 1000
+def login_users(folder: Path) -> int:
+    """How many ``loginN`` users the work folder holds (1,000 in a full run's data, 200 in
+    a quick run's)."""
+    return sum(1 for p in (folder / "mail").iterdir() if p.name.startswith("login")) or 1000
 
 
 class _Transport:
@@ -116,20 +119,21 @@ async def session(ctx: ServerContext, user: bytes, commands: bytes) -> None:
     proto.connection_lost(None)
 
 
-def login_user(i: int) -> bytes:
-    """The ``i``-th session's user: the bench's login users in turn."""
-    return f"login{i % USERS + 1}".encode()
+def login_user(i: int, users: int) -> bytes:
+    """The ``i``-th session's user: the bench's ``users`` login users in turn."""
+    return f"login{i % users + 1}".encode()
 
 
 async def _sessions(folder: Path, n: int, profile: cProfile.Profile | None) -> float:
     ctx = server_context(folder)
     loop = asyncio.get_running_loop()
+    users = login_users(folder)
 
     async def one(i: int) -> None:
-        await session(ctx, login_user(i), b"STAT\r\nQUIT\r\n")
+        await session(ctx, login_user(i, users), b"STAT\r\nQUIT\r\n")
 
     with logsetup.buffered_for(loop):  # as `pop3d serve` logs
-        for i in range(2 * USERS):  # warm: the listing cache holds every user
+        for i in range(2 * users):  # warm: the listing cache holds every user
             await one(i)
         if profile:
             profile.enable()

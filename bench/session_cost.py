@@ -22,7 +22,7 @@ import asyncio
 import sys
 from pathlib import Path
 
-from login_cost import USERS, login_user, server_context, session
+from login_cost import login_user, login_users, server_context, session
 from pop3d import logsetup
 
 #: A fetch session's commands: RETR of its 100 messages, QUIT.
@@ -31,16 +31,17 @@ _FETCH = b"".join(b"RETR %d\r\n" % k for k in range(1, 101)) + b"QUIT\r\n"
 
 def _run(folder: Path, mode: str, n: int) -> None:
     ctx = server_context(folder)
+    users = login_users(folder)
 
     async def one(i: int) -> None:
         if mode == "login":
-            await session(ctx, login_user(i), b"STAT\r\nQUIT\r\n")
+            await session(ctx, login_user(i, users), b"STAT\r\nQUIT\r\n")
         else:
             await session(ctx, f"fetch{i % 4 + 1}".encode(), _FETCH)
 
     async def warm() -> None:
         for _ in range(2):  # the second pass finds every listing remembered
-            for i in range(USERS if mode == "login" else 8):
+            for i in range(users if mode == "login" else 8):
                 await one(i)
             await asyncio.sleep(2.1)  # maildir._RACY_SECONDS: then a listing is kept
 

@@ -8,6 +8,7 @@ import select
 import shutil
 import socket
 import struct
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -182,3 +183,26 @@ def greets(srv: Pop3TestServer) -> bool:
     """Whether a new connection is greeted ``+OK`` (a connection slot is free)."""
     with RawClient(srv.host, srv.port) as client:
         return client.greeting.startswith(b"+OK")
+
+
+def server_send_queue(port: int, client: socket.socket) -> int:
+    """Octets the kernel holds for ``client`` on the server's side (``ss``'s Send-Q) of an
+    established connection to ``port``; -1 if there is none (the server closed it)."""
+    peer = client.getsockname()[1]
+    out = subprocess.run(
+        ["ss", "-tnH", "state", "established", f"( sport = :{port} and dport = :{peer} )"],
+        capture_output=True, text=True, check=False,
+    ).stdout.split()
+    return int(out[1]) if len(out) > 1 else -1
+
+
+def stalled_send_queue(port: int, sock: socket.socket) -> int:
+    """Wait until the server's kernel queue for ``sock`` stops growing; return its size."""
+    last = -1
+    for _ in range(100):
+        time.sleep(0.05)
+        queued = server_send_queue(port, sock)
+        if queued == last and queued > 0:
+            return queued
+        last = queued
+    pytest.fail("the server's kernel queue never filled")

@@ -13,7 +13,6 @@ import contextlib
 import os
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -26,7 +25,7 @@ from bench.hostile import guessers
 
 from pop3d.testing import Pop3ServeProcess
 
-from .helpers import RawClient
+from .helpers import RawClient, server_send_queue, stalled_send_queue
 from .tls_support import make_pki
 
 pytestmark = pytest.mark.timeout(120)
@@ -210,16 +209,6 @@ def tree_rss(pid: int) -> int:
     return rss(pid) + sum(rss(k) for k in kids)
 
 
-def server_send_queue(proc: Pop3ServeProcess, client: socket.socket) -> int:
-    """Octets the server's kernel holds for ``client`` (``ss``'s Send-Q), -1 if not found."""
-    port = client.getsockname()[1]
-    out = subprocess.run(
-        ["ss", "-tnH", "state", "established", f"( sport = :{proc.port} and dport = :{port} )"],
-        capture_output=True, text=True, check=False,
-    ).stdout.split()
-    return int(out[1]) if len(out) > 1 else -1
-
-
 #: Per stalled 20 MiB RETR, what the server may keep beyond the kernel's buffers: one
 #: chunk (limits.READ_CHUNK; uvloop keeps the whole chunk behind the unsent tail of its
 #: last write) and slack.  Before the paced reads: 2.0-2.1 MiB on both loops.
@@ -259,7 +248,7 @@ def test_a_stalled_big_retr_holds_about_one_chunk(
                     last = -1
                     for _ in range(100):
                         time.sleep(0.05)
-                        queued = server_send_queue(proc, sock)
+                        queued = server_send_queue(proc.port, sock)
                         if queued == last and queued > 1 << 20:
                             break
                         last = queued
@@ -357,6 +346,49 @@ def test_a_stalled_reader_is_cut_and_its_lock_released(
             pytest.fail("the stalled session kept its lock")
         client.abort()
         wait_for_log(proc, "result=send timeout")
+
+
+@pytest.mark.skipif(not shutil.which("ss"), reason="no ss (iproute2)")
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_sign_off_nobody_reads_does_not_keep_the_socket(
+    server: ServerMaker, loop: str
+) -> None:
+    """A QUIT pipelined behind replies the client never reads: the socket is closed anyway.
+
+    The session ends at the QUIT while replies still wait in the server's buffer (past
+    the kernel's queue, below the high-water mark that would have stopped the reading);
+    they get ``idle_timeout`` to drain, then the server aborts.  Once, such a socket
+    stayed open for as long as the client liked, no longer counted against any cap.  A
+    first client measures the kernel's queue, so the second one's replies overflow it by
+    about a quarter of a megabyte whatever the machine's buffer sizes.
+    """
+    users = {"probe": "pw", "quitter": "pw"}
+    with server(loop, messages=1, users=users, idle_timeout=2) as proc:
+        probe = RawClient(proc.host, proc.port)
+        probe.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        assert probe.login(b"probe", b"pw").startswith(b"+OK")
+        probe.send(b"RETR 1\r\n" * 300)  # 18 MB: past every buffer
+        kernel = stalled_send_queue(proc.port, probe.sock)
+        probe.abort()
+
+        client = RawClient(proc.host, proc.port)
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        assert client.login(b"quitter", b"pw").startswith(b"+OK")
+        count = (kernel + (256 << 10)) // len(MESSAGE) + 1
+        client.send(b"RETR 1\r\n" * count + b"QUIT\r\n")
+        wait_for_log(proc, "user=quitter via=USER tls=no result=quit")
+        try:
+            # The session is over, its socket still open behind the unread replies ...
+            assert server_send_queue(proc.port, client.sock) > 0
+            # ... until idle_timeout (2 s) has passed: then it is cut.
+            for _ in range(200):
+                if server_send_queue(proc.port, client.sock) < 0:
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail("the server kept a closed session's socket")
+        finally:
+            client.abort()
 
 
 @pytest.mark.parametrize("loop", LOOPS)

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import gc
 import poplib
+import shutil
 import socket
 import textwrap
 import threading
+import warnings
 from pathlib import Path
+from typing import cast
 
 import pytest
 
 import pop3d.testing
 from pop3d.errors import ConfigError
+from pop3d.server.connection import Pop3Protocol
 from pop3d.testing import Pop3ServeProcess, Pop3TestServer
 
-from .helpers import RawClient
+from .helpers import RawClient, server_send_queue, stalled_send_queue, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -45,6 +50,56 @@ def test_stop_closes_sessions_without_update_and_leaves_no_thread(tmp_path: Path
     srv.stop()
     assert srv.messages("alice") == [b"Subject: a\n\nkeep me\n"]
     assert threading.active_count() == before
+
+
+@pytest.mark.skipif(not shutil.which("ss"), reason="no ss (iproute2)")
+def test_stop_leaves_no_transport_unclosed(tmp_path: Path) -> None:
+    """stop() closes a socket still closing behind replies nobody reads, then no transport
+    is left for the garbage collector to warn about (``unclosed transport``).
+
+    The QUIT is pipelined behind replies past the kernel's queue: the session has ended,
+    its socket not.  Once, such a socket was no longer counted among the server's
+    connections, so stop() did not close it and the garbage collector warned, in
+    whichever later test it ran.
+    """
+    message = b"Subject: x\r\n\r\n" + b"y" * 60_000 + b"\r\n"
+    users = {"probe": "pw", "quitter": "pw"}
+    srv = Pop3TestServer(tmp_path, users=users).start()
+    clients = []
+    try:
+        for user in users:
+            srv.add_message(user, message)
+        probe = RawClient(srv.host, srv.port)
+        clients.append(probe)
+        probe.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        assert probe.login(b"probe", b"pw").startswith(b"+OK")
+        probe.send(b"RETR 1\r\n" * 300)
+        kernel = stalled_send_queue(srv.port, probe.sock)
+        client = RawClient(srv.host, srv.port)
+        clients.append(client)
+        client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        assert client.login(b"quitter", b"pw").startswith(b"+OK")
+        client.send(b"RETR 1\r\n" * ((kernel + (256 << 10)) // len(message) + 1) + b"QUIT\r\n")
+        # The session has ended (no core), its connection not (list(): the loop's thread
+        # changes the set).
+        context = srv.context
+        assert context is not None
+
+        def ended_but_open() -> bool:
+            sessions = cast("list[Pop3Protocol]", list(context.connections))
+            return any(c.username == "quitter" and c.core is None for c in sessions)
+
+        assert wait_until(ended_but_open)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            srv.stop()
+            gc.collect()
+        assert server_send_queue(srv.port, client.sock) < 0
+        assert not [w for w in caught if issubclass(w.category, ResourceWarning)]
+    finally:
+        srv.stop()
+        for c in clients:
+            c.abort()
 
 
 def test_messages_in_delivery_order_after_login(tmp_path: Path) -> None:

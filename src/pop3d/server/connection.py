@@ -223,7 +223,7 @@ class Pop3Protocol(asyncio.Protocol):
             transport.write(refusal(cap))
             self._result = "refused"
             self._closing = True
-            transport.close()
+            self._close_transport(transport, limits.CLOSE_GRACE)
             return
         transport.set_write_buffer_limits(high=limits.WRITE_HIGH_WATER)
         identity = self._client_identity(transport) if self.implicit_tls else None
@@ -256,11 +256,16 @@ class Pop3Protocol(asyncio.Protocol):
         return self.transport is None or self.transport.get_extra_info("sslcontext") is None
 
     def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002
-        """Release everything; an UPDATE in progress is let finish."""
+        """Release everything; an UPDATE in progress is let finish.
+
+        The connection is counted (caps, shutdown) until here, not only until its session
+        ended: a socket closing behind unread replies is still held.
+        """
         if not self._result:
             self._result = "disconnected"
         in_update = self._in_update()
         self._finish()
+        self.server.release(self)
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
         if not in_update:
@@ -732,9 +737,7 @@ class Pop3Protocol(asyncio.Protocol):
                 transport.abort()
             else:
                 transport.write(last_words)
-                transport.close()
-                # A peer that never reads would keep a closing transport for ever.
-                self.loop.call_later(limits.CLOSE_GRACE, transport.abort)
+                self._close_transport(transport, limits.CLOSE_GRACE)
         self._finish()
         self._cancel_task()
 
@@ -749,7 +752,8 @@ class Pop3Protocol(asyncio.Protocol):
         if self._last_words is not None:
             transport.write(self._last_words)
             self._last_words = None
-            transport.close()
+            # Replies pipelined before a QUIT may still wait for a peer that does not read.
+            self._close_transport(transport, self.server.idle_timeout)
             return
         if core is not None:
             data = core.data_to_send()
@@ -782,8 +786,19 @@ class Pop3Protocol(asyncio.Protocol):
         self._result = self._result or reason
         self._closing = True
         if self.transport is not None:
-            self.transport.close()
+            self._close_transport(self.transport, limits.CLOSE_GRACE)
         self._finish()
+
+    def _close_transport(self, transport: asyncio.Transport, grace: float) -> None:
+        """Close once the pending output is written, or abort after ``grace`` seconds.
+
+        Every close goes through here: a peer that never reads must not keep a closing
+        socket (and its buffer) for ever.
+        """
+        pending = transport.get_write_buffer_size()
+        transport.close()
+        if pending:
+            self.loop.call_later(grace, transport.abort)
 
     def _finish(self) -> None:
         """Once per connection: release the maildrop, log the session."""
@@ -791,7 +806,6 @@ class Pop3Protocol(asyncio.Protocol):
             return
         core, self.core = self.core, None
         self._closing = True
-        self.server.release(self)
         maildrop, self.maildrop = self.maildrop, None
         self._fence = None
         if maildrop is not None:

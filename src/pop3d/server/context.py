@@ -254,7 +254,7 @@ class ServerContext:
         return None
 
     def release(self, conn: Session) -> None:
-        """Count a finished session out."""
+        """Count a session out once its socket is gone (not when its session ended)."""
         if conn in self.connections:
             self.connections.discard(conn)
             self.unreserve(conn.address)
@@ -370,6 +370,8 @@ class ServerContext:
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()
+        # Their connection_lost runs before the loop ends: no transport is left unclosed.
+        await asyncio.sleep(0)
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None

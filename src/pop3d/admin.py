@@ -34,8 +34,6 @@ from pop3d import process
 
 __all__ = ["add_parser", "ask", "bind", "serve"]
 
-EX_CONFIG = 78
-EX_UNAVAILABLE = 69
 #: The longest request line accepted (a user name is at most a few hundred octets).
 _MAX_REQUEST = 4096
 
@@ -166,7 +164,7 @@ def _folder(args: argparse.Namespace, command: str) -> Path | int:
         cfg = app.load_existing_config(args, command)
     except ConfigError as exc:
         print(f"pop3d {command}: {exc}", file=sys.stderr)  # noqa: T201
-        return EX_CONFIG
+        return os.EX_CONFIG
     return checkconfig.run_dir_of(cfg) / "admin"
 
 
@@ -181,13 +179,13 @@ def _ask(args: argparse.Namespace, command: str, request: dict[str, object]) -> 
             f"pop3d {command}: no server runs with this configuration ({folder} is missing)",
             file=sys.stderr,
         )
-        return EX_UNAVAILABLE
+        return os.EX_UNAVAILABLE
     except PermissionError:
         print(  # noqa: T201
             f"pop3d {command}: {folder}: permission denied (the admin sockets are root's)",
             file=sys.stderr,
         )
-        return EX_UNAVAILABLE
+        return os.EX_UNAVAILABLE
 
 
 def run_who(args: argparse.Namespace) -> int:

@@ -12,14 +12,15 @@ migration once, and a failed migration leaves the previous version whole.
 * ``pop3d db schema``: print the SQL of every migration (deploy/postgresql/schema.sql is
   this output, checked by the tests), for operators who apply schemas themselves.
 
-Exit status: 0 done; 1 ``init`` of a database that has the schema; 75 (EX_TEMPFAIL) the
-database cannot be reached; 78 (EX_CONFIG) no ``[database]`` in the configuration.
+Exit status: 0 done; 1 ``init`` of a database that has the schema; 75 (os.EX_TEMPFAIL) the
+database cannot be reached; 78 (os.EX_CONFIG) no ``[database]`` in the configuration.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from dataclasses import dataclass
 from importlib import resources
@@ -28,8 +29,6 @@ from typing import Any
 from pop3d.errors import ConfigError, TemporaryBackendError
 
 EX_FAIL = 1
-EX_TEMPFAIL = 75
-EX_CONFIG = 78
 
 #: Key of the advisory lock that serialises migrations (any constant; "pop3d" in ASCII).
 _MIGRATION_LOCK = 0x706F703364
@@ -168,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         db = database_of(app.load_existing_config(args, "db"))
     except ConfigError as exc:
-        return _fail(EX_CONFIG, f"configuration: {exc}")
+        return _fail(os.EX_CONFIG, f"configuration: {exc}")
     shipped = migrations()[-1].version
 
     async def go() -> int:
@@ -192,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(go())
     except TemporaryBackendError as exc:
-        return _fail(EX_TEMPFAIL, f"{exc}: {exc.__cause__ or ''}".rstrip(": "))
+        return _fail(os.EX_TEMPFAIL, f"{exc}: {exc.__cause__ or ''}".rstrip(": "))
 
 
 # --------------------------------------------------------------------------- users

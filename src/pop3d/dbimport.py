@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,9 +32,6 @@ from pop3d.errors import ConfigError, MaildropLocked, TemporaryBackendError
 from pop3d.protocol.values import Principal
 
 log = logging.getLogger("pop3d.import")
-
-EX_TEMPFAIL = 75
-EX_CONFIG = 78
 
 
 def add_parser(sub: Any) -> None:
@@ -100,16 +98,16 @@ def run(args: argparse.Namespace) -> int:
         cfg = app.load_existing_config(args, "import")
     except ConfigError as exc:
         _say(f"pop3d import: configuration: {exc}")
-        return EX_CONFIG
+        return os.EX_CONFIG
     if cfg.storage.backend != "postgresql":
         _say('pop3d import: configuration: [storage] backend must be "postgresql"')
-        return EX_CONFIG
+        return os.EX_CONFIG
     try:
         target = pgbackends.build_store(cfg, pooled=False)
         source = _source_store(args)
     except (ConfigError, ValueError) as exc:
         _say(f"pop3d import: configuration: {exc}")
-        return EX_CONFIG
+        return os.EX_CONFIG
 
     async def go() -> int:
         users = list(args.users)
@@ -123,10 +121,10 @@ def run(args: argparse.Namespace) -> int:
                 copied, skipped = await import_user(source, target, name)
             except MaildropLocked:
                 _say(f"{name}: maildrop in use; run again later")
-                status = EX_TEMPFAIL
+                status = os.EX_TEMPFAIL
             except TemporaryBackendError as exc:
                 _say(f"{name}: not imported: {exc}")
-                status = EX_TEMPFAIL
+                status = os.EX_TEMPFAIL
             else:
                 _say(f"{name}: {copied} copied, {skipped} already there")
         return status

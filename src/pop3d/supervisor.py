@@ -21,7 +21,7 @@ over a pipe, when it serves (``R``) and when it no longer accepts (``Q``).  Sign
 * **SIGTERM/SIGINT**: every child stops accepting, UPDATEs in progress finish, the other
   sessions are closed without UPDATE, all within ``[server] shutdown_grace``.  Exit 0.
 * A worker that dies unasked is replaced (at most once a second).  A worker that exits with
-  EX_CONFIG stops the server with that status.
+  os.EX_CONFIG stops the server with that status.
 
 With ``NOTIFY_SOCKET`` (systemd ``Type=notify``) the supervisor sends ``READY=1`` once every
 worker serves, ``RELOADING=1``/``READY=1`` around a reload, and ``STOPPING=1``.
@@ -52,7 +52,6 @@ __all__ = ["BindError", "Listeners", "Supervisor", "bind_listeners"]
 
 log = logging.getLogger("pop3d.server")
 
-EX_CONFIG = 78
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 #: Signals the supervisor handles through its wake-up pipe.
 _SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
@@ -273,7 +272,7 @@ class Supervisor:
             self.tls = TlsContexts(self.cfg.tls) if self.cfg.tls is not None else None
         except (OSError, ConfigError) as exc:
             log.error("configuration: %s", exc)  # noqa: TRY400
-            return EX_CONFIG
+            return os.EX_CONFIG
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.selector.register(wake_r, selectors.EVENT_READ, None)
         old_wakeup = signal.set_wakeup_fd(wake_w)
@@ -389,12 +388,12 @@ class Supervisor:
             return
         if child.kind == "worker" and child.generation != self.generation:
             return  # a worker of a reload that was given up
-        if exit_code == EX_CONFIG:
+        if exit_code == os.EX_CONFIG:
             log.error("%s %d exited: configuration error", child.kind, child.pid)
             if self.reload_waiting is not None:
                 self._reload_failed()
                 return
-            self.status = EX_CONFIG
+            self.status = os.EX_CONFIG
             self._stop()
             return
         if exit_code == 0:
@@ -459,7 +458,7 @@ class Supervisor:
         from pop3d import admin  # noqa: PLC0415
         admin_sock = admin.bind(admin_dir / f"{os.getpid()}.sock")  # as root: 0600 root's
         if not self._drop():
-            return EX_CONFIG
+            return os.EX_CONFIG
         return self.worker(
             self.cfg,
             self.listeners.pop3,
@@ -474,7 +473,7 @@ class Supervisor:
 
         def run(status_w: int) -> int:
             if not self._drop():
-                return EX_CONFIG
+                return os.EX_CONFIG
             return metrics.serve(sock, lambda: os.write(status_w, b"R"))
 
         self._fork("metrics", run)

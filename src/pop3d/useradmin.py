@@ -15,8 +15,8 @@
   It reads without the maildrop's session lock: it works while the user is logged in.
 
 Exit status: 0 done; 1 the user already exists (add) or the passwords differ; 67
-(EX_NOUSER) no such user; 75 (EX_TEMPFAIL) the maildrop cannot be read; 78 (EX_CONFIG)
-the configuration is unusable (no passwd-file, unknown scheme); 74 (EX_IOERR) the
+(os.EX_NOUSER) no such user; 75 (os.EX_TEMPFAIL) the maildrop cannot be read; 78 (os.EX_CONFIG)
+the configuration is unusable (no passwd-file, unknown scheme); 74 (os.EX_IOERR) the
 passwd-file cannot be written.
 """
 
@@ -36,10 +36,6 @@ from typing import Any, TextIO
 from pop3d.errors import ConfigError, PermanentBackendError, TemporaryBackendError
 
 EX_FAIL = 1
-EX_NOUSER = 67
-EX_IOERR = 74
-EX_TEMPFAIL = 75
-EX_CONFIG = 78
 
 
 def add_parser(sub: Any) -> None:
@@ -153,7 +149,7 @@ def _new_password_hash(args: argparse.Namespace, scheme: str) -> str | int:
     try:
         return schemes.hash_password(scheme, password)
     except ValueError:
-        return _fail(EX_CONFIG, f"[auth] default_scheme {scheme} cannot hash")
+        return _fail(os.EX_CONFIG, f"[auth] default_scheme {scheme} cannot hash")
 
 
 def _set_password(args: argparse.Namespace, *, adding: bool) -> int:
@@ -165,24 +161,24 @@ def _set_password(args: argparse.Namespace, *, adding: bool) -> int:
         cfg = _config(args)
         path = _passwd_file(cfg)
     except ConfigError as exc:
-        return _fail(EX_CONFIG, f"configuration: {exc}")
+        return _fail(os.EX_CONFIG, f"configuration: {exc}")
     if not valid_username(args.name):
         return _fail(EX_FAIL, "invalid user name")
     try:
         known = {u.username for u in list_users(path)} if path.exists() else set()
     except OSError as exc:
-        return _fail(EX_IOERR, f"cannot read {path}: {exc.strerror}")
+        return _fail(os.EX_IOERR, f"cannot read {path}: {exc.strerror}")
     if adding and args.name in known:
         return _fail(EX_FAIL, f"user {args.name} already exists")
     if not adding and args.name not in known:
-        return _fail(EX_NOUSER, f"no such user {args.name}")
+        return _fail(os.EX_NOUSER, f"no such user {args.name}")
     stored = _new_password_hash(args, cfg.auth.default_scheme)
     if isinstance(stored, int):
         return stored
     try:
         update_user(path, args.name, stored)
     except OSError as exc:
-        return _fail(EX_IOERR, f"cannot write {path}: {exc.strerror}")
+        return _fail(os.EX_IOERR, f"cannot write {path}: {exc.strerror}")
     _say(f"{'added' if adding else 'changed the password of'} {args.name}")
     return 0
 
@@ -206,15 +202,15 @@ def run_del(args: argparse.Namespace) -> int:
     try:
         path = _passwd_file(_config(args))
     except ConfigError as exc:
-        return _fail(EX_CONFIG, f"configuration: {exc}")
+        return _fail(os.EX_CONFIG, f"configuration: {exc}")
     try:
         found = path.exists() and update_user(path, args.name, None)
     except ValueError:
         found = False
     except OSError as exc:
-        return _fail(EX_IOERR, f"cannot write {path}: {exc.strerror}")
+        return _fail(os.EX_IOERR, f"cannot write {path}: {exc.strerror}")
     if not found:
-        return _fail(EX_NOUSER, f"no such user {args.name}")
+        return _fail(os.EX_NOUSER, f"no such user {args.name}")
     _say(f"deleted {args.name} (their mail is kept)")
     return 0
 
@@ -230,9 +226,9 @@ def run_list(args: argparse.Namespace) -> int:
         path = _passwd_file(_config(args))
         users = list_users(path)
     except ConfigError as exc:
-        return _fail(EX_CONFIG, f"configuration: {exc}")
+        return _fail(os.EX_CONFIG, f"configuration: {exc}")
     except OSError as exc:
-        return _fail(EX_IOERR, f"cannot read {path}: {exc.strerror}")
+        return _fail(os.EX_IOERR, f"cannot read {path}: {exc.strerror}")
     for u in users:
         quota = next((f"{k}={u.attributes[k]}" for k in QUOTA_FIELDS if k in u.attributes), "")
         _say(f"{u.username}\t{u.scheme or '-'}\t{quota}".rstrip())
@@ -249,24 +245,24 @@ def run_stat(args: argparse.Namespace) -> int:
         authenticator = app.build_authenticator(cfg)
         store = app.build_store(cfg)
     except (ConfigError, OSError) as exc:
-        return _fail(EX_CONFIG, f"configuration: {exc}")
+        return _fail(os.EX_CONFIG, f"configuration: {exc}")
 
     async def look() -> int:
         principal = await authenticator.lookup(args.name)
         if principal is None:
-            return _fail(EX_NOUSER, f"no such user {args.name}")
+            return _fail(os.EX_NOUSER, f"no such user {args.name}")
         try:
             limit = quota_for(principal.attributes, cfg.storage.quota)
         except TemporaryBackendError:
-            return _fail(EX_TEMPFAIL, "the user's quota field cannot be read")
+            return _fail(os.EX_TEMPFAIL, "the user's quota field cannot be read")
         path_for = getattr(store, "path_for", None)  # the PostgreSQL store has no paths
         try:
             home = principal.attributes.get("home")
             path = path_for(principal.username, home) if path_for else None
         except PermanentBackendError as exc:
-            return _fail(EX_TEMPFAIL, f"the user's maildrop has no path: {exc}")
+            return _fail(os.EX_TEMPFAIL, f"the user's maildrop has no path: {exc}")
         except TemporaryBackendError:
-            return _fail(EX_TEMPFAIL, "the user name cannot name a maildrop")
+            return _fail(os.EX_TEMPFAIL, "the user name cannot name a maildrop")
         try:
             stats = await store.stat(principal)
         except TemporaryBackendError as exc:
@@ -275,7 +271,7 @@ def run_stat(args: argparse.Namespace) -> int:
             ):
                 count, size, oldest, note = 0, 0, None, "no maildrop yet"
             else:
-                return _fail(EX_TEMPFAIL, f"cannot read the maildrop: {exc}")
+                return _fail(os.EX_TEMPFAIL, f"cannot read the maildrop: {exc}")
         else:
             count, size, oldest, note = stats.count, stats.size, stats.oldest, ""
         _report(args, count=count, size=size, oldest=oldest, limit=limit, note=note)
@@ -361,7 +357,7 @@ def _sql_user_command(args: argparse.Namespace, action: str) -> int | None:
     try:
         db = dbadmin.database_of(cfg)
     except ConfigError as exc:
-        return _fail(EX_CONFIG, f"configuration: {exc}")
+        return _fail(os.EX_CONFIG, f"configuration: {exc}")
     fail = _fail
     try:
         if action == "list":
@@ -373,7 +369,7 @@ def _sql_user_command(args: argparse.Namespace, action: str) -> int | None:
             return fail(EX_FAIL, "invalid user name")
         if action == "del":
             if not asyncio.run(dbadmin.delete_user(db, args.name)):
-                return fail(EX_NOUSER, f"no such user {args.name}")
+                return fail(os.EX_NOUSER, f"no such user {args.name}")
             print(f"deleted {args.name} (their mail is kept)")  # noqa: T201
             return 0
         new_hash = _new_password_hash(args, cfg.auth.default_scheme)
@@ -383,8 +379,8 @@ def _sql_user_command(args: argparse.Namespace, action: str) -> int | None:
         if not asyncio.run(dbadmin.set_user_password(db, args.name, new_hash, adding=adding)):
             if adding:
                 return fail(EX_FAIL, f"user {args.name} already exists")
-            return fail(EX_NOUSER, f"no such user {args.name}")
+            return fail(os.EX_NOUSER, f"no such user {args.name}")
         print(f"{'added' if adding else 'changed the password of'} {args.name}")  # noqa: T201
     except TemporaryBackendError as exc:
-        return fail(EX_TEMPFAIL, str(exc))
+        return fail(os.EX_TEMPFAIL, str(exc))
     return 0

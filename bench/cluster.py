@@ -77,7 +77,8 @@ def load_data(url: str, work: Path, users: dict[str, str], config: Path) -> None
 class Nodes:
     """N pop3d nodes and HAProxy in front."""
 
-    def __init__(self, work: Path, url: str, count: int, cpus: str | None) -> None:
+    def __init__(self, work: Path, url: str, count: int, cpus: str | None,
+                 log_level: str = "WARNING") -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         template = string.Template((DEPLOY / "pop3d" / "node.toml").read_text())
         pop3, lmtp = [], []
@@ -91,7 +92,7 @@ class Nodes:
             log = (work / f"node{count}-{i}.log").open("ab")
             self.procs.append(subprocess.Popen(
                 [*pin, PY, "-m", "pop3d", "serve", "--config", str(cfg), "--log-level",
-                 "WARNING"], stdout=log, stderr=log))  # fmt: skip
+                 log_level], stdout=log, stderr=log))  # fmt: skip
             pop3.append(p)
             lmtp.append(lm)
         for p in pop3:
@@ -277,6 +278,8 @@ def main() -> int:
                     help="login only, interleaved rounds: pop3d through HAProxy to each "
                          "node count, and Dovecot with its pgsql passdb on the same users")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
+    ap.add_argument("--concurrency", type=int, default=32,
+                    help="login clients in --versus-dovecot, shared by the nodes (32)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pop3d-bench-pg-"))
     ds = mkdata.build(work, login_users=args.login_users, fetch_users=args.fetch_users,
@@ -330,7 +333,8 @@ def run_login(port: int, args: argparse.Namespace, work: Path) -> dict[str, Any]
         [*pin, PY, "-m", "pop3d.bench", "login", "-p", str(port),
          "--manifest", str(work / "manifest.json"), "--json", "--users", "login%d",
          "--user-count", str(args.login_users), "--password", "pw-%u",
-         "--concurrency", "32", "--duration", str(args.duration)],
+         "--concurrency", str(getattr(args, "concurrency", 32)),
+         "--duration", str(args.duration)],
         capture_output=True, text=True, check=False)  # fmt: skip
     out: dict[str, Any] = json.loads(res.stdout) if res.stdout.strip() else {}
     return out
@@ -348,7 +352,8 @@ def _versus_dovecot(args: argparse.Namespace, work: Path, pg: Any, url: str) -> 
     dovecot: Dovecot | None = None
     try:
         for n in counts:
-            setups[n] = Nodes(work, url, n, args.node_cpus)
+            # INFO, pop3d's default: one line per session, as Dovecot logs its two.
+            setups[n] = Nodes(work, url, n, args.node_cpus, log_level="INFO")
         dovecot = Dovecot(work, pg, args.node_cpus)
         targets: list[tuple[str, int, list[int]]] = [
             (f"pop3d-{n}-node", setups[n].front, [p.pid for p in setups[n].procs[:-1]])
@@ -378,18 +383,25 @@ def _versus_dovecot(args: argparse.Namespace, work: Path, pg: Any, url: str) -> 
         for setup in setups.values():
             setup.stop()
 
-    def median(name: str, key: str) -> float:
-        values = sorted(float(r[key] or 0) for r in per[name])
+    def median(values: list[float]) -> float:
+        values = sorted(values)
         return values[len(values) // 2]
 
-    base = median("dovecot-pgsql", "logins_per_cpu_s") or 1.0
-    for name, _, _ in targets:
-        print(json.dumps({"summary": name,
-                          "median_sessions_per_s": median(name, "sessions_per_s"),
-                          "median_logins_per_cpu_s": median(name, "logins_per_cpu_s"),
-                          "per_cpu_ratio_vs_dovecot": round(
-                              median(name, "logins_per_cpu_s") / base, 2)}), flush=True)
+    def per_cpu(name: str) -> list[float]:
+        return [float(r["logins_per_cpu_s"] or 0) for r in per[name]]
 
+    # Each round's ratio against the Dovecot row of the same round (the same load on the
+    # machine, within seconds): their median and spread, beside the ratio of the medians.
+    base = per_cpu("dovecot-pgsql")
+    for name, _, _ in targets:
+        ratios = sorted(round(p / b, 2) for p, b in zip(per_cpu(name), base, strict=True) if b)
+        print(json.dumps({"summary": name,
+                          "median_sessions_per_s": median(
+                              [float(r["sessions_per_s"] or 0) for r in per[name]]),
+                          "median_logins_per_cpu_s": median(per_cpu(name)),
+                          "per_cpu_ratio_vs_dovecot": round(
+                              median(per_cpu(name)) / (median(base) or 1.0), 2),
+                          "round_ratios": ratios}), flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -56,7 +56,7 @@ from psycopg.waiting import READY_R, READY_W, WAIT_R, WAIT_W
 from pop3d.config import DatabaseConfig
 from pop3d.errors import TemporaryBackendError
 
-__all__ = ["Database", "DatabaseUnavailable"]
+__all__ = ["Database", "DatabaseUnavailable", "cursor_for"]
 
 log = logging.getLogger("pop3d.database")
 
@@ -131,6 +131,19 @@ class _Connection(psycopg.AsyncConnection[Any]):
     """A pooled connection whose socket stays registered with the loop between waits."""
 
     _watch: _Watch | None = None
+    _cursors: dict[str, psycopg.AsyncCursor[Any]] | None = None
+
+    def cursor_for(self, query: str) -> psycopg.AsyncCursor[Any]:
+        """The cursor kept for ``query`` on this connection (see :func:`cursor_for`)."""
+        cursors = self._cursors
+        if cursors is None:
+            cursors = self._cursors = {}
+        cur = cursors.get(query)
+        if cur is None:
+            if len(cursors) >= _CURSORS:
+                cursors.clear()
+            cur = cursors[query] = self.cursor()
+        return cur
 
     async def wait(self, gen: Generator[Any, Any, _RV], interval: float = 0.1,
                    timeout: float | None = None) -> _RV:  # noqa: ASYNC109 (psycopg's)
@@ -214,7 +227,26 @@ class _Connection(psycopg.AsyncConnection[Any]):
     async def close(self) -> None:
         """Unwatch, then close."""
         self.unwatch()
+        self._cursors = None
         await super().close()
+
+
+#: Kept cursors per connection (a few statements run on the login path).
+_CURSORS = 16
+
+
+def cursor_for(conn: psycopg.AsyncConnection[Any], query: str) -> psycopg.AsyncCursor[Any]:
+    """A cursor to run ``query`` on: kept per pooled connection and query.
+
+    psycopg gives every new cursor its own adapters map and parameter/row transformer,
+    whose caches (which dumper for a ``str``, which loader for a ``text`` column) a
+    one-statement cursor fills for nothing; a cursor that runs the very same query
+    again keeps its transformer.  ``query`` must be the same string object each time
+    (a constant), and the connection used by one request at a time (as lent here).
+    """
+    if isinstance(conn, _Connection):
+        return conn.cursor_for(query)
+    return conn.cursor()
 
 
 class DatabaseUnavailable(TemporaryBackendError):

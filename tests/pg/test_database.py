@@ -10,7 +10,7 @@ import psycopg
 import pytest
 
 from pop3d.config import DatabaseConfig
-from pop3d.database import Database, DatabaseUnavailable
+from pop3d.database import Database, DatabaseUnavailable, cursor_for
 
 
 async def _pid(database: Database, sleep: float = 0.0) -> int:
@@ -185,3 +185,30 @@ def test_a_statement_cut_short_leaves_a_usable_connection(
         await database.close()
 
     _run(loop_kind, go())
+
+
+def test_a_pooled_connection_keeps_a_cursor_per_query(db_config: DatabaseConfig) -> None:
+    """cursor_for: the same cursor for the same query on a lent connection (its
+    adapters and transformer kept), another for another query, each giving its own
+    rows; an unpooled connection gets a fresh cursor."""
+    database = Database(DatabaseConfig(url=db_config.url, pool_min=1, pool_max=1,
+                                       timeout=5.0))
+    one, two = "SELECT %s::int + 1", "SELECT %s::text || 'x'"
+
+    async def go() -> None:
+        seen = []
+        for i in range(3):
+            async with database.connection() as conn:
+                cur = await cursor_for(conn, one).execute(one, (i,))
+                assert await cur.fetchone() == (i + 1,)
+                other = await cursor_for(conn, two).execute(two, (str(i),))
+                assert await other.fetchone() == (f"{i}x",)
+                seen.append((cur, other))
+        assert all(pair == seen[0] for pair in seen)
+        assert seen[0][0] is not seen[0][1]
+        await database.close()
+        unpooled = Database(db_config, pooled=False)
+        async with unpooled.connection() as conn:
+            assert cursor_for(conn, one) is not cursor_for(conn, one)
+
+    asyncio.run(go())

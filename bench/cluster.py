@@ -162,8 +162,11 @@ def tree_cpu(root_pids: list[int]) -> float:
 class Dovecot:
     """Dovecot 2.3 with passdb { driver = sql } (dovecot-pgsql) on the same database."""
 
-    def __init__(self, work: Path, pg: Any, cpus: str | None) -> None:
-        self.root = work / "dovecot"
+    def __init__(self, work: Path, pg: Any, cpus: str | None, reuse: int = 1) -> None:
+        """``reuse``: sessions a ``pop3`` process serves (its ``service_count``); 1 is
+        Dovecot's default, a process a session; more reuses a process for the next
+        session of the same uid (every user here), Dovecot's tuning for virtual users."""
+        self.root = work / ("dovecot" if reuse == 1 else f"dovecot-reuse{reuse}")
         self.root.mkdir()
         work.chmod(0o711)  # mkdtemp's 0700: Dovecot's mail processes run as "dovecot"
         (self.root / "run").mkdir()
@@ -220,6 +223,10 @@ service pop3-login {{
   }}
   service_count = 0
   process_min_avail = 2
+}}
+service pop3 {{
+  service_count = {reuse}
+  process_min_avail = {0 if reuse == 1 else 4}
 }}
 service imap-login {{
   inet_listener imap {{
@@ -285,6 +292,9 @@ def main() -> int:
                     help="login only, interleaved rounds: pop3d through HAProxy to each "
                          "node count, and Dovecot with its pgsql passdb on the same users")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
+    ap.add_argument("--dovecot-reuse", type=int, default=1, metavar="N",
+                    help="also run a Dovecot whose pop3 processes serve N sessions each "
+                         "(service_count; 1, Dovecot's default, runs none)")
     ap.add_argument("--concurrency", type=int, default=32,
                     help="login clients in --versus-dovecot, shared by the nodes (32)")
     args = ap.parse_args()
@@ -356,16 +366,20 @@ def _versus_dovecot(args: argparse.Namespace, work: Path, pg: Any, url: str) -> 
     """
     counts = [int(n) for n in args.nodes.split(",")]
     setups: dict[int, Nodes] = {}
-    dovecot: Dovecot | None = None
+    dovecots: list[Dovecot] = []
     try:
         for n in counts:
             # INFO, pop3d's default: one line per session, as Dovecot logs its two.
             setups[n] = Nodes(work, url, n, args.node_cpus, log_level="INFO")
-        dovecot = Dovecot(work, pg, args.node_cpus)
+        dovecots.append(Dovecot(work, pg, args.node_cpus))
         targets: list[tuple[str, int, list[int]]] = [
             (f"pop3d-{n}-node", setups[n].front, [p.pid for p in setups[n].procs[:-1]])
             for n in counts
-        ] + [("dovecot-pgsql", dovecot.port, [dovecot.pid])]
+        ] + [("dovecot-pgsql", dovecots[0].port, [dovecots[0].pid])]
+        if args.dovecot_reuse > 1:
+            dovecots.append(Dovecot(work, pg, args.node_cpus, reuse=args.dovecot_reuse))
+            targets.append((f"dovecot-pgsql-reuse{args.dovecot_reuse}", dovecots[1].port,
+                            [dovecots[1].pid]))
         per: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in targets}
         # PostgreSQL's CPU (postmaster and backends), shown apart: not a server core of
         # either side, but each side's statements cost it.
@@ -390,7 +404,7 @@ def _versus_dovecot(args: argparse.Namespace, work: Path, pg: Any, url: str) -> 
                 per[name].append(row)
                 print(json.dumps(row), flush=True)
     finally:
-        if dovecot is not None:
+        for dovecot in dovecots:
             dovecot.stop()
         for setup in setups.values():
             setup.stop()
@@ -405,6 +419,7 @@ def _versus_dovecot(args: argparse.Namespace, work: Path, pg: Any, url: str) -> 
     # Each round's ratio against the Dovecot row of the same round (the same load on the
     # machine, within seconds): their median and spread, beside the ratio of the medians.
     base = per_cpu("dovecot-pgsql")
+    reuse = f"dovecot-pgsql-reuse{args.dovecot_reuse}"
     for name, _, _ in targets:
         ratios = sorted(round(p / b, 2) for p, b in zip(per_cpu(name), base, strict=True) if b)
         print(json.dumps({"summary": name,
@@ -413,7 +428,10 @@ def _versus_dovecot(args: argparse.Namespace, work: Path, pg: Any, url: str) -> 
                           "median_logins_per_cpu_s": median(per_cpu(name)),
                           "per_cpu_ratio_vs_dovecot": round(
                               median(per_cpu(name)) / (median(base) or 1.0), 2),
-                          "round_ratios": ratios}), flush=True)
+                          "round_ratios": ratios, **({
+                              "per_cpu_ratio_vs_dovecot_reuse": round(
+                                  median(per_cpu(name)) / (median(per_cpu(reuse)) or 1.0),
+                                  2)} if reuse in per else {})}), flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())

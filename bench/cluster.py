@@ -19,6 +19,13 @@ to 1, 2 and 3 nodes, then straight to Dovecot 2.3 whose ``passdb { driver = sql 
 Maildirs the PostgreSQL store was imported from.  Each row gives the server side's CPU
 seconds (the nodes' processes, or Dovecot's master and all its children) and logins per
 CPU second: on a shared machine that per-core figure compares, where sessions/s swings.
+Both sides are counted alike: every process of the server, those that exited during the
+round included (Dovecot's per-session ``pop3``, and its auth, anvil, log, config and
+stats processes; pop3d's supervisors and workers), and both log each session (the nodes
+run at INFO, pop3d's default, as Dovecot logs its logins).  HAProxy (pop3d's side only)
+is not counted; PostgreSQL's CPU per login is a column of its own.  The summary gives
+each round's ratio against the Dovecot row of the same round, and ``--concurrency``
+sets the clients (32), shared by the nodes: each of 3 nodes sees a third of them.
 """
 
 from __future__ import annotations
@@ -77,7 +84,8 @@ def load_data(url: str, work: Path, users: dict[str, str], config: Path) -> None
 class Nodes:
     """N pop3d nodes and HAProxy in front."""
 
-    def __init__(self, work: Path, url: str, count: int, cpus: str | None) -> None:
+    def __init__(self, work: Path, url: str, count: int, cpus: str | None,
+                 log_level: str = "WARNING") -> None:
         self.procs: list[subprocess.Popen[bytes]] = []
         template = string.Template((DEPLOY / "pop3d" / "node.toml").read_text())
         pop3, lmtp = [], []
@@ -91,7 +99,7 @@ class Nodes:
             log = (work / f"node{count}-{i}.log").open("ab")
             self.procs.append(subprocess.Popen(
                 [*pin, PY, "-m", "pop3d", "serve", "--config", str(cfg), "--log-level",
-                 "WARNING"], stdout=log, stderr=log))  # fmt: skip
+                 log_level], stdout=log, stderr=log))  # fmt: skip
             pop3.append(p)
             lmtp.append(lm)
         for p in pop3:
@@ -154,8 +162,11 @@ def tree_cpu(root_pids: list[int]) -> float:
 class Dovecot:
     """Dovecot 2.3 with passdb { driver = sql } (dovecot-pgsql) on the same database."""
 
-    def __init__(self, work: Path, pg: Any, cpus: str | None) -> None:
-        self.root = work / "dovecot"
+    def __init__(self, work: Path, pg: Any, cpus: str | None, reuse: int = 1) -> None:
+        """``reuse``: sessions a ``pop3`` process serves (its ``service_count``); 1 is
+        Dovecot's default, a process a session; more reuses a process for the next
+        session of the same uid (every user here), Dovecot's tuning for virtual users."""
+        self.root = work / ("dovecot" if reuse == 1 else f"dovecot-reuse{reuse}")
         self.root.mkdir()
         work.chmod(0o711)  # mkdtemp's 0700: Dovecot's mail processes run as "dovecot"
         (self.root / "run").mkdir()
@@ -212,6 +223,10 @@ service pop3-login {{
   }}
   service_count = 0
   process_min_avail = 2
+}}
+service pop3 {{
+  service_count = {reuse}
+  process_min_avail = {0 if reuse == 1 else 4}
 }}
 service imap-login {{
   inet_listener imap {{
@@ -277,6 +292,11 @@ def main() -> int:
                     help="login only, interleaved rounds: pop3d through HAProxy to each "
                          "node count, and Dovecot with its pgsql passdb on the same users")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
+    ap.add_argument("--dovecot-reuse", type=int, default=1, metavar="N",
+                    help="also run a Dovecot whose pop3 processes serve N sessions each "
+                         "(service_count; 1, Dovecot's default, runs none)")
+    ap.add_argument("--concurrency", type=int, default=32,
+                    help="login clients in --versus-dovecot, shared by the nodes (32)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pop3d-bench-pg-"))
     ds = mkdata.build(work, login_users=args.login_users, fetch_users=args.fetch_users,
@@ -330,7 +350,8 @@ def run_login(port: int, args: argparse.Namespace, work: Path) -> dict[str, Any]
         [*pin, PY, "-m", "pop3d.bench", "login", "-p", str(port),
          "--manifest", str(work / "manifest.json"), "--json", "--users", "login%d",
          "--user-count", str(args.login_users), "--password", "pw-%u",
-         "--concurrency", "32", "--duration", str(args.duration)],
+         "--concurrency", str(getattr(args, "concurrency", 32)),
+         "--duration", str(args.duration)],
         capture_output=True, text=True, check=False)  # fmt: skip
     out: dict[str, Any] = json.loads(res.stdout) if res.stdout.strip() else {}
     return out
@@ -345,51 +366,72 @@ def _versus_dovecot(args: argparse.Namespace, work: Path, pg: Any, url: str) -> 
     """
     counts = [int(n) for n in args.nodes.split(",")]
     setups: dict[int, Nodes] = {}
-    dovecot: Dovecot | None = None
+    dovecots: list[Dovecot] = []
     try:
         for n in counts:
-            setups[n] = Nodes(work, url, n, args.node_cpus)
-        dovecot = Dovecot(work, pg, args.node_cpus)
+            # INFO, pop3d's default: one line per session, as Dovecot logs its two.
+            setups[n] = Nodes(work, url, n, args.node_cpus, log_level="INFO")
+        dovecots.append(Dovecot(work, pg, args.node_cpus))
         targets: list[tuple[str, int, list[int]]] = [
             (f"pop3d-{n}-node", setups[n].front, [p.pid for p in setups[n].procs[:-1]])
             for n in counts
-        ] + [("dovecot-pgsql", dovecot.port, [dovecot.pid])]
+        ] + [("dovecot-pgsql", dovecots[0].port, [dovecots[0].pid])]
+        if args.dovecot_reuse > 1:
+            dovecots.append(Dovecot(work, pg, args.node_cpus, reuse=args.dovecot_reuse))
+            targets.append((f"dovecot-pgsql-reuse{args.dovecot_reuse}", dovecots[1].port,
+                            [dovecots[1].pid]))
         per: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in targets}
+        # PostgreSQL's CPU (postmaster and backends), shown apart: not a server core of
+        # either side, but each side's statements cost it.
+        postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
         for _name, port, _ in targets:  # warm-up: pools, Dovecot's login processes
             run_login(port, argparse.Namespace(**{**vars(args), "duration": 1.0}), work)
         for round_ in range(args.rounds):
             for name, port, pids in targets:
                 reset_statements(url)
-                before = tree_cpu(pids)
+                before, db_before = tree_cpu(pids), tree_cpu([postmaster])
                 out = run_login(port, args, work)
                 cpu = tree_cpu(pids) - before
+                db_cpu = tree_cpu([postmaster]) - db_before
                 sessions = int(out.get("sessions", 0))
                 row = {"round": round_, "server": name,
                        "sessions_per_s": out.get("sessions_per_s"),
                        "failures": out.get("failures"), "errors": out.get("errors"),
                        "server_cpu_s": round(cpu, 2),
                        "logins_per_cpu_s": round(sessions / cpu, 1) if cpu else None,
-                       "db_statements_per_login": round(statements(url) / (sessions or 1), 2)}
+                       "db_statements_per_login": round(statements(url) / (sessions or 1), 2),
+                       "db_cpu_us_per_login": round(db_cpu / (sessions or 1) * 1e6)}
                 per[name].append(row)
                 print(json.dumps(row), flush=True)
     finally:
-        if dovecot is not None:
+        for dovecot in dovecots:
             dovecot.stop()
         for setup in setups.values():
             setup.stop()
 
-    def median(name: str, key: str) -> float:
-        values = sorted(float(r[key] or 0) for r in per[name])
+    def median(values: list[float]) -> float:
+        values = sorted(values)
         return values[len(values) // 2]
 
-    base = median("dovecot-pgsql", "logins_per_cpu_s") or 1.0
-    for name, _, _ in targets:
-        print(json.dumps({"summary": name,
-                          "median_sessions_per_s": median(name, "sessions_per_s"),
-                          "median_logins_per_cpu_s": median(name, "logins_per_cpu_s"),
-                          "per_cpu_ratio_vs_dovecot": round(
-                              median(name, "logins_per_cpu_s") / base, 2)}), flush=True)
+    def per_cpu(name: str) -> list[float]:
+        return [float(r["logins_per_cpu_s"] or 0) for r in per[name]]
 
+    # Each round's ratio against the Dovecot row of the same round (the same load on the
+    # machine, within seconds): their median and spread, beside the ratio of the medians.
+    base = per_cpu("dovecot-pgsql")
+    reuse = f"dovecot-pgsql-reuse{args.dovecot_reuse}"
+    for name, _, _ in targets:
+        ratios = sorted(round(p / b, 2) for p, b in zip(per_cpu(name), base, strict=True) if b)
+        print(json.dumps({"summary": name,
+                          "median_sessions_per_s": median(
+                              [float(r["sessions_per_s"] or 0) for r in per[name]]),
+                          "median_logins_per_cpu_s": median(per_cpu(name)),
+                          "per_cpu_ratio_vs_dovecot": round(
+                              median(per_cpu(name)) / (median(base) or 1.0), 2),
+                          "round_ratios": ratios, **({
+                              "per_cpu_ratio_vs_dovecot_reuse": round(
+                                  median(per_cpu(name)) / (median(per_cpu(reuse)) or 1.0),
+                                  2)} if reuse in per else {})}), flush=True)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -54,7 +54,7 @@ from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pop3d.database import Database
+from pop3d.database import Database, cursor_for
 from pop3d.errors import LocalProtocolError, MaildropLocked, TemporaryBackendError
 from pop3d.protocol.values import MessageInfo, Principal
 from pop3d.storage.base import MailboxStats, Maildrop
@@ -80,6 +80,13 @@ def _own(shared: BaseException) -> BaseException:
         own = RuntimeError(f"lease statement failed: {type(shared).__name__}")
     own.__cause__ = shared
     return own
+
+
+#: The shared lease statement: releases, then opens with their listings (migration 0002).
+_LEASES = "SELECT k, status, id, uidl, size FROM pop3d_leases(%s, %s, %s, %s, %s, %s)"
+#: Releases alone.
+_RELEASE = ("DELETE FROM maildrop_leases AS l USING unnest(%s::text[], %s::text[]) "
+            "AS r (mailbox, owner) WHERE l.mailbox = r.mailbox AND l.owner = r.owner")
 
 
 class LeaseLost(TemporaryBackendError):
@@ -246,9 +253,8 @@ class LeaseManager:
             try:
                 async with self.database.connection() as conn:
                     if opens:
-                        cur = await conn.execute(
-                            "SELECT k, status, id, uidl, size FROM pop3d_leases(%s, %s, "
-                            "%s, %s, %s, %s)",
+                        cur = await cursor_for(conn, _LEASES).execute(
+                            _LEASES,
                             ([m for m, _, _ in frees], [o for _, o, _ in frees],
                              [m for m, _, _ in opens], [o for _, o, _ in opens],
                              self.node, self.ttl),
@@ -258,10 +264,8 @@ class LeaseManager:
                             if message_id is not None:
                                 rows.append((int(message_id), str(uidl), int(size)))
                     else:
-                        await conn.execute(
-                            "DELETE FROM maildrop_leases AS l USING unnest(%s::text[], "
-                            "%s::text[]) AS r (mailbox, owner) "
-                            "WHERE l.mailbox = r.mailbox AND l.owner = r.owner",
+                        await cursor_for(conn, _RELEASE).execute(
+                            _RELEASE,
                             ([m for m, _, _ in frees], [o for _, o, _ in frees]),
                         )
                 failure = None

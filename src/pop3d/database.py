@@ -22,6 +22,14 @@ Rules of this module:
   else waits for the next given back.  A connection goes back to the pool when it is not
   idle and healthy (the pool repairs or replaces it), and after :data:`_LEND_FOR`
   seconds (so the pool's own ageing and shrinking still apply).
+* **The socket stays watched.**  psycopg's own wait adds the connection's socket to the
+  event loop and removes it again at every wait, with a timer each time: two
+  ``epoll_ctl`` calls and a timer per statement.  A pooled connection here
+  (:class:`_Connection`) registers a duplicate of its socket once and keeps it while the
+  connection is lent; the duplicate is ours alone, so libpq closing its socket (a lost
+  connection) can never leave a closed or reused descriptor in the loop.  Data that
+  arrives while no statement waits (the server hanging up an idle connection) drops the
+  registration; the next statement makes a new one.
 * **Autocommit.**  A single statement is its own transaction; the few multi-statement
   transactions (a delivery) say so with ``conn.transaction()``.
 * **Loops.**  A pool belongs to the event loop that opened it.  Short-lived commands and
@@ -35,17 +43,20 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
+import select
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Generator
+from typing import Any, TypeVar
 
 import psycopg
 import psycopg_pool
+from psycopg.waiting import READY_R, READY_W, WAIT_R, WAIT_W
 
 from pop3d.config import DatabaseConfig
 from pop3d.errors import TemporaryBackendError
 
-__all__ = ["Database", "DatabaseUnavailable"]
+__all__ = ["Database", "DatabaseUnavailable", "cursor_for"]
 
 log = logging.getLogger("pop3d.database")
 
@@ -59,6 +70,183 @@ _IDLE = psycopg.pq.TransactionStatus.IDLE
 
 #: SQLSTATEs of a missing table or function: the schema was not created.
 _NO_SCHEMA = frozenset({"42P01", "42883"})
+
+
+_RV = TypeVar("_RV")
+_ACTIVE = psycopg.pq.TransactionStatus.ACTIVE
+_INTERRUPTED = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
+
+
+class _Watch:
+    """A duplicate of a connection's socket, registered with one loop for reading."""
+
+    __slots__ = ("fd", "loop", "waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, socket: int) -> None:
+        self.loop = loop
+        self.fd = os.dup(socket)
+        self.waiter: asyncio.Future[None] | None = None
+        try:
+            loop.add_reader(self.fd, self._readable)
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _readable(self) -> None:
+        waiter = self.waiter
+        if waiter is None:  # nothing expected: the server hung up, or a notice; re-made
+            self.close()    # by the next wait (a readable socket would call us forever)
+        elif not waiter.done():
+            waiter.set_result(None)
+
+    def close(self) -> None:
+        """Unregister and close the duplicate (idempotent)."""
+        fd, self.fd = self.fd, -1
+        if fd < 0:
+            return
+        try:
+            if not self.loop.is_closed():
+                self.loop.remove_reader(fd)
+        finally:
+            os.close(fd)
+            if self.waiter is not None and not self.waiter.done():
+                self.waiter.set_result(None)  # its wait sees the socket itself
+
+
+def _ready_now(fd: int, wait: int) -> int:
+    """The socket's readiness for ``wait`` right now (a zero-timeout poll)."""
+    poller = select.poll()
+    poller.register(fd, (select.POLLIN if wait & WAIT_R else 0)
+                    | (select.POLLOUT if wait & WAIT_W else 0))
+    ready = 0
+    for _, events in poller.poll(0):
+        if events & (select.POLLIN | select.POLLERR | select.POLLHUP):
+            ready |= READY_R
+        if events & select.POLLOUT:
+            ready |= READY_W
+    return ready
+
+
+class _Connection(psycopg.AsyncConnection[Any]):
+    """A pooled connection whose socket stays registered with the loop between waits."""
+
+    _watch: _Watch | None = None
+    _cursors: dict[str, psycopg.AsyncCursor[Any]] | None = None
+
+    def cursor_for(self, query: str) -> psycopg.AsyncCursor[Any]:
+        """The cursor kept for ``query`` on this connection (see :func:`cursor_for`)."""
+        cursors = self._cursors
+        if cursors is None:
+            cursors = self._cursors = {}
+        cur = cursors.get(query)
+        if cur is None:
+            if len(cursors) >= _CURSORS:
+                cursors.clear()
+            cur = cursors[query] = self.cursor()
+        return cur
+
+    async def wait(self, gen: Generator[Any, Any, _RV], interval: float = 0.1,
+                   timeout: float | None = None) -> _RV:  # noqa: ASYNC109 (psycopg's)
+        """Wait as psycopg does, on the kept registration (a bounded wait: psycopg's own)."""
+        if timeout is not None:
+            return await super().wait(gen, interval, timeout)
+        try:
+            return await self._wait_watched(gen)
+        except _INTERRUPTED:
+            # As psycopg: cancel the query in the server and drain its answer, so that
+            # the connection is idle and reusable; else it is closed.
+            if self.pgconn.transaction_status == _ACTIVE:
+                try:
+                    await self.cancel_safe(timeout=5.0)
+                    await super().wait(gen, interval, 5.0)
+                except psycopg.errors.QueryCanceled:
+                    pass
+                except BaseException:  # interrupted again, or timed out
+                    self.unwatch()
+                    self.pgconn.finish()
+            raise
+
+    async def _wait_watched(self, gen: Generator[Any, Any, _RV]) -> _RV:
+        try:
+            wait = next(gen)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        loop = asyncio.get_running_loop()
+        fd = self.pgconn.socket
+        try:
+            while True:
+                ready = _ready_now(fd, wait) if wait & WAIT_W else 0
+                if not ready and wait & WAIT_W:  # a full send buffer (a big COPY): rare
+                    ready = await self._wait_once(loop, fd, wait)
+                elif not ready:
+                    watch = self._watch
+                    if watch is None or watch.fd < 0 or watch.loop is not loop:
+                        if watch is not None:
+                            watch.close()
+                        watch = self._watch = _Watch(loop, fd)
+                    waiter = watch.waiter = loop.create_future()
+                    try:
+                        await waiter
+                    finally:
+                        watch.waiter = None
+                    ready = READY_R
+                wait = gen.send(ready)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        except OSError as exc:
+            raise psycopg.OperationalError("connection socket closed") from exc
+        finally:
+            if self.pgconn.status != _OK:  # lost: libpq may have closed its socket
+                self.unwatch()
+
+    @staticmethod
+    async def _wait_once(loop: asyncio.AbstractEventLoop, fd: int, wait: int) -> int:
+        """Register ``fd`` for this wait only, as psycopg does."""
+        waiter: asyncio.Future[int] = loop.create_future()
+
+        def wake(state: int) -> None:
+            if not waiter.done():
+                waiter.set_result(state)
+
+        if wait & WAIT_R:
+            loop.add_reader(fd, wake, READY_R)
+        loop.add_writer(fd, wake, READY_W)
+        try:
+            return await waiter
+        finally:
+            if wait & WAIT_R:
+                loop.remove_reader(fd)
+            loop.remove_writer(fd)
+
+    def unwatch(self) -> None:
+        """Drop the kept registration (before the pool takes the connection back)."""
+        watch, self._watch = self._watch, None
+        if watch is not None:
+            watch.close()
+
+    async def close(self) -> None:
+        """Unwatch, then close."""
+        self.unwatch()
+        self._cursors = None
+        await super().close()
+
+
+#: Kept cursors per connection (a few statements run on the login path).
+_CURSORS = 16
+
+
+def cursor_for(conn: psycopg.AsyncConnection[Any], query: str) -> psycopg.AsyncCursor[Any]:
+    """A cursor to run ``query`` on: kept per pooled connection and query.
+
+    psycopg gives every new cursor its own adapters map and parameter/row transformer,
+    whose caches (which dumper for a ``str``, which loader for a ``text`` column) a
+    one-statement cursor fills for nothing; a cursor that runs the very same query
+    again keeps its transformer.  ``query`` must be the same string object each time
+    (a constant), and the connection used by one request at a time (as lent here).
+    """
+    if isinstance(conn, _Connection):
+        return conn.cursor_for(query)
+    return conn.cursor()
 
 
 class DatabaseUnavailable(TemporaryBackendError):
@@ -104,10 +292,14 @@ class Database:
         if self._pool is None or self._pool_loop is not loop:
             self._pool_loop = loop
             # The old loop's connections are left behind with its pool.
+            for conn in self._lent:
+                if isinstance(conn, _Connection):
+                    conn.unwatch()
             self._lent, self._idle, self._waiters = {}, [], collections.deque()
             self._pool = psycopg_pool.AsyncConnectionPool(
                 self.config.url,
                 kwargs=self._kwargs,
+                connection_class=_Connection,
                 min_size=self.config.pool_min,
                 max_size=self.config.pool_max,
                 timeout=self.config.timeout,
@@ -220,6 +412,8 @@ class Database:
                 return
             conn = idle.pop(0)  # the least used, lent long ago: let the pool age it
         del self._lent[conn]
+        if isinstance(conn, _Connection):
+            conn.unwatch()
         try:
             await pool.putconn(conn)  # the pool repairs, replaces or keeps it
         finally:
@@ -261,5 +455,7 @@ class Database:
         idle, self._idle, self._lent = self._idle, [], {}
         if pool is not None and self._pool_loop is asyncio.get_running_loop():
             for conn in idle:
+                if isinstance(conn, _Connection):
+                    conn.unwatch()
                 await pool.putconn(conn)
             await pool.close(timeout=1)

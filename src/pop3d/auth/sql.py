@@ -47,7 +47,7 @@ import psycopg
 from pop3d import process
 from pop3d.auth import schemes
 from pop3d.auth.passwd_file import valid_username
-from pop3d.database import Database
+from pop3d.database import Database, cursor_for
 from pop3d.errors import TemporaryBackendError
 from pop3d.protocol.values import Principal
 
@@ -182,9 +182,14 @@ class SqlAuthenticator:
         """The one row of ``query`` for ``username`` as text fields; ``None``: no row."""
         async with self.database.connection() as conn:
             try:
-                cur = await conn.execute(query, _params(username))
+                cur = await cursor_for(conn, query).execute(query, _params(username))
                 record = await cur.fetchone()
-                names = [d.name for d in cur.description or ()]
+                # The names from the result itself (cur.description makes an object
+                # per column at every call).
+                res = cur.pgresult
+                encoding = conn.info.encoding
+                names = [] if res is None else [
+                    (res.fname(i) or b"").decode(encoding) for i in range(res.nfields)]
             except psycopg.errors.QueryCanceled:
                 raise
             except psycopg.DatabaseError as exc:

@@ -89,6 +89,8 @@ _COMMANDS_PER_TURN = limits.COMMANDS_PER_TURN
 
 #: Whether each maildrop type offers :class:`InlineRead` (isinstance on a Protocol is slow).
 _INLINE_READ: dict[type, bool] = {}
+#: Whether each message stream type is :class:`Paced` (isinstance on a Protocol is slow).
+_PACED: dict[type, bool] = {}
 
 #: The session log's result -> the metrics' vocabulary (``metrics.session_ended``).
 _ENDED = {
@@ -560,7 +562,11 @@ class Pop3Protocol(asyncio.Protocol):
         # stops reading holds at most one chunk beyond the kernel's buffers, whatever its
         # size.  A peer that stalled (limits.SHRINK_AFTER_STALL) then gets small chunks
         # (limits.READ_CHUNK_AFTER_STALL), doubling while the kernel takes each whole.
-        paced = chunks if isinstance(chunks, Paced) else None
+        kind = type(chunks)
+        pacing = _PACED.get(kind)
+        if pacing is None:
+            pacing = _PACED[kind] = isinstance(chunks, Paced)
+        paced = cast("Paced", chunks) if pacing else None
         size = limits.READ_CHUNK
         transport.set_write_buffer_limits(high=1, low=0)
         try:

@@ -79,20 +79,20 @@ MAX_AUTH_IN_FLIGHT_PER_ADDRESS = 2
 #: whole /64 (RFC 6177), and could otherwise take a fresh address for every guess.
 DEFAULT_IPV6_PENALTY_PREFIX = 64
 
-#: Largest chunk a big message is read and sent in, once the peer has shown it takes
-#: them (:data:`FIRST_READ_CHUNK`): large enough that RETR does few system calls and
-#: Python steps (against 256 KiB: docs/performance.md); what a peer that stops reading
-#: then holds is at most one such chunk beyond the kernel's buffers.
+#: Chunk a big message is read and sent in: large enough that RETR does few system
+#: calls and Python steps (against 256 KiB: docs/performance.md).  server/connection.py
+#: makes no chunk while any of the last is left with the transport, so a peer that stops
+#: reading holds at most one chunk beyond the kernel's buffers (a stalled 20 MiB RETR
+#: held 2.0-2.1 MiB before: a 1 MiB chunk, the high-water mark's worth more, the chunk
+#: kept across the wait).
 READ_CHUNK = 1024 * 1024
 
-#: Size of a big message's first chunk, and of the next one after the peer stalled
-#: (:data:`SHRINK_AFTER_STALL`).  server/connection.py makes no chunk while any of the
-#: last is left with the transport, and doubles the size up to :data:`READ_CHUNK` only
-#: while the kernel takes each chunk whole at once, so a peer that stops reading holds
-#: at most one chunk (a stalled 20 MiB RETR held 2.0-2.1 MiB: a 1 MiB chunk, the
-#: high-water mark's worth more, the chunk kept across the wait).  Doubling from 64 KiB
-#: reaches full chunks after 1 MiB of the message.
-FIRST_READ_CHUNK = 64 * 1024
+#: Chunk a big message goes on with after its peer stalled (:data:`SHRINK_AFTER_STALL`),
+#: doubling up to :data:`READ_CHUNK` while the kernel takes each chunk whole at once:
+#: a peer that reads a little now and then holds a small chunk, not a full one, each
+#: time it stalls again.  The first chunk of a message is a full one (starting small
+#: cost every big RETR three more reads and writes: docs/performance.md).
+READ_CHUNK_AFTER_STALL = 64 * 1024
 
 #: A message's bytes are passed to the socket once this much is queued: a small message
 #: then leaves in one write with its status line and terminator.

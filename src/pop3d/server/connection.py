@@ -89,6 +89,8 @@ _COMMANDS_PER_TURN = limits.COMMANDS_PER_TURN
 
 #: Whether each maildrop type offers :class:`InlineRead` (isinstance on a Protocol is slow).
 _INLINE_READ: dict[type, bool] = {}
+#: Whether each message stream type is :class:`Paced` (isinstance on a Protocol is slow).
+_PACED: dict[type, bool] = {}
 
 #: The session log's result -> the metrics' vocabulary (``metrics.session_ended``).
 _ENDED = {
@@ -562,13 +564,15 @@ class Pop3Protocol(asyncio.Protocol):
         # While a message streams, the next chunk is made only once the kernel has taken
         # all of the last one (whatever it leaves pauses us until it has gone; a high-water
         # mark of 1, as asyncio's TLS layer pauses at 0 even when empty), so a peer that
-        # stops reading holds at most one chunk beyond the kernel's buffers.  Chunks start
-        # small and double while the kernel takes each whole at once; after a stall
-        # (limits.SHRINK_AFTER_STALL) they start small again (limits.FIRST_READ_CHUNK).
-        paced = chunks if isinstance(chunks, Paced) else None
-        size = limits.FIRST_READ_CHUNK
-        if paced is not None:
-            paced.pace(size)
+        # stops reading holds at most one chunk beyond the kernel's buffers, whatever its
+        # size.  A peer that stalled (limits.SHRINK_AFTER_STALL) then gets small chunks
+        # (limits.READ_CHUNK_AFTER_STALL), doubling while the kernel takes each whole.
+        kind = type(chunks)
+        pacing = _PACED.get(kind)
+        if pacing is None:
+            pacing = _PACED[kind] = isinstance(chunks, Paced)
+        paced = cast("Paced", chunks) if pacing else None
+        size = limits.READ_CHUNK
         transport.set_write_buffer_limits(high=1, low=0)
         try:
             async for chunk in chunks:
@@ -580,7 +584,7 @@ class Pop3Protocol(asyncio.Protocol):
                 if self._write_paused:
                     del chunk  # not held while the peer stalls (the transport has a copy)
                     if await self._drain(paced):
-                        size = limits.FIRST_READ_CHUNK  # it stalled: show again it reads
+                        size = limits.READ_CHUNK_AFTER_STALL  # show again that it reads
                 elif size < limits.READ_CHUNK:
                     size *= 2
                 if self._closing:

@@ -104,10 +104,9 @@ class InlineOpen(Protocol):
 class Paced(Protocol):
     """A message stream (what :meth:`Maildrop.read` returns) whose reads the sender sizes.
 
-    The sender reads small chunks while the peer has not shown that it takes them, so
-    that a peer that stops reading is never made more than a small chunk beyond the
-    transport's high-water mark (``server/connection.py``), and drops the read buffer
-    while the peer stalls.
+    The sender drops the read buffer while the peer stalls, and reads small chunks after
+    a stall until the peer has shown again that it takes them (``server/connection.py``),
+    so that a peer reading a little now and then holds a small chunk, not a full one.
     """
 
     def pace(self, size: int) -> None:

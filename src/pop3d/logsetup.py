@@ -51,9 +51,9 @@ _WRITE_AFTER = 0.1
 _FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 
-def _line(asctime: str, levelname: str, name: str, message: str) -> str:
-    """A line of :data:`_FORMAT`, with the pid this module keeps."""
-    return f"{asctime} {levelname} {name}[{process.pid()}]: {message}"
+def _line(asctime: str, levelname: str, name: str, message: str, pid: int | None) -> str:
+    """A line of :data:`_FORMAT`; a record without a pid gets :mod:`pop3d.process`'s."""
+    return f"{asctime} {levelname} {name}[{pid or process.pid()}]: {message}"
 
 
 #: Which lines wait for a batch: the session lines (INFO), in the loop's thread.
@@ -66,20 +66,29 @@ class _Record(logging.LogRecord):
     """A record with what pop3d's lines show: no caller, thread or process name.
 
     As :mod:`logging` makes it with ``logThreads``, ``logMultiprocessing`` and
-    ``logProcesses`` off, and the pid of :mod:`pop3d.process`.
+    ``logProcesses`` off, and the pid of :mod:`pop3d.process`.  The fields that are the
+    same in every record (:class:`_LeanLogger` looks for no caller) are class attributes:
+    read as attributes, they are not in the record's ``__dict__``.
     """
+
+    pathname = filename = "(unknown file)"
+    module = "(unknown module)"
+    lineno = 0
+    funcName = "(unknown function)"  # noqa: N815 (logging's name)
+    exc_text = stack_info = None
+    thread = threadName = processName = taskName = None  # noqa: N815
 
     def __init__(  # noqa: PLR0917 (LogRecord's signature)
         self,
         name: str,
         level: int,
-        pathname: str,
-        lineno: int,
+        pathname: str,  # noqa: ARG002 (always _LeanLogger.findCaller's)
+        lineno: int,  # noqa: ARG002
         msg: object,
         args: Any,
         exc_info: Any,
-        func: str | None = None,
-        sinfo: str | None = None,
+        func: str | None = None,  # noqa: ARG002
+        sinfo: str | None = None,  # noqa: ARG002
     ) -> None:
         created = time.time()
         self.name = name
@@ -89,22 +98,16 @@ class _Record(logging.LogRecord):
         self.args = args
         self.levelname = logging.getLevelName(level)
         self.levelno = level
-        self.pathname = pathname
-        self.filename = pathname
-        self.module = "(unknown module)"
         self.exc_info = exc_info
-        self.exc_text = None
-        self.stack_info = sinfo
-        self.lineno = lineno
-        self.funcName = func or "(unknown function)"
         self.created = created
         self.msecs = (created - int(created)) * 1000
         self.relativeCreated = (created - _START) * 1000
-        self.thread = None
-        self.threadName = None
-        self.processName = None
         self.process = process.pid()
-        self.taskName = None
+
+
+#: A standard record's fields: ``extra`` may not overwrite them (class attributes of
+#: :class:`_Record` included).
+_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)))
 
 
 class _LeanLogger(logging.Logger):
@@ -131,7 +134,7 @@ class _LeanLogger(logging.Logger):
         record = _Record(name, level, fn, lno, msg, args, exc_info, func, sinfo)
         if extra is not None:
             for key, value in extra.items():
-                if key in ("message", "asctime") or key in record.__dict__:
+                if key in ("message", "asctime") or key in _FIELDS or key in record.__dict__:
                     raise KeyError(f"Attempt to overwrite {key!r} in LogRecord")
                 record.__dict__[key] = value
         return record
@@ -186,12 +189,13 @@ class _Formatter(logging.Formatter):
         """The line; a record with an exception or a stack goes the standard way."""
         if record.exc_info or record.exc_text or record.stack_info:
             return super().format(record)
-        record.message = record.getMessage()
-        record.asctime = self.formatTime(record)
-        return self.formatMessage(record)
+        record.message = message = record.getMessage()
+        record.asctime = asctime = self.clock.text(int(record.created), int(record.msecs))
+        return _line(asctime, record.levelname, record.name, message, record.process)
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802
-        return _line(record.asctime, record.levelname, record.name, record.message)
+        return _line(record.asctime, record.levelname, record.name, record.message,
+                     record.process)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         if datefmt is not None:

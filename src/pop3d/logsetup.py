@@ -66,29 +66,20 @@ class _Record(logging.LogRecord):
     """A record with what pop3d's lines show: no caller, thread or process name.
 
     As :mod:`logging` makes it with ``logThreads``, ``logMultiprocessing`` and
-    ``logProcesses`` off, and the pid of :mod:`pop3d.process`.  The fields that are the
-    same in every record (:class:`_LeanLogger` looks for no caller) are class attributes:
-    read as attributes, they are not in the record's ``__dict__``.
+    ``logProcesses`` off, and the pid of :mod:`pop3d.process`.
     """
-
-    pathname = filename = "(unknown file)"
-    module = "(unknown module)"
-    lineno = 0
-    funcName = "(unknown function)"  # noqa: N815 (logging's name)
-    exc_text = stack_info = None
-    thread = threadName = processName = taskName = None  # noqa: N815
 
     def __init__(  # noqa: PLR0917 (LogRecord's signature)
         self,
         name: str,
         level: int,
-        pathname: str,  # noqa: ARG002 (always _LeanLogger.findCaller's)
-        lineno: int,  # noqa: ARG002
+        pathname: str,
+        lineno: int,
         msg: object,
         args: Any,
         exc_info: Any,
-        func: str | None = None,  # noqa: ARG002
-        sinfo: str | None = None,  # noqa: ARG002
+        func: str | None = None,
+        sinfo: str | None = None,
     ) -> None:
         created = time.time()
         self.name = name
@@ -98,16 +89,22 @@ class _Record(logging.LogRecord):
         self.args = args
         self.levelname = logging.getLevelName(level)
         self.levelno = level
+        self.pathname = pathname
+        self.filename = pathname
+        self.module = "(unknown module)"
         self.exc_info = exc_info
+        self.exc_text = None
+        self.stack_info = sinfo
+        self.lineno = lineno
+        self.funcName = func or "(unknown function)"
         self.created = created
         self.msecs = (created - int(created)) * 1000
         self.relativeCreated = (created - _START) * 1000
+        self.thread = None
+        self.threadName = None
+        self.processName = None
         self.process = process.pid()
-
-
-#: A standard record's fields: ``extra`` may not overwrite them (class attributes of
-#: :class:`_Record` included).
-_FIELDS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None)))
+        self.taskName = None
 
 
 class _LeanLogger(logging.Logger):
@@ -134,7 +131,7 @@ class _LeanLogger(logging.Logger):
         record = _Record(name, level, fn, lno, msg, args, exc_info, func, sinfo)
         if extra is not None:
             for key, value in extra.items():
-                if key in ("message", "asctime") or key in _FIELDS or key in record.__dict__:
+                if key in ("message", "asctime") or key in record.__dict__:
                     raise KeyError(f"Attempt to overwrite {key!r} in LogRecord")
                 record.__dict__[key] = value
         return record

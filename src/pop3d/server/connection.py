@@ -309,19 +309,10 @@ class Pop3Protocol(asyncio.Protocol):
         turn_ends = core.commands_received + _COMMANDS_PER_TURN
         try:
             while True:
-                if core.pending_output >= _WRITE_COALESCE:
-                    self.flush()
-                    writes += 1
                 if self._write_paused:
                     # The peer is not reading: answer nothing more, read nothing more.
                     self._blocked = True
                     self._pause_reading()
-                    return None
-                if writes >= _WRITES_PER_TURN or core.commands_received >= turn_ends:
-                    # Fairness: a client whose replies the kernel keeps taking lets the
-                    # others (and the accept) have the loop before it is answered further.
-                    self._blocked = True
-                    self.loop.call_soon(self._next_turn)
                     return None
                 event = core.next_event()
                 if isinstance(event, NeedData):
@@ -331,23 +322,31 @@ class Pop3Protocol(asyncio.Protocol):
                         self.transport.resume_reading()
                     return None
                 if isinstance(event, Flush):
-                    continue  # the replies are written at the top of the loop
-                if isinstance(event, AuthRefused):  # information only: log it and go on
+                    # The core stopped answering: its output is due (a coalesced write),
+                    # or it answered a batch of lines.
+                    if core.pending_output >= _WRITE_COALESCE:
+                        self.flush()
+                        writes += 1
+                elif isinstance(event, AuthRefused):  # information only: log it, go on
                     self._auth_refused(event)
-                    continue
-                if isinstance(event, Closed):
+                elif isinstance(event, Closed):
                     self._result = self._result or event.reason
                     self._closing = True
                     self._last_words = core.data_to_send()
                     self._flush_soon()
                     self._finish()
                     return None
-                if isinstance(event, SendMessage) and self._send_inline(core, event.uid):
-                    continue
-                later = self._answer(core, event)
-                if later is not None:
-                    self.flush()
-                    return event, later
+                elif not (isinstance(event, SendMessage) and self._send_inline(core, event.uid)):
+                    later = self._answer(core, event)
+                    if later is not None:
+                        self.flush()
+                        return event, later
+                if writes >= _WRITES_PER_TURN or core.commands_received >= turn_ends:
+                    # Fairness: a client whose replies the kernel keeps taking lets the
+                    # others (and the accept) have the loop before it is answered further.
+                    self._blocked = True
+                    self.loop.call_soon(self._next_turn)
+                    return None
         except LocalProtocolError:
             log.exception("internal error with %s", self.peer)
             self._abort("internal error")

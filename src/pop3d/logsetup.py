@@ -220,10 +220,10 @@ class _Handler(logging.StreamHandler[TextIO]):
         A session line of the loop's thread is formatted and queued without it (only
         that thread touches the queue); :meth:`_write_now` holds it for the write.
         """
-        passed = self.filter(record)
-        if passed:
-            self.emit(record)
-        return bool(passed)
+        if self.filters and not self.filter(record):  # (no filters: nothing to ask)
+            return False
+        self.emit(record)
+        return True
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

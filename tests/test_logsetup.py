@@ -317,3 +317,15 @@ def test_one_timer_writes_what_the_full_batches_left(
     assert 0 < len(_messages(written[0])) < len(names)  # the full batches, at once
     assert _messages(written[1]) == names  # the rest, by the timer
     assert timers == [0.05]
+
+
+def test_a_filter_on_pop3ds_handler_is_asked(logged: tuple[_Writes, logging.Logger]) -> None:
+    stream, session = logged
+    handler = logging.getLogger("pop3d").handlers[0]
+    handler.addFilter(lambda record: "drop" not in record.getMessage())
+    try:
+        session.info("session keep")
+        session.info("session drop")
+    finally:
+        handler.filters.clear()
+    assert _messages(stream.getvalue()) == ["session keep"]

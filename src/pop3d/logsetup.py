@@ -51,9 +51,9 @@ _WRITE_AFTER = 0.1
 _FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 
-def _line(asctime: str, levelname: str, name: str, message: str) -> str:
-    """A line of :data:`_FORMAT`, with the pid this module keeps."""
-    return f"{asctime} {levelname} {name}[{process.pid()}]: {message}"
+def _line(asctime: str, levelname: str, name: str, message: str, pid: int | None) -> str:
+    """A line of :data:`_FORMAT`; a record without a pid gets :mod:`pop3d.process`'s."""
+    return f"{asctime} {levelname} {name}[{pid or process.pid()}]: {message}"
 
 
 #: Which lines wait for a batch: the session lines (INFO), in the loop's thread.
@@ -186,12 +186,13 @@ class _Formatter(logging.Formatter):
         """The line; a record with an exception or a stack goes the standard way."""
         if record.exc_info or record.exc_text or record.stack_info:
             return super().format(record)
-        record.message = record.getMessage()
-        record.asctime = self.formatTime(record)
-        return self.formatMessage(record)
+        record.message = message = record.getMessage()
+        record.asctime = asctime = self.clock.text(int(record.created), int(record.msecs))
+        return _line(asctime, record.levelname, record.name, message, record.process)
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802
-        return _line(record.asctime, record.levelname, record.name, record.message)
+        return _line(record.asctime, record.levelname, record.name, record.message,
+                     record.process)
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:  # noqa: N802
         if datefmt is not None:
@@ -219,10 +220,10 @@ class _Handler(logging.StreamHandler[TextIO]):
         A session line of the loop's thread is formatted and queued without it (only
         that thread touches the queue); :meth:`_write_now` holds it for the write.
         """
-        passed = self.filter(record)
-        if passed:
-            self.emit(record)
-        return bool(passed)
+        if self.filters and not self.filter(record):  # (no filters: nothing to ask)
+            return False
+        self.emit(record)
+        return True
 
     def emit(self, record: logging.LogRecord) -> None:
         try:

@@ -211,6 +211,23 @@ def test_a_success_forgets_only_the_users_own_failures() -> None:
     assert not delays.penalised("a")
 
 
+def test_only_an_address_without_failures_and_with_a_free_slot_is_answered_at_once() -> None:
+    delays = FailureDelays(base=1.0, cap=100.0, max_in_flight=2)
+    assert delays.answers_at_once("a")
+    delays.take("a")
+    assert delays.answers_at_once("a")  # one slot of two in use
+    delays.take("a")
+    assert not delays.answers_at_once("a")  # none free
+    delays.release("a")
+    assert delays.answers_at_once("a")
+    delays.failed("a", "bob")
+    assert not delays.answers_at_once("a")  # penalised
+    delays.release("a")
+    delays.succeeded("a", "bob")
+    assert delays.answers_at_once("a")
+    assert delays.answers_at_once("b")
+
+
 def test_ipv6_addresses_are_grouped_by_prefix() -> None:
     delays = FailureDelays(base=1.0, cap=10.0, ipv6_prefix=64)
     assert delays.key_of("2001:db8:1:2::1") == delays.key_of("2001:db8:1:2:ffff::9")

@@ -9,10 +9,11 @@ import pytest
 
 from pop3d.errors import MaildropLocked, WouldWait
 from pop3d.storage import lock_table, maildir
-from pop3d.storage.maildir import MaildirStore
+from pop3d.storage.locking import PER_MAILBOX_LOCKS
+from pop3d.storage.maildir import LOCK_NAME, MaildirStore
 
 from .contract import read_all, run, user
-from .test_maildir import MaildirHarness
+from .test_maildir import TEMPLATE, MaildirHarness
 
 OLD = 1_600_000_000
 
@@ -183,6 +184,24 @@ def test_a_remembered_listing_locks_the_byte_a_fresh_store_locks(
     finally:
         run(drop.close())
     assert len(_listing(h.make_store())) == 1  # released
+
+
+def test_open_now_takes_a_per_mailbox_lock_beside_the_maildir(tmp_path: Path) -> None:
+    """The lock file is opened relative to the folder open_now opened (O_PATH)."""
+    h = MaildirHarness(tmp_path)
+    h.put("alice", b"Subject: 1\n\none\n")
+    store = MaildirStore(TEMPLATE, h.base, hostname="test", session_locks=PER_MAILBOX_LOCKS)
+    _listing(store)
+    _age(h)
+    _listing(store)  # remembered
+    drop = store.open_now(user())
+    try:
+        with pytest.raises(MaildropLocked):
+            store.open_now(user())
+        assert len(list(h.base.rglob(LOCK_NAME))) == 1
+    finally:
+        run(drop.close())
+    run(run(store.open(user())).close())  # released: it opens again
 
 
 def test_commit_now_does_what_commit_does_inline(

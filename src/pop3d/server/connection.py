@@ -311,60 +311,58 @@ class Pop3Protocol(asyncio.Protocol):
             log.warning("maildrop lock of %s lost; session of %s ends without UPDATE",
                         self.username, self.peer)
             core.maildrop_lost()
+        writes = 0
+        seen = self._commands_seen
+        turn_ends = core.commands_received + _COMMANDS_PER_TURN
         try:
-            return self._advance_events(core)
+            while True:
+                if self._write_paused:
+                    # The peer is not reading: answer nothing more, read nothing more.
+                    self._blocked = True
+                    self._pause_reading()
+                    return None
+                event = core.next_event()
+                if isinstance(event, NeedData):
+                    self._flush_soon()
+                    if self._reading_paused:
+                        self._reading_paused = False
+                        self.transport.resume_reading()
+                    return None
+                if isinstance(event, Flush):
+                    # The core stopped answering: its output is due (a coalesced write),
+                    # or it answered a batch of lines.
+                    if core.pending_output >= _WRITE_COALESCE:
+                        self.flush()
+                        writes += 1
+                elif isinstance(event, AuthRefused):  # information only: log it, go on
+                    self._auth_refused(event)
+                elif isinstance(event, Closed):
+                    self._result = self._result or event.reason
+                    self._closing = True
+                    self._last_words = core.data_to_send()
+                    self._flush_soon()
+                    self._finish()
+                    return None
+                elif not (isinstance(event, SendMessage) and self._send_inline(core, event.uid)):
+                    later = self._answer(core, event)
+                    if later is not None:
+                        self.flush()
+                        return event, later
+                if writes >= _WRITES_PER_TURN or core.commands_received >= turn_ends:
+                    # Fairness: a client whose replies the kernel keeps taking lets the
+                    # others (and the accept) have the loop before it is answered further.
+                    self._blocked = True
+                    self.loop.call_soon(self._next_turn)
+                    return None
         except LocalProtocolError:
             log.exception("internal error with %s", self.peer)
             self._abort("internal error")
             return None
         finally:
-            if self.core is not None:
+            # Deadlines: complete commands are activity; an incomplete line starts its
+            # own clock.  (A connection that ended here has none left.)
+            if self.core is not None and (core.commands_received != seen or core.buffered):
                 self._note_activity(core)
-
-    def _advance_events(self, core: Pop3Connection) -> tuple[Event, Later[Any]] | None:
-        writes = 0
-        turn_ends = core.commands_received + _COMMANDS_PER_TURN
-        while True:
-            if core.pending_output >= _WRITE_COALESCE:
-                self.flush()
-                writes += 1
-            if self._write_paused:
-                # The peer is not reading: answer nothing more, read nothing more.
-                self._blocked = True
-                self._pause_reading()
-                return None
-            if writes >= _WRITES_PER_TURN or core.commands_received >= turn_ends:
-                # Fairness: a client whose replies the kernel keeps taking lets the others
-                # (and the accept) have the loop before it is answered further.
-                self._blocked = True
-                self.loop.call_soon(self._next_turn)
-                return None
-            event = core.next_event()
-            if isinstance(event, Flush):
-                continue  # the replies are written at the top of the loop
-            if isinstance(event, NeedData):
-                self._flush_soon()
-                if self._reading_paused:
-                    self._reading_paused = False
-                    assert self.transport is not None
-                    self.transport.resume_reading()
-                return None
-            if isinstance(event, AuthRefused):  # information only: log it and go on
-                self._auth_refused(event)
-                continue
-            if isinstance(event, Closed):
-                self._result = self._result or event.reason
-                self._closing = True
-                self._last_words = core.data_to_send()
-                self._flush_soon()
-                self._finish()
-                return None
-            if isinstance(event, SendMessage) and self._send_inline(core, event.uid):
-                continue
-            later = self._answer(core, event)
-            if later is not None:
-                self.flush()
-                return event, later
 
     def _next_turn(self) -> None:
         """Go on answering a client that was made to wait its turn (unless it is paused)."""
@@ -375,13 +373,14 @@ class Pop3Protocol(asyncio.Protocol):
 
     def _note_activity(self, core: Pop3Connection) -> None:
         """Complete commands are activity; an incomplete line starts its own clock."""
+        now = self.loop.time()
         seen = core.commands_received
         if seen != self._commands_seen:
             self._commands_seen = seen
-            self.last_active = self.loop.time()
+            self.last_active = now
             self._line_since = 0.0
         if core.buffered and not self._line_since:
-            self._line_since = now = self.loop.time()
+            self._line_since = now
             self.deadline = min(self.deadline, now + self.server.line_timeout)
 
     def _answer(self, core: Pop3Connection, event: Event) -> Later[Any] | None:

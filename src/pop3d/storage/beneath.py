@@ -35,10 +35,13 @@ import sys
 import threading
 from pathlib import Path
 
-__all__ = ["DIR_FLAGS", "MailRoot", "is_link_refusal", "open_beneath"]
+__all__ = ["DIR_FLAGS", "PATH_FLAGS", "MailRoot", "is_link_refusal", "open_beneath"]
 
 #: Flags of a folder opened below the root (readable, so ``scandir`` and ``fsync`` work).
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+#: Flags of a folder opened only as the base of ``dir_fd=`` calls and ``fstat`` (not
+#: read): the kernel opens no file for it, a little cheaper than :data:`DIR_FLAGS`.
+PATH_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 _RESOLVE_NO_MAGICLINKS = 0x02
 _RESOLVE_NO_SYMLINKS = 0x04

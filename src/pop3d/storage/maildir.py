@@ -117,7 +117,7 @@ from pop3d.errors import (
 from pop3d.protocol import limits
 from pop3d.protocol.values import MessageInfo, Principal
 from pop3d.storage.base import MailboxStats
-from pop3d.storage.beneath import DIR_FLAGS, MailRoot, is_link_refusal
+from pop3d.storage.beneath import DIR_FLAGS, PATH_FLAGS, MailRoot, is_link_refusal
 from pop3d.storage.blocking import in_thread, nowait_reads, pread_nowait, preadv_nowait, write_all
 from pop3d.storage.lock_table import LockTable, TableLock
 from pop3d.storage.locking import SessionLock, SessionLocks, take_lock
@@ -283,7 +283,7 @@ def _refusal(exc: OSError, what: str) -> TemporaryBackendError | PermanentBacken
     return TemporaryBackendError(f"{what} unavailable: {exc.strerror}")
 
 
-def _open_folder(where: _Where) -> int:
+def _open_folder(where: _Where, flags: int = DIR_FLAGS) -> int:
     """Open the Maildir folder, following no symbolic link below the mail root.
 
     Raises:
@@ -292,7 +292,7 @@ def _open_folder(where: _Where) -> int:
 
     """
     try:
-        return where.root.open(where.rel, DIR_FLAGS)
+        return where.root.open(where.rel, flags)
     except OSError as exc:
         raise _refusal(exc, "maildrop") from None
 
@@ -1016,7 +1016,7 @@ class MaildirStore(TemplatedStore):
 
         """
         where = self._where(principal)
-        md = _open_folder(where)
+        md = _open_folder(where, PATH_FLAGS)  # only stat, fstat and open relative to it
         try:
             cur, new = _check_maildir(md)
             return self._open_known(where, md, cur, new)

@@ -13,19 +13,24 @@ database statements per session, counted by ``pg_stat_statements``.
 The figures mean something only on an otherwise idle machine with the nodes, HAProxy,
 PostgreSQL and the load generator on separate cores (``--loadgen-cpus``).
 
-``--versus-dovecot`` runs logins only, in interleaved rounds: through HAProxy (PROXY v2)
-to 1, 2 and 3 nodes, then straight to Dovecot 2.3 whose ``passdb { driver = sql }``
-(Debian's ``dovecot-pgsql``) reads the very same ``users`` rows, and its mail from the
-Maildirs the PostgreSQL store was imported from.  Each row gives the server side's CPU
-seconds (the nodes' processes, or Dovecot's master and all its children) and logins per
-CPU second: on a shared machine that per-core figure compares, where sessions/s swings.
-Both sides are counted alike: every process of the server, those that exited during the
-round included (Dovecot's per-session ``pop3``, and its auth, anvil, log, config and
-stats processes; pop3d's supervisors and workers), and both log each session (the nodes
-run at INFO, pop3d's default, as Dovecot logs its logins).  HAProxy (pop3d's side only)
-is not counted; PostgreSQL's CPU per login is a column of its own.  The summary gives
-each round's ratio against the Dovecot row of the same round, and ``--concurrency``
-sets the clients (32), shared by the nodes: each of 3 nodes sees a third of them.
+``--versus-dovecot`` runs ``login`` and ``fetch`` (``--scenarios``) in interleaved
+rounds: through HAProxy (PROXY v2) to 1, 2 and 3 nodes, then straight to Dovecot 2.3
+whose ``passdb { driver = sql }`` (Debian's ``dovecot-pgsql``) reads the very same
+``users`` rows, and its mail from the Maildirs the PostgreSQL store was imported from:
+the same messages, each RETR checked against the same manifest (size and CRC of the
+stuffed body; UIDLs for form and uniqueness, the manifest having none).  Each row gives
+the server side's CPU seconds (the nodes' processes, or Dovecot's master and all its
+children) and logins (or messages) per CPU second: on a shared machine that per-core
+figure compares, where sessions/s swings.  Both sides are counted alike: every process
+of the server, those that exited during the round included (Dovecot's per-session
+``pop3``, and its auth, anvil, log, config and stats processes; pop3d's supervisors and
+workers), and both log each session (the nodes run at INFO, pop3d's default, as Dovecot
+logs its logins).  HAProxy (pop3d's side only) is not counted; PostgreSQL's CPU per
+login (or message) is a column of its own.  The summary gives each round's ratio
+against the Dovecot row of the same round.  ``--concurrency`` sets the login clients
+(32) and ``--fetch-concurrency`` the fetch clients (16, at most one a fetch user: a
+second session on a maildrop gets ``[IN-USE]``), shared by the nodes: each of 3 nodes
+sees a third of them.
 """
 
 from __future__ import annotations
@@ -289,14 +294,18 @@ def main() -> int:
     ap.add_argument("--node-cpus", help="taskset CPU list for the nodes")
     ap.add_argument("--loadgen-cpus", help="taskset CPU list for the load generator")
     ap.add_argument("--versus-dovecot", action="store_true",
-                    help="login only, interleaved rounds: pop3d through HAProxy to each "
-                         "node count, and Dovecot with its pgsql passdb on the same users")
+                    help="interleaved rounds: pop3d through HAProxy to each node count, "
+                         "and Dovecot with its pgsql passdb on the same users and messages")
+    ap.add_argument("--scenarios", default="login,fetch",
+                    help="with --versus-dovecot: login, fetch or both (login,fetch)")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds (3)")
     ap.add_argument("--dovecot-reuse", type=int, default=1, metavar="N",
                     help="also run a Dovecot whose pop3 processes serve N sessions each "
                          "(service_count; 1, Dovecot's default, runs none)")
     ap.add_argument("--concurrency", type=int, default=32,
-                    help="login clients in --versus-dovecot, shared by the nodes (32)")
+                    help="login clients, shared by the nodes (32)")
+    ap.add_argument("--fetch-concurrency", type=int, default=16,
+                    help="fetch clients, at most one a fetch user (16)")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="pop3d-bench-pg-"))
     ds = mkdata.build(work, login_users=args.login_users, fetch_users=args.fetch_users,
@@ -316,18 +325,9 @@ def main() -> int:
         for count in (int(n) for n in args.nodes.split(",")):
             nodes = Nodes(work, url, count, args.node_cpus)
             try:
-                for scenario, users, conc in (("login", ("login%d", args.login_users), 32),
-                                              ("fetch", ("fetch%d", args.fetch_users), 16)):
+                for scenario in ("login", "fetch"):
                     reset_statements(url)
-                    pin = ["taskset", "-c", args.loadgen_cpus] if args.loadgen_cpus else []
-                    res = subprocess.run(
-                        [*pin, PY, "-m", "pop3d.bench", scenario, "-p", str(nodes.front),
-                         "--manifest", str(work / "manifest.json"), "--json",
-                         "--users", users[0], "--user-count", str(users[1]),
-                         "--password", "pw-%u", "--concurrency", str(conc),
-                         "--duration", str(args.duration)],
-                        capture_output=True, text=True, check=False)  # fmt: skip
-                    out = json.loads(res.stdout) if res.stdout.strip() else {}
+                    out = run_load(scenario, nodes.front, args, work)
                     sessions = int(out.get("sessions", 0)) or 1
                     rows.append({"nodes": count, "scenario": scenario, **{
                         k: out.get(k) for k in ("sessions_per_s", "messages_per_s",
@@ -344,29 +344,57 @@ def main() -> int:
     return 0
 
 
-def run_login(port: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+def _load(scenario: str, args: argparse.Namespace) -> tuple[str, int, int]:
+    """Users pattern, user count and clients of ``scenario``: fetch gets at most one
+    client a user, as two sessions on one maildrop would get ``[IN-USE]``."""
+    if scenario == "login":
+        return "login%d", args.login_users, getattr(args, "concurrency", 32)
+    return ("fetch%d", args.fetch_users,
+            max(1, min(getattr(args, "fetch_concurrency", 16), args.fetch_users)))
+
+
+def run_load(scenario: str, port: int, args: argparse.Namespace, work: Path,
+             count: int | None = None) -> dict[str, Any]:
+    """``pop3d bench SCENARIO`` against ``port`` for ``args.duration`` seconds (or
+    ``count`` sessions), every message checked against the manifest; its JSON."""
+    users, user_count, clients = _load(scenario, args)
     pin = ["taskset", "-c", args.loadgen_cpus] if args.loadgen_cpus else []
+    length = (["--count", str(count), "--timeout", "300"] if count
+              else ["--duration", str(args.duration)])
     res = subprocess.run(
-        [*pin, PY, "-m", "pop3d.bench", "login", "-p", str(port),
-         "--manifest", str(work / "manifest.json"), "--json", "--users", "login%d",
-         "--user-count", str(args.login_users), "--password", "pw-%u",
-         "--concurrency", str(getattr(args, "concurrency", 32)),
-         "--duration", str(args.duration)],
+        [*pin, PY, "-m", "pop3d.bench", scenario, "-p", str(port),
+         "--manifest", str(work / "manifest.json"), "--json", "--users", users,
+         "--user-count", str(user_count), "--password", "pw-%u",
+         "--concurrency", str(clients), *length],
         capture_output=True, text=True, check=False)  # fmt: skip
     out: dict[str, Any] = json.loads(res.stdout) if res.stdout.strip() else {}
     return out
 
 
+def run_login(port: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    return run_load("login", port, args, work)
+
+
+#: What a row counts per CPU second in each scenario, and the name of that unit.
+_UNIT = {"login": "login", "fetch": "message"}
+
+
 def _versus_dovecot(args: argparse.Namespace, work: Path, pg: Any, url: str) -> None:
-    """Interleaved rounds of logins: pop3d (1, 2, 3 nodes) and Dovecot, same users table.
+    """Interleaved rounds of each scenario: pop3d (1, 2, 3 nodes) and Dovecot, same users
+    table, same messages (pop3d's in PostgreSQL, Dovecot's in the Maildirs they came from).
 
     Each row gives the server side's CPU seconds (every process of the nodes, or of
     Dovecot's master and children; HAProxy and PostgreSQL not included) and the logins
-    per CPU second, the per-core figure that a shared, noisy machine can still compare.
+    (or messages) per CPU second, the per-core figure that a shared, noisy machine can
+    still compare.
     """
     counts = [int(n) for n in args.nodes.split(",")]
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    if unknown := set(scenarios) - set(_UNIT):
+        raise SystemExit(f"--scenarios: unknown {', '.join(sorted(unknown))}")
     setups: dict[int, Nodes] = {}
     dovecots: list[Dovecot] = []
+    per: dict[tuple[str, str], list[dict[str, Any]]] = {}
     try:
         for n in counts:
             # INFO, pop3d's default: one line per session, as Dovecot logs its two.
@@ -380,58 +408,87 @@ def _versus_dovecot(args: argparse.Namespace, work: Path, pg: Any, url: str) -> 
             dovecots.append(Dovecot(work, pg, args.node_cpus, reuse=args.dovecot_reuse))
             targets.append((f"dovecot-pgsql-reuse{args.dovecot_reuse}", dovecots[1].port,
                             [dovecots[1].pid]))
-        per: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in targets}
         # PostgreSQL's CPU (postmaster and backends), shown apart: not a server core of
         # either side, but each side's statements cost it.
         postmaster = int((pg.data / "postmaster.pid").read_text().split()[0])
-        for _name, port, _ in targets:  # warm-up: pools, Dovecot's login processes
-            run_login(port, argparse.Namespace(**{**vars(args), "duration": 1.0}), work)
+        for _name, port, _ in targets:
+            # Warm-up: pools, Dovecot's login processes, and one pass over every fetch
+            # mailbox so that Dovecot's indexes and uidlists exist before the rounds.
+            for scenario in scenarios:
+                count = args.fetch_users if scenario == "fetch" else None
+                run_load(scenario, port, argparse.Namespace(**{**vars(args), "duration": 1.0}),
+                         work, count=count)
         for round_ in range(args.rounds):
-            for name, port, pids in targets:
-                reset_statements(url)
-                before, db_before = tree_cpu(pids), tree_cpu([postmaster])
-                out = run_login(port, args, work)
-                cpu = tree_cpu(pids) - before
-                db_cpu = tree_cpu([postmaster]) - db_before
-                sessions = int(out.get("sessions", 0))
-                row = {"round": round_, "server": name,
-                       "sessions_per_s": out.get("sessions_per_s"),
-                       "failures": out.get("failures"), "errors": out.get("errors"),
-                       "server_cpu_s": round(cpu, 2),
-                       "logins_per_cpu_s": round(sessions / cpu, 1) if cpu else None,
-                       "db_statements_per_login": round(statements(url) / (sessions or 1), 2),
-                       "db_cpu_us_per_login": round(db_cpu / (sessions or 1) * 1e6)}
-                per[name].append(row)
-                print(json.dumps(row), flush=True)
+            for scenario in scenarios:
+                unit = _UNIT[scenario]
+                for name, port, pids in targets:
+                    reset_statements(url)
+                    before, db_before = tree_cpu(pids), tree_cpu([postmaster])
+                    out = run_load(scenario, port, args, work)
+                    cpu = tree_cpu(pids) - before
+                    db_cpu = tree_cpu([postmaster]) - db_before
+                    sessions = int(out.get("sessions", 0))
+                    units = sessions if scenario == "login" else int(out.get("messages", 0))
+                    row: dict[str, Any] = {
+                        "round": round_, "scenario": scenario, "server": name,
+                        "sessions_per_s": out.get("sessions_per_s")}
+                    if scenario == "fetch":
+                        row.update(messages_per_s=out.get("messages_per_s"),
+                                   verified=out.get("verified"),
+                                   verify_failures=out.get("verify_failures"))
+                    row.update({
+                        "failures": out.get("failures"), "errors": out.get("errors"),
+                        "server_cpu_s": round(cpu, 2),
+                        f"{unit}s_per_cpu_s": round(units / cpu, 1) if cpu else None,
+                        ("db_statements_per_login" if scenario == "login"
+                         else "db_statements_per_session"):
+                            round(statements(url) / (sessions or 1), 2),
+                        f"db_cpu_us_per_{unit}": round(db_cpu / (units or 1) * 1e6)})
+                    per.setdefault((scenario, name), []).append(row)
+                    print(json.dumps(row), flush=True)
     finally:
         for dovecot in dovecots:
             dovecot.stop()
         for setup in setups.values():
             setup.stop()
+    _summary(per, scenarios, [name for name, _, _ in targets], args.dovecot_reuse)
+
+
+def _summary(per: dict[tuple[str, str], list[dict[str, Any]]], scenarios: list[str],
+             names: list[str], reuse_n: int) -> None:
+    """A line per (scenario, server): medians, and the per-CPU ratio against Dovecot."""
 
     def median(values: list[float]) -> float:
         values = sorted(values)
         return values[len(values) // 2]
 
-    def per_cpu(name: str) -> list[float]:
-        return [float(r["logins_per_cpu_s"] or 0) for r in per[name]]
+    def column(scenario: str, name: str, key: str) -> list[float]:
+        return [float(r[key] or 0) for r in per.get((scenario, name), [])]
 
-    # Each round's ratio against the Dovecot row of the same round (the same load on the
-    # machine, within seconds): their median and spread, beside the ratio of the medians.
-    base = per_cpu("dovecot-pgsql")
-    reuse = f"dovecot-pgsql-reuse{args.dovecot_reuse}"
-    for name, _, _ in targets:
-        ratios = sorted(round(p / b, 2) for p, b in zip(per_cpu(name), base, strict=True) if b)
-        print(json.dumps({"summary": name,
-                          "median_sessions_per_s": median(
-                              [float(r["sessions_per_s"] or 0) for r in per[name]]),
-                          "median_logins_per_cpu_s": median(per_cpu(name)),
-                          "per_cpu_ratio_vs_dovecot": round(
-                              median(per_cpu(name)) / (median(base) or 1.0), 2),
-                          "round_ratios": ratios, **({
-                              "per_cpu_ratio_vs_dovecot_reuse": round(
-                                  median(per_cpu(name)) / (median(per_cpu(reuse)) or 1.0),
-                                  2)} if reuse in per else {})}), flush=True)
+    reuse = f"dovecot-pgsql-reuse{reuse_n}"
+    for scenario in scenarios:
+        key = f"{_UNIT[scenario]}s_per_cpu_s"
+        # Each round's ratio against the Dovecot row of the same round (the same load on
+        # the machine, within seconds): their spread, beside the ratio of the medians.
+        base = median(column(scenario, "dovecot-pgsql", key)) or 1.0
+        for name in names:
+            mine = column(scenario, name, key)
+            ratios = sorted(round(p / b, 2) for p, b in zip(
+                mine, column(scenario, "dovecot-pgsql", key), strict=True) if b)
+            line: dict[str, Any] = {
+                "summary": name, "scenario": scenario,
+                "median_sessions_per_s": median(column(scenario, name, "sessions_per_s"))}
+            if scenario == "fetch":
+                line["median_messages_per_s"] = median(column(scenario, name,
+                                                              "messages_per_s"))
+            line.update({f"median_{key}": median(mine),
+                         "per_cpu_ratio_vs_dovecot": round(median(mine) / base, 2),
+                         "round_ratios": ratios})
+            if (scenario, reuse) in per:
+                line["per_cpu_ratio_vs_dovecot_reuse"] = round(
+                    median(mine) / (median(column(scenario, reuse, key)) or 1.0), 2)
+            print(json.dumps(line), flush=True)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -11,46 +11,14 @@ import asyncio
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
-from pop3d.app import build_authenticator, build_store
-from pop3d.config import from_mapping
 from pop3d.server.connection import Pop3Protocol
 from pop3d.server.context import ServerContext
-from pop3d.session import Backends, FailureDelays
+
+from .fakes import RecordingTransport, maildir_server
 
 OLD = 1_600_000_000
-
-
-class _Transport:
-    """Collects what the server writes."""
-
-    def __init__(self) -> None:
-        self.out: list[bytes] = []
-        self.closed = False
-
-    def get_extra_info(self, key: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if key == "peername" else default
-
-    def write(self, data: bytes) -> None:
-        self.out.append(data)
-
-    def writelines(self, pieces: list[bytes]) -> None:
-        self.out.extend(pieces)
-
-    def close(self) -> None:
-        self.closed = True
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        """Flow control (write limits, pausing reads) does nothing here."""
-        if name in ("set_write_buffer_limits", "pause_reading", "resume_reading"):
-            return lambda *args, **kwargs: None
-        if name == "get_write_buffer_size":  # everything written is taken at once
-            return lambda: 0  # type: ignore[return-value]
-        raise AttributeError(name)
-
-    def lines(self) -> list[bytes]:
-        return b"".join(self.out).splitlines()
 
 
 def _server(tmp_path: Path, messages: int = 2) -> ServerContext:
@@ -62,13 +30,7 @@ def _server(tmp_path: Path, messages: int = 2) -> ServerContext:
         (maildir / "cur" / f"{OLD + i}.M1P1.host:2,").write_bytes(b"Subject: %d\n\nbody\n" % i)
     for folder in ("cur", "new"):
         os.utime(maildir / folder, (OLD, OLD))  # not racy: its listing may be remembered
-    cfg = from_mapping(
-        {"auth": {"passwd_file": "users", "failure_delay": 0},
-         "storage": {"maildir": "mail/%u/Maildir"}},
-        tmp_path,
-    )
-    backends = Backends(build_authenticator(cfg), build_store(cfg), FailureDelays(0, 0))
-    return ServerContext(cfg, backends, None)
+    return maildir_server(tmp_path)
 
 
 async def _until(done: Callable[[], bool]) -> None:
@@ -79,9 +41,9 @@ async def _until(done: Callable[[], bool]) -> None:
     raise AssertionError("the session did not get there")
 
 
-async def _session(ctx: ServerContext, *commands: bytes) -> tuple[_Transport, list[bool]]:
+async def _session(ctx: ServerContext, *commands: bytes) -> tuple[RecordingTransport, list[bool]]:
     """Run one session; for each command, whether a task was left running after it."""
-    transport = _Transport()
+    transport = RecordingTransport()
     proto = Pop3Protocol(ctx, implicit_tls=False)
     proto.connection_made(cast("asyncio.Transport", transport))
     tasks = []
@@ -97,7 +59,7 @@ async def _session(ctx: ServerContext, *commands: bytes) -> tuple[_Transport, li
 def test_a_good_login_and_quit_run_no_task(tmp_path: Path) -> None:
     ctx = _server(tmp_path)
 
-    async def main() -> list[tuple[_Transport, list[bool]]]:
+    async def main() -> list[tuple[RecordingTransport, list[bool]]]:
         first = await _session(ctx, b"USER alice", b"PASS alice-pass", b"QUIT")
         # The first open scanned and remembered the Maildir: now it is all inline.
         again = await _session(ctx, b"USER alice", b"PASS alice-pass", b"STAT", b"DELE 1",
@@ -119,11 +81,11 @@ def test_a_good_login_and_quit_run_no_task(tmp_path: Path) -> None:
 def test_refusals_take_the_task_and_get_the_same_answers(tmp_path: Path) -> None:
     ctx = _server(tmp_path)
 
-    async def main() -> list[tuple[_Transport, list[bool]]]:
+    async def main() -> list[tuple[RecordingTransport, list[bool]]]:
         await _session(ctx, b"USER alice", b"PASS alice-pass", b"QUIT")  # remembered now
         wrong = await _session(ctx, b"USER alice", b"PASS wrong", b"QUIT")
         holder = Pop3Protocol(ctx, implicit_tls=False)
-        holder.connection_made(cast("asyncio.Transport", _Transport()))
+        holder.connection_made(cast("asyncio.Transport", RecordingTransport()))
         holder.data_received(b"USER alice\r\nPASS alice-pass\r\n")
         locked = await _session(ctx, b"USER alice", b"PASS alice-pass", b"QUIT")
         holder.connection_lost(None)

@@ -9,55 +9,34 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import pytest
 
-from pop3d.app import build_authenticator, build_store
-from pop3d.config import from_mapping
 from pop3d.protocol import limits
 from pop3d.server.connection import Pop3Protocol
 from pop3d.server.context import ServerContext
-from pop3d.session import Backends, FailureDelays
 from pop3d.storage.maildir import _MessageReader
+
+from .fakes import RecordingTransport, maildir_server
 
 #: LF line ends, as an MTA stores them: every chunk is converted on the way out.
 LINE = b"x" * 998 + b"\n"
 
 
-class _Socket:
+class _Socket(RecordingTransport):
     """Records the octets of each write; write number ``full_at`` fills it (a pause)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.writes: list[int] = []
         self.full_at = -1
-        self.closed = False
         self.protocol: Pop3Protocol | None = None
-
-    def get_extra_info(self, key: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if key == "peername" else default
-
-    def write(self, data: bytes) -> None:
-        self.writelines([data])
 
     def writelines(self, pieces: list[bytes]) -> None:
         self.writes.append(sum(map(len, pieces)))
         if len(self.writes) == self.full_at and self.protocol is not None:
             self.protocol.pause_writing()
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        """The other flow control calls change nothing here."""
-        if name in ("set_write_buffer_limits", "pause_reading", "resume_reading"):
-            return lambda *args, **kwargs: None
-        if name == "get_write_buffer_size":  # everything written is taken at once
-            return lambda: 0  # type: ignore[return-value]
-        raise AttributeError(name)
 
 
 async def _until(done: Callable[[], bool]) -> None:
@@ -74,13 +53,7 @@ def _server(tmp_path: Path, size: int) -> ServerContext:
     for folder in ("cur", "new", "tmp"):
         (maildir / folder).mkdir(parents=True)
     (maildir / "cur" / "1600000000.M1P1.host:2,").write_bytes(LINE * (size // len(LINE)))
-    cfg = from_mapping(
-        {"auth": {"passwd_file": "users", "failure_delay": 0},
-         "storage": {"maildir": "mail/%u/Maildir"}},
-        tmp_path,
-    )
-    backends = Backends(build_authenticator(cfg), build_store(cfg), FailureDelays(0, 0))
-    return ServerContext(cfg, backends, None)
+    return maildir_server(tmp_path)
 
 
 def _raw(wire: int) -> int:

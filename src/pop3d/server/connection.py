@@ -87,10 +87,29 @@ _WRITE_COALESCE = limits.WRITE_COALESCE
 _WRITES_PER_TURN = limits.WRITES_PER_TURN
 _COMMANDS_PER_TURN = limits.COMMANDS_PER_TURN
 
-#: Whether each maildrop type offers :class:`InlineRead` (isinstance on a Protocol is slow).
-_INLINE_READ: dict[type, bool] = {}
-#: Whether each message stream type is :class:`Paced` (isinstance on a Protocol is slow).
-_PACED: dict[type, bool] = {}
+
+class _Offers:
+    """Whether an object offers an optional capability (a runtime-checkable Protocol).
+
+    Looked up once per type: ``isinstance`` on a Protocol checks every member each time.
+    """
+
+    __slots__ = ("_known", "_protocol")
+
+    def __init__(self, protocol: type) -> None:
+        self._protocol = protocol
+        self._known: dict[type, bool] = {}
+
+    def __call__(self, obj: object) -> bool:
+        kind = type(obj)
+        known = self._known.get(kind)
+        if known is None:
+            known = self._known[kind] = isinstance(obj, self._protocol)
+        return known
+
+
+_offers_inline_read = _Offers(InlineRead)
+_is_paced = _Offers(Paced)
 
 #: The session log's result -> the metrics' vocabulary (``metrics.session_ended``).
 _ENDED = {
@@ -523,11 +542,7 @@ class Pop3Protocol(asyncio.Protocol):
             core.maildrop_failed(opened)
             return
         self.maildrop = opened
-        kind = type(opened)
-        inline = _INLINE_READ.get(kind)
-        if inline is None:
-            inline = _INLINE_READ[kind] = isinstance(opened, InlineRead)
-        self._read_inline = cast("InlineRead", opened) if inline else None
+        self._read_inline = cast("InlineRead", opened) if _offers_inline_read(opened) else None
         self._fence = self.server.backends.fence(opened)
         core.maildrop_opened(opened.listing())
 
@@ -566,11 +581,7 @@ class Pop3Protocol(asyncio.Protocol):
         # stops reading holds at most one chunk beyond the kernel's buffers, whatever its
         # size.  A peer that stalled (limits.SHRINK_AFTER_STALL) then gets small chunks
         # (limits.READ_CHUNK_AFTER_STALL), doubling while the kernel takes each whole.
-        kind = type(chunks)
-        pacing = _PACED.get(kind)
-        if pacing is None:
-            pacing = _PACED[kind] = isinstance(chunks, Paced)
-        paced = cast("Paced", chunks) if pacing else None
+        paced = cast("Paced", chunks) if _is_paced(chunks) else None
         size = limits.READ_CHUNK
         transport.set_write_buffer_limits(high=1, low=0)
         try:

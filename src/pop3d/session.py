@@ -20,7 +20,8 @@ Brute force (:class:`FailureDelays`), as Dovecot's auth penalty but enforced:
   cost; a right password from a penalised address waits as long, so it learns nothing
   sooner.  An address without recent failures gets a success at once.
 * At most :data:`limits.MAX_AUTH_IN_FLIGHT_PER_ADDRESS` authentications of one address
-  are in progress at once (verifying or serving their penalty); more wait their turn.  A
+  are in progress at once (verifying or serving their penalty); more wait their turn (a
+  success answered at once, on the loop, is never in progress: it takes no slot).  A
   slot is held until the reply is due even when the client hangs up, so parallel
   connections that reset after PASS gain nothing: from one address, verdicts come at
   most that many per penalty.
@@ -198,16 +199,6 @@ class FailureDelays:
         entry = self._table.get(key)
         return entry is not None and self._entry(key).total > 0
 
-    def answers_at_once(self, key: str) -> bool:
-        """Whether ``key`` has no recent failures and a free slot: a success goes out now.
-
-        An address with neither has no entry (:meth:`_drop_if_unused`): one lookup.
-        """
-        entry = self._table.get(key)
-        if entry is None:
-            return True
-        return not self.penalised(key) and self.in_flight(key) < self.max_in_flight
-
     def failed(self, key: str, username: str) -> None:
         """Count a refused authentication of ``username`` from ``key``."""
         entry = self._entry(key)
@@ -312,43 +303,43 @@ class Backends:
     def authenticate(self, request: AuthRequest) -> AuthAnswer | Later[AuthAnswer]:
         """Judge credentials; return the user, or the code to refuse with.
 
-        At once when the address has a free slot and no penalty and the authenticator
-        can verify without waiting and says yes; otherwise the rest is :class:`Later`
-        (a refusal always is: it waits its delay).
+        At once when the address has no recent failures and the authenticator can verify
+        without waiting and says yes: such a success takes no slot (nothing of it runs
+        after this call), so it never queues behind the address's other authentications.
+        Anything that goes on (an unfinished check, a refusal's delay) holds one of the
+        address's slots, waiting for one if none is free; the rest is :class:`Later`.
         """
         delays = self.delays
         key = delays.key_of(request.address)
         verify_now = self._verify_now
         event = request.event
-        if (
-            verify_now is None
-            or type(event) is not PasswordAuthenticate
-            or not delays.answers_at_once(key)
-        ):
+        if verify_now is None or type(event) is not PasswordAuthenticate or delays.penalised(key):
             return Later(self._authenticate_later(request, key))
-        # A slot is free, and stays free while this runs: nothing else runs meanwhile,
-        # so it is taken only if the request goes on after this call.
         start = delays.clock()
         try:
             verdict = verify_now.begin(event.username, event.password)
         except Exception as exc:
             _backend_failed(exc)
             return self._verdict(request, key, RespCode.SYS_TEMP, start)
-        if isinstance(verdict, Unfinished):  # the task finishes it: nothing is redone
-            delays.take(key)
-            work = self._judge(request, key, verdict)
-            return Later(self._shielded(work, (key, event.username)))
         if isinstance(verdict, Principal):
             return self._verdict(request, key, verdict, start)
-        # A refusal: judged now, answered after the delay (the slot is held until then).
+        if isinstance(verdict, Unfinished):  # the task finishes it: nothing is redone
+            if not delays.try_acquire(key):
+                return Later(self._authenticate_later(request, key, verdict))
+            work = self._judge(request, key, verdict)
+            return Later(self._shielded(work, (key, event.username)))
+        # A refusal: judged now, answered after the delay, holding a slot until then.
         wait = delays.penalty(key)
         answer = self._verdict(request, key, None, start)
-        delays.take(key)
-        return Later(self._shielded(self._hold(key, start + wait, answer)))
+        slot = delays.try_acquire(key)
+        return Later(self._shielded(self._hold(key, start + wait, answer, slot=slot)))
 
-    async def _authenticate_later(self, request: AuthRequest, key: str) -> AuthAnswer:
+    async def _authenticate_later(
+        self, request: AuthRequest, key: str, unfinished: Unfinished | None = None
+    ) -> AuthAnswer:
         await self.delays.acquire(key)  # cancelled while waiting: nothing was judged
-        return await self._shielded(self._judge(request, key), (key, request.event.username))
+        work = self._judge(request, key, unfinished)
+        return await self._shielded(work, (key, request.event.username))
 
     def _shielded(
         self, work: Coroutine[Any, Any, AuthAnswer], credit: tuple[str, str] | None = None
@@ -400,8 +391,15 @@ class Backends:
             wait = 0.0
         return await self._hold(key, start + wait, answer)
 
-    async def _hold(self, key: str, until: float, answer: AuthAnswer) -> AuthAnswer:
-        """Keep ``key``'s slot until ``until``, then give it back and return ``answer``."""
+    async def _hold(
+        self, key: str, until: float, answer: AuthAnswer, *, slot: bool = True
+    ) -> AuthAnswer:
+        """Keep ``key``'s slot until ``until``, then give it back and return ``answer``.
+
+        ``slot`` False: none was free when the verdict was reached; wait for one first.
+        """
+        if not slot:
+            await self.delays.acquire(key)
         try:
             delay = until - self.delays.clock()
             if delay > 0:

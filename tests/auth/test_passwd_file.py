@@ -559,12 +559,24 @@ def test_verify_now_answers_a_fast_file_inline(tmp_path: Path) -> None:
         auth_for(tmp_path, SAMPLE).verify_password_now("nobody", b"x")
 
 
-def test_verify_now_leaves_a_due_file_check_to_verify(tmp_path: Path) -> None:
-    """When the file is due a look, only verify_password (which looks) answers."""
+def test_a_due_look_at_an_unchanged_file_is_made_inline(tmp_path: Path) -> None:
+    """A file due a look that has not changed costs a stat, inline: the login is not
+    handed to a task (at a thousand logins a second, one a second would be, and the
+    address's other logins would queue behind it for a slot)."""
     auth = auth_for(tmp_path, check_interval=0.0)
+    assert not isinstance(auth.begin("alice", b"alice-pass"), Unfinished)
+    assert auth.verify_password_now("alice", b"alice-pass") is not None
+
+
+def test_verify_now_leaves_a_changed_file_to_verify(tmp_path: Path) -> None:
+    """When the file changed, only verify_password (which re-reads it) answers."""
+    auth = auth_for(tmp_path, check_interval=0.0)
+    write(tmp_path / "users", "alice:{PLAIN}new-pass\n")
     with pytest.raises(WouldWait):
-        auth.verify_password_now("alice", b"alice-pass")
-    assert asyncio.run(auth.verify_password("alice", b"alice-pass")) is not None
+        auth.verify_password_now("alice", b"new-pass")
+    assert isinstance(auth.begin("alice", b"new-pass"), Unfinished)
+    assert asyncio.run(auth.verify_password("alice", b"new-pass")) is not None
+    assert auth.verify_password_now("alice", b"new-pass") is not None  # re-read
 
 
 def test_verify_now_leaves_a_slow_dummy_to_verify(tmp_path: Path) -> None:

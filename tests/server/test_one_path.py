@@ -211,21 +211,75 @@ def test_a_success_forgets_only_the_users_own_failures() -> None:
     assert not delays.penalised("a")
 
 
-def test_only_an_address_without_failures_and_with_a_free_slot_is_answered_at_once() -> None:
-    delays = FailureDelays(base=1.0, cap=100.0, max_in_flight=2)
-    assert delays.answers_at_once("a")
-    delays.take("a")
-    assert delays.answers_at_once("a")  # one slot of two in use
-    delays.take("a")
-    assert not delays.answers_at_once("a")  # none free
-    delays.release("a")
-    assert delays.answers_at_once("a")
-    delays.failed("a", "bob")
-    assert not delays.answers_at_once("a")  # penalised
-    delays.release("a")
-    delays.succeeded("a", "bob")
-    assert delays.answers_at_once("a")
-    assert delays.answers_at_once("b")
+def test_a_success_goes_out_at_once_while_the_addresss_slots_are_busy() -> None:
+    """A right password from an address without failures takes no slot: it never queues
+    behind that address's other authentications (a NAT, a load generator)."""
+    auth = Auth()
+
+    async def main() -> tuple[object, int]:
+        b = backends(auth, base=0.01, cap=0.02)
+        b.delays.take("192.0.2.7")
+        b.delays.take("192.0.2.7")  # both slots busy (slow hashes in the pool, say)
+        answer = b.authenticate(request(b"secret"))
+        return answer, b.delays.in_flight("192.0.2.7")
+
+    answer, in_flight = asyncio.run(main())
+    assert answer == Principal("alice")
+    assert in_flight == 2  # none taken
+    assert (auth.now_calls, auth.async_calls) == (1, 0)
+
+
+def test_a_refusal_waits_for_a_free_slot_and_is_counted_at_once() -> None:
+    """A wrong password reached inline while the slots are busy is counted (and penalises
+    the address) at once, but answered only once a slot is its own and its delay over."""
+    auth = Auth()
+
+    async def main() -> None:
+        b = backends(auth, base=0.01, cap=0.02)
+        delays = b.delays
+        delays.take("192.0.2.7")
+        delays.take("192.0.2.7")
+        answer = b.authenticate(request(b"wrong"))
+        assert isinstance(answer, Later)
+        assert delays.penalised("192.0.2.7")  # the failure counts now
+        # The next attempt of the address, right or wrong, is no longer answered inline.
+        second = b.authenticate(request(b"secret"))
+        assert isinstance(second, Later)
+        await asyncio.sleep(0.05)  # past its delay: it still has no slot
+        assert not answer.task.done()
+        delays.release("192.0.2.7")  # a slot passes to it (it came first)
+        assert await answer.task is RespCode.AUTH
+        assert not second.task.done()
+        delays.release("192.0.2.7")  # and the next one to the second attempt
+        assert await second.task == Principal("alice")
+        assert delays.in_flight("192.0.2.7") == 0
+
+    asyncio.run(main())
+    assert (auth.now_calls, auth.async_calls) == (1, 1)  # the refusal judged once, inline
+
+
+def test_an_unfinished_check_waits_for_a_slot_before_it_runs() -> None:
+    """A check that must go on (a slow hash) holds a slot: with none free it waits, and
+    its work starts only then, once (it is not started over)."""
+    concurrency: list[int] = []
+    auth = Auth(fast=False, concurrency=concurrency)
+
+    async def main() -> None:
+        b = backends(auth)
+        delays = b.delays
+        delays.take("192.0.2.7")
+        delays.take("192.0.2.7")
+        answer = b.authenticate(request(b"secret"))
+        assert isinstance(answer, Later)
+        await asyncio.sleep(0.02)
+        assert auth.async_calls == 0  # not started while no slot is free
+        delays.release("192.0.2.7")
+        assert await answer.task == Principal("alice")
+        delays.release("192.0.2.7")
+        assert delays.in_flight("192.0.2.7") == 0
+
+    asyncio.run(main())
+    assert auth.async_calls == 1
 
 
 def test_ipv6_addresses_are_grouped_by_prefix() -> None:

@@ -314,16 +314,34 @@ class PasswdFileAuthenticator:
 
         Returns the user, the :class:`.Refused` reason, or an :class:`.Unfinished`
         holding the rest (a slow hash, the dummy work of a refusal that must run in the
-        thread pool, or a file due a look).  A refusal of any kind costs one verification
+        thread pool, or a changed file to re-read).  A refusal of any kind costs one verification
         of each cost class in the file (see the module head), whatever the reason.
 
         Raises:
             TemporaryBackendError: the verification could not run.
 
         """
-        if self._reload is not None or time.monotonic() >= self._next_check:
+        if self._reload is not None or (
+            time.monotonic() >= self._next_check and self._changed()
+        ):
             return Unfinished(functools.partial(self._after_refresh, username, password))
         return self._check(username, password)
+
+    def _changed(self) -> bool:
+        """The look at a file that is due one, made inline: True if it must be re-read.
+
+        One ``stat``, as :meth:`_refresh` makes on the loop too; an unchanged (or
+        unreadable) file is not looked at again for ``check_interval``.  A changed one
+        is left due, and :meth:`_refresh` re-reads it in the thread pool.
+        """
+        try:
+            st = self.path.stat()
+        except OSError:
+            return True  # _refresh logs it once and keeps the last good table
+        if (st.st_mtime_ns, st.st_size, st.st_ino) != self._table.signature:
+            return True
+        self._next_check = time.monotonic() + self._interval
+        return False
 
     def _check(self, username: str, password: bytes) -> Verdict:
         """:meth:`begin` against the table as it is (no look at the file)."""
@@ -382,7 +400,7 @@ class PasswdFileAuthenticator:
         gives up on an :class:`.Unfinished` and its caller starts again).
 
         Raises:
-            WouldWait: a slow scheme, or the file is due a check: use :meth:`verify_password`.
+            WouldWait: a slow scheme, or the file changed (re-read by :meth:`verify_password`).
             TemporaryBackendError: the verification could not run.
 
         """

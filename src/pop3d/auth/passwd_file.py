@@ -113,20 +113,19 @@ class UserRecord:
     #: The stored password (``{SCHEME}data``); ``""`` for none.  Kept out of ``repr``.
     password: str = field(repr=False)
     attributes: Mapping[str, str] = field(default_factory=dict)
+    #: Any password is accepted (empty password field plus ``nopassword``).
+    nopassword: bool = field(init=False, repr=False, compare=False)
+    #: The user may not log in, whatever the password (Dovecot's ``nologin``).
+    nologin: bool = field(init=False, repr=False, compare=False)
+    #: The :class:`Principal` for this user (made once per table, not per login).
+    principal: Principal = field(init=False, repr=False, compare=False)
 
-    @property
-    def nopassword(self) -> bool:
-        """Any password is accepted (empty password field plus ``nopassword``)."""
-        return not self.password and "nopassword" in self.attributes
-
-    @property
-    def nologin(self) -> bool:
-        """The user may not log in, whatever the password (Dovecot's ``nologin``)."""
-        return "nologin" in self.attributes
-
-    def principal(self) -> Principal:
-        """The :class:`Principal` for this user."""
-        return Principal(self.username, self.attributes)
+    def __post_init__(self) -> None:
+        # Derived once when the file is read: a login reads them as plain attributes.
+        set_ = object.__setattr__
+        set_(self, "nopassword", not self.password and "nopassword" in self.attributes)
+        set_(self, "nologin", "nologin" in self.attributes)
+        set_(self, "principal", Principal(self.username, self.attributes))
 
 
 def _parse_line(line: str) -> UserRecord | None:
@@ -412,7 +411,7 @@ class PasswdFileAuthenticator:
     async def lookup(self, username: str) -> Principal | None:
         """Return the user without checking a secret (LMTP RCPT, SASL EXTERNAL)."""
         record = await self._record(username)
-        return None if record is None else record.principal()
+        return None if record is None else record.principal
 
     async def secret_for(self, username: str, scheme: str) -> bytes | None:
         """Return the user's secret for a challenge-response mechanism.
@@ -621,7 +620,7 @@ def _verdict(record: UserRecord, *, ok: bool) -> Principal | Refused:
         return Refused.BAD_PASSWORD
     if record.nologin:
         return Refused.NOLOGIN
-    return record.principal()
+    return record.principal
 
 
 def _burn(dummies: tuple[tuple[str, str | None], ...], own: str, password: bytes) -> None:

@@ -138,6 +138,8 @@ class ServerContext:
         #: Deadlines of the connections (see ``Pop3Protocol.check_deadlines``).
         self.login_timeout = config.server.login_timeout
         self.line_timeout = min(limits.COMMAND_LINE_TIMEOUT, self.idle_timeout)
+        #: A new connection's first deadline, from accept (idle or not logged in).
+        self.first_wait = min(self.idle_timeout, self.login_timeout)
         self.connections: set[Session] = set()
         #: Connections accepted and not yet closed: sessions and pre-sessions.
         self.open = 0

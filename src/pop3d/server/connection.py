@@ -405,9 +405,15 @@ class Pop3Protocol(asyncio.Protocol):
             return None
         finally:
             # Deadlines: complete commands are activity; an incomplete line starts its
-            # own clock.  (A connection that ended here has none left.)
-            if self.core is not None and (core.commands_received != seen or core.buffered):
-                self._note_activity(core)
+            # own clock.  (A connection that ended here has none left.)  Inline: once a turn.
+            if self.core is not None:
+                if core.commands_received != seen:
+                    self._commands_seen = core.commands_received
+                    self.last_active = self.loop.time()
+                    self._line_since = 0.0
+                if not self._line_since and core.buffered:
+                    self._line_since = now = self.loop.time()
+                    self.deadline = min(self.deadline, now + self.server.line_timeout)
 
     def _next_turn(self) -> None:
         """Go on answering a client that was made to wait its turn (unless it is paused)."""
@@ -415,18 +421,6 @@ class Pop3Protocol(asyncio.Protocol):
             self._blocked = False
             if self._task is None:
                 self._run()
-
-    def _note_activity(self, core: Pop3Connection) -> None:
-        """Complete commands are activity; an incomplete line starts its own clock."""
-        now = self.loop.time()
-        seen = core.commands_received
-        if seen != self._commands_seen:
-            self._commands_seen = seen
-            self.last_active = now
-            self._line_since = 0.0
-        if core.buffered and not self._line_since:
-            self._line_since = now
-            self.deadline = min(self.deadline, now + self.server.line_timeout)
 
     # Starting a request (``_REQUESTS``, by the event's type): answer it now, or return its
     # unfinished rest.  One path per request (``session.py``): the backends finish at once

@@ -162,6 +162,8 @@ class ServerContext:
             for name in config.auth.mechanisms
         )
         self._shared_settings: dict[tuple[bool, bool], Pop3Settings] = {}
+        #: Whether every connection's settings hold something of its own (see settings_for).
+        self._unique_settings = config.auth.apop or self._nonce_needed
         #: Connections with replies to write at the end of this turn of the loop.
         self._to_flush: list[Session] = []
         #: The idle sweep's next run (started with the first connection).
@@ -300,9 +302,10 @@ class ServerContext:
         certificate: the default configuration) are made once and shared.
         """
         auth = self.config.auth
-        plaintext = auth.plaintext_without_tls or self.is_secure(address)
-        unique = auth.apop or self._nonce_needed or client_identity is not None
-        if not unique:
+        plaintext = auth.plaintext_without_tls or self._secure_cache.get(address)
+        if plaintext is None:  # (the cache looked at here: a call less once it is known)
+            plaintext = self.is_secure(address)
+        if client_identity is None and not self._unique_settings:
             key = (plaintext, implicit_tls)
             shared = self._shared_settings.get(key)
             if shared is None:

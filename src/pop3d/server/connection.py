@@ -72,12 +72,12 @@ from pop3d.protocol.events import Event
 from pop3d.protocol.pop3 import Deadline
 from pop3d.protocol.replies import RespCode
 from pop3d.protocol.states import State
+from pop3d.protocol.values import Principal
 from pop3d.server.tls import certificate_identity, start_tls
 from pop3d.session import AuthRequest, Later, read_failed
 from pop3d.storage.base import InlineRead, Paced
 
 if TYPE_CHECKING:
-    from pop3d.protocol.values import Principal
     from pop3d.server.context import Client, ServerContext
     from pop3d.storage.base import Fenced, Maildrop
 
@@ -568,14 +568,16 @@ class Pop3Protocol(asyncio.Protocol):
         event: PasswordAuthenticate | ApopAuthenticate | SaslOutcome,
         result: Principal | RespCode,
     ) -> None:
-        if isinstance(result, RespCode):
-            # The audit line was written when the verdict was reached (session.py).
-            core.auth_failed(result)
-        else:
+        # isinstance() of Principal, not of RespCode: RespCode is an Enum, whose metaclass
+        # makes isinstance() look up and call __instancecheck__.
+        if isinstance(result, Principal):
             # The session line at the end says who logged in and how: one line a session.
             self.username = result.username
             self._mechanism = event.mechanism if not isinstance(event, ApopAuthenticate) else "APOP"
             core.auth_succeeded(result)
+        else:
+            # The audit line was written when the verdict was reached (session.py).
+            core.auth_failed(result)
 
     def _auth_refused(self, event: AuthRefused) -> None:
         """The core refused an authentication by itself: the audit line says why."""
@@ -583,13 +585,16 @@ class Pop3Protocol(asyncio.Protocol):
         audit.auth_failed(event.username, self.address, event.mechanism, event.code, self._tls())
 
     def _open_result(self, core: Pop3Connection, opened: Maildrop | RespCode) -> None:
-        if isinstance(opened, RespCode):
+        if type(opened) is RespCode:  # (not isinstance(): see _auth_result)
             core.maildrop_failed(opened)
             return
-        self.maildrop = opened
-        self._read_inline = opened if _offers_inline_read[type(opened)] else None  # type: ignore[assignment]
-        self._fence = self.server.backends.fence(opened)
-        core.maildrop_opened(opened.listing())
+        # (not a RespCode: the test above, which mypy does not follow)
+        maildrop: Maildrop = opened  # type: ignore[assignment]
+        self.maildrop = maildrop
+        inline = _offers_inline_read[type(maildrop)]
+        self._read_inline = maildrop if inline else None  # type: ignore[assignment]
+        self._fence = self.server.backends.fence(maildrop)
+        core.maildrop_opened(maildrop.listing())
 
     def _tls(self) -> str | None:
         """The connection's TLS version, or None (for the audit line)."""

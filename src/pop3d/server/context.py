@@ -133,6 +133,8 @@ class ServerContext:
     def __init__(self, config: Config, backends: Backends, tls: TlsContexts | None) -> None:
         self.config = config
         self.backends = backends
+        # An instance attribute: read once a connection, faster than the class's.
+        self.wire = None
         self.tls = tls
         self.idle_timeout = config.server.idle_timeout
         #: Deadlines of the connections (see ``Pop3Protocol.check_deadlines``).

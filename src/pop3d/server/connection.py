@@ -145,7 +145,6 @@ class Pop3Protocol(asyncio.Protocol):
         "_blocked",
         "_born",
         "_closing",
-        "_commands_seen",
         "_drained",
         "_fence",
         "_flush_queued",
@@ -220,7 +219,6 @@ class Pop3Protocol(asyncio.Protocol):
         #: When the sweep must next look at this connection (never later than needed).
         self.deadline = 0.0
         self._born = 0.0
-        self._commands_seen = 0
         #: ``loop.time()`` since when an incomplete line waits (0: none).
         self._line_since = 0.0
         #: Since when output has not drained, and how much was pending then.
@@ -350,8 +348,10 @@ class Pop3Protocol(asyncio.Protocol):
                         self.username, self.peer)
             core.maildrop_lost()
         writes = 0
-        seen = self._commands_seen
-        turn_ends = core.commands_received + _COMMANDS_PER_TURN
+        # Only next_event() counts commands, and only here: what it counted by the last turn's
+        # end is the count now.
+        seen = core.commands_received
+        turn_ends = seen + _COMMANDS_PER_TURN
         try:
             while True:
                 if self._write_paused:
@@ -408,7 +408,6 @@ class Pop3Protocol(asyncio.Protocol):
             # own clock.  (A connection that ended here has none left.)  Inline: once a turn.
             if self.core is not None:
                 if core.commands_received != seen:
-                    self._commands_seen = core.commands_received
                     self.last_active = self.loop.time()
                     self._line_since = 0.0
                 if not self._line_since and core.buffered:

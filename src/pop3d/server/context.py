@@ -181,9 +181,10 @@ class ServerContext:
         process is woken once for all of them rather than once a reply (Redis writes its
         replies the same way, before it waits for events again).
         """
-        if not self._to_flush:
+        to_flush = self._to_flush
+        if not to_flush:
             conn.loop.call_soon(self._flush_all)
-        self._to_flush.append(conn)
+        to_flush.append(conn)
 
     def _flush_all(self) -> None:
         conns, self._to_flush = self._to_flush, []

@@ -196,7 +196,7 @@ class Pop3Protocol(asyncio.Protocol):
         self.peer = "?"
         self.address = "?"
         self.maildrop: Maildrop | None = None
-        #: The maildrop's fast path for small messages, if it has one (see _send_inline).
+        #: The maildrop's fast path for small messages, if it has one (see _start_send).
         self._read_inline: InlineRead | None = None
         #: The maildrop's lock if it can be lost (a cluster lease), asked before each batch.
         self._fence: Fenced | None = None
@@ -459,8 +459,24 @@ class Pop3Protocol(asyncio.Protocol):
         return None
 
     def _start_send(self, core: Pop3Connection, event: SendMessage) -> Later[Any] | None:
-        if self._send_inline(core, event.uid):
-            return None
+        """RETR/TOP: a small message is sent at once, without a task, where the maildrop can."""
+        read_inline = self._read_inline
+        if read_inline is not None:
+            uid = event.uid
+            try:
+                data = read_inline.read_inline(uid)
+            except LocalProtocolError:
+                raise
+            except Exception as exc:
+                self._read_failed(core, uid, exc)
+                return None
+            if data is not None:
+                before = core.octets_sent
+                core.message_data(data)
+                core.message_end()
+                if metrics.on:
+                    metrics.retrieved(core.octets_sent - before)
+                return None
         return Later(self._perform_io(core, event))
 
     def _start_io(self, core: Pop3Connection, event: SaslSecret | StartTls) -> Later[Any]:
@@ -477,26 +493,6 @@ class Pop3Protocol(asyncio.Protocol):
         SaslSecret: _start_io,
         StartTls: _start_io,
     }
-
-    def _send_inline(self, core: Pop3Connection, uid: str) -> bool:
-        """RETR/TOP of a small message without a task: True if it was answered here."""
-        read_inline = self._read_inline
-        if read_inline is None:
-            return False
-        try:
-            data = read_inline.read_inline(uid)
-        except LocalProtocolError:
-            raise
-        except Exception as exc:
-            self._read_failed(core, uid, exc)
-            return True
-        if data is None:
-            return False
-        before = core.octets_sent
-        core.message_data(data)
-        core.message_end()
-        metrics.retrieved(core.octets_sent - before)
-        return True
 
     async def _perform(self, pending: tuple[Event, Later[Any]]) -> None:
         """Await unfinished requests one after another in one task, then answer inline again.

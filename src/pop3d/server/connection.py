@@ -47,7 +47,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, cast
 
 from pop3d import audit, logsetup, metrics
 from pop3d.errors import LocalProtocolError
@@ -132,8 +132,8 @@ _ENDED = {
 }
 
 
-def _unexpected(conn: Pop3Protocol, core: Pop3Connection, event: Any) -> Later[Any] | None:  # noqa: ARG001
-    """An event no request method knows (a bug): the connection closes."""
+def _unexpected(event: object) -> NoReturn:
+    """An event the connection does not know (a bug): the connection closes."""
     raise LocalProtocolError(f"unexpected event {event!r}")
 
 
@@ -360,10 +360,16 @@ class Pop3Protocol(asyncio.Protocol):
                     self._pause_reading()
                     return None
                 event = core.next_event()
-                # Dispatch on the exact type (the events are final dataclasses): one
-                # type() and identity tests, then one dict look-up for a request.
+                # Dispatch on the exact type (the events are final dataclasses): a request
+                # (most events: RETR after RETR) in one dict look-up, the rest by identity.
                 kind = type(event)
-                if kind is NeedData:
+                start = _REQUESTS.get(kind)
+                if start is not None:
+                    later = start(self, core, event)
+                    if later is not None:  # its rest is awaited in the task
+                        self.flush()
+                        return event, later
+                elif kind is NeedData:
                     if not self._flush_queued:  # (inline: once a turn on every connection)
                         self._flush_queued = True
                         self.server.flush_soon(self)
@@ -371,7 +377,7 @@ class Pop3Protocol(asyncio.Protocol):
                         self._reading_paused = False
                         self.transport.resume_reading()
                     return None
-                if kind is Flush:
+                elif kind is Flush:
                     # The core stopped answering: its output is due (a coalesced write),
                     # or it answered a batch of lines.
                     if core.pending_output >= _WRITE_COALESCE:
@@ -389,10 +395,7 @@ class Pop3Protocol(asyncio.Protocol):
                 elif kind is AuthRefused:  # information only: log it, go on
                     self._auth_refused(event)  # type: ignore[arg-type]
                 else:
-                    later = _REQUESTS.get(kind, _unexpected)(self, core, event)
-                    if later is not None:
-                        self.flush()
-                        return event, later
+                    _unexpected(event)
                 if writes >= _WRITES_PER_TURN or core.commands_received >= turn_ends:
                     # Fairness: a client whose replies the kernel keeps taking lets the
                     # others (and the accept) have the loop before it is answered further.

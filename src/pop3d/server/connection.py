@@ -424,7 +424,7 @@ class Pop3Protocol(asyncio.Protocol):
             if self._task is None:
                 self._run()
 
-    # Starting a request (``_REQUESTS``, by the event's type): answer it now, or return its
+    # Starting a request (``REQUESTS``, by the event's type): answer it now, or return its
     # unfinished rest.  One path per request (``session.py``): the backends finish at once
     # when they can, and what they cannot finish continues in the task, never started over.
 

@@ -53,6 +53,9 @@ _AUTH_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 
 #: The metric objects once :func:`enable` ran (``None``: every function is a no-op).
 _m: _Metrics | None = None
+#: Whether :func:`enable` ran: a caller with work to do for a call (a label to work out)
+#: reads this first (``metrics.on``, at the time of the call) and skips both while off.
+on = False
 _folder: Path | None = None
 
 
@@ -112,7 +115,7 @@ class _Metrics:
 
 def enable(folder: Path) -> None:
     """Count from now on, into ``folder`` (multi-process; call before forking workers)."""
-    global _m, _folder  # noqa: PLW0603 (the module is the process's one set of metrics)
+    global _m, _folder, on  # noqa: PLW0603 (the module is the process's one set of metrics)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
     from prometheus_client import values  # noqa: PLC0415
 
@@ -121,6 +124,7 @@ def enable(folder: Path) -> None:
     _folder = folder
     if _m is None:
         _m = _Metrics()
+    on = True
 
 
 def enabled() -> bool:

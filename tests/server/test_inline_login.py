@@ -13,6 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
+import pytest
+
+from pop3d import metrics
 from pop3d.server.connection import Pop3Protocol
 from pop3d.server.context import ServerContext
 
@@ -99,3 +102,29 @@ def test_refusals_take_the_task_and_get_the_same_answers(tmp_path: Path) -> None
     assert wrong.lines()[2] == b"-ERR [AUTH] invalid password"
     assert locked_tasks == [False, True, False]
     assert locked.lines()[2].startswith(b"-ERR [IN-USE]")
+
+
+def test_metrics_are_reported_only_while_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session's result label and a RETR's octets reach the metrics once they are on
+    (``metrics.on``, read at the time of each call), and nothing is reported while off."""
+    ctx = _server(tmp_path)
+    ended: list[str] = []
+    retrieved: list[int] = []
+    monkeypatch.setattr(metrics, "session_ended", ended.append)
+    monkeypatch.setattr(metrics, "retrieved", retrieved.append)
+
+    async def main() -> RecordingTransport:
+        await _session(ctx, b"USER alice", b"PASS alice-pass", b"RETR 1", b"QUIT")
+        assert (ended, retrieved) == ([], [])  # off: nothing worked out, nothing reported
+        monkeypatch.setattr(metrics, "on", True)
+        transport, _ = await _session(ctx, b"USER alice", b"PASS alice-pass", b"RETR 2", b"QUIT")
+        await _session(ctx, b"QUIT")
+        return transport
+
+    transport = asyncio.run(main())
+    assert ended == ["quit", "quit_auth"]
+    message = b"Subject: 1\r\n\r\nbody\r\n"
+    assert message + b".\r\n" in b"".join(transport.out)
+    assert retrieved == [len(message)]  # the message's wire octets

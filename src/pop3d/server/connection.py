@@ -46,7 +46,8 @@ import contextlib
 import logging
 import ssl
 import time
-from typing import TYPE_CHECKING, Any, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, cast
 
 from pop3d import audit, logsetup, metrics
 from pop3d.errors import LocalProtocolError
@@ -71,12 +72,12 @@ from pop3d.protocol.events import Event
 from pop3d.protocol.pop3 import Deadline
 from pop3d.protocol.replies import RespCode
 from pop3d.protocol.states import State
+from pop3d.protocol.values import Principal
 from pop3d.server.tls import certificate_identity, start_tls
 from pop3d.session import AuthRequest, Later, read_failed
 from pop3d.storage.base import InlineRead, Paced
 
 if TYPE_CHECKING:
-    from pop3d.protocol.values import Principal
     from pop3d.server.context import Client, ServerContext
     from pop3d.storage.base import Fenced, Maildrop
 
@@ -86,27 +87,30 @@ log = logsetup.get_logger("pop3d.session")
 _WRITE_COALESCE = limits.WRITE_COALESCE
 _WRITES_PER_TURN = limits.WRITES_PER_TURN
 _COMMANDS_PER_TURN = limits.COMMANDS_PER_TURN
+_WRITE_HIGH_WATER = limits.WRITE_HIGH_WATER
 
 
-class _Offers:
-    """Whether an object offers an optional capability (a runtime-checkable Protocol).
+class _Offers(dict[type, bool]):
+    """Whether objects of a type offer a capability (a runtime-checkable Protocol).
 
-    Looked up once per type: ``isinstance`` on a Protocol checks every member each time.
+    ``offers[type(obj)]``, for a Protocol of methods.  Worked out once per type:
+    ``isinstance`` on a Protocol checks every member each time; once known, a look-up is
+    a dict hit, with no Python call.
     """
 
-    __slots__ = ("_known", "_protocol")
+    __slots__ = ("_protocol",)
 
     def __init__(self, protocol: type) -> None:
+        super().__init__()
         self._protocol = protocol
-        self._known: dict[type, bool] = {}
 
-    def __call__(self, obj: object) -> bool:
-        kind = type(obj)
-        known = self._known.get(kind)
-        if known is None:
-            known = self._known[kind] = isinstance(obj, self._protocol)
+    def __missing__(self, kind: type) -> bool:
+        known = self[kind] = issubclass(kind, self._protocol)
         return known
 
+
+#: A method of :class:`Pop3Protocol` that starts a request (``Pop3Protocol.REQUESTS``).
+_Start = Callable[["Pop3Protocol", Pop3Connection, Any], "Later[Any] | None"]
 
 _offers_inline_read = _Offers(InlineRead)
 _is_paced = _Offers(Paced)
@@ -128,6 +132,11 @@ _ENDED = {
 }
 
 
+def _unexpected(event: object) -> NoReturn:
+    """An event the connection does not know (a bug): the connection closes."""
+    raise LocalProtocolError(f"unexpected event {event!r}")
+
+
 class Pop3Protocol(asyncio.Protocol):
     """asyncio protocol driving one :class:`Pop3Connection`."""
 
@@ -136,7 +145,6 @@ class Pop3Protocol(asyncio.Protocol):
         "_blocked",
         "_born",
         "_closing",
-        "_commands_seen",
         "_drained",
         "_fence",
         "_flush_queued",
@@ -188,7 +196,7 @@ class Pop3Protocol(asyncio.Protocol):
         self.peer = "?"
         self.address = "?"
         self.maildrop: Maildrop | None = None
-        #: The maildrop's fast path for small messages, if it has one (see _send_inline).
+        #: The maildrop's fast path for small messages, if it has one (see _start_send).
         self._read_inline: InlineRead | None = None
         #: The maildrop's lock if it can be lost (a cluster lease), asked before each batch.
         self._fence: Fenced | None = None
@@ -211,7 +219,6 @@ class Pop3Protocol(asyncio.Protocol):
         #: When the sweep must next look at this connection (never later than needed).
         self.deadline = 0.0
         self._born = 0.0
-        self._commands_seen = 0
         #: ``loop.time()`` since when an incomplete line waits (0: none).
         self._line_since = 0.0
         #: Since when output has not drained, and how much was pending then.
@@ -227,18 +234,23 @@ class Pop3Protocol(asyncio.Protocol):
     def connection_made(self, base_transport: asyncio.BaseTransport) -> None:
         """Admit the client (its deadlines count from now) and send the greeting."""
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods
-        transport = cast("asyncio.Transport", base_transport)
-        if self.server.wire is not None:  # a test server's transcript and wire faults
-            transport = self.server.wire(self, transport)
+        # (an annotation, not typing.cast: no call)
+        transport: asyncio.Transport = base_transport  # type: ignore[assignment]
+        server = self.server
+        if server.wire is not None:  # a test server's transcript and wire faults
+            transport = server.wire(self, transport)
         self.transport = transport
         client = self.client
         if client is None:
             peer = transport.get_extra_info("peername")
-            self.address = str(peer[0]) if peer else "local"
-            self.peer = f"{self.address}:{peer[1]}" if peer else "local"
+            if peer:
+                self.address = address = str(peer[0])
+                self.peer = f"{address}:{peer[1]}"
+            else:
+                self.address = self.peer = "local"
         else:
             self.address, self.peer = client.address, client.peer
-        cap = self.server.admit(self)
+        cap = server.admit(self)
         if cap is not None:
             log.warning("refused %s: over the %s connection cap", self.peer, cap)
             transport.write(refusal(cap))
@@ -246,14 +258,14 @@ class Pop3Protocol(asyncio.Protocol):
             self._closing = True
             self._close_transport(transport, limits.CLOSE_GRACE)
             return
-        transport.set_write_buffer_limits(high=limits.WRITE_HIGH_WATER)
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
         identity = self._client_identity(transport) if self.implicit_tls else None
-        self.core = Pop3Connection(
-            self.server.settings_for(self.address, self.implicit_tls, identity)
-        )
+        self.core = Pop3Connection(server.settings_for(self.address, self.implicit_tls, identity))
         self._born = self.last_active = now = self.loop.time()
-        self.deadline = now + min(self.server.idle_timeout, self.server.login_timeout)
-        self._run()
+        self.deadline = now + server.first_wait
+        later = self._advance()  # self._run(), inline: once a connection
+        if later is not None:
+            self._task = self.loop.create_task(self._perform(later))
 
     def data_received(self, data: bytes) -> None:
         """Feed the core; answer at once unless a request runs or the peer does not read."""
@@ -262,7 +274,9 @@ class Pop3Protocol(asyncio.Protocol):
             return
         core.receive_data(data)
         if self._task is None and not self._blocked:
-            self._run()
+            later = self._advance()  # self._run(), inline: once a read
+            if later is not None:
+                self._task = self.loop.create_task(self._perform(later))
         elif core.buffered > limits.MAX_PENDING_INPUT and self.transport is not None:
             self._pause_reading()
 
@@ -284,12 +298,15 @@ class Pop3Protocol(asyncio.Protocol):
         """
         if not self._result:
             self._result = "disconnected"
-        in_update = self._in_update()
-        self._finish()
+        core = self.core
+        in_update = False
+        if core is not None:  # (else _finish ran already: at QUIT, say)
+            in_update = core.state is State.UPDATE
+            self._finish()
         self.server.release(self)
         if self._drained is not None and not self._drained.done():
             self._drained.set_result(None)
-        if not in_update:
+        if not in_update and (self._task is not None or self._later is not None):
             self._cancel_task()
 
     def pause_writing(self) -> None:
@@ -331,8 +348,10 @@ class Pop3Protocol(asyncio.Protocol):
                         self.username, self.peer)
             core.maildrop_lost()
         writes = 0
-        seen = self._commands_seen
-        turn_ends = core.commands_received + _COMMANDS_PER_TURN
+        # Only next_event() counts commands, and only here: what it counted by the last turn's
+        # end is the count now.
+        seen = core.commands_received
+        turn_ends = seen + _COMMANDS_PER_TURN
         try:
             while True:
                 if self._write_paused:
@@ -341,32 +360,42 @@ class Pop3Protocol(asyncio.Protocol):
                     self._pause_reading()
                     return None
                 event = core.next_event()
-                if isinstance(event, NeedData):
-                    self._flush_soon()
+                # Dispatch on the exact type (the events are final dataclasses): a request
+                # (most events: RETR after RETR) in one dict look-up, the rest by identity.
+                kind = type(event)
+                start = _REQUESTS.get(kind)
+                if start is not None:
+                    later = start(self, core, event)
+                    if later is not None:  # its rest is awaited in the task
+                        self.flush()
+                        return event, later
+                elif kind is NeedData:
+                    if not self._flush_queued:  # (inline: once a turn on every connection)
+                        self._flush_queued = True
+                        self.server.flush_soon(self)
                     if self._reading_paused:
                         self._reading_paused = False
                         self.transport.resume_reading()
                     return None
-                if isinstance(event, Flush):
+                elif kind is Flush:
                     # The core stopped answering: its output is due (a coalesced write),
                     # or it answered a batch of lines.
                     if core.pending_output >= _WRITE_COALESCE:
                         self.flush()
                         writes += 1
-                elif isinstance(event, AuthRefused):  # information only: log it, go on
-                    self._auth_refused(event)
-                elif isinstance(event, Closed):
-                    self._result = self._result or event.reason
+                elif kind is Closed:
+                    self._result = self._result or event.reason  # type: ignore[union-attr]
                     self._closing = True
                     self._last_words = core.data_to_send()
-                    self._flush_soon()
+                    if not self._flush_queued:
+                        self._flush_queued = True
+                        self.server.flush_soon(self)
                     self._finish()
                     return None
-                elif not (isinstance(event, SendMessage) and self._send_inline(core, event.uid)):
-                    later = self._answer(core, event)
-                    if later is not None:
-                        self.flush()
-                        return event, later
+                elif kind is AuthRefused:  # information only: log it, go on
+                    self._auth_refused(event)  # type: ignore[arg-type]
+                else:
+                    _unexpected(event)
                 if writes >= _WRITES_PER_TURN or core.commands_received >= turn_ends:
                     # Fairness: a client whose replies the kernel keeps taking lets the
                     # others (and the accept) have the loop before it is answered further.
@@ -379,9 +408,14 @@ class Pop3Protocol(asyncio.Protocol):
             return None
         finally:
             # Deadlines: complete commands are activity; an incomplete line starts its
-            # own clock.  (A connection that ended here has none left.)
-            if self.core is not None and (core.commands_received != seen or core.buffered):
-                self._note_activity(core)
+            # own clock.  (A connection that ended here has none left.)  Inline: once a turn.
+            if self.core is not None:
+                if core.commands_received != seen:
+                    self.last_active = self.loop.time()
+                    self._line_since = 0.0
+                if not self._line_since and core.buffered:
+                    self._line_since = now = self.loop.time()
+                    self.deadline = min(self.deadline, now + self.server.line_timeout)
 
     def _next_turn(self) -> None:
         """Go on answering a client that was made to wait its turn (unless it is paused)."""
@@ -390,72 +424,78 @@ class Pop3Protocol(asyncio.Protocol):
             if self._task is None:
                 self._run()
 
-    def _note_activity(self, core: Pop3Connection) -> None:
-        """Complete commands are activity; an incomplete line starts its own clock."""
-        now = self.loop.time()
-        seen = core.commands_received
-        if seen != self._commands_seen:
-            self._commands_seen = seen
-            self.last_active = now
-            self._line_since = 0.0
-        if core.buffered and not self._line_since:
-            self._line_since = now
-            self.deadline = min(self.deadline, now + self.server.line_timeout)
+    # Starting a request (``REQUESTS``, by the event's type): answer it now, or return its
+    # unfinished rest.  One path per request (``session.py``): the backends finish at once
+    # when they can, and what they cannot finish continues in the task, never started over.
 
-    def _answer(self, core: Pop3Connection, event: Event) -> Later[Any] | None:
-        """Start the request ``event``: answer it now, or return its unfinished rest.
-
-        One path per request (``session.py``): the backends finish at once when they
-        can, and what they cannot finish continues in the task, never started over.
-        """
-        backends = self.server.backends
-        match event:
-            case PasswordAuthenticate() | ApopAuthenticate() | SaslOutcome():
-                answer = backends.authenticate(AuthRequest(event, self.address, self._tls()))
-                if isinstance(answer, Later):
-                    return answer
-                self._auth_result(core, event, answer)
-            case OpenMaildrop(principal):
-                opened = backends.open(principal)
-                if isinstance(opened, Later):
-                    return opened
-                self._open_result(core, opened)
-            case Update(deleted):
-                maildrop = self.maildrop
-                assert maildrop is not None
-                # The lock is released before the sign-off goes out: a client that logs
-                # in again the moment it reads "+OK" must not find its maildrop locked.
-                self.maildrop = None
-                self._fence = None
-                done = backends.update(maildrop, deleted)
-                if isinstance(done, Later):
-                    return done
-                self._update_result(core, done)
-            case SaslSecret() | SendMessage() | StartTls():
-                return Later(self._perform_io(core, event))
-            case _:
-                raise LocalProtocolError(f"unexpected event {event!r}")
+    def _start_auth(
+        self, core: Pop3Connection, event: PasswordAuthenticate | ApopAuthenticate | SaslOutcome
+    ) -> Later[Any] | None:
+        tls = self._tls() if core.tls_active else None
+        answer = self.server.backends.authenticate(AuthRequest(event, self.address, tls))
+        if isinstance(answer, Later):
+            return answer
+        self._auth_result(core, event, answer)
         return None
 
-    def _send_inline(self, core: Pop3Connection, uid: str) -> bool:
-        """RETR/TOP of a small message without a task: True if it was answered here."""
+    def _start_open(self, core: Pop3Connection, event: OpenMaildrop) -> Later[Any] | None:
+        opened = self.server.backends.open(event.principal)
+        if isinstance(opened, Later):
+            return opened
+        self._open_result(core, opened)
+        return None
+
+    def _start_update(self, core: Pop3Connection, event: Update) -> Later[Any] | None:
+        maildrop = self.maildrop
+        assert maildrop is not None
+        # The lock is released before the sign-off goes out: a client that logs
+        # in again the moment it reads "+OK" must not find its maildrop locked.
+        self.maildrop = None
+        self._fence = None
+        done = self.server.backends.update(maildrop, event.deleted)
+        if isinstance(done, Later):
+            return done
+        if done:
+            core.update_done()
+        else:
+            core.update_failed()
+        return None
+
+    def _start_send(self, core: Pop3Connection, event: SendMessage) -> Later[Any] | None:
+        """RETR/TOP: a small message is sent at once, without a task, where the maildrop can."""
         read_inline = self._read_inline
-        if read_inline is None:
-            return False
-        try:
-            data = read_inline.read_inline(uid)
-        except LocalProtocolError:
-            raise
-        except Exception as exc:
-            self._read_failed(core, uid, exc)
-            return True
-        if data is None:
-            return False
-        before = core.octets_sent
-        core.message_data(data)
-        core.message_end()
-        metrics.retrieved(core.octets_sent - before)
-        return True
+        if read_inline is not None:
+            uid = event.uid
+            try:
+                data = read_inline.read_inline(uid)
+            except LocalProtocolError:
+                raise
+            except Exception as exc:
+                self._read_failed(core, uid, exc)
+                return None
+            if data is not None:
+                before = core.octets_sent
+                core.message_data(data)
+                core.message_end()
+                if metrics.on:
+                    metrics.retrieved(core.octets_sent - before)
+                return None
+        return Later(self._perform_io(core, event))
+
+    def _start_io(self, core: Pop3Connection, event: SaslSecret | StartTls) -> Later[Any]:
+        return Later(self._perform_io(core, event))
+
+    #: The method that starts each request, by the event's type (see :meth:`_advance`).
+    REQUESTS: ClassVar[dict[type, _Start]] = {
+        PasswordAuthenticate: _start_auth,
+        ApopAuthenticate: _start_auth,
+        SaslOutcome: _start_auth,
+        OpenMaildrop: _start_open,
+        Update: _start_update,
+        SendMessage: _start_send,
+        SaslSecret: _start_io,
+        StartTls: _start_io,
+    }
 
     async def _perform(self, pending: tuple[Event, Later[Any]]) -> None:
         """Await unfinished requests one after another in one task, then answer inline again.
@@ -497,7 +537,10 @@ class Pop3Protocol(asyncio.Protocol):
             case OpenMaildrop():
                 self._open_result(core, answer)
             case Update():
-                self._update_result(core, answer)
+                if answer:
+                    core.update_done()
+                else:
+                    core.update_failed()
             case _:  # SaslSecret, SendMessage, StartTls reported to the core themselves
                 pass
 
@@ -523,14 +566,16 @@ class Pop3Protocol(asyncio.Protocol):
         event: PasswordAuthenticate | ApopAuthenticate | SaslOutcome,
         result: Principal | RespCode,
     ) -> None:
-        if isinstance(result, RespCode):
-            # The audit line was written when the verdict was reached (session.py).
-            core.auth_failed(result)
-        else:
+        # isinstance() of Principal, not of RespCode: RespCode is an Enum, whose metaclass
+        # makes isinstance() look up and call __instancecheck__.
+        if isinstance(result, Principal):
             # The session line at the end says who logged in and how: one line a session.
             self.username = result.username
             self._mechanism = event.mechanism if not isinstance(event, ApopAuthenticate) else "APOP"
             core.auth_succeeded(result)
+        else:
+            # The audit line was written when the verdict was reached (session.py).
+            core.auth_failed(result)
 
     def _auth_refused(self, event: AuthRefused) -> None:
         """The core refused an authentication by itself: the audit line says why."""
@@ -538,20 +583,16 @@ class Pop3Protocol(asyncio.Protocol):
         audit.auth_failed(event.username, self.address, event.mechanism, event.code, self._tls())
 
     def _open_result(self, core: Pop3Connection, opened: Maildrop | RespCode) -> None:
-        if isinstance(opened, RespCode):
+        if type(opened) is RespCode:  # (not isinstance(): see _auth_result)
             core.maildrop_failed(opened)
             return
-        self.maildrop = opened
-        self._read_inline = cast("InlineRead", opened) if _offers_inline_read(opened) else None
-        self._fence = self.server.backends.fence(opened)
-        core.maildrop_opened(opened.listing())
-
-    @staticmethod
-    def _update_result(core: Pop3Connection, done: bool) -> None:
-        if done:
-            core.update_done()
-        else:
-            core.update_failed()
+        # (not a RespCode: the test above, which mypy does not follow)
+        maildrop: Maildrop = opened  # type: ignore[assignment]
+        self.maildrop = maildrop
+        inline = _offers_inline_read[type(maildrop)]
+        self._read_inline = maildrop if inline else None  # type: ignore[assignment]
+        self._fence = self.server.backends.fence(maildrop)
+        core.maildrop_opened(maildrop.listing())
 
     def _tls(self) -> str | None:
         """The connection's TLS version, or None (for the audit line)."""
@@ -581,7 +622,7 @@ class Pop3Protocol(asyncio.Protocol):
         # stops reading holds at most one chunk beyond the kernel's buffers, whatever its
         # size.  A peer that stalled (limits.SHRINK_AFTER_STALL) then gets small chunks
         # (limits.READ_CHUNK_AFTER_STALL), doubling while the kernel takes each whole.
-        paced = cast("Paced", chunks) if _is_paced(chunks) else None
+        paced = cast("Paced", chunks) if _is_paced[type(chunks)] else None
         size = limits.READ_CHUNK
         transport.set_write_buffer_limits(high=1, low=0)
         try:
@@ -774,11 +815,6 @@ class Pop3Protocol(asyncio.Protocol):
             if data:
                 transport.write(data)
 
-    def _flush_soon(self) -> None:
-        if not self._flush_queued:
-            self._flush_queued = True
-            self.server.flush_soon(self)
-
     def _pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None:
             self._reading_paused = True
@@ -825,26 +861,31 @@ class Pop3Protocol(asyncio.Protocol):
         if maildrop is not None:
             self.server.spawn(_close_maildrop(maildrop, self._task))
         result = self._result
-        if result == "quit" and core.principal is None:
-            ended = "quit_auth"
-        elif result.endswith("timeout"):
-            ended = "timeout"
-        else:
-            ended = _ENDED.get(result, "error")
-        metrics.session_ended(ended)
+        if metrics.on:  # (the label is worked out only where it is counted)
+            if result == "quit" and core.principal is None:
+                ended = "quit_auth"
+            elif result.endswith("timeout"):
+                ended = "timeout"
+            else:
+                ended = _ENDED.get(result, "error")
+            metrics.session_ended(ended)
         if log.isEnabledFor(logging.INFO):
             deleted = core.deleted_count if result == "quit" else 0
+            tls = "no"
             transport = self.transport
-            ssl_object = (
-                transport.get_extra_info("ssl_object") if transport is not None else None
-            )
-            tls = (ssl_object.version() if ssl_object is not None else None) or "no"
+            if core.tls_active and transport is not None:  # (else there is no ssl_object)
+                ssl_object = transport.get_extra_info("ssl_object")
+                tls = (ssl_object.version() if ssl_object is not None else None) or "no"
             log.info(
                 "session peer=%s user=%s via=%s tls=%s result=%s retr=%d octets=%d"
                 " deleted=%d secs=%.3f",
                 self.peer, self.username or "-", self._mechanism, tls, result,
                 core.messages_sent, core.octets_sent, deleted, time.monotonic() - self._started,
             )
+
+
+#: (a module global for :meth:`Pop3Protocol._advance`: one look-up, not two)
+_REQUESTS: dict[type, _Start] = Pop3Protocol.REQUESTS
 
 
 async def _close_maildrop(maildrop: Maildrop, task: asyncio.Task[None] | None) -> None:

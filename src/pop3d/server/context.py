@@ -133,11 +133,15 @@ class ServerContext:
     def __init__(self, config: Config, backends: Backends, tls: TlsContexts | None) -> None:
         self.config = config
         self.backends = backends
+        # An instance attribute: read once a connection, faster than the class's.
+        self.wire = None
         self.tls = tls
         self.idle_timeout = config.server.idle_timeout
         #: Deadlines of the connections (see ``Pop3Protocol.check_deadlines``).
         self.login_timeout = config.server.login_timeout
         self.line_timeout = min(limits.COMMAND_LINE_TIMEOUT, self.idle_timeout)
+        #: A new connection's first deadline, from accept (idle or not logged in).
+        self.first_wait = min(self.idle_timeout, self.login_timeout)
         self.connections: set[Session] = set()
         #: Connections accepted and not yet closed: sessions and pre-sessions.
         self.open = 0
@@ -160,6 +164,8 @@ class ServerContext:
             for name in config.auth.mechanisms
         )
         self._shared_settings: dict[tuple[bool, bool], Pop3Settings] = {}
+        #: Whether every connection's settings hold something of its own (see settings_for).
+        self._unique_settings = config.auth.apop or self._nonce_needed
         #: Connections with replies to write at the end of this turn of the loop.
         self._to_flush: list[Session] = []
         #: The idle sweep's next run (started with the first connection).
@@ -175,9 +181,10 @@ class ServerContext:
         process is woken once for all of them rather than once a reply (Redis writes its
         replies the same way, before it waits for events again).
         """
-        if not self._to_flush:
+        to_flush = self._to_flush
+        if not to_flush:
             conn.loop.call_soon(self._flush_all)
-        self._to_flush.append(conn)
+        to_flush.append(conn)
 
     def _flush_all(self) -> None:
         conns, self._to_flush = self._to_flush, []
@@ -298,9 +305,10 @@ class ServerContext:
         certificate: the default configuration) are made once and shared.
         """
         auth = self.config.auth
-        plaintext = auth.plaintext_without_tls or self.is_secure(address)
-        unique = auth.apop or self._nonce_needed or client_identity is not None
-        if not unique:
+        plaintext = auth.plaintext_without_tls or self._secure_cache.get(address)
+        if plaintext is None:  # (the cache looked at here: a call less once it is known)
+            plaintext = self.is_secure(address)
+        if client_identity is None and not self._unique_settings:
             key = (plaintext, implicit_tls)
             shared = self._shared_settings.get(key)
             if shared is None:

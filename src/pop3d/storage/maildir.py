@@ -1458,6 +1458,9 @@ class MaildirMaildrop:
             TemporaryBackendError: some could not be removed (the rest were).
 
         """
+        if not deleted:  # a QUIT that deletes nothing (most): only the check
+            self._check_open()
+            return
         targets = self._targets(deleted)
         if len(targets) > _INLINE_COMMIT:
             raise WouldWait

@@ -183,7 +183,9 @@ class _Clock:
                 logging.Formatter.default_time_format, logging.Formatter.converter(second)
             )
             self._second = second
-        return self._text + _MILLIS[msecs]
+        if 0 <= msecs <= 1000:
+            return self._text + _MILLIS[msecs]
+        return f"{self._text},{msecs:03d}"  # a record made before 1970, say
 
 
 class _Formatter(logging.Formatter):

@@ -51,10 +51,18 @@ _WRITE_AFTER = 0.1
 _FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 
+def _head(levelname: str, name: str, pid: int) -> str:
+    """What a line of :data:`_FORMAT` has between the time and the message."""
+    return f" {levelname} {name}[{pid}]: "
+
+
 def _line(asctime: str, levelname: str, name: str, message: str, pid: int | None) -> str:
     """A line of :data:`_FORMAT`; a record without a pid gets :mod:`pop3d.process`'s."""
-    return f"{asctime} {levelname} {name}[{pid or process.pid()}]: {message}"
+    return asctime + _head(levelname, name, pid or process.pid()) + message
 
+
+#: Heads of lines (:func:`_head`) a formatter keeps: loggers x levels x pids.
+_HEADS = 256
 
 #: Which lines wait for a batch: the session lines (INFO), in the loop's thread.
 _BATCHED = "pop3d.session"
@@ -151,10 +159,16 @@ def get_logger(name: str) -> logging.Logger:
         logging.setLoggerClass(previous)
 
 
+#: ``,000`` to ``,999``: the milliseconds of an ``asctime``, made once (and ``,1000``, which
+#: a float's rounding could in theory give).
+_MILLIS = tuple(f",{msecs:03d}" for msecs in range(1001))
+
+
 class _Clock:
     """The standard ``asctime`` (``2026-11-27 06:00:00,123``, local time), made cheaper.
 
-    The date and time of day are formatted once a second rather than for every line.
+    The date and time of day are formatted once a second rather than for every line, the
+    milliseconds looked up rather than formatted.
     """
 
     __slots__ = ("_second", "_text")
@@ -169,18 +183,23 @@ class _Clock:
                 logging.Formatter.default_time_format, logging.Formatter.converter(second)
             )
             self._second = second
-        return f"{self._text},{msecs:03d}"
+        if 0 <= msecs <= 1000:
+            return self._text + _MILLIS[msecs]
+        return f"{self._text},{msecs:03d}"  # a record made before 1970, say
 
 
 class _Formatter(logging.Formatter):
     """The standard formatter of :data:`_FORMAT`, with cheaper pid and time of day.
 
     The message part is :func:`_line`'s; the exception and stack text, the standard's.
+    The part between the time and the message (:func:`_head`) is the same for every line
+    of a logger and level in a process: it is made once.
     """
 
     def __init__(self) -> None:
         super().__init__(_FORMAT)
         self.clock = _Clock()
+        self._heads: dict[tuple[str, str, int], str] = {}
 
     def format(self, record: logging.LogRecord) -> str:
         """The line; a record with an exception or a stack goes the standard way."""
@@ -188,7 +207,13 @@ class _Formatter(logging.Formatter):
             return super().format(record)
         record.message = message = record.getMessage()
         record.asctime = asctime = self.clock.text(int(record.created), int(record.msecs))
-        return _line(asctime, record.levelname, record.name, message, record.process)
+        key = (record.levelname, record.name, record.process or process.pid())
+        head = self._heads.get(key)
+        if head is None:
+            if len(self._heads) >= _HEADS:
+                self._heads.clear()
+            head = self._heads[key] = _head(*key)
+        return asctime + head + message
 
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802
         return _line(record.asctime, record.levelname, record.name, record.message,

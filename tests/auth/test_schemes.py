@@ -464,3 +464,23 @@ def test_other_argon2_shapes_go_to_argon2_cffi(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(nacl.pwhash, "verify", refuse)
     assert schemes.verify(stored, PASSWORD)
     assert not schemes.verify(stored, b"wrong")
+
+
+@pytest.mark.parametrize(
+    ("braces", "name", "encoding"),
+    [
+        ("PLAIN", "PLAIN", None),
+        ("Sha256.hex", "SHA256", "hex"),
+        ("SSHA512.B64", "SSHA512", "base64"),
+        ("plain.base64", "PLAIN", "base64"),
+        ("CRAM-MD5", "CRAM-MD5", None),
+        ("X.Y", "X.Y", None),  # unknown: kept whole
+    ],
+)
+def test_scheme_names_parse_alike_in_any_case(
+    braces: str, name: str, encoding: str | None
+) -> None:
+    """A scheme name kept parsed (upper case) and any other spelling split alike."""
+    for written in (braces, braces.upper(), braces.lower()):
+        split = schemes._split(f"{{{written}}}da}}ta")
+        assert split == (name, "da}ta", encoding)

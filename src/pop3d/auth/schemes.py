@@ -95,6 +95,7 @@ _CRYPT_ROUNDS = 5000
 _BCRYPT_COST = 12
 
 _ENCODINGS: Final = {"HEX": "hex", "B64": "base64", "BASE64": "base64"}
+_SUFFIXES: Final = tuple(f".{suffix}" for suffix in _ENCODINGS)
 
 
 # --------------------------------------------------------------------------- parsing
@@ -105,13 +106,20 @@ def _split(stored: str) -> tuple[str, str, str | None]:
     if stored.startswith("{"):
         end = stored.find("}")
         if end > 1:
-            name = stored[1:end].upper()
-            base, dot, suffix = name.rpartition(".")
-            if dot and suffix in _ENCODINGS:
-                return base, stored[end + 1 :], _ENCODINGS[suffix]
-            return name, stored[end + 1 :], None
+            inner = stored[1:end]
+            name, encoding = _BRACES.get(inner) or _braces(inner)
+            return name, stored[end + 1 :], encoding
     # Dovecot: "password: Assume CRYPT password scheme".
     return "CRYPT", stored, None
+
+
+def _braces(inner: str) -> tuple[str, str | None]:
+    """The scheme name and the explicit encoding (or None) of ``{inner}``."""
+    name = inner.upper()
+    base, dot, suffix = name.rpartition(".")
+    if dot and suffix in _ENCODINGS:
+        return base, _ENCODINGS[suffix]
+    return name, None
 
 
 def _decode(data: str, default: str, raw_len: int, explicit: str | None) -> bytes | None:
@@ -316,6 +324,13 @@ _SCHEMES: Final[dict[str, _Scheme]] = {
     "PBKDF2": _Scheme(_verify_pbkdf2, slow=True),
     "SCRAM-SHA-1": _Scheme(lambda d, p: _verify_scram(d, p, "sha1"), slow=True),
     "SCRAM-SHA-256": _Scheme(lambda d, p: _verify_scram(d, p, "sha256"), slow=True),
+}
+
+#: :func:`_braces` of every scheme name as it is usually written (upper case, with or
+#: without an encoding suffix), made once: :func:`_split` of those is one lookup.
+_BRACES: Final = {
+    written: _braces(written)
+    for written in [name + suffix for name in _SCHEMES for suffix in ("", *_SUFFIXES)]
 }
 
 _PLAIN_NAMES: Final = frozenset({"PLAIN", "CLEARTEXT", "CLEAR"})

@@ -49,6 +49,8 @@ _RESOLVE_BENEATH = 0x08
 _RESOLVE = _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS
 #: ``openat2`` on the 64-bit Linux ABIs (the number is the same on x86_64 and aarch64).
 _SYS_OPENAT2 = 437
+#: Flags :func:`open_beneath` always adds.
+_ALWAYS = os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class _OpenHow(ctypes.Structure):
@@ -69,9 +71,10 @@ def _load_syscall() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     except (OSError, AttributeError):
         return None
     func.restype = ctypes.c_long
-    # the ``open_how`` goes by address (an int): no ``byref`` object per call
-    func.argtypes = (ctypes.c_long, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t,
-                     ctypes.c_size_t)
+    # No ``argtypes``: with them every call converts each argument through a Python-level
+    # ``from_param`` call.  Without, the number, the descriptor and the size go as C ints
+    # (small; libffi sign-extends them to the registers' 64 bits), the path as a
+    # ``char *`` to the bytes and the ``open_how`` as a kept pointer object.
     return func
 
 
@@ -79,17 +82,14 @@ _syscall = _load_syscall()
 #: Whether ``openat2`` is used; cleared at its first ENOSYS/EPERM (seccomp) refusal.
 _openat2 = _syscall is not None
 _HOW_SIZE = ctypes.sizeof(_OpenHow)
-#: One ``open_how`` per (flags, mode), kept with its address: built once, not per open.
-_hows: dict[tuple[int, int], tuple[_OpenHow, int]] = {}
+#: A pointer to a kept ``open_how`` per (flags, mode): built once, not per open.
+_hows: dict[tuple[int, int], ctypes._Pointer[_OpenHow]] = {}
 
 
-def _how(flags: int, mode: int) -> int:
-    """The address of a kept ``open_how`` for ``flags`` and ``mode``."""
-    kept = _hows.get((flags, mode))
-    if kept is None:
-        how = _OpenHow(flags, mode, _RESOLVE)
-        kept = _hows[flags, mode] = (how, ctypes.addressof(how))
-    return kept[1]
+def _how(flags: int, mode: int) -> ctypes._Pointer[_OpenHow]:
+    """A pointer to a new kept ``open_how`` for ``flags`` and ``mode``."""
+    how = _hows[flags, mode] = ctypes.pointer(_OpenHow(flags, mode, _RESOLVE))
+    return how
 
 
 def is_link_refusal(exc: OSError) -> bool:
@@ -110,13 +110,16 @@ def open_beneath(dir_fd: int, rel: str, flags: int, mode: int = 0o600) -> int:
     global _openat2  # noqa: PLW0603 (learned once per process)
     if not rel or rel[0] == "/" or (".." in rel and ".." in rel.split("/")):
         raise OSError(errno.EINVAL, "not a path below the mail root", rel)
-    flags |= os.O_NOFOLLOW | os.O_CLOEXEC
+    flags |= _ALWAYS
     if _openat2 and _syscall is not None:
-        how = _how(flags, mode if flags & os.O_CREAT else 0)
-        fd = _syscall(_SYS_OPENAT2, dir_fd, rel.encode("utf-8", "surrogateescape"), how,
-                      _HOW_SIZE)
+        key = (flags, mode if flags & os.O_CREAT else 0)
+        how = _hows.get(key)
+        if how is None:
+            how = _how(*key)
+        fd: int = _syscall(_SYS_OPENAT2, dir_fd, rel.encode("utf-8", "surrogateescape"), how,
+                           _HOW_SIZE)
         if fd >= 0:
-            return int(fd)
+            return fd
         err = ctypes.get_errno()
         if err not in (errno.ENOSYS, errno.EPERM, errno.E2BIG):
             raise OSError(err, os.strerror(err), rel)

@@ -186,7 +186,8 @@ class TableLock:
             table.release(self.offset, self._owner)
 
     def __del__(self) -> None:
-        self.close()
+        if self._table is not None:  # (a closed one, as most are: no call)
+            self.close()
 
     def __repr__(self) -> str:
         state = "released" if self._table is None else "held"
@@ -240,22 +241,25 @@ class LockTable:
         """
         if not 0 <= offset <= _OFFSET_MASK:
             raise ValueError("offset out of range")
+        pid = process.pid()
+        shard = offset % SHARDS
         with self._guard:
-            if self._fd_pid != process.pid():
+            if self._fd_pid != pid:
                 self._forget_inherited()
-            fd = self._fds[offset % SHARDS]
+            fd = self._fds[shard]
             if fd < 0:
-                fd = self._open(offset % SHARDS)
+                fd = self._open(shard)
             if offset in self._held:
                 raise MaildropLocked("maildrop already locked")
             try:
-                ofd_setlk(fd, fcntl.F_WRLCK, offset, 1)
+                # ofd_setlk, written out: once a login
+                fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
             except OSError as exc:
                 if exc.errno in _BUSY:
                     raise MaildropLocked("maildrop already locked") from None
                 raise TemporaryBackendError(f"cannot lock the maildrop: {exc.strerror}") from None
             self._held.add(offset)
-            return TableLock(self, offset, process.pid())
+            return TableLock(self, offset, pid)
 
     def release(self, offset: int, owner: int) -> None:
         """Release the byte ``offset`` taken by process ``owner``; nothing if not held.
@@ -266,10 +270,12 @@ class LockTable:
         if owner != process.pid():
             return
         with self._guard:
-            if offset not in self._held or self._fd_pid != process.pid():
+            if offset not in self._held or self._fd_pid != owner:  # owner: this process
                 return
             try:
-                ofd_setlk(self._fds[offset % SHARDS], fcntl.F_UNLCK, offset, 1)
+                # ofd_setlk, written out: once a login
+                fcntl.fcntl(self._fds[offset % SHARDS], _F_OFD_SETLK,
+                            _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))
             except OSError:
                 # Only a kernel out of memory splitting a lock range fails here; the byte
                 # then stays locked until this process ends (a false [IN-USE], never two

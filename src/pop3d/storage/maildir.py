@@ -159,6 +159,9 @@ _INLINE_MEASURE_BYTES = 1024 * 1024
 _INLINE_READ_BYTES = 64 * 1024
 #: Maildirs whose last listing a process remembers (see _ListingCache).
 _LISTING_CACHE = 10_000
+#: Users whose Maildir location a store remembers (``MaildirStore._where``); as many as
+#: :func:`pop3d.storage.template.mail_path` remembers paths.
+_WHERE_CACHE = 65_536
 #: Commits deleting more messages than this run in a thread.
 _INLINE_COMMIT = 64
 #: Chunk size used to measure a file's wire size (memory only, nothing is kept).
@@ -350,20 +353,21 @@ def _check_maildir(md: int) -> tuple[os.stat_result, os.stat_result]:
         PermanentBackendError: ``cur/`` or ``new/`` is a symbolic link or not a folder.
 
     """
-    stats = []
-    for folder in ("cur", "new"):
-        try:
-            s = os.stat(folder, dir_fd=md, follow_symlinks=False)
-        except OSError as exc:
-            raise TemporaryBackendError(
-                f"maildrop unavailable: {folder}/: {exc.strerror}"
-            ) from None
-        if not st.S_ISDIR(s.st_mode):
-            raise PermanentBackendError(
-                f"maildrop refused: {folder}/ is a symbolic link or not a folder"
-            )
-        stats.append(s)
-    return stats[0], stats[1]
+    # Unrolled (a login's path): ``new/`` is looked at only once ``cur/`` is a folder.
+    try:
+        cur = os.stat("cur", dir_fd=md, follow_symlinks=False)
+        if st.S_ISDIR(cur.st_mode):
+            new = os.stat("new", dir_fd=md, follow_symlinks=False)
+            if st.S_ISDIR(new.st_mode):
+                return cur, new
+            folder = "new"
+        else:
+            folder = "cur"
+    except OSError as exc:  # its filename is the folder's name
+        raise TemporaryBackendError(
+            f"maildrop unavailable: {exc.filename}/: {exc.strerror}"
+        ) from None
+    raise PermanentBackendError(f"maildrop refused: {folder}/ is a symbolic link or not a folder")
 
 
 def _move_new_to_cur(dirs: _Dirs) -> bool:
@@ -793,7 +797,9 @@ class _ListingCache:
     def recall(self, root: Path, cur: os.stat_result, new: os.stat_result) -> _Listing | None:
         """Return the remembered listing if the folders are unchanged."""
         known = self._known.get(root)
-        if known is None or known[0] != self._key(cur, new):
+        # the key as ``_key`` makes it, written out (once a login)
+        if known is None or known[0] != (cur.st_ino, cur.st_mtime_ns, new.st_ino,
+                                         new.st_mtime_ns):
             return None
         return known[1]
 
@@ -883,16 +889,29 @@ class MaildirStore(TemplatedStore):
         )
         self._listings = _ListingCache()
         self.hostname = hostname if hostname is not None else _safe_hostname()
+        #: Where each user's Maildir is, for a template whose paths depend on the user
+        #: name only (below the mail root, not ``%h``): made once, not at every login.
+        self._wheres: dict[str, _Where] = {}
 
     def _where(self, principal: Principal) -> _Where:
         """Where the user's Maildir is, below the mail root (for ``%h``, the user's home).
+
+        Remembered per user name where only the name decides (not for ``%h``): a refused
+        name is never remembered, and the same name always gives the same place.
 
         Raises:
             UnsafeUserName: the name could escape the mail root.
             NoHome: the template uses ``%h`` and the user has no usable home.
 
         """
-        return _Where(*self._located(principal))
+        where = self._wheres.get(principal.username)
+        if where is None:
+            where = _Where(*self._located(principal))
+            if where.root is self.mail_root:  # the user name alone decides
+                if len(self._wheres) >= _WHERE_CACHE:
+                    self._wheres.clear()
+                self._wheres[principal.username] = where
+        return where
 
     # -------------------------------------------------------------- MailStore
 
@@ -1439,6 +1458,9 @@ class MaildirMaildrop:
             TemporaryBackendError: some could not be removed (the rest were).
 
         """
+        if not deleted:  # a QUIT that deletes nothing (most): only the check
+            self._check_open()
+            return
         targets = self._targets(deleted)
         if len(targets) > _INLINE_COMMIT:
             raise WouldWait

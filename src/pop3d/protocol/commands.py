@@ -183,10 +183,6 @@ def _split(rest: bytes, count: int) -> list[bytes] | None:
     return args
 
 
-def _no_args(cmd: Command, rest: bytes | None) -> Command | ParseError:
-    return cmd if rest is None else ParseError("this command takes no argument")
-
-
 def _optional_number(rest: bytes | None, make: type[List | Uidl]) -> Command | ParseError:
     if rest is None:
         return make(None)
@@ -266,36 +262,61 @@ def parse(line: bytes, *, utf8: bool = False) -> Command | ParseError:
         The command, or a :class:`ParseError` whose reason is safe to send.
 
     """
-    keyword, sep, rest_or_empty = line.partition(b" ")
-    if not 3 <= len(keyword) <= 4 or not keyword.isalnum() or not keyword.isascii():
-        return ParseError("unknown command")
-    rest: bytes | None = rest_or_empty if sep else None
-    if rest is not None and not rest:
-        return ParseError("trailing space after command")  # "CMD " with nothing after
-    if b"\x00" in line:
-        return ParseError("NUL in command")
-    parser = _PARSERS.get(keyword.upper())
+    # Every key of the tables is a valid keyword (3-4 ASCII letters or digits), so a
+    # keyword found there needs no other check: this is the path of every good command,
+    # with one lookup and, for a command without arguments, no call and no new object.
+    keyword, sep, rest = line.partition(b" ")
+    keyword = keyword.upper()
+    parser = _PARSERS.get(keyword)
     if parser is None:
-        return ParseError("unknown command")
+        bare = _BARE.get(keyword)
+        if bare is not None and not sep:
+            return bare
+        return _refusal(keyword, sep, rest, line)
+    if not sep:
+        return parser(None, utf8)
+    if not rest:
+        return ParseError("trailing space after command")  # "CMD " with nothing after
+    if b"\x00" in rest:
+        return ParseError("NUL in command")
     return parser(rest, utf8)
 
 
-#: The parser of each keyword: one dict lookup, not a comparison per keyword.
+def _refusal(keyword: bytes, sep: bytes, rest: bytes, line: bytes) -> ParseError:
+    """Why a line that is no good command without arguments is refused, in check order."""
+    if not 3 <= len(keyword) <= 4 or not keyword.isalnum() or not keyword.isascii():
+        return ParseError("unknown command")
+    if sep and not rest:
+        return ParseError("trailing space after command")
+    if b"\x00" in line:
+        return ParseError("NUL in command")
+    if keyword in _BARE:
+        return ParseError("this command takes no argument")
+    return ParseError("unknown command")
+
+
+#: The commands that take no argument, each one shared instance (they are immutable and
+#: hold nothing): STAT and QUIT make no object.
+_BARE: dict[bytes, Command] = {
+    b"QUIT": Quit(),
+    b"STAT": Stat(),
+    b"NOOP": Noop(),
+    b"RSET": Rset(),
+    b"CAPA": Capa(),
+    b"STLS": Stls(),
+    b"UTF8": Utf8(),
+}
+
+#: The parser of each keyword that takes arguments: one dict lookup, not a comparison
+#: per keyword.
 _PARSERS: dict[bytes, Callable[[bytes | None, bool], Command | ParseError]] = {
     b"USER": _parse_user,
     b"PASS": _parse_pass,
     b"APOP": _parse_apop,
     b"AUTH": lambda rest, _: _parse_auth(rest),
-    b"QUIT": lambda rest, _: _no_args(Quit(), rest),
-    b"STAT": lambda rest, _: _no_args(Stat(), rest),
     b"LIST": lambda rest, _: _optional_number(rest, List),
     b"RETR": lambda rest, _: _one_number(rest, Retr),
     b"DELE": lambda rest, _: _one_number(rest, Dele),
-    b"NOOP": lambda rest, _: _no_args(Noop(), rest),
-    b"RSET": lambda rest, _: _no_args(Rset(), rest),
     b"TOP": lambda rest, _: _parse_top(rest),
     b"UIDL": lambda rest, _: _optional_number(rest, Uidl),
-    b"CAPA": lambda rest, _: _no_args(Capa(), rest),
-    b"STLS": lambda rest, _: _no_args(Stls(), rest),
-    b"UTF8": lambda rest, _: _no_args(Utf8(), rest),
 }

@@ -32,21 +32,35 @@ class LineBuffer:
     __slots__ = ("_buf", "_discarding", "_start")
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        #: Received octets from ``_start`` on are not taken yet.  While everything before
+        #: a feed was taken, this is the received ``bytes`` object itself, and lines are
+        #: sliced out of it as ``bytes``: slicing a bytearray and copying the slice into
+        #: ``bytes`` costs about three times as much (CPython 3.11).  A tail left over
+        #: when more arrives moves into a bytearray, which later feeds extend in place
+        #: (so a client that drips octets behind unanswered lines costs no copy of them).
+        self._buf: bytes | bytearray = b""
         self._start = 0
         #: True while the rest of an overlong line is being thrown away.
         self._discarding = False
 
     def feed(self, data: bytes) -> None:
         """Append received bytes."""
-        if self._start and self._start == len(self._buf):
-            self._buf.clear()
+        buf = self._buf
+        if self._start == len(buf):
+            # Everything was taken: start over with these octets (bytes are immutable,
+            # so they are kept without a copy).
+            self._buf = data if type(data) is bytes else bytes(data)
             self._start = 0
-        self._buf += data
+        elif isinstance(buf, bytearray):
+            buf += data
+        else:
+            self._buf = bytearray(memoryview(buf)[self._start :])
+            self._buf += data
+            self._start = 0
 
     def clear(self) -> None:
         """Drop everything buffered (used after STLS: pre-TLS bytes must not be answered)."""
-        self._buf.clear()
+        self._buf = b""
         self._start = 0
         self._discarding = False
 
@@ -61,7 +75,8 @@ class LineBuffer:
 
         """
         buf = self._buf
-        nl = buf.find(b"\n", self._start)
+        start = self._start
+        nl = buf.find(b"\n", start)
         if self._discarding:
             if nl < 0:
                 self._start = len(buf)
@@ -70,19 +85,19 @@ class LineBuffer:
             self._discarding = False
             return OVERLONG
         if nl < 0:
-            if len(buf) - self._start >= limit:
+            if len(buf) - start >= limit:
                 self._start = len(buf)
                 self._discarding = True
             self._compact()
             return None
-        start = self._start
         self._start = nl + 1
-        if nl + 1 - start > limit:
+        if nl - start >= limit:
             return OVERLONG
         end = nl - 1 if nl > start and buf[nl - 1] == 0x0D else nl
-        return bytes(buf[start:end])
+        return buf[start:end] if type(buf) is bytes else bytes(buf[start:end])
 
     def _compact(self) -> None:
+        """Forget the octets taken (only a partial line, shorter than the limit, is left)."""
         if self._start:
-            del self._buf[: self._start]
+            self._buf = self._buf[self._start :]
             self._start = 0

@@ -203,10 +203,12 @@ def test_line_buffer_lines_taken_late(
     buf = LineBuffer()
     got: list[bytes | object] = []
     for chunk, take, as_bytearray in feeds:
-        fed = bytearray(chunk) if as_bytearray else chunk
-        buf.feed(fed)
         if as_bytearray:
+            fed = bytearray(chunk)
+            buf.feed(fed)  # type: ignore[arg-type]  # what a reused receive buffer would do
             fed[:] = b"\n" * len(fed)
+        else:
+            buf.feed(chunk)
         for _ in range(take):
             if (line := buf.next_line(limit)) is None:
                 break

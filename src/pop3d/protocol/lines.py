@@ -79,25 +79,24 @@ class LineBuffer:
         nl = buf.find(b"\n", start)
         if self._discarding:
             if nl < 0:
-                self._start = len(buf)
+                self._buf = b""
+                self._start = 0
                 return None
             self._start = nl + 1
             self._discarding = False
             return OVERLONG
         if nl < 0:
             if len(buf) - start >= limit:
-                self._start = len(buf)
                 self._discarding = True
-            self._compact()
+                self._buf = b""
+                self._start = 0
+            elif start:
+                # Keep only the partial line, if any: what was taken is released.
+                self._buf = buf[start:] if start < len(buf) else b""
+                self._start = 0
             return None
         self._start = nl + 1
         if nl - start >= limit:
             return OVERLONG
         end = nl - 1 if nl > start and buf[nl - 1] == 0x0D else nl
         return buf[start:end] if type(buf) is bytes else bytes(buf[start:end])
-
-    def _compact(self) -> None:
-        """Forget the octets taken (only a partial line, shorter than the limit, is left)."""
-        if self._start:
-            self._buf = self._buf[self._start :]
-            self._start = 0

@@ -19,8 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pop3d.protocol import limits
+from pop3d.protocol.values import quick_init
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class User:
     """``USER name``."""
@@ -28,6 +30,7 @@ class User:
     name: str
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Pass:
     """``PASS string`` (the password is kept as bytes and never logged)."""
@@ -38,6 +41,7 @@ class Pass:
         return "Pass(password=<hidden>)"
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Apop:
     """``APOP name digest``."""
@@ -46,6 +50,7 @@ class Apop:
     digest: str
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Auth:
     """``AUTH [mechanism [initial-response]]`` (RFC 5034)."""
@@ -67,6 +72,7 @@ class Stat:
     """``STAT``."""
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class List:
     """``LIST [msg]``."""
@@ -74,6 +80,7 @@ class List:
     msg: int | None
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Retr:
     """``RETR msg``."""
@@ -81,6 +88,7 @@ class Retr:
     msg: int
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Dele:
     """``DELE msg``."""
@@ -98,6 +106,7 @@ class Rset:
     """``RSET``."""
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Top:
     """``TOP msg n``."""
@@ -106,6 +115,7 @@ class Top:
     lines: int
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Uidl:
     """``UIDL [msg]``."""
@@ -134,6 +144,7 @@ Command = (
 )
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class ParseError:
     """A line that is not a valid command; ``reason`` is our text for the ``-ERR``."""

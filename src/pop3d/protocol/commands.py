@@ -194,16 +194,26 @@ def _split(rest: bytes, count: int) -> list[bytes] | None:
     return args
 
 
-def _optional_number(rest: bytes | None, make: type[List | Uidl]) -> Command | ParseError:
-    if rest is None:
-        return make(None)
-    n = _number(rest)
-    return make(n) if n is not None else ParseError("invalid message number")
+#: What parses the arguments of one keyword (``None``: there were none) into its command.
+Parser = Callable[[bytes | None, bool], "Command | ParseError"]
 
 
-def _one_number(rest: bytes | None, make: type[Retr | Dele]) -> Command | ParseError:
-    n = _number(rest) if rest is not None else None
-    return make(n) if n is not None else ParseError("a message number is required")
+def _optional_number(make: type[List | Uidl]) -> Parser:
+    def parse(rest: bytes | None, _: bool) -> Command | ParseError:
+        if rest is None:
+            return make(None)
+        n = _number(rest)
+        return make(n) if n is not None else ParseError("invalid message number")
+
+    return parse
+
+
+def _one_number(make: type[Retr | Dele]) -> Parser:
+    def parse(rest: bytes | None, _: bool) -> Command | ParseError:
+        n = _number(rest) if rest is not None else None
+        return make(n) if n is not None else ParseError("a message number is required")
+
+    return parse
 
 
 def _parse_user(rest: bytes | None, utf8: bool) -> Command | ParseError:
@@ -322,14 +332,14 @@ _BARE: dict[bytes, Command] = {
 
 #: The parser of each keyword that takes arguments: one dict lookup, not a comparison
 #: per keyword.
-_PARSERS: dict[bytes, Callable[[bytes | None, bool], Command | ParseError]] = {
+_PARSERS: dict[bytes, Parser] = {
     b"USER": _parse_user,
     b"PASS": _parse_pass,
     b"APOP": _parse_apop,
     b"AUTH": lambda rest, _: _parse_auth(rest),
-    b"LIST": lambda rest, _: _optional_number(rest, List),
-    b"RETR": lambda rest, _: _one_number(rest, Retr),
-    b"DELE": lambda rest, _: _one_number(rest, Dele),
+    b"LIST": _optional_number(List),
+    b"RETR": _one_number(Retr),
+    b"DELE": _one_number(Dele),
     b"TOP": lambda rest, _: _parse_top(rest),
-    b"UIDL": lambda rest, _: _optional_number(rest, Uidl),
+    b"UIDL": _optional_number(Uidl),
 }

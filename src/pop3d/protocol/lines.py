@@ -64,8 +64,15 @@ class LineBuffer:
         self._start = 0
         self._discarding = False
 
-    def __len__(self) -> int:
+    def pending(self) -> int:
+        """Octets received and not taken yet.
+
+        A method, for the driver asks after every read: ``len()`` of a Python class
+        costs a C-to-Python call.
+        """
         return len(self._buf) - self._start
+
+    __len__ = pending
 
     def next_line(self, limit: int) -> bytes | Overlong | None:
         """Return the next line without its line end, :data:`OVERLONG`, or ``None``.

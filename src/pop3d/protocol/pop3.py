@@ -332,7 +332,7 @@ class Pop3Connection:
     @property
     def buffered(self) -> int:
         """Octets received but not yet answered (the driver stops reading past a bound)."""
-        return len(self._lines)
+        return self._lines.pending()
 
     # ---------------------------------------------------------------- driver reports
 
@@ -361,7 +361,7 @@ class Pop3Connection:
 
     def sasl_secret(self, secret: bytes | None) -> None:
         """The secret a :class:`SaslSecret` asked for (``None``: there is none)."""
-        self._answer((SaslSecret,))
+        self._answer(SaslSecret)
         assert self._sasl is not None
         event = self._sasl_step(self._sasl.secret(secret))
         if event is not None:
@@ -369,7 +369,7 @@ class Pop3Connection:
 
     def maildrop_opened(self, listing: Sequence[MessageInfo]) -> None:
         """The maildrop is locked and open; ``listing`` is fixed for the session."""
-        self._answer((OpenMaildrop,))
+        self._answer(OpenMaildrop)
         self._listing = tuple(listing)
         self._live_count = len(self._listing)
         self._live_size = sum(map(_SIZE, self._listing))
@@ -386,7 +386,7 @@ class Pop3Connection:
         ``IN_USE``: locked; ``LOGIN_DELAY``: too soon after the user's last login;
         ``SYS_TEMP``/``SYS_PERM``: broken.
         """
-        self._answer((OpenMaildrop,))
+        self._answer(OpenMaildrop)
         self.principal = None
         self._user = None
         if code is RespCode.IN_USE:
@@ -415,7 +415,7 @@ class Pop3Connection:
 
     def message_end(self) -> None:
         """The message (or all of it that TOP wanted) has been fed."""
-        self._answer((SendMessage,))
+        self._answer(SendMessage)
         assert self._stuffer is not None
         if self._status_line:
             self._emit(self._status_line)
@@ -426,7 +426,7 @@ class Pop3Connection:
 
     def message_failed(self, *, vanished: bool) -> None:
         """The message could not be read (``vanished``: another program removed it)."""
-        self._answer((SendMessage,))
+        self._answer(SendMessage)
         started = not self._status_line
         self._stuffer = self._top = None
         self._status_line = b""
@@ -446,7 +446,7 @@ class Pop3Connection:
                 presented one (enables SASL EXTERNAL).
 
         """
-        self._answer((StartTls,))
+        self._answer(StartTls)
         self.tls_active = True
         self._capa = None
         self._user = None
@@ -454,14 +454,14 @@ class Pop3Connection:
 
     def update_done(self) -> None:
         """UPDATE removed every message marked deleted."""
-        self._answer((Update,))
+        self._answer(Update)
         left = self._live_count
         self._emit(ok(f"{self.settings.implementation} signing off ({left} left)"))
         self._close("quit")
 
     def update_failed(self) -> None:
         """UPDATE could not remove some deleted messages (RFC 1939 §6)."""
-        self._answer((Update,))
+        self._answer(Update)
         self._emit(err("some deleted messages not removed", RespCode.SYS_TEMP))
         self._close("update failed")
 
@@ -532,7 +532,7 @@ class Pop3Connection:
 
     # ---------------------------------------------------------------- internals
 
-    def _answer(self, kinds: tuple[type, ...]) -> None:
+    def _answer(self, kinds: type | tuple[type, ...]) -> None:
         if not isinstance(self._pending, kinds):
             raise LocalProtocolError("report does not match the pending event")
         self._pending = None
@@ -591,7 +591,10 @@ class Pop3Connection:
             return None
         self._refused = False
         event = handler(self, cmd)
-        self._count_errors()
+        if self._refused:  # what _count_errors does, without its call for every command
+            self._count_bad()
+        else:
+            self._bad_commands = 0
         return event
 
     def _count_errors(self) -> None:
@@ -614,7 +617,10 @@ class Pop3Connection:
     def _on_quit(self, _: c.Quit) -> Update | None:
         if self.state is State.TRANSACTION:
             self.state = State.UPDATE
-            deleted = tuple(self._listing[i].uid for i in sorted(self._deleted))
+            deleted: tuple[str, ...] = ()
+            if self._deleted:
+                listing = self._listing
+                deleted = tuple([listing[i].uid for i in sorted(self._deleted)])
             self.deleted_count = len(deleted)
             return Update(deleted)
         self._emit(ok(f"{self.settings.implementation} signing off"))
@@ -684,7 +690,7 @@ class Pop3Connection:
 
     def _on_retr(self, cmd: c.Retr) -> SendMessage | None:
         if (info := self._message(cmd.msg)) is not None:
-            return self._send(info, ok(f"{info.size} octets"), None)
+            return self._send(info, b"+OK %d octets\r\n" % info.size, None)
         return None
 
     def _on_top(self, cmd: c.Top) -> SendMessage | None:

@@ -177,6 +177,7 @@ class Pop3Connection:
         "_client_identity",
         "_close_reason",
         "_deleted",
+        "_dots",
         "_eof",
         "_lines",
         "_listing",
@@ -243,6 +244,8 @@ class Pop3Connection:
         self._lost = False
         # The message being streamed.
         self._stuffer: DotStuffer | None = None
+        #: The session's stuffer, made at its first message and restarted for each.
+        self._dots: DotStuffer | None = None
         self._top: TopFilter | None = None
         self._status_line = b""
         # Statistics for the session log line.
@@ -399,8 +402,10 @@ class Pop3Connection:
 
     def message_data(self, chunk: bytes) -> bool:
         """Add the next chunk of the message being sent; False means "stop, I have enough"."""
-        self._answer_check(SendMessage)
-        assert self._stuffer is not None
+        if not isinstance(self._pending, SendMessage):
+            raise LocalProtocolError("report does not match the pending event")
+        stuffer = self._stuffer
+        assert stuffer is not None
         if self._status_line:
             self._emit(self._status_line)
             self._status_line = b""
@@ -408,7 +413,7 @@ class Pop3Connection:
         if top is not None:
             chunk = top.feed(chunk)
         self.octets_sent += len(chunk)
-        pieces = self._stuffer.feed(chunk)
+        pieces = stuffer.feed(chunk)
         self._out += pieces
         self.pending_output += sum(map(len, pieces))
         return top is None or not top.done
@@ -536,10 +541,6 @@ class Pop3Connection:
         if not isinstance(self._pending, kinds):
             raise LocalProtocolError("report does not match the pending event")
         self._pending = None
-
-    def _answer_check(self, kind: type) -> None:
-        if not isinstance(self._pending, kind):
-            raise LocalProtocolError("report does not match the pending event")
 
     def _close(self, reason: str) -> None:
         self.state = State.CLOSED
@@ -723,7 +724,12 @@ class Pop3Connection:
         return self._listing[n - 1]
 
     def _send(self, info: MessageInfo, status: bytes, body_lines: int | None) -> SendMessage:
-        self._stuffer = DotStuffer(self.settings.stuff_dense)
+        stuffer = self._dots
+        if stuffer is None:
+            stuffer = self._dots = DotStuffer(self.settings.stuff_dense)
+        else:
+            stuffer.restart()  # a call, where a new one is a class call and its __init__
+        self._stuffer = stuffer
         self._top = TopFilter(body_lines) if body_lines is not None else None
         # The +OK goes out with the first chunk, so that a message that cannot be
         # opened still gets a clean -ERR.

@@ -130,6 +130,10 @@ class DotStuffer:
         self._at_line_start = True
         self._dense = dense
 
+    def restart(self) -> None:
+        """Start a new stream (one stuffer serves every message of a session)."""
+        self._at_line_start = True
+
     def feed(self, chunk: bytes) -> list[Piece]:
         """Return ``chunk`` stuffed, as pieces to send in order (a big chunk is not copied).
 

@@ -272,7 +272,7 @@ def _parse_top(rest: bytes | None) -> Command | ParseError:
     return Top(msg, lines)
 
 
-def parse(line: bytes, *, utf8: bool = False) -> Command | ParseError:
+def parse(line: bytes, utf8: bool = False) -> Command | ParseError:
     """Parse one command line (without its CRLF).
 
     Args:

@@ -83,6 +83,13 @@ class LineBuffer:
         """
         buf = self._buf
         start = self._start
+        if start == len(buf):
+            # Nothing left (most batches of commands end so): no search, and the octets
+            # taken are released.
+            if start:
+                self._buf = b""
+                self._start = 0
+            return None
         nl = buf.find(b"\n", start)
         if self._discarding:
             if nl < 0:

@@ -39,6 +39,7 @@ Rules this file keeps:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from operator import attrgetter
@@ -114,6 +115,12 @@ _REFUSAL_TEXT: dict[str, str] = {
     "total": "too many connections",
     "per_ip": "too many connections from your address",
 }
+
+
+@functools.lru_cache(maxsize=8)
+def _greeting(text: str) -> bytes:
+    """The greeting line without APOP: the same for every connection (a few configured)."""
+    return ok(text)
 
 
 def refusal(cap: Cap) -> bytes:
@@ -254,10 +261,10 @@ class Pop3Connection:
         self.commands_received = 0
         self.octets_sent = 0
         self.deleted_count = 0
-        text = settings.greeting
-        if settings.apop_timestamp is not None:
-            text += " " + settings.apop_timestamp.decode("ascii")
-        self._emit(ok(text))
+        if settings.apop_timestamp is None:
+            self._emit(_greeting(settings.greeting))
+        else:
+            self._emit(ok(settings.greeting + " " + settings.apop_timestamp.decode("ascii")))
 
     # ---------------------------------------------------------------- the three verbs
 
@@ -580,7 +587,7 @@ class Pop3Connection:
             self._emit(err("maildrop lock lost, closing without update", RespCode.SYS_TEMP))
             self._close("lock lost")
             return None
-        cmd = parse(line, utf8=self._utf8)
+        cmd = parse(line, self._utf8)
         # One lookup both checks the command against its state's row of COMMANDS and
         # finds its handler (a parse error is in no row).
         handler = _HANDLERS[self.state].get(type(cmd))

@@ -117,6 +117,16 @@ _REFUSAL_TEXT: dict[str, str] = {
 }
 
 
+# Events and lines that are the same in many sessions are made once (they are immutable).
+_UPDATE_NOTHING = Update(())
+
+
+@functools.lru_cache(maxsize=32)
+def _closed(reason: str) -> Closed:
+    """The :class:`Closed` event for ``reason`` (one of a dozen texts of this module)."""
+    return Closed(reason)
+
+
 @functools.lru_cache(maxsize=8)
 def _greeting(text: str) -> bytes:
     """The greeting line without APOP: the same for every connection (a few configured)."""
@@ -337,7 +347,7 @@ class Pop3Connection:
                 return event  # information only: nothing to wait for
             self._pending = event
             return event
-        return Closed(self._close_reason)
+        return _closed(self._close_reason)
 
     @property
     def buffered(self) -> int:
@@ -625,10 +635,10 @@ class Pop3Connection:
     def _on_quit(self, _: c.Quit) -> Update | None:
         if self.state is State.TRANSACTION:
             self.state = State.UPDATE
-            deleted: tuple[str, ...] = ()
-            if self._deleted:
-                listing = self._listing
-                deleted = tuple([listing[i].uid for i in sorted(self._deleted)])
+            if not self._deleted:
+                return _UPDATE_NOTHING
+            listing = self._listing
+            deleted = tuple([listing[i].uid for i in sorted(self._deleted)])
             self.deleted_count = len(deleted)
             return Update(deleted)
         self._emit(ok(f"{self.settings.implementation} signing off"))

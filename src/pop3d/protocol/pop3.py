@@ -228,12 +228,16 @@ class Pop3Connection:
         self.state = State.AUTHORIZATION
         self.tls_active = settings.tls_active
         self._lines = LineBuffer()
+        if settings.apop_timestamp is None:
+            greeting = _greeting(settings.greeting)
+        else:
+            greeting = ok(settings.greeting + " " + settings.apop_timestamp.decode("ascii"))
         #: Replies, and the pieces of a message being sent, in order.
-        self._out: list[Piece] = []
+        self._out: list[Piece] = [greeting]
         #: Octets in ``_out``, queued for the peer and not yet taken by
         #: :meth:`data_to_send`: what the driver's output budget counts (an attribute,
         #: not a property: the driver reads it after every event).
-        self.pending_output = 0
+        self.pending_output = len(greeting)
         #: Whether the command being handled was refused (it counts against the budget).
         self._refused = False
         self._eof = False
@@ -271,10 +275,6 @@ class Pop3Connection:
         self.commands_received = 0
         self.octets_sent = 0
         self.deleted_count = 0
-        if settings.apop_timestamp is None:
-            self._emit(_greeting(settings.greeting))
-        else:
-            self._emit(ok(settings.greeting + " " + settings.apop_timestamp.decode("ascii")))
 
     # ---------------------------------------------------------------- the three verbs
 
@@ -390,9 +390,9 @@ class Pop3Connection:
     def maildrop_opened(self, listing: Sequence[MessageInfo]) -> None:
         """The maildrop is locked and open; ``listing`` is fixed for the session."""
         self._answer(OpenMaildrop)
-        self._listing = tuple(listing)
-        self._live_count = len(self._listing)
-        self._live_size = sum(map(_SIZE, self._listing))
+        self._listing = listing = tuple(listing)
+        self._live_count = len(listing)
+        self._live_size = sum(map(_SIZE, listing))
         self.state = State.TRANSACTION
         self._capa = None
         assert self.principal is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pop3d.protocol import Pop3Connection, Pop3Settings
+from pop3d.protocol import commands as c
 from pop3d.protocol.replies import RespCode
 from pop3d.protocol.states import State
 from pop3d.protocol.values import MessageInfo, Principal
@@ -457,3 +458,31 @@ def test_each_message_is_stuffed_from_its_own_start() -> None:
     assert core.data_to_send() == (
         b"+OK 5 octets\r\nx\r\n..y\r\n.\r\n+OK 6 octets\r\n..z\r\n.\r\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (b"FOOO ", "trailing space after command"),  # checked before the keyword is looked up
+        (b"FOOO a\x00", "NUL in command"),
+        (b"FOOO a", "unknown command"),
+        (b"STAT a", "this command takes no argument"),
+        (b"STAT a\x00", "NUL in command"),
+        (b"STAT ", "trailing space after command"),
+        (b"ST\x00T", "unknown command"),
+        (b"STATS", "unknown command"),
+        (b"USER ", "trailing space after command"),
+        (b"PASS a\x00b", "NUL in command"),
+        (b"RETR", "a message number is required"),
+    ],
+)
+def test_parse_refusals_in_check_order(line: bytes, reason: str) -> None:
+    """The reason of a refused line follows the checks' order, whichever path finds it."""
+    parsed = c.parse(line)
+    assert isinstance(parsed, c.ParseError)
+    assert parsed.reason == reason
+
+
+def test_commands_without_arguments_are_shared_and_equal() -> None:
+    assert c.parse(b"stat") is c.parse(b"STAT") == c.Stat()
+    assert c.parse(b"Quit") == c.Quit()

@@ -186,6 +186,41 @@ def test_line_buffer_bounds_and_order(chunks: list[bytes], limit: int) -> None:
         assert g is OVERLONG or len(g) < limit  # type: ignore[arg-type]
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.tuples(st.binary(max_size=80), st.integers(0, 3), st.booleans()), max_size=20),
+    st.integers(5, 40),
+)
+def test_line_buffer_lines_taken_late(
+    feeds: list[tuple[bytes, int, bool]], limit: int
+) -> None:
+    """Lines left untaken while more arrives (a paused core) come out the same, as bytes.
+
+    Covers the buffer's three shapes: the received bytes kept as they are, a tail moved
+    into a bytearray, and that bytearray extended; a fed bytearray changed afterwards
+    changes nothing taken later.
+    """
+    buf = LineBuffer()
+    got: list[bytes | object] = []
+    for chunk, take, as_bytearray in feeds:
+        if as_bytearray:
+            fed = bytearray(chunk)
+            buf.feed(fed)  # type: ignore[arg-type]  # what a reused receive buffer would do
+            fed[:] = b"\n" * len(fed)
+        else:
+            buf.feed(chunk)
+        for _ in range(take):
+            if (line := buf.next_line(limit)) is None:
+                break
+            got.append(line)
+    while (line := buf.next_line(limit)) is not None:
+        got.append(line)
+    data = b"".join(chunk for chunk, _, _ in feeds)
+    expected = [raw.removesuffix(b"\r") for raw in data.split(b"\n")[:-1] if len(raw) < limit]
+    assert [g for g in got if g is not OVERLONG] == expected
+    assert all(type(g) is bytes for g in got if g is not OVERLONG)
+
+
 def _stuffed_by_lines(data: bytes) -> bytes:
     """The RFC 1939 rule, one line at a time: the reference for :class:`DotStuffer`."""
     lines = data.split(b"\n")

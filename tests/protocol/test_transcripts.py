@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 
 from pop3d.protocol import Pop3Connection, Pop3Settings
+from pop3d.protocol import commands as c
 from pop3d.protocol.replies import RespCode
 from pop3d.protocol.states import State
+from pop3d.protocol.values import MessageInfo, Principal
 from tests.protocol.driver import FakeDriver, both_ways, transcript, wire
 
 GREETING = b"+OK POP3 server ready\r\n"
@@ -434,3 +436,53 @@ def test_big_message_as_pieces_is_the_same_octets() -> None:
     w = wire(big)
     stuffed = (b"." + w if w.startswith(b".") else w).replace(b"\r\n.", b"\r\n..")
     assert b"\r\n" + stuffed + b".\r\n" in outputs[1]
+
+
+def test_each_message_is_stuffed_from_its_own_start() -> None:
+    """A message fed without a final line end does not leave the next one mid-line.
+
+    (The session's stuffer serves every message; its first line's dot is stuffed anew.)
+    """
+    core = Pop3Connection(Pop3Settings())
+    core.receive_data(b"USER alice\r\nPASS secret\r\n")
+    assert type(core.next_event()).__name__ == "PasswordAuthenticate"
+    core.auth_succeeded(Principal("alice"))
+    assert type(core.next_event()).__name__ == "OpenMaildrop"
+    core.maildrop_opened([MessageInfo("a", 5), MessageInfo("b", 6)])
+    core.data_to_send()
+    for n, body in ((1, b"x\r\n.y"), (2, b".z\r\n")):
+        core.receive_data(b"RETR %d\r\n" % n)
+        assert type(core.next_event()).__name__ == "SendMessage"
+        core.message_data(body)
+        core.message_end()
+    assert core.data_to_send() == (
+        b"+OK 5 octets\r\nx\r\n..y\r\n.\r\n+OK 6 octets\r\n..z\r\n.\r\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        (b"FOOO ", "trailing space after command"),  # checked before the keyword is looked up
+        (b"FOOO a\x00", "NUL in command"),
+        (b"FOOO a", "unknown command"),
+        (b"STAT a", "this command takes no argument"),
+        (b"STAT a\x00", "NUL in command"),
+        (b"STAT ", "trailing space after command"),
+        (b"ST\x00T", "unknown command"),
+        (b"STATS", "unknown command"),
+        (b"USER ", "trailing space after command"),
+        (b"PASS a\x00b", "NUL in command"),
+        (b"RETR", "a message number is required"),
+    ],
+)
+def test_parse_refusals_in_check_order(line: bytes, reason: str) -> None:
+    """The reason of a refused line follows the checks' order, whichever path finds it."""
+    parsed = c.parse(line)
+    assert isinstance(parsed, c.ParseError)
+    assert parsed.reason == reason
+
+
+def test_commands_without_arguments_are_shared_and_equal() -> None:
+    assert c.parse(b"stat") is c.parse(b"STAT") == c.Stat()
+    assert c.parse(b"Quit") == c.Quit()

@@ -19,8 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pop3d.protocol import limits
+from pop3d.protocol.values import quick_init
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class User:
     """``USER name``."""
@@ -28,6 +30,7 @@ class User:
     name: str
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Pass:
     """``PASS string`` (the password is kept as bytes and never logged)."""
@@ -38,6 +41,7 @@ class Pass:
         return "Pass(password=<hidden>)"
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Apop:
     """``APOP name digest``."""
@@ -46,6 +50,7 @@ class Apop:
     digest: str
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Auth:
     """``AUTH [mechanism [initial-response]]`` (RFC 5034)."""
@@ -67,6 +72,7 @@ class Stat:
     """``STAT``."""
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class List:
     """``LIST [msg]``."""
@@ -74,6 +80,7 @@ class List:
     msg: int | None
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Retr:
     """``RETR msg``."""
@@ -81,6 +88,7 @@ class Retr:
     msg: int
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Dele:
     """``DELE msg``."""
@@ -98,6 +106,7 @@ class Rset:
     """``RSET``."""
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Top:
     """``TOP msg n``."""
@@ -106,6 +115,7 @@ class Top:
     lines: int
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Uidl:
     """``UIDL [msg]``."""
@@ -134,6 +144,7 @@ Command = (
 )
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class ParseError:
     """A line that is not a valid command; ``reason`` is our text for the ``-ERR``."""
@@ -183,20 +194,26 @@ def _split(rest: bytes, count: int) -> list[bytes] | None:
     return args
 
 
-def _no_args(cmd: Command, rest: bytes | None) -> Command | ParseError:
-    return cmd if rest is None else ParseError("this command takes no argument")
+#: What parses the arguments of one keyword (``None``: there were none) into its command.
+Parser = Callable[[bytes | None, bool], "Command | ParseError"]
 
 
-def _optional_number(rest: bytes | None, make: type[List | Uidl]) -> Command | ParseError:
-    if rest is None:
-        return make(None)
-    n = _number(rest)
-    return make(n) if n is not None else ParseError("invalid message number")
+def _optional_number(make: type[List | Uidl]) -> Parser:
+    def parse(rest: bytes | None, _: bool) -> Command | ParseError:
+        if rest is None:
+            return make(None)
+        n = _number(rest)
+        return make(n) if n is not None else ParseError("invalid message number")
+
+    return parse
 
 
-def _one_number(rest: bytes | None, make: type[Retr | Dele]) -> Command | ParseError:
-    n = _number(rest) if rest is not None else None
-    return make(n) if n is not None else ParseError("a message number is required")
+def _one_number(make: type[Retr | Dele]) -> Parser:
+    def parse(rest: bytes | None, _: bool) -> Command | ParseError:
+        n = _number(rest) if rest is not None else None
+        return make(n) if n is not None else ParseError("a message number is required")
+
+    return parse
 
 
 def _parse_user(rest: bytes | None, utf8: bool) -> Command | ParseError:
@@ -214,7 +231,7 @@ def _parse_user(rest: bytes | None, utf8: bool) -> Command | ParseError:
 def _parse_pass(rest: bytes | None, utf8: bool) -> Command | ParseError:
     if not rest:
         return ParseError("PASS needs a password")
-    if b"\x00" in rest or (not utf8 and rest.translate(None, _PASSWORD_OCTETS)):
+    if 0 in rest or (not utf8 and rest.translate(None, _PASSWORD_OCTETS)):
         return ParseError("invalid characters in password")
     return Pass(rest)
 
@@ -255,7 +272,7 @@ def _parse_top(rest: bytes | None) -> Command | ParseError:
     return Top(msg, lines)
 
 
-def parse(line: bytes, *, utf8: bool = False) -> Command | ParseError:
+def parse(line: bytes, utf8: bool = False) -> Command | ParseError:
     """Parse one command line (without its CRLF).
 
     Args:
@@ -266,36 +283,63 @@ def parse(line: bytes, *, utf8: bool = False) -> Command | ParseError:
         The command, or a :class:`ParseError` whose reason is safe to send.
 
     """
-    keyword, sep, rest_or_empty = line.partition(b" ")
-    if not 3 <= len(keyword) <= 4 or not keyword.isalnum() or not keyword.isascii():
-        return ParseError("unknown command")
-    rest: bytes | None = rest_or_empty if sep else None
-    if rest is not None and not rest:
-        return ParseError("trailing space after command")  # "CMD " with nothing after
-    if b"\x00" in line:
-        return ParseError("NUL in command")
-    parser = _PARSERS.get(keyword.upper())
+    # Every key of the tables is a valid keyword (3-4 ASCII letters or digits), so a
+    # keyword found there needs no other check: this is the path of every good command,
+    # with one lookup and, for a command without arguments, no call and no new object.
+    keyword, sep, rest = line.partition(b" ")
+    keyword = keyword.upper()
+    parser = _PARSERS.get(keyword)
     if parser is None:
-        return ParseError("unknown command")
+        bare = _BARE.get(keyword)
+        if bare is not None and not sep:
+            return bare
+        return _refusal(keyword, sep, rest, line)
+    if not sep:
+        return parser(None, utf8)
+    if not rest:
+        return ParseError("trailing space after command")  # "CMD " with nothing after
+    # An int operand: ``b"\x00" in rest`` first tries the bytes as an index and clears
+    # the TypeError, several times the cost of the search (CPython 3.11).
+    if 0 in rest:
+        return ParseError("NUL in command")
     return parser(rest, utf8)
 
 
-#: The parser of each keyword: one dict lookup, not a comparison per keyword.
-_PARSERS: dict[bytes, Callable[[bytes | None, bool], Command | ParseError]] = {
+def _refusal(keyword: bytes, sep: bytes, rest: bytes, line: bytes) -> ParseError:
+    """Why a line that is no good command without arguments is refused, in check order."""
+    if not 3 <= len(keyword) <= 4 or not keyword.isalnum() or not keyword.isascii():
+        return ParseError("unknown command")
+    if sep and not rest:
+        return ParseError("trailing space after command")
+    if 0 in line:
+        return ParseError("NUL in command")
+    if keyword in _BARE:
+        return ParseError("this command takes no argument")
+    return ParseError("unknown command")
+
+
+#: The commands that take no argument, each one shared instance (they are immutable and
+#: hold nothing): STAT and QUIT make no object.
+_BARE: dict[bytes, Command] = {
+    b"QUIT": Quit(),
+    b"STAT": Stat(),
+    b"NOOP": Noop(),
+    b"RSET": Rset(),
+    b"CAPA": Capa(),
+    b"STLS": Stls(),
+    b"UTF8": Utf8(),
+}
+
+#: The parser of each keyword that takes arguments: one dict lookup, not a comparison
+#: per keyword.
+_PARSERS: dict[bytes, Parser] = {
     b"USER": _parse_user,
     b"PASS": _parse_pass,
     b"APOP": _parse_apop,
     b"AUTH": lambda rest, _: _parse_auth(rest),
-    b"QUIT": lambda rest, _: _no_args(Quit(), rest),
-    b"STAT": lambda rest, _: _no_args(Stat(), rest),
-    b"LIST": lambda rest, _: _optional_number(rest, List),
-    b"RETR": lambda rest, _: _one_number(rest, Retr),
-    b"DELE": lambda rest, _: _one_number(rest, Dele),
-    b"NOOP": lambda rest, _: _no_args(Noop(), rest),
-    b"RSET": lambda rest, _: _no_args(Rset(), rest),
+    b"LIST": _optional_number(List),
+    b"RETR": _one_number(Retr),
+    b"DELE": _one_number(Dele),
     b"TOP": lambda rest, _: _parse_top(rest),
-    b"UIDL": lambda rest, _: _optional_number(rest, Uidl),
-    b"CAPA": lambda rest, _: _no_args(Capa(), rest),
-    b"STLS": lambda rest, _: _no_args(Stls(), rest),
-    b"UTF8": lambda rest, _: _no_args(Utf8(), rest),
+    b"UIDL": _optional_number(Uidl),
 }

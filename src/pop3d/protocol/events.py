@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pop3d.protocol.values import Principal
+from pop3d.protocol.values import Principal, quick_init
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +26,7 @@ class Flush:
     """
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class PasswordAuthenticate:
     """Verify ``password`` for ``username`` (USER/PASS, SASL PLAIN and LOGIN).
@@ -39,6 +40,7 @@ class PasswordAuthenticate:
     mechanism: str = "USER"
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class ApopAuthenticate:
     """Check an APOP digest: MD5 of ``timestamp`` + the user's PLAIN secret.
@@ -51,6 +53,7 @@ class ApopAuthenticate:
     digest: str
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class SaslSecret:
     """Look up the stored secret of ``username`` in ``scheme`` (``CRAM-MD5``, ``SCRAM-SHA-256``).
@@ -65,6 +68,7 @@ class SaslSecret:
     scheme: str
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class SaslOutcome:
     """A SASL mechanism has decided who the client is (CRAM-MD5, SCRAM, EXTERNAL, refusals).
@@ -81,6 +85,7 @@ class SaslOutcome:
     reason: str = ""
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class AuthRefused:
     """Information, not a request (no report): the core refused to authenticate by itself.
@@ -100,6 +105,7 @@ class AuthRefused:
     username: str = ""
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class OpenMaildrop:
     """Lock and open the maildrop of ``principal``.
@@ -110,6 +116,7 @@ class OpenMaildrop:
     principal: Principal
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class SendMessage:
     """Stream the message ``uid`` (RETR, or TOP when ``body_lines`` is not None).
@@ -127,6 +134,7 @@ class StartTls:
     """``+OK`` to STLS is queued: flush it, start TLS, then call ``tls_established()``."""
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Update:
     """Enter UPDATE: remove ``deleted`` (uids), then ``update_done()`` / ``update_failed()``."""
@@ -134,6 +142,7 @@ class Update:
     deleted: tuple[str, ...]
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class Closed:
     """The session is over: flush ``data_to_send()``, close the maildrop (no UPDATE), hang up."""

@@ -32,26 +32,47 @@ class LineBuffer:
     __slots__ = ("_buf", "_discarding", "_start")
 
     def __init__(self) -> None:
-        self._buf = bytearray()
+        #: Received octets from ``_start`` on are not taken yet.  While everything before
+        #: a feed was taken, this is the received ``bytes`` object itself, and lines are
+        #: sliced out of it as ``bytes``: slicing a bytearray and copying the slice into
+        #: ``bytes`` costs about three times as much (CPython 3.11).  A tail left over
+        #: when more arrives moves into a bytearray, which later feeds extend in place
+        #: (so a client that drips octets behind unanswered lines costs no copy of them).
+        self._buf: bytes | bytearray = b""
         self._start = 0
         #: True while the rest of an overlong line is being thrown away.
         self._discarding = False
 
     def feed(self, data: bytes) -> None:
         """Append received bytes."""
-        if self._start and self._start == len(self._buf):
-            self._buf.clear()
+        buf = self._buf
+        if self._start == len(buf):
+            # Everything was taken: start over with these octets (bytes are immutable,
+            # so they are kept without a copy).
+            self._buf = data if type(data) is bytes else bytes(data)
             self._start = 0
-        self._buf += data
+        elif isinstance(buf, bytearray):
+            buf += data
+        else:
+            self._buf = bytearray(memoryview(buf)[self._start :])
+            self._buf += data
+            self._start = 0
 
     def clear(self) -> None:
         """Drop everything buffered (used after STLS: pre-TLS bytes must not be answered)."""
-        self._buf.clear()
+        self._buf = b""
         self._start = 0
         self._discarding = False
 
-    def __len__(self) -> int:
+    def pending(self) -> int:
+        """Octets received and not taken yet.
+
+        A method, for the driver asks after every read: ``len()`` of a Python class
+        costs a C-to-Python call.
+        """
         return len(self._buf) - self._start
+
+    __len__ = pending
 
     def next_line(self, limit: int) -> bytes | Overlong | None:
         """Return the next line without its line end, :data:`OVERLONG`, or ``None``.
@@ -61,28 +82,35 @@ class LineBuffer:
 
         """
         buf = self._buf
-        nl = buf.find(b"\n", self._start)
+        start = self._start
+        if start == len(buf):
+            # Nothing left (most batches of commands end so): no search, and the octets
+            # taken are released.
+            if start:
+                self._buf = b""
+                self._start = 0
+            return None
+        nl = buf.find(b"\n", start)
         if self._discarding:
             if nl < 0:
-                self._start = len(buf)
+                self._buf = b""
+                self._start = 0
                 return None
             self._start = nl + 1
             self._discarding = False
             return OVERLONG
         if nl < 0:
-            if len(buf) - self._start >= limit:
-                self._start = len(buf)
+            if len(buf) - start >= limit:
                 self._discarding = True
-            self._compact()
+                self._buf = b""
+                self._start = 0
+            elif start:
+                # Keep only the partial line, if any: what was taken is released.
+                self._buf = buf[start:] if start < len(buf) else b""
+                self._start = 0
             return None
-        start = self._start
         self._start = nl + 1
-        if nl + 1 - start > limit:
+        if nl - start >= limit:
             return OVERLONG
         end = nl - 1 if nl > start and buf[nl - 1] == 0x0D else nl
-        return bytes(buf[start:end])
-
-    def _compact(self) -> None:
-        if self._start:
-            del self._buf[: self._start]
-            self._start = 0
+        return buf[start:end] if type(buf) is bytes else bytes(buf[start:end])

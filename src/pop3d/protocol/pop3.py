@@ -39,12 +39,15 @@ Rules this file keeps:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from operator import attrgetter
+from typing import Any, Literal
 
 from pop3d.protocol import commands as c
 from pop3d.protocol import limits, sasl
+from pop3d.protocol.commands import parse
 from pop3d.protocol.errors import LocalProtocolError
 from pop3d.protocol.events import (
     ApopAuthenticate,
@@ -78,6 +81,15 @@ from pop3d.protocol.values import MessageInfo, Principal
 
 _NEED_DATA = NeedData()
 _FLUSH = Flush()
+_CLOSED = State.CLOSED
+_MAX_COMMAND_LINE = limits.MAX_COMMAND_LINE
+_MAX_SASL_LINE = limits.MAX_SASL_LINE
+_SIZE = attrgetter("size")
+#: The reports that answer a verification, and every report that ends an authentication.
+_VERIFY_EVENTS = (PasswordAuthenticate, ApopAuthenticate, SaslOutcome)
+_AUTH_EVENTS = (*_VERIFY_EVENTS, SaslSecret)
+_OK = ok()
+_SEND_PASS = ok("send PASS")
 #: Lines the core handles by itself before it hands the driver a :class:`Flush`, so that
 #: the driver can take its turn (and bound its own) inside a long pipelined batch.
 _LINES_PER_EVENT = 64
@@ -103,6 +115,22 @@ _REFUSAL_TEXT: dict[str, str] = {
     "total": "too many connections",
     "per_ip": "too many connections from your address",
 }
+
+
+# Events and lines that are the same in many sessions are made once (they are immutable).
+_UPDATE_NOTHING = Update(())
+
+
+@functools.lru_cache(maxsize=32)
+def _closed(reason: str) -> Closed:
+    """The :class:`Closed` event for ``reason`` (one of a dozen texts of this module)."""
+    return Closed(reason)
+
+
+@functools.lru_cache(maxsize=8)
+def _greeting(text: str) -> bytes:
+    """The greeting line without APOP: the same for every connection (a few configured)."""
+    return ok(text)
 
 
 def refusal(cap: Cap) -> bytes:
@@ -166,6 +194,7 @@ class Pop3Connection:
         "_client_identity",
         "_close_reason",
         "_deleted",
+        "_dots",
         "_eof",
         "_lines",
         "_listing",
@@ -199,12 +228,16 @@ class Pop3Connection:
         self.state = State.AUTHORIZATION
         self.tls_active = settings.tls_active
         self._lines = LineBuffer()
+        if settings.apop_timestamp is None:
+            greeting = _greeting(settings.greeting)
+        else:
+            greeting = ok(settings.greeting + " " + settings.apop_timestamp.decode("ascii"))
         #: Replies, and the pieces of a message being sent, in order.
-        self._out: list[Piece] = []
+        self._out: list[Piece] = [greeting]
         #: Octets in ``_out``, queued for the peer and not yet taken by
         #: :meth:`data_to_send`: what the driver's output budget counts (an attribute,
         #: not a property: the driver reads it after every event).
-        self.pending_output = 0
+        self.pending_output = len(greeting)
         #: Whether the command being handled was refused (it counts against the budget).
         self._refused = False
         self._eof = False
@@ -232,6 +265,8 @@ class Pop3Connection:
         self._lost = False
         # The message being streamed.
         self._stuffer: DotStuffer | None = None
+        #: The session's stuffer, made at its first message and restarted for each.
+        self._dots: DotStuffer | None = None
         self._top: TopFilter | None = None
         self._status_line = b""
         # Statistics for the session log line.
@@ -240,10 +275,6 @@ class Pop3Connection:
         self.commands_received = 0
         self.octets_sent = 0
         self.deleted_count = 0
-        text = settings.greeting
-        if settings.apop_timestamp is not None:
-            text += " " + settings.apop_timestamp.decode("ascii")
-        self._emit(ok(text))
 
     # ---------------------------------------------------------------- the three verbs
 
@@ -251,7 +282,7 @@ class Pop3Connection:
         """Add received bytes; ``b""`` means the peer closed its side."""
         if not data:
             self._eof = True
-        elif self.state is not State.CLOSED:
+        elif self.state is not _CLOSED:
             self._lines.feed(data)
 
     def data_to_send(self) -> bytes:
@@ -259,8 +290,7 @@ class Pop3Connection:
         out = self._out
         if not out:
             return b""
-        first = out[0]
-        data = first if len(out) == 1 and isinstance(first, bytes) else b"".join(out)
+        data = b"".join(out)  # one bytes piece is returned as it is, not copied
         out.clear()
         self.pending_output = 0
         return data
@@ -289,16 +319,17 @@ class Pop3Connection:
             if not isinstance(queued, AuthRefused):  # information only: nothing to answer
                 self._pending = queued
             return queued
+        # Locals for what the loop reads on every line (this runs for every command).
+        lines = self._lines
+        output_chunk = self.settings.output_chunk
         answered = 0
-        while self.state is not State.CLOSED:
-            if self.pending_output >= self.settings.output_chunk or answered >= _LINES_PER_EVENT:
+        while self.state is not _CLOSED:
+            if self.pending_output >= output_chunk or answered >= _LINES_PER_EVENT:
                 # Answer no more until the driver has taken these (and let others run).
                 return _FLUSH
             answered += 1
             in_sasl = self._sasl is not None
-            line = self._lines.next_line(
-                limits.MAX_SASL_LINE if in_sasl else limits.MAX_COMMAND_LINE
-            )
+            line = lines.next_line(_MAX_SASL_LINE if in_sasl else _MAX_COMMAND_LINE)
             if line is None:
                 if self._eof:
                     self._close("eof")
@@ -310,30 +341,31 @@ class Pop3Connection:
                 self._bad("line too long")
                 continue
             event = self._sasl_line(line) if in_sasl else self._dispatch(line)
+            if event is None:
+                continue
             if isinstance(event, AuthRefused):
                 return event  # information only: nothing to wait for
-            if event is not None:
-                self._pending = event
-                return event
-        return Closed(self._close_reason)
+            self._pending = event
+            return event
+        return _closed(self._close_reason)
 
     @property
     def buffered(self) -> int:
         """Octets received but not yet answered (the driver stops reading past a bound)."""
-        return len(self._lines)
+        return self._lines.pending()
 
     # ---------------------------------------------------------------- driver reports
 
     def auth_succeeded(self, principal: Principal) -> None:
         """The credentials of the pending authentication event are good."""
-        self._answer((PasswordAuthenticate, ApopAuthenticate, SaslOutcome))
+        self._answer(_VERIFY_EVENTS)
         self.principal = principal
         self._queued = OpenMaildrop(principal)
 
     def auth_failed(self, code: RespCode | None = RespCode.AUTH) -> None:
         """The credentials were refused (``code`` AUTH), or auth is down (``SYS_TEMP``)."""
         pending = self._pending
-        self._answer((PasswordAuthenticate, ApopAuthenticate, SaslOutcome, SaslSecret))
+        self._answer(_AUTH_EVENTS)
         self._user = None
         self._sasl = None
         if code is RespCode.SYS_TEMP:
@@ -349,7 +381,7 @@ class Pop3Connection:
 
     def sasl_secret(self, secret: bytes | None) -> None:
         """The secret a :class:`SaslSecret` asked for (``None``: there is none)."""
-        self._answer((SaslSecret,))
+        self._answer(SaslSecret)
         assert self._sasl is not None
         event = self._sasl_step(self._sasl.secret(secret))
         if event is not None:
@@ -357,10 +389,10 @@ class Pop3Connection:
 
     def maildrop_opened(self, listing: Sequence[MessageInfo]) -> None:
         """The maildrop is locked and open; ``listing`` is fixed for the session."""
-        self._answer((OpenMaildrop,))
-        self._listing = tuple(listing)
-        self._live_count = len(self._listing)
-        self._live_size = sum(m.size for m in self._listing)
+        self._answer(OpenMaildrop)
+        self._listing = listing = tuple(listing)
+        self._live_count = len(listing)
+        self._live_size = sum(map(_SIZE, listing))
         self.state = State.TRANSACTION
         self._capa = None
         assert self.principal is not None
@@ -374,7 +406,7 @@ class Pop3Connection:
         ``IN_USE``: locked; ``LOGIN_DELAY``: too soon after the user's last login;
         ``SYS_TEMP``/``SYS_PERM``: broken.
         """
-        self._answer((OpenMaildrop,))
+        self._answer(OpenMaildrop)
         self.principal = None
         self._user = None
         if code is RespCode.IN_USE:
@@ -387,8 +419,10 @@ class Pop3Connection:
 
     def message_data(self, chunk: bytes) -> bool:
         """Add the next chunk of the message being sent; False means "stop, I have enough"."""
-        self._answer_check(SendMessage)
-        assert self._stuffer is not None
+        if not isinstance(self._pending, SendMessage):
+            raise LocalProtocolError("report does not match the pending event")
+        stuffer = self._stuffer
+        assert stuffer is not None
         if self._status_line:
             self._emit(self._status_line)
             self._status_line = b""
@@ -396,14 +430,14 @@ class Pop3Connection:
         if top is not None:
             chunk = top.feed(chunk)
         self.octets_sent += len(chunk)
-        pieces = self._stuffer.feed(chunk)
+        pieces = stuffer.feed(chunk)
         self._out += pieces
         self.pending_output += sum(map(len, pieces))
         return top is None or not top.done
 
     def message_end(self) -> None:
         """The message (or all of it that TOP wanted) has been fed."""
-        self._answer((SendMessage,))
+        self._answer(SendMessage)
         assert self._stuffer is not None
         if self._status_line:
             self._emit(self._status_line)
@@ -414,7 +448,7 @@ class Pop3Connection:
 
     def message_failed(self, *, vanished: bool) -> None:
         """The message could not be read (``vanished``: another program removed it)."""
-        self._answer((SendMessage,))
+        self._answer(SendMessage)
         started = not self._status_line
         self._stuffer = self._top = None
         self._status_line = b""
@@ -434,7 +468,7 @@ class Pop3Connection:
                 presented one (enables SASL EXTERNAL).
 
         """
-        self._answer((StartTls,))
+        self._answer(StartTls)
         self.tls_active = True
         self._capa = None
         self._user = None
@@ -442,14 +476,14 @@ class Pop3Connection:
 
     def update_done(self) -> None:
         """UPDATE removed every message marked deleted."""
-        self._answer((Update,))
+        self._answer(Update)
         left = self._live_count
         self._emit(ok(f"{self.settings.implementation} signing off ({left} left)"))
         self._close("quit")
 
     def update_failed(self) -> None:
         """UPDATE could not remove some deleted messages (RFC 1939 §6)."""
-        self._answer((Update,))
+        self._answer(Update)
         self._emit(err("some deleted messages not removed", RespCode.SYS_TEMP))
         self._close("update failed")
 
@@ -520,14 +554,10 @@ class Pop3Connection:
 
     # ---------------------------------------------------------------- internals
 
-    def _answer(self, kinds: tuple[type, ...]) -> None:
+    def _answer(self, kinds: type | tuple[type, ...]) -> None:
         if not isinstance(self._pending, kinds):
             raise LocalProtocolError("report does not match the pending event")
         self._pending = None
-
-    def _answer_check(self, kind: type) -> None:
-        if not isinstance(self._pending, kind):
-            raise LocalProtocolError("report does not match the pending event")
 
     def _close(self, reason: str) -> None:
         self.state = State.CLOSED
@@ -567,16 +597,22 @@ class Pop3Connection:
             self._emit(err("maildrop lock lost, closing without update", RespCode.SYS_TEMP))
             self._close("lock lost")
             return None
-        cmd = c.parse(line, utf8=self._utf8)
-        if isinstance(cmd, c.ParseError):
-            self._bad(cmd.reason)
-            return None
-        if type(cmd) not in COMMANDS[self.state]:
-            self._bad("command not valid in this state")
+        cmd = parse(line, self._utf8)
+        # One lookup both checks the command against its state's row of COMMANDS and
+        # finds its handler (a parse error is in no row).
+        handler = _HANDLERS[self.state].get(type(cmd))
+        if handler is None:
+            if isinstance(cmd, c.ParseError):
+                self._bad(cmd.reason)
+            else:
+                self._bad("command not valid in this state")
             return None
         self._refused = False
-        event = self._handle(cmd)
-        self._count_errors()
+        event = handler(self, cmd)
+        if self._refused:  # what _count_errors does, without its call for every command
+            self._count_bad()
+        else:
+            self._bad_commands = 0
         return event
 
     def _count_errors(self) -> None:
@@ -586,92 +622,116 @@ class Pop3Connection:
         else:
             self._bad_commands = 0
 
-    def _handle(self, cmd: c.Command) -> Event | None:
-        match cmd:
-            case c.Capa():
-                capa = self._capa
-                if capa is None:
-                    capa = multiline(ok("Capability list follows"), self._capabilities())
-                    self._capa = capa
-                self._emit(capa)
-            case c.Quit():
-                if self.state is State.TRANSACTION:
-                    self.state = State.UPDATE
-                    deleted = tuple(self._listing[i].uid for i in sorted(self._deleted))
-                    self.deleted_count = len(deleted)
-                    return Update(deleted)
-                self._emit(ok(f"{self.settings.implementation} signing off"))
-                self._close("quit")
-            case c.User(name):
-                if not self._plaintext_ok():
-                    return self._refuse_plaintext("USER")
-                self._user = name
-                self._emit(ok("send PASS"))
-            case c.Pass(password):
-                if not self._plaintext_ok():
-                    return self._refuse_plaintext("PASS")
-                if self._user is None:
-                    self._refuse("send USER first")
-                else:
-                    return PasswordAuthenticate(self._user, password)
-            case c.Apop(name, digest):
-                if self.settings.apop_timestamp is None:
-                    self._refuse("APOP is not enabled")
-                else:
-                    return ApopAuthenticate(name, self.settings.apop_timestamp, digest)
-            case c.Auth(mechanism, initial):
-                return self._auth(mechanism, initial)
-            case c.Stls():
-                return self._stls()
-            case c.Utf8():
-                self._utf8 = True
-                self._emit(ok("UTF8 enabled"))
-            case c.Noop():
-                self._emit(ok())
-            case c.Stat():
-                self._emit(ok(f"{self._live_count} {self._live_size}"))
-            case c.List(None):
-                lines = [
-                    b"%d %d" % (i + 1, m.size)
-                    for i, m in enumerate(self._listing)
-                    if i not in self._deleted
-                ]
-                self._emit(multiline(ok(self._summary()), lines))
-            case c.List(n):
-                if (info := self._message(n)) is not None:
-                    self._emit(ok(f"{n} {info.size}"))
-            case c.Uidl(None):
-                lines = [
-                    b"%d %s" % (i + 1, m.uid.encode())
-                    for i, m in enumerate(self._listing)
-                    if i not in self._deleted
-                ]
-                self._emit(multiline(ok("unique-id listing follows"), lines))
-            case c.Uidl(n):
-                if (info := self._message(n)) is not None:
-                    self._emit(ok(f"{n} {info.uid}"))
-            case c.Retr(n):
-                if (info := self._message(n)) is not None:
-                    return self._send(info, ok(f"{info.size} octets"), None)
-            case c.Top(n, lines_wanted):
-                if (info := self._message(n)) is not None:
-                    return self._send(info, ok("top of message follows"), lines_wanted)
-            case c.Dele(n):
-                if (info := self._message(n)) is not None:
-                    self._deleted[n - 1] = None
-                    self._live_count -= 1
-                    self._live_size -= info.size
-                    self._emit(ok(f"message {n} deleted"))
-            case c.Rset():
-                self._deleted.clear()
-                self._live_count = len(self._listing)
-                self._live_size = sum(m.size for m in self._listing)
-                self._emit(ok(f"maildrop has {self._summary()}"))
+    # ---------------------------------------------------------------- the commands
+    # One method a command, found by the command's type in _HANDLERS.
+
+    def _on_capa(self, _: c.Capa) -> None:
+        capa = self._capa
+        if capa is None:
+            capa = multiline(ok("Capability list follows"), self._capabilities())
+            self._capa = capa
+        self._emit(capa)
+
+    def _on_quit(self, _: c.Quit) -> Update | None:
+        if self.state is State.TRANSACTION:
+            self.state = State.UPDATE
+            if not self._deleted:
+                return _UPDATE_NOTHING
+            listing = self._listing
+            deleted = tuple([listing[i].uid for i in sorted(self._deleted)])
+            self.deleted_count = len(deleted)
+            return Update(deleted)
+        self._emit(ok(f"{self.settings.implementation} signing off"))
+        self._close("quit")
         return None
 
-    def _message(self, n: int | None) -> MessageInfo | None:
+    def _on_user(self, cmd: c.User) -> AuthRefused | None:
+        if not (self.tls_active or self.settings.plaintext_allowed):
+            return self._refuse_plaintext("USER")
+        self._user = cmd.name
+        self._emit(_SEND_PASS)
+        return None
+
+    def _on_pass(self, cmd: c.Pass) -> Event | None:
+        if not (self.tls_active or self.settings.plaintext_allowed):
+            return self._refuse_plaintext("PASS")
+        if self._user is None:
+            self._refuse("send USER first")
+            return None
+        return PasswordAuthenticate(self._user, cmd.password)
+
+    def _on_apop(self, cmd: c.Apop) -> ApopAuthenticate | None:
+        if self.settings.apop_timestamp is None:
+            self._refuse("APOP is not enabled")
+            return None
+        return ApopAuthenticate(cmd.name, self.settings.apop_timestamp, cmd.digest)
+
+    def _on_auth(self, cmd: c.Auth) -> Event | None:
+        return self._auth(cmd.mechanism, cmd.initial_response)
+
+    def _on_stls(self, _: c.Stls) -> Event | None:
+        return self._stls()
+
+    def _on_utf8(self, _: c.Utf8) -> None:
+        self._utf8 = True
+        self._emit(ok("UTF8 enabled"))
+
+    def _on_noop(self, _: c.Noop) -> None:
+        self._emit(_OK)
+
+    def _on_stat(self, _: c.Stat) -> None:
+        self._emit(b"+OK %d %d\r\n" % (self._live_count, self._live_size))
+
+    def _on_list(self, cmd: c.List) -> None:
+        n = cmd.msg
+        if n is None:
+            lines = [
+                b"%d %d" % (i + 1, m.size)
+                for i, m in enumerate(self._listing)
+                if i not in self._deleted
+            ]
+            self._emit(multiline(ok(self._summary()), lines))
+        elif (info := self._message(n)) is not None:
+            self._emit(ok(f"{n} {info.size}"))
+
+    def _on_uidl(self, cmd: c.Uidl) -> None:
+        n = cmd.msg
+        if n is None:
+            lines = [
+                b"%d %s" % (i + 1, m.uid.encode())
+                for i, m in enumerate(self._listing)
+                if i not in self._deleted
+            ]
+            self._emit(multiline(ok("unique-id listing follows"), lines))
+        elif (info := self._message(n)) is not None:
+            self._emit(ok(f"{n} {info.uid}"))
+
+    def _on_retr(self, cmd: c.Retr) -> SendMessage | None:
+        if (info := self._message(cmd.msg)) is not None:
+            return self._send(info, b"+OK %d octets\r\n" % info.size, None)
+        return None
+
+    def _on_top(self, cmd: c.Top) -> SendMessage | None:
+        if (info := self._message(cmd.msg)) is not None:
+            return self._send(info, ok("top of message follows"), cmd.lines)
+        return None
+
+    def _on_dele(self, cmd: c.Dele) -> None:
+        n = cmd.msg
+        if (info := self._message(n)) is not None:
+            self._deleted[n - 1] = None
+            self._live_count -= 1
+            self._live_size -= info.size
+            self._emit(ok(f"message {n} deleted"))
+
+    def _on_rset(self, _: c.Rset) -> None:
+        self._deleted.clear()
+        self._live_count = len(self._listing)
+        self._live_size = sum(map(_SIZE, self._listing))
+        self._emit(ok(f"maildrop has {self._summary()}"))
+
+    def _message(self, n: int) -> MessageInfo | None:
         """Return message ``n`` (1-based) or queue the ``-ERR`` saying why not."""
-        assert n is not None
         if not 1 <= n <= len(self._listing):
             self._refuse("no such message")
             return None
@@ -681,7 +741,12 @@ class Pop3Connection:
         return self._listing[n - 1]
 
     def _send(self, info: MessageInfo, status: bytes, body_lines: int | None) -> SendMessage:
-        self._stuffer = DotStuffer(self.settings.stuff_dense)
+        stuffer = self._dots
+        if stuffer is None:
+            stuffer = self._dots = DotStuffer(self.settings.stuff_dense)
+        else:
+            stuffer.restart()  # a call, where a new one is a class call and its __init__
+        self._stuffer = stuffer
         self._top = TopFilter(body_lines) if body_lines is not None else None
         # The +OK goes out with the first chunk, so that a message that cannot be
         # opened still gets a clean -ERR.
@@ -813,3 +878,12 @@ class Pop3Connection:
             caps.append(b"LOGIN-DELAY %d" % self.settings.login_delay)
         caps.append(b"IMPLEMENTATION " + self.settings.implementation.encode())
         return caps
+
+
+#: Each state's commands (its row of :data:`states.COMMANDS`) and their handlers.
+_HANDLERS: dict[State, dict[type, Callable[[Pop3Connection, Any], Event | None]]] = {
+    state: {
+        kind: getattr(Pop3Connection, "_on_" + kind.__name__.lower()) for kind in kinds
+    }
+    for state, kinds in COMMANDS.items()
+}

@@ -56,15 +56,17 @@ class RespCode(enum.Enum):
     UTF8 = "UTF8"
 
 
+# The line is made as text and encoded once: cheaper than joining encoded parts.
+
+
 def ok(text: str = "") -> bytes:
     """Return a ``+OK`` status line."""
-    return b"+OK " + text.encode() + CRLF if text else b"+OK" + CRLF
+    return f"+OK {text}\r\n".encode() if text else b"+OK\r\n"
 
 
 def err(text: str, code: RespCode | None = None) -> bytes:
     """Return a ``-ERR`` status line, with ``[CODE]`` when given."""
-    prefix = b"-ERR [" + code.value.encode() + b"] " if code else b"-ERR "
-    return prefix + text.encode() + CRLF
+    return (f"-ERR [{code.value}] {text}\r\n" if code else f"-ERR {text}\r\n").encode()
 
 
 def multiline(status: bytes, lines: list[bytes]) -> bytes:
@@ -130,6 +132,10 @@ class DotStuffer:
         self._at_line_start = True
         self._dense = dense
 
+    def restart(self) -> None:
+        """Start a new stream (one stuffer serves every message of a session)."""
+        self._at_line_start = True
+
     def feed(self, chunk: bytes) -> list[Piece]:
         """Return ``chunk`` stuffed, as pieces to send in order (a big chunk is not copied).
 
@@ -137,9 +143,13 @@ class DotStuffer:
         """
         if not chunk:
             return []
-        out = _stuff(chunk, first=self._at_line_start, dense=self._dense)
+        first = self._at_line_start
         self._at_line_start = chunk[-1] == 0x0A
-        return out
+        if len(chunk) < _WALK_MIN:
+            # What _stuff does with a small chunk, without its call: most messages are one.
+            out = _LINE_START_DOT.sub(b"\n..", chunk)
+            return [b"." + out if first and chunk[0] == 0x2E else out]
+        return _stuff(chunk, first=first, dense=self._dense)
 
     def end(self) -> bytes:
         """Return the terminator (with a line end first if the stream lacked one)."""

@@ -23,6 +23,10 @@ class State(enum.Enum):
     #: The session is over; nothing more is read or answered.
     CLOSED = "CLOSED"
 
+    # A member is only ever equal to itself, so the identity hash serves: Enum's own
+    # hashes the name in a Python call, and the core looks a state up at every command.
+    __hash__ = object.__hash__
+
 
 COMMANDS: dict[State, frozenset[type[c.Command]]] = {
     State.AUTHORIZATION: frozenset(

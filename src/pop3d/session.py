@@ -58,7 +58,7 @@ from pop3d.login_delay import LoginDelay
 from pop3d.protocol import limits
 from pop3d.protocol.events import ApopAuthenticate, PasswordAuthenticate, SaslOutcome
 from pop3d.protocol.replies import RespCode
-from pop3d.protocol.values import Principal
+from pop3d.protocol.values import Principal, quick_init
 from pop3d.storage.base import Fenced, InlineCommit, InlineOpen, Maildrop, MailStore
 
 log = logsetup.get_logger("pop3d.session")
@@ -93,6 +93,7 @@ AuthAnswer = Principal | RespCode
 AuthEvent = PasswordAuthenticate | ApopAuthenticate | SaslOutcome
 
 
+@quick_init
 @dataclass(frozen=True, slots=True)
 class AuthRequest:
     """An authentication to judge, with what the log line needs about its connection."""

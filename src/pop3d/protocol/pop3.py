@@ -81,6 +81,11 @@ from pop3d.protocol.values import MessageInfo, Principal
 
 _NEED_DATA = NeedData()
 _FLUSH = Flush()
+# The states as module constants: on CPython 3.11 a ``State.X`` look-up goes through
+# ``EnumType.__getattr__``'s slow hook (docs/performance.md, store14 and core14).
+_AUTHORIZATION = State.AUTHORIZATION
+_TRANSACTION = State.TRANSACTION
+_UPDATE = State.UPDATE
 _CLOSED = State.CLOSED
 _MAX_COMMAND_LINE = limits.MAX_COMMAND_LINE
 _MAX_SASL_LINE = limits.MAX_SASL_LINE
@@ -225,7 +230,7 @@ class Pop3Connection:
 
     def __init__(self, settings: Pop3Settings) -> None:
         self.settings = settings
-        self.state = State.AUTHORIZATION
+        self.state = _AUTHORIZATION
         self.tls_active = settings.tls_active
         self._lines = LineBuffer()
         if settings.apop_timestamp is None:
@@ -393,7 +398,7 @@ class Pop3Connection:
         self._listing = listing = tuple(listing)
         self._live_count = len(listing)
         self._live_size = sum(map(_SIZE, listing))
-        self.state = State.TRANSACTION
+        self.state = _TRANSACTION
         self._capa = None
         assert self.principal is not None
         self._emit(
@@ -497,7 +502,7 @@ class Pop3Connection:
         marked deleted is removed.  A request in progress is let finish (the backend
         fences its own reads and UPDATE).  Outside TRANSACTION this does nothing.
         """
-        if self.state is State.TRANSACTION:
+        if self.state is _TRANSACTION:
             self._lost = True
 
     def timeout(self, deadline: Deadline) -> bytes:
@@ -536,9 +541,9 @@ class Pop3Connection:
         return self._hang_up("kicked", "session ended by the administrator", RespCode.SYS_TEMP)
 
     def _hang_up(self, reason: str, text: str, code: RespCode | None) -> bytes:
-        if self.state is State.UPDATE:
+        if self.state is _UPDATE:
             raise LocalProtocolError("a session in UPDATE is let finish")
-        if self.state is not State.CLOSED:
+        if self.state is not _CLOSED:
             mid_message = self._stuffer is not None and not self._status_line
             self._pending = self._queued = None
             self._sasl = None
@@ -560,7 +565,7 @@ class Pop3Connection:
         self._pending = None
 
     def _close(self, reason: str) -> None:
-        self.state = State.CLOSED
+        self.state = _CLOSED
         self._close_reason = reason
         self._lines.clear()
 
@@ -633,8 +638,8 @@ class Pop3Connection:
         self._emit(capa)
 
     def _on_quit(self, _: c.Quit) -> Update | None:
-        if self.state is State.TRANSACTION:
-            self.state = State.UPDATE
+        if self.state is _TRANSACTION:
+            self.state = _UPDATE
             if not self._deleted:
                 return _UPDATE_NOTHING
             listing = self._listing
@@ -869,7 +874,7 @@ class Pop3Connection:
             caps.append(b"USER")
         if mechanisms := self._mechanisms():
             caps.append(b"SASL " + " ".join(mechanisms).encode())
-        if self.state is State.AUTHORIZATION:
+        if self.state is _AUTHORIZATION:
             if self.settings.tls_available and not self.tls_active:
                 caps.append(b"STLS")
             caps.append(b"UTF8 USER")

@@ -232,10 +232,6 @@ class FailureDelays:
         entry.in_flight += 1
         return True
 
-    def take(self, key: str) -> None:
-        """Take a slot known to be free (:meth:`in_flight` was below the limit)."""
-        self._entry(key).in_flight += 1
-
     async def acquire(self, key: str) -> None:
         """Wait for one of ``key``'s authentication slots (in arrival order)."""
         if self.try_acquire(key):

@@ -614,10 +614,7 @@ class Pop3Connection:
             return None
         self._refused = False
         event = handler(self, cmd)
-        if self._refused:  # what _count_errors does, without its call for every command
-            self._count_bad()
-        else:
-            self._bad_commands = 0
+        self._count_errors()
         return event
 
     def _count_errors(self) -> None:
@@ -651,14 +648,14 @@ class Pop3Connection:
         return None
 
     def _on_user(self, cmd: c.User) -> AuthRefused | None:
-        if not (self.tls_active or self.settings.plaintext_allowed):
+        if not self._plaintext_ok():
             return self._refuse_plaintext("USER")
         self._user = cmd.name
         self._emit(_SEND_PASS)
         return None
 
     def _on_pass(self, cmd: c.Pass) -> Event | None:
-        if not (self.tls_active or self.settings.plaintext_allowed):
+        if not self._plaintext_ok():
             return self._refuse_plaintext("PASS")
         if self._user is None:
             self._refuse("send USER first")

@@ -56,11 +56,11 @@ class RespCode(enum.Enum):
     UTF8 = "UTF8"
 
 
-# The line is made as text and encoded once: cheaper than joining encoded parts.
-
-
 def ok(text: str = "") -> bytes:
-    """Return a ``+OK`` status line."""
+    """Return a ``+OK`` status line.
+
+    Made as text and encoded once: cheaper than joining encoded parts (``err`` alike).
+    """
     return f"+OK {text}\r\n".encode() if text else b"+OK\r\n"
 
 
@@ -95,11 +95,9 @@ def _stuff(chunk: bytes, *, first: bool, dense: DenseStuffer = stuff_dense) -> l
     ``first`` says whether the chunk itself starts at a line start.  Dots are found with
     ``bytes.find`` and the chunk is cut before each line-start dot, with an extra ``.``
     between the pieces (mail is mostly attachments and prose, where dots are sparse); a
-    chunk dense with dots goes to ``dense``, a small one to the regex.
+    chunk dense with dots goes to ``dense``.  For chunks of at least :data:`_WALK_MIN`
+    octets: :meth:`DotStuffer.feed` stuffs a smaller one itself, with the regex.
     """
-    if len(chunk) < _WALK_MIN:
-        out = _LINE_START_DOT.sub(b"\n..", chunk)
-        return [b"." + out if first and chunk[0] == 0x2E else out]
     find = chunk.find
     cuts = [0] if first and chunk[0] == 0x2E else []
     budget = len(chunk) // _SPARSE_DOTS
@@ -146,7 +144,7 @@ class DotStuffer:
         first = self._at_line_start
         self._at_line_start = chunk[-1] == 0x0A
         if len(chunk) < _WALK_MIN:
-            # What _stuff does with a small chunk, without its call: most messages are one.
+            # A small chunk (most messages are one): the regex, here, without a call.
             out = _LINE_START_DOT.sub(b"\n..", chunk)
             return [b"." + out if first and chunk[0] == 0x2E else out]
         return _stuff(chunk, first=first, dense=self._dense)

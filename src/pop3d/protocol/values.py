@@ -17,9 +17,9 @@ _T = TypeVar("_T")
 def quick_init(cls: type[_T]) -> type[_T]:
     """Give a frozen dataclass with slots an ``__init__`` that stores through its slots.
 
-    A frozen dataclass's own ``__init__`` sets each field with ``object.__setattr__``,
-    about 1,200 instructions a field on CPython 3.11 (a three-field event cost 5,800 to
-    make); the slot's own ``__set__`` does the same store for about half.  The class stays
+    A frozen dataclass's own ``__init__`` sets each field with ``object.__setattr__``;
+    the slot's own ``__set__`` does the same store for about half the cost on CPython
+    3.11 (figures: docs/performance.md, core14).  The class stays
     what it was (frozen, equal and hashed by value, matchable); only its construction is
     cheaper.  The ``__init__`` has the same parameters and defaults, generated like
     dataclasses' own.  For the objects the core makes for every session.

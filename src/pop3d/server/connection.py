@@ -263,9 +263,7 @@ class Pop3Protocol(asyncio.Protocol):
         self.core = Pop3Connection(server.settings_for(self.address, self.implicit_tls, identity))
         self._born = self.last_active = now = self.loop.time()
         self.deadline = now + server.first_wait
-        later = self._advance()  # self._run(), inline: once a connection
-        if later is not None:
-            self._task = self.loop.create_task(self._perform(later))
+        self._run()
 
     def data_received(self, data: bytes) -> None:
         """Feed the core; answer at once unless a request runs or the peer does not read."""
@@ -274,9 +272,7 @@ class Pop3Protocol(asyncio.Protocol):
             return
         core.receive_data(data)
         if self._task is None and not self._blocked:
-            later = self._advance()  # self._run(), inline: once a read
-            if later is not None:
-                self._task = self.loop.create_task(self._perform(later))
+            self._run()
         elif core.buffered > limits.MAX_PENDING_INPUT and self.transport is not None:
             self._pause_reading()
 
@@ -370,9 +366,7 @@ class Pop3Protocol(asyncio.Protocol):
                         self.flush()
                         return event, later
                 elif kind is NeedData:
-                    if not self._flush_queued:  # (inline: once a turn on every connection)
-                        self._flush_queued = True
-                        self.server.flush_soon(self)
+                    self._flush_soon()
                     if self._reading_paused:
                         self._reading_paused = False
                         self.transport.resume_reading()
@@ -387,9 +381,7 @@ class Pop3Protocol(asyncio.Protocol):
                     self._result = self._result or event.reason  # type: ignore[union-attr]
                     self._closing = True
                     self._last_words = core.data_to_send()
-                    if not self._flush_queued:
-                        self._flush_queued = True
-                        self.server.flush_soon(self)
+                    self._flush_soon()
                     self._finish()
                     return None
                 elif kind is AuthRefused:  # information only: log it, go on
@@ -455,10 +447,7 @@ class Pop3Protocol(asyncio.Protocol):
         done = self.server.backends.update(maildrop, event.deleted)
         if isinstance(done, Later):
             return done
-        if done:
-            core.update_done()
-        else:
-            core.update_failed()
+        self._update_result(core, done)
         return None
 
     def _start_send(self, core: Pop3Connection, event: SendMessage) -> Later[Any] | None:
@@ -480,9 +469,11 @@ class Pop3Protocol(asyncio.Protocol):
                 if metrics.on:
                     metrics.retrieved(core.octets_sent - before)
                 return None
-        return Later(self._perform_io(core, event))
+        return self._start_io(core, event)
 
-    def _start_io(self, core: Pop3Connection, event: SaslSecret | StartTls) -> Later[Any]:
+    def _start_io(
+        self, core: Pop3Connection, event: SaslSecret | SendMessage | StartTls
+    ) -> Later[Any]:
         return Later(self._perform_io(core, event))
 
     #: The method that starts each request, by the event's type (see :meth:`_advance`).
@@ -537,10 +528,7 @@ class Pop3Protocol(asyncio.Protocol):
             case OpenMaildrop():
                 self._open_result(core, answer)
             case Update():
-                if answer:
-                    core.update_done()
-                else:
-                    core.update_failed()
+                self._update_result(core, answer)
             case _:  # SaslSecret, SendMessage, StartTls reported to the core themselves
                 pass
 
@@ -593,6 +581,13 @@ class Pop3Protocol(asyncio.Protocol):
         self._read_inline = maildrop if inline else None  # type: ignore[assignment]
         self._fence = self.server.backends.fence(maildrop)
         core.maildrop_opened(maildrop.listing())
+
+    @staticmethod
+    def _update_result(core: Pop3Connection, done: bool) -> None:
+        if done:
+            core.update_done()
+        else:
+            core.update_failed()
 
     def _tls(self) -> str | None:
         """The connection's TLS version, or None (for the audit line)."""
@@ -814,6 +809,12 @@ class Pop3Protocol(asyncio.Protocol):
             data = core.data_to_send()
             if data:
                 transport.write(data)
+
+    def _flush_soon(self) -> None:
+        """Have :meth:`flush` called at the end of this turn of the loop (once)."""
+        if not self._flush_queued:
+            self._flush_queued = True
+            self.server.flush_soon(self)
 
     def _pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None:

@@ -305,9 +305,7 @@ class ServerContext:
         certificate: the default configuration) are made once and shared.
         """
         auth = self.config.auth
-        plaintext = auth.plaintext_without_tls or self._secure_cache.get(address)
-        if plaintext is None:  # (the cache looked at here: a call less once it is known)
-            plaintext = self.is_secure(address)
+        plaintext = auth.plaintext_without_tls or self.is_secure(address)
         if client_identity is None and not self._unique_settings:
             key = (plaintext, implicit_tls)
             shared = self._shared_settings.get(key)

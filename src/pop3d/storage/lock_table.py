@@ -252,8 +252,7 @@ class LockTable:
             if offset in self._held:
                 raise MaildropLocked("maildrop already locked")
             try:
-                # ofd_setlk, written out: once a login
-                fcntl.fcntl(fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, offset, 1, 0))
+                ofd_setlk(fd, fcntl.F_WRLCK, offset, 1)
             except OSError as exc:
                 if exc.errno in _BUSY:
                     raise MaildropLocked("maildrop already locked") from None
@@ -273,9 +272,7 @@ class LockTable:
             if offset not in self._held or self._fd_pid != owner:  # owner: this process
                 return
             try:
-                # ofd_setlk, written out: once a login
-                fcntl.fcntl(self._fds[offset % SHARDS], _F_OFD_SETLK,
-                            _FLOCK.pack(fcntl.F_UNLCK, os.SEEK_SET, offset, 1, 0))
+                ofd_setlk(self._fds[offset % SHARDS], fcntl.F_UNLCK, offset, 1)
             except OSError:
                 # Only a kernel out of memory splitting a lock range fails here; the byte
                 # then stays locked until this process ends (a false [IN-USE], never two

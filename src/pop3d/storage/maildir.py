@@ -797,9 +797,7 @@ class _ListingCache:
     def recall(self, root: Path, cur: os.stat_result, new: os.stat_result) -> _Listing | None:
         """Return the remembered listing if the folders are unchanged."""
         known = self._known.get(root)
-        # the key as ``_key`` makes it, written out (once a login)
-        if known is None or known[0] != (cur.st_ino, cur.st_mtime_ns, new.st_ino,
-                                         new.st_mtime_ns):
+        if known is None or known[0] != self._key(cur, new):
             return None
         return known[1]
 
